@@ -1,0 +1,109 @@
+//! What happened to a packet: one per-CPU counter per outcome, indexed by [`Counter`].
+//!
+//! The datapath increments these; the agent sums them over CPUs and prints them under the names
+//! below (Prometheus labels, `cidlb stats`, README). Several counters can describe one packet:
+//! `packets_seen` counts everything, a routing counter says how the node was chosen, and a
+//! forwarding counter says how it left.
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
+        /// Index into the `STATS` per-CPU array.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[doc = $doc])* $variant,)+
+        }
+
+        impl Counter {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)+];
+            /// Number of counters (the `STATS` map size).
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            /// Stable name, used in CLI output, metrics and docs.
+            pub const fn name(self) -> &'static str {
+                match self { $(Counter::$variant => $name,)+ }
+            }
+
+            /// One-line description of what the counter means.
+            pub const fn help(self) -> &'static str {
+                match self { $(Counter::$variant => concat!($($doc),+),)+ }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Every packet the program saw.
+    PacketsSeen = "packets_seen",
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed to the kernel untouched.
+    PassNotIp = "pass_not_ip",
+    /// Ethernet/VLAN/IP header cut short: passed to the kernel, which drops it.
+    PassTruncated = "pass_truncated",
+    /// IP but not UDP: passed to the kernel untouched.
+    PassNotUdp = "pass_not_udp",
+    /// UDP neither to a VIP port nor from a node: passed to the kernel untouched.
+    PassNotVip = "pass_not_vip",
+    /// IPv6 with extension headers (other than a fragment header to a VIP): passed to the kernel.
+    PassIpv6ExtHdr = "pass_ipv6_ext_hdr",
+    /// IPv4 header length below 5 words: dropped.
+    DropBadIpHeader = "drop_bad_ip_header",
+    /// IPv4 fragment or IPv6 fragment header addressed to a VIP: dropped.
+    DropFragment = "drop_fragment",
+    /// UDP length field below 8 or past the end of the packet (to a VIP): dropped.
+    DropBadUdpLength = "drop_bad_udp_length",
+    /// tls12_cid record routed by the node id in its CID.
+    CidRouted = "cid_routed",
+    /// tls12_cid record (type 25, version FE FD) too short to hold the CID: dropped.
+    DropCidTruncated = "drop_cid_truncated",
+    /// CID names a node that is not configured (unknown_node: drop): dropped.
+    DropCidUnknownNode = "drop_cid_unknown_node",
+    /// CID names a node that is not configured (unknown_node: flow): routed by flow instead.
+    CidUnknownNodeFlow = "cid_unknown_node_flow",
+    /// CID names a node without an address of the packet's family: dropped.
+    DropCidNodeFamily = "drop_cid_node_family",
+    /// Record type 25 with a version other than DTLS 1.2 (FE FD): routed by flow.
+    CidBadVersion = "cid_bad_version",
+    /// Packet of a known flow sent to the flow's node.
+    FlowHit = "flow_hit",
+    /// New flow pinned to a node by round robin.
+    FlowNew = "flow_new",
+    /// Flow idle past idle_timeout (or its node gone): re-pinned, also counted in flow_new.
+    FlowExpired = "flow_expired",
+    /// Flow table update failed: packet forwarded, flow not remembered.
+    FlowInsertFailed = "flow_insert_failed",
+    /// No active node of the packet's address family: dropped.
+    DropNoNode = "drop_no_node",
+    /// Reply from a node: source rewritten to the VIP (stateless reverse NAT).
+    ReplyUnnat = "reply_unnat",
+    /// TTL / hop limit would expire: passed rewritten to the kernel, which answers with ICMP.
+    FwdKernelTtl = "fwd_kernel_ttl",
+    /// Forwarded out of the interface it came in on (XDP_TX).
+    FwdTx = "fwd_tx",
+    /// Forwarded to another attached interface (DEVMAP redirect).
+    FwdRedirect = "fwd_redirect",
+    /// No neighbour entry for the next hop yet: passed rewritten to the kernel to resolve it.
+    FwdKernelNoNeigh = "fwd_kernel_no_neigh",
+    /// FIB lookup did not give a direct next hop: passed rewritten to the kernel.
+    FwdKernelFib = "fwd_kernel_fib",
+    /// Next hop is on an interface cidlb is not attached to: passed rewritten to the kernel.
+    FwdKernelIface = "fwd_kernel_iface",
+    /// VLAN-tagged packet: rewritten and passed to the kernel, which routes it via its VLAN devices.
+    FwdKernelVlan = "fwd_kernel_vlan",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_indices_dense() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            assert!(!c.help().is_empty());
+            for d in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), d.name());
+            }
+        }
+    }
+}

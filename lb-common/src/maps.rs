@@ -1,0 +1,204 @@
+//! Map names, sizes, keys and values.
+//!
+//! Addresses are `[u32; 4]` holding the wire bytes: an IPv4 address in word 0 (words 1..3 zero),
+//! an IPv6 address in all four. Ports are `u16` holding the wire bytes (`u16::from_ne_bytes` of
+//! the packet's two bytes). [`FAMILY_V4`] / [`FAMILY_V6`] say which.
+
+use core::mem::size_of;
+
+/// Address family tag inside keys and values (not the kernel's AF_* numbers).
+pub const FAMILY_V4: u8 = 4;
+/// See [`FAMILY_V4`].
+pub const FAMILY_V6: u8 = 6;
+
+/// Index of a family in per-family arrays (`RING`, `RING_LEN`, `RR`).
+#[inline(always)]
+pub const fn family_index(family: u8) -> u32 {
+    if family == FAMILY_V6 {
+        1
+    } else {
+        0
+    }
+}
+
+/// Most nodes the datapath can hold (node slots, per-node counters, round-robin ring per family).
+pub const MAX_NODES: u32 = 1024;
+/// Most VIP addresses.
+pub const MAX_VIPS: u32 = 64;
+/// u64 words of one VIP's port bitmap (65536 ports / 64).
+pub const PORT_WORDS: u32 = 1024;
+/// Most reverse-NAT entries (node address+port pairs).
+pub const MAX_REVERSE: u32 = 65536;
+/// Most interfaces in the redirect map.
+pub const MAX_IFACES: u32 = 64;
+/// Default flow table capacity (overridden from the config at load time).
+pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
+
+/// Map names: the static names in lb-ebpf, pin file names and bpftool names (≤ 15 bytes).
+pub mod names {
+    pub const PROGRAM: &str = "cidlb";
+    pub const STATS: &str = "STATS";
+    pub const NODE_STATS: &str = "NODE_STATS";
+    pub const NODES: &str = "NODES";
+    pub const RING: &str = "RING";
+    pub const RING_LEN: &str = "RING_LEN";
+    pub const RR: &str = "RR";
+    pub const FLOWS: &str = "FLOWS";
+    pub const VIPS: &str = "VIPS";
+    pub const VIP_PORTS: &str = "VIP_PORTS";
+    pub const REVERSE: &str = "REVERSE";
+    pub const DEVMAP: &str = "DEVMAP";
+    /// Read-only global holding [`super::DpConfig`].
+    pub const CONFIG: &str = "CONFIG";
+}
+
+/// Load-time constants of the datapath, a read-only global (`CONFIG`) the agent sets with
+/// `EbpfLoader::override_global` so the verifier sees constants and prunes dead branches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DpConfig {
+    /// CID length in bytes (1..=32).
+    pub cid_len: u32,
+    /// Offset of the node id inside the CID.
+    pub node_id_offset: u32,
+    /// Node id length in bytes (1..=4), big-endian.
+    pub node_id_len: u32,
+    /// 1: a CID naming an unknown node is routed by flow; 0: dropped.
+    pub unknown_node_flow: u32,
+    /// Flow idle timeout in nanoseconds.
+    pub idle_timeout_ns: u64,
+}
+
+impl DpConfig {
+    /// Californium's default shape: 6-byte CID, 1-byte node id at offset 0, 30 s idle timeout.
+    pub const DEFAULT: Self = Self {
+        cid_len: 6,
+        node_id_offset: 0,
+        node_id_len: 1,
+        unknown_node_flow: 0,
+        idle_timeout_ns: 30_000_000_000,
+    };
+}
+
+/// Node flags.
+pub const NODE_F_V4: u16 = 1;
+/// The node has an IPv6 address.
+pub const NODE_F_V6: u16 = 2;
+
+/// `NODES` value, keyed by node id (`u32`, host order: the id decoded from the CID).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    /// IPv6 address (valid with [`NODE_F_V6`]).
+    pub addr6: [u32; 4],
+    /// IPv4 address (valid with [`NODE_F_V4`]).
+    pub addr4: u32,
+    /// Destination port on the node (wire bytes); 0 keeps the port the client used.
+    pub port: u16,
+    /// `NODE_F_*`.
+    pub flags: u16,
+    /// Index into `NODE_STATS`.
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// Per-node traffic, a `NODE_STATS` per-CPU value indexed by [`Node::slot`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Packets forwarded from clients to the node.
+    pub to_node_packets: u64,
+    /// Bytes (whole frames) forwarded from clients to the node.
+    pub to_node_bytes: u64,
+    /// Reply packets from the node un-NATed to clients.
+    pub from_node_packets: u64,
+    /// Reply bytes from the node.
+    pub from_node_bytes: u64,
+}
+
+/// `FLOWS` key: a client's UDP 5-tuple (protocol is always UDP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `FLOWS` value: the node a flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub node_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last packet.
+    pub last_seen_ns: u64,
+}
+
+/// `VIPS` key: a VIP address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `VIPS` value: which port bitmap in `VIP_PORTS` belongs to the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vip {
+    /// Bitmap index: words `index * PORT_WORDS ..` of `VIP_PORTS`.
+    pub index: u32,
+}
+
+/// `REVERSE` key: where a node's replies come from (node address and source port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReverseKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// `REVERSE` value: the VIP address and port a reply must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reverse {
+    pub vip: [u32; 4],
+    pub vip_port: u16,
+    pub _pad: u16,
+    /// The replying node's `NODE_STATS` slot.
+    pub node_slot: u32,
+}
+
+const _: () = {
+    assert!(size_of::<DpConfig>() == 24);
+    assert!(size_of::<Node>() == 32);
+    assert!(size_of::<NodeStats>() == 32);
+    assert!(size_of::<FlowKey>() == 40);
+    assert!(size_of::<Flow>() == 16);
+    assert!(size_of::<VipKey>() == 20);
+    assert!(size_of::<Vip>() == 4);
+    assert!(size_of::<ReverseKey>() == 20);
+    assert!(size_of::<Reverse>() == 24);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers with explicit padding
+    // fields, so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::DpConfig {}
+    unsafe impl aya::Pod for super::Node {}
+    unsafe impl aya::Pod for super::NodeStats {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::Vip {}
+    unsafe impl aya::Pod for super::ReverseKey {}
+    unsafe impl aya::Pod for super::Reverse {}
+}

@@ -1,0 +1,91 @@
+//! Where a flow is pinned: every balanced packet that is not a routable tls12_cid record
+//! (ClientHello, the cookie exchange, the rest of the handshake, non-CID sessions) goes to the
+//! node recorded for its 5-tuple; a new or idle-expired flow takes the next node in the
+//! family's round-robin ring.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{family_index, Counter, DpConfig, Flow, FlowKey, Node, MAX_NODES, NODE_F_V6, NODE_F_V4, FAMILY_V6};
+
+use crate::{maps, parse::Packet, parse::Udp, stats::count};
+
+/// last_seen is rewritten at most this often per flow, so a busy flow does not write its
+/// entry (and bounce its cache line between CPUs) on every packet.
+const TOUCH_NS: u64 = 1_000_000_000;
+
+/// The node for this packet's flow, pinning a new flow if needed.
+#[inline(always)]
+pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: udp.sport,
+        dport: udp.dport,
+        family: pkt.family,
+        _pad: [0; 3],
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut expired = false;
+    if let Some(flow) = maps::FLOWS.get_ptr_mut(&key) {
+        // SAFETY: LRU map value under the program's RCU read lock; a racing writer can only
+        // make last_seen or node_id stale, both of which are benign.
+        let (node_id, last) = unsafe { ((*flow).node_id, (*flow).last_seen_ns) };
+        let idle = now.saturating_sub(last);
+        if idle <= cfg.idle_timeout_ns {
+            if let Some(node) = maps::node(node_id).filter(|n| has_family(n, pkt.family)) {
+                if idle > TOUCH_NS {
+                    unsafe { (*flow).last_seen_ns = now };
+                }
+                count(Counter::FlowHit);
+                return Ok(node);
+            }
+        }
+        expired = true;
+    }
+
+    let (node_id, node) = next_node(pkt.family)?;
+    let flow = Flow {
+        node_id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    if maps::FLOWS.insert(&key, &flow, 0).is_err() {
+        count(Counter::FlowInsertFailed);
+    }
+    count(Counter::FlowNew);
+    if expired {
+        count(Counter::FlowExpired);
+    }
+    Ok(node)
+}
+
+#[inline(always)]
+fn has_family(node: &Node, family: u8) -> bool {
+    let flag = if family == FAMILY_V6 { NODE_F_V6 } else { NODE_F_V4 };
+    node.flags & flag != 0
+}
+
+/// Round robin over the family's ring with a per-CPU cursor.
+#[inline(always)]
+fn next_node(family: u8) -> Result<(u32, Node), Counter> {
+    let fi = family_index(family);
+    let len = maps::RING_LEN.get(fi).copied().unwrap_or(0);
+    if len == 0 || len > MAX_NODES {
+        return Err(Counter::DropNoNode);
+    }
+    let cursor = maps::RR.get_ptr_mut(fi).ok_or(Counter::DropNoNode)?;
+    // SAFETY: per-CPU slot.
+    let pos = unsafe {
+        let pos = *cursor % len;
+        *cursor = pos + 1;
+        pos
+    };
+    let id = *maps::RING.get(fi * MAX_NODES + pos).ok_or(Counter::DropNoNode)?;
+    let node = maps::node(id).ok_or(Counter::DropNoNode)?;
+    Ok((id, node))
+}
+
+/// Does this node have an address of the packet's family? (CID-routed packets check this.)
+#[inline(always)]
+pub fn node_serves(node: &Node, pkt: &Packet) -> bool {
+    has_family(node, pkt.family)
+}

@@ -1,0 +1,125 @@
+//! Forwarding a rewritten packet: FIB lookup for the next hop, TTL, MACs, then XDP_TX (same
+//! interface), a DEVMAP redirect (another attached interface) or a pass to the kernel.
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::bpf_fib_lookup,
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::{csum::CsumDelta, Counter, FAMILY_V4};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    maps,
+    nat::Rewritten,
+    parse::{ptr_at, Packet},
+    stats::count,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IPPROTO_UDP: u8 = 17;
+
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewritten) -> Result<u32, Counter> {
+    // The kernel owns the mapping from VLAN devices to tags; let it route tagged frames
+    // (the rewrite is already done, so it forwards them to the node or the client).
+    if pkt.vlans != 0 {
+        return Err(Counter::FwdKernelVlan);
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+
+    // SAFETY: plain-old-data struct of integers; all-zero is a valid starting value.
+    let mut fib: FibParams = unsafe { zeroed() };
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.sport = rw.sport;
+    fib.dport = rw.dport;
+    fib.ifindex = ingress;
+    let ttl = if pkt.family == FAMILY_V4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        // SAFETY: bounds checked by ptr_at; the bindings' unions are plain integers.
+        unsafe {
+            fib.family = AF_INET;
+            fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+            fib.__bindgen_anon_2.tos = (*ip).tos;
+            fib.__bindgen_anon_3.ipv4_src = rw.src[0];
+            fib.__bindgen_anon_4.ipv4_dst = rw.dst[0];
+            (*ip).ttl
+        }
+    } else {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        // SAFETY: as above.
+        unsafe {
+            fib.family = AF_INET6;
+            fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).payload_len) + Ipv6Hdr::LEN as u16;
+            fib.__bindgen_anon_2.flowinfo = u32::from_ne_bytes((*ip).vcf) & 0x0fff_ffff_u32.to_be();
+            fib.__bindgen_anon_3.ipv6_src = rw.src;
+            fib.__bindgen_anon_4.ipv6_dst = rw.dst;
+            (*ip).hop_limit
+        }
+    };
+
+    // SAFETY: the helper reads and writes only the params struct of the size given.
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        // The kernel resolves the neighbour (ARP/ND) and forwards this packet itself.
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::FwdKernelNoNeigh),
+        // Blackhole, unreachable, forwarding disabled, ...: the kernel decides (and signals).
+        _ => return Err(Counter::FwdKernelFib),
+    }
+    let egress = fib.ifindex;
+    if egress != ingress && maps::DEVMAP.get_ifindex(egress).is_none() {
+        return Err(Counter::FwdKernelIface);
+    }
+    // Like any router: a packet that would expire goes to the kernel for its ICMP error.
+    if ttl <= 1 {
+        return Err(Counter::FwdKernelTtl);
+    }
+    decrement_ttl(ctx, pkt)?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassTruncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = fib.dmac;
+        (*eth).src_addr = fib.smac;
+    }
+
+    if egress == ingress {
+        count(Counter::FwdTx);
+        return Ok(xdp_action::XDP_TX);
+    }
+    match maps::DEVMAP.redirect(egress, 0) {
+        Ok(action) => {
+            count(Counter::FwdRedirect);
+            Ok(action)
+        }
+        // Not reachable: the entry was looked up above within the same RCU section.
+        Err(_) => Err(Counter::FwdKernelIface),
+    }
+}
+
+#[inline(always)]
+fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) -> Result<(), Counter> {
+    if pkt.family == FAMILY_V4 {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        // SAFETY: bounds checked by ptr_at. TTL and protocol form one 16-bit checksum word.
+        unsafe {
+            let old = u16::from_ne_bytes([(*ip).ttl, (*ip).proto]);
+            (*ip).ttl -= 1;
+            let new = u16::from_ne_bytes([(*ip).ttl, (*ip).proto]);
+            let check = u16::from_ne_bytes((*ip).check);
+            (*ip).check = CsumDelta::from_check(check).replace16(old, new).finish().to_ne_bytes();
+        }
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        // SAFETY: bounds checked by ptr_at. IPv6 has no header checksum.
+        unsafe { (*ip).hop_limit -= 1 };
+    }
+    Ok(())
+}

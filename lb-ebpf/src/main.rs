@@ -1,0 +1,97 @@
+//! cidlb datapath: an XDP program that balances DTLS 1.2 traffic by Connection ID.
+//!
+//! The packet's path through this crate, one file per step:
+//! - `parse.rs`   Ethernet (up to two VLAN tags), IPv4 (any IHL) / IPv6, UDP → `Packet`
+//! - `vip.rs`     is it for a VIP port, or a reply from a node?
+//! - `dtls.rs`    the DTLS record header: a tls12_cid record yields the node id in its CID
+//! - `flow.rs`    everything else is pinned to a node per 5-tuple (LRU table, round robin)
+//! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
+//! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
+//! - `stats.rs`   per-CPU counters; `maps.rs` every map
+#![no_std]
+#![no_main]
+
+mod dtls;
+mod flow;
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+mod vip;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext, Global};
+use lb_common::{Counter, DpConfig};
+
+use crate::{parse::L4, stats::count};
+
+/// Load-time constants, set by the agent with `EbpfLoader::override_global("CONFIG", ..)`.
+/// It lives in .rodata, which the kernel freezes, so the verifier reads these as constants
+/// and prunes the branches they rule out.
+#[no_mangle]
+static CONFIG: Global<DpConfig> = Global::new(DpConfig::DEFAULT);
+
+#[xdp]
+pub fn cidlb(ctx: XdpContext) -> u32 {
+    count(Counter::PacketsSeen);
+    match try_lb(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            stats::action_for(reason)
+        }
+    }
+}
+
+/// `Ok(action)`: forwarded, counters already bumped.
+/// `Err(counter)`: the counter says what happened and decides the action (pass or drop).
+#[inline(always)]
+fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
+    let pkt = parse::parse(ctx)?;
+    let L4::Udp(udp) = pkt.l4 else {
+        return Err(Counter::PassNotUdp);
+    };
+
+    if vip::is_vip_port(&pkt, udp.dport) {
+        udp.check_length(ctx)?;
+        let cfg = CONFIG.load();
+        let node = match dtls::classify(ctx, &udp, &cfg)? {
+            dtls::Route::Node(id) => match maps::node(id) {
+                Some(node) => {
+                    count(Counter::CidRouted);
+                    node
+                }
+                None if cfg.unknown_node_flow != 0 => {
+                    count(Counter::CidUnknownNodeFlow);
+                    flow::route(&pkt, &udp, &cfg)?
+                }
+                None => return Err(Counter::DropCidUnknownNode),
+            },
+            dtls::Route::Flow => flow::route(&pkt, &udp, &cfg)?,
+        };
+        let rw = nat::to_node(ctx, &pkt, &udp, &node)?;
+        stats::to_node(ctx, node.slot);
+        return forward::forward(ctx, &pkt, &rw);
+    }
+
+    if let Some(rev) = vip::reverse(&pkt, udp.sport) {
+        let rw = nat::to_client(ctx, &pkt, &udp, &rev)?;
+        count(Counter::ReplyUnnat);
+        stats::from_node(ctx, rev.node_slot);
+        return forward::forward(ctx, &pkt, &rw);
+    }
+
+    Err(Counter::PassNotVip)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier proves no panic path is reachable; this only satisfies the compiler.
+    loop {}
+}
+
+// bpf_fib_lookup and bpf_redirect_map are GPL-only helpers.
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

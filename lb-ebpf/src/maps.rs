@@ -1,0 +1,63 @@
+//! Every map of the datapath. Names match `lb_common::names` (pin files, bpftool, agent).
+//! Sizes the agent may change at load time: `FLOWS` (flows.capacity).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Counter, Flow, FlowKey, Node, NodeStats, Reverse, ReverseKey, Vip, VipKey,
+    DEFAULT_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS, PORT_WORDS,
+};
+
+/// Per-CPU counters indexed by [`Counter`].
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Per-CPU per-node traffic indexed by `Node::slot`.
+#[map]
+pub static NODE_STATS: PerCpuArray<NodeStats> = PerCpuArray::with_max_entries(MAX_NODES, 0);
+
+/// Node id (as decoded from a CID) → where the node is.
+#[map]
+pub static NODES: HashMap<u32, Node> = HashMap::with_max_entries(MAX_NODES, 0);
+
+/// Round-robin rings of node ids for new flows: family index * MAX_NODES + position.
+/// Only nodes that take new flows and have an address of that family are in a ring.
+#[map]
+pub static RING: Array<u32> = Array::with_max_entries(2 * MAX_NODES, 0);
+
+/// Used length of each family's ring.
+#[map]
+pub static RING_LEN: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Per-CPU round-robin cursor per family: no cross-CPU contention on new flows.
+#[map]
+pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
+
+/// Client 5-tuple → pinned node, least recently used evicted first.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// VIP address → index of its port bitmap.
+#[map]
+pub static VIPS: HashMap<VipKey, Vip> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// One 65536-bit port bitmap per VIP: bit p set = UDP port p of that VIP is balanced.
+#[map]
+pub static VIP_PORTS: Array<u64> = Array::with_max_entries(MAX_VIPS * PORT_WORDS, 0);
+
+/// Node address + source port → VIP address + port, for stateless reverse NAT of replies.
+#[map]
+pub static REVERSE: HashMap<ReverseKey, Reverse> = HashMap::with_max_entries(MAX_REVERSE, 0);
+
+/// ifindex → ifindex of the interfaces cidlb is attached to (redirect targets).
+#[map]
+pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+
+/// The node with this id, if configured.
+#[inline(always)]
+pub fn node(id: u32) -> Option<Node> {
+    // SAFETY: the value is copied out while the RCU read lock of the program run holds.
+    unsafe { NODES.get(&id).copied() }
+}

@@ -1,0 +1,54 @@
+//! Which UDP packets are ours: to a VIP port (balance) or from a node (reply to un-NAT).
+
+use lb_common::{Counter, Reverse, ReverseKey, VipKey, PORT_WORDS};
+
+use crate::{maps, parse::Packet};
+
+#[inline(always)]
+fn vip_index(pkt: &Packet) -> Option<u32> {
+    let key = VipKey {
+        addr: pkt.dst,
+        family: pkt.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out under the program's RCU read lock.
+    unsafe { maps::VIPS.get(&key).map(|v| v.index) }
+}
+
+/// Is (destination address, `dport`) a balanced VIP port? `dport` is in wire byte order.
+#[inline(always)]
+pub fn is_vip_port(pkt: &Packet, dport: u16) -> bool {
+    let Some(index) = vip_index(pkt) else {
+        return false;
+    };
+    let port = u16::from_be(dport) as u32;
+    let Some(word) = maps::VIP_PORTS.get(index * PORT_WORDS + port / 64) else {
+        return false;
+    };
+    (*word >> (port % 64)) & 1 == 1
+}
+
+/// A fragment cannot be balanced per packet (only the first holds ports): drop those addressed
+/// to a VIP, pass the rest to the kernel.
+#[inline(always)]
+pub fn fragment_verdict(pkt: &Packet) -> Counter {
+    if vip_index(pkt).is_some() {
+        Counter::DropFragment
+    } else {
+        Counter::PassNotVip
+    }
+}
+
+/// The VIP a reply from (source address, `sport`) must appear to come from, if the source is a
+/// node's serving address and port.
+#[inline(always)]
+pub fn reverse(pkt: &Packet, sport: u16) -> Option<Reverse> {
+    let key = ReverseKey {
+        addr: pkt.src,
+        port: sport,
+        family: pkt.family,
+        _pad: 0,
+    };
+    // SAFETY: copied out under the program's RCU read lock.
+    unsafe { maps::REVERSE.get(&key).copied() }
+}
