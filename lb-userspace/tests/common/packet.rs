@@ -1,0 +1,189 @@
+//! Frames built with etherparse, an implementation independent of the datapath: expected
+//! outputs are built the same way, so their checksums are computed from scratch, not updated.
+
+use std::net::IpAddr;
+
+use etherparse::{
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, Ipv6FragmentHeader, Ipv6Header,
+    SingleVlanHeader, UdpHeader, VlanId,
+};
+
+pub type Mac = [u8; 6];
+
+/// A UDP frame, described field by field.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src_mac: Mac,
+    pub dst_mac: Mac,
+    /// (TPID, VLAN id) per tag, outermost first.
+    pub vlans: Vec<(u16, u16)>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub ttl: u8,
+    /// IPv4 options (multiple of 4 bytes, at most 40).
+    pub ipv4_options: Vec<u8>,
+    pub more_fragments: bool,
+    pub fragment_offset: u16,
+    /// IPv6: insert a Fragment header before UDP.
+    pub v6_fragment: bool,
+    /// IPv6: insert an empty Hop-by-Hop Options header before UDP.
+    pub v6_hop_by_hop: bool,
+    pub sport: u16,
+    pub dport: u16,
+    pub payload: Vec<u8>,
+    /// IPv4: send with UDP checksum 0 ("none").
+    pub zero_udp_checksum: bool,
+    /// Override the UDP length field.
+    pub udp_len_override: Option<u16>,
+}
+
+impl Frame {
+    pub fn udp(src_mac: Mac, dst_mac: Mac, src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Self {
+        Self {
+            src_mac,
+            dst_mac,
+            vlans: Vec::new(),
+            src,
+            dst,
+            ttl: 64,
+            ipv4_options: Vec::new(),
+            more_fragments: false,
+            fragment_offset: 0,
+            v6_fragment: false,
+            v6_hop_by_hop: false,
+            sport,
+            dport,
+            payload: payload.to_vec(),
+            zero_udp_checksum: false,
+            udp_len_override: None,
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let ip_type = if self.src.is_ipv4() { EtherType::IPV4 } else { EtherType::IPV6 };
+        let first = self.vlans.first().map_or(ip_type, |v| EtherType(v.0));
+        Ethernet2Header {
+            source: self.src_mac,
+            destination: self.dst_mac,
+            ether_type: first,
+        }
+        .write(&mut out)
+        .unwrap();
+        for (i, (_, vid)) in self.vlans.iter().enumerate() {
+            let next = self.vlans.get(i + 1).map_or(ip_type, |v| EtherType(v.0));
+            SingleVlanHeader {
+                pcp: Default::default(),
+                drop_eligible_indicator: false,
+                vlan_id: VlanId::try_new(*vid).unwrap(),
+                ether_type: next,
+            }
+            .write(&mut out)
+            .unwrap();
+        }
+        let udp_total = 8 + self.payload.len();
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut ip = Ipv4Header::new(udp_total as u16, self.ttl, IpNumber::UDP, s.octets(), d.octets()).unwrap();
+                ip.identification = 0x1234;
+                ip.options = Ipv4Options::try_from(&self.ipv4_options[..]).unwrap();
+                ip.total_len += self.ipv4_options.len() as u16;
+                if self.more_fragments || self.fragment_offset != 0 {
+                    ip.dont_fragment = false;
+                    ip.more_fragments = self.more_fragments;
+                    ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).unwrap();
+                }
+                let mut udp = UdpHeader::with_ipv4_checksum(self.sport, self.dport, &ip, &self.payload).unwrap();
+                if self.zero_udp_checksum {
+                    udp.checksum = 0;
+                }
+                ip.write(&mut out).unwrap();
+                self.write_udp(&mut out, udp);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let ext = if self.v6_fragment || self.v6_hop_by_hop { 8 } else { 0 };
+                let next = if self.v6_fragment {
+                    IpNumber::IPV6_FRAGMENTATION_HEADER
+                } else if self.v6_hop_by_hop {
+                    IpNumber::IPV6_HEADER_HOP_BY_HOP
+                } else {
+                    IpNumber::UDP
+                };
+                let ip = Ipv6Header {
+                    traffic_class: 0,
+                    flow_label: Default::default(),
+                    payload_length: (udp_total + ext) as u16,
+                    next_header: next,
+                    hop_limit: self.ttl,
+                    source: s.octets(),
+                    destination: d.octets(),
+                };
+                let udp = UdpHeader::with_ipv6_checksum(self.sport, self.dport, &ip, &self.payload).unwrap();
+                ip.write(&mut out).unwrap();
+                if self.v6_fragment {
+                    Ipv6FragmentHeader::new(IpNumber::UDP, IpFragOffset::ZERO, true, 7).write(&mut out).unwrap();
+                } else if self.v6_hop_by_hop {
+                    // next header UDP, length 0, PadN of 4 bytes.
+                    out.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+                }
+                self.write_udp(&mut out, udp);
+            }
+            _ => panic!("mixed address families"),
+        }
+        out
+    }
+
+    fn write_udp(&self, out: &mut Vec<u8>, mut udp: UdpHeader) {
+        if let Some(l) = self.udp_len_override {
+            udp.length = l;
+        }
+        udp.write(out).unwrap();
+        out.extend_from_slice(&self.payload);
+    }
+}
+
+/// A DTLS 1.2 tls12_cid record (RFC 9146 §4): type 25, FE FD, epoch 1, sequence, `cid`, length,
+/// then `body` as the encrypted content.
+pub fn cid_record(cid: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut r = vec![25, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 7];
+    r.extend_from_slice(cid);
+    r.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    r.extend_from_slice(body);
+    r
+}
+
+/// A DTLS 1.2 handshake record header (type 22) with a stand-in ClientHello body.
+pub fn handshake_record(body: &[u8]) -> Vec<u8> {
+    let mut r = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0];
+    r.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    r.extend_from_slice(body);
+    r
+}
+
+/// Independent check of a frame's IPv4 header and UDP checksums (0 = none is accepted for
+/// IPv4 UDP). Panics naming what is wrong.
+pub fn assert_checksums(frame: &[u8], what: &str) {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let p = SlicedPacket::from_ethernet(frame).unwrap_or_else(|e| panic!("{what}: unparsable output: {e}"));
+    let Some(TransportSlice::Udp(udp)) = p.transport else {
+        return;
+    };
+    match p.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header().to_header();
+            assert_eq!(h.header_checksum, h.calc_header_checksum(), "{what}: IPv4 header checksum");
+            let u = udp.to_header();
+            if u.checksum != 0 {
+                let want = u.calc_checksum_ipv4(&h, udp.payload()).unwrap();
+                assert_eq!(u.checksum, want, "{what}: UDP checksum");
+            }
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header().to_header();
+            let u = udp.to_header();
+            let want = u.calc_checksum_ipv6(&h, udp.payload()).unwrap();
+            assert_eq!(u.checksum, want, "{what}: UDP checksum");
+        }
+        _ => {}
+    }
+}
