@@ -76,7 +76,11 @@ mod tests {
     fn full(bytes: &[u8]) -> u16 {
         let mut s: u64 = 0;
         for c in bytes.chunks(2) {
-            let w = if c.len() == 2 { [c[0], c[1]] } else { [c[0], 0] };
+            let w = if c.len() == 2 {
+                [c[0], c[1]]
+            } else {
+                [c[0], 0]
+            };
             s += u16::from_ne_bytes(w) as u64;
         }
         !fold(s)
@@ -92,7 +96,12 @@ mod tests {
         h[10..12].copy_from_slice(&c.to_ne_bytes());
         assert_eq!(full(&h), 0);
 
-        for new in [[10u8, 0, 0, 1], [255, 255, 255, 255], [0, 0, 0, 0], [203, 0, 113, 99]] {
+        for new in [
+            [10u8, 0, 0, 1],
+            [255, 255, 255, 255],
+            [0, 0, 0, 0],
+            [203, 0, 113, 99],
+        ] {
             let mut g = h;
             let old = u32::from_ne_bytes(g[16..20].try_into().unwrap());
             g[16..20].copy_from_slice(&new);

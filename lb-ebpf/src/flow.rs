@@ -4,7 +4,10 @@
 //! family's round-robin ring.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{family_index, Counter, DpConfig, Flow, FlowKey, Node, MAX_NODES, NODE_F_V6, NODE_F_V4, FAMILY_V6};
+use lb_common::{
+    family_index, Counter, DpConfig, Flow, FlowKey, Node, FAMILY_V6, MAX_NODES, NODE_F_V4,
+    NODE_F_V6,
+};
 
 use crate::{maps, parse::Packet, parse::Udp, stats::count};
 
@@ -25,7 +28,7 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let mut expired = false;
-    if let Some(flow) = maps::FLOWS.get_ptr_mut(&key) {
+    if let Some(flow) = maps::FLOWS.get_ptr_mut(key) {
         // SAFETY: LRU map value under the program's RCU read lock; a racing writer can only
         // make last_seen or node_id stale, both of which are benign.
         let (node_id, last) = unsafe { ((*flow).node_id, (*flow).last_seen_ns) };
@@ -48,7 +51,7 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
         _pad: 0,
         last_seen_ns: now,
     };
-    if maps::FLOWS.insert(&key, &flow, 0).is_err() {
+    if maps::FLOWS.insert(key, flow, 0).is_err() {
         count(Counter::FlowInsertFailed);
     }
     count(Counter::FlowNew);
@@ -60,7 +63,11 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
 
 #[inline(always)]
 fn has_family(node: &Node, family: u8) -> bool {
-    let flag = if family == FAMILY_V6 { NODE_F_V6 } else { NODE_F_V4 };
+    let flag = if family == FAMILY_V6 {
+        NODE_F_V6
+    } else {
+        NODE_F_V4
+    };
     node.flags & flag != 0
 }
 
@@ -79,7 +86,9 @@ fn next_node(family: u8) -> Result<(u32, Node), Counter> {
         *cursor = pos + 1;
         pos
     };
-    let id = *maps::RING.get(fi * MAX_NODES + pos).ok_or(Counter::DropNoNode)?;
+    let id = *maps::RING
+        .get(fi * MAX_NODES + pos)
+        .ok_or(Counter::DropNoNode)?;
     let node = maps::node(id).ok_or(Counter::DropNoNode)?;
     Ok((id, node))
 }

@@ -4,7 +4,10 @@
 use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
     helpers::bpf_fib_lookup,
     programs::XdpContext,
     EbpfContext,
@@ -57,7 +60,8 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewritten) -> Result<u32, Co
         // SAFETY: as above.
         unsafe {
             fib.family = AF_INET6;
-            fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).payload_len) + Ipv6Hdr::LEN as u16;
+            fib.__bindgen_anon_1.tot_len =
+                u16::from_be_bytes((*ip).payload_len) + Ipv6Hdr::LEN as u16;
             fib.__bindgen_anon_2.flowinfo = u32::from_ne_bytes((*ip).vcf) & 0x0fff_ffff_u32.to_be();
             fib.__bindgen_anon_3.ipv6_src = rw.src;
             fib.__bindgen_anon_4.ipv6_dst = rw.dst;
@@ -114,7 +118,10 @@ fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) -> Result<(), Counter> {
             (*ip).ttl -= 1;
             let new = u16::from_ne_bytes([(*ip).ttl, (*ip).proto]);
             let check = u16::from_ne_bytes((*ip).check);
-            (*ip).check = CsumDelta::from_check(check).replace16(old, new).finish().to_ne_bytes();
+            (*ip).check = CsumDelta::from_check(check)
+                .replace16(old, new)
+                .finish()
+                .to_ne_bytes();
         }
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;

@@ -37,7 +37,8 @@ pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
 
 /// Client 5-tuple → pinned node, least recently used evicted first.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+pub static FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 
 /// VIP address → index of its port bitmap.
 #[map]
@@ -59,5 +60,5 @@ pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 #[inline(always)]
 pub fn node(id: u32) -> Option<Node> {
     // SAFETY: the value is copied out while the RCU read lock of the program run holds.
-    unsafe { NODES.get(&id).copied() }
+    unsafe { NODES.get(id).copied() }
 }

@@ -34,7 +34,12 @@ enum Side {
 
 /// Sends the packet to `node`: destination address (and port, if the node's differs).
 #[inline(always)]
-pub fn to_node(ctx: &XdpContext, pkt: &Packet, udp: &Udp, node: &Node) -> Result<Rewritten, Counter> {
+pub fn to_node(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    udp: &Udp,
+    node: &Node,
+) -> Result<Rewritten, Counter> {
     if !node_serves(node, pkt) {
         return Err(Counter::DropCidNodeFamily);
     }
@@ -55,7 +60,12 @@ pub fn to_node(ctx: &XdpContext, pkt: &Packet, udp: &Udp, node: &Node) -> Result
 
 /// Makes a node's reply come from the VIP.
 #[inline(always)]
-pub fn to_client(ctx: &XdpContext, pkt: &Packet, udp: &Udp, rev: &Reverse) -> Result<Rewritten, Counter> {
+pub fn to_client(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    udp: &Udp,
+    rev: &Reverse,
+) -> Result<Rewritten, Counter> {
     rewrite(ctx, pkt, udp, Side::Src, rev.vip, rev.vip_port)?;
     Ok(Rewritten {
         src: rev.vip,
@@ -66,9 +76,20 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet, udp: &Udp, rev: &Reverse) -> Re
 }
 
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, pkt: &Packet, udp: &Udp, side: Side, addr: [u32; 4], port: u16) -> Result<(), Counter> {
+fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    udp: &Udp,
+    side: Side,
+    addr: [u32; 4],
+    port: u16,
+) -> Result<(), Counter> {
     let old_addr = if side == Side::Dst { pkt.dst } else { pkt.src };
-    let old_port = if side == Side::Dst { udp.dport } else { udp.sport };
+    let old_port = if side == Side::Dst {
+        udp.dport
+    } else {
+        udp.sport
+    };
 
     let uh: *mut UdpHdr = ptr_at(ctx, udp.off).ok_or(Counter::PassTruncated)?;
     // SAFETY: ptr_at checked the whole UDP header lies inside the frame.
@@ -77,7 +98,9 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, udp: &Udp, side: Side, addr: [u32; 4]
         if pkt.family == FAMILY_V4 {
             let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
             let ip_check = u16::from_ne_bytes((*ip).check);
-            let new = CsumDelta::from_check(ip_check).replace32(old_addr[0], addr[0]).finish();
+            let new = CsumDelta::from_check(ip_check)
+                .replace32(old_addr[0], addr[0])
+                .finish();
             (*ip).check = new.to_ne_bytes();
             let bytes = addr[0].to_ne_bytes();
             match side {
@@ -114,8 +137,14 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, udp: &Udp, side: Side, addr: [u32; 4]
 
 #[inline(always)]
 fn bytes16(w: &[u32; 4]) -> [u8; 16] {
-    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
     [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
     ]
 }

@@ -171,7 +171,13 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Counter::PassTruncated)?;
-    let (next, src, dst) = unsafe { ((*ip).next_hdr, words(&(*ip).src_addr), words(&(*ip).dst_addr)) };
+    let (next, src, dst) = unsafe {
+        (
+            (*ip).next_hdr,
+            words(&(*ip).src_addr),
+            words(&(*ip).dst_addr),
+        )
+    };
     let mut pkt = Packet {
         family: FAMILY_V6,
         vlans,

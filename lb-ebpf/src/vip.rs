@@ -12,7 +12,7 @@ fn vip_index(pkt: &Packet) -> Option<u32> {
         _pad: [0; 3],
     };
     // SAFETY: copied out under the program's RCU read lock.
-    unsafe { maps::VIPS.get(&key).map(|v| v.index) }
+    unsafe { maps::VIPS.get(key).map(|v| v.index) }
 }
 
 /// Is (destination address, `dport`) a balanced VIP port? `dport` is in wire byte order.
@@ -50,5 +50,5 @@ pub fn reverse(pkt: &Packet, sport: u16) -> Option<Reverse> {
         _pad: 0,
     };
     // SAFETY: copied out under the program's RCU read lock.
-    unsafe { maps::REVERSE.get(&key).copied() }
+    unsafe { maps::REVERSE.get(key).copied() }
 }

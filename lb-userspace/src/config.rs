@@ -105,7 +105,9 @@ impl<'de> Deserialize<'de> for PortRange {
             Raw::Str(s) => {
                 let parse = |t: &str| {
                     t.trim().parse::<i64>().map_err(|_| {
-                        de::Error::custom(format!("{s:?} is not a port or a range like \"20000-20100\""))
+                        de::Error::custom(format!(
+                            "{s:?} is not a port or a range like \"20000-20100\""
+                        ))
                     })
                 };
                 let (lo, hi) = match s.split_once('-') {
@@ -116,7 +118,9 @@ impl<'de> Deserialize<'de> for PortRange {
                     }
                 };
                 if lo > hi {
-                    return Err(de::Error::custom(format!("range {s:?} ends before it starts")));
+                    return Err(de::Error::custom(format!(
+                        "range {s:?} ends before it starts"
+                    )));
                 }
                 Ok(PortRange { lo, hi })
             }
@@ -140,7 +144,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(d)
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+/// A duration field; serde_yaml reports errors raised here at the enclosing map, so the message
+/// names the key itself.
+fn duration_field<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -149,9 +155,16 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     }
     match Raw::deserialize(d)? {
         Raw::Num(n) => Ok(Duration::from_secs(n)),
-        Raw::Str(s) => parse_duration(&s)
-            .ok_or_else(|| de::Error::custom(format!("{s:?} is not a duration like \"30s\", \"500ms\", \"5m\""))),
+        Raw::Str(s) => parse_duration(&s).ok_or_else(|| {
+            de::Error::custom(format!(
+                "{key}: {s:?} is not a duration like \"30s\", \"500ms\", \"5m\""
+            ))
+        }),
     }
+}
+
+fn de_idle_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_field(d, "idle_timeout")
 }
 
 /// `address: 192.0.2.1` or, for a dual-stack node, `address: [192.0.2.1, "2001:db8::1"]`.
@@ -162,12 +175,14 @@ fn de_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error
         One(IpAddr),
         Many(Vec<IpAddr>),
     }
-    Ok(match Raw::deserialize(d).map_err(|_| {
-        de::Error::custom("expected an IP address or a list of up to two (one IPv4, one IPv6)")
-    })? {
-        Raw::One(a) => vec![a],
-        Raw::Many(v) => v,
-    })
+    Ok(
+        match Raw::deserialize(d).map_err(|_| {
+            de::Error::custom("expected an IP address or a list of up to two (one IPv4, one IPv6)")
+        })? {
+            Raw::One(a) => vec![a],
+            Raw::Many(v) => v,
+        },
+    )
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,7 +216,7 @@ impl Default for Dtls {
 #[serde(deny_unknown_fields, default)]
 pub struct Flows {
     pub policy: FlowPolicy,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_idle_timeout")]
     pub idle_timeout: Duration,
     pub capacity: u32,
 }
@@ -292,11 +307,12 @@ impl Config {
             file: file.to_owned(),
             message: e.to_string(),
         })?;
-        cfg.validate().map_err(|(key, problem)| ConfigError::Invalid {
-            file: file.to_owned(),
-            key,
-            problem,
-        })?;
+        cfg.validate()
+            .map_err(|(key, problem)| ConfigError::Invalid {
+                file: file.to_owned(),
+                key,
+                problem,
+            })?;
         Ok(cfg)
     }
 
@@ -359,7 +375,10 @@ impl Config {
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: &str, p: String| Err((k.to_owned(), p));
         if self.interfaces.is_empty() {
-            return err("interfaces", "list at least one interface to attach to".into());
+            return err(
+                "interfaces",
+                "list at least one interface to attach to".into(),
+            );
         }
         if self.interfaces.len() > MAX_IFACES as usize {
             return err("interfaces", format!("at most {MAX_IFACES} interfaces"));
@@ -367,10 +386,16 @@ impl Config {
         let mut ifs = HashSet::new();
         for (i, name) in self.interfaces.iter().enumerate() {
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                return err(&format!("interfaces[{i}]"), format!("{name:?} is not a valid interface name"));
+                return err(
+                    &format!("interfaces[{i}]"),
+                    format!("{name:?} is not a valid interface name"),
+                );
             }
             if !ifs.insert(name) {
-                return err(&format!("interfaces[{i}]"), format!("{name:?} is listed twice"));
+                return err(
+                    &format!("interfaces[{i}]"),
+                    format!("{name:?} is listed twice"),
+                );
             }
         }
 
@@ -385,20 +410,35 @@ impl Config {
             if !vip_addrs.insert(vip.address) {
                 return err(
                     &format!("vips[{i}].address"),
-                    format!("{} is listed twice; put all its ports in one entry", vip.address),
+                    format!(
+                        "{} is listed twice; put all its ports in one entry",
+                        vip.address
+                    ),
                 );
             }
             if vip.ports.is_empty() {
-                return err(&format!("vips[{i}].ports"), "list at least one port or range".into());
+                return err(
+                    &format!("vips[{i}].ports"),
+                    "list at least one port or range".into(),
+                );
             }
         }
 
         let d = &self.dtls;
         if !(1..=32).contains(&d.cid_length) {
-            return err("dtls.cid_length", format!("{} is outside 1..32 (RFC 9146 allows up to 255, cidlb up to 32)", d.cid_length));
+            return err(
+                "dtls.cid_length",
+                format!(
+                    "{} is outside 1..32 (RFC 9146 allows up to 255, cidlb up to 32)",
+                    d.cid_length
+                ),
+            );
         }
         if !(1..=4).contains(&d.node_id_length) {
-            return err("dtls.node_id_length", format!("{} is outside 1..4", d.node_id_length));
+            return err(
+                "dtls.node_id_length",
+                format!("{} is outside 1..4", d.node_id_length),
+            );
         }
         if d.node_id_offset + d.node_id_length > d.cid_length {
             return err(
@@ -416,7 +456,10 @@ impl Config {
             return err("flows.idle_timeout", "must be longer than 0".into());
         }
         if !(1..=(1 << 28)).contains(&self.flows.capacity) {
-            return err("flows.capacity", format!("{} is outside 1..268435456", self.flows.capacity));
+            return err(
+                "flows.capacity",
+                format!("{} is outside 1..268435456", self.flows.capacity),
+            );
         }
 
         if self.nodes.is_empty() {
@@ -432,40 +475,72 @@ impl Config {
             if u64::from(n.id) >= id_limit {
                 return err(
                     &format!("nodes[{i}].id"),
-                    format!("{} does not fit in dtls.node_id_length = {} byte(s)", n.id, d.node_id_length),
+                    format!(
+                        "{} does not fit in dtls.node_id_length = {} byte(s)",
+                        n.id, d.node_id_length
+                    ),
                 );
             }
             if !ids.insert(n.id) {
-                return err(&format!("nodes[{i}].id"), format!("node id {} is used twice", n.id));
+                return err(
+                    &format!("nodes[{i}].id"),
+                    format!("node id {} is used twice", n.id),
+                );
             }
             let (v4, v6) = (
                 n.addresses.iter().filter(|a| a.is_ipv4()).count(),
                 n.addresses.iter().filter(|a| a.is_ipv6()).count(),
             );
             if n.addresses.is_empty() || v4 > 1 || v6 > 1 {
-                return err(&format!("nodes[{i}].address"), "give one address, or one IPv4 and one IPv6".into());
+                return err(
+                    &format!("nodes[{i}].address"),
+                    "give one address, or one IPv4 and one IPv6".into(),
+                );
             }
             for a in &n.addresses {
                 if vip_addrs.contains(a) {
                     return err(&format!("nodes[{i}].address"), format!("{a} is also a VIP"));
                 }
                 if !addrs.insert(*a) {
-                    return err(&format!("nodes[{i}].address"), format!("{a} is used by another node"));
+                    return err(
+                        &format!("nodes[{i}].address"),
+                        format!("{a} is used by another node"),
+                    );
                 }
             }
             if n.port == Some(0) {
-                return err(&format!("nodes[{i}].port"), "0 is not a port; leave it out to keep the VIP port".into());
+                return err(
+                    &format!("nodes[{i}].port"),
+                    "0 is not a port; leave it out to keep the VIP port".into(),
+                );
             }
         }
         for (i, vip) in self.vips.iter().enumerate() {
-            if !self.nodes.iter().any(|n| n.address_for(vip.address).is_some()) {
-                let fam = if vip.address.is_ipv4() { "IPv4" } else { "IPv6" };
-                return err(&format!("vips[{i}].address"), format!("no node has an {fam} address to serve {}", vip.address));
+            if !self
+                .nodes
+                .iter()
+                .any(|n| n.address_for(vip.address).is_some())
+            {
+                let fam = if vip.address.is_ipv4() {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                };
+                return err(
+                    &format!("vips[{i}].address"),
+                    format!("no node has an {fam} address to serve {}", vip.address),
+                );
             }
         }
         let (reverse, _) = self.reverse_entries();
         if reverse.len() > MAX_REVERSE as usize {
-            return err("vips", format!("{} node×port pairs exceed the limit of {MAX_REVERSE}", reverse.len()));
+            return err(
+                "vips",
+                format!(
+                    "{} node×port pairs exceed the limit of {MAX_REVERSE}",
+                    reverse.len()
+                ),
+            );
         }
         Ok(())
     }
@@ -512,7 +587,16 @@ pin_dir: /sys/fs/bpf/cidlb
     fn issue_example_parses() {
         let c = parse(SEED).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.interfaces, ["eth0", "eth1"]);
-        assert_eq!(c.vips[0].ports, [PortRange { lo: 5684, hi: 5684 }, PortRange { lo: 20000, hi: 20100 }]);
+        assert_eq!(
+            c.vips[0].ports,
+            [
+                PortRange { lo: 5684, hi: 5684 },
+                PortRange {
+                    lo: 20000,
+                    hi: 20100
+                }
+            ]
+        );
         assert_eq!(c.flows.idle_timeout, Duration::from_secs(30));
         assert_eq!(c.nodes[0].port, Some(5684));
         assert_eq!(c.nodes[1].port, None);
@@ -531,23 +615,71 @@ pin_dir: /sys/fs/bpf/cidlb
     #[test]
     fn errors_name_file_key_and_problem() {
         let cases: &[(&str, &str, &[&str])] = &[
-            ("cid_length: 6", "cid_length: 40", &["test.yaml", "dtls.cid_length", "40"]),
-            ("node_id_length: 1", "node_id_length: 5", &["dtls.node_id_length"]),
-            ("node_id_offset: 0", "node_id_offset: 6", &["dtls.node_id_offset", "do not fit"]),
-            ("unknown_node: drop", "unknown_node: maybe", &["test.yaml", "unknown_node", "maybe"]),
+            (
+                "cid_length: 6",
+                "cid_length: 40",
+                &["test.yaml", "dtls.cid_length", "40"],
+            ),
+            (
+                "node_id_length: 1",
+                "node_id_length: 5",
+                &["dtls.node_id_length"],
+            ),
+            (
+                "node_id_offset: 0",
+                "node_id_offset: 6",
+                &["dtls.node_id_offset", "do not fit"],
+            ),
+            (
+                "unknown_node: drop",
+                "unknown_node: maybe",
+                &["test.yaml", "unknown_node", "maybe"],
+            ),
             ("xdp_mode: auto", "xdp_mode: turbo", &["xdp_mode", "turbo"]),
-            ("idle_timeout: 30s", "idle_timeout: soon", &["idle_timeout", "soon"]),
-            ("idle_timeout: 30s", "idle_timeout: 0s", &["flows.idle_timeout"]),
+            (
+                "idle_timeout: 30s",
+                "idle_timeout: soon",
+                &["idle_timeout", "soon"],
+            ),
+            (
+                "idle_timeout: 30s",
+                "idle_timeout: 0s",
+                &["flows.idle_timeout"],
+            ),
             ("capacity: 1048576", "capacity: 0", &["flows.capacity"]),
-            ("\"20000-20100\"", "\"20100-20000\"", &["ports", "ends before it starts"]),
+            (
+                "\"20000-20100\"",
+                "\"20100-20000\"",
+                &["ports", "ends before it starts"],
+            ),
             ("\"20000-20100\"", "70000", &["ports", "70000"]),
-            ("address: 192.0.2.10", "address: 192.0.2.300", &["vips", "address"]),
+            (
+                "address: 192.0.2.10",
+                "address: 192.0.2.300",
+                &["vips", "address"],
+            ),
             ("- id: 1", "- id: 2", &["nodes[1].id", "used twice"]),
             ("- id: 1", "- id: 256", &["nodes[0].id", "does not fit"]),
-            ("address: 192.168.178.124", "address: 192.168.178.123", &["nodes[1].address", "another node"]),
-            ("address: 192.168.178.124", "address: 192.0.2.10", &["nodes[1].address", "also a VIP"]),
-            ("interfaces: [eth0, eth1]", "interfaces: []", &["interfaces", "at least one"]),
-            ("interfaces: [eth0, eth1]", "interfaces: [eth0, eth0]", &["interfaces[1]", "twice"]),
+            (
+                "address: 192.168.178.124",
+                "address: 192.168.178.123",
+                &["nodes[1].address", "another node"],
+            ),
+            (
+                "address: 192.168.178.124",
+                "address: 192.0.2.10",
+                &["nodes[1].address", "also a VIP"],
+            ),
+            (
+                "interfaces: [eth0, eth1]",
+                "interfaces: []",
+                &["interfaces", "at least one"],
+            ),
+            (
+                "interfaces: [eth0, eth1]",
+                "interfaces: [eth0, eth0]",
+                &["interfaces[1]", "twice"],
+            ),
             ("pin_dir:", "pin_drr:", &["unknown field", "pin_drr"]),
         ];
         for (from, to, want) in cases {
@@ -565,7 +697,11 @@ pin_dir: /sys/fs/bpf/cidlb
         let c = parse(SEED).unwrap_or_else(|e| panic!("{e}"));
         let (entries, warnings) = c.reverse_entries();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].starts_with("nodes[0]: 101 other VIP port(s)"), "{}", warnings[0]);
+        assert!(
+            warnings[0].starts_with("nodes[0]: 101 other VIP port(s)"),
+            "{}",
+            warnings[0]
+        );
         let n1: Vec<_> = entries.iter().filter(|e| e.node_index == 0).collect();
         assert_eq!(n1.len(), 1);
         assert_eq!((n1[0].node_port, n1[0].vip_port), (5684, 5684));
@@ -585,8 +721,11 @@ pin_dir: /sys/fs/bpf/cidlb
 
     #[test]
     fn dual_stack_node() {
-        let c = parse(&with("address: 192.168.178.124", "address: [192.168.178.124, \"2001:db8::2\"]"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let c = parse(&with(
+            "address: 192.168.178.124",
+            "address: [192.168.178.124, \"2001:db8::2\"]",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
         assert!(c.nodes[1].v4().is_some() && c.nodes[1].v6().is_some());
     }
 }

@@ -35,12 +35,19 @@ pub const MAP_NAMES: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("this cidlb was built with AYA_BUILD_SKIP=1 and holds no XDP program; rebuild without it")]
+    #[error(
+        "this cidlb was built with AYA_BUILD_SKIP=1 and holds no XDP program; rebuild without it"
+    )]
     NoObject,
     #[error("loading the eBPF object failed: {0}")]
     Object(#[source] EbpfError),
-    #[error("the kernel verifier rejected the XDP program: {io_error}\n--- verifier log ---\n{log}")]
-    Verifier { io_error: std::io::Error, log: String },
+    #[error(
+        "the kernel verifier rejected the XDP program: {io_error}\n--- verifier log ---\n{log}"
+    )]
+    Verifier {
+        io_error: std::io::Error,
+        log: String,
+    },
     #[error("{0} needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it with sudo or as root")]
     NotRoot(&'static str),
     #[error("interfaces[{index}]: no interface named {name:?} on this host (see `ip link`)")]
@@ -186,9 +193,13 @@ impl Datapath {
         for name in MAP_NAMES {
             let path = dir.join(name);
             if path.exists() {
-                fs::remove_file(&path).map_err(|e| perr(format!("removing stale {}: {e}", path.display())))?;
+                fs::remove_file(&path)
+                    .map_err(|e| perr(format!("removing stale {}: {e}", path.display())))?;
             }
-            let map = self.ebpf.map(name).ok_or_else(|| perr(format!("no map {name} in the object")))?;
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or_else(|| perr(format!("no map {name} in the object")))?;
             map.pin(&path).map_err(|e| perr(format!("{name}: {e}")))?;
         }
         Ok(())

@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
-#[command(name = "cidlb", version, about = "XDP load balancer for DTLS 1.2 Connection ID records")]
+#[command(
+    name = "cidlb",
+    version,
+    about = "XDP load balancer for DTLS 1.2 Connection ID records"
+)]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]
@@ -114,8 +118,13 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     datapath::require_root("cidlb run")?;
     let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
     let mut dp = Datapath::load(&cfg)?;
-    info!(cid_length = cfg.dtls.cid_length, node_id_offset = cfg.dtls.node_id_offset,
-          node_id_length = cfg.dtls.node_id_length, flow_capacity = cfg.flows.capacity, "XDP program verified and loaded");
+    info!(
+        cid_length = cfg.dtls.cid_length,
+        node_id_offset = cfg.dtls.node_id_offset,
+        node_id_length = cfg.dtls.node_id_length,
+        flow_capacity = cfg.flows.capacity,
+        "XDP program verified and loaded"
+    );
     provision::provision(&mut dp.ebpf, &cfg, &ifindexes)?;
     for n in &cfg.nodes {
         info!(node = n.id, addresses = ?n.addresses, port = ?n.port, "node");
@@ -161,7 +170,12 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn stats(pin_dir: &std::path::Path, json: bool, all: bool, watch: Option<u64>) -> anyhow::Result<()> {
+fn stats(
+    pin_dir: &std::path::Path,
+    json: bool,
+    all: bool,
+    watch: Option<u64>,
+) -> anyhow::Result<()> {
     loop {
         let snap = Snapshot::from_pins(pin_dir)?;
         if json {

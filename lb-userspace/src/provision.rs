@@ -65,24 +65,29 @@ pub fn provision(ebpf: &mut Ebpf, cfg: &Config, ifindexes: &[u32]) -> Result<(),
     sync_hash(ebpf, names::NODES, nodes)?;
 
     {
-        let mut ring: Array<_, u32> = Array::try_from(map(ebpf, names::RING)?).map_err(merr(names::RING))?;
+        let mut ring: Array<_, u32> =
+            Array::try_from(map(ebpf, names::RING)?).map_err(merr(names::RING))?;
         for (fi, ids) in rings.iter().enumerate() {
             for (pos, id) in ids.iter().enumerate() {
-                ring.set(fi as u32 * MAX_NODES + pos as u32, id, 0).map_err(merr(names::RING))?;
+                ring.set(fi as u32 * MAX_NODES + pos as u32, id, 0)
+                    .map_err(merr(names::RING))?;
             }
         }
     }
     {
-        let mut len: Array<_, u32> = Array::try_from(map(ebpf, names::RING_LEN)?).map_err(merr(names::RING_LEN))?;
+        let mut len: Array<_, u32> =
+            Array::try_from(map(ebpf, names::RING_LEN)?).map_err(merr(names::RING_LEN))?;
         for (fi, ids) in rings.iter().enumerate() {
-            len.set(fi as u32, ids.len() as u32, 0).map_err(merr(names::RING_LEN))?;
+            len.set(fi as u32, ids.len() as u32, 0)
+                .map_err(merr(names::RING_LEN))?;
         }
     }
 
     // VIPs: one port bitmap each.
     let mut vips = Vec::new();
     {
-        let mut bits: Array<_, u64> = Array::try_from(map(ebpf, names::VIP_PORTS)?).map_err(merr(names::VIP_PORTS))?;
+        let mut bits: Array<_, u64> =
+            Array::try_from(map(ebpf, names::VIP_PORTS)?).map_err(merr(names::VIP_PORTS))?;
         for (index, vip) in cfg.vips.iter().enumerate() {
             let (addr, family) = addr_words(vip.address);
             let mut words = vec![0u64; PORT_WORDS as usize];
@@ -93,9 +98,19 @@ pub fn provision(ebpf: &mut Ebpf, cfg: &Config, ifindexes: &[u32]) -> Result<(),
             }
             let base = index as u32 * PORT_WORDS;
             for (i, w) in words.iter().enumerate() {
-                bits.set(base + i as u32, w, 0).map_err(merr(names::VIP_PORTS))?;
+                bits.set(base + i as u32, w, 0)
+                    .map_err(merr(names::VIP_PORTS))?;
             }
-            vips.push((VipKey { addr, family, _pad: [0; 3] }, Vip { index: index as u32 }));
+            vips.push((
+                VipKey {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                },
+                Vip {
+                    index: index as u32,
+                },
+            ));
         }
     }
     sync_hash(ebpf, names::VIPS, vips)?;
@@ -120,17 +135,23 @@ pub fn provision(ebpf: &mut Ebpf, cfg: &Config, ifindexes: &[u32]) -> Result<(),
     });
     sync_hash(ebpf, names::REVERSE, reverse.collect())?;
 
-    let mut devmap = DevMapHash::try_from(map(ebpf, names::DEVMAP)?).map_err(merr(names::DEVMAP))?;
+    let mut devmap =
+        DevMapHash::try_from(map(ebpf, names::DEVMAP)?).map_err(merr(names::DEVMAP))?;
     for &i in ifindexes {
-        devmap.insert(i, i, None, 0).map_err(|e| DatapathError::Map {
-            name: names::DEVMAP,
-            message: e.to_string(),
-        })?;
+        devmap
+            .insert(i, i, None, 0)
+            .map_err(|e| DatapathError::Map {
+                name: names::DEVMAP,
+                message: e.to_string(),
+            })?;
     }
     Ok(())
 }
 
-fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, DatapathError> {
+fn map<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, DatapathError> {
     ebpf.map_mut(name).ok_or(DatapathError::Map {
         name,
         message: "not in the eBPF object".into(),
@@ -138,13 +159,22 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::
 }
 
 /// Makes hash map `name` hold exactly `want`.
-fn sync_hash<K: Pod + Eq + Hash, V: Pod>(ebpf: &mut Ebpf, name: &'static str, want: Vec<(K, V)>) -> Result<(), DatapathError> {
-    let mut m: HashMap<&mut MapData, K, V> = HashMap::try_from(map(ebpf, name)?).map_err(merr(name))?;
+fn sync_hash<K: Pod + Eq + Hash, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    want: Vec<(K, V)>,
+) -> Result<(), DatapathError> {
+    let mut m: HashMap<&mut MapData, K, V> =
+        HashMap::try_from(map(ebpf, name)?).map_err(merr(name))?;
     let keep: HashSet<K> = want.iter().map(|(k, _)| *k).collect();
     for (k, v) in &want {
         m.insert(k, v, 0).map_err(merr(name))?;
     }
-    let stale: Vec<K> = m.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
+    let stale: Vec<K> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep.contains(k))
+        .collect();
     for k in stale {
         m.remove(&k).map_err(merr(name))?;
     }

@@ -16,7 +16,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn get(&self, c: Counter) -> u64 {
-        self.counters.iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| *v)
+        self.counters
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map_or(0, |(_, v)| *v)
     }
 
     /// Reads the maps pinned under `dir` by a running `cidlb run`.
@@ -25,7 +28,11 @@ impl Snapshot {
         let open = |name: &str| {
             let path = dir.join(name);
             MapData::from_pin(&path).with_context(|| {
-                format!("cannot open {} (is `cidlb run` running with pin_dir {}?)", path.display(), dir.display())
+                format!(
+                    "cannot open {} (is `cidlb run` running with pin_dir {}?)",
+                    path.display(),
+                    dir.display()
+                )
             })
         };
         let stats = PerCpuArray::try_from(Map::PerCpuArray(open(names::STATS)?))?;
@@ -81,7 +88,11 @@ impl Snapshot {
                 let _ = writeln!(s, "{:<24} {:>14}", c.name(), v);
             }
         }
-        let _ = writeln!(s, "\n{:>6} {:>14} {:>16} {:>14} {:>16}", "node", "to_node_pkts", "to_node_bytes", "from_node_pkts", "from_node_bytes");
+        let _ = writeln!(
+            s,
+            "\n{:>6} {:>14} {:>16} {:>14} {:>16}",
+            "node", "to_node_pkts", "to_node_bytes", "from_node_pkts", "from_node_bytes"
+        );
         for (id, n) in &self.nodes {
             let _ = writeln!(
                 s,
@@ -94,7 +105,11 @@ impl Snapshot {
 
     /// One JSON object: `{"counters": {name: n, ...}, "nodes": {"id": {...}, ...}}`.
     pub fn render_json(&self) -> String {
-        let counters: Vec<String> = self.counters.iter().map(|(c, v)| format!("\"{}\":{v}", c.name())).collect();
+        let counters: Vec<String> = self
+            .counters
+            .iter()
+            .map(|(c, v)| format!("\"{}\":{v}", c.name()))
+            .collect();
         let nodes: Vec<String> = self
             .nodes
             .iter()
@@ -105,6 +120,49 @@ impl Snapshot {
                 )
             })
             .collect();
-        format!("{{\"counters\":{{{}}},\"nodes\":{{{}}}}}", counters.join(","), nodes.join(","))
+        format!(
+            "{{\"counters\":{{{}}},\"nodes\":{{{}}}}}",
+            counters.join(","),
+            nodes.join(",")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's counter table is the operator's reference: it must name every counter, in
+    /// index order (bpftool shows indices).
+    #[test]
+    fn readme_documents_every_counter_in_order() {
+        let readme = include_str!("../../README.md");
+        let mut at = 0;
+        for c in Counter::ALL {
+            let row = format!("| `{}` |", c.name());
+            let found = readme[at..]
+                .find(&row)
+                .unwrap_or_else(|| panic!("README lacks a row for {} (in index order)", c.name()));
+            at += found + row.len();
+        }
+    }
+
+    #[test]
+    fn json_and_text_render() {
+        let mut s = Snapshot::default();
+        s.counters.push((Counter::CidRouted, 7));
+        s.nodes.insert(
+            2,
+            NodeStats {
+                to_node_packets: 3,
+                ..NodeStats::default()
+            },
+        );
+        assert_eq!(
+            s.render_json(),
+            "{\"counters\":{\"cid_routed\":7},\"nodes\":{\"2\":{\"to_node_packets\":3,\"to_node_bytes\":0,\"from_node_packets\":0,\"from_node_bytes\":0}}}"
+        );
+        assert!(s.render_text(false).contains("cid_routed"));
+        assert_eq!(s.get(Counter::CidRouted), 7);
     }
 }

@@ -63,7 +63,11 @@ fn ip(s: &str) -> IpAddr {
 /// Builds the namespace the FIB lookups run against.
 fn lab() -> NetNs {
     let ns = NetNs::new("fx");
-    for (dev, peer, mac) in [("fxc", "fxcp", FXC_MAC), ("fxn", "fxnp", FXN_MAC), ("fxo", "fxop", FXO_MAC)] {
+    for (dev, peer, mac) in [
+        ("fxc", "fxcp", FXC_MAC),
+        ("fxn", "fxnp", FXN_MAC),
+        ("fxo", "fxop", FXO_MAC),
+    ] {
         ns.ip(&format!("link add {dev} type veth peer name {peer}"));
         ns.ip(&format!("link set {dev} address {}", mac_str(mac)));
         ns.ip(&format!("link set {dev} up"));
@@ -84,7 +88,10 @@ fn lab() -> NetNs {
         (NODE2_6, NODE2_MAC, "fxn"),
         ("100.64.0.9", [2, 0, 0, 0, 0, 9], "fxo"),
     ] {
-        ns.ip(&format!("neigh replace {addr} lladdr {} nud permanent dev {dev}", mac_str(mac)));
+        ns.ip(&format!(
+            "neigh replace {addr} lladdr {} nud permanent dev {dev}",
+            mac_str(mac)
+        ));
     }
     // 203.0.113.13 (node 3 in some cases) deliberately has no neighbour entry.
     ns.sysctl("net.ipv4.ip_forward=1");
@@ -93,7 +100,10 @@ fn lab() -> NetNs {
 }
 
 fn mac_str(m: Mac) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// One packet through the program.
@@ -127,7 +137,11 @@ fn case(name: impl Into<String>, steps: Vec<Step>, counters: &[(Counter, u64)]) 
 
 impl Case {
     fn config(mut self, from: &str, to: &str) -> Self {
-        assert!(self.config.contains(from), "{}: {from:?} not in config", self.name);
+        assert!(
+            self.config.contains(from),
+            "{}: {from:?} not in config",
+            self.name
+        );
         self.config = self.config.replacen(from, to, 1);
         self
     }
@@ -155,7 +169,15 @@ fn to_node(f: &Frame, node: &str, mac: Mac) -> Frame {
 
 /// A node's reply as it arrives on fxn.
 fn reply(node: &str, sport: u16, client: &str, payload: &[u8]) -> Frame {
-    Frame::udp(NODE1_MAC, FXN_MAC, ip(node), sport, ip(client), 40000, payload)
+    Frame::udp(
+        NODE1_MAC,
+        FXN_MAC,
+        ip(node),
+        sport,
+        ip(client),
+        40000,
+        payload,
+    )
 }
 
 fn fwd(ingress: &'static str, input: &Frame, output: &Frame, action: u32) -> Step {
@@ -177,7 +199,10 @@ fn unchanged(ingress: &'static str, input: Vec<u8>, action: u32) -> Step {
 }
 
 fn cid(node: u8) -> Vec<u8> {
-    cid_record(&[node, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5], b"encrypted application data")
+    cid_record(
+        &[node, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5],
+        b"encrypted application data",
+    )
 }
 
 fn cases() -> Vec<Case> {
@@ -186,34 +211,122 @@ fn cases() -> Vec<Case> {
 
     // --- CID routing ---
     let p = client(VIP4, 5684, &cid(1));
-    v.push(case("cid to node 1 (IPv4)", vec![fwd("fxc", &p, &to_node(&p, NODE1_4, NODE1_MAC), XDP_REDIRECT)], &[(CidRouted, 1), (FwdRedirect, 1)]).nodes(&[(1, 1)]));
+    v.push(
+        case(
+            "cid to node 1 (IPv4)",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE1_4, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(1, 1)]),
+    );
     let p = client(VIP4, 5684, &cid(2));
-    v.push(case("cid to node 2 (IPv4)", vec![fwd("fxc", &p, &to_node(&p, NODE2_4, NODE2_MAC), XDP_REDIRECT)], &[(CidRouted, 1), (FwdRedirect, 1)]).nodes(&[(2, 1)]));
+    v.push(
+        case(
+            "cid to node 2 (IPv4)",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE2_4, NODE2_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(2, 1)]),
+    );
     let p = client(VIP6, 5684, &cid(2));
-    v.push(case("cid to node 2 (IPv6)", vec![fwd("fxc", &p, &to_node(&p, NODE2_6, NODE2_MAC), XDP_REDIRECT)], &[(CidRouted, 1), (FwdRedirect, 1)]).nodes(&[(2, 1)]));
+    v.push(
+        case(
+            "cid to node 2 (IPv6)",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE2_6, NODE2_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(2, 1)]),
+    );
     let p = client(VIP6, 5684, &cid(1));
-    v.push(case("cid to node 1 (IPv6)", vec![fwd("fxc", &p, &to_node(&p, NODE1_6, NODE1_MAC), XDP_REDIRECT)], &[(CidRouted, 1), (FwdRedirect, 1)]));
+    v.push(case(
+        "cid to node 1 (IPv6)",
+        vec![fwd(
+            "fxc",
+            &p,
+            &to_node(&p, NODE1_6, NODE1_MAC),
+            XDP_REDIRECT,
+        )],
+        &[(CidRouted, 1), (FwdRedirect, 1)],
+    ));
 
     // IPv4 options: IHL 6 and IHL 15 (40 bytes of options, kept intact).
-    for (ihl, opts) in [(6usize, vec![1u8, 1, 1, 0]), (15, [vec![1u8; 39], vec![0]].concat())] {
+    for (ihl, opts) in [
+        (6usize, vec![1u8, 1, 1, 0]),
+        (15, [vec![1u8; 39], vec![0]].concat()),
+    ] {
         let mut p = client(VIP4, 5684, &cid(1));
         p.ipv4_options = opts;
-        v.push(case(format!("cid to node 1 with IHL {ihl}"), vec![fwd("fxc", &p, &to_node(&p, NODE1_4, NODE1_MAC), XDP_REDIRECT)], &[(CidRouted, 1), (FwdRedirect, 1)]));
+        v.push(case(
+            format!("cid to node 1 with IHL {ihl}"),
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE1_4, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        ));
     }
 
     // Node id at offset 2, 2 bytes long, in an 8-byte CID.
-    let cfg_from = "dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop}";
+    let cfg_from =
+        "dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop}";
     let cfg_to = "dtls: {cid_length: 8, node_id_offset: 2, node_id_length: 2, unknown_node: drop}";
-    let p = client(VIP4, 5684, &cid_record(&[0xee, 0xee, 0x01, 0x02, 9, 9, 9, 9], b"x"));
-    v.push(case("node id at offset 2, 2 bytes (0x0102)", vec![fwd("fxc", &p, &to_node(&p, NODE2_4, NODE2_MAC), XDP_REDIRECT)], &[(CidRouted, 1), (FwdRedirect, 1)])
+    let p = client(
+        VIP4,
+        5684,
+        &cid_record(&[0xee, 0xee, 0x01, 0x02, 9, 9, 9, 9], b"x"),
+    );
+    v.push(
+        case(
+            "node id at offset 2, 2 bytes (0x0102)",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE2_4, NODE2_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        )
         .config(cfg_from, cfg_to)
-        .config("{id: 2,", "{id: 258,"));
+        .config("{id: 2,", "{id: 258,"),
+    );
 
     // Unknown node id.
     let p = client(VIP4, 5684, &cid(9));
-    v.push(case("unknown node, unknown_node: drop", vec![unchanged("fxc", p.bytes(), XDP_DROP)], &[(DropCidUnknownNode, 1)]));
-    v.push(case("unknown node, unknown_node: flow", vec![fwd("fxc", &p, &to_node(&p, NODE1_4, NODE1_MAC), XDP_REDIRECT)], &[(CidUnknownNodeFlow, 1), (FlowNew, 1), (FwdRedirect, 1)])
-        .config("unknown_node: drop", "unknown_node: flow"));
+    v.push(case(
+        "unknown node, unknown_node: drop",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropCidUnknownNode, 1)],
+    ));
+    v.push(
+        case(
+            "unknown node, unknown_node: flow",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE1_4, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidUnknownNodeFlow, 1), (FlowNew, 1), (FwdRedirect, 1)],
+        )
+        .config("unknown_node: drop", "unknown_node: flow"),
+    );
 
     // DTLS header truncated at every boundary. Shorter than type+version: not a CID record,
     // routed by flow. From type+version up to one byte short of 13 + cid_length: dropped.
@@ -221,84 +334,189 @@ fn cases() -> Vec<Case> {
     for len in 0..=full.len().min(13 + 6) {
         let p = client(VIP4, 5684, &full[..len]);
         let c = if len < 3 {
-            case(format!("DTLS payload of {len} bytes: by flow"), vec![fwd("fxc", &p, &to_node(&p, NODE1_4, NODE1_MAC), XDP_REDIRECT)], &[(FlowNew, 1), (FwdRedirect, 1)])
+            case(
+                format!("DTLS payload of {len} bytes: by flow"),
+                vec![fwd(
+                    "fxc",
+                    &p,
+                    &to_node(&p, NODE1_4, NODE1_MAC),
+                    XDP_REDIRECT,
+                )],
+                &[(FlowNew, 1), (FwdRedirect, 1)],
+            )
         } else if len < 13 + 6 {
-            case(format!("tls12_cid record cut to {len} bytes: dropped"), vec![unchanged("fxc", p.bytes(), XDP_DROP)], &[(DropCidTruncated, 1)])
+            case(
+                format!("tls12_cid record cut to {len} bytes: dropped"),
+                vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+                &[(DropCidTruncated, 1)],
+            )
         } else {
-            case(format!("tls12_cid record of exactly {len} bytes (empty content): routed"), vec![fwd("fxc", &p, &to_node(&p, NODE1_4, NODE1_MAC), XDP_REDIRECT)], &[(CidRouted, 1), (FwdRedirect, 1)])
+            case(
+                format!("tls12_cid record of exactly {len} bytes (empty content): routed"),
+                vec![fwd(
+                    "fxc",
+                    &p,
+                    &to_node(&p, NODE1_4, NODE1_MAC),
+                    XDP_REDIRECT,
+                )],
+                &[(CidRouted, 1), (FwdRedirect, 1)],
+            )
         };
         v.push(c);
     }
     // A record type 25 with a 2-byte CID configured 6: shorter than the CID.
     let p = client(VIP4, 5684, &cid_record(&[2, 0], b""));
-    v.push(case("type 25 shorter than the CID", vec![unchanged("fxc", p.bytes(), XDP_DROP)], &[(DropCidTruncated, 1)]));
+    v.push(case(
+        "type 25 shorter than the CID",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropCidTruncated, 1)],
+    ));
 
     // Wrong version: type 25 but DTLS 1.0 (FE FF).
     let mut bad = cid(2);
     bad[2] = 0xff;
     let p = client(VIP4, 5684, &bad);
-    v.push(case("type 25 with version FE FF: by flow", vec![fwd("fxc", &p, &to_node(&p, NODE1_4, NODE1_MAC), XDP_REDIRECT)], &[(CidBadVersion, 1), (FlowNew, 1), (FwdRedirect, 1)]));
+    v.push(case(
+        "type 25 with version FE FF: by flow",
+        vec![fwd(
+            "fxc",
+            &p,
+            &to_node(&p, NODE1_4, NODE1_MAC),
+            XDP_REDIRECT,
+        )],
+        &[(CidBadVersion, 1), (FlowNew, 1), (FwdRedirect, 1)],
+    ));
 
     // --- VIP ports ---
     for port in [20000u16, 20100] {
         let p = client(VIP4, port, &cid(2));
-        v.push(case(format!("port range edge {port} balanced"), vec![fwd("fxc", &p, &to_node(&p, NODE2_4, NODE2_MAC), XDP_REDIRECT)], &[(CidRouted, 1), (FwdRedirect, 1)]));
+        v.push(case(
+            format!("port range edge {port} balanced"),
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE2_4, NODE2_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        ));
     }
     for port in [19999u16, 20101, 5683] {
         let p = client(VIP4, port, &cid(2));
-        v.push(case(format!("port {port} outside the VIP ports: passed"), vec![unchanged("fxc", p.bytes(), XDP_PASS)], &[(PassNotVip, 1)]));
+        v.push(case(
+            format!("port {port} outside the VIP ports: passed"),
+            vec![unchanged("fxc", p.bytes(), XDP_PASS)],
+            &[(PassNotVip, 1)],
+        ));
     }
     let p = client("192.0.2.11", 5684, &cid(2));
-    v.push(case("non-VIP address: passed", vec![unchanged("fxc", p.bytes(), XDP_PASS)], &[(PassNotVip, 1)]));
+    v.push(case(
+        "non-VIP address: passed",
+        vec![unchanged("fxc", p.bytes(), XDP_PASS)],
+        &[(PassNotVip, 1)],
+    ));
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&CLIENT_MAC);
     arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&CLIENT_MAC);
     arp.extend_from_slice(&[198, 51, 100, 7, 0, 0, 0, 0, 0, 0, 192, 0, 2, 10]);
-    v.push(case("ARP: passed", vec![unchanged("fxc", arp, XDP_PASS)], &[(PassNotIp, 1)]));
+    v.push(case(
+        "ARP: passed",
+        vec![unchanged("fxc", arp, XDP_PASS)],
+        &[(PassNotIp, 1)],
+    ));
     let mut icmp = client(VIP4, 5684, b"").bytes();
     icmp[14 + 9] = 1; // protocol ICMP (header checksum is not the program's business here)
-    v.push(case("ICMP to the VIP: passed", vec![unchanged("fxc", icmp, XDP_PASS)], &[(PassNotUdp, 1)]));
+    v.push(case(
+        "ICMP to the VIP: passed",
+        vec![unchanged("fxc", icmp, XDP_PASS)],
+        &[(PassNotUdp, 1)],
+    ));
     // BPF_PROG_TEST_RUN refuses input shorter than an Ethernet header, so cut inside IPv4.
     let cut = client(VIP4, 5684, b"").bytes()[..14 + 12].to_vec();
-    v.push(case("IPv4 header cut short: passed", vec![unchanged("fxc", cut, XDP_PASS)], &[(PassTruncated, 1)]));
+    v.push(case(
+        "IPv4 header cut short: passed",
+        vec![unchanged("fxc", cut, XDP_PASS)],
+        &[(PassTruncated, 1)],
+    ));
 
     // --- Fragments and IPv6 extension headers ---
     let mut p = client(VIP4, 5684, &cid(1));
     p.more_fragments = true;
-    v.push(case("IPv4 first fragment to VIP: dropped", vec![unchanged("fxc", p.bytes(), XDP_DROP)], &[(DropFragment, 1)]));
+    v.push(case(
+        "IPv4 first fragment to VIP: dropped",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropFragment, 1)],
+    ));
     let mut p = client(VIP4, 5684, &cid(1));
     p.fragment_offset = 100;
-    v.push(case("IPv4 later fragment to VIP: dropped", vec![unchanged("fxc", p.bytes(), XDP_DROP)], &[(DropFragment, 1)]));
+    v.push(case(
+        "IPv4 later fragment to VIP: dropped",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropFragment, 1)],
+    ));
     let mut p = client("192.0.2.99", 5684, &cid(1));
     p.more_fragments = true;
-    v.push(case("IPv4 fragment to another address: passed", vec![unchanged("fxc", p.bytes(), XDP_PASS)], &[(PassNotVip, 1)]));
+    v.push(case(
+        "IPv4 fragment to another address: passed",
+        vec![unchanged("fxc", p.bytes(), XDP_PASS)],
+        &[(PassNotVip, 1)],
+    ));
     let mut p = client(VIP6, 5684, &cid(1));
     p.v6_fragment = true;
-    v.push(case("IPv6 fragment header to VIP: dropped", vec![unchanged("fxc", p.bytes(), XDP_DROP)], &[(DropFragment, 1)]));
+    v.push(case(
+        "IPv6 fragment header to VIP: dropped",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropFragment, 1)],
+    ));
     let mut p = client(VIP6, 5684, &cid(1));
     p.v6_hop_by_hop = true;
-    v.push(case("IPv6 hop-by-hop header: passed", vec![unchanged("fxc", p.bytes(), XDP_PASS)], &[(PassIpv6ExtHdr, 1)]));
+    v.push(case(
+        "IPv6 hop-by-hop header: passed",
+        vec![unchanged("fxc", p.bytes(), XDP_PASS)],
+        &[(PassIpv6ExtHdr, 1)],
+    ));
 
     // --- VLAN tags: rewritten, then routed by the kernel's VLAN devices ---
     let mut p = client(VIP4, 5684, &cid(2));
     p.vlans = vec![(0x8100, 100)];
     let mut q = p.clone();
     q.dst = ip(NODE2_4);
-    v.push(case("one VLAN tag: rewritten, passed to the kernel", vec![fwd("fxc", &p, &q, XDP_PASS)], &[(CidRouted, 1), (FwdKernelVlan, 1)]));
+    v.push(case(
+        "one VLAN tag: rewritten, passed to the kernel",
+        vec![fwd("fxc", &p, &q, XDP_PASS)],
+        &[(CidRouted, 1), (FwdKernelVlan, 1)],
+    ));
     let mut p = client(VIP6, 5684, &cid(1));
     p.vlans = vec![(0x88a8, 10), (0x8100, 200)];
     let mut q = p.clone();
     q.dst = ip(NODE1_6);
-    v.push(case("two VLAN tags (802.1ad + 802.1Q), IPv6", vec![fwd("fxc", &p, &q, XDP_PASS)], &[(CidRouted, 1), (FwdKernelVlan, 1)]));
+    v.push(case(
+        "two VLAN tags (802.1ad + 802.1Q), IPv6",
+        vec![fwd("fxc", &p, &q, XDP_PASS)],
+        &[(CidRouted, 1), (FwdKernelVlan, 1)],
+    ));
 
     // --- Checksums ---
     let mut p = client(VIP4, 5684, &cid(1));
     p.zero_udp_checksum = true;
     let q = to_node(&p, NODE1_4, NODE1_MAC);
-    v.push(case("IPv4 UDP checksum 0 stays 0", vec![fwd("fxc", &p, &q, XDP_REDIRECT)], &[(CidRouted, 1), (FwdRedirect, 1)]));
+    v.push(case(
+        "IPv4 UDP checksum 0 stays 0",
+        vec![fwd("fxc", &p, &q, XDP_REDIRECT)],
+        &[(CidRouted, 1), (FwdRedirect, 1)],
+    ));
     let p = client(VIP4, 20042, &[0xff; 64]);
-    v.push(case("non-zero checksum, non-DTLS payload", vec![fwd("fxc", &p, &to_node(&p, NODE1_4, NODE1_MAC), XDP_REDIRECT)], &[(FlowNew, 1), (FwdRedirect, 1)]));
+    v.push(case(
+        "non-zero checksum, non-DTLS payload",
+        vec![fwd(
+            "fxc",
+            &p,
+            &to_node(&p, NODE1_4, NODE1_MAC),
+            XDP_REDIRECT,
+        )],
+        &[(FlowNew, 1), (FwdRedirect, 1)],
+    ));
 
     // --- Replies: stateless reverse NAT ---
     let r = reply(NODE1_4, 5684, CLIENT4, b"reply record");
@@ -307,16 +525,28 @@ fn cases() -> Vec<Case> {
     q.ttl -= 1;
     q.src_mac = FXC_MAC;
     q.dst_mac = CLIENT_MAC;
-    v.push(case("reply from node 1 gets the VIP as source (IPv4)", vec![fwd("fxn", &r, &q, XDP_REDIRECT)], &[(ReplyUnnat, 1), (FwdRedirect, 1)]));
+    v.push(case(
+        "reply from node 1 gets the VIP as source (IPv4)",
+        vec![fwd("fxn", &r, &q, XDP_REDIRECT)],
+        &[(ReplyUnnat, 1), (FwdRedirect, 1)],
+    ));
     let r = reply(NODE2_6, 5684, CLIENT6, b"reply record");
     let mut q = r.clone();
     q.src = ip(VIP6);
     q.ttl -= 1;
     q.src_mac = FXC_MAC;
     q.dst_mac = CLIENT_MAC;
-    v.push(case("reply from node 2 gets the VIP as source (IPv6)", vec![fwd("fxn", &r, &q, XDP_REDIRECT)], &[(ReplyUnnat, 1), (FwdRedirect, 1)]));
+    v.push(case(
+        "reply from node 2 gets the VIP as source (IPv6)",
+        vec![fwd("fxn", &r, &q, XDP_REDIRECT)],
+        &[(ReplyUnnat, 1), (FwdRedirect, 1)],
+    ));
     let r = reply(NODE1_4, 5999, CLIENT4, b"not from the service port");
-    v.push(case("node traffic from another port: passed", vec![unchanged("fxn", r.bytes(), XDP_PASS)], &[(PassNotVip, 1)]));
+    v.push(case(
+        "node traffic from another port: passed",
+        vec![unchanged("fxn", r.bytes(), XDP_PASS)],
+        &[(PassNotVip, 1)],
+    ));
 
     // Node port differs from the VIP port: both directions.
     let p = client(VIP4, 5684, &cid(1));
@@ -329,76 +559,154 @@ fn cases() -> Vec<Case> {
     rq.ttl -= 1;
     rq.src_mac = FXC_MAC;
     rq.dst_mac = CLIENT_MAC;
-    v.push(case("node port 6000: dport rewritten, reply sport restored", vec![fwd("fxc", &p, &q, XDP_REDIRECT), fwd("fxn", &r, &rq, XDP_REDIRECT)], &[(CidRouted, 1), (ReplyUnnat, 1), (FwdRedirect, 2)])
+    v.push(
+        case(
+            "node port 6000: dport rewritten, reply sport restored",
+            vec![
+                fwd("fxc", &p, &q, XDP_REDIRECT),
+                fwd("fxn", &r, &rq, XDP_REDIRECT),
+            ],
+            &[(CidRouted, 1), (ReplyUnnat, 1), (FwdRedirect, 2)],
+        )
         .config("ports: [5684, \"20000-20100\"]", "ports: [5684]")
-        .config("{id: 1, address: [203.0.113.11, \"2001:db8:1::11\"]}", "{id: 1, address: [203.0.113.11, \"2001:db8:1::11\"], port: 6000}"));
+        .config(
+            "{id: 1, address: [203.0.113.11, \"2001:db8:1::11\"]}",
+            "{id: 1, address: [203.0.113.11, \"2001:db8:1::11\"], port: 6000}",
+        ),
+    );
 
     // --- Flows: sticky and round robin ---
     let a = client(VIP4, 5684, &hello);
     let mut b = a.clone();
     b.sport = 40001;
-    v.push(case("a flow's second packet reaches its first packet's node", vec![
-        fwd("fxc", &a, &to_node(&a, NODE1_4, NODE1_MAC), XDP_REDIRECT),
-        fwd("fxc", &b, &to_node(&b, NODE2_4, NODE2_MAC), XDP_REDIRECT),
-        fwd("fxc", &a, &to_node(&a, NODE1_4, NODE1_MAC), XDP_REDIRECT),
-        fwd("fxc", &b, &to_node(&b, NODE2_4, NODE2_MAC), XDP_REDIRECT),
-    ], &[(FlowNew, 2), (FlowHit, 2), (FwdRedirect, 4)]).nodes(&[(1, 2), (2, 2)]));
+    v.push(
+        case(
+            "a flow's second packet reaches its first packet's node",
+            vec![
+                fwd("fxc", &a, &to_node(&a, NODE1_4, NODE1_MAC), XDP_REDIRECT),
+                fwd("fxc", &b, &to_node(&b, NODE2_4, NODE2_MAC), XDP_REDIRECT),
+                fwd("fxc", &a, &to_node(&a, NODE1_4, NODE1_MAC), XDP_REDIRECT),
+                fwd("fxc", &b, &to_node(&b, NODE2_4, NODE2_MAC), XDP_REDIRECT),
+            ],
+            &[(FlowNew, 2), (FlowHit, 2), (FwdRedirect, 4)],
+        )
+        .nodes(&[(1, 2), (2, 2)]),
+    );
     let steps = (0..6u16)
         .map(|i| {
             let mut p = client(VIP4, 5684, &hello);
             p.sport = 41000 + i;
-            let (n, m) = if i % 2 == 0 { (NODE1_4, NODE1_MAC) } else { (NODE2_4, NODE2_MAC) };
+            let (n, m) = if i % 2 == 0 {
+                (NODE1_4, NODE1_MAC)
+            } else {
+                (NODE2_4, NODE2_MAC)
+            };
             fwd("fxc", &p, &to_node(&p, n, m), XDP_REDIRECT)
         })
         .collect();
-    v.push(case("round robin spreads new flows 1,2,1,2,1,2", steps, &[(FlowNew, 6), (FwdRedirect, 6)]).nodes(&[(1, 3), (2, 3)]));
+    v.push(
+        case(
+            "round robin spreads new flows 1,2,1,2,1,2",
+            steps,
+            &[(FlowNew, 6), (FwdRedirect, 6)],
+        )
+        .nodes(&[(1, 3), (2, 3)]),
+    );
     let a = client(VIP6, 5684, &hello);
-    v.push(case("IPv6 flow is sticky", vec![
-        fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
-        fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
-    ], &[(FlowNew, 1), (FlowHit, 1), (FwdRedirect, 2)]));
+    v.push(case(
+        "IPv6 flow is sticky",
+        vec![
+            fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
+            fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
+        ],
+        &[(FlowNew, 1), (FlowHit, 1), (FwdRedirect, 2)],
+    ));
 
     // --- Forwarding outcomes ---
     let p = client(VIP4, 5684, &cid(3));
     let mut q = to_node(&p, "198.51.100.50", ONEARM_MAC);
     q.src_mac = FXC_MAC;
-    v.push(case("node on the ingress interface: XDP_TX", vec![fwd("fxc", &p, &q, XDP_TX)], &[(CidRouted, 1), (FwdTx, 1)])
-        .config("nodes:\n", "nodes:\n  - {id: 3, address: 198.51.100.50}\n"));
+    v.push(
+        case(
+            "node on the ingress interface: XDP_TX",
+            vec![fwd("fxc", &p, &q, XDP_TX)],
+            &[(CidRouted, 1), (FwdTx, 1)],
+        )
+        .config("nodes:\n", "nodes:\n  - {id: 3, address: 198.51.100.50}\n"),
+    );
     let p = client(VIP4, 5684, &cid(3));
     let mut q = p.clone();
     q.dst = ip("203.0.113.13");
-    v.push(case("no neighbour entry: rewritten, passed to resolve", vec![fwd("fxc", &p, &q, XDP_PASS)], &[(CidRouted, 1), (FwdKernelNoNeigh, 1)])
-        .config("nodes:\n", "nodes:\n  - {id: 3, address: 203.0.113.13}\n"));
+    v.push(
+        case(
+            "no neighbour entry: rewritten, passed to resolve",
+            vec![fwd("fxc", &p, &q, XDP_PASS)],
+            &[(CidRouted, 1), (FwdKernelNoNeigh, 1)],
+        )
+        .config("nodes:\n", "nodes:\n  - {id: 3, address: 203.0.113.13}\n"),
+    );
     let p = client(VIP4, 5684, &cid(3));
     let mut q = p.clone();
     q.dst = ip("100.64.0.9");
-    v.push(case("next hop on an interface cidlb is not on: passed", vec![fwd("fxc", &p, &q, XDP_PASS)], &[(CidRouted, 1), (FwdKernelIface, 1)])
-        .config("nodes:\n", "nodes:\n  - {id: 3, address: 100.64.0.9}\n"));
+    v.push(
+        case(
+            "next hop on an interface cidlb is not on: passed",
+            vec![fwd("fxc", &p, &q, XDP_PASS)],
+            &[(CidRouted, 1), (FwdKernelIface, 1)],
+        )
+        .config("nodes:\n", "nodes:\n  - {id: 3, address: 100.64.0.9}\n"),
+    );
     let mut p = client(VIP4, 5684, &cid(1));
     p.ttl = 1;
     let mut q = p.clone();
     q.dst = ip(NODE1_4);
-    v.push(case("TTL 1: rewritten, passed for the ICMP error", vec![fwd("fxc", &p, &q, XDP_PASS)], &[(CidRouted, 1), (FwdKernelTtl, 1)]));
+    v.push(case(
+        "TTL 1: rewritten, passed for the ICMP error",
+        vec![fwd("fxc", &p, &q, XDP_PASS)],
+        &[(CidRouted, 1), (FwdKernelTtl, 1)],
+    ));
     let p = client(VIP6, 5684, &cid(3));
-    v.push(case("CID names an IPv4-only node over IPv6: dropped", vec![unchanged("fxc", p.bytes(), XDP_DROP)], &[(CidRouted, 1), (DropCidNodeFamily, 1)])
-        .config("nodes:\n", "nodes:\n  - {id: 3, address: 203.0.113.13}\n"));
+    v.push(
+        case(
+            "CID names an IPv4-only node over IPv6: dropped",
+            vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+            &[(CidRouted, 1), (DropCidNodeFamily, 1)],
+        )
+        .config("nodes:\n", "nodes:\n  - {id: 3, address: 203.0.113.13}\n"),
+    );
 
     // --- Malformed ---
     let mut p = client(VIP4, 5684, &cid(1));
     p.udp_len_override = Some(200);
-    v.push(case("UDP length past the frame: dropped", vec![unchanged("fxc", p.bytes(), XDP_DROP)], &[(DropBadUdpLength, 1)]));
+    v.push(case(
+        "UDP length past the frame: dropped",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropBadUdpLength, 1)],
+    ));
     let mut p = client(VIP4, 5684, &cid(1));
     p.udp_len_override = Some(7);
-    v.push(case("UDP length below 8: dropped", vec![unchanged("fxc", p.bytes(), XDP_DROP)], &[(DropBadUdpLength, 1)]));
+    v.push(case(
+        "UDP length below 8: dropped",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropBadUdpLength, 1)],
+    ));
     let mut b = client(VIP4, 5684, &cid(1)).bytes();
     b[14] = 0x44; // IHL 4
-    v.push(case("IPv4 IHL 4: dropped", vec![unchanged("fxc", b, XDP_DROP)], &[(DropBadIpHeader, 1)]));
+    v.push(case(
+        "IPv4 IHL 4: dropped",
+        vec![unchanged("fxc", b, XDP_DROP)],
+        &[(DropBadIpHeader, 1)],
+    ));
     // Ethernet padding after a short UDP datagram: the UDP length, not the frame, bounds the
     // record. Payload "19 FE FD" + zero padding must not read as a full CID record.
     let p = client(VIP4, 5684, &[25, 0xfe, 0xfd]);
     let mut padded = p.bytes();
     padded.resize(80, 0);
-    v.push(case("3-byte tls12_cid header + Ethernet padding: dropped", vec![unchanged("fxc", padded, XDP_DROP)], &[(DropCidTruncated, 1)]));
+    v.push(case(
+        "3-byte tls12_cid header + Ethernet padding: dropped",
+        vec![unchanged("fxc", padded, XDP_DROP)],
+        &[(DropCidTruncated, 1)],
+    ));
     v
 }
 
@@ -407,13 +715,16 @@ struct Failure(String);
 fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
     let _ = ns;
     let fail = |m: String| Failure(format!("{}: {m}", c.name));
-    let cfg = Config::parse(&c.config, std::path::Path::new("fixture.yaml")).map_err(|e| fail(e.to_string()))?;
-    let ifindexes = cidlb::datapath::resolve_interfaces(&cfg.interfaces).map_err(|e| fail(e.to_string()))?;
+    let cfg = Config::parse(&c.config, std::path::Path::new("fixture.yaml"))
+        .map_err(|e| fail(e.to_string()))?;
+    let ifindexes =
+        cidlb::datapath::resolve_interfaces(&cfg.interfaces).map_err(|e| fail(e.to_string()))?;
     let mut dp = Datapath::load(&cfg).map_err(|e| fail(e.to_string()))?;
     provision::provision(&mut dp.ebpf, &cfg, &ifindexes).map_err(|e| fail(e.to_string()))?;
     let prog = dp.program().map_err(|e| fail(e.to_string()))?;
     for (i, s) in c.steps.iter().enumerate() {
-        let ifindex = cidlb::datapath::resolve_interfaces(&[s.ingress.to_owned()]).map_err(|e| fail(e.to_string()))?[0];
+        let ifindex = cidlb::datapath::resolve_interfaces(&[s.ingress.to_owned()])
+            .map_err(|e| fail(e.to_string()))?[0];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
         let mut ctx = Vec::new();
         for w in [0u32, s.input.len() as u32, 0, ifindex, 0, 0] {
@@ -430,11 +741,18 @@ fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
             .map_err(|e| fail(format!("step {i}: test_run: {e}")))?;
         out.truncate(r.data_size_out as usize);
         if r.return_value != s.action {
-            return Err(fail(format!("step {i}: action {} want {}", r.return_value, s.action)));
+            return Err(fail(format!(
+                "step {i}: action {} want {}",
+                r.return_value, s.action
+            )));
         }
         let want = s.output.as_ref().unwrap_or(&s.input);
         if &out != want {
-            return Err(fail(format!("step {i}: output differs\n got  {}\n want {}", hex(&out), hex(want))));
+            return Err(fail(format!(
+                "step {i}: output differs\n got  {}\n want {}",
+                hex(&out),
+                hex(want)
+            )));
         }
         if s.output.is_some() {
             assert_checksums(&out, &c.name);
@@ -445,17 +763,26 @@ fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
         let want = if counter == PacketsSeen {
             c.steps.len() as u64
         } else {
-            c.counters.iter().find(|(k, _)| *k == counter).map_or(0, |(_, v)| *v)
+            c.counters
+                .iter()
+                .find(|(k, _)| *k == counter)
+                .map_or(0, |(_, v)| *v)
         };
         if value != want {
-            return Err(fail(format!("counter {} = {value}, want {want}", counter.name())));
+            return Err(fail(format!(
+                "counter {} = {value}, want {want}",
+                counter.name()
+            )));
         }
     }
     for (id, n) in &snap.nodes {
         let want = c.to_nodes.iter().find(|(k, _)| k == id).map(|(_, v)| *v);
         if let Some(w) = want {
             if n.to_node_packets != w {
-                return Err(fail(format!("node {id} to_node_packets = {}, want {w}", n.to_node_packets)));
+                return Err(fail(format!(
+                    "node {id} to_node_packets = {}, want {w}",
+                    n.to_node_packets
+                )));
             }
         }
     }
@@ -471,17 +798,30 @@ fn fixtures() {
     common::require_root();
     let ns = lab();
     let cases = cases();
-    assert!(cases.len() >= 30, "the fixture table must hold at least 30 cases, has {}", cases.len());
+    assert!(
+        cases.len() >= 30,
+        "the fixture table must hold at least 30 cases, has {}",
+        cases.len()
+    );
     // A thread of its own inside the netns, pinned to one CPU (per-CPU round-robin cursors).
     let failures: Vec<String> = std::thread::scope(|s| {
         s.spawn(|| {
             ns.enter();
             pin_to_cpu(0);
-            cases.iter().filter_map(|c| run_case(&ns, c).err().map(|f| f.0)).collect()
+            cases
+                .iter()
+                .filter_map(|c| run_case(&ns, c).err().map(|f| f.0))
+                .collect()
         })
         .join()
         .expect("fixture thread panicked")
     });
     println!("{} fixture cases, {} failed", cases.len(), failures.len());
-    assert!(failures.is_empty(), "{} of {} fixture cases failed:\n{}", failures.len(), cases.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixture cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
 }

@@ -36,7 +36,10 @@ fn lab() -> Lab {
     let lb = NetNs::new("nb");
     let nodes = vec![NetNs::new("n1"), NetNs::new("n2")];
     // Client side.
-    lb.ip(&format!("link add lbc type veth peer name c0 netns {}", client.name));
+    lb.ip(&format!(
+        "link add lbc type veth peer name c0 netns {}",
+        client.name
+    ));
     lb.ip("addr add 198.51.100.1/24 dev lbc");
     lb.ip("addr add 2001:db8:c::1/64 dev lbc nodad");
     lb.ip("link set lbc up");
@@ -51,7 +54,10 @@ fn lab() -> Lab {
         let k = i + 1;
         let dev = format!("lbn{k}");
         let base = 128 * i;
-        lb.ip(&format!("link add {dev} type veth peer name n0 netns {}", n.name));
+        lb.ip(&format!(
+            "link add {dev} type veth peer name n0 netns {}",
+            n.name
+        ));
         lb.ip(&format!("addr add 203.0.113.{}/25 dev {dev}", base + 1));
         lb.ip(&format!("addr add 2001:db8:{k}::1/64 dev {dev} nodad"));
         lb.ip(&format!("link set {dev} up"));
@@ -154,7 +160,8 @@ fn start_echo(nodes: &[NetNs], stop: &Arc<AtomicBool>) -> Vec<thread::JoinHandle
             thread::spawn(move || {
                 enter(&path);
                 let s = UdpSocket::bind(("::", PORT)).expect("bind echo");
-                s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
                 let mut buf = [0u8; 2048];
                 let mut served = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -189,7 +196,12 @@ fn ask(sock: &UdpSocket, vip: SocketAddr, payload: &[u8]) -> Option<(u32, Socket
                 continue;
             }
             let text = String::from_utf8_lossy(&buf[..len]);
-            let id = text.strip_prefix("node=")?.split(' ').next()?.parse().ok()?;
+            let id = text
+                .strip_prefix("node=")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?;
             return Some((id, from));
         }
     }
@@ -210,31 +222,45 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     let results = thread::spawn(move || {
         enter(&client_path);
         let mut report = Vec::new();
-        for (vip, bind) in [(format!("{VIP4}:{PORT}"), "0.0.0.0:0"), (format!("[{VIP6}]:{PORT}"), "[::]:0")] {
+        for (vip, bind) in [
+            (format!("{VIP4}:{PORT}"), "0.0.0.0:0"),
+            (format!("[{VIP6}]:{PORT}"), "[::]:0"),
+        ] {
             let vip: SocketAddr = vip.parse().unwrap();
             // CID records: 10 "rebinds" (new source port each) per node, 5 records each.
             for node in [1u8, 2] {
                 for rebind in 0..10 {
                     let s = UdpSocket::bind(bind).unwrap();
-                    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(300)))
+                        .unwrap();
                     for m in 0..5u8 {
-                        let rec = cid_record(&[node, 0xc1, 0xd0, rebind, m, 0], b"application data");
+                        let rec =
+                            cid_record(&[node, 0xc1, 0xd0, rebind, m, 0], b"application data");
                         report.push(("cid", vip, node as u32, ask(&s, vip, &rec)));
                     }
                 }
             }
             // A non-CID flow (handshake records) from one source port stays on one node.
             let s = UdpSocket::bind(bind).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-            let first = ask(&s, vip, &handshake_record(b"ClientHello")).map(|r| r.0).unwrap_or(0);
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let first = ask(&s, vip, &handshake_record(b"ClientHello"))
+                .map(|r| r.0)
+                .unwrap_or(0);
             for _ in 0..20 {
-                report.push(("flow", vip, first, ask(&s, vip, &handshake_record(b"ClientHello"))));
+                report.push((
+                    "flow",
+                    vip,
+                    first,
+                    ask(&s, vip, &handshake_record(b"ClientHello")),
+                ));
             }
             // New flows spread over both nodes.
             let mut seen = std::collections::BTreeSet::new();
             for _ in 0..6 {
                 let s = UdpSocket::bind(bind).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
                 if let Some((id, _)) = ask(&s, vip, &handshake_record(b"hello")) {
                     seen.insert(id);
                 }
@@ -252,10 +278,14 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
             None => failures.push(format!("{kind} to {vip}: no reply")),
             Some((id, from)) => {
                 if id != want {
-                    failures.push(format!("{kind} to {vip}: answered by node {id}, want {want}"));
+                    failures.push(format!(
+                        "{kind} to {vip}: answered by node {id}, want {want}"
+                    ));
                 }
                 if from != vip {
-                    failures.push(format!("{kind} to {vip}: reply came from {from}, not the VIP"));
+                    failures.push(format!(
+                        "{kind} to {vip}: reply came from {from}, not the VIP"
+                    ));
                 }
             }
         }
@@ -268,15 +298,30 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
         .output()
         .unwrap();
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "cidlb stats failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cidlb stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let counter = |name: &str| -> u64 {
         let key = format!("\"{name}\":");
-        let at = json.find(&key).unwrap_or_else(|| panic!("{name} missing in {json}")) + key.len();
-        json[at..].split([',', '}']).next().unwrap().parse().unwrap()
+        let at = json
+            .find(&key)
+            .unwrap_or_else(|| panic!("{name} missing in {json}"))
+            + key.len();
+        json[at..]
+            .split([',', '}'])
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     // 2 families x 2 nodes x 10 rebinds x 5 records, each at least once.
     assert!(counter("cid_routed") >= 200, "cid_routed: {json}");
-    assert!(counter("reply_unnat") >= 200 + 2 * 27, "reply_unnat: {json}");
+    assert!(
+        counter("reply_unnat") >= 200 + 2 * 27,
+        "reply_unnat: {json}"
+    );
     assert!(counter("fwd_redirect") > 0, "fwd_redirect: {json}");
 
     // SIGTERM: the agent detaches, unpins and exits 0.
@@ -286,11 +331,23 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     let status = agent.child.wait().unwrap();
     stop.store(true, Ordering::Relaxed);
     let served: u64 = echo.into_iter().map(|h| h.join().unwrap()).sum();
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(served >= 200, "nodes served {served}");
     assert!(status.success(), "cidlb exited with {status}");
-    assert!(!agent.pin_dir.exists(), "pins left behind in {}", agent.pin_dir.display());
+    assert!(
+        !agent.pin_dir.exists(),
+        "pins left behind in {}",
+        agent.pin_dir.display()
+    );
     let links = lab.lb.must(&["ip", "link", "show"]);
-    assert!(!links.contains("xdp"), "XDP still attached after SIGTERM:\n{links}");
+    assert!(
+        !links.contains("xdp"),
+        "XDP still attached after SIGTERM:\n{links}"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -1,1 +1,171 @@
-fn main(){}
+//! `cargo xtask`: the project's two entry points and their helpers.
+//!
+//! - `cargo xtask test`   installs what is missing, then fmt, clippy (host + bpf), every test.
+//! - `cargo xtask run -- --config FILE`  builds and runs `cidlb run --config FILE`.
+//! - `cargo xtask setup`  only the installation step; `cargo xtask build` a release build.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: nightly rust-src, bpf-linker, apt packages, bpffs.
+    Setup,
+    /// Release build of `cidlb` (with the embedded XDP program).
+    Build,
+    /// Build, then run `cidlb run` with the given arguments (as root).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Everything CI checks: setup, rustfmt, clippy (host and bpf), unit, fixture and netns tests.
+    Test {
+        /// Skip rustfmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Passed to `cargo test` as a test name filter.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => {
+            setup::run()?;
+            build_release()
+        }
+        Cmd::Run { args } => {
+            setup::run()?;
+            build_release()?;
+            let mut args = args;
+            if args.first().map(String::as_str) == Some("--") {
+                args.remove(0);
+            }
+            if !args
+                .iter()
+                .any(|a| a == "run" || a == "check" || a == "stats")
+            {
+                args.insert(0, "run".into());
+            }
+            let bin = root().join("target/release/cidlb");
+            let status = Command::new(&bin)
+                .args(&args)
+                .status()
+                .with_context(|| format!("running {}", bin.display()))?;
+            if !status.success() {
+                bail!("cidlb exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test { no_lint, filter } => test(no_lint, filter),
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Runs a command in the workspace root, echoing it; fails with its status.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    cmd.current_dir(root());
+    eprintln!("==> {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("spawning {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed with {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build_release() -> Result<()> {
+    sh(cargo().args(["build", "--release", "-p", "lb-userspace"]))
+}
+
+fn test(no_lint: bool, filter: Option<String>) -> Result<()> {
+    setup::run()?;
+    if !no_lint {
+        sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        // Host crates; AYA_BUILD_SKIP: clippy does not need the eBPF object, the tests build it.
+        sh(cargo()
+            .args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("AYA_BUILD_SKIP", "1"))?;
+        // The eBPF crate, for its own target.
+        sh(Command::new("rustup").args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "lb-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    // Unit tests need nothing; the fixture and netns tests need root and share kernel state,
+    // so they run one at a time.
+    let mut t = cargo();
+    t.args(["test", "--workspace"]);
+    if let Some(f) = &filter {
+        t.arg(f);
+    }
+    t.args(["--", "--test-threads=1"]);
+    sh(&mut t)
+}

@@ -16,7 +16,11 @@ pub struct NetNs {
 
 impl NetNs {
     pub fn new(tag: &str) -> Self {
-        let name = format!("cl{tag}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "cl{tag}{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         run("ip", &["netns", "add", &name]);
         let ns = Self { name };
         ns.ip("link set lo up");
@@ -34,7 +38,10 @@ impl NetNs {
     pub fn exec(&self, cmd: &[&str]) -> Output {
         let mut v = vec!["netns", "exec", self.name.as_str()];
         v.extend_from_slice(cmd);
-        Command::new("ip").args(&v).output().expect("spawn ip netns exec")
+        Command::new("ip")
+            .args(&v)
+            .output()
+            .expect("spawn ip netns exec")
     }
 
     /// Runs a command inside the namespace and panics unless it succeeds.
@@ -59,19 +66,30 @@ impl NetNs {
         let f = File::open(format!("/run/netns/{}", self.name)).expect("open netns");
         // SAFETY: valid fd; CLONE_NEWNET affects only the calling thread.
         let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {}: {}", self.name, std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "setns {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Interfaces inside go with the namespace.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {}: {}",
@@ -89,6 +107,11 @@ pub fn pin_to_cpu(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, Ipv6FragmentHeader, Ipv6Header,
-    SingleVlanHeader, UdpHeader, VlanId,
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options,
+    Ipv6FragmentHeader, Ipv6Header, SingleVlanHeader, UdpHeader, VlanId,
 };
 
 pub type Mac = [u8; 6];
@@ -38,7 +38,15 @@ pub struct Frame {
 }
 
 impl Frame {
-    pub fn udp(src_mac: Mac, dst_mac: Mac, src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Self {
+    pub fn udp(
+        src_mac: Mac,
+        dst_mac: Mac,
+        src: IpAddr,
+        sport: u16,
+        dst: IpAddr,
+        dport: u16,
+        payload: &[u8],
+    ) -> Self {
         Self {
             src_mac,
             dst_mac,
@@ -61,7 +69,11 @@ impl Frame {
 
     pub fn bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        let ip_type = if self.src.is_ipv4() { EtherType::IPV4 } else { EtherType::IPV6 };
+        let ip_type = if self.src.is_ipv4() {
+            EtherType::IPV4
+        } else {
+            EtherType::IPV6
+        };
         let first = self.vlans.first().map_or(ip_type, |v| EtherType(v.0));
         Ethernet2Header {
             source: self.src_mac,
@@ -84,7 +96,14 @@ impl Frame {
         let udp_total = 8 + self.payload.len();
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let mut ip = Ipv4Header::new(udp_total as u16, self.ttl, IpNumber::UDP, s.octets(), d.octets()).unwrap();
+                let mut ip = Ipv4Header::new(
+                    udp_total as u16,
+                    self.ttl,
+                    IpNumber::UDP,
+                    s.octets(),
+                    d.octets(),
+                )
+                .unwrap();
                 ip.identification = 0x1234;
                 ip.options = Ipv4Options::try_from(&self.ipv4_options[..]).unwrap();
                 ip.total_len += self.ipv4_options.len() as u16;
@@ -93,7 +112,9 @@ impl Frame {
                     ip.more_fragments = self.more_fragments;
                     ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).unwrap();
                 }
-                let mut udp = UdpHeader::with_ipv4_checksum(self.sport, self.dport, &ip, &self.payload).unwrap();
+                let mut udp =
+                    UdpHeader::with_ipv4_checksum(self.sport, self.dport, &ip, &self.payload)
+                        .unwrap();
                 if self.zero_udp_checksum {
                     udp.checksum = 0;
                 }
@@ -101,7 +122,11 @@ impl Frame {
                 self.write_udp(&mut out, udp);
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let ext = if self.v6_fragment || self.v6_hop_by_hop { 8 } else { 0 };
+                let ext = if self.v6_fragment || self.v6_hop_by_hop {
+                    8
+                } else {
+                    0
+                };
                 let next = if self.v6_fragment {
                     IpNumber::IPV6_FRAGMENTATION_HEADER
                 } else if self.v6_hop_by_hop {
@@ -118,10 +143,13 @@ impl Frame {
                     source: s.octets(),
                     destination: d.octets(),
                 };
-                let udp = UdpHeader::with_ipv6_checksum(self.sport, self.dport, &ip, &self.payload).unwrap();
+                let udp = UdpHeader::with_ipv6_checksum(self.sport, self.dport, &ip, &self.payload)
+                    .unwrap();
                 ip.write(&mut out).unwrap();
                 if self.v6_fragment {
-                    Ipv6FragmentHeader::new(IpNumber::UDP, IpFragOffset::ZERO, true, 7).write(&mut out).unwrap();
+                    Ipv6FragmentHeader::new(IpNumber::UDP, IpFragOffset::ZERO, true, 7)
+                        .write(&mut out)
+                        .unwrap();
                 } else if self.v6_hop_by_hop {
                     // next header UDP, length 0, PadN of 4 bytes.
                     out.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
@@ -164,14 +192,19 @@ pub fn handshake_record(body: &[u8]) -> Vec<u8> {
 /// IPv4 UDP). Panics naming what is wrong.
 pub fn assert_checksums(frame: &[u8], what: &str) {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-    let p = SlicedPacket::from_ethernet(frame).unwrap_or_else(|e| panic!("{what}: unparsable output: {e}"));
+    let p = SlicedPacket::from_ethernet(frame)
+        .unwrap_or_else(|e| panic!("{what}: unparsable output: {e}"));
     let Some(TransportSlice::Udp(udp)) = p.transport else {
         return;
     };
     match p.net {
         Some(NetSlice::Ipv4(ip)) => {
             let h = ip.header().to_header();
-            assert_eq!(h.header_checksum, h.calc_header_checksum(), "{what}: IPv4 header checksum");
+            assert_eq!(
+                h.header_checksum,
+                h.calc_header_checksum(),
+                "{what}: IPv4 header checksum"
+            );
             let u = udp.to_header();
             if u.checksum != 0 {
                 let want = u.calc_checksum_ipv4(&h, udp.payload()).unwrap();
