@@ -108,6 +108,8 @@ fn mac_str(m: Mac) -> String {
 
 /// One packet through the program.
 struct Step {
+    /// Wait this long before sending (flow idle expiry).
+    pause_ms: u64,
     ingress: &'static str,
     input: Vec<u8>,
     action: u32,
@@ -182,6 +184,7 @@ fn reply(node: &str, sport: u16, client: &str, payload: &[u8]) -> Frame {
 
 fn fwd(ingress: &'static str, input: &Frame, output: &Frame, action: u32) -> Step {
     Step {
+        pause_ms: 0,
         ingress,
         input: input.bytes(),
         action,
@@ -191,6 +194,7 @@ fn fwd(ingress: &'static str, input: &Frame, output: &Frame, action: u32) -> Ste
 
 fn unchanged(ingress: &'static str, input: Vec<u8>, action: u32) -> Step {
     Step {
+        pause_ms: 0,
         ingress,
         input,
         action,
@@ -723,6 +727,7 @@ fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
     provision::provision(&mut dp.ebpf, &cfg, &ifindexes).map_err(|e| fail(e.to_string()))?;
     let prog = dp.program().map_err(|e| fail(e.to_string()))?;
     for (i, s) in c.steps.iter().enumerate() {
+        std::thread::sleep(std::time::Duration::from_millis(s.pause_ms));
         let ifindex = cidlb::datapath::resolve_interfaces(&[s.ingress.to_owned()])
             .map_err(|e| fail(e.to_string()))?[0];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex

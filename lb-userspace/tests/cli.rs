@@ -1,0 +1,84 @@
+//! The `cidlb` binary's operator-facing failures: clear messages and non-zero exits.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn cidlb(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cidlb"))
+        .args(args)
+        .output()
+        .expect("spawn cidlb")
+}
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("cidlb-cli-{}-{name}", std::process::id()));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const GOOD: &str = "interfaces: [cidlbnosuch0]\nvips: [{address: 192.0.2.10, ports: [5684]}]\nnodes: [{id: 1, address: 203.0.113.11}]\npin_dir: /sys/fs/bpf/cidlb-cli-test\n";
+
+#[test]
+fn check_accepts_the_shipped_example() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cidlb.yaml");
+    let o = cidlb(&["check", "--config", example]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok (1 interface(s), 1 VIP(s), 2 node(s))"));
+}
+
+#[test]
+fn check_names_file_key_and_problem() {
+    let p = write("bad.yaml", &GOOD.replace("id: 1", "id: 300"));
+    let o = cidlb(&["check", "--config", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains(p.to_str().unwrap()) && e.contains("nodes[0].id") && e.contains("does not fit"),
+        "{e}"
+    );
+    let o = cidlb(&["check", "--config", "/nonexistent/cidlb.yaml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/nonexistent/cidlb.yaml: cannot read"),
+        "{}",
+        stderr(&o)
+    );
+    let p = write("yaml.yaml", "interfaces: [a\n");
+    let o = cidlb(&["check", "--config", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("line"), "{}", stderr(&o));
+}
+
+#[test]
+fn run_names_a_missing_interface() {
+    common::require_root();
+    let p = write("noif.yaml", GOOD);
+    let o = cidlb(&["run", "--config", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("interfaces[0]: no interface named \"cidlbnosuch0\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn run_without_root_says_so() {
+    common::require_root();
+    let p = write("noroot.yaml", GOOD);
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    // Drop to nobody for this one command.
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_cidlb"))
+        .args(["run", "--config", p.to_str().unwrap()])
+        .output()
+        .expect("spawn setpriv");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("needs root"), "{}", stderr(&o));
+}
