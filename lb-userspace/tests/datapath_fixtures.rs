@@ -13,11 +13,9 @@ use std::net::IpAddr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot};
-use common::{
-    netns::{pin_to_cpu, NetNs},
-    packet::{assert_checksums, cid_record, handshake_record, Frame, Mac},
-};
+use common::packet::{assert_checksums, cid_record, handshake_record, Frame, Mac};
 use lb_common::Counter::{self, *};
+use lb_lab::{pin_to_cpu, NetNs};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -68,16 +66,18 @@ fn lab() -> NetNs {
         ("fxn", "fxnp", FXN_MAC),
         ("fxo", "fxop", FXO_MAC),
     ] {
-        ns.ip(&format!("link add {dev} type veth peer name {peer}"));
-        ns.ip(&format!("link set {dev} address {}", mac_str(mac)));
-        ns.ip(&format!("link set {dev} up"));
-        ns.ip(&format!("link set {peer} up"));
+        ns.ip(&format!("link add {dev} type veth peer name {peer}"))
+            .unwrap();
+        ns.ip(&format!("link set {dev} address {}", mac_str(mac)))
+            .unwrap();
+        ns.ip(&format!("link set {dev} up")).unwrap();
+        ns.ip(&format!("link set {peer} up")).unwrap();
     }
-    ns.ip("addr add 198.51.100.1/24 dev fxc");
-    ns.ip("addr add 2001:db8:c::1/64 dev fxc nodad");
-    ns.ip("addr add 203.0.113.1/24 dev fxn");
-    ns.ip("addr add 2001:db8:1::1/64 dev fxn nodad");
-    ns.ip("addr add 100.64.0.1/24 dev fxo");
+    ns.ip("addr add 198.51.100.1/24 dev fxc").unwrap();
+    ns.ip("addr add 2001:db8:c::1/64 dev fxc nodad").unwrap();
+    ns.ip("addr add 203.0.113.1/24 dev fxn").unwrap();
+    ns.ip("addr add 2001:db8:1::1/64 dev fxn nodad").unwrap();
+    ns.ip("addr add 100.64.0.1/24 dev fxo").unwrap();
     for (addr, mac, dev) in [
         (CLIENT4, CLIENT_MAC, "fxc"),
         (CLIENT6, CLIENT_MAC, "fxc"),
@@ -91,11 +91,12 @@ fn lab() -> NetNs {
         ns.ip(&format!(
             "neigh replace {addr} lladdr {} nud permanent dev {dev}",
             mac_str(mac)
-        ));
+        ))
+        .unwrap();
     }
     // 203.0.113.13 (node 3 in some cases) deliberately has no neighbour entry.
-    ns.sysctl("net.ipv4.ip_forward=1");
-    ns.sysctl("net.ipv6.conf.all.forwarding=1");
+    ns.sysctl("net.ipv4.ip_forward=1").unwrap();
+    ns.sysctl("net.ipv6.conf.all.forwarding=1").unwrap();
     ns
 }
 

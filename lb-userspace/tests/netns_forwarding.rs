@@ -17,69 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{netns::NetNs, packet::cid_record, packet::handshake_record};
+use common::packet::{cid_record, handshake_record};
+use lb_lab::{Lab, NetNs, VIP4, VIP6};
 
-const VIP4: &str = "192.0.2.10";
-const VIP6: &str = "2001:db8:ffff::10";
-const PORT: u16 = 5684;
-
-struct Lab {
-    client: NetNs,
-    lb: NetNs,
-    nodes: Vec<NetNs>,
-}
-
-/// client ─ lbc [balancer] lbn1 ─ node1
-///                          lbn2 ─ node2
-fn lab() -> Lab {
-    let client = NetNs::new("nc");
-    let lb = NetNs::new("nb");
-    let nodes = vec![NetNs::new("n1"), NetNs::new("n2")];
-    // Client side.
-    lb.ip(&format!(
-        "link add lbc type veth peer name c0 netns {}",
-        client.name
-    ));
-    lb.ip("addr add 198.51.100.1/24 dev lbc");
-    lb.ip("addr add 2001:db8:c::1/64 dev lbc nodad");
-    lb.ip("link set lbc up");
-    client.ip("addr add 198.51.100.7/24 dev c0");
-    client.ip("addr add 2001:db8:c::7/64 dev c0 nodad");
-    client.ip("link set c0 up");
-    client.ip("route add default via 198.51.100.1");
-    client.ip("-6 route add default via 2001:db8:c::1");
-    quiet_veth(&client, "c0");
-    // Node sides: node i on 203.0.113.(128*(i-1)) /25 and 2001:db8:i::/64.
-    for (i, n) in nodes.iter().enumerate() {
-        let k = i + 1;
-        let dev = format!("lbn{k}");
-        let base = 128 * i;
-        lb.ip(&format!(
-            "link add {dev} type veth peer name n0 netns {}",
-            n.name
-        ));
-        lb.ip(&format!("addr add 203.0.113.{}/25 dev {dev}", base + 1));
-        lb.ip(&format!("addr add 2001:db8:{k}::1/64 dev {dev} nodad"));
-        lb.ip(&format!("link set {dev} up"));
-        n.ip(&format!("addr add 203.0.113.{}/25 dev n0", base + 11));
-        n.ip(&format!("addr add 2001:db8:{k}::11/64 dev n0 nodad"));
-        n.ip("link set n0 up");
-        // Replies go through the balancer (the seed's topology).
-        n.ip(&format!("route add default via 203.0.113.{}", base + 1));
-        n.ip(&format!("-6 route add default via 2001:db8:{k}::1"));
-        quiet_veth(n, "n0");
-    }
-    lb.sysctl("net.ipv4.ip_forward=1");
-    lb.sysctl("net.ipv6.conf.all.forwarding=1");
-    Lab { client, lb, nodes }
-}
-
-/// veth peers of XDP interfaces: full checksums on send (no offload that leaves a partial
-/// checksum for the XDP program to see), GRO on receive (native-mode XDP_REDIRECT into a veth
-/// needs its peer to have NAPI, which GRO enables).
-fn quiet_veth(ns: &NetNs, dev: &str) {
-    ns.must(&["ethtool", "-K", dev, "tx", "off", "tso", "off", "gro", "on"]);
-}
+const PORT: u16 = lb_lab::PORT;
 
 struct Agent {
     child: Child,
@@ -95,7 +36,7 @@ impl Drop for Agent {
     }
 }
 
-fn start_agent(lb: &NetNs, dir: &std::path::Path) -> Agent {
+fn start_agent(lab: &Lab, dir: &std::path::Path) -> Agent {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/cidlb-test-{}", std::process::id()));
     assert!(
         cidlb::datapath::is_bpffs(std::path::Path::new("/sys/fs/bpf")),
@@ -104,18 +45,13 @@ fn start_agent(lb: &NetNs, dir: &std::path::Path) -> Agent {
     let cfg = dir.join("cidlb.yaml");
     std::fs::write(
         &cfg,
-        format!(
-            "interfaces: [lbc, lbn1, lbn2]\nxdp_mode: native\nvips:\n  - address: {VIP4}\n    ports: [{PORT}]\n  - address: \"{VIP6}\"\n    ports: [{PORT}]\n\
-             nodes:\n  - {{id: 1, address: [203.0.113.11, \"2001:db8:1::11\"]}}\n  - {{id: 2, address: [203.0.113.139, \"2001:db8:2::11\"]}}\n\
-             flows: {{capacity: 4096}}\npin_dir: {}\n",
-            pin_dir.display()
-        ),
+        lab.cidlb_config(&pin_dir.display().to_string(), "flows: {capacity: 4096}\n"),
     )
     .unwrap();
     // nsenter (not `ip netns exec`) keeps the host's /sys, so /sys/fs/bpf is there to pin in.
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lb.name))
-        .arg(env!("CARGO_BIN_EXE_cidlb"))
+    let mut child = lab
+        .balancer
+        .nsenter(env!("CARGO_BIN_EXE_cidlb"))
         .args(["run", "--config"])
         .arg(&cfg)
         .stderr(Stdio::piped())
@@ -145,7 +81,6 @@ fn start_agent(lb: &NetNs, dir: &std::path::Path) -> Agent {
     }
     // veth needs a moment after XDP attach before it forwards.
     thread::sleep(Duration::from_millis(1500));
-    let _ = &lb;
     agent
 }
 
@@ -155,10 +90,10 @@ fn start_echo(nodes: &[NetNs], stop: &Arc<AtomicBool>) -> Vec<thread::JoinHandle
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let path = format!("/run/netns/{}", n.name);
+            let name = n.name.clone();
             let stop = stop.clone();
             thread::spawn(move || {
-                enter(&path);
+                lb_lab::enter(&name);
                 let s = UdpSocket::bind(("::", PORT)).expect("bind echo");
                 s.set_read_timeout(Some(Duration::from_millis(100)))
                     .unwrap();
@@ -176,13 +111,6 @@ fn start_echo(nodes: &[NetNs], stop: &Arc<AtomicBool>) -> Vec<thread::JoinHandle
             })
         })
         .collect()
-}
-
-fn enter(path: &str) {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap();
-    // SAFETY: valid fd; affects only this thread.
-    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
 }
 
 /// Sends `payload` from `sock` to the VIP and returns (node id, reply source) of its echo,
@@ -211,16 +139,16 @@ fn ask(sock: &UdpSocket, vip: SocketAddr, payload: &[u8]) -> Option<(u32, Socket
 #[test]
 fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     common::require_root();
-    let lab = lab();
+    let lab = Lab::up(&lb_lab::unique_prefix("nf"), 2).unwrap_or_else(|e| panic!("{e}"));
     let tmp = std::env::temp_dir().join(format!("cidlb-netns-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let echo = start_echo(&lab.nodes, &stop);
-    let agent = start_agent(&lab.lb, &tmp);
+    let agent = start_agent(&lab, &tmp);
 
-    let client_path = format!("/run/netns/{}", lab.client.name);
+    let client_ns = lab.client.name.clone();
     let results = thread::spawn(move || {
-        enter(&client_path);
+        lb_lab::enter(&client_ns);
         let mut report = Vec::new();
         for (vip, bind) in [
             (format!("{VIP4}:{PORT}"), "0.0.0.0:0"),
@@ -344,7 +272,7 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
         "pins left behind in {}",
         agent.pin_dir.display()
     );
-    let links = lab.lb.must(&["ip", "link", "show"]);
+    let links = lab.balancer.must(&["ip", "link", "show"]).unwrap();
     assert!(
         !links.contains("xdp"),
         "XDP still attached after SIGTERM:\n{links}"

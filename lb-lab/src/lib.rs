@@ -1,0 +1,183 @@
+//! The netns lab: the seed's topology built from network namespaces on one machine.
+//!
+//! ```text
+//!  client ns            balancer ns (cidlb, XDP on lbc + lbnK)          node K ns
+//!  c0 198.51.100.7 ─── lbc 198.51.100.1        lbnK 203.0.113.(16K-15) ─── n0 203.0.113.(16K-5)
+//!     2001:db8:c::7        2001:db8:c::1           2001:db8:K::1               2001:db8:K::11
+//! ```
+//! VIPs 192.0.2.10 and 2001:db8:ffff::10 are routed to the balancer by the client's default
+//! route; nodes route their replies through the balancer (default route), as in the seed.
+//! Everything lives in namespaces this code created; they are deleted when the [`Lab`] drops
+//! (unless kept for `cargo xtask lab up`), and traffic never leaves them.
+
+mod netns;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub use netns::{enter, pin_to_cpu, run, ChildGuard, NetNs};
+
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
+pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+/// The DTLS port the lab balances.
+pub const PORT: u16 = 5684;
+/// Most nodes the address plan holds (one /28 each in 203.0.113.0/24).
+pub const MAX_NODES: usize = 15;
+
+/// Node `k`'s (1-based) IPv4 address.
+pub fn node4(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(203, 0, 113, (16 * (k - 1) + 11) as u8)
+}
+
+/// Node `k`'s (1-based) IPv6 address.
+pub fn node6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, k as u16, 0, 0, 0, 0, 0x11)
+}
+
+/// The balancer's interface facing node `k`.
+pub fn node_iface(k: usize) -> String {
+    format!("lbn{k}")
+}
+
+/// The client, the balancer, and the nodes.
+pub struct Lab {
+    pub client: NetNs,
+    pub balancer: NetNs,
+    pub nodes: Vec<NetNs>,
+}
+
+impl Lab {
+    /// Builds a lab with `nodes` node namespaces; namespace names start with `prefix`
+    /// (`{prefix}c`, `{prefix}b`, `{prefix}n1`...). Unique prefixes keep parallel labs apart.
+    pub fn up(prefix: &str, nodes: usize) -> Result<Self, String> {
+        if nodes == 0 || nodes > MAX_NODES {
+            return Err(format!("a lab holds 1..{MAX_NODES} nodes, not {nodes}"));
+        }
+        let client = NetNs::named(&format!("{prefix}c"))?;
+        let balancer = NetNs::named(&format!("{prefix}b"))?;
+        let mut lab = Lab {
+            client,
+            balancer,
+            nodes: Vec::new(),
+        };
+        for k in 1..=nodes {
+            lab.nodes.push(NetNs::named(&format!("{prefix}n{k}"))?);
+        }
+        lab.wire()?;
+        Ok(lab)
+    }
+
+    fn wire(&self) -> Result<(), String> {
+        let (c, b) = (&self.client, &self.balancer);
+        b.ip(&format!(
+            "link add lbc type veth peer name c0 netns {}",
+            c.name
+        ))?;
+        b.ip("addr add 198.51.100.1/24 dev lbc")?;
+        b.ip("addr add 2001:db8:c::1/64 dev lbc nodad")?;
+        b.ip("link set lbc up")?;
+        c.ip(&format!("addr add {CLIENT4}/24 dev c0"))?;
+        c.ip(&format!("addr add {CLIENT6}/64 dev c0 nodad"))?;
+        c.ip("link set c0 up")?;
+        c.ip("route add default via 198.51.100.1")?;
+        c.ip("-6 route add default via 2001:db8:c::1")?;
+        peer_offloads(c, "c0")?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let k = i + 1;
+            let dev = node_iface(k);
+            let gw4 = Ipv4Addr::new(203, 0, 113, (16 * i + 1) as u8);
+            b.ip(&format!(
+                "link add {dev} type veth peer name n0 netns {}",
+                n.name
+            ))?;
+            b.ip(&format!("addr add {gw4}/28 dev {dev}"))?;
+            b.ip(&format!("addr add 2001:db8:{k:x}::1/64 dev {dev} nodad"))?;
+            b.ip(&format!("link set {dev} up"))?;
+            n.ip(&format!("addr add {}/28 dev n0", node4(k)))?;
+            n.ip(&format!("addr add {}/64 dev n0 nodad", node6(k)))?;
+            n.ip("link set n0 up")?;
+            n.ip(&format!("route add default via {gw4}"))?;
+            n.ip(&format!("-6 route add default via 2001:db8:{k:x}::1"))?;
+            peer_offloads(n, "n0")?;
+        }
+        b.sysctl("net.ipv4.ip_forward=1")?;
+        b.sysctl("net.ipv6.conf.all.forwarding=1")?;
+        Ok(())
+    }
+
+    /// The balancer's interfaces, client side first.
+    pub fn interfaces(&self) -> Vec<String> {
+        let mut v = vec!["lbc".to_owned()];
+        v.extend((1..=self.nodes.len()).map(node_iface));
+        v
+    }
+
+    /// A cidlb config for this lab: both VIPs on [`PORT`], node `k` with id `k`, dual stack.
+    /// `extra` is appended verbatim (e.g. `"dtls: {unknown_node: flow}\n"`).
+    pub fn cidlb_config(&self, pin_dir: &str, extra: &str) -> String {
+        let mut s = format!(
+            "# cidlb config for the netns lab\ninterfaces: [{}]\nxdp_mode: native\nvips:\n  - address: {VIP4}\n    ports: [{PORT}]\n  - address: \"{VIP6}\"\n    ports: [{PORT}]\nnodes:\n",
+            self.interfaces().join(", ")
+        );
+        for k in 1..=self.nodes.len() {
+            s.push_str(&format!(
+                "  - {{id: {k}, address: [{}, \"{}\"]}}\n",
+                node4(k),
+                node6(k)
+            ));
+        }
+        s.push_str(&format!("pin_dir: {pin_dir}\n"));
+        s.push_str(extra);
+        s
+    }
+
+    /// Keeps the namespaces after this value drops (`cargo xtask lab up`).
+    pub fn keep(mut self) {
+        self.client.keep();
+        self.balancer.keep();
+        for n in &mut self.nodes {
+            n.keep();
+        }
+    }
+
+    /// Deletes every namespace whose name starts with `prefix` (`cargo xtask lab down`).
+    pub fn down(prefix: &str) -> usize {
+        let list = run("ip", &["netns", "list"]).unwrap_or_default();
+        let mut n = 0;
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.starts_with(prefix) && run("ip", &["netns", "del", name]).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// A veth peer facing an XDP interface: full checksums on send (no offload that leaves a
+/// partial checksum for the XDP program to rewrite), GRO on receive (native XDP_REDIRECT into
+/// a veth needs NAPI on its peer, which GRO enables).
+fn peer_offloads(ns: &NetNs, dev: &str) -> Result<(), String> {
+    ns.must(&["ethtool", "-K", dev, "tx", "off", "tso", "off", "gro", "on"])
+        .map(|_| ())
+}
+
+/// Fails loudly without root: CI runs as root, so a skipped datapath test would hide a broken
+/// datapath.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run `cargo xtask test` as root");
+    }
+}
+
+/// A namespace-name prefix unique to this process and call: `cl{tag}{pid}x{seq}`.
+pub fn unique_prefix(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "cl{tag}{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
