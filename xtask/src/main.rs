@@ -4,6 +4,7 @@
 //! - `cargo xtask run -- --config FILE`  builds and runs `cidlb run --config FILE`.
 //! - `cargo xtask setup`  only the installation step; `cargo xtask build` a release build.
 
+mod lab;
 mod setup;
 
 use std::{
@@ -32,6 +33,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The netns lab (client, balancer, nodes) for hands-on use: `lab up [--nodes N]`, `lab down`.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
     /// Everything CI checks: setup, rustfmt, clippy (host and bpf), unit, fixture and netns tests.
     Test {
         /// Skip rustfmt and clippy.
@@ -40,6 +46,17 @@ enum Cmd {
         /// Passed to `cargo test` as a test name filter.
         filter: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build the lab and leave it up.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+    },
+    /// Remove the lab.
+    Down,
 }
 
 fn main() -> std::process::ExitCode {
@@ -83,6 +100,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Test { no_lint, filter } => test(no_lint, filter),
+        Cmd::Lab { cmd } => {
+            setup::run()?;
+            match cmd {
+                LabCmd::Up { nodes } => lab::up(nodes),
+                LabCmd::Down => lab::down(),
+            }
+        }
     }
 }
 
