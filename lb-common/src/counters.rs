@@ -76,6 +76,10 @@ counters! {
     DropNoNode = "drop_no_node",
     /// Reply from a node: source rewritten to the VIP (stateless reverse NAT).
     ReplyUnnat = "reply_unnat",
+    /// From a node's serving port to this host itself (health probe answers): passed unchanged.
+    PassLocalReply = "pass_local_reply",
+    /// Shadow mode: routed and counted, then passed to the kernel unchanged.
+    ShadowPass = "shadow_pass",
     /// TTL / hop limit would expire: passed rewritten to the kernel, which answers with ICMP.
     FwdKernelTtl = "fwd_kernel_ttl",
     /// Forwarded out of the interface it came in on (XDP_TX).

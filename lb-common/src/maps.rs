@@ -67,6 +67,9 @@ pub struct DpConfig {
     pub unknown_node_flow: u32,
     /// Flow idle timeout in nanoseconds.
     pub idle_timeout_ns: u64,
+    /// 1: shadow mode: decide and count, but pass every packet to the kernel unchanged.
+    pub shadow: u32,
+    pub _pad: u32,
 }
 
 impl DpConfig {
@@ -77,6 +80,8 @@ impl DpConfig {
         node_id_len: 1,
         unknown_node_flow: 0,
         idle_timeout_ns: 30_000_000_000,
+        shadow: 0,
+        _pad: 0,
     };
 }
 
@@ -177,7 +182,7 @@ pub struct Reverse {
 }
 
 const _: () = {
-    assert!(size_of::<DpConfig>() == 24);
+    assert!(size_of::<DpConfig>() == 32);
     assert!(size_of::<Node>() == 32);
     assert!(size_of::<NodeStats>() == 32);
     assert!(size_of::<FlowKey>() == 40);

@@ -1,12 +1,13 @@
-//! Forwarding a rewritten packet: FIB lookup for the next hop, TTL, MACs, then XDP_TX (same
-//! interface), a DEVMAP redirect (another attached interface) or a pass to the kernel.
+//! Forwarding: the FIB lookup for a planned rewrite (before anything is written), then TTL,
+//! MACs, and XDP_TX (same interface), a DEVMAP redirect (another attached interface) or a pass
+//! to the kernel.
 
 use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::bpf_fib_lookup,
     programs::XdpContext,
@@ -20,7 +21,7 @@ use network_types::{
 
 use crate::{
     maps,
-    nat::Rewritten,
+    nat::Addressing,
     parse::{ptr_at, Packet},
     stats::count,
 };
@@ -29,20 +30,31 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_UDP: u8 = 17;
 
-#[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewritten) -> Result<u32, Counter> {
-    // The kernel owns the mapping from VLAN devices to tags; let it route tagged frames
-    // (the rewrite is already done, so it forwards them to the node or the client).
-    if pkt.vlans != 0 {
-        return Err(Counter::FwdKernelVlan);
-    }
-    let ingress = ctx.ingress_ifindex() as u32;
+/// The next hop for a packet's (planned) addressing.
+pub struct NextHop {
+    fib: FibParams,
+    rc: u32,
+    ingress: u32,
+    ttl: u8,
+}
 
+impl NextHop {
+    /// The destination is this host: nothing to forward.
+    #[inline(always)]
+    pub fn is_local(&self) -> bool {
+        self.rc == BPF_FIB_LKUP_RET_NOT_FWDED
+    }
+}
+
+/// FIB lookup for the packet as it will be after its rewrite, before anything is written.
+#[inline(always)]
+pub fn lookup(ctx: &XdpContext, pkt: &Packet, to: &Addressing) -> Result<NextHop, Counter> {
+    let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: plain-old-data struct of integers; all-zero is a valid starting value.
     let mut fib: FibParams = unsafe { zeroed() };
     fib.l4_protocol = IPPROTO_UDP;
-    fib.sport = rw.sport;
-    fib.dport = rw.dport;
+    fib.sport = to.sport;
+    fib.dport = to.dport;
     fib.ifindex = ingress;
     let ttl = if pkt.family == FAMILY_V4 {
         let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
@@ -51,8 +63,8 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewritten) -> Result<u32, Co
             fib.family = AF_INET;
             fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
             fib.__bindgen_anon_2.tos = (*ip).tos;
-            fib.__bindgen_anon_3.ipv4_src = rw.src[0];
-            fib.__bindgen_anon_4.ipv4_dst = rw.dst[0];
+            fib.__bindgen_anon_3.ipv4_src = to.src[0];
+            fib.__bindgen_anon_4.ipv4_dst = to.dst[0];
             (*ip).ttl
         }
     } else {
@@ -63,38 +75,63 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewritten) -> Result<u32, Co
             fib.__bindgen_anon_1.tot_len =
                 u16::from_be_bytes((*ip).payload_len) + Ipv6Hdr::LEN as u16;
             fib.__bindgen_anon_2.flowinfo = u32::from_ne_bytes((*ip).vcf) & 0x0fff_ffff_u32.to_be();
-            fib.__bindgen_anon_3.ipv6_src = rw.src;
-            fib.__bindgen_anon_4.ipv6_dst = rw.dst;
+            fib.__bindgen_anon_3.ipv6_src = to.src;
+            fib.__bindgen_anon_4.ipv6_dst = to.dst;
             (*ip).hop_limit
         }
     };
-
+    // VLAN-tagged frames go to the kernel anyway (see `send`): skip the lookup.
+    if pkt.vlans != 0 {
+        return Ok(NextHop {
+            fib,
+            rc: u32::MAX,
+            ingress,
+            ttl,
+        });
+    }
     // SAFETY: the helper reads and writes only the params struct of the size given.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) };
-    match rc as u32 {
+    let rc =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) } as u32;
+    Ok(NextHop {
+        fib,
+        rc,
+        ingress,
+        ttl,
+    })
+}
+
+/// Sends an already rewritten packet to its next hop, or hands it to the kernel (counted).
+#[inline(always)]
+pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Result<u32, Counter> {
+    // The kernel owns the mapping from VLAN devices to tags; let it route tagged frames
+    // (the rewrite is done, so it forwards them to the node or the client).
+    if pkt.vlans != 0 {
+        return Err(Counter::FwdKernelVlan);
+    }
+    match hop.rc {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         // The kernel resolves the neighbour (ARP/ND) and forwards this packet itself.
         BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::FwdKernelNoNeigh),
         // Blackhole, unreachable, forwarding disabled, ...: the kernel decides (and signals).
         _ => return Err(Counter::FwdKernelFib),
     }
-    let egress = fib.ifindex;
-    if egress != ingress && maps::DEVMAP.get_ifindex(egress).is_none() {
+    let egress = hop.fib.ifindex;
+    if egress != hop.ingress && maps::DEVMAP.get_ifindex(egress).is_none() {
         return Err(Counter::FwdKernelIface);
     }
     // Like any router: a packet that would expire goes to the kernel for its ICMP error.
-    if ttl <= 1 {
+    if hop.ttl <= 1 {
         return Err(Counter::FwdKernelTtl);
     }
     decrement_ttl(ctx, pkt)?;
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassTruncated)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        (*eth).dst_addr = fib.dmac;
-        (*eth).src_addr = fib.smac;
+        (*eth).dst_addr = hop.fib.dmac;
+        (*eth).src_addr = hop.fib.smac;
     }
 
-    if egress == ingress {
+    if egress == hop.ingress {
         count(Counter::FwdTx);
         return Ok(xdp_action::XDP_TX);
     }

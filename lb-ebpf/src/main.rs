@@ -23,7 +23,12 @@ mod vip;
 use aya_ebpf::{macros::xdp, programs::XdpContext, Global};
 use lb_common::{Counter, DpConfig};
 
-use crate::{parse::L4, stats::count};
+use crate::{
+    forward::NextHop,
+    nat::Rewrite,
+    parse::{Packet, Udp, L4},
+    stats::count,
+};
 
 /// Load-time constants, set by the agent with `EbpfLoader::override_global("CONFIG", ..)`.
 /// It lives in .rodata, which the kernel freezes, so the verifier reads these as constants
@@ -51,10 +56,10 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
     let L4::Udp(udp) = pkt.l4 else {
         return Err(Counter::PassNotUdp);
     };
+    let cfg = CONFIG.load();
 
     if vip::is_vip_port(&pkt, udp.dport) {
         udp.check_length(ctx)?;
-        let cfg = CONFIG.load();
         let node = match dtls::classify(ctx, &udp, &cfg)? {
             dtls::Route::Node(id) => match maps::node(id) {
                 Some(node) => {
@@ -69,19 +74,42 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
             },
             dtls::Route::Flow => flow::route(&pkt, &udp, &cfg)?,
         };
-        let rw = nat::to_node(ctx, &pkt, &udp, &node)?;
+        let rw = Rewrite::to_node(&pkt, &udp, &node)?;
+        let hop = forward::lookup(ctx, &pkt, &rw.addressing(&pkt, &udp))?;
         stats::to_node(ctx, node.slot);
-        return forward::forward(ctx, &pkt, &rw);
+        return finish(ctx, &pkt, &udp, &rw, &hop, &cfg);
     }
 
     if let Some(rev) = vip::reverse(&pkt, udp.sport) {
-        let rw = nat::to_client(ctx, &pkt, &udp, &rev)?;
+        let rw = Rewrite::to_client(&rev);
+        let hop = forward::lookup(ctx, &pkt, &rw.addressing(&pkt, &udp))?;
+        // Addressed to this host (the agent's health probes): not a reply to a client.
+        if hop.is_local() {
+            return Err(Counter::PassLocalReply);
+        }
         count(Counter::ReplyUnnat);
         stats::from_node(ctx, rev.node_slot);
-        return forward::forward(ctx, &pkt, &rw);
+        return finish(ctx, &pkt, &udp, &rw, &hop, &cfg);
     }
 
     Err(Counter::PassNotVip)
+}
+
+/// Rewrites and sends, unless in shadow mode, where the decision is only counted.
+#[inline(always)]
+fn finish(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    udp: &Udp,
+    rw: &Rewrite,
+    hop: &NextHop,
+    cfg: &DpConfig,
+) -> Result<u32, Counter> {
+    if cfg.shadow != 0 {
+        return Err(Counter::ShadowPass);
+    }
+    rw.apply(ctx, pkt, udp)?;
+    forward::send(ctx, pkt, hop)
 }
 
 #[cfg(not(test))]

@@ -279,6 +279,9 @@ pub struct Config {
     pub nodes: Vec<Node>,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
+    /// Shadow mode (`cidlb run --shadow`, not a config key): decide and count, pass everything.
+    #[serde(skip)]
+    pub shadow: bool,
 }
 
 /// One stateless reverse-NAT entry: replies from `node_addr:node_port` come from `vip:vip_port`.
@@ -324,6 +327,8 @@ impl Config {
             node_id_len: self.dtls.node_id_length,
             unknown_node_flow: u32::from(self.dtls.unknown_node == UnknownNode::Flow),
             idle_timeout_ns: u64::try_from(self.flows.idle_timeout.as_nanos()).unwrap_or(u64::MAX),
+            shadow: u32::from(self.shadow),
+            _pad: 0,
         }
     }
 

@@ -126,6 +126,8 @@ struct Case {
     counters: Vec<(Counter, u64)>,
     /// Exact per-node to_node_packets, by node id (nodes not listed: 0).
     to_nodes: Vec<(u32, u64)>,
+    /// Load in shadow mode (`cidlb run --shadow`).
+    shadow: bool,
 }
 
 fn case(name: impl Into<String>, steps: Vec<Step>, counters: &[(Counter, u64)]) -> Case {
@@ -135,6 +137,7 @@ fn case(name: impl Into<String>, steps: Vec<Step>, counters: &[(Counter, u64)]) 
         steps,
         counters: counters.to_vec(),
         to_nodes: Vec::new(),
+        shadow: false,
     }
 }
 
@@ -146,6 +149,10 @@ impl Case {
             self.name
         );
         self.config = self.config.replacen(from, to, 1);
+        self
+    }
+    fn shadow(mut self) -> Self {
+        self.shadow = true;
         self
     }
     fn nodes(mut self, n: &[(u32, u64)]) -> Self {
@@ -680,6 +687,37 @@ fn cases() -> Vec<Case> {
         .config("nodes:\n", "nodes:\n  - {id: 3, address: 203.0.113.13}\n"),
     );
 
+    // --- Shadow mode: decide and count, change nothing ---
+    let p = client(VIP4, 5684, &cid(2));
+    let h = client(VIP4, 5684, &hello);
+    let r = reply(NODE1_4, 5684, CLIENT4, b"reply record");
+    v.push(
+        case(
+            "shadow mode: counted, passed unchanged",
+            vec![
+                unchanged("fxc", p.bytes(), XDP_PASS),
+                unchanged("fxc", h.bytes(), XDP_PASS),
+                unchanged("fxn", r.bytes(), XDP_PASS),
+            ],
+            &[
+                (CidRouted, 1),
+                (FlowNew, 1),
+                (ReplyUnnat, 1),
+                (ShadowPass, 3),
+            ],
+        )
+        .shadow()
+        .nodes(&[(1, 1), (2, 1)]),
+    );
+
+    // A node answering the balancer itself (a health probe): not a client reply.
+    let r = reply(NODE1_4, 5684, "203.0.113.1", b"HelloVerifyRequest");
+    v.push(case(
+        "node reply to the balancer's own address: passed unchanged",
+        vec![unchanged("fxn", r.bytes(), XDP_PASS)],
+        &[(PassLocalReply, 1)],
+    ));
+
     // --- Malformed ---
     let mut p = client(VIP4, 5684, &cid(1));
     p.udp_len_override = Some(200);
@@ -720,8 +758,9 @@ struct Failure(String);
 fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
     let _ = ns;
     let fail = |m: String| Failure(format!("{}: {m}", c.name));
-    let cfg = Config::parse(&c.config, std::path::Path::new("fixture.yaml"))
+    let mut cfg = Config::parse(&c.config, std::path::Path::new("fixture.yaml"))
         .map_err(|e| fail(e.to_string()))?;
+    cfg.shadow = c.shadow;
     let ifindexes =
         cidlb::datapath::resolve_interfaces(&cfg.interfaces).map_err(|e| fail(e.to_string()))?;
     let mut dp = Datapath::load(&cfg).map_err(|e| fail(e.to_string()))?;
