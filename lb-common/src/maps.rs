@@ -145,7 +145,7 @@ pub struct Flow {
 
 /// `VIPS` key: a VIP address.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     pub addr: [u32; 4],
     pub family: u8,

@@ -231,6 +231,19 @@ impl Default for Flows {
     }
 }
 
+/// What a node takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// New flows, existing flows and CID records.
+    #[default]
+    Active,
+    /// No new flows; existing flows and CID records continue.
+    Draining,
+    /// Nothing new; its CID records follow `dtls.unknown_node`, its flows move on.
+    Disabled,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
@@ -240,6 +253,68 @@ pub struct Node {
     /// Destination port on the node; `None` keeps the VIP port the client used.
     #[serde(default)]
     pub port: Option<u16>,
+    #[serde(default)]
+    pub state: NodeState,
+    /// Share of new flows relative to other nodes (1..=100).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Probe {
+    /// A DTLS 1.2 ClientHello; a HelloVerifyRequest or ServerHello means alive.
+    Dtls,
+    /// A UDP datagram; alive unless ICMP says port or host unreachable.
+    Udp,
+    /// No health checks: every node is up.
+    #[default]
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    pub probe: Probe,
+    #[serde(deserialize_with = "de_interval")]
+    pub interval: Duration,
+    #[serde(deserialize_with = "de_timeout")]
+    pub timeout: Duration,
+    /// Failed probes in a row that mark a node down.
+    pub fall: u32,
+    /// Good probes in a row that mark a down node up again.
+    pub rise: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            probe: Probe::None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            fall: 3,
+            rise: 2,
+        }
+    }
+}
+
+fn de_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_field(d, "interval")
+}
+
+fn de_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_field(d, "timeout")
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Stats {
+    /// Address to serve Prometheus `/metrics` on, e.g. `127.0.0.1:9105`.
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 impl Node {
@@ -277,6 +352,10 @@ pub struct Config {
     #[serde(default)]
     pub flows: Flows,
     pub nodes: Vec<Node>,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub stats: Stats,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     /// Shadow mode (`cidlb run --shadow`, not a config key): decide and count, pass everything.
@@ -317,6 +396,18 @@ impl Config {
                 problem,
             })?;
         Ok(cfg)
+    }
+
+    /// The UDP port health probes go to on `node`: its own port, else the first VIP port of
+    /// the node's family.
+    pub fn probe_port(&self, node: &Node) -> u16 {
+        node.port.unwrap_or_else(|| {
+            self.vips
+                .iter()
+                .find(|v| node.address_for(v.address).is_some())
+                .and_then(|v| v.ports.first())
+                .map_or(0, |p| p.lo)
+        })
     }
 
     /// The datapath's load-time constants.
@@ -513,6 +604,12 @@ impl Config {
                     );
                 }
             }
+            if !(1..=100).contains(&n.weight) {
+                return err(
+                    &format!("nodes[{i}].weight"),
+                    format!("{} is outside 1..100", n.weight),
+                );
+            }
             if n.port == Some(0) {
                 return err(
                     &format!("nodes[{i}].port"),
@@ -536,6 +633,48 @@ impl Config {
                     format!("no node has an {fam} address to serve {}", vip.address),
                 );
             }
+        }
+        for fam in [true, false] {
+            let total: u32 = self
+                .nodes
+                .iter()
+                .filter(|n| {
+                    if fam {
+                        n.v4().is_some()
+                    } else {
+                        n.v6().is_some()
+                    }
+                })
+                .map(|n| n.weight)
+                .sum();
+            if total > MAX_NODES {
+                return err(
+                    "nodes",
+                    format!(
+                        "weights of the {} nodes add up to {total}, more than {MAX_NODES}",
+                        if fam { "IPv4" } else { "IPv6" }
+                    ),
+                );
+            }
+        }
+        let h = &self.health;
+        if h.interval.is_zero() || h.timeout.is_zero() {
+            return err(
+                "health",
+                "interval and timeout must be longer than 0".into(),
+            );
+        }
+        if h.timeout > h.interval {
+            return err(
+                "health.timeout",
+                format!(
+                    "{:?} is longer than the interval {:?}",
+                    h.timeout, h.interval
+                ),
+            );
+        }
+        if h.fall == 0 || h.rise == 0 {
+            return err("health", "fall and rise must be at least 1".into());
         }
         let (reverse, _) = self.reverse_entries();
         if reverse.len() > MAX_REVERSE as usize {

@@ -1,9 +1,14 @@
-//! cidlb, the agent: config, loading and attaching the XDP datapath, filling its maps, stats.
+//! cidlb, the agent: config, loading and attaching the XDP datapath, filling its maps, reload,
+//! health checks, stats and metrics.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library; the integration tests drive the
 //! same code against the real kernel.
 
+pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod explain;
+pub mod health;
+pub mod metrics;
 pub mod provision;
 pub mod stats;

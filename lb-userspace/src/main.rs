@@ -1,16 +1,15 @@
 //! `cidlb`: the agent's command line.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
 use cidlb::{
+    agent::{self, RunOptions},
     config::Config,
-    datapath::{self, Datapath},
-    provision,
+    datapath, explain,
     stats::Snapshot,
 };
 use clap::{Parser, Subcommand};
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 #[derive(Parser)]
 #[command(
@@ -33,25 +32,58 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Load the datapath, attach it to the configured interfaces and run until SIGINT/SIGTERM.
+    /// Bring the datapath up (adopting a pinned one) and manage it until SIGINT/SIGTERM.
+    /// SIGHUP or a change to the file reloads the config. On exit the datapath keeps
+    /// forwarding unless --detach-on-exit.
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Decide and count, but pass every packet to the kernel unchanged.
+        #[arg(long)]
+        shadow: bool,
+        /// On SIGINT/SIGTERM remove the datapath instead of leaving it forwarding.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove a pinned datapath: detach from every interface, unpin program and maps.
+    Detach {
+        /// The config's pin_dir.
+        #[arg(long, default_value = cidlb::config::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Print the counters of a running datapath from its pinned maps.
     Stats {
-        /// Where `cidlb run` pinned its maps (the config's pin_dir).
+        /// Where the datapath is pinned (the config's pin_dir).
         #[arg(long, default_value = cidlb::config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Print one JSON object.
+        /// Print one JSON object per sample.
         #[arg(long)]
         json: bool,
         /// Show all counters, also those at zero.
         #[arg(long)]
         all: bool,
-        /// Repeat every SECS seconds.
+        /// Repeat every SECS seconds, with per-second rates.
         #[arg(long, value_name = "SECS")]
         watch: Option<u64>,
+    },
+    /// Run one packet through the datapath program (BPF_PROG_TEST_RUN) and show the decision.
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A whole Ethernet frame in hex.
+        #[arg(long, conflicts_with_all = ["src", "dst"])]
+        hex: Option<String>,
+        /// Source address:port (with --dst: builds an Ethernet/IP/UDP frame).
+        #[arg(long, requires = "dst")]
+        src: Option<SocketAddr>,
+        #[arg(long, requires = "src")]
+        dst: Option<SocketAddr>,
+        /// UDP payload in hex (e.g. a DTLS record header: 19fefd0001000000000001 01a1a2a3a4a5 0000).
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// The interface the packet arrives on (default: the first configured one).
+        #[arg(long)]
+        ingress: Option<String>,
     },
 }
 
@@ -60,13 +92,32 @@ fn main() -> ExitCode {
     init_logging(cli.log_json);
     let result = match cli.cmd {
         Cmd::Check { config } => check(&config),
-        Cmd::Run { config } => run(&config),
+        Cmd::Run {
+            config,
+            shadow,
+            detach_on_exit,
+        } => agent::run(
+            &config,
+            RunOptions {
+                shadow,
+                detach_on_exit,
+            },
+        ),
+        Cmd::Detach { pin_dir } => detach(&pin_dir),
         Cmd::Stats {
             pin_dir,
             json,
             all,
             watch,
         } => stats(&pin_dir, json, all, watch),
+        Cmd::Explain {
+            config,
+            hex,
+            src,
+            dst,
+            payload,
+            ingress,
+        } => explain_cmd(&config, hex, src, dst, &payload, ingress),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,9 +130,9 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(json: bool) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -93,16 +144,11 @@ fn init_logging(json: bool) {
     }
 }
 
-fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     for w in cfg.reverse_entries().1 {
         warn!("{}: {w}", path.display());
     }
-    Ok(cfg)
-}
-
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
-    let cfg = load_config(path)?;
     println!(
         "{}: ok ({} interface(s), {} VIP(s), {} node(s))",
         path.display(),
@@ -113,60 +159,16 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(path: &std::path::Path) -> anyhow::Result<()> {
-    let cfg = load_config(path)?;
-    datapath::require_root("cidlb run")?;
-    let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
-    let mut dp = Datapath::load(&cfg)?;
-    info!(
-        cid_length = cfg.dtls.cid_length,
-        node_id_offset = cfg.dtls.node_id_offset,
-        node_id_length = cfg.dtls.node_id_length,
-        flow_capacity = cfg.flows.capacity,
-        "XDP program verified and loaded"
+fn detach(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    datapath::require_root("cidlb detach")?;
+    if !datapath::is_pinned(pin_dir) && !pin_dir.join(datapath::LINKS_DIR).exists() {
+        anyhow::bail!("no cidlb datapath is pinned under {}", pin_dir.display());
+    }
+    let n = datapath::detach(pin_dir);
+    println!(
+        "detached from {n} interface(s); removed {}",
+        pin_dir.display()
     );
-    provision::provision(&mut dp.ebpf, &cfg, &ifindexes)?;
-    for n in &cfg.nodes {
-        info!(node = n.id, addresses = ?n.addresses, port = ?n.port, "node");
-    }
-    for v in &cfg.vips {
-        let ports: Vec<String> = v.ports.iter().map(ToString::to_string).collect();
-        info!(vip = %v.address, ports = %ports.join(","), "VIP");
-    }
-    dp.pin_maps(&cfg.pin_dir)?;
-    info!(pin_dir = %cfg.pin_dir.display(), "maps pinned (bpftool map dump pinned {}/STATS)", cfg.pin_dir.display());
-    let attached = dp.attach(&cfg);
-    if let Err(e) = attached {
-        datapath::unpin_maps(&cfg.pin_dir);
-        return Err(e.into());
-    }
-    info!("cidlb running; SIGINT or SIGTERM to stop");
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM"),
-            _ = int.recv() => info!("SIGINT"),
-        }
-        anyhow::Ok(())
-    })?;
-    if let Ok(s) = Snapshot::from_ebpf(&dp.ebpf) {
-        info!(
-            packets = s.get(lb_common::Counter::PacketsSeen),
-            cid_routed = s.get(lb_common::Counter::CidRouted),
-            flows_new = s.get(lb_common::Counter::FlowNew),
-            "final counters"
-        );
-    }
-    drop(dp); // detaches from every interface
-    datapath::unpin_maps(&cfg.pin_dir);
-    info!("detached; bye");
     Ok(())
 }
 
@@ -176,21 +178,44 @@ fn stats(
     all: bool,
     watch: Option<u64>,
 ) -> anyhow::Result<()> {
+    let mut prev: Option<(Snapshot, std::time::Instant)> = None;
     loop {
         let snap = Snapshot::from_pins(pin_dir)?;
+        let now = std::time::Instant::now();
         if json {
             println!("{}", snap.render_json());
         } else {
-            print!("{}", snap.render_text(all));
+            let rates = prev
+                .as_ref()
+                .map(|(p, t)| (p, now.duration_since(*t).as_secs_f64()));
+            print!("{}", snap.render_text(all, rates));
         }
-        match watch {
-            Some(secs) => {
-                std::thread::sleep(Duration::from_secs(secs.max(1)));
-                if !json {
-                    println!();
-                }
-            }
-            None => return Ok(()),
+        let Some(secs) = watch else {
+            return Ok(());
+        };
+        prev = Some((snap, now));
+        std::thread::sleep(Duration::from_secs(secs.max(1)));
+        if !json {
+            println!();
         }
     }
+}
+
+fn explain_cmd(
+    path: &std::path::Path,
+    hex: Option<String>,
+    src: Option<SocketAddr>,
+    dst: Option<SocketAddr>,
+    payload: &str,
+    ingress: Option<String>,
+) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let frame = match (hex, src, dst) {
+        (Some(h), _, _) => explain::parse_hex(&h)?,
+        (None, Some(s), Some(d)) => explain::frame(s, d, &explain::parse_hex(payload)?)?,
+        _ => anyhow::bail!("give a frame with --hex, or --src and --dst (and --payload)"),
+    };
+    let ingress = ingress.unwrap_or_else(|| cfg.interfaces[0].clone());
+    print!("{}", explain::explain(&cfg, &frame, &ingress)?);
+    Ok(())
 }

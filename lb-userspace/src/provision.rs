@@ -1,18 +1,31 @@
-//! Filling the datapath's maps from a validated config: the real code path used by `cidlb run`
-//! and by the BPF_PROG_TEST_RUN fixtures alike.
+//! Filling the datapath's maps from a validated config: the one code path used by `cidlb run`
+//! (at start, on reload, on health changes) and by the BPF_PROG_TEST_RUN fixtures.
+//!
+//! Maps are updated in place, in an order that keeps every intermediate state valid for a
+//! packet running concurrently: new node entries before rings that name them, rings before
+//! stale nodes go, bitmaps before the VIP entries that point at them. Node slots (per-node
+//! counters) and VIP bitmap indices stay with their node id / address across updates.
 
-use std::{collections::HashSet, hash::Hash, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
+    hash::Hash,
+    net::IpAddr,
+};
 
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, MapError},
+    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
     Ebpf, Pod,
 };
 use lb_common::{
-    family_index, names, Node, Reverse, ReverseKey, Vip, VipKey, FAMILY_V4, FAMILY_V6, MAX_NODES,
-    NODE_F_V4, NODE_F_V6, PORT_WORDS,
+    family_index, names, Node, NodeStats, Reverse, ReverseKey, Vip, VipKey, FAMILY_V4, FAMILY_V6,
+    MAX_NODES, MAX_VIPS, NODE_F_V4, NODE_F_V6, PORT_WORDS,
 };
 
-use crate::{config::Config, datapath::DatapathError};
+use crate::{
+    config::{Config, NodeState},
+    datapath::DatapathError,
+};
 
 /// An address as the datapath stores it: wire bytes in u32 words, and its family tag.
 pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
@@ -38,114 +51,247 @@ fn merr(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     }
 }
 
-/// Writes every map from `cfg`; `ifindexes` are the attached interfaces (redirect targets).
-/// Entries not in the config are removed, so this also applies a changed config in place.
-pub fn provision(ebpf: &mut Ebpf, cfg: &Config, ifindexes: &[u32]) -> Result<(), DatapathError> {
-    // Nodes: slot = position in the config.
+/// Node ids in round-robin order for new flows: smooth weighted round robin (each node appears
+/// `weight` times, spread out), over the nodes that take new flows.
+pub fn weighted_ring(nodes: &[(u32, u32)]) -> Vec<u32> {
+    let total: i64 = nodes.iter().map(|(_, w)| i64::from(*w)).sum();
+    let mut current: Vec<i64> = vec![0; nodes.len()];
+    let mut ring = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        for (c, (_, w)) in current.iter_mut().zip(nodes) {
+            *c += i64::from(*w);
+        }
+        let best = (0..nodes.len())
+            .max_by_key(|&i| (current[i], std::cmp::Reverse(i)))
+            .expect("non-empty");
+        current[best] -= total;
+        ring.push(nodes[best].0);
+    }
+    ring
+}
+
+/// Writes every map from `cfg`. `ifindexes`: the attached interfaces (redirect targets).
+/// `up(id)`: the node's health (always true without health checks). Entries not in the config
+/// are removed, so this also applies a changed config in place.
+pub fn provision(
+    ebpf: &mut Ebpf,
+    cfg: &Config,
+    ifindexes: &[u32],
+    up: &dyn Fn(u32) -> bool,
+) -> Result<(), DatapathError> {
+    // Nodes in NODES: all but disabled ones (a disabled node's CIDs follow unknown_node).
+    let present: Vec<&crate::config::Node> = cfg
+        .nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Disabled)
+        .collect();
+    let old_slots: BTreeMap<u32, u32> = {
+        let m: HashMap<_, u32, Node> =
+            HashMap::try_from(map(ebpf, names::NODES)?).map_err(merr(names::NODES))?;
+        m.iter()
+            .filter_map(Result::ok)
+            .map(|(id, n)| (id, n.slot))
+            .collect()
+    };
+    let slots = stable_indices(present.iter().map(|n| n.id), &old_slots, MAX_NODES);
+    let new_slots: Vec<u32> = present
+        .iter()
+        .filter(|n| !old_slots.contains_key(&n.id))
+        .map(|n| slots[&n.id])
+        .collect();
+    if !new_slots.is_empty() {
+        // A slot handed to a new node starts from zero, not from its previous owner's traffic.
+        let mut stats: PerCpuArray<_, NodeStats> =
+            PerCpuArray::try_from(map(ebpf, names::NODE_STATS)?)
+                .map_err(merr(names::NODE_STATS))?;
+        let cpus = nr_cpus().map_err(|(_, e)| DatapathError::Map {
+            name: names::NODE_STATS,
+            message: e.to_string(),
+        })?;
+        for slot in new_slots {
+            let zero = PerCpuValues::try_from(vec![NodeStats::default(); cpus]).map_err(|e| {
+                DatapathError::Map {
+                    name: names::NODE_STATS,
+                    message: e.to_string(),
+                }
+            })?;
+            stats.set(slot, zero, 0).map_err(merr(names::NODE_STATS))?;
+        }
+    }
+
     let mut nodes = Vec::new();
-    let mut rings: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
-    for (slot, n) in cfg.nodes.iter().enumerate() {
+    let mut takers: [Vec<(u32, u32)>; 2] = [Vec::new(), Vec::new()];
+    for n in &present {
         let mut node = Node {
             port: n.port.map(port_wire).unwrap_or(0),
-            slot: slot as u32,
+            slot: slots[&n.id],
             ..Node::default()
         };
+        let takes_new = n.state == NodeState::Active && up(n.id);
         if let Some(a) = n.v4() {
             node.addr4 = addr_words(a).0[0];
             node.flags |= NODE_F_V4;
-            rings[family_index(FAMILY_V4) as usize].push(n.id);
+            if takes_new {
+                takers[family_index(FAMILY_V4) as usize].push((n.id, n.weight));
+            }
         }
         if let Some(a) = n.v6() {
             node.addr6 = addr_words(a).0;
             node.flags |= NODE_F_V6;
-            rings[family_index(FAMILY_V6) as usize].push(n.id);
+            if takes_new {
+                takers[family_index(FAMILY_V6) as usize].push((n.id, n.weight));
+            }
         }
         nodes.push((n.id, node));
     }
-    sync_hash(ebpf, names::NODES, nodes)?;
+    let stale_nodes = insert_all(ebpf, names::NODES, &nodes)?;
 
     {
+        let [ring, len] = ebpf.maps_disjoint_mut([names::RING, names::RING_LEN]);
+        let missing = |name| DatapathError::Map {
+            name,
+            message: "not in the eBPF object".into(),
+        };
         let mut ring: Array<_, u32> =
-            Array::try_from(map(ebpf, names::RING)?).map_err(merr(names::RING))?;
-        for (fi, ids) in rings.iter().enumerate() {
+            Array::try_from(ring.ok_or(missing(names::RING))?).map_err(merr(names::RING))?;
+        let mut len: Array<_, u32> =
+            Array::try_from(len.ok_or(missing(names::RING_LEN))?).map_err(merr(names::RING_LEN))?;
+        for (fi, t) in takers.iter().enumerate() {
+            let ids = weighted_ring(t);
+            let base = fi as u32 * MAX_NODES;
+            // Entries first, then the length: a reader sees an old length over valid ids.
+            let old_len = len.get(&(fi as u32), 0).map_err(merr(names::RING_LEN))?;
             for (pos, id) in ids.iter().enumerate() {
-                ring.set(fi as u32 * MAX_NODES + pos as u32, id, 0)
+                ring.set(base + pos as u32, id, 0)
                     .map_err(merr(names::RING))?;
             }
-        }
-    }
-    {
-        let mut len: Array<_, u32> =
-            Array::try_from(map(ebpf, names::RING_LEN)?).map_err(merr(names::RING_LEN))?;
-        for (fi, ids) in rings.iter().enumerate() {
+            // Positions past the new end may still be read under the old length.
+            let fill = ids.first().copied().unwrap_or(0);
+            for pos in ids.len() as u32..old_len.min(MAX_NODES) {
+                ring.set(base + pos, fill, 0).map_err(merr(names::RING))?;
+            }
             len.set(fi as u32, ids.len() as u32, 0)
                 .map_err(merr(names::RING_LEN))?;
         }
     }
+    remove_all::<u32, Node>(ebpf, names::NODES, stale_nodes)?;
 
-    // VIPs: one port bitmap each.
-    let mut vips = Vec::new();
+    // VIPs: one port bitmap each, at an index that stays with the address.
+    let old_vips: BTreeMap<VipKey, u32> = {
+        let m: HashMap<_, VipKey, Vip> =
+            HashMap::try_from(map(ebpf, names::VIPS)?).map_err(merr(names::VIPS))?;
+        m.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.index))
+            .collect()
+    };
+    let keys: Vec<VipKey> = cfg
+        .vips
+        .iter()
+        .map(|v| {
+            let (addr, family) = addr_words(v.address);
+            VipKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            }
+        })
+        .collect();
+    let index = stable_indices(keys.iter().copied(), &old_vips, MAX_VIPS);
     {
         let mut bits: Array<_, u64> =
             Array::try_from(map(ebpf, names::VIP_PORTS)?).map_err(merr(names::VIP_PORTS))?;
-        for (index, vip) in cfg.vips.iter().enumerate() {
-            let (addr, family) = addr_words(vip.address);
+        for (vip, key) in cfg.vips.iter().zip(&keys) {
             let mut words = vec![0u64; PORT_WORDS as usize];
             for range in &vip.ports {
                 for p in range.ports() {
                     words[p as usize / 64] |= 1 << (p % 64);
                 }
             }
-            let base = index as u32 * PORT_WORDS;
+            let base = index[key] * PORT_WORDS;
             for (i, w) in words.iter().enumerate() {
                 bits.set(base + i as u32, w, 0)
                     .map_err(merr(names::VIP_PORTS))?;
             }
-            vips.push((
-                VipKey {
-                    addr,
-                    family,
-                    _pad: [0; 3],
-                },
-                Vip {
-                    index: index as u32,
-                },
-            ));
         }
     }
-    sync_hash(ebpf, names::VIPS, vips)?;
+    let vips: Vec<(VipKey, Vip)> = keys.iter().map(|k| (*k, Vip { index: index[k] })).collect();
+    let stale = insert_all(ebpf, names::VIPS, &vips)?;
+    remove_all::<VipKey, Vip>(ebpf, names::VIPS, stale)?;
 
     let (entries, _) = cfg.reverse_entries();
-    let reverse = entries.iter().map(|e| {
-        let (addr, family) = addr_words(e.node_addr);
-        (
-            ReverseKey {
-                addr,
-                port: port_wire(e.node_port),
-                family,
-                _pad: 0,
-            },
-            Reverse {
-                vip: addr_words(e.vip).0,
-                vip_port: port_wire(e.vip_port),
-                _pad: 0,
-                node_slot: e.node_index as u32,
-            },
-        )
-    });
-    sync_hash(ebpf, names::REVERSE, reverse.collect())?;
+    let reverse: Vec<(ReverseKey, Reverse)> = entries
+        .iter()
+        .filter_map(|e| {
+            let slot = *slots.get(&cfg.nodes[e.node_index].id)?;
+            let (addr, family) = addr_words(e.node_addr);
+            Some((
+                ReverseKey {
+                    addr,
+                    port: port_wire(e.node_port),
+                    family,
+                    _pad: 0,
+                },
+                Reverse {
+                    vip: addr_words(e.vip).0,
+                    vip_port: port_wire(e.vip_port),
+                    _pad: 0,
+                    node_slot: slot,
+                },
+            ))
+        })
+        .collect();
+    let stale = insert_all(ebpf, names::REVERSE, &reverse)?;
+    remove_all::<ReverseKey, Reverse>(ebpf, names::REVERSE, stale)?;
 
     let mut devmap =
         DevMapHash::try_from(map(ebpf, names::DEVMAP)?).map_err(merr(names::DEVMAP))?;
+    let dev_err = |e: aya::maps::xdp::XdpMapError| DatapathError::Map {
+        name: names::DEVMAP,
+        message: e.to_string(),
+    };
     for &i in ifindexes {
-        devmap
-            .insert(i, i, None, 0)
-            .map_err(|e| DatapathError::Map {
-                name: names::DEVMAP,
-                message: e.to_string(),
-            })?;
+        devmap.insert(i, i, None, 0).map_err(dev_err)?;
+    }
+    let stale: Vec<u32> = devmap
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !ifindexes.contains(k))
+        .collect();
+    for k in stale {
+        devmap.remove(k).map_err(merr(names::DEVMAP))?;
     }
     Ok(())
+}
+
+/// An index below `limit` for each key: the one it had in `old` if any, else the lowest free.
+fn stable_indices<K: Ord + Copy>(
+    keys: impl Iterator<Item = K>,
+    old: &BTreeMap<K, u32>,
+    limit: u32,
+) -> BTreeMap<K, u32> {
+    let keys: Vec<K> = keys.collect();
+    let mut out = BTreeMap::new();
+    let mut used = HashSet::new();
+    for k in &keys {
+        if let Some(&i) = old.get(k) {
+            out.insert(*k, i);
+            used.insert(i);
+        }
+    }
+    let mut next = 0;
+    for k in &keys {
+        if out.contains_key(k) {
+            continue;
+        }
+        while used.contains(&next) {
+            next += 1;
+        }
+        debug_assert!(next < limit, "validation bounds the number of keys");
+        out.insert(*k, next);
+        used.insert(next);
+    }
+    out
 }
 
 fn map<'a>(
@@ -158,24 +304,32 @@ fn map<'a>(
     })
 }
 
-/// Makes hash map `name` hold exactly `want`.
-fn sync_hash<K: Pod + Eq + Hash, V: Pod>(
+/// Inserts every entry of `want` into hash map `name`; returns the keys it holds beyond them.
+fn insert_all<K: Pod + Eq + Hash, V: Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
-    want: Vec<(K, V)>,
+    want: &[(K, V)],
+) -> Result<Vec<K>, DatapathError> {
+    let mut m: HashMap<&mut MapData, K, V> =
+        HashMap::try_from(map(ebpf, name)?).map_err(merr(name))?;
+    let keep: StdHashMap<K, ()> = want.iter().map(|(k, _)| (*k, ())).collect();
+    for (k, v) in want {
+        m.insert(k, v, 0).map_err(merr(name))?;
+    }
+    Ok(m.keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep.contains_key(k))
+        .collect())
+}
+
+fn remove_all<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    keys: Vec<K>,
 ) -> Result<(), DatapathError> {
     let mut m: HashMap<&mut MapData, K, V> =
         HashMap::try_from(map(ebpf, name)?).map_err(merr(name))?;
-    let keep: HashSet<K> = want.iter().map(|(k, _)| *k).collect();
-    for (k, v) in &want {
-        m.insert(k, v, 0).map_err(merr(name))?;
-    }
-    let stale: Vec<K> = m
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !keep.contains(k))
-        .collect();
-    for k in stale {
+    for k in keys {
         m.remove(&k).map_err(merr(name))?;
     }
     Ok(())
@@ -195,5 +349,26 @@ mod tests {
         assert_eq!(w[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
         assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 1]);
         assert_eq!(port_wire(5684).to_ne_bytes(), 5684u16.to_be_bytes());
+    }
+
+    #[test]
+    fn weighted_ring_is_spread_and_proportional() {
+        assert_eq!(weighted_ring(&[(1, 1), (2, 1)]), [1, 2]);
+        assert_eq!(
+            weighted_ring(&[(1, 5), (2, 1), (3, 1)]),
+            [1, 1, 2, 1, 3, 1, 1]
+        );
+        let r = weighted_ring(&[(7, 3), (9, 2)]);
+        assert_eq!(r.iter().filter(|&&x| x == 7).count(), 3);
+        assert_eq!(r.len(), 5);
+        assert!(weighted_ring(&[]).is_empty());
+    }
+
+    #[test]
+    fn indices_stay_with_their_keys() {
+        let old: BTreeMap<u32, u32> = [(10, 0), (20, 1), (30, 2)].into();
+        // 20 removed, 40 added: 10 and 30 keep theirs, 40 takes the freed 1.
+        let new = stable_indices([10u32, 30, 40].into_iter(), &old, 8);
+        assert_eq!(new, [(10, 0), (30, 2), (40, 1)].into());
     }
 }

@@ -79,13 +79,24 @@ impl Snapshot {
         Ok(snap)
     }
 
-    /// A table for people: non-zero counters (all with `all`), then per-node traffic.
-    pub fn render_text(&self, all: bool) -> String {
+    /// A table for people: non-zero counters (all with `all`), then per-node traffic. With an
+    /// earlier snapshot and the seconds since, a per-second rate column.
+    pub fn render_text(&self, all: bool, since: Option<(&Snapshot, f64)>) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "{:<24} {:>14}", "counter", "packets");
+        let _ = writeln!(
+            s,
+            "{:<24} {:>14} {:>12}",
+            "counter",
+            "packets",
+            if since.is_some() { "per second" } else { "" }
+        );
         for (c, v) in &self.counters {
             if all || *v != 0 {
-                let _ = writeln!(s, "{:<24} {:>14}", c.name(), v);
+                let rate = since
+                    .filter(|(_, secs)| *secs > 0.0)
+                    .map(|(p, secs)| format!("{:.1}", v.saturating_sub(p.get(*c)) as f64 / secs))
+                    .unwrap_or_default();
+                let _ = writeln!(s, "{:<24} {:>14} {:>12}", c.name(), v, rate);
             }
         }
         let _ = writeln!(
@@ -162,7 +173,10 @@ mod tests {
             s.render_json(),
             "{\"counters\":{\"cid_routed\":7},\"nodes\":{\"2\":{\"to_node_packets\":3,\"to_node_bytes\":0,\"from_node_packets\":0,\"from_node_bytes\":0}}}"
         );
-        assert!(s.render_text(false).contains("cid_routed"));
+        assert!(s.render_text(false, None).contains("cid_routed"));
+        assert!(s
+            .render_text(false, Some((&Snapshot::default(), 2.0)))
+            .contains("3.5"));
         assert_eq!(s.get(Counter::CidRouted), 7);
     }
 }

@@ -764,7 +764,8 @@ fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
     let ifindexes =
         cidlb::datapath::resolve_interfaces(&cfg.interfaces).map_err(|e| fail(e.to_string()))?;
     let mut dp = Datapath::load(&cfg).map_err(|e| fail(e.to_string()))?;
-    provision::provision(&mut dp.ebpf, &cfg, &ifindexes).map_err(|e| fail(e.to_string()))?;
+    provision::provision(&mut dp.ebpf, &cfg, &ifindexes, &|_| true)
+        .map_err(|e| fail(e.to_string()))?;
     let prog = dp.program().map_err(|e| fail(e.to_string()))?;
     for (i, s) in c.steps.iter().enumerate() {
         std::thread::sleep(std::time::Duration::from_millis(s.pause_ms));

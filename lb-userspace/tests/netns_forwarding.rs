@@ -32,7 +32,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        cidlb::datapath::unpin_maps(&self.pin_dir);
+        cidlb::datapath::detach(&self.pin_dir);
     }
 }
 
@@ -52,7 +52,7 @@ fn start_agent(lab: &Lab, dir: &std::path::Path) -> Agent {
     let mut child = lab
         .balancer
         .nsenter(env!("CARGO_BIN_EXE_cidlb"))
-        .args(["run", "--config"])
+        .args(["run", "--detach-on-exit", "--config"])
         .arg(&cfg)
         .stderr(Stdio::piped())
         .spawn()
@@ -252,7 +252,7 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     );
     assert!(counter("fwd_redirect") > 0, "fwd_redirect: {json}");
 
-    // SIGTERM: the agent detaches, unpins and exits 0.
+    // SIGTERM with --detach-on-exit: the agent detaches, unpins and exits 0.
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
     let mut agent = agent;

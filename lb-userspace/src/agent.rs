@@ -1,0 +1,341 @@
+//! The running agent: start (fresh, or adopting a pinned datapath), reload, health checks,
+//! metrics. The datapath is pinned, so this process can stop, crash or be upgraded without
+//! interrupting forwarding.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use aya::maps::Map;
+use lb_common::names;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, NodeState, Probe},
+    datapath::{self, Datapath, DatapathError},
+    health::{self, Tracker},
+    metrics::{self, View},
+    provision,
+};
+
+/// How `cidlb run` ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Decide and count, but pass every packet unchanged (`--shadow`).
+    pub shadow: bool,
+    /// Remove the pinned datapath on SIGINT/SIGTERM instead of leaving it forwarding.
+    pub detach_on_exit: bool,
+}
+
+pub struct Agent {
+    path: PathBuf,
+    opts: RunOptions,
+    pub cfg: Config,
+    dp: Datapath,
+    pub view: Arc<Mutex<View>>,
+}
+
+fn load_config(path: &Path, shadow: bool) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(path)?;
+    for w in cfg.reverse_entries().1 {
+        warn!("{}: {w}", path.display());
+    }
+    cfg.shadow = shadow;
+    Ok(cfg)
+}
+
+impl Agent {
+    /// Loads the config and brings the datapath up: adopting the maps, flows and links pinned
+    /// under `pin_dir` if a datapath is there, creating them otherwise.
+    pub fn start(path: &Path, opts: RunOptions) -> anyhow::Result<Self> {
+        let cfg = load_config(path, opts.shadow)?;
+        datapath::require_root("cidlb run")?;
+        let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
+        let adopting = datapath::is_pinned(&cfg.pin_dir);
+        let dp = Datapath::load_pinned(&cfg)?;
+        let mut health = Tracker::new(cfg.health.fall, cfg.health.rise);
+        health.retain(
+            &cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
+            cfg.health.fall,
+            cfg.health.rise,
+        );
+        let view = Arc::new(Mutex::new(View {
+            pin_dir: cfg.pin_dir.clone(),
+            nodes: Vec::new(),
+            probe: cfg.health.probe,
+            health,
+            flow_capacity: cfg.flows.capacity,
+        }));
+        let mut agent = Agent {
+            path: path.to_owned(),
+            opts,
+            cfg,
+            dp,
+            view,
+        };
+        agent.check_capacity();
+        agent.apply(&ifindexes)?;
+        agent.dp.attach(&agent.cfg)?;
+        agent.publish();
+        info!(
+            pin_dir = %agent.cfg.pin_dir.display(),
+            adopted = adopting,
+            shadow = opts.shadow,
+            "datapath {}", if adopting { "adopted: flows and counters kept" } else { "created" }
+        );
+        Ok(agent)
+    }
+
+    /// Writes the maps from the current config and node health.
+    fn apply(&mut self, ifindexes: &[u32]) -> Result<(), DatapathError> {
+        let health = self
+            .view
+            .lock()
+            .map(|v| v.health.clone())
+            .unwrap_or_default();
+        provision::provision(&mut self.dp.ebpf, &self.cfg, ifindexes, &|id| {
+            health.is_up(id)
+        })
+    }
+
+    fn publish(&self) {
+        if let Ok(mut v) = self.view.lock() {
+            v.nodes = self.cfg.nodes.iter().map(|n| (n.id, n.state)).collect();
+            v.probe = self.cfg.health.probe;
+            let ids: Vec<u32> = self.cfg.nodes.iter().map(|n| n.id).collect();
+            v.health
+                .retain(&ids, self.cfg.health.fall, self.cfg.health.rise);
+        }
+    }
+
+    /// A pinned flow table keeps its size; say so if the config asks for another.
+    fn check_capacity(&mut self) {
+        let actual = match self.dp.ebpf.map(names::FLOWS) {
+            Some(Map::LruHashMap(m)) => m.info().ok().map(|i| i.max_entries()),
+            _ => None,
+        };
+        if let Some(actual) = actual {
+            if actual != self.cfg.flows.capacity {
+                warn!(
+                    configured = self.cfg.flows.capacity,
+                    actual,
+                    "flows.capacity differs from the pinned flow table's size; it keeps its size \
+                     (and its flows) until `cidlb detach` and a fresh start"
+                );
+            }
+            if let Ok(mut v) = self.view.lock() {
+                v.flow_capacity = actual;
+            }
+        }
+    }
+
+    /// Re-reads the config file and applies it in place. On any error the running config and
+    /// datapath stay exactly as they were.
+    pub fn reload(&mut self) -> anyhow::Result<()> {
+        let new = load_config(&self.path, self.opts.shadow)?;
+        if new.pin_dir != self.cfg.pin_dir {
+            anyhow::bail!(
+                "{}: pin_dir: cannot change from {} while running; restart cidlb to move the datapath",
+                self.path.display(),
+                self.cfg.pin_dir.display()
+            );
+        }
+        let ifindexes = datapath::resolve_interfaces(&new.interfaces)?;
+        let relink = new.dp_config() != self.cfg.dp_config()
+            || new.interfaces != self.cfg.interfaces
+            || new.xdp_mode != self.cfg.xdp_mode;
+        let old = std::mem::replace(&mut self.cfg, new);
+        let result = if relink {
+            // New load-time constants: a new program over the same pinned maps, swapped into
+            // the pinned links atomically.
+            Datapath::load_pinned(&self.cfg)
+                .map_err(anyhow::Error::from)
+                .and_then(|dp| {
+                    let previous = std::mem::replace(&mut self.dp, dp);
+                    let r = self
+                        .apply(&ifindexes)
+                        .and_then(|()| self.dp.attach(&self.cfg));
+                    if r.is_err() {
+                        self.dp = previous;
+                    }
+                    r.map_err(anyhow::Error::from)
+                })
+        } else {
+            self.apply(&ifindexes).map_err(anyhow::Error::from)
+        };
+        if let Err(e) = result {
+            self.cfg = old;
+            return Err(e);
+        }
+        self.check_capacity();
+        self.publish();
+        info!(
+            relinked = relink,
+            nodes = self.cfg.nodes.len(),
+            "config reloaded"
+        );
+        Ok(())
+    }
+
+    /// Applies a node's health change.
+    fn health_changed(&mut self) -> Result<(), DatapathError> {
+        let ifindexes = datapath::resolve_interfaces(&self.cfg.interfaces)?;
+        self.apply(&ifindexes)
+    }
+
+    /// The nodes to probe: address and port.
+    fn probe_targets(&self) -> Vec<(u32, SocketAddr)> {
+        self.cfg
+            .nodes
+            .iter()
+            .filter(|n| n.state != NodeState::Disabled)
+            .filter_map(|n| {
+                let ip = n.v4().or(n.v6())?;
+                Some((n.id, SocketAddr::new(ip, self.cfg.probe_port(n))))
+            })
+            .collect()
+    }
+}
+
+/// A probe result: (generation, node id, alive).
+type ProbeResult = (u64, u32, bool);
+
+fn spawn_probes(
+    agent: &Agent,
+    generation: u64,
+    tx: &mpsc::Sender<ProbeResult>,
+) -> Vec<JoinHandle<()>> {
+    let h = agent.cfg.health.clone();
+    if h.probe == Probe::None {
+        return Vec::new();
+    }
+    agent
+        .probe_targets()
+        .into_iter()
+        .map(|(id, addr)| {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(h.interval);
+                loop {
+                    tick.tick().await;
+                    let ok = health::probe(h.probe, addr, h.timeout).await;
+                    if tx.send((generation, id, ok)).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+fn spawn_metrics(agent: &Agent) -> Option<JoinHandle<()>> {
+    let addr = agent.cfg.stats.prometheus?;
+    let view = agent.view.clone();
+    Some(tokio::spawn(async move {
+        if let Err(e) = metrics::serve(addr, view).await {
+            error!("{e:#}");
+        }
+    }))
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// `cidlb run`: start, then serve signals, file changes and health probes until SIGINT/SIGTERM.
+pub fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let mut agent = Agent::start(path, opts)?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let (tx, mut rx) = mpsc::channel::<ProbeResult>(256);
+        let mut generation = 0u64;
+        let mut probes = spawn_probes(&agent, generation, &tx);
+        let mut metrics_task = spawn_metrics(&agent);
+        let mut seen = mtime(path);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        info!("cidlb running; SIGHUP (or editing the config) reloads, SIGINT/SIGTERM stops");
+        loop {
+            let reload = tokio::select! {
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading");
+                    true
+                }
+                _ = tick.tick() => {
+                    let now = mtime(path);
+                    if now != seen {
+                        seen = now;
+                        info!(file = %path.display(), "config file changed: reloading");
+                        true
+                    } else {
+                        false
+                    }
+                }
+                Some((g, id, ok)) = rx.recv() => {
+                    if g == generation {
+                        let change = agent.view.lock().ok().and_then(|mut v| v.health.record(id, ok));
+                        if let Some(up) = change {
+                            if up {
+                                info!(node = id, "node up: takes new flows again");
+                            } else {
+                                warn!(node = id, "node down: no new flows until it recovers");
+                            }
+                            if let Err(e) = agent.health_changed() {
+                                error!("applying node {id}'s health: {e}");
+                            }
+                        }
+                    }
+                    false
+                }
+                _ = term.recv() => { info!("SIGTERM"); break; }
+                _ = int.recv() => { info!("SIGINT"); break; }
+            };
+            if reload {
+                let old_metrics = agent.cfg.stats.prometheus;
+                match agent.reload() {
+                    Ok(()) => {
+                        seen = mtime(path);
+                        for p in probes.drain(..) {
+                            p.abort();
+                        }
+                        generation += 1;
+                        probes = spawn_probes(&agent, generation, &tx);
+                        if agent.cfg.stats.prometheus != old_metrics {
+                            if let Some(m) = metrics_task.take() {
+                                m.abort();
+                            }
+                            metrics_task = spawn_metrics(&agent);
+                        }
+                    }
+                    Err(e) => error!("reload rejected, the running config stays: {e:#}"),
+                }
+            }
+        }
+        for p in probes {
+            p.abort();
+        }
+        let pin_dir = agent.cfg.pin_dir.clone();
+        drop(agent);
+        if opts.detach_on_exit {
+            let n = datapath::detach(&pin_dir);
+            info!(links = n, "detached and unpinned");
+        } else {
+            info!(pin_dir = %pin_dir.display(), "exiting; the datapath keeps forwarding (cidlb detach removes it)");
+        }
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,152 @@
+//! `cidlb explain`: one packet through the datapath program (BPF_PROG_TEST_RUN) and what it did.
+//!
+//! The program runs as a private copy loaded with the same object and config, with maps of its
+//! own, so explaining never touches the live flow table or counters. Its flow table starts
+//! empty: a packet that would hit an existing flow is shown as a new flow.
+
+use std::{fmt::Write as _, net::SocketAddr};
+
+use anyhow::{bail, Context as _};
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use lb_common::Counter;
+
+use crate::{config::Config, datapath, datapath::Datapath, provision, stats::Snapshot};
+
+/// Builds an Ethernet/IP/UDP frame from addresses and a payload.
+pub fn frame(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let mut out = Vec::new();
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => eth
+            .ipv4(s.ip().octets(), d.ip().octets(), 64)
+            .udp(s.port(), d.port())
+            .write(&mut out, payload)?,
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => eth
+            .ipv6(s.ip().octets(), d.ip().octets(), 64)
+            .udp(s.port(), d.port())
+            .write(&mut out, payload)?,
+        _ => bail!("--src and --dst must be the same address family"),
+    }
+    Ok(out)
+}
+
+pub fn parse_hex(s: &str) -> anyhow::Result<Vec<u8>> {
+    let s: String = s
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != ':')
+        .collect();
+    if s.len() % 2 != 0 {
+        bail!("hex input has an odd number of digits");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16)
+                .with_context(|| format!("not hex: {:?}", &s[i..i + 2]))
+        })
+        .collect()
+}
+
+fn describe(frame: &[u8]) -> String {
+    let Ok(p) = SlicedPacket::from_ethernet(frame) else {
+        return format!("{} bytes, not parsable as Ethernet/IP", frame.len());
+    };
+    let mut s = String::new();
+    if let Some(etherparse::LinkSlice::Ethernet2(e)) = &p.link {
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let _ = write!(s, "eth {} -> {}  ", mac(e.source()), mac(e.destination()));
+    }
+    let ports = match &p.transport {
+        Some(TransportSlice::Udp(u)) => Some((u.source_port(), u.destination_port(), u.checksum())),
+        _ => None,
+    };
+    match &p.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            let (sp, dp, c) = ports.unwrap_or_default();
+            let _ = write!(
+                s,
+                "{}:{sp} -> {}:{dp}  ttl {}  udp checksum {c:#06x}",
+                h.source_addr(),
+                h.destination_addr(),
+                h.ttl()
+            );
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            let (sp, dp, c) = ports.unwrap_or_default();
+            let _ = write!(
+                s,
+                "[{}]:{sp} -> [{}]:{dp}  hop limit {}  udp checksum {c:#06x}",
+                h.source_addr(),
+                h.destination_addr(),
+                h.hop_limit()
+            );
+        }
+        _ => s.push_str("not IP"),
+    }
+    s
+}
+
+/// Runs `frame` as if received on `ingress` and returns a report.
+pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<String> {
+    datapath::require_root("cidlb explain")?;
+    let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
+    let ifindex = datapath::resolve_interfaces(&[ingress.to_owned()])?[0];
+    let mut dp = Datapath::load(cfg)?;
+    provision::provision(&mut dp.ebpf, cfg, &ifindexes, &|_| true)?;
+    let mut ctx = Vec::new();
+    for w in [0u32, frame.len() as u32, 0, ifindex, 0, 0] {
+        ctx.extend_from_slice(&w.to_ne_bytes());
+    }
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = dp
+        .program()?
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(r.data_size_out as usize);
+    let snap = Snapshot::from_ebpf(&dp.ebpf)?;
+    let action = match r.return_value {
+        0 => "XDP_ABORTED",
+        1 => "XDP_DROP (dropped)",
+        2 => "XDP_PASS (to the kernel)",
+        3 => "XDP_TX (out of the interface it came in on)",
+        4 => "XDP_REDIRECT (out of another attached interface)",
+        _ => "unknown",
+    };
+    let mut s = String::new();
+    let _ = writeln!(s, "action:   {action}");
+    let fired: Vec<&str> = snap
+        .counters
+        .iter()
+        .filter(|(c, v)| *v > 0 && *c != Counter::PacketsSeen)
+        .map(|(c, _)| c.name())
+        .collect();
+    let _ = writeln!(s, "counters: {}", fired.join(", "));
+    for (id, n) in &snap.nodes {
+        if n.to_node_packets > 0 {
+            let _ = writeln!(s, "node:     {id} (sent to it)");
+        }
+        if n.from_node_packets > 0 {
+            let _ = writeln!(s, "node:     {id} (its reply, un-NATed)");
+        }
+    }
+    let _ = writeln!(s, "before:   {}", describe(frame));
+    if out != frame {
+        let _ = writeln!(s, "after:    {}", describe(&out));
+    } else {
+        let _ = writeln!(s, "after:    unchanged");
+    }
+    Ok(s)
+}

@@ -1,0 +1,275 @@
+//! Prometheus `/metrics`: counters from the pinned maps (the same numbers `cidlb stats` shows),
+//! flow table occupancy, node states and health.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{names, Flow, FlowKey};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{NodeState, Probe},
+    health::Tracker,
+    stats::Snapshot,
+};
+
+/// What the agent shares with the metrics endpoint.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub pin_dir: PathBuf,
+    pub nodes: Vec<(u32, NodeState)>,
+    pub probe: Probe,
+    pub health: Tracker,
+    pub flow_capacity: u32,
+}
+
+/// Renders the text exposition format (version 0.0.4).
+pub fn render(view: &View, snap: &Snapshot, flows: Option<u64>) -> String {
+    let mut out = String::new();
+    let fam = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    fam(
+        &mut out,
+        "cidlb_packets_total",
+        "counter",
+        "Packets by what the datapath did with them (README: Reading the counters).",
+    );
+    for (c, v) in &snap.counters {
+        let _ = writeln!(out, "cidlb_packets_total{{reason=\"{}\"}} {v}", c.name());
+    }
+    fam(
+        &mut out,
+        "cidlb_node_packets_total",
+        "counter",
+        "Packets forwarded to (client traffic) and from (replies) each node.",
+    );
+    for (id, n) in &snap.nodes {
+        let _ = writeln!(
+            out,
+            "cidlb_node_packets_total{{node=\"{id}\",direction=\"to_node\"}} {}",
+            n.to_node_packets
+        );
+        let _ = writeln!(
+            out,
+            "cidlb_node_packets_total{{node=\"{id}\",direction=\"from_node\"}} {}",
+            n.from_node_packets
+        );
+    }
+    fam(
+        &mut out,
+        "cidlb_node_bytes_total",
+        "counter",
+        "Bytes (whole frames) forwarded to and from each node.",
+    );
+    for (id, n) in &snap.nodes {
+        let _ = writeln!(
+            out,
+            "cidlb_node_bytes_total{{node=\"{id}\",direction=\"to_node\"}} {}",
+            n.to_node_bytes
+        );
+        let _ = writeln!(
+            out,
+            "cidlb_node_bytes_total{{node=\"{id}\",direction=\"from_node\"}} {}",
+            n.from_node_bytes
+        );
+    }
+    if let Some(f) = flows {
+        fam(
+            &mut out,
+            "cidlb_flows",
+            "gauge",
+            "Entries in the flow table.",
+        );
+        let _ = writeln!(out, "cidlb_flows {f}");
+    }
+    fam(
+        &mut out,
+        "cidlb_flow_capacity",
+        "gauge",
+        "Size of the flow table (LRU).",
+    );
+    let _ = writeln!(out, "cidlb_flow_capacity {}", view.flow_capacity);
+    fam(
+        &mut out,
+        "cidlb_node_state",
+        "gauge",
+        "1 for the node's configured state.",
+    );
+    for (id, st) in &view.nodes {
+        for (name, s) in [
+            ("active", NodeState::Active),
+            ("draining", NodeState::Draining),
+            ("disabled", NodeState::Disabled),
+        ] {
+            let _ = writeln!(
+                out,
+                "cidlb_node_state{{node=\"{id}\",state=\"{name}\"}} {}",
+                u8::from(*st == s)
+            );
+        }
+    }
+    fam(
+        &mut out,
+        "cidlb_node_up",
+        "gauge",
+        "1 if the node passes its health checks (always 1 without health checks).",
+    );
+    for (id, _) in &view.nodes {
+        let _ = writeln!(
+            out,
+            "cidlb_node_up{{node=\"{id}\"}} {}",
+            u8::from(view.health.is_up(*id))
+        );
+    }
+    if view.probe != Probe::None {
+        fam(
+            &mut out,
+            "cidlb_health_probes_total",
+            "counter",
+            "Health probes by result.",
+        );
+        for (id, h) in &view.health.nodes {
+            let _ = writeln!(
+                out,
+                "cidlb_health_probes_total{{node=\"{id}\",result=\"ok\"}} {}",
+                h.probes_ok
+            );
+            let _ = writeln!(
+                out,
+                "cidlb_health_probes_total{{node=\"{id}\",result=\"failed\"}} {}",
+                h.probes_failed
+            );
+        }
+        fam(
+            &mut out,
+            "cidlb_health_transitions_total",
+            "counter",
+            "Up/down changes of each node.",
+        );
+        for (id, h) in &view.health.nodes {
+            let _ = writeln!(
+                out,
+                "cidlb_health_transitions_total{{node=\"{id}\"}} {}",
+                h.transitions
+            );
+        }
+    }
+    out
+}
+
+/// Counts the pinned flow table's entries (walks the keys; bounded by its capacity).
+pub fn count_flows(pin_dir: &std::path::Path) -> Option<u64> {
+    let data = MapData::from_pin(pin_dir.join(names::FLOWS)).ok()?;
+    let flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data)).ok()?;
+    Some(flows.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// Serves `/metrics` on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, view: Arc<Mutex<View>>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("stats.prometheus: cannot listen on {addr}: {e}"))?;
+    info!(%addr, "serving Prometheus metrics on /metrics");
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let view = view.clone();
+        tokio::spawn(async move {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let line = String::from_utf8_lossy(&req);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+                let v = view.lock().map(|v| v.clone());
+                match v {
+                    Ok(v) => match Snapshot::from_pins(&v.pin_dir) {
+                        Ok(snap) => ("200 OK", render(&v, &snap, count_flows(&v.pin_dir))),
+                        Err(e) => {
+                            warn!("metrics: {e:#}");
+                            ("503 Service Unavailable", format!("{e:#}\n"))
+                        }
+                    },
+                    Err(_) => ("500 Internal Server Error", String::new()),
+                }
+            } else {
+                ("404 Not Found", "try /metrics\n".to_owned())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::Counter;
+
+    use super::*;
+
+    #[test]
+    fn renders_families_with_help_and_type() {
+        let mut snap = Snapshot::default();
+        for &c in Counter::ALL {
+            snap.counters.push((c, 1));
+        }
+        snap.nodes.insert(
+            1,
+            lb_common::NodeStats {
+                to_node_packets: 5,
+                ..Default::default()
+            },
+        );
+        let mut health = Tracker::new(3, 2);
+        health.retain(&[1], 3, 2);
+        let view = View {
+            pin_dir: PathBuf::new(),
+            nodes: vec![(1, NodeState::Draining)],
+            probe: Probe::Dtls,
+            health,
+            flow_capacity: 1024,
+        };
+        let text = render(&view, &snap, Some(3));
+        assert!(text.contains("# TYPE cidlb_packets_total counter\n"));
+        assert!(text.contains("cidlb_packets_total{reason=\"cid_routed\"} 1\n"));
+        assert!(text.contains("cidlb_node_packets_total{node=\"1\",direction=\"to_node\"} 5\n"));
+        assert!(text.contains("cidlb_node_state{node=\"1\",state=\"draining\"} 1\n"));
+        assert!(text.contains("cidlb_node_up{node=\"1\"} 1\n"));
+        assert!(text.contains("cidlb_flows 3\n"));
+        // Every sample line belongs to a family declared before it.
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.insert(rest.split(' ').next().unwrap().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(declared.contains(name), "{name} used before its TYPE");
+            }
+        }
+    }
+}
