@@ -21,6 +21,14 @@ impl NetNs {
             keep: false,
         };
         ns.ip("link set lo up")?;
+        // No duplicate address detection in a lab: link-local and global addresses are usable
+        // at once, so neighbour discovery does not stall the first packets.
+        for k in [
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ] {
+            ns.sysctl(k)?;
+        }
         Ok(ns)
     }
 

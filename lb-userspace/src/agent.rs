@@ -186,10 +186,14 @@ impl Agent {
         Ok(())
     }
 
-    /// Applies a node's health change.
+    /// Applies a node's health change: only the node table and rings change.
     fn health_changed(&mut self) -> Result<(), DatapathError> {
-        let ifindexes = datapath::resolve_interfaces(&self.cfg.interfaces)?;
-        self.apply(&ifindexes)
+        let health = self
+            .view
+            .lock()
+            .map(|v| v.health.clone())
+            .unwrap_or_default();
+        provision::nodes_and_rings(&mut self.dp.ebpf, &self.cfg, &|id| health.is_up(id)).map(|_| ())
     }
 
     /// The nodes to probe: address and port.
@@ -289,13 +293,10 @@ pub fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
                     if g == generation {
                         let change = agent.view.lock().ok().and_then(|mut v| v.health.record(id, ok));
                         if let Some(up) = change {
-                            if up {
-                                info!(node = id, "node up: takes new flows again");
-                            } else {
-                                warn!(node = id, "node down: no new flows until it recovers");
-                            }
-                            if let Err(e) = agent.health_changed() {
-                                error!("applying node {id}'s health: {e}");
+                            match agent.health_changed() {
+                                Err(e) => error!("applying node {id}'s health: {e}"),
+                                Ok(()) if up => info!(node = id, "node up: takes new flows again"),
+                                Ok(()) => warn!(node = id, "node down: no new flows until it recovers"),
                             }
                         }
                     }
@@ -306,9 +307,12 @@ pub fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
             };
             if reload {
                 let old_metrics = agent.cfg.stats.prometheus;
+                // Taken before the file is read: a write racing with this reload is seen
+                // (and reloaded) on the next tick, never mistaken for the version just read.
+                let before = mtime(path);
                 match agent.reload() {
                     Ok(()) => {
-                        seen = mtime(path);
+                        seen = before;
                         for p in probes.drain(..) {
                             p.abort();
                         }

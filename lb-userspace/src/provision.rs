@@ -79,6 +79,18 @@ pub fn provision(
     ifindexes: &[u32],
     up: &dyn Fn(u32) -> bool,
 ) -> Result<(), DatapathError> {
+    let slots = nodes_and_rings(ebpf, cfg, up)?;
+    vips(ebpf, cfg)?;
+    reverse(ebpf, cfg, &slots)?;
+    devmap(ebpf, ifindexes)
+}
+
+/// Writes `NODES`, `RING` and `RING_LEN` (all a health change touches); returns node slots.
+pub fn nodes_and_rings(
+    ebpf: &mut Ebpf,
+    cfg: &Config,
+    up: &dyn Fn(u32) -> bool,
+) -> Result<BTreeMap<u32, u32>, DatapathError> {
     // Nodes in NODES: all but disabled ones (a disabled node's CIDs follow unknown_node).
     let present: Vec<&crate::config::Node> = cfg
         .nodes
@@ -175,7 +187,10 @@ pub fn provision(
         }
     }
     remove_all::<u32, Node>(ebpf, names::NODES, stale_nodes)?;
+    Ok(slots)
+}
 
+fn vips(ebpf: &mut Ebpf, cfg: &Config) -> Result<(), DatapathError> {
     // VIPs: one port bitmap each, at an index that stays with the address.
     let old_vips: BTreeMap<VipKey, u32> = {
         let m: HashMap<_, VipKey, Vip> =
@@ -217,8 +232,10 @@ pub fn provision(
     }
     let vips: Vec<(VipKey, Vip)> = keys.iter().map(|k| (*k, Vip { index: index[k] })).collect();
     let stale = insert_all(ebpf, names::VIPS, &vips)?;
-    remove_all::<VipKey, Vip>(ebpf, names::VIPS, stale)?;
+    remove_all::<VipKey, Vip>(ebpf, names::VIPS, stale)
+}
 
+fn reverse(ebpf: &mut Ebpf, cfg: &Config, slots: &BTreeMap<u32, u32>) -> Result<(), DatapathError> {
     let (entries, _) = cfg.reverse_entries();
     let reverse: Vec<(ReverseKey, Reverse)> = entries
         .iter()
@@ -242,8 +259,10 @@ pub fn provision(
         })
         .collect();
     let stale = insert_all(ebpf, names::REVERSE, &reverse)?;
-    remove_all::<ReverseKey, Reverse>(ebpf, names::REVERSE, stale)?;
+    remove_all::<ReverseKey, Reverse>(ebpf, names::REVERSE, stale)
+}
 
+fn devmap(ebpf: &mut Ebpf, ifindexes: &[u32]) -> Result<(), DatapathError> {
     let mut devmap =
         DevMapHash::try_from(map(ebpf, names::DEVMAP)?).map_err(merr(names::DEVMAP))?;
     let dev_err = |e: aya::maps::xdp::XdpMapError| DatapathError::Map {

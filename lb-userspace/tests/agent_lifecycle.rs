@@ -1,0 +1,438 @@
+//! The agent under steady traffic in the netns lab: kill -9, restart (adopting the pinned
+//! datapath), reload with a node added, drain a node, a bad reload: no packet of an unaffected
+//! session may be lost. Health checks take a stopped node out of new-flow rotation and back.
+//! `/metrics` is valid Prometheus text and agrees with `cidlb stats --json`.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::{SocketAddr, UdpSocket},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use common::{
+    agent::{cidlb, json_counter, AgentProc, PinGuard},
+    packet::{cid_record, handshake_record},
+    traffic::{warm_up, Echo, Stream},
+};
+use lb_lab::{node4, node6, Lab, PORT, VIP4, VIP6};
+
+/// A lab config with the given nodes (`k`, extra YAML fields).
+fn config(lab: &Lab, pin_dir: &Path, nodes: &[(usize, &str)], extra: &str) -> String {
+    let mut s = format!(
+        "interfaces: [{}]\nxdp_mode: native\nvips:\n  - {{address: {VIP4}, ports: [{PORT}]}}\n  - {{address: \"{VIP6}\", ports: [{PORT}]}}\nflows: {{capacity: 4096}}\npin_dir: {}\nnodes:\n",
+        lab.interfaces().join(", "),
+        pin_dir.display()
+    );
+    for (k, more) in nodes {
+        let sep = if more.is_empty() { "" } else { ", " };
+        s.push_str(&format!(
+            "  - {{id: {k}, address: [{}, \"{}\"]{sep}{more}}}\n",
+            node4(*k),
+            node6(*k)
+        ));
+    }
+    s.push_str(extra);
+    s
+}
+
+fn write(path: &Path, text: &str) {
+    // Write then rename: the agent never reads a half-written file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn cid_to(node: u8) -> impl Fn(u64) -> Vec<u8> + Send + 'static {
+    move |seq| {
+        cid_record(
+            &[node, 0xca, 0xfe, (seq >> 8) as u8, seq as u8, 0],
+            b"steady application data",
+        )
+    }
+}
+
+/// Which node answers a brand-new flow (a fresh source port), for `n` flows.
+fn new_flow_nodes(lab: &Lab, n: usize) -> BTreeMap<u32, usize> {
+    let name = lab.client.name.clone();
+    std::thread::spawn(move || {
+        lb_lab::enter(&name);
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut buf = [0u8; 512];
+            for _ in 0..5 {
+                s.send_to(
+                    &handshake_record(b"ClientHello"),
+                    SocketAddr::from((VIP4, PORT)),
+                )
+                .unwrap();
+                if let Ok((len, _)) = s.recv_from(&mut buf) {
+                    let t = String::from_utf8_lossy(&buf[..len]);
+                    if let Some(id) = t
+                        .strip_prefix("node=")
+                        .and_then(|t| t.split(' ').next())
+                        .and_then(|t| t.parse().ok())
+                    {
+                        *seen.entry(id).or_insert(0) += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        seen
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn restart_reload_and_drain_lose_no_packet() {
+    common::require_root();
+    let lab = Lab::up(&lb_lab::unique_prefix("lc"), 3).unwrap_or_else(|e| panic!("{e}"));
+    let pins = PinGuard::new("lc");
+    let dir = tempdir("lc");
+    let cfg = dir.join("cidlb.yaml");
+    let _echo: Vec<Echo> = lab
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Echo::start(&n.name, i + 1, PORT))
+        .collect();
+    write(&cfg, &config(&lab, &pins.0, &[(1, ""), (2, "")], ""));
+    let agent = AgentProc::start(&lab, &cfg, &[]);
+    assert!(agent.saw("datapath created"));
+    std::thread::sleep(Duration::from_millis(1000));
+    warm_up(&lab.client.name, 2);
+
+    let vip4 = SocketAddr::from((VIP4, PORT));
+    let vip6 = SocketAddr::from((VIP6, PORT));
+    let every = Duration::from_millis(4);
+    let max = 5000;
+    let s1 = Stream::start(&lab.client.name, vip4, every, max, cid_to(1));
+    let s2 = Stream::start(&lab.client.name, vip4, every, max, cid_to(2));
+    let s6 = Stream::start(&lab.client.name, vip6, every, max, cid_to(1));
+    let sf = Stream::start(&lab.client.name, vip4, every, max, |_| {
+        handshake_record(b"non-CID session record")
+    });
+    std::thread::sleep(Duration::from_millis(800));
+
+    // kill -9: nothing runs any cleanup; the pinned links keep the program attached.
+    agent.kill9();
+    std::thread::sleep(Duration::from_millis(800));
+    let agent = AgentProc::start(&lab, &cfg, &[]);
+    assert!(
+        agent.saw("datapath adopted"),
+        "the restarted agent must adopt the pinned datapath"
+    );
+    std::thread::sleep(Duration::from_millis(800));
+
+    // Node 3 added, by SIGHUP.
+    write(
+        &cfg,
+        &config(&lab, &pins.0, &[(1, ""), (2, ""), (3, "")], ""),
+    );
+    agent.signal(libc::SIGHUP);
+    agent
+        .wait_for("config reloaded", Duration::from_secs(10))
+        .expect("reload after SIGHUP");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Node 2 drained, by editing the file (the agent watches it).
+    write(
+        &cfg,
+        &config(
+            &lab,
+            &pins.0,
+            &[(1, ""), (2, "state: draining"), (3, "")],
+            "",
+        ),
+    );
+    agent
+        .wait_for("config reloaded", Duration::from_secs(10))
+        .expect("reload after the file changed");
+    let fresh = new_flow_nodes(&lab, 8);
+    assert!(
+        !fresh.contains_key(&2),
+        "a draining node got new flows: {fresh:?}"
+    );
+    assert_eq!(
+        fresh.values().sum::<usize>(),
+        8,
+        "every new flow answered: {fresh:?}"
+    );
+
+    // A bad config is rejected with key and problem; nothing changes.
+    write(
+        &cfg,
+        &config(
+            &lab,
+            &pins.0,
+            &[(1, ""), (2, "state: draining"), (3, "")],
+            "dtls: {cid_length: 99}\n",
+        ),
+    );
+    let line = agent
+        .wait_for("reload rejected", Duration::from_secs(10))
+        .expect("bad config must be rejected");
+    assert!(
+        line.contains("dtls.cid_length") && line.contains("99"),
+        "{line}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (r1, r2, r6, rf) = (s1.finish(), s2.finish(), s6.finish(), sf.finish());
+    for (name, r, node) in [
+        ("CID node 1", &r1, Some(1)),
+        ("CID node 2 (drained)", &r2, Some(2)),
+        ("CID node 1 IPv6", &r6, Some(1)),
+        ("non-CID flow", &rf, None),
+    ] {
+        assert!(r.sent > 500, "{name}: only {} sent", r.sent);
+        assert!(
+            r.lost.is_empty(),
+            "{name}: {} of {} lost, first {:?}",
+            r.lost.len(),
+            r.sent,
+            &r.lost[..r.lost.len().min(10)]
+        );
+        assert_eq!(r.wrong_source, 0, "{name}: answers not from the VIP");
+        match node {
+            Some(n) => assert_eq!(
+                r.nodes.keys().copied().collect::<Vec<_>>(),
+                [n],
+                "{name}: {:?}",
+                r.nodes
+            ),
+            None => assert_eq!(
+                r.nodes.len(),
+                1,
+                "{name}: a flow moved between nodes: {:?}",
+                r.nodes
+            ),
+        }
+    }
+
+    // Stopping the agent leaves the datapath forwarding; `cidlb detach` removes it.
+    let status = agent.terminate().expect("cidlb exits on SIGTERM");
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        new_flow_nodes(&lab, 2).values().sum::<usize>(),
+        2,
+        "forwarding must go on without the agent"
+    );
+    let out = cidlb(&["detach", "--pin-dir", pins.0.to_str().unwrap()]);
+    assert!(out.contains("detached from 4 interface(s)"), "{out}");
+    assert!(!pins.0.exists());
+    let links = lab.balancer.must(&["ip", "link", "show"]).unwrap();
+    assert!(
+        !links.contains("xdp"),
+        "XDP still attached after detach:\n{links}"
+    );
+}
+
+#[test]
+fn health_checks_and_metrics() {
+    common::require_root();
+    let lab = Lab::up(&lb_lab::unique_prefix("hc"), 2).unwrap_or_else(|e| panic!("{e}"));
+    let pins = PinGuard::new("hc");
+    let dir = tempdir("hc");
+    let cfg = dir.join("cidlb.yaml");
+    let mut echo: Vec<Echo> = lab
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Echo::start(&n.name, i + 1, PORT))
+        .collect();
+    let (interval, fall, rise) = (Duration::from_millis(500), 2u32, 2u32);
+    write(
+        &cfg,
+        &config(
+            &lab,
+            &pins.0,
+            &[(1, ""), (2, "")],
+            "health: {probe: udp, interval: 500ms, timeout: 200ms, fall: 2, rise: 2}\nstats: {prometheus: \"127.0.0.1:9105\"}\n",
+        ),
+    );
+    let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        new_flow_nodes(&lab, 4).len(),
+        2,
+        "both nodes take new flows while healthy"
+    );
+
+    // Node 2's server stops: the node answers ICMP port unreachable.
+    echo[1].stop();
+    let t0 = Instant::now();
+    let line = agent
+        .wait_for("node down", Duration::from_secs(10))
+        .expect("node 2 must be marked down");
+    let took = t0.elapsed();
+    assert!(line.contains("node=2"), "{line}");
+    let bound = interval * (fall + 1) + Duration::from_millis(300);
+    assert!(
+        took <= bound,
+        "marked down after {took:?}, bound interval*fall + interval = {:?} (+300 ms slack)",
+        interval * (fall + 1)
+    );
+    let down = new_flow_nodes(&lab, 6);
+    assert_eq!(
+        down.keys().copied().collect::<Vec<_>>(),
+        [1],
+        "a down node got new flows: {down:?}"
+    );
+
+    // It comes back after `rise` good probes.
+    echo[1] = Echo::start(&lab.nodes[1].name, 2, PORT);
+    let t0 = Instant::now();
+    let line = agent
+        .wait_for("node up", Duration::from_secs(10))
+        .expect("node 2 must come back");
+    assert!(line.contains("node=2"), "{line}");
+    assert!(
+        t0.elapsed() <= interval * (rise + 1) + Duration::from_millis(300),
+        "came back after {:?}",
+        t0.elapsed()
+    );
+    let back = new_flow_nodes(&lab, 4);
+    assert!(
+        back.contains_key(&2),
+        "node 2 takes new flows again: {back:?}"
+    );
+
+    // /metrics: valid text format, and the same counters as `cidlb stats --json`.
+    let metrics = scrape(&lab, "127.0.0.1:9105");
+    let families = validate_prometheus(&metrics);
+    for f in [
+        "cidlb_packets_total",
+        "cidlb_node_packets_total",
+        "cidlb_node_up",
+        "cidlb_flows",
+        "cidlb_health_transitions_total",
+    ] {
+        assert!(families.contains(f), "{f} missing from /metrics");
+    }
+    assert!(
+        metrics.contains("cidlb_health_transitions_total{node=\"2\"} 2"),
+        "{metrics}"
+    );
+    let json = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
+    // Health probes keep arriving (ICMP, probe answers, ND): skip the counters they move.
+    let moving = [
+        "packets_seen",
+        "pass_not_udp",
+        "pass_local_reply",
+        "pass_not_ip",
+    ];
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("cidlb_packets_total{"))
+    {
+        let reason = line.split('"').nth(1).unwrap();
+        let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        if !moving.contains(&reason) {
+            assert_eq!(
+                value,
+                json_counter(&json, reason),
+                "{reason}: /metrics {value} vs stats --json"
+            );
+        }
+    }
+    assert!(agent.terminate().expect("exits").success());
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("cidlb-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// GET /metrics from inside the balancer namespace.
+fn scrape(lab: &Lab, addr: &str) -> String {
+    use std::io::{Read, Write};
+    let (name, addr) = (lab.balancer.name.clone(), addr.to_owned());
+    std::thread::spawn(move || {
+        lb_lab::enter(&name);
+        let mut c = std::net::TcpStream::connect(&addr).expect("connect to /metrics");
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        assert!(s.starts_with("HTTP/1.1 200 OK\r\n"), "{s}");
+        assert!(s.contains("Content-Type: text/plain; version=0.0.4"), "{s}");
+        s.split_once("\r\n\r\n").unwrap().1.to_owned()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Checks the Prometheus text exposition format (0.0.4) line by line; returns the families.
+fn validate_prometheus(text: &str) -> HashSet<String> {
+    let mut typed = HashSet::new();
+    let mut helped = HashSet::new();
+    let mut samples = BTreeSet::new();
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(
+                name_ok(name) && helped.insert(name.to_owned()),
+                "bad or repeated HELP: {line}"
+            );
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap_or(""));
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "bad TYPE: {line}"
+            );
+            assert!(typed.insert(name.to_owned()), "repeated TYPE: {line}");
+        } else {
+            assert!(
+                !line.is_empty() && !line.starts_with('#'),
+                "unexpected line: {line:?}"
+            );
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("no value: {line}"));
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad value: {line}"));
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name_ok(name) && typed.contains(name),
+                "sample before its TYPE: {line}"
+            );
+            if let Some(labels) = series.strip_prefix(name) {
+                if !labels.is_empty() {
+                    assert!(
+                        labels.starts_with('{') && labels.ends_with('}'),
+                        "bad labels: {line}"
+                    );
+                    for pair in labels[1..labels.len() - 1].split(',') {
+                        let (k, v) = pair
+                            .split_once('=')
+                            .unwrap_or_else(|| panic!("bad label: {line}"));
+                        assert!(
+                            name_ok(k) && v.starts_with('"') && v.ends_with('"'),
+                            "bad label: {line}"
+                        );
+                    }
+                }
+            }
+            assert!(samples.insert(series.to_owned()), "repeated series: {line}");
+        }
+    }
+    typed
+}
