@@ -1,0 +1,535 @@
+//! End-to-end tests on loopback: a real server process and a real client process.
+//! Every loop is bounded; every server started here is stopped (SIGTERM, then SIGKILL).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cidlb-testpeer");
+
+struct Server {
+    child: Option<Child>,
+    addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts `cidlb-testpeer server --listen <ip>:0 ...` and waits for its `listening` line.
+    fn start(ip: &str, node_id: u64, extra: &[&str]) -> Option<Server> {
+        let listen = if ip.contains(':') {
+            format!("[{ip}]:0")
+        } else {
+            format!("{ip}:0")
+        };
+        let mut child = Command::new(BIN)
+            .args([
+                "server",
+                "--listen",
+                &listen,
+                "--node-id",
+                &node_id.to_string(),
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(i) = line.find("listening addr=") {
+                        let a = line[i + 15..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
+                        let _ = tx.send(a);
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        let mut srv = Server {
+            child: Some(child),
+            addr: "127.0.0.1:9".parse().unwrap(),
+            lines,
+        };
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(a) => {
+                srv.addr = a.parse().expect("listening address");
+                Some(srv)
+            }
+            Err(_) => {
+                eprintln!("server did not start: {:?}", srv.lines.lock().unwrap());
+                None
+            }
+        }
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// SIGTERM, wait up to 5 s, else SIGKILL. Returns the exit status.
+    fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Out {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the client with a hard time limit.
+fn client(args: &[&str], limit: Duration) -> Out {
+    let mut child = Command::new(BIN)
+        .arg("client")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn client");
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let st = child.wait().unwrap();
+            panic!("client exceeded {limit:?} ({st:?})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Out {
+        status,
+        stdout: t1.join().unwrap(),
+        stderr: t2.join().unwrap(),
+    }
+}
+
+/// Value of `"key":<value>` in a flat JSON line (string quotes stripped); enough for our output.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("\"{key}\":");
+    let i = line.find(&pat)? + pat.len();
+    let rest = &line[i..];
+    if let Some(r) = rest.strip_prefix('"') {
+        return Some(&r[..r.find('"')?]);
+    }
+    let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+fn session_lines(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| l.starts_with("{\"session\""))
+        .collect()
+}
+
+fn summary(out: &str) -> &str {
+    out.lines()
+        .find(|l| l.starts_with("{\"summary\""))
+        .expect("summary line")
+}
+
+fn ipv6_available() -> bool {
+    UdpSocket::bind("[::1]:0").is_ok()
+}
+
+/// 5 sessions x 20 messages, rebinding every 5: all echoes from our node, server saw moves.
+fn cid_rebind_case(ip: &str, node: u64) {
+    let mut srv = Server::start(ip, node, &[]).expect("server start");
+    let addr = srv.addr.to_string();
+    let out = client(
+        &[
+            "--server",
+            &addr,
+            "--sessions",
+            "5",
+            "--messages",
+            "20",
+            "--rebind-every",
+            "5",
+            "--json",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "client failed: {}\n{}\n{:?}",
+        out.stdout,
+        out.stderr,
+        srv.log()
+    );
+    let sessions = session_lines(&out.stdout);
+    assert_eq!(sessions.len(), 5, "{}", out.stdout);
+    let node_s = node.to_string();
+    for s in &sessions {
+        assert_eq!(field(s, "status"), Some("ok"), "{s}");
+        assert_eq!(field(s, "node"), Some(node_s.as_str()), "{s}");
+        assert_eq!(field(s, "ok"), Some("20"), "{s}");
+        assert_eq!(field(s, "rebinds"), Some("3"), "{s}");
+        let cid = field(s, "server_cid").expect("cid");
+        assert_eq!(cid.len(), 12, "default CID length 6: {s}");
+        assert!(
+            cid.starts_with(&format!("{node:02x}")),
+            "CID starts with node id: {s}"
+        );
+    }
+    let sum = summary(&out.stdout);
+    assert_eq!(field(sum, "sessions"), Some("5"));
+    assert_eq!(field(sum, "ok"), Some("5"));
+    assert_eq!(field(sum, "failed"), Some("0"));
+    assert_eq!(field(sum, "rebinds"), Some("15"));
+    assert!(
+        sum.contains(&format!("\"per_node\":{{\"{node}\":5}}")),
+        "{sum}"
+    );
+
+    // The server followed every rebinding (the client's reply arrived on the new port).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while srv.count("peer moved") < 15 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(srv.count("peer moved"), 15, "{:#?}", srv.log());
+    assert_eq!(srv.count("handshake done"), 5, "{:#?}", srv.log());
+    let st = srv.stop().expect("server exits on SIGTERM");
+    assert!(st.success(), "server exit status {st:?}");
+}
+
+#[test]
+fn cid_rebinding_ipv4() {
+    cid_rebind_case("127.0.0.1", 7);
+}
+
+#[test]
+fn cid_rebinding_ipv6() {
+    if !ipv6_available() {
+        eprintln!("skipping: no IPv6 loopback");
+        return;
+    }
+    cid_rebind_case("::1", 200);
+}
+
+#[test]
+fn no_cid_plain_dtls() {
+    let mut srv = Server::start("127.0.0.1", 3, &["--no-cid"]).expect("server start");
+    let addr = srv.addr.to_string();
+    let out = client(
+        &[
+            "--server",
+            &addr,
+            "--sessions",
+            "3",
+            "--messages",
+            "10",
+            "--no-cid",
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    for s in session_lines(&out.stdout) {
+        assert_eq!(field(s, "status"), Some("ok"), "{s}");
+        assert_eq!(field(s, "node"), Some("3"), "{s}");
+        assert_eq!(field(s, "server_cid"), Some("null"), "{s}");
+    }
+    assert!(srv
+        .log()
+        .iter()
+        .any(|l| l.contains("handshake done") && l.contains("cid=none")));
+    assert!(srv.stop().unwrap().success());
+}
+
+#[test]
+fn cid_client_against_no_cid_server_falls_back() {
+    // The client asks for a CID, the server does not negotiate one: plain DTLS still works.
+    let mut srv = Server::start("127.0.0.1", 4, &["--no-cid"]).expect("server start");
+    let addr = srv.addr.to_string();
+    let out = client(
+        &[
+            "--server",
+            &addr,
+            "--sessions",
+            "1",
+            "--messages",
+            "3",
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        field(session_lines(&out.stdout)[0], "server_cid"),
+        Some("null")
+    );
+    srv.stop();
+}
+
+#[test]
+fn rebinding_without_cid_fails_cleanly() {
+    // Without a CID the server cannot recognise the moved client: the client must report
+    // failure (exit 1) in bounded time, not hang.
+    let mut srv = Server::start("127.0.0.1", 5, &["--no-cid"]).expect("server start");
+    let addr = srv.addr.to_string();
+    let out = client(
+        &[
+            "--server",
+            &addr,
+            "--sessions",
+            "1",
+            "--messages",
+            "4",
+            "--rebind-every",
+            "2",
+            "--no-cid",
+            "--timeout-ms",
+            "100",
+            "--json",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}\n{}", out.stdout, out.stderr);
+    let s = session_lines(&out.stdout)[0];
+    assert_eq!(field(s, "ok"), Some("2"), "{s}");
+    assert_eq!(field(s, "failed"), Some("2"), "{s}");
+    assert_eq!(srv.count("peer moved"), 0);
+    srv.stop();
+}
+
+#[test]
+fn custom_cid_layout_and_wrong_psk() {
+    // 2-byte node id in an 8-byte CID.
+    let mut srv = Server::start(
+        "127.0.0.1",
+        0x1234,
+        &["--node-id-length", "2", "--cid-length", "8"],
+    )
+    .unwrap();
+    let addr = srv.addr.to_string();
+    let out = client(
+        &["--server", &addr, "--messages", "2", "--json"],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    let cid = field(session_lines(&out.stdout)[0], "server_cid")
+        .unwrap()
+        .to_string();
+    assert_eq!(cid.len(), 16);
+    assert!(cid.starts_with("1234"), "{cid}");
+
+    // A client with the wrong key must fail the handshake, and the server must survive it.
+    let out = client(
+        &[
+            "--server",
+            &addr,
+            "--messages",
+            "2",
+            "--psk",
+            "ffff",
+            "--timeout-ms",
+            "200",
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    let out = client(
+        &["--server", &addr, "--messages", "2"],
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "server still serves after a bad client: {}",
+        out.stdout
+    );
+    assert!(srv.stop().unwrap().success());
+}
+
+#[test]
+fn lossy_link_retransmits() {
+    // Server and client each drop 15% of received datagrams. Mbed TLS's handshake timers
+    // must complete every handshake, and message retries must recover nearly every echo
+    // (a message fails only if all 4 attempts lose a datagram: ~0.6%, so allow a few).
+    let mut srv = Server::start("127.0.0.1", 9, &["--drop-permille", "150"]).unwrap();
+    let addr = srv.addr.to_string();
+    let out = client(
+        &[
+            "--server",
+            &addr,
+            "--sessions",
+            "4",
+            "--messages",
+            "20",
+            "--rebind-every",
+            "4",
+            "--timeout-ms",
+            "300",
+            "--drop-permille",
+            "150",
+            "--json",
+        ],
+        Duration::from_secs(120),
+    );
+    let sessions = session_lines(&out.stdout);
+    assert_eq!(sessions.len(), 4, "{}\n{}", out.stdout, out.stderr);
+    for s in &sessions {
+        assert!(
+            field(s, "server_cid").unwrap().starts_with("09"),
+            "handshake done: {s}"
+        );
+        assert_eq!(field(s, "node"), Some("9"), "{s}");
+        assert_eq!(field(s, "error"), Some("null"), "{s}");
+    }
+    let sum = summary(&out.stdout);
+    let ok: u32 = field(sum, "messages_ok").unwrap().parse().unwrap();
+    let retries: u32 = field(sum, "retries").unwrap().parse().unwrap();
+    assert!(ok >= 76, "{sum}");
+    assert!(
+        retries > 0,
+        "loss was simulated, so some retries must have happened: {sum}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(if ok == 80 { 0 } else { 1 }),
+        "{sum}"
+    );
+    assert!(srv.count("peer moved") >= 4, "{:#?}", srv.log());
+    srv.stop();
+}
+
+#[test]
+fn server_survives_garbage() {
+    let mut srv = Server::start("127.0.0.1", 11, &[]).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0x19],
+        vec![0x19, 0xfe, 0xfd],
+        vec![
+            0x19, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 1, 11, 0, 0, 0, 0, 0, 0, 5, 1, 2, 3, 4, 5,
+        ],
+        vec![0x16, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 1, 0, 0],
+        vec![0x16, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1],
+        vec![0x17; 200],
+        vec![0u8; 1500],
+    ];
+    // A deterministic pseudo-random spray.
+    let mut x: u32 = 0x1234_5678;
+    for n in 0..200 {
+        let mut d = Vec::new();
+        for _ in 0..(n % 97 + 1) {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            d.push(x as u8);
+        }
+        if n % 3 == 0 {
+            d[0] = 0x19;
+        }
+        if n % 3 == 1 {
+            d[0] = 0x16;
+        }
+        junk.push(d);
+    }
+    for d in &junk {
+        let _ = sock.send_to(d, srv.addr);
+    }
+    let addr = srv.addr.to_string();
+    let out = client(
+        &["--server", &addr, "--sessions", "2", "--messages", "5"],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}\n{:#?}", out.stdout, srv.log());
+    let st = srv.stop().expect("server still alive and exits on SIGTERM");
+    assert!(st.success());
+}
+
+#[test]
+fn client_port_reuse_reconnects() {
+    // Two sequential sessions from the same source port, the first without close_notify:
+    // the server sees a new ClientHello on a live session (Mbed TLS CLIENT_RECONNECT) and
+    // must start a fresh session with a fresh CID.
+    let mut srv = Server::start("127.0.0.1", 6, &[]).unwrap();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let addr = srv.addr.to_string();
+    let out = client(
+        &[
+            "--server",
+            &addr,
+            "--sessions",
+            "2",
+            "--messages",
+            "3",
+            "--parallel",
+            "1",
+            "--bind",
+            &bind,
+            "--no-close-notify",
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{:#?}",
+        out.stdout,
+        out.stderr,
+        srv.log()
+    );
+    let s = session_lines(&out.stdout);
+    assert_ne!(field(s[0], "server_cid"), field(s[1], "server_cid"));
+    assert_eq!(srv.count("session reconnect"), 1, "{:#?}", srv.log());
+    srv.stop();
+}
