@@ -16,6 +16,7 @@ const APT: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
+    ("iptables", "iptables"),
 ];
 
 pub fn run() -> Result<()> {

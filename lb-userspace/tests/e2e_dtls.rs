@@ -1,0 +1,343 @@
+//! End to end with real DTLS 1.2 Connection ID peers (lb-testpeer, on Mbed TLS): sessions keep
+//! working through cidlb while their clients rebind to new source ports, as behind a NAT.
+//!
+//! The peers are the `cidlb-testpeer` binary, built by `cargo test --workspace` (as
+//! `cargo xtask test` runs it) next to this test's executable.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::Stdio,
+    time::Duration,
+};
+
+use common::agent::{cidlb, json_counter, AgentProc, PinGuard};
+use lb_lab::{ChildGuard, Lab, NetNs, PORT, VIP4, VIP6};
+use serde_json::Value;
+
+fn testpeer() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>")
+        .join("cidlb-testpeer");
+    assert!(
+        p.exists(),
+        "{} is missing: run through `cargo xtask test` (or `cargo build -p lb-testpeer`)",
+        p.display()
+    );
+    p
+}
+
+/// A DTLS echo server for node `id` in a node namespace, listening on both families.
+fn server(ns: &NetNs, id: u32, extra: &[&str]) -> ChildGuard {
+    let mut child = ns
+        .command(testpeer().to_str().unwrap())
+        .args([
+            "server",
+            "--listen",
+            &format!("[::]:{PORT}"),
+            "--node-id",
+            &id.to_string(),
+        ])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cidlb-testpeer server");
+    let err = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(err).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("listening"));
+    assert!(ready, "server for node {id} did not start");
+    std::thread::spawn(move || lines.for_each(drop));
+    ChildGuard(child)
+}
+
+/// What a client run reported: per-session JSON objects and the summary.
+struct ClientRun {
+    ok: bool,
+    sessions: Vec<Value>,
+    summary: Value,
+}
+
+fn client(lab: &Lab, vip: &str, args: &[&str]) -> ClientRun {
+    let out = lab
+        .client
+        .command(testpeer().to_str().unwrap())
+        .args(["client", "--server", vip, "--json"])
+        .args(args)
+        .output()
+        .expect("run cidlb-testpeer client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut sessions = Vec::new();
+    let mut summary = Value::Null;
+    for line in text.lines() {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("bad client JSON {line:?}: {e}"));
+        if let Some(s) = v.get("summary") {
+            summary = s.clone();
+        } else {
+            sessions.push(v);
+        }
+    }
+    assert!(
+        !summary.is_null(),
+        "no summary from the client: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ClientRun {
+        ok: out.status.success(),
+        sessions,
+        summary,
+    }
+}
+
+/// Every session ok, answered by exactly the node its server CID names, with `rebinds` rebinds.
+fn assert_sessions_follow_their_cid(
+    run: &ClientRun,
+    sessions: usize,
+    min_rebinds: u64,
+) -> BTreeMap<String, u64> {
+    assert!(run.ok, "client failed: {:#}", run.summary);
+    assert_eq!(run.sessions.len(), sessions);
+    let mut per_node = BTreeMap::new();
+    for s in &run.sessions {
+        assert_eq!(s["status"], "ok", "{s}");
+        assert_eq!(s["failed"], 0, "{s}");
+        let nodes = s["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 1, "a session answered by several nodes: {s}");
+        let node: u64 = nodes[0].as_str().unwrap().parse().unwrap();
+        let cid = s["server_cid"].as_str().unwrap();
+        let cid_node = u64::from_str_radix(&cid[..2], 16).unwrap();
+        assert_eq!(
+            node, cid_node,
+            "session answered by node {node} but its CID {cid} names {cid_node}"
+        );
+        assert!(s["rebinds"].as_u64().unwrap() >= min_rebinds, "{s}");
+        *per_node.entry(node.to_string()).or_insert(0) += 1;
+    }
+    per_node
+}
+
+struct Setup {
+    lab: Lab,
+    pins: PinGuard,
+    _servers: Vec<ChildGuard>,
+    agent: AgentProc,
+}
+
+fn setup(tag: &str, nodes: usize, extra_config: &str) -> Setup {
+    common::require_root();
+    let lab = Lab::up(&lb_lab::unique_prefix(tag), nodes).unwrap_or_else(|e| panic!("{e}"));
+    let servers = lab
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| server(n, i as u32 + 1, &[]))
+        .collect();
+    let pins = PinGuard::new(tag);
+    let dir = std::env::temp_dir().join(format!("cidlb-e2e-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("cidlb.yaml");
+    std::fs::write(
+        &cfg,
+        lab.cidlb_config(&pins.0.display().to_string(), extra_config),
+    )
+    .unwrap();
+    let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    Setup {
+        lab,
+        pins,
+        _servers: servers,
+        agent,
+    }
+}
+
+const V4: &str = "192.0.2.10:5684";
+const V6: &str = "[2001:db8:ffff::10]:5684";
+
+#[test]
+fn twenty_rebinding_sessions_over_two_nodes_ipv4() {
+    let s = setup("e2", 2, "");
+    // 55 messages, a rebind after every 5th: 10 rebinds per session.
+    let run = client(
+        &s.lab,
+        V4,
+        &[
+            "--sessions",
+            "20",
+            "--messages",
+            "55",
+            "--rebind-every",
+            "5",
+        ],
+    );
+    let per_node = assert_sessions_follow_their_cid(&run, 20, 10);
+    // Handshakes spread by round robin: both nodes hold sessions.
+    assert_eq!(per_node.len(), 2, "handshakes did not spread: {per_node:?}");
+    let json = cidlb(&["stats", "--json", "--pin-dir", s.pins.0.to_str().unwrap()]);
+    assert!(json_counter(&json, "cid_routed") >= 20 * 55, "{json}");
+    assert_eq!(json_counter(&json, "drop_cid_unknown_node"), 0);
+    drop(s.agent);
+    let _ = (VIP4, VIP6);
+}
+
+#[test]
+fn rebinding_sessions_over_four_nodes_and_ipv6() {
+    let s = setup("e4", 4, "");
+    let run = client(
+        &s.lab,
+        V4,
+        &[
+            "--sessions",
+            "20",
+            "--messages",
+            "33",
+            "--rebind-every",
+            "3",
+        ],
+    );
+    let per_node = assert_sessions_follow_their_cid(&run, 20, 10);
+    assert!(
+        per_node.len() >= 3,
+        "20 handshakes over 4 nodes reached only {per_node:?}"
+    );
+    let run = client(
+        &s.lab,
+        V6,
+        &[
+            "--sessions",
+            "20",
+            "--messages",
+            "33",
+            "--rebind-every",
+            "3",
+        ],
+    );
+    let per_node = assert_sessions_follow_their_cid(&run, 20, 10);
+    assert!(
+        per_node.len() >= 3,
+        "IPv6: 20 handshakes over 4 nodes reached only {per_node:?}"
+    );
+}
+
+#[test]
+fn non_cid_session_stays_on_one_node() {
+    let s = setup("en", 2, "");
+    // Plain DTLS 1.2 (no CID), no rebinding: routed by flow, each session on one node.
+    let run = client(
+        &s.lab,
+        V4,
+        &["--sessions", "10", "--messages", "30", "--no-cid"],
+    );
+    assert!(run.ok, "{:#}", run.summary);
+    for sess in &run.sessions {
+        assert_eq!(sess["status"], "ok", "{sess}");
+        assert_eq!(sess["nodes"].as_array().unwrap().len(), 1, "{sess}");
+    }
+    let json = cidlb(&["stats", "--json", "--pin-dir", s.pins.0.to_str().unwrap()]);
+    assert_eq!(json_counter(&json, "cid_routed"), 0, "{json}");
+    assert!(json_counter(&json, "flow_hit") >= 10 * 30, "{json}");
+}
+
+#[test]
+fn cid_naming_an_unknown_node_is_dropped_and_counted() {
+    // Node 2's server issues CIDs for node 9, which the config does not know.
+    common::require_root();
+    let lab = Lab::up(&lb_lab::unique_prefix("eu"), 2).unwrap_or_else(|e| panic!("{e}"));
+    let _servers = [server(&lab.nodes[0], 1, &[]), server(&lab.nodes[1], 9, &[])];
+    let pins = PinGuard::new("eu");
+    let cfg = std::env::temp_dir().join(format!("cidlb-e2e-eu-{}.yaml", std::process::id()));
+    std::fs::write(&cfg, lab.cidlb_config(&pins.0.display().to_string(), "")).unwrap();
+    let _agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    let run = client(
+        &lab,
+        V4,
+        &["--sessions", "8", "--messages", "6", "--timeout-ms", "300"],
+    );
+    let mut healthy = 0;
+    let mut broken = 0;
+    for sess in &run.sessions {
+        match sess["server_cid"].as_str().map(|c| &c[..2]) {
+            Some("01") => {
+                assert_eq!(
+                    sess["status"], "ok",
+                    "a session on a known node was affected: {sess}"
+                );
+                healthy += 1;
+            }
+            Some("09") => {
+                assert_ne!(
+                    sess["status"], "ok",
+                    "records for an unknown node must not arrive: {sess}"
+                );
+                broken += 1;
+            }
+            other => panic!("unexpected CID {other:?}: {sess}"),
+        }
+    }
+    assert!(
+        healthy > 0 && broken > 0,
+        "healthy {healthy}, broken {broken}"
+    );
+    let json = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
+    assert!(json_counter(&json, "drop_cid_unknown_node") > 0, "{json}");
+}
+
+#[test]
+fn control_rebinding_fails_through_a_five_tuple_balancer() {
+    // The same lab and peers, but no cidlb: iptables DNAT with round robin per new 5-tuple
+    // (conntrack), as the seed uses for handshakes. A rebinding client lands on the other node
+    // half of the time, where no session exists: the test can fail.
+    common::require_root();
+    let lab = Lab::up(&lb_lab::unique_prefix("ec"), 2).unwrap_or_else(|e| panic!("{e}"));
+    let _servers = [server(&lab.nodes[0], 1, &[]), server(&lab.nodes[1], 2, &[])];
+    let b = &lab.balancer;
+    for rule in [
+        format!("-t nat -A PREROUTING -d {VIP4} -p udp --dport {PORT} -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination {}", lb_lab::node4(1)),
+        format!("-t nat -A PREROUTING -d {VIP4} -p udp --dport {PORT} -j DNAT --to-destination {}", lb_lab::node4(2)),
+    ] {
+        let mut args = vec!["iptables"];
+        args.extend(rule.split(' '));
+        b.must(&args).unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Without rebinding the same sessions work: the control differs only in the rebinding.
+    let steady = client(&lab, V4, &["--sessions", "4", "--messages", "6"]);
+    assert!(
+        steady.ok,
+        "without rebinding the 5-tuple balancer must work: {:#}",
+        steady.summary
+    );
+    let run = client(
+        &lab,
+        V4,
+        &[
+            "--sessions",
+            "6",
+            "--messages",
+            "12",
+            "--rebind-every",
+            "3",
+            "--timeout-ms",
+            "300",
+        ],
+    );
+    assert!(
+        !run.ok,
+        "rebinding sessions survived a 5-tuple balancer: the e2e tests could not fail"
+    );
+    let failed = run.summary["failed"].as_u64().unwrap();
+    assert!(
+        failed >= 3,
+        "only {failed} of 6 rebinding sessions failed: {:#}",
+        run.summary
+    );
+}
