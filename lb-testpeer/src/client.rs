@@ -21,6 +21,8 @@ pub struct Opts {
     pub sessions: u32,
     pub messages: u32,
     pub rebind_every: Option<u32>,
+    /// Pause before each message after the first (pacing, e.g. for a live demo).
+    pub interval: Duration,
     pub timeout: Duration,
     pub parallel: u32,
     pub payload_len: usize,
@@ -358,6 +360,9 @@ fn session_inner(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> 
     let mut tag = [0u8; 4];
     let mut buf = vec![0u8; 16384];
     for m in 0..o.messages {
+        if m > 0 && !o.interval.is_zero() {
+            std::thread::sleep(o.interval);
+        }
         if let Some(k) = o.rebind_every {
             if m > 0 && m % k == 0 {
                 // New source port, same DTLS session: a NAT rebinding as the server sees it.

@@ -88,6 +88,9 @@ enum Cmd {
         /// Move the session to a new UDP source port every K messages (NAT rebinding).
         #[arg(long)]
         rebind_every: Option<u32>,
+        /// Pause between a session's messages, in milliseconds (pacing).
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
         /// Per-attempt echo timeout in milliseconds (3 retries per message).
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
@@ -181,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             sessions,
             messages,
             rebind_every,
+            interval_ms,
             timeout_ms,
             parallel,
             payload_len,
@@ -215,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 sessions,
                 messages,
                 rebind_every: rebind_every.filter(|k| *k > 0),
+                interval: std::time::Duration::from_millis(interval_ms.min(60_000)),
                 timeout: std::time::Duration::from_millis(timeout_ms),
                 parallel: parallel.clamp(1, 256),
                 payload_len,

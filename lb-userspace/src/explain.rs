@@ -36,7 +36,7 @@ pub fn parse_hex(s: &str) -> anyhow::Result<Vec<u8>> {
         .chars()
         .filter(|c| !c.is_whitespace() && *c != ':')
         .collect();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         bail!("hex input has an odd number of digits");
     }
     (0..s.len())

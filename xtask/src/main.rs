@@ -4,6 +4,7 @@
 //! - `cargo xtask run -- --config FILE`  builds and runs `cidlb run --config FILE`.
 //! - `cargo xtask setup`  only the installation step; `cargo xtask build` a release build.
 
+mod demo;
 mod lab;
 mod setup;
 
@@ -33,6 +34,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// cidlb on a built-in lab with real DTLS 1.2 CID clients and servers: live counters, a
+    /// summary, then everything removed.
+    Demo,
     /// The netns lab (client, balancer, nodes) for hands-on use: `lab up [--nodes N]`, `lab down`.
     Lab {
         #[command(subcommand)]
@@ -100,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Test { no_lint, filter } => test(no_lint, filter),
+        Cmd::Demo => demo::run(),
         Cmd::Lab { cmd } => {
             setup::run()?;
             match cmd {
