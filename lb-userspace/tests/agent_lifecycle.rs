@@ -436,3 +436,67 @@ fn validate_prometheus(text: &str) -> HashSet<String> {
     }
     typed
 }
+
+#[test]
+fn explain_and_shadow_mode() {
+    common::require_root();
+    let lab = Lab::up(&lb_lab::unique_prefix("sh"), 2).unwrap_or_else(|e| panic!("{e}"));
+    let pins = PinGuard::new("sh");
+    let dir = tempdir("sh");
+    let cfg = dir.join("cidlb.yaml");
+    let _echo: Vec<Echo> = lab
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Echo::start(&n.name, i + 1, PORT))
+        .collect();
+    write(&cfg, &config(&lab, &pins.0, &[(1, ""), (2, "")], ""));
+
+    // explain: a CID record for node 2, through a private copy of the program.
+    let out = lab
+        .balancer
+        .nsenter(env!("CARGO_BIN_EXE_cidlb"))
+        .args([
+            "explain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--src",
+            "198.51.100.7:40000",
+            "--dst",
+            "192.0.2.10:5684",
+        ])
+        .args([
+            "--payload",
+            "19fefd000100000000000102a1a2a3a4a50004abcdabcd",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("counters: cid_routed"), "{text}");
+    assert!(text.contains("node:     2 (sent to it)"), "{text}");
+    assert!(text.contains(&format!("-> {}:5684", node4(2))), "{text}");
+    assert!(!pins.0.exists(), "explain must not pin anything");
+
+    // Shadow mode: routed and counted, but nothing is forwarded to the nodes.
+    let agent = AgentProc::start(&lab, &cfg, &["--shadow", "--detach-on-exit"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    let s = Stream::start(
+        &lab.client.name,
+        SocketAddr::from((VIP4, PORT)),
+        Duration::from_millis(5),
+        100,
+        cid_to(1),
+    );
+    let r = s.finish();
+    assert_eq!(r.received, 0, "shadow mode forwarded packets: {r:?}");
+    let json = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
+    assert_eq!(json_counter(&json, "cid_routed"), r.sent, "{json}");
+    assert_eq!(json_counter(&json, "shadow_pass"), r.sent, "{json}");
+    assert_eq!(json_counter(&json, "fwd_redirect"), 0, "{json}");
+    assert!(agent.terminate().expect("exits").success());
+}

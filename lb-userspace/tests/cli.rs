@@ -82,3 +82,21 @@ fn run_without_root_says_so() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("needs root"), "{}", stderr(&o));
 }
+
+#[test]
+fn log_json_gives_json_lines() {
+    let p = write("json.yaml", &GOOD.replace("id: 1", "id: 300"));
+    let o = Command::new(env!("CARGO_BIN_EXE_cidlb"))
+        .args(["--log-json", "check", "--config", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let line = stderr(&o)
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .map(str::to_owned)
+        .expect("a JSON log line");
+    assert!(
+        line.contains("\"level\":\"ERROR\"") && line.contains("nodes[0].id"),
+        "{line}"
+    );
+}

@@ -341,3 +341,41 @@ fn control_rebinding_fails_through_a_five_tuple_balancer() {
         run.summary
     );
 }
+
+#[test]
+fn dtls_health_probe_follows_a_real_server() {
+    // The dtls probe sends a ClientHello; Mbed TLS answers with a HelloVerifyRequest.
+    common::require_root();
+    let lab = Lab::up(&lb_lab::unique_prefix("eh"), 2).unwrap_or_else(|e| panic!("{e}"));
+    let _s1 = server(&lab.nodes[0], 1, &[]);
+    let s2 = server(&lab.nodes[1], 2, &[]);
+    let pins = PinGuard::new("eh");
+    let cfg = std::env::temp_dir().join(format!("cidlb-e2e-eh-{}.yaml", std::process::id()));
+    let health = "health: {probe: dtls, interval: 500ms, timeout: 300ms, fall: 2, rise: 2}\n";
+    std::fs::write(
+        &cfg,
+        lab.cidlb_config(&pins.0.display().to_string(), health),
+    )
+    .unwrap();
+    let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
+    // Healthy servers: no node goes down.
+    assert!(
+        agent
+            .wait_for("node down", Duration::from_secs(3))
+            .is_none(),
+        "a healthy DTLS server was marked down"
+    );
+    drop(s2);
+    let line = agent
+        .wait_for("node down", Duration::from_secs(5))
+        .expect("stopped server must be marked down");
+    assert!(line.contains("node=2"), "{line}");
+    let _s2 = server(&lab.nodes[1], 2, &[]);
+    let line = agent
+        .wait_for("node up", Duration::from_secs(5))
+        .expect("restarted server must come back");
+    assert!(line.contains("node=2"), "{line}");
+    // Sessions work across both nodes again.
+    let run = client(&lab, V4, &["--sessions", "6", "--messages", "6"]);
+    assert_sessions_follow_their_cid(&run, 6, 0);
+}
