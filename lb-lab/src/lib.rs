@@ -10,7 +10,9 @@
 //! Everything lives in namespaces this code created; they are deleted when the [`Lab`] drops
 //! (unless kept for `cargo xtask lab up`), and traffic never leaves them.
 
+pub mod fib;
 mod netns;
+pub mod packet;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -16,7 +16,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
-        ProgramError, Xdp, XdpMode,
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -113,6 +113,16 @@ pub fn resolve_interfaces(names: &[String]) -> Result<Vec<u32>, DatapathError> {
         .collect()
 }
 
+/// What one BPF_PROG_TEST_RUN did.
+pub struct PacketRun {
+    /// XDP action (1 drop, 2 pass, 3 tx, 4 redirect).
+    pub action: u32,
+    /// The frame after the program.
+    pub output: Vec<u8>,
+    /// Kernel-measured average time per run.
+    pub per_run: std::time::Duration,
+}
+
 /// A loaded (verified) datapath: program and maps in the kernel.
 pub struct Datapath {
     pub ebpf: Ebpf,
@@ -176,6 +186,38 @@ impl Datapath {
             .ok_or(DatapathError::Program(ProgramError::NotLoaded))?
             .try_into()
             .map_err(DatapathError::Program)
+    }
+
+    /// Runs `frame` through the program as if received on `ifindex` (BPF_PROG_TEST_RUN),
+    /// `repeat` times on the same buffer (the kernel does not restore it between runs).
+    pub fn run_packet(
+        &self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<PacketRun, DatapathError> {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = Vec::with_capacity(24);
+        for w in [0u32, frame.len() as u32, 0, ifindex, 0, 0] {
+            ctx.extend_from_slice(&w.to_ne_bytes());
+        }
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = self
+            .program()?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat: repeat.max(1),
+                ..Default::default()
+            })
+            .map_err(DatapathError::Program)?;
+        out.truncate(r.data_size_out as usize);
+        Ok(PacketRun {
+            action: r.return_value,
+            output: out,
+            per_run: r.duration,
+        })
     }
 
     /// Attaches to every configured interface through a bpf_link pinned at

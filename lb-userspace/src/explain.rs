@@ -7,7 +7,6 @@
 use std::{fmt::Write as _, net::SocketAddr};
 
 use anyhow::{bail, Context as _};
-use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use lb_common::Counter;
 
@@ -101,23 +100,12 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
     let ifindex = datapath::resolve_interfaces(&[ingress.to_owned()])?[0];
     let mut dp = Datapath::load(cfg)?;
     provision::provision(&mut dp.ebpf, cfg, &ifindexes, &|_| true)?;
-    let mut ctx = Vec::new();
-    for w in [0u32, frame.len() as u32, 0, ifindex, 0, 0] {
-        ctx.extend_from_slice(&w.to_ne_bytes());
-    }
-    let mut out = vec![0u8; frame.len() + 256];
     let r = dp
-        .program()?
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
+        .run_packet(frame, ifindex, 1)
         .context("BPF_PROG_TEST_RUN")?;
-    out.truncate(r.data_size_out as usize);
+    let out = r.output;
     let snap = Snapshot::from_ebpf(&dp.ebpf)?;
-    let action = match r.return_value {
+    let action = match r.action {
         0 => "XDP_ABORTED",
         1 => "XDP_DROP (dropped)",
         2 => "XDP_PASS (to the kernel)",

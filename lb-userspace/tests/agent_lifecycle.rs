@@ -14,10 +14,13 @@ use std::{
 
 use common::{
     agent::{cidlb, json_counter, AgentProc, PinGuard},
-    packet::{cid_record, handshake_record},
     traffic::{warm_up, Echo, Stream},
 };
-use lb_lab::{node4, node6, Lab, PORT, VIP4, VIP6};
+use lb_lab::{
+    node4, node6,
+    packet::{cid_record, handshake_record},
+    Lab, PORT, VIP4, VIP6,
+};
 
 /// A lab config with the given nodes (`k`, extra YAML fields).
 fn config(lab: &Lab, pin_dir: &Path, nodes: &[(usize, &str)], extra: &str) -> String {

@@ -11,34 +11,18 @@ mod common;
 
 use std::net::IpAddr;
 
-use aya::programs::{TestRun, TestRunOptions};
 use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot};
-use common::packet::{assert_checksums, cid_record, handshake_record, Frame, Mac};
 use lb_common::Counter::{self, *};
-use lb_lab::{pin_to_cpu, NetNs};
+use lb_lab::{
+    fib::*,
+    packet::{assert_checksums, cid_record, handshake_record, Frame, Mac},
+    pin_to_cpu, NetNs,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
-
-// Balancer interfaces (in the test netns) and their MACs.
-const FXC_MAC: Mac = [0x02, 0xcc, 0, 0, 0, 0x01]; // client side
-const FXN_MAC: Mac = [0x02, 0xcc, 0, 0, 0, 0x02]; // node side
-const FXO_MAC: Mac = [0x02, 0xcc, 0, 0, 0, 0x03]; // not attached
-const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x07];
-const NODE1_MAC: Mac = [0x02, 0, 0, 0, 0, 0x11];
-const NODE2_MAC: Mac = [0x02, 0, 0, 0, 0, 0x12];
-const ONEARM_MAC: Mac = [0x02, 0, 0, 0, 0, 0x50];
-
-const VIP4: &str = "192.0.2.10";
-const VIP6: &str = "2001:db8:ffff::10";
-const CLIENT4: &str = "198.51.100.7";
-const CLIENT6: &str = "2001:db8:c::7";
-const NODE1_4: &str = "203.0.113.11";
-const NODE2_4: &str = "203.0.113.12";
-const NODE1_6: &str = "2001:db8:1::11";
-const NODE2_6: &str = "2001:db8:1::12";
 
 const BASE: &str = r#"
 interfaces: [fxc, fxn]
@@ -56,55 +40,6 @@ nodes:
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-/// Builds the namespace the FIB lookups run against.
-fn lab() -> NetNs {
-    let ns = NetNs::new("fx");
-    for (dev, peer, mac) in [
-        ("fxc", "fxcp", FXC_MAC),
-        ("fxn", "fxnp", FXN_MAC),
-        ("fxo", "fxop", FXO_MAC),
-    ] {
-        ns.ip(&format!("link add {dev} type veth peer name {peer}"))
-            .unwrap();
-        ns.ip(&format!("link set {dev} address {}", mac_str(mac)))
-            .unwrap();
-        ns.ip(&format!("link set {dev} up")).unwrap();
-        ns.ip(&format!("link set {peer} up")).unwrap();
-    }
-    ns.ip("addr add 198.51.100.1/24 dev fxc").unwrap();
-    ns.ip("addr add 2001:db8:c::1/64 dev fxc nodad").unwrap();
-    ns.ip("addr add 203.0.113.1/24 dev fxn").unwrap();
-    ns.ip("addr add 2001:db8:1::1/64 dev fxn nodad").unwrap();
-    ns.ip("addr add 100.64.0.1/24 dev fxo").unwrap();
-    for (addr, mac, dev) in [
-        (CLIENT4, CLIENT_MAC, "fxc"),
-        (CLIENT6, CLIENT_MAC, "fxc"),
-        ("198.51.100.50", ONEARM_MAC, "fxc"),
-        (NODE1_4, NODE1_MAC, "fxn"),
-        (NODE2_4, NODE2_MAC, "fxn"),
-        (NODE1_6, NODE1_MAC, "fxn"),
-        (NODE2_6, NODE2_MAC, "fxn"),
-        ("100.64.0.9", [2, 0, 0, 0, 0, 9], "fxo"),
-    ] {
-        ns.ip(&format!(
-            "neigh replace {addr} lladdr {} nud permanent dev {dev}",
-            mac_str(mac)
-        ))
-        .unwrap();
-    }
-    // 203.0.113.13 (node 3 in some cases) deliberately has no neighbour entry.
-    ns.sysctl("net.ipv4.ip_forward=1").unwrap();
-    ns.sysctl("net.ipv6.conf.all.forwarding=1").unwrap();
-    ns
-}
-
-fn mac_str(m: Mac) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// One packet through the program.
@@ -766,30 +701,18 @@ fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
     let mut dp = Datapath::load(&cfg).map_err(|e| fail(e.to_string()))?;
     provision::provision(&mut dp.ebpf, &cfg, &ifindexes, &|_| true)
         .map_err(|e| fail(e.to_string()))?;
-    let prog = dp.program().map_err(|e| fail(e.to_string()))?;
     for (i, s) in c.steps.iter().enumerate() {
         std::thread::sleep(std::time::Duration::from_millis(s.pause_ms));
         let ifindex = cidlb::datapath::resolve_interfaces(&[s.ingress.to_owned()])
             .map_err(|e| fail(e.to_string()))?[0];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = Vec::new();
-        for w in [0u32, s.input.len() as u32, 0, ifindex, 0, 0] {
-            ctx.extend_from_slice(&w.to_ne_bytes());
-        }
-        let mut out = vec![0u8; s.input.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&s.input),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
+        let r = dp
+            .run_packet(&s.input, ifindex, 1)
             .map_err(|e| fail(format!("step {i}: test_run: {e}")))?;
-        out.truncate(r.data_size_out as usize);
-        if r.return_value != s.action {
+        let out = r.output;
+        if r.action != s.action {
             return Err(fail(format!(
                 "step {i}: action {} want {}",
-                r.return_value, s.action
+                r.action, s.action
             )));
         }
         let want = s.output.as_ref().unwrap_or(&s.input);
@@ -842,7 +765,7 @@ fn hex(b: &[u8]) -> String {
 #[test]
 fn fixtures() {
     common::require_root();
-    let ns = lab();
+    let ns = lb_lab::fib::netns("fx");
     let cases = cases();
     assert!(
         cases.len() >= 30,

@@ -12,10 +12,12 @@ use std::{
 
 use common::{
     agent::{cidlb, json_counter, AgentProc, PinGuard},
-    packet::{cid_record, handshake_record},
     traffic::Echo,
 };
-use lb_lab::{Lab, VIP4, VIP6};
+use lb_lab::{
+    packet::{cid_record, handshake_record},
+    Lab, VIP4, VIP6,
+};
 
 const PORT: u16 = lb_lab::PORT;
 

@@ -2,7 +2,6 @@
 #![allow(dead_code, reason = "each test binary uses part of this module")]
 
 pub mod agent;
-pub mod packet;
 pub mod traffic;
 
 pub use lb_lab::require_root;

@@ -191,7 +191,7 @@ pub fn warm_up(client_ns: &str, nodes: usize) {
             let s = UdpSocket::bind(if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
             for k in 1..=nodes as u8 {
-                let rec = crate::common::packet::cid_record(&[k, 0xee, 0xee, 0xee, 0xee, 0xee], b"warm-up");
+                let rec = lb_lab::packet::cid_record(&[k, 0xee, 0xee, 0xee, 0xee, 0xee], b"warm-up");
                 let mut buf = [0u8; 512];
                 let answered = (0..25).any(|_| {
                     let _ = s.send_to(&rec, vip);
