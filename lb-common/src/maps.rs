@@ -33,10 +33,15 @@ pub const MAX_REVERSE: u32 = 65536;
 pub const MAX_IFACES: u32 = 64;
 /// Default flow table capacity (overridden from the config at load time).
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
+/// Largest flow table the config accepts. The kernel preallocates it; `cargo xtask bench`
+/// measures what it costs.
+pub const MAX_FLOW_CAPACITY: u32 = 1 << 24;
 
 /// Map names: the static names in lb-ebpf, pin file names and bpftool names (≤ 15 bytes).
 pub mod names {
     pub const PROGRAM: &str = "cidlb";
+    /// The empty reference program (bench only).
+    pub const FLOOR: &str = "cidlb_floor";
     pub const STATS: &str = "STATS";
     pub const NODE_STATS: &str = "NODE_STATS";
     pub const NODES: &str = "NODES";

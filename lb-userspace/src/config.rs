@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{DpConfig, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS};
+use lb_common::{DpConfig, MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS};
 use serde::{de, Deserialize, Deserializer};
 
 /// A configuration problem: which file, which key, what is wrong.
@@ -551,10 +551,13 @@ impl Config {
         if self.flows.idle_timeout.is_zero() {
             return err("flows.idle_timeout", "must be longer than 0".into());
         }
-        if !(1..=(1 << 28)).contains(&self.flows.capacity) {
+        if !(1..=MAX_FLOW_CAPACITY).contains(&self.flows.capacity) {
             return err(
                 "flows.capacity",
-                format!("{} is outside 1..268435456", self.flows.capacity),
+                format!(
+                    "{} is outside 1..{MAX_FLOW_CAPACITY} (the table is preallocated)",
+                    self.flows.capacity
+                ),
             );
         }
 

@@ -179,6 +179,17 @@ impl Datapath {
         Ok(Self { ebpf })
     }
 
+    /// Loads the empty reference program from the same object (bench only).
+    pub fn load_floor(&mut self) -> Result<(), DatapathError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(names::FLOOR)
+            .ok_or(DatapathError::Program(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(DatapathError::Program)?;
+        prog.load().map_err(DatapathError::Program)
+    }
+
     /// The XDP program.
     pub fn program(&self) -> Result<&Xdp, DatapathError> {
         self.ebpf
@@ -196,14 +207,30 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Result<PacketRun, DatapathError> {
+        self.run_program(names::PROGRAM, frame, ifindex, repeat)
+    }
+
+    /// [`Datapath::run_packet`] with another (loaded) program of the object, e.g. the floor.
+    pub fn run_program(
+        &self,
+        name: &str,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<PacketRun, DatapathError> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Program(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(DatapathError::Program)?;
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
         let mut ctx = Vec::with_capacity(24);
         for w in [0u32, frame.len() as u32, 0, ifindex, 0, 0] {
             ctx.extend_from_slice(&w.to_ne_bytes());
         }
         let mut out = vec![0u8; frame.len() + 256];
-        let r = self
-            .program()?
+        let r = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),

@@ -34,6 +34,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure: per-path kernel cost (BPF_PROG_TEST_RUN) and memory; writes target/bench/.
+    Bench {
+        /// More repeats and rounds, flow tables up to 1,000,000 (longer).
+        #[arg(long)]
+        full: bool,
+    },
     /// cidlb on a built-in lab with real DTLS 1.2 CID clients and servers: live counters, a
     /// summary, then everything removed.
     Demo,
@@ -105,6 +111,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Test { no_lint, filter } => test(no_lint, filter),
         Cmd::Demo => demo::run(),
+        Cmd::Bench { full } => bench(full),
         Cmd::Lab { cmd } => {
             setup::run()?;
             match cmd {
@@ -147,6 +154,20 @@ fn describe(cmd: &Command) -> String {
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn bench(full: bool) -> Result<()> {
+    setup::run()?;
+    sh(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-bench"]))?;
+    let out = root().join("target/bench");
+    let mut cmd = Command::new(root().join("target/release/cidlb-bench"));
+    cmd.arg("--out").arg(&out);
+    if full {
+        cmd.arg("--full");
+    }
+    sh(&mut cmd)?;
+    print!("{}", std::fs::read_to_string(out.join("results.md"))?);
+    Ok(())
 }
 
 fn build_release() -> Result<()> {

@@ -1,0 +1,358 @@
+//! Per-packet cost in the kernel, per datapath path, with BPF_PROG_TEST_RUN.
+//!
+//! The kernel runs a program `repeat` times on the same buffer without restoring it. A packet
+//! the program rewrites would take another path from the second run on, so the forwarding
+//! paths (CID routed, new flow, known flow, reply) are measured in shadow mode: parsing, VIP
+//! and port lookup, CID decoding, flow table, node lookup and bpf_fib_lookup all run, but the
+//! header writes (addresses, ports, checksums, TTL, MACs) and the redirect do not. Pass and
+//! drop paths change nothing and run as they are. "New flow" uses a 1 ns idle timeout, so
+//! every run re-pins its flow: a lookup, a round-robin pick and a table update.
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use anyhow::{anyhow, Result};
+use aya::maps::HashMap;
+use cidlb::{config::Config, datapath::Datapath, provision};
+use lb_common::{names, Flow, FlowKey, FAMILY_V4};
+use lb_lab::{
+    fib::{CLIENT_MAC, FXC_MAC, FXN_MAC},
+    packet::{cid_record, handshake_record, Frame},
+    NetNs,
+};
+use serde_json::{json, Value};
+
+use crate::{stats, Effort};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("literal address")
+}
+
+/// Node `k`'s address in the bench's 198.18.0.0/16 (RFC 2544 benchmarking range).
+fn node_addr(k: u32) -> String {
+    format!("198.18.{}.{}", k / 256, k % 256)
+}
+
+fn config(nodes: u32, capacity: u32) -> Result<Config> {
+    let mut y = String::from(
+        "interfaces: [fxc, fxn]\nvips: [{address: 192.0.2.10, ports: [5684]}]\n\
+         dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 2}\nnodes:\n",
+    );
+    for k in 1..=nodes {
+        y.push_str(&format!("  - {{id: {k}, address: {}}}\n", node_addr(k)));
+    }
+    y.push_str(&format!("flows: {{capacity: {capacity}}}\n"));
+    Config::parse(&y, Path::new("bench.yaml")).map_err(|e| anyhow!("{e}"))
+}
+
+/// A loaded, provisioned datapath in one of the measuring modes.
+fn datapath(cfg: &Config, shadow: bool, always_new: bool, ifindexes: &[u32]) -> Result<Datapath> {
+    let mut cfg = cfg.clone();
+    cfg.shadow = shadow;
+    if always_new {
+        cfg.flows.idle_timeout = Duration::from_nanos(1);
+    }
+    let mut dp = Datapath::load(&cfg)?;
+    provision::provision(&mut dp.ebpf, &cfg, ifindexes, &|_| true)?;
+    Ok(dp)
+}
+
+struct Frames {
+    cid: Vec<u8>,
+    hello: Vec<u8>,
+    reply: Vec<u8>,
+    other_port: Vec<u8>,
+    malformed: Vec<u8>,
+}
+
+fn frames() -> Frames {
+    let client = |dport: u16, payload: &[u8]| {
+        Frame::udp(
+            CLIENT_MAC,
+            FXC_MAC,
+            ip("198.51.100.7"),
+            40000,
+            ip("192.0.2.10"),
+            dport,
+            payload,
+        )
+        .bytes()
+    };
+    let body = [0xabu8; 64];
+    Frames {
+        cid: client(5684, &cid_record(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4], &body)),
+        hello: client(5684, &handshake_record(&body)),
+        reply: Frame::udp(
+            [2, 0, 0, 0, 1, 1],
+            FXN_MAC,
+            ip(&node_addr(1)),
+            5684,
+            ip("198.51.100.7"),
+            40000,
+            &body,
+        )
+        .bytes(),
+        other_port: client(9999, &body),
+        malformed: client(5684, &cid_record(&[0, 1, 0xa1], b"")),
+    }
+}
+
+/// Adds the bench nodes' subnet and a permanent neighbour for each, so FIB lookups succeed.
+fn add_nodes(ns: &NetNs, nodes: u32) -> Result<()> {
+    ns.ip("addr add 198.18.255.254/16 dev fxn")
+        .map_err(|e| anyhow!(e))?;
+    let mut batch = String::new();
+    for k in 1..=nodes {
+        batch.push_str(&format!(
+            "neigh replace {} lladdr 02:00:00:01:{:02x}:{:02x} nud permanent dev fxn\n",
+            node_addr(k),
+            k / 256,
+            k % 256
+        ));
+    }
+    let file = std::env::temp_dir().join(format!("cidlb-bench-neigh-{}", std::process::id()));
+    std::fs::write(&file, batch)?;
+    let r = lb_lab::run(
+        "ip",
+        &["-n", &ns.name, "-batch", file.to_str().expect("utf-8")],
+    );
+    let _ = std::fs::remove_file(&file);
+    r.map(|_| ()).map_err(|e| anyhow!(e))
+}
+
+/// Fills the flow table with `n` flows that no bench packet matches.
+fn prefill(dp: &mut Datapath, n: u64) -> Result<()> {
+    let map = dp
+        .ebpf
+        .map_mut(names::FLOWS)
+        .ok_or_else(|| anyhow!("no FLOWS"))?;
+    let mut flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(map)?;
+    for i in 0..n {
+        let key = FlowKey {
+            src: [
+                u32::from_ne_bytes([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+                0,
+                0,
+                0,
+            ],
+            dst: [u32::from_ne_bytes([192, 0, 2, 10]), 0, 0, 0],
+            sport: (1024 + (i % 60000) as u16).to_be(),
+            dport: 5684u16.to_be(),
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        let flow = Flow {
+            node_id: 1,
+            _pad: 0,
+            last_seen_ns: 0,
+        };
+        flows.insert(key, flow, 0)?;
+    }
+    Ok(())
+}
+
+struct Case<'a> {
+    path: &'static str,
+    how: &'static str,
+    dp: &'a Datapath,
+    program: &'static str,
+    frame: &'a [u8],
+    ingress: u32,
+    samples: Vec<f64>,
+}
+
+fn measure(cases: &mut [Case<'_>], effort: Effort) -> Result<()> {
+    for _ in 0..effort.rounds {
+        for c in cases.iter_mut() {
+            let r =
+                c.dp.run_program(c.program, c.frame, c.ingress, effort.repeat)?;
+            c.samples.push(r.per_run.as_nanos() as f64);
+        }
+    }
+    Ok(())
+}
+
+fn record(c: &Case<'_>, floor: f64, nodes: u32, flows: u64, effort: Effort) -> Value {
+    let (med, min, max) = stats(&c.samples);
+    json!({
+        "part": "prog", "path": c.path, "how": c.how, "nodes": nodes, "flows": flows,
+        "median_ns": med, "min_ns": min, "max_ns": max,
+        "ratio_to_floor": if floor > 0.0 { med / floor } else { 0.0 },
+        "repeat": effort.repeat, "rounds": effort.rounds,
+    })
+}
+
+pub fn run(effort: Effort) -> Result<Vec<Value>> {
+    let ns = lb_lab::fib::netns("bn");
+    let max_nodes = 256;
+    add_nodes(&ns, max_nodes)?;
+    let name = ns.name.clone();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            lb_lab::enter(&name);
+            lb_lab::pin_to_cpu(0);
+            run_inside(effort)
+        })
+        .join()
+        .map_err(|_| anyhow!("bench thread panicked"))?
+    })
+}
+
+fn run_inside(effort: Effort) -> Result<Vec<Value>> {
+    let ifs = cidlb::datapath::resolve_interfaces(&["fxc".into(), "fxn".into()])?;
+    let (fxc, fxn) = (ifs[0], ifs[1]);
+    let f = frames();
+    let mut out = Vec::new();
+
+    // The main table: every path at 2 nodes, one flow.
+    let cfg = config(2, 4096)?;
+    let mut plain = datapath(&cfg, false, false, &ifs)?;
+    plain.load_floor()?;
+    let shadow = datapath(&cfg, true, false, &ifs)?;
+    let fresh = datapath(&cfg, true, true, &ifs)?;
+    let (prog, floor) = (names::PROGRAM, names::FLOOR);
+    let mut cases = vec![
+        Case {
+            path: "empty program (floor)",
+            how: "XDP_PASS only",
+            dp: &plain,
+            program: floor,
+            frame: &f.cid,
+            ingress: fxc,
+            samples: vec![],
+        },
+        Case {
+            path: "CID record routed",
+            how: "shadow",
+            dp: &shadow,
+            program: prog,
+            frame: &f.cid,
+            ingress: fxc,
+            samples: vec![],
+        },
+        Case {
+            path: "new flow",
+            how: "shadow, re-pinned every run",
+            dp: &fresh,
+            program: prog,
+            frame: &f.hello,
+            ingress: fxc,
+            samples: vec![],
+        },
+        Case {
+            path: "known flow",
+            how: "shadow",
+            dp: &shadow,
+            program: prog,
+            frame: &f.hello,
+            ingress: fxc,
+            samples: vec![],
+        },
+        Case {
+            path: "reply un-NAT",
+            how: "shadow",
+            dp: &shadow,
+            program: prog,
+            frame: &f.reply,
+            ingress: fxn,
+            samples: vec![],
+        },
+        Case {
+            path: "non-VIP port, passed",
+            how: "as is",
+            dp: &plain,
+            program: prog,
+            frame: &f.other_port,
+            ingress: fxc,
+            samples: vec![],
+        },
+        Case {
+            path: "malformed CID record, dropped",
+            how: "as is",
+            dp: &plain,
+            program: prog,
+            frame: &f.malformed,
+            ingress: fxc,
+            samples: vec![],
+        },
+    ];
+    measure(&mut cases, effort)?;
+    let floor_ns = stats(&cases[0].samples).0;
+    for c in &cases {
+        out.push(record(c, floor_ns, 2, 1, effort));
+    }
+    eprintln!("  paths done (floor {floor_ns:.0} ns)");
+
+    // Growth with the number of nodes.
+    for nodes in [2u32, 16, 64, 256] {
+        let cfg = config(nodes, 4096)?;
+        let shadow = datapath(&cfg, true, false, &ifs)?;
+        let fresh = datapath(&cfg, true, true, &ifs)?;
+        let mut cases = vec![
+            Case {
+                path: "CID record routed",
+                how: "shadow",
+                dp: &shadow,
+                program: prog,
+                frame: &f.cid,
+                ingress: fxc,
+                samples: vec![],
+            },
+            Case {
+                path: "new flow",
+                how: "shadow, re-pinned every run",
+                dp: &fresh,
+                program: prog,
+                frame: &f.hello,
+                ingress: fxc,
+                samples: vec![],
+            },
+        ];
+        measure(&mut cases, effort)?;
+        for c in &cases {
+            let mut r = record(c, floor_ns, nodes, 1, effort);
+            r["series"] = json!("nodes");
+            out.push(r);
+        }
+        eprintln!("  {nodes} nodes done");
+    }
+
+    // Growth with the number of flows in the table.
+    let mut sizes = vec![1u64, 1_000, 100_000];
+    if effort.max_flows >= 1_000_000 {
+        sizes.push(1_000_000);
+    }
+    for flows in sizes {
+        let cfg = config(2, (2 * flows).max(4096) as u32)?;
+        let mut shadow = datapath(&cfg, true, false, &ifs)?;
+        prefill(&mut shadow, flows.saturating_sub(1))?;
+        let mut cases = vec![
+            Case {
+                path: "known flow",
+                how: "shadow",
+                dp: &shadow,
+                program: prog,
+                frame: &f.hello,
+                ingress: fxc,
+                samples: vec![],
+            },
+            Case {
+                path: "CID record routed",
+                how: "shadow",
+                dp: &shadow,
+                program: prog,
+                frame: &f.cid,
+                ingress: fxc,
+                samples: vec![],
+            },
+        ];
+        measure(&mut cases, effort)?;
+        for c in &cases {
+            let mut r = record(c, floor_ns, 2, flows, effort);
+            r["series"] = json!("flows");
+            out.push(r);
+        }
+        eprintln!("  {flows} flows done");
+    }
+    let _ = fxn;
+    Ok(out)
+}

@@ -1,0 +1,175 @@
+//! Results as JSON lines, a Markdown report and an SVG chart.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Result;
+use serde_json::Value;
+
+use crate::Effort;
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("kernel {}, {cores} × {cpu}", kernel.trim())
+}
+
+pub fn write(dir: &Path, effort: Effort, records: &[Value]) -> Result<()> {
+    let mut jsonl = String::new();
+    for r in records {
+        jsonl.push_str(&r.to_string());
+        jsonl.push('\n');
+    }
+    std::fs::write(dir.join("results.jsonl"), jsonl)?;
+    std::fs::write(dir.join("results.md"), markdown(effort, records))?;
+    std::fs::write(dir.join("chart.svg"), svg(records))?;
+    Ok(())
+}
+
+fn main_paths(records: &[Value]) -> Vec<&Value> {
+    records
+        .iter()
+        .filter(|r| r["part"] == "prog" && r.get("series").is_none())
+        .collect()
+}
+
+fn markdown(effort: Effort, records: &[Value]) -> String {
+    let mut s = String::new();
+    let mode = if effort.full {
+        "cargo xtask bench --full"
+    } else {
+        "cargo xtask bench"
+    };
+    let _ = writeln!(s, "Made by `{mode}` on {}.\n", machine());
+    let paths = main_paths(records);
+    if !paths.is_empty() {
+        let _ = writeln!(
+            s,
+            "### Per-packet cost in the kernel\n\nBPF_PROG_TEST_RUN, {} runs per sample, median of {} samples (min–max), 2 nodes, \
+             1 flow. Forwarding paths run in shadow mode (every lookup, no header writes; see lb-bench/src/prog.rs).\n",
+            effort.repeat, effort.rounds
+        );
+        let _ = writeln!(
+            s,
+            "| path | measured | ns/packet | × floor |\n|---|---|---|---|"
+        );
+        for r in &paths {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} ({:.0}–{:.0}) | {:.2} |",
+                r["path"].as_str().unwrap_or(""),
+                r["how"].as_str().unwrap_or(""),
+                f(&r["median_ns"]),
+                f(&r["min_ns"]),
+                f(&r["max_ns"]),
+                f(&r["ratio_to_floor"])
+            );
+        }
+        for (series, label) in [("nodes", "nodes"), ("flows", "flows in the table")] {
+            let rows: Vec<&Value> = records.iter().filter(|r| r["series"] == series).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(s, "\n#### Growth with {label} (ns/packet, median)\n");
+            let mut cols: Vec<String> = Vec::new();
+            for r in &rows {
+                let p = r["path"].as_str().unwrap_or("").to_owned();
+                if !cols.contains(&p) {
+                    cols.push(p);
+                }
+            }
+            let _ = writeln!(
+                s,
+                "| {label} | {} |\n|---|{}",
+                cols.join(" | "),
+                "---|".repeat(cols.len())
+            );
+            let mut keys: Vec<u64> = rows
+                .iter()
+                .map(|r| r[series].as_u64().unwrap_or(0))
+                .collect();
+            keys.dedup();
+            for k in keys {
+                let cells: Vec<String> = cols
+                    .iter()
+                    .map(|c| {
+                        rows.iter()
+                            .find(|r| r[series].as_u64() == Some(k) && r["path"] == c.as_str())
+                            .map_or(String::new(), |r| {
+                                format!(
+                                    "{:.0} ({:.2}×)",
+                                    f(&r["median_ns"]),
+                                    f(&r["ratio_to_floor"])
+                                )
+                            })
+                    })
+                    .collect();
+                let _ = writeln!(s, "| {k} | {} |", cells.join(" | "));
+            }
+        }
+    }
+    let mem: Vec<&Value> = records.iter().filter(|r| r["part"] == "memory").collect();
+    if !mem.is_empty() {
+        let _ = writeln!(s, "\n### Memory\n\n| flow capacity | agent RSS | all maps (kernel) | of which FLOWS | agent start |\n|---|---|---|---|---|");
+        for r in mem {
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} s |",
+                r["flow_capacity"],
+                f(&r["agent_rss_kib"]) / 1024.0,
+                f(&r["maps_bytes"]) / 1048576.0,
+                f(&r["flows_bytes"]) / 1048576.0,
+                f(&r["start_secs"])
+            );
+        }
+    }
+    s
+}
+
+/// Horizontal bars: median ns per path, the floor marked.
+fn svg(records: &[Value]) -> String {
+    let paths = main_paths(records);
+    let max = paths.iter().map(|r| f(&r["max_ns"])).fold(1.0, f64::max);
+    let (w, bar, gap, left) = (760.0, 22.0, 8.0, 250.0);
+    let h = 40.0 + paths.len() as f64 * (bar + gap) + 20.0;
+    let scale = (w - left - 80.0) / max;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">cidlb: kernel cost per packet (BPF_PROG_TEST_RUN, median, min–max whiskers)</text>\n"
+    );
+    for (i, r) in paths.iter().enumerate() {
+        let y = 40.0 + i as f64 * (bar + gap);
+        let (med, min, maxv) = (f(&r["median_ns"]), f(&r["min_ns"]), f(&r["max_ns"]));
+        let color = if i == 0 { "#999" } else { "#3a7bd5" };
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\
+             <rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"{bar}\" fill=\"{color}\"/>\
+             <line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#000\"/>\
+             <text x=\"{:.1}\" y=\"{}\">{med:.0} ns</text>",
+            left - 8.0,
+            y + 15.0,
+            r["path"].as_str().unwrap_or(""),
+            med * scale,
+            left + min * scale,
+            left + maxv * scale,
+            y + bar / 2.0,
+            y + bar / 2.0,
+            left + maxv * scale + 6.0,
+            y + 15.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
