@@ -53,6 +53,7 @@ pub mod names {
     pub const VIP_PORTS: &str = "VIP_PORTS";
     pub const REVERSE: &str = "REVERSE";
     pub const DEVMAP: &str = "DEVMAP";
+    pub const NEXTHOP: &str = "NEXTHOP";
     /// Read-only global holding [`super::DpConfig`].
     pub const CONFIG: &str = "CONFIG";
 }
@@ -186,7 +187,24 @@ pub struct Reverse {
     pub node_slot: u32,
 }
 
+/// Lifetime of a cached next hop (`NEXTHOP`): a neighbour's new MAC is used within this time.
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+
+/// `NEXTHOP` per-CPU value, indexed by `node slot * 2 + family index`: the FIB result for the
+/// node's address, so most packets to a node skip `bpf_fib_lookup`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `bpf_ktime_get_ns()` after which the entry is stale; 0 = empty.
+    pub expires_ns: u64,
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 8],
+}
+
 const _: () = {
+    assert!(size_of::<NextHop>() == 32);
     assert!(size_of::<DpConfig>() == 32);
     assert!(size_of::<Node>() == 32);
     assert!(size_of::<NodeStats>() == 32);
@@ -211,4 +229,5 @@ mod pod {
     unsafe impl aya::Pod for super::Vip {}
     unsafe impl aya::Pod for super::ReverseKey {}
     unsafe impl aya::Pod for super::Reverse {}
+    unsafe impl aya::Pod for super::NextHop {}
 }

@@ -9,11 +9,13 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NOT_FWDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{csum::CsumDelta, Counter, FAMILY_V4};
+use lb_common::{
+    csum::CsumDelta, family_index, Counter, NextHop as CachedHop, FAMILY_V4, NEXTHOP_TTL_NS,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -43,6 +45,67 @@ impl NextHop {
     #[inline(always)]
     pub fn is_local(&self) -> bool {
         self.rc == BPF_FIB_LKUP_RET_NOT_FWDED
+    }
+}
+
+/// The next hop towards a node: from the per-CPU cache if fresh, else a FIB lookup whose
+/// successful result is cached for `NEXTHOP_TTL_NS`. Failed lookups (no neighbour yet, ...)
+/// are not cached, so the kernel keeps resolving them.
+#[inline(always)]
+pub fn lookup_node(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    to: &Addressing,
+    slot: u32,
+) -> Result<NextHop, Counter> {
+    let idx = slot * 2 + family_index(pkt.family);
+    let now = unsafe { bpf_ktime_get_ns() };
+    if pkt.vlans == 0 {
+        if let Some(c) = maps::NEXTHOP.get_ptr(idx) {
+            // SAFETY: per-CPU slot, copied out.
+            let c = unsafe { *c };
+            if c.expires_ns > now {
+                // SAFETY: plain-old-data struct of integers.
+                let mut fib: FibParams = unsafe { zeroed() };
+                fib.ifindex = c.ifindex;
+                fib.smac = c.smac;
+                fib.dmac = c.dmac;
+                return Ok(NextHop {
+                    fib,
+                    rc: BPF_FIB_LKUP_RET_SUCCESS,
+                    ingress: ctx.ingress_ifindex() as u32,
+                    ttl: ttl(ctx, pkt)?,
+                });
+            }
+        }
+    }
+    let hop = lookup(ctx, pkt, to)?;
+    if hop.rc == BPF_FIB_LKUP_RET_SUCCESS {
+        if let Some(c) = maps::NEXTHOP.get_ptr_mut(idx) {
+            // SAFETY: per-CPU slot.
+            unsafe {
+                *c = CachedHop {
+                    expires_ns: now + NEXTHOP_TTL_NS,
+                    ifindex: hop.fib.ifindex,
+                    smac: hop.fib.smac,
+                    dmac: hop.fib.dmac,
+                    _pad: [0; 8],
+                }
+            };
+        }
+    }
+    Ok(hop)
+}
+
+#[inline(always)]
+fn ttl(ctx: &XdpContext, pkt: &Packet) -> Result<u8, Counter> {
+    // SAFETY: bounds checked by ptr_at.
+    if pkt.family == FAMILY_V4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        Ok(unsafe { (*ip).ttl })
+    } else {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        Ok(unsafe { (*ip).hop_limit })
     }
 }
 

@@ -77,7 +77,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
             dtls::Route::Flow => flow::route(&pkt, &udp, &cfg)?,
         };
         let rw = Rewrite::to_node(&pkt, &udp, &node)?;
-        let hop = forward::lookup(ctx, &pkt, &rw.addressing(&pkt, &udp))?;
+        let hop = forward::lookup_node(ctx, &pkt, &rw.addressing(&pkt, &udp), node.slot)?;
         stats::to_node(ctx, node.slot);
         return finish(ctx, &pkt, &udp, &rw, &hop, &cfg);
     }

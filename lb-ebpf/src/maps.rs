@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Counter, Flow, FlowKey, Node, NodeStats, Reverse, ReverseKey, Vip, VipKey,
+    Counter, Flow, FlowKey, NextHop, Node, NodeStats, Reverse, ReverseKey, Vip, VipKey,
     DEFAULT_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS, PORT_WORDS,
 };
 
@@ -55,6 +55,10 @@ pub static REVERSE: HashMap<ReverseKey, Reverse> = HashMap::with_max_entries(MAX
 /// ifindex → ifindex of the interfaces cidlb is attached to (redirect targets).
 #[map]
 pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+
+/// Per-CPU next-hop cache per node and family (see `forward::lookup_node`).
+#[map]
+pub static NEXTHOP: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(2 * MAX_NODES, 0);
 
 /// The node with this id, if configured.
 #[inline(always)]

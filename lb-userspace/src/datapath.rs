@@ -41,6 +41,7 @@ pub const MAP_NAMES: &[&str] = &[
     names::VIP_PORTS,
     names::REVERSE,
     names::DEVMAP,
+    names::NEXTHOP,
 ];
 
 /// The program's pin (for bpftool); the links hold the program anyway.

@@ -156,6 +156,16 @@ pub fn nodes_and_rings(
         }
         nodes.push((n.id, node));
     }
+    // Cached next hops belong to a slot's previous owner (or its old address): forget them
+    // before the new node entries can be read.
+    clear_nexthops(
+        ebpf,
+        slots
+            .values()
+            .copied()
+            .chain(old_slots.values().copied())
+            .max(),
+    )?;
     let stale_nodes = insert_all(ebpf, names::NODES, &nodes)?;
 
     {
@@ -279,6 +289,26 @@ fn devmap(ebpf: &mut Ebpf, ifindexes: &[u32]) -> Result<(), DatapathError> {
         .collect();
     for k in stale {
         devmap.remove(k).map_err(merr(names::DEVMAP))?;
+    }
+    Ok(())
+}
+
+/// Empties the next-hop cache of slots `0..=max_slot` (both families, every CPU).
+fn clear_nexthops(ebpf: &mut Ebpf, max_slot: Option<u32>) -> Result<(), DatapathError> {
+    let Some(max_slot) = max_slot else {
+        return Ok(());
+    };
+    let merr_n = |message: String| DatapathError::Map {
+        name: names::NEXTHOP,
+        message,
+    };
+    let mut cache: PerCpuArray<_, lb_common::NextHop> =
+        PerCpuArray::try_from(map(ebpf, names::NEXTHOP)?).map_err(merr(names::NEXTHOP))?;
+    let cpus = nr_cpus().map_err(|(_, e)| merr_n(e.to_string()))?;
+    for idx in 0..(max_slot + 1) * 2 {
+        let empty = PerCpuValues::try_from(vec![lb_common::NextHop::default(); cpus])
+            .map_err(|e| merr_n(e.to_string()))?;
+        cache.set(idx, empty, 0).map_err(merr(names::NEXTHOP))?;
     }
     Ok(())
 }

@@ -569,6 +569,22 @@ fn cases() -> Vec<Case> {
         &[(FlowNew, 1), (FlowHit, 1), (FwdRedirect, 2)],
     ));
 
+    // The second packet to a node takes its next hop from the per-CPU cache: same bytes.
+    let p = client(VIP4, 5684, &cid(2));
+    let q = to_node(&p, NODE2_4, NODE2_MAC);
+    v.push(
+        case(
+            "cached next hop gives the same frame",
+            vec![
+                fwd("fxc", &p, &q, XDP_REDIRECT),
+                fwd("fxc", &p, &q, XDP_REDIRECT),
+                fwd("fxc", &p, &q, XDP_REDIRECT),
+            ],
+            &[(CidRouted, 3), (FwdRedirect, 3)],
+        )
+        .nodes(&[(2, 3)]),
+    );
+
     // --- Forwarding outcomes ---
     let p = client(VIP4, 5684, &cid(3));
     let mut q = to_node(&p, "198.51.100.50", ONEARM_MAC);
