@@ -1,10 +1,12 @@
-//! `cidlb-bench`: what `cargo xtask bench` runs (as root). Writes `results.jsonl`, `results.md`
-//! and `chart.svg` to `--out`.
+//! `cidlb-bench`: what `cargo xtask bench` runs (as root). Writes `results.jsonl`, `results.md`,
+//! `chart.svg` and `throughput.svg` to `--out`.
 //!
 //! - prog:   per-packet cost of each datapath path in the kernel (BPF_PROG_TEST_RUN with a large
-//!           repeat count), beside an empty XDP program (the floor); growth with nodes and flows.
+//!   repeat count), beside an empty XDP program (the floor); growth with nodes and flows.
+//! - throughput: forwarding in the netns lab with trafgen, cidlb beside the iptables rules it
+//!   replaces, plain routing and a minimal XDP forwarder.
 //! - memory: the agent's RSS and its maps' kernel memory at the default and maximum flow
-//!           capacity.
+//!   capacity.
 //!
 //! Machines here are noisy: every point is the median of several rounds with min and max, and
 //! paths are measured interleaved within a round so drift hits all of them alike.
@@ -12,6 +14,7 @@
 mod memory;
 mod prog;
 mod report;
+mod throughput;
 
 use std::path::PathBuf;
 
@@ -28,7 +31,7 @@ struct Cli {
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Parts to run.
-    #[arg(long, value_delimiter = ',', default_value = "prog,memory")]
+    #[arg(long, value_delimiter = ',', default_value = "prog,throughput,memory")]
     parts: Vec<String>,
 }
 
@@ -67,6 +70,10 @@ fn main() -> Result<()> {
             effort.repeat, effort.rounds
         );
         records.extend(prog::run(effort)?);
+    }
+    if cli.parts.iter().any(|p| p == "throughput") {
+        eprintln!("throughput: trafgen through the netns lab");
+        records.extend(throughput::run(effort)?);
     }
     if cli.parts.iter().any(|p| p == "memory") {
         eprintln!("memory: agent RSS and map memory");

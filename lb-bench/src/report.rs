@@ -34,6 +34,9 @@ pub fn write(dir: &Path, effort: Effort, records: &[Value]) -> Result<()> {
     std::fs::write(dir.join("results.jsonl"), jsonl)?;
     std::fs::write(dir.join("results.md"), markdown(effort, records))?;
     std::fs::write(dir.join("chart.svg"), svg(records))?;
+    if records.iter().any(|r| r["part"] == "throughput") {
+        std::fs::write(dir.join("throughput.svg"), throughput_svg(records))?;
+    }
     Ok(())
 }
 
@@ -119,6 +122,66 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
             }
         }
     }
+    let tp: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["part"] == "throughput")
+        .collect();
+    if !tp.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### Forwarding in the netns lab\n\ntrafgen → balancer → 2 node sinks, CID records for both nodes, median of {} runs (min–max). \
+             \"softirq CPU\" is balancer plus sinks (see lb-bench/src/throughput.rs for why not the balancer alone); \
+             \"per CPU-s\" is delivered packets per softirq CPU-second; \"misrouted\" counts CID records that reached another node \
+             than their CID names (the minimal forwarder sends everything to node 1 by design).\n",
+            tp[0]["repeats"]
+        );
+        let _ = writeln!(s, "| payload | flows | mode | delivered pps | softirq CPU | per CPU-s | conntrack | misrouted |\n|---|---|---|---|---|---|---|---|");
+        for r in &tp {
+            let _ = writeln!(
+                s,
+                "| {} B | {} | {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.0} | {} | {} |",
+                r["payload"],
+                r["flows"],
+                r["mode"].as_str().unwrap_or(""),
+                f(&r["delivered_pps"]),
+                f(&r["delivered_pps_min"]),
+                f(&r["delivered_pps_max"]),
+                f(&r["softirq_cpu"]),
+                f(&r["pkts_per_cpu_sec"]),
+                r["conntrack"],
+                r["misrouted"]
+            );
+        }
+        // cidlb against iptables and the minimal forwarder, per point.
+        let _ = writeln!(s, "\n| payload | flows | cidlb ÷ iptables, per CPU-s | cidlb ÷ XDP redirect only, pps |\n|---|---|---|---|");
+        let find = |r: &Value, mode: &str| {
+            tp.iter()
+                .find(|x| {
+                    x["mode"] == mode && x["payload"] == r["payload"] && x["flows"] == r["flows"]
+                })
+                .copied()
+        };
+        for r in tp.iter().filter(|r| r["mode"] == "cidlb (XDP)") {
+            let ipt = find(r, "iptables u32+DNAT").map_or(0.0, |x| f(&x["pkts_per_cpu_sec"]));
+            let ceil = find(r, "XDP redirect only").map_or(0.0, |x| f(&x["delivered_pps"]));
+            let _ = writeln!(
+                s,
+                "| {} B | {} | {:.2}× | {:.0} % |",
+                r["payload"],
+                r["flows"],
+                if ipt > 0.0 {
+                    f(&r["pkts_per_cpu_sec"]) / ipt
+                } else {
+                    0.0
+                },
+                if ceil > 0.0 {
+                    100.0 * f(&r["delivered_pps"]) / ceil
+                } else {
+                    0.0
+                }
+            );
+        }
+    }
     let mem: Vec<&Value> = records.iter().filter(|r| r["part"] == "memory").collect();
     if !mem.is_empty() {
         let _ = writeln!(s, "\n### Memory\n\n| flow capacity | agent RSS | all maps (kernel) | of which FLOWS | agent start |\n|---|---|---|---|---|");
@@ -134,6 +197,81 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
             );
         }
     }
+    s
+}
+
+/// Grouped bars per payload/flows point: delivered pps of each mode, and softirq CPU as a dot.
+fn throughput_svg(records: &[Value]) -> String {
+    let tp: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["part"] == "throughput")
+        .collect();
+    let modes = [
+        "plain routing",
+        "iptables u32+DNAT",
+        "cidlb (XDP)",
+        "XDP redirect only",
+    ];
+    let colors = ["#999", "#d55e00", "#3a7bd5", "#2ca02c"];
+    let mut points: Vec<(u64, u64)> = Vec::new();
+    for r in &tp {
+        let k = (
+            r["payload"].as_u64().unwrap_or(0),
+            r["flows"].as_u64().unwrap_or(0),
+        );
+        if !points.contains(&k) {
+            points.push(k);
+        }
+    }
+    let max = tp
+        .iter()
+        .map(|r| f(&r["delivered_pps"]))
+        .fold(1.0, f64::max);
+    let (group_w, bar_w, h, top) = (130.0, 26.0, 320.0, 50.0);
+    let w = 60.0 + points.len() as f64 * group_w + 20.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <text x=\"10\" y=\"18\" font-size=\"14\">Delivered packets/s per mode (bars) and softirq CPU (dots, 0..1 on the same height)</text>\n",
+        h + 90.0
+    );
+    for (i, m) in modes.iter().enumerate() {
+        let _ = write!(s, "<rect x=\"{}\" y=\"28\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"37\">{m}</text>", 10.0 + i as f64 * 160.0, colors[i], 24.0 + i as f64 * 160.0);
+    }
+    for (gi, (payload, flows)) in points.iter().enumerate() {
+        let gx = 60.0 + gi as f64 * group_w;
+        for (mi, m) in modes.iter().enumerate() {
+            let Some(r) = tp.iter().find(|r| {
+                r["mode"] == *m
+                    && r["payload"].as_u64() == Some(*payload)
+                    && r["flows"].as_u64() == Some(*flows)
+            }) else {
+                continue;
+            };
+            let bh = f(&r["delivered_pps"]) / max * h;
+            let x = gx + mi as f64 * bar_w;
+            let cy = top + h - f(&r["softirq_cpu"]).min(1.0) * h;
+            let _ = write!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{}\" height=\"{bh:.1}\" fill=\"{}\"/><circle cx=\"{:.1}\" cy=\"{cy:.1}\" r=\"3\" fill=\"#000\"/>",
+                top + h - bh,
+                bar_w - 4.0,
+                colors[mi],
+                x + (bar_w - 4.0) / 2.0
+            );
+        }
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\">{payload} B, {flows} flows</text>",
+            gx,
+            top + h + 16.0
+        );
+    }
+    let _ = write!(
+        s,
+        "<text x=\"10\" y=\"{}\">max {max:.0} pps</text>",
+        top + 10.0
+    );
+    s.push_str("\n</svg>\n");
     s
 }
 

@@ -42,6 +42,12 @@ pub mod names {
     pub const PROGRAM: &str = "cidlb";
     /// The empty reference program (bench only).
     pub const FLOOR: &str = "cidlb_floor";
+    /// The throughput bench's node sink and ceiling forwarder (bench only).
+    pub const SINK_PROG: &str = "cidlb_sink";
+    pub const FWD_PROG: &str = "cidlb_fwd";
+    pub const SINK: &str = "SINK";
+    pub const SINK_NODE: &str = "SINK_NODE";
+    pub const FWD: &str = "FWD";
     pub const STATS: &str = "STATS";
     pub const NODE_STATS: &str = "NODE_STATS";
     pub const NODES: &str = "NODES";
@@ -187,6 +193,21 @@ pub struct Reverse {
     pub node_slot: u32,
 }
 
+/// `SINK` slots of the bench's node sink.
+pub const SINK_PACKETS: u32 = 0;
+pub const SINK_BYTES: u32 = 1;
+pub const SINK_MISROUTED: u32 = 2;
+pub const SINK_SLOTS: u32 = 3;
+
+/// `FWD` value of the bench's ceiling forwarder: where every packet goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdTarget {
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
 /// Lifetime of a cached next hop (`NEXTHOP`): a neighbour's new MAC is used within this time.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
@@ -205,6 +226,7 @@ pub struct NextHop {
 
 const _: () = {
     assert!(size_of::<NextHop>() == 32);
+    assert!(size_of::<FwdTarget>() == 16);
     assert!(size_of::<DpConfig>() == 32);
     assert!(size_of::<Node>() == 32);
     assert!(size_of::<NodeStats>() == 32);
@@ -230,4 +252,5 @@ mod pod {
     unsafe impl aya::Pod for super::ReverseKey {}
     unsafe impl aya::Pod for super::Reverse {}
     unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::FwdTarget {}
 }

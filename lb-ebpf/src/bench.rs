@@ -1,4 +1,6 @@
-//! Reference program for `cargo xtask bench`, never attached by the agent.
+//! Reference programs for `cargo xtask bench`, never attached by the agent: the empty program
+//! (floor of the per-path cost), a counting sink for the nodes and a minimal forwarder (the
+//! ceiling of the throughput bench).
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
@@ -7,4 +9,77 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 #[xdp]
 pub fn cidlb_floor(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+use aya_ebpf::{macros::map, maps::Array, maps::PerCpuArray, Global};
+use lb_common::{FwdTarget, SINK_BYTES, SINK_MISROUTED, SINK_PACKETS, SINK_SLOTS};
+use network_types::eth::EthHdr;
+
+use crate::{maps::DEVMAP, parse::ptr_at};
+
+/// Sink counters: packets, bytes, CID records naming another node.
+#[map]
+static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(SINK_SLOTS, 0);
+
+/// The node id a sink expects in the CIDs it receives (set at load time).
+#[no_mangle]
+static SINK_NODE: Global<u8> = Global::new(0);
+
+/// Where the ceiling forwarder sends everything.
+#[map]
+static FWD: Array<FwdTarget> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn bump(slot: u32, by: u64) {
+    if let Some(v) = SINK.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot.
+        unsafe { *v += by };
+    }
+}
+
+/// A node's traffic sink for the throughput bench: counts and drops untagged IPv4 UDP, checking
+/// the CID's node byte of a tls12_cid record (IHL 5). Everything else (ARP above all, which the
+/// balancer needs to reach the node) goes to the kernel.
+#[xdp]
+pub fn cidlb_sink(ctx: XdpContext) -> u32 {
+    // Ethernet type at 12, IPv4 protocol at 23.
+    let Some(h) = ptr_at::<[u8; 24]>(&ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { *h };
+    if h[12] != 0x08 || h[13] != 0x00 || h[23] != 17 {
+        return xdp_action::XDP_PASS;
+    }
+    bump(SINK_PACKETS, 1);
+    bump(SINK_BYTES, (ctx.data_end() - ctx.data()) as u64);
+    // Ethernet 14 + IPv4 20 + UDP 8 = 42: record type at 42, the CID's first byte at 53.
+    if let Some(p) = ptr_at::<[u8; 12]>(&ctx, 42) {
+        // SAFETY: bounds checked by ptr_at.
+        let b = unsafe { *p };
+        if b[0] == 25 && b[11] != SINK_NODE.load() {
+            bump(SINK_MISROUTED, 1);
+        }
+    }
+    xdp_action::XDP_DROP
+}
+
+/// The ceiling of the throughput bench: sets MACs and redirects every packet to one interface,
+/// with no parsing, lookups or rewrites.
+#[xdp]
+pub fn cidlb_fwd(ctx: XdpContext) -> u32 {
+    let Some(t) = FWD.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(eth) = ptr_at::<EthHdr>(&ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = t.dmac;
+        (*eth).src_addr = t.smac;
+    }
+    DEVMAP
+        .redirect(t.ifindex, 0)
+        .unwrap_or(xdp_action::XDP_PASS)
 }

@@ -124,6 +124,20 @@ pub struct PacketRun {
     pub per_run: std::time::Duration,
 }
 
+/// The embedded object loaded with nothing pinned and a one-entry flow table, for the bench's
+/// reference programs (`cidlb_sink`, `cidlb_fwd`); `sink_node` sets the sink's expected node.
+pub fn load_bench_object(sink_node: u8) -> Result<Ebpf, DatapathError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(DatapathError::NoObject);
+    }
+    EbpfLoader::new()
+        .override_global(names::SINK_NODE, &sink_node, true)
+        .override_global(names::CONFIG, &lb_common::DpConfig::DEFAULT, true)
+        .map_max_entries(names::FLOWS, 1)
+        .load(EBPF_OBJECT)
+        .map_err(DatapathError::Object)
+}
+
 /// A loaded (verified) datapath: program and maps in the kernel.
 pub struct Datapath {
     pub ebpf: Ebpf,

@@ -17,6 +17,8 @@ const APT: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
     ("iptables", "iptables"),
+    ("conntrack", "conntrack"),
+    ("trafgen", "netsniff-ng"),
 ];
 
 pub fn run() -> Result<()> {

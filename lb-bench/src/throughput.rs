@@ -1,0 +1,578 @@
+//! Forwarding throughput in the netns lab, cidlb against what it replaces, in one run.
+//!
+//! trafgen (netsniff-ng, not part of cidlb) sends DTLS-CID-shaped UDP from the client
+//! namespace: records for node 1 and node 2 alternately, from 1 to 65,000 source ports. Each
+//! node's veth runs a counting sink that drops and counts CID records naming another node.
+//!
+//! CPU cost: veth runs a receiver's NAPI in softirq on the CPU that sent the packet, so the
+//! balancer's and the sinks' work are softirq time (the generator's own sends are system time).
+//! Threaded NAPI would isolate the balancer, but on this kernel a threaded veth NAPI is not
+//! woken reliably (a few hundred of 50,000 packets got through), so the bench reports softirq
+//! CPU-seconds from /proc/stat: balancer plus sinks, the sinks being the same in every mode.
+//! Modes, interleaved point by point:
+//! - plain:    kernel routing, no rules (the client sends straight to the node addresses);
+//! - iptables: the seed's rules: u32 match on 19 FE FD + the CID's node byte, DNAT per node,
+//!   `-m statistic --mode nth` round robin for the rest (this kernel has no ipvs),
+//!   conntrack on;
+//! - cidlb:    `cidlb run`, native XDP;
+//! - ceiling:  a minimal XDP forwarder that only sets MACs and redirects to node 1.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, DevMapHash, PerCpuArray},
+    programs::{Xdp, XdpMode},
+    Ebpf,
+};
+use lb_common::{names, FwdTarget, SINK_MISROUTED, SINK_PACKETS};
+use lb_lab::{ChildGuard, Lab, NetNs};
+use serde_json::{json, Value};
+
+use crate::{stats, Effort};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Iptables,
+    Cidlb,
+    Ceiling,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Plain, Mode::Iptables, Mode::Cidlb, Mode::Ceiling];
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain routing",
+            Mode::Iptables => "iptables u32+DNAT",
+            Mode::Cidlb => "cidlb (XDP)",
+            Mode::Ceiling => "XDP redirect only",
+        }
+    }
+}
+
+fn mac(ns: &NetNs, dev: &str) -> Result<String> {
+    let out = ns
+        .must(&["ip", "-j", "link", "show", "dev", dev])
+        .map_err(|e| anyhow!(e))?;
+    let v: Value = serde_json::from_str(&out)?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no MAC for {dev}"))
+}
+
+fn mac_bytes(s: &str) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (i, p) in s.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(p, 16).unwrap_or(0);
+    }
+    m
+}
+
+/// Runs `f` on a thread inside namespace `ns` and returns its result.
+fn inside<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
+    let name = ns.name.clone();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            lb_lab::enter(&name);
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    })
+}
+
+fn attach(ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
+    let p: &mut Xdp = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| anyhow!("no {prog}"))?
+        .try_into()?;
+    p.load()?;
+    p.attach(iface, XdpMode::Driver)
+        .with_context(|| format!("attach {prog} to {iface}"))?;
+    Ok(())
+}
+
+fn sink_counts(sink: &Ebpf) -> Result<(u64, u64)> {
+    let m: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(sink.map(names::SINK).ok_or_else(|| anyhow!("no SINK"))?)?;
+    let sum = |i: u32| -> Result<u64> { Ok(m.get(&i, 0)?.iter().sum()) };
+    Ok((sum(SINK_PACKETS)?, sum(SINK_MISROUTED)?))
+}
+
+/// Softirq time of all CPUs so far, in seconds (/proc/stat, USER_HZ ticks).
+fn softirq_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .and_then(|l| l.split_whitespace().nth(7))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+struct Bed {
+    lab: Lab,
+    sinks: Vec<Ebpf>,
+    macs: Macs,
+    conf_dir: PathBuf,
+    pin_dir: String,
+    shim: PathBuf,
+}
+
+struct Macs {
+    c0: String,
+    lbc: String,
+    lbn1: String,
+    node1: String,
+}
+
+fn trafgen_conf(bed: &Bed, mode: Mode, payload: usize, flows: u32) -> Result<PathBuf> {
+    let mut s = String::new();
+    for node in [1u8, 2] {
+        let dst = if mode == Mode::Plain {
+            lb_lab::node4(node as usize).to_string()
+        } else {
+            lb_lab::VIP4.to_string()
+        };
+        let fill = payload.saturating_sub(19);
+        let sport = if flows > 1 {
+            format!("dinc(1024, {})", 1024 + flows - 1)
+        } else {
+            "1024".to_owned()
+        };
+        s.push_str(&format!(
+            "{{\n  eth(da={}, sa={}),\n  ipv4(saddr={}, daddr={dst}, ttl=64),\n  udp(sp={sport}, dp={}),\n  \
+             0x19, 0xfe, 0xfd, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01,\n  \
+             {node:#04x}, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, {:#04x}, {:#04x},\n  fill(0xab, {fill})\n}}\n",
+            bed.macs.lbc,
+            bed.macs.c0,
+            lb_lab::CLIENT4,
+            lb_lab::PORT,
+            (fill >> 8) as u8,
+            fill as u8,
+        ));
+    }
+    let p = bed
+        .conf_dir
+        .join(format!("trafgen-{payload}-{flows}-{:?}.cfg", mode));
+    std::fs::write(&p, s)?;
+    Ok(p)
+}
+
+/// An LD_PRELOAD shim that gives trafgen's AF_PACKET socket a large send buffer. Inside a
+/// netns the wmem sysctls trafgen would raise are read-only, and with the default buffer a
+/// backed-up veth ring makes it abort ("Flushing TX_RING failed: Resource temporarily
+/// unavailable"). Built with the system C compiler.
+const SNDBUF_SHIM: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <sys/socket.h>
+int socket(int domain, int type, int protocol) {
+    static int (*real)(int, int, int);
+    if (!real) real = (int (*)(int, int, int))dlsym(RTLD_NEXT, "socket");
+    int fd = real(domain, type, protocol);
+    if (fd >= 0 && domain == 17 /* AF_PACKET */) {
+        int size = 64 << 20;
+        setsockopt(fd, SOL_SOCKET, 32 /* SO_SNDBUFFORCE */, &size, sizeof size);
+    }
+    return fd;
+}
+"#;
+
+fn build_shim(dir: &std::path::Path) -> Result<PathBuf> {
+    let src = dir.join("sndbuf.c");
+    let lib = dir.join("sndbuf.so");
+    std::fs::write(&src, SNDBUF_SHIM)?;
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .context("cc")?;
+    if !st.success() {
+        bail!("compiling the trafgen send-buffer shim failed");
+    }
+    Ok(lib)
+}
+
+fn start_trafgen(bed: &Bed, conf: &PathBuf) -> Result<Child> {
+    let child = Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            "ip",
+            "netns",
+            "exec",
+            &bed.lab.client.name,
+            "trafgen",
+            "--dev",
+            "c0",
+            "--conf",
+        ])
+        .arg(conf)
+        .args(["--cpus", "1", "-Q", "-C"])
+        .env("LD_PRELOAD", &bed.shim)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(bed.conf_dir.join("trafgen.err"))?)
+        .spawn()
+        .context("starting trafgen")?;
+    Ok(child)
+}
+
+/// Stops trafgen and the worker it forks (SIGKILL to both: the counters are read already);
+/// returns what it printed.
+fn stop(bed: &Bed, child: &mut Child) -> String {
+    let pid = child.id() as i32;
+    let children: Vec<i32> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/stat"))
+                        .ok()
+                        .and_then(|st| {
+                            st.rsplit(')')
+                                .next()
+                                .and_then(|rest| rest.split_whitespace().nth(1))
+                                .and_then(|v| v.parse::<i32>().ok())
+                        })
+                        == Some(pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for c in children {
+        // SAFETY: signalling trafgen's own worker.
+        unsafe { libc::kill(c, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::read_to_string(bed.conf_dir.join("trafgen.err")).unwrap_or_default()
+}
+
+/// A mode's state while it is in place.
+enum Active {
+    None,
+    Agent(ChildGuard),
+    Ceiling(Ebpf),
+}
+
+fn enter(bed: &Bed, mode: Mode) -> Result<Active> {
+    let b = &bed.lab.balancer;
+    Ok(match mode {
+        Mode::Plain => Active::None,
+        Mode::Iptables => {
+            let node = |k: usize| lb_lab::node4(k).to_string();
+            let u32match =
+                |k: u8| format!("0>>22&0x3C@ 7&0xFFFFFF=0x19FEFD && 0>>22&0x3C@ 16&0xFF={k}");
+            let rules: Vec<Vec<String>> = vec![
+                vec!["-t".into(), "nat".into(), "-N".into(), "DTLS_NAT".into()],
+                vec!["-t", "nat", "-A", "DTLS_NAT", "-m", "u32", "--u32"]
+                    .into_iter()
+                    .map(String::from)
+                    .chain([
+                        u32match(1),
+                        "-j".into(),
+                        "DNAT".into(),
+                        "--to-destination".into(),
+                        node(1),
+                    ])
+                    .collect(),
+                vec!["-t", "nat", "-A", "DTLS_NAT", "-m", "u32", "--u32"]
+                    .into_iter()
+                    .map(String::from)
+                    .chain([
+                        u32match(2),
+                        "-j".into(),
+                        "DNAT".into(),
+                        "--to-destination".into(),
+                        node(2),
+                    ])
+                    .collect(),
+                vec![
+                    "-t",
+                    "nat",
+                    "-A",
+                    "DTLS_NAT",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "nth",
+                    "--every",
+                    "2",
+                    "--packet",
+                    "0",
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                ]
+                .into_iter()
+                .map(String::from)
+                .chain([node(1)])
+                .collect(),
+                vec![
+                    "-t",
+                    "nat",
+                    "-A",
+                    "DTLS_NAT",
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                ]
+                .into_iter()
+                .map(String::from)
+                .chain([node(2)])
+                .collect(),
+                vec![
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-p",
+                    "udp",
+                    "--dport",
+                    "5684",
+                    "-j",
+                    "DTLS_NAT",
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            ];
+            for r in rules {
+                let mut args = vec!["iptables"];
+                args.extend(r.iter().map(String::as_str));
+                b.must(&args).map_err(|e| anyhow!(e))?;
+            }
+            Active::None
+        }
+        Mode::Cidlb => {
+            let cfg = bed.conf_dir.join("cidlb.yaml");
+            std::fs::write(
+                &cfg,
+                bed.lab
+                    .cidlb_config(&bed.pin_dir, "flows: {capacity: 262144}\n"),
+            )?;
+            let exe = std::env::current_exe()?.with_file_name("cidlb");
+            let mut child = b
+                .nsenter(exe.to_str().expect("utf-8"))
+                .args(["run", "--detach-on-exit", "--config"])
+                .arg(&cfg)
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let err = child.stderr.take().expect("piped");
+            let mut lines = BufReader::new(err).lines();
+            if !lines
+                .by_ref()
+                .map_while(Result::ok)
+                .any(|l| l.contains("cidlb running"))
+            {
+                bail!("cidlb did not start");
+            }
+            std::thread::spawn(move || lines.for_each(drop));
+            Active::Agent(ChildGuard(child))
+        }
+        Mode::Ceiling => {
+            let macs = &bed.macs;
+            let ebpf = inside(b, || -> Result<Ebpf> {
+                let mut e = cidlb::datapath::load_bench_object(0)?;
+                let ifs = cidlb::datapath::resolve_interfaces(&["lbn1".into()])?;
+                {
+                    let mut dev = DevMapHash::try_from(
+                        e.map_mut(names::DEVMAP)
+                            .ok_or_else(|| anyhow!("no DEVMAP"))?,
+                    )?;
+                    dev.insert(ifs[0], ifs[0], None, 0)?;
+                }
+                {
+                    let mut fwd: Array<_, FwdTarget> =
+                        Array::try_from(e.map_mut(names::FWD).ok_or_else(|| anyhow!("no FWD"))?)?;
+                    fwd.set(
+                        0,
+                        FwdTarget {
+                            ifindex: ifs[0],
+                            dmac: mac_bytes(&macs.node1),
+                            smac: mac_bytes(&macs.lbn1),
+                        },
+                        0,
+                    )?;
+                }
+                attach(&mut e, names::FWD_PROG, "lbc")?;
+                Ok(e)
+            })?;
+            Active::Ceiling(ebpf)
+        }
+    })
+}
+
+fn leave(bed: &Bed, mode: Mode, active: Active) {
+    match active {
+        Active::Agent(mut a) => {
+            let _ = a.terminate(10);
+            cidlb::datapath::detach(std::path::Path::new(&bed.pin_dir));
+        }
+        Active::Ceiling(e) => drop(e),
+        Active::None => {}
+    }
+    if mode == Mode::Iptables {
+        let b = &bed.lab.balancer;
+        let _ = b.exec(&["iptables", "-t", "nat", "-F"]);
+        let _ = b.exec(&["iptables", "-t", "nat", "-X", "DTLS_NAT"]);
+        let _ = b.exec(&["conntrack", "-F"]);
+    }
+}
+
+fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) -> Result<Value> {
+    let active = enter(bed, mode)?;
+    let r = (|| -> Result<Value> {
+        // veth needs a moment after an XDP attach before it forwards.
+        std::thread::sleep(Duration::from_millis(1000));
+        let conf = trafgen_conf(bed, mode, payload, flows)?;
+        let mut tg = start_trafgen(bed, &conf)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let (s1a, m1a) = sink_counts(&bed.sinks[0])?;
+        let (s2a, m2a) = sink_counts(&bed.sinks[1])?;
+        let cpu_a = softirq_secs();
+        std::thread::sleep(window);
+        let (s1b, m1b) = sink_counts(&bed.sinks[0])?;
+        let (s2b, m2b) = sink_counts(&bed.sinks[1])?;
+        let cpu_b = softirq_secs();
+        let secs = t0.elapsed().as_secs_f64();
+        let conntrack = bed
+            .lab
+            .balancer
+            .must(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let err = stop(bed, &mut tg);
+        if err.contains("failed") {
+            bail!("trafgen: {}", err.trim());
+        }
+        let delivered = (s1b - s1a) + (s2b - s2a);
+        let cpu_secs = cpu_b - cpu_a;
+        let misrouted = (m1b - m1a) + (m2b - m2a);
+        Ok(json!({
+            "part": "throughput", "mode": mode.name(), "payload": payload, "flows": flows,
+            "delivered_pps": delivered as f64 / secs,
+            "node1_share": if delivered > 0 { (s1b - s1a) as f64 / delivered as f64 } else { 0.0 },
+            "softirq_cpu": cpu_secs / secs,
+            "pkts_per_cpu_sec": if cpu_secs > 0.0 { delivered as f64 / cpu_secs } else { 0.0 },
+            "conntrack": conntrack,
+            "misrouted": misrouted,
+        }))
+    })();
+    leave(bed, mode, active);
+    r
+}
+
+pub fn run(effort: Effort) -> Result<Vec<Value>> {
+    let lab = Lab::up(&lb_lab::unique_prefix("tp"), 2).map_err(|e| anyhow!(e))?;
+    let b = &lab.balancer;
+    // NAPI on the balancer's ingress veth in every mode (GRO), sender without TSO (the lab's
+    // client side already has it off).
+    b.must(&["ethtool", "-K", "lbc", "gro", "on"])
+        .map_err(|e| anyhow!(e))?;
+    let macs = Macs {
+        c0: mac(&lab.client, "c0")?,
+        lbc: mac(b, "lbc")?,
+        lbn1: mac(b, "lbn1")?,
+        node1: mac(&lab.nodes[0], "n0")?,
+    };
+    let mut sinks = Vec::new();
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let e = inside(n, || -> Result<Ebpf> {
+            let mut e = cidlb::datapath::load_bench_object(i as u8 + 1)?;
+            attach(&mut e, names::SINK_PROG, "n0")?;
+            Ok(e)
+        })?;
+        sinks.push(e);
+    }
+    let conf_dir = std::env::temp_dir().join(format!("cidlb-bench-tp-{}", std::process::id()));
+    std::fs::create_dir_all(&conf_dir)?;
+    let shim = build_shim(&conf_dir)?;
+    let bed = Bed {
+        lab,
+        sinks,
+        macs,
+        shim,
+        conf_dir,
+        pin_dir: format!("/sys/fs/bpf/cidlb-bench-tp-{}", std::process::id()),
+    };
+    let (payloads, flow_counts, repeats, window): (&[usize], &[u32], usize, Duration) =
+        if effort.full {
+            (
+                &[64, 512, 1200],
+                &[1, 1000, 65000],
+                3,
+                Duration::from_secs(3),
+            )
+        } else {
+            (&[64, 1200], &[1, 65000], 1, Duration::from_secs(2))
+        };
+    let mut raw: Vec<Value> = Vec::new();
+    for rep in 0..repeats {
+        for &payload in payloads {
+            for &flows in flow_counts {
+                for mode in Mode::ALL {
+                    let v = point(&bed, mode, payload, flows, window)
+                        .with_context(|| format!("{} {payload} B {flows} flows", mode.name()))?;
+                    eprintln!(
+                        "  [{}] {:<18} {payload:>5} B {flows:>6} flows: {:>9.0} pps, softirq CPU {:.2}, conntrack {}",
+                        rep + 1,
+                        mode.name(),
+                        v["delivered_pps"].as_f64().unwrap_or(0.0),
+                        v["softirq_cpu"].as_f64().unwrap_or(0.0),
+                        v["conntrack"]
+                    );
+                    raw.push(v);
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&bed.conf_dir);
+    // One record per point: median with min-max over the repeats.
+    let mut out = Vec::new();
+    for &payload in payloads {
+        for &flows in flow_counts {
+            for mode in Mode::ALL {
+                let pts: Vec<&Value> = raw
+                    .iter()
+                    .filter(|r| {
+                        r["mode"] == mode.name() && r["payload"] == payload && r["flows"] == flows
+                    })
+                    .collect();
+                let col = |k: &str| {
+                    pts.iter()
+                        .map(|r| r[k].as_f64().unwrap_or(0.0))
+                        .collect::<Vec<_>>()
+                };
+                let (pps, pps_min, pps_max) = stats(&col("delivered_pps"));
+                let (cpu, _, _) = stats(&col("softirq_cpu"));
+                let (per_cpu, per_min, per_max) = stats(&col("pkts_per_cpu_sec"));
+                out.push(json!({
+                    "part": "throughput", "mode": mode.name(), "payload": payload, "flows": flows,
+                    "delivered_pps": pps, "delivered_pps_min": pps_min, "delivered_pps_max": pps_max,
+                    "softirq_cpu": cpu, "pkts_per_cpu_sec": per_cpu, "pkts_per_cpu_sec_min": per_min, "pkts_per_cpu_sec_max": per_max,
+                    "conntrack": pts.iter().map(|r| r["conntrack"].as_u64().unwrap_or(0)).max().unwrap_or(0),
+                    "misrouted": pts.iter().map(|r| r["misrouted"].as_u64().unwrap_or(0)).sum::<u64>(),
+                    "node1_share": stats(&col("node1_share")).0,
+                    "repeats": pts.len(),
+                }));
+            }
+        }
+    }
+    Ok(out)
+}
