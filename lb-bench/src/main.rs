@@ -30,6 +30,9 @@ struct Cli {
     /// Where to write results.jsonl, results.md, chart.svg.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Only rewrite results.md and the charts from the results.jsonl already in --out.
+    #[arg(long)]
+    report_only: bool,
     /// Parts to run.
     #[arg(long, value_delimiter = ',', default_value = "prog,throughput,memory")]
     parts: Vec<String>,
@@ -46,6 +49,31 @@ pub struct Effort {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if cli.report_only {
+        let text = std::fs::read_to_string(cli.out.join("results.jsonl"))?;
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let full = text.contains("\"repeat\":1000000");
+        let effort = if full {
+            Effort {
+                repeat: 1_000_000,
+                rounds: 9,
+                max_flows: 1_000_000,
+                full,
+            }
+        } else {
+            Effort {
+                repeat: 200_000,
+                rounds: 5,
+                max_flows: 100_000,
+                full,
+            }
+        };
+        report::write(&cli.out, effort, &records)?;
+        return Ok(());
+    }
     lb_lab::require_root();
     let effort = if cli.full {
         Effort {

@@ -131,17 +131,18 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
             s,
             "\n### Forwarding in the netns lab\n\ntrafgen → balancer → 2 node sinks, CID records for both nodes, median of {} runs (min–max). \
              \"softirq CPU\" is balancer plus sinks (see lb-bench/src/throughput.rs for why not the balancer alone); \
-             \"per CPU-s\" is delivered packets per softirq CPU-second; \"misrouted\" counts CID records that reached another node \
-             than their CID names (the minimal forwarder sends everything to node 1 by design).\n",
+             \"per CPU-s\" is delivered packets per softirq CPU-second; \"misrouted\" is the share of CID records that reached another \
+             node than their CID names (the minimal forwarder sends everything to node 1 by design). Each node's records come from their own \
+             source ports, as real sessions do.\n",
             tp[0]["repeats"]
         );
-        let _ = writeln!(s, "| payload | flows | mode | delivered pps | softirq CPU | per CPU-s | conntrack | misrouted |\n|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "| payload | source ports | mode | delivered pps | softirq CPU | per CPU-s | conntrack | misrouted |\n|---|---|---|---|---|---|---|---|");
         for r in &tp {
             let _ = writeln!(
                 s,
-                "| {} B | {} | {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.0} | {} | {} |",
+                "| {} B | {} | {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.0} | {} | {:.1} % |",
                 r["payload"],
-                r["flows"],
+                r["source_ports"],
                 r["mode"].as_str().unwrap_or(""),
                 f(&r["delivered_pps"]),
                 f(&r["delivered_pps_min"]),
@@ -149,11 +150,11 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
                 f(&r["softirq_cpu"]),
                 f(&r["pkts_per_cpu_sec"]),
                 r["conntrack"],
-                r["misrouted"]
+                100.0 * f(&r["misrouted_share"])
             );
         }
         // cidlb against iptables and the minimal forwarder, per point.
-        let _ = writeln!(s, "\n| payload | flows | cidlb ÷ iptables, per CPU-s | cidlb ÷ XDP redirect only, pps |\n|---|---|---|---|");
+        let _ = writeln!(s, "\n| payload | source ports | cidlb ÷ iptables, per CPU-s | cidlb ÷ XDP redirect only, pps |\n|---|---|---|---|");
         let find = |r: &Value, mode: &str| {
             tp.iter()
                 .find(|x| {
@@ -168,7 +169,7 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
                 s,
                 "| {} B | {} | {:.2}× | {:.0} % |",
                 r["payload"],
-                r["flows"],
+                r["source_ports"],
                 if ipt > 0.0 {
                     f(&r["pkts_per_cpu_sec"]) / ipt
                 } else {
@@ -261,9 +262,10 @@ fn throughput_svg(records: &[Value]) -> String {
         }
         let _ = write!(
             s,
-            "<text x=\"{:.1}\" y=\"{}\">{payload} B, {flows} flows</text>",
+            "<text x=\"{:.1}\" y=\"{}\">{payload} B, {} ports</text>",
             gx,
-            top + h + 16.0
+            top + h + 16.0,
+            2 * flows
         );
     }
     let _ = write!(

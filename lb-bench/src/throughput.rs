@@ -99,11 +99,16 @@ fn attach(ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
     Ok(())
 }
 
-fn sink_counts(sink: &Ebpf) -> Result<(u64, u64)> {
+/// (packets, misrouted CID records, CID records per first CID byte 0..=3) seen by a sink.
+fn sink_counts(sink: &Ebpf) -> Result<(u64, u64, [u64; 4])> {
     let m: PerCpuArray<_, u64> =
         PerCpuArray::try_from(sink.map(names::SINK).ok_or_else(|| anyhow!("no SINK"))?)?;
     let sum = |i: u32| -> Result<u64> { Ok(m.get(&i, 0)?.iter().sum()) };
-    Ok((sum(SINK_PACKETS)?, sum(SINK_MISROUTED)?))
+    let mut by_node = [0u64; 4];
+    for (b, v) in by_node.iter_mut().enumerate() {
+        *v = sum(lb_common::SINK_SLOTS + b as u32)?;
+    }
+    Ok((sum(SINK_PACKETS)?, sum(SINK_MISROUTED)?, by_node))
 }
 
 /// Softirq time of all CPUs so far, in seconds (/proc/stat, USER_HZ ticks).
@@ -145,10 +150,12 @@ fn trafgen_conf(bed: &Bed, mode: Mode, payload: usize, flows: u32) -> Result<Pat
             lb_lab::VIP4.to_string()
         };
         let fill = payload.saturating_sub(19);
+        // Each node's records come from their own source ports: one 5-tuple, one session.
+        let base = 1024 + (u32::from(node) - 1) * flows;
         let sport = if flows > 1 {
-            format!("dinc(1024, {})", 1024 + flows - 1)
+            format!("dinc({base}, {})", base + flows - 1)
         } else {
-            "1024".to_owned()
+            base.to_string()
         };
         s.push_str(&format!(
             "{{\n  eth(da={}, sa={}),\n  ipv4(saddr={}, daddr={dst}, ttl=64),\n  udp(sp={sport}, dp={}),\n  \
@@ -442,12 +449,13 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
         let mut tg = start_trafgen(bed, &conf)?;
         std::thread::sleep(Duration::from_millis(500));
         let t0 = Instant::now();
-        let (s1a, m1a) = sink_counts(&bed.sinks[0])?;
-        let (s2a, m2a) = sink_counts(&bed.sinks[1])?;
+        let (s1a, m1a, h1a) = sink_counts(&bed.sinks[0])?;
+        let (s2a, m2a, h2a) = sink_counts(&bed.sinks[1])?;
         let cpu_a = softirq_secs();
         std::thread::sleep(window);
-        let (s1b, m1b) = sink_counts(&bed.sinks[0])?;
-        let (s2b, m2b) = sink_counts(&bed.sinks[1])?;
+        let (s1b, m1b, h1b) = sink_counts(&bed.sinks[0])?;
+        let (s2b, m2b, h2b) = sink_counts(&bed.sinks[1])?;
+        let hist = |a: [u64; 4], b: [u64; 4]| -> Vec<u64> { (0..4).map(|i| b[i] - a[i]).collect() };
         let cpu_b = softirq_secs();
         let secs = t0.elapsed().as_secs_f64();
         let conntrack = bed
@@ -457,6 +465,19 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0);
+        // Which rules the packets took (pkts column of each DTLS_NAT rule).
+        let rule_hits: Vec<u64> = if mode == Mode::Iptables {
+            bed.lab
+                .balancer
+                .must(&["iptables", "-t", "nat", "-L", "DTLS_NAT", "-nvx"])
+                .unwrap_or_default()
+                .lines()
+                .skip(2)
+                .filter_map(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let err = stop(bed, &mut tg);
         if err.contains("failed") {
             bail!("trafgen: {}", err.trim());
@@ -464,14 +485,19 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
         let delivered = (s1b - s1a) + (s2b - s2a);
         let cpu_secs = cpu_b - cpu_a;
         let misrouted = (m1b - m1a) + (m2b - m2a);
+        let cid_records: u64 = hist(h1a, h1b).iter().chain(hist(h2a, h2b).iter()).sum();
         Ok(json!({
-            "part": "throughput", "mode": mode.name(), "payload": payload, "flows": flows,
+            "part": "throughput", "mode": mode.name(), "payload": payload, "flows": flows, "source_ports": 2 * flows,
             "delivered_pps": delivered as f64 / secs,
             "node1_share": if delivered > 0 { (s1b - s1a) as f64 / delivered as f64 } else { 0.0 },
             "softirq_cpu": cpu_secs / secs,
             "pkts_per_cpu_sec": if cpu_secs > 0.0 { delivered as f64 / cpu_secs } else { 0.0 },
             "conntrack": conntrack,
             "misrouted": misrouted,
+            "misrouted_share": if cid_records > 0 { misrouted as f64 / cid_records as f64 } else { 0.0 },
+            "iptables_rule_hits": rule_hits,
+            "cid_bytes_at_node1": hist(h1a, h1b),
+            "cid_bytes_at_node2": hist(h2a, h2b),
         }))
     })();
     leave(bed, mode, active);
@@ -511,22 +537,42 @@ pub fn run(effort: Effort) -> Result<Vec<Value>> {
         conf_dir,
         pin_dir: format!("/sys/fs/bpf/cidlb-bench-tp-{}", std::process::id()),
     };
+    // Flows per node: each node's records come from their own source ports, so 32,500 per
+    // node make 65,000 client source ports in all.
     let (payloads, flow_counts, repeats, window): (&[usize], &[u32], usize, Duration) =
         if effort.full {
             (
                 &[64, 512, 1200],
-                &[1, 1000, 65000],
-                3,
+                &[1, 500, 32500],
+                5,
                 Duration::from_secs(3),
             )
         } else {
-            (&[64, 1200], &[1, 65000], 1, Duration::from_secs(2))
+            (
+                &[64, 512, 1200],
+                &[1, 32500],
+                3,
+                Duration::from_millis(1500),
+            )
         };
+    // CIDLB_BENCH_MODES=plain,iptables,cidlb,ceiling runs a subset (for looking into one mode).
+    let modes: Vec<Mode> = match std::env::var("CIDLB_BENCH_MODES") {
+        Ok(list) => Mode::ALL
+            .into_iter()
+            .filter(|m| {
+                list.split(',').any(|x| {
+                    m.name().starts_with(x.trim())
+                        || format!("{m:?}").eq_ignore_ascii_case(x.trim())
+                })
+            })
+            .collect(),
+        Err(_) => Mode::ALL.to_vec(),
+    };
     let mut raw: Vec<Value> = Vec::new();
     for rep in 0..repeats {
         for &payload in payloads {
             for &flows in flow_counts {
-                for mode in Mode::ALL {
+                for mode in modes.iter().copied() {
                     let v = point(&bed, mode, payload, flows, window)
                         .with_context(|| format!("{} {payload} B {flows} flows", mode.name()))?;
                     eprintln!(
@@ -547,7 +593,7 @@ pub fn run(effort: Effort) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for &payload in payloads {
         for &flows in flow_counts {
-            for mode in Mode::ALL {
+            for mode in modes.iter().copied() {
                 let pts: Vec<&Value> = raw
                     .iter()
                     .filter(|r| {
@@ -563,13 +609,15 @@ pub fn run(effort: Effort) -> Result<Vec<Value>> {
                 let (cpu, _, _) = stats(&col("softirq_cpu"));
                 let (per_cpu, per_min, per_max) = stats(&col("pkts_per_cpu_sec"));
                 out.push(json!({
-                    "part": "throughput", "mode": mode.name(), "payload": payload, "flows": flows,
+                    "part": "throughput", "mode": mode.name(), "payload": payload, "flows": flows, "source_ports": 2 * flows,
                     "delivered_pps": pps, "delivered_pps_min": pps_min, "delivered_pps_max": pps_max,
                     "softirq_cpu": cpu, "pkts_per_cpu_sec": per_cpu, "pkts_per_cpu_sec_min": per_min, "pkts_per_cpu_sec_max": per_max,
                     "conntrack": pts.iter().map(|r| r["conntrack"].as_u64().unwrap_or(0)).max().unwrap_or(0),
-                    "misrouted": pts.iter().map(|r| r["misrouted"].as_u64().unwrap_or(0)).sum::<u64>(),
+                    "misrouted_share": stats(&col("misrouted_share")).0,
                     "node1_share": stats(&col("node1_share")).0,
                     "repeats": pts.len(),
+                    "cid_bytes_at_node1": pts.last().map(|r| r["cid_bytes_at_node1"].clone()),
+                    "cid_bytes_at_node2": pts.last().map(|r| r["cid_bytes_at_node2"].clone()),
                 }));
             }
         }

@@ -17,9 +17,10 @@ use network_types::eth::EthHdr;
 
 use crate::{maps::DEVMAP, parse::ptr_at};
 
-/// Sink counters: packets, bytes, CID records naming another node.
+/// Sink counters: packets, bytes, CID records naming another node, then one slot per value of
+/// the CID's first byte (`SINK_SLOTS + byte`).
 #[map]
-static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(SINK_SLOTS, 0);
+static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(SINK_SLOTS + 256, 0);
 
 /// The node id a sink expects in the CIDs it receives (set at load time).
 #[no_mangle]
@@ -57,8 +58,11 @@ pub fn cidlb_sink(ctx: XdpContext) -> u32 {
     if let Some(p) = ptr_at::<[u8; 12]>(&ctx, 42) {
         // SAFETY: bounds checked by ptr_at.
         let b = unsafe { *p };
-        if b[0] == 25 && b[11] != SINK_NODE.load() {
-            bump(SINK_MISROUTED, 1);
+        if b[0] == 25 {
+            bump(SINK_SLOTS + b[11] as u32, 1);
+            if b[11] != SINK_NODE.load() {
+                bump(SINK_MISROUTED, 1);
+            }
         }
     }
     xdp_action::XDP_DROP

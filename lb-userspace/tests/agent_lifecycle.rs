@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::{
-    agent::{cidlb, json_counter, AgentProc, PinGuard},
+    agent::{cidlb, json_counter, AgentProc, Bed},
     traffic::{warm_up, Echo, Stream},
 };
 use lb_lab::{
@@ -95,19 +95,10 @@ fn new_flow_nodes(lab: &Lab, n: usize) -> BTreeMap<u32, usize> {
 
 #[test]
 fn restart_reload_and_drain_lose_no_packet() {
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix("lc"), 3).unwrap_or_else(|e| panic!("{e}"));
-    let pins = PinGuard::new("lc");
-    let dir = tempdir("lc");
-    let cfg = dir.join("cidlb.yaml");
-    let _echo: Vec<Echo> = lab
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Echo::start(&n.name, i + 1, PORT))
-        .collect();
-    write(&cfg, &config(&lab, &pins.0, &[(1, ""), (2, "")], ""));
-    let agent = AgentProc::start(&lab, &cfg, &[]);
+    let bed = Bed::up("lc", 3);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
+    write(&cfg, &config(lab, &pins.0, &[(1, ""), (2, "")], ""));
+    let agent = AgentProc::start(lab, &cfg, &[]);
     assert!(agent.saw("datapath created"));
     std::thread::sleep(Duration::from_millis(1000));
     warm_up(&lab.client.name, 2);
@@ -127,7 +118,7 @@ fn restart_reload_and_drain_lose_no_packet() {
     // kill -9: nothing runs any cleanup; the pinned links keep the program attached.
     agent.kill9();
     std::thread::sleep(Duration::from_millis(800));
-    let agent = AgentProc::start(&lab, &cfg, &[]);
+    let agent = AgentProc::start(lab, &cfg, &[]);
     assert!(
         agent.saw("datapath adopted"),
         "the restarted agent must adopt the pinned datapath"
@@ -137,7 +128,7 @@ fn restart_reload_and_drain_lose_no_packet() {
     // Node 3 added, by SIGHUP.
     write(
         &cfg,
-        &config(&lab, &pins.0, &[(1, ""), (2, ""), (3, "")], ""),
+        &config(lab, &pins.0, &[(1, ""), (2, ""), (3, "")], ""),
     );
     agent.signal(libc::SIGHUP);
     agent
@@ -149,7 +140,7 @@ fn restart_reload_and_drain_lose_no_packet() {
     write(
         &cfg,
         &config(
-            &lab,
+            lab,
             &pins.0,
             &[(1, ""), (2, "state: draining"), (3, "")],
             "",
@@ -158,7 +149,7 @@ fn restart_reload_and_drain_lose_no_packet() {
     agent
         .wait_for("config reloaded", Duration::from_secs(10))
         .expect("reload after the file changed");
-    let fresh = new_flow_nodes(&lab, 8);
+    let fresh = new_flow_nodes(lab, 8);
     assert!(
         !fresh.contains_key(&2),
         "a draining node got new flows: {fresh:?}"
@@ -173,7 +164,7 @@ fn restart_reload_and_drain_lose_no_packet() {
     write(
         &cfg,
         &config(
-            &lab,
+            lab,
             &pins.0,
             &[(1, ""), (2, "state: draining"), (3, "")],
             "dtls: {cid_length: 99}\n",
@@ -224,7 +215,7 @@ fn restart_reload_and_drain_lose_no_packet() {
     let status = agent.terminate().expect("cidlb exits on SIGTERM");
     assert!(status.success(), "{status}");
     assert_eq!(
-        new_flow_nodes(&lab, 2).values().sum::<usize>(),
+        new_flow_nodes(lab, 2).values().sum::<usize>(),
         2,
         "forwarding must go on without the agent"
     );
@@ -240,37 +231,28 @@ fn restart_reload_and_drain_lose_no_packet() {
 
 #[test]
 fn health_checks_and_metrics() {
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix("hc"), 2).unwrap_or_else(|e| panic!("{e}"));
-    let pins = PinGuard::new("hc");
-    let dir = tempdir("hc");
-    let cfg = dir.join("cidlb.yaml");
-    let mut echo: Vec<Echo> = lab
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Echo::start(&n.name, i + 1, PORT))
-        .collect();
+    let mut bed = Bed::up("hc", 2);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
     let (interval, fall, rise) = (Duration::from_millis(500), 2u32, 2u32);
     write(
         &cfg,
         &config(
-            &lab,
+            lab,
             &pins.0,
             &[(1, ""), (2, "")],
             "health: {probe: udp, interval: 500ms, timeout: 200ms, fall: 2, rise: 2}\nstats: {prometheus: \"127.0.0.1:9105\"}\n",
         ),
     );
-    let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
+    let agent = AgentProc::start(lab, &cfg, &["--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        new_flow_nodes(&lab, 4).len(),
+        new_flow_nodes(lab, 4).len(),
         2,
         "both nodes take new flows while healthy"
     );
 
     // Node 2's server stops: the node answers ICMP port unreachable.
-    echo[1].stop();
+    bed.echo[1].stop();
     let t0 = Instant::now();
     let line = agent
         .wait_for("node down", Duration::from_secs(10))
@@ -283,7 +265,7 @@ fn health_checks_and_metrics() {
         "marked down after {took:?}, bound interval*fall + interval = {:?} (+300 ms slack)",
         interval * (fall + 1)
     );
-    let down = new_flow_nodes(&lab, 6);
+    let down = new_flow_nodes(lab, 6);
     assert_eq!(
         down.keys().copied().collect::<Vec<_>>(),
         [1],
@@ -291,7 +273,7 @@ fn health_checks_and_metrics() {
     );
 
     // It comes back after `rise` good probes.
-    echo[1] = Echo::start(&lab.nodes[1].name, 2, PORT);
+    bed.echo[1] = Echo::start(&bed.lab.nodes[1].name, 2, PORT);
     let t0 = Instant::now();
     let line = agent
         .wait_for("node up", Duration::from_secs(10))
@@ -302,14 +284,14 @@ fn health_checks_and_metrics() {
         "came back after {:?}",
         t0.elapsed()
     );
-    let back = new_flow_nodes(&lab, 4);
+    let back = new_flow_nodes(lab, 4);
     assert!(
         back.contains_key(&2),
         "node 2 takes new flows again: {back:?}"
     );
 
     // /metrics: valid text format, and the same counters as `cidlb stats --json`.
-    let metrics = scrape(&lab, "127.0.0.1:9105");
+    let metrics = scrape(lab, "127.0.0.1:9105");
     let families = validate_prometheus(&metrics);
     for f in [
         "cidlb_packets_total",
@@ -347,12 +329,6 @@ fn health_checks_and_metrics() {
         }
     }
     assert!(agent.terminate().expect("exits").success());
-}
-
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("cidlb-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// GET /metrics from inside the balancer namespace.
@@ -442,18 +418,9 @@ fn validate_prometheus(text: &str) -> HashSet<String> {
 
 #[test]
 fn explain_and_shadow_mode() {
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix("sh"), 2).unwrap_or_else(|e| panic!("{e}"));
-    let pins = PinGuard::new("sh");
-    let dir = tempdir("sh");
-    let cfg = dir.join("cidlb.yaml");
-    let _echo: Vec<Echo> = lab
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Echo::start(&n.name, i + 1, PORT))
-        .collect();
-    write(&cfg, &config(&lab, &pins.0, &[(1, ""), (2, "")], ""));
+    let bed = Bed::up("sh", 2);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
+    write(&cfg, &config(lab, &pins.0, &[(1, ""), (2, "")], ""));
 
     // explain: a CID record for node 2, through a private copy of the program.
     let out = lab
@@ -486,7 +453,7 @@ fn explain_and_shadow_mode() {
     assert!(!pins.0.exists(), "explain must not pin anything");
 
     // Shadow mode: routed and counted, but nothing is forwarded to the nodes.
-    let agent = AgentProc::start(&lab, &cfg, &["--shadow", "--detach-on-exit"]);
+    let agent = AgentProc::start(lab, &cfg, &["--shadow", "--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(1200));
     let s = Stream::start(
         &lab.client.name,

@@ -11,12 +11,12 @@ use std::{
 };
 
 use common::{
-    agent::{cidlb, json_counter, AgentProc, PinGuard},
+    agent::{cidlb, json_counter, AgentProc, Bed},
     traffic::Echo,
 };
 use lb_lab::{
     packet::{cid_record, handshake_record},
-    Lab, VIP4, VIP6,
+    VIP4, VIP6,
 };
 
 const PORT: u16 = lb_lab::PORT;
@@ -46,24 +46,14 @@ fn ask(sock: &UdpSocket, vip: SocketAddr, payload: &[u8]) -> Option<(u32, Socket
 
 #[test]
 fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix("nf"), 2).unwrap_or_else(|e| panic!("{e}"));
-    let tmp = std::env::temp_dir().join(format!("cidlb-netns-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
-    let pins = PinGuard::new("nf");
-    let mut echo: Vec<Echo> = lab
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Echo::start(&n.name, i + 1, PORT))
-        .collect();
-    let cfg = tmp.join("cidlb.yaml");
+    let mut bed = Bed::up("nf", 2);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
     std::fs::write(
         &cfg,
         lab.cidlb_config(&pins.0.display().to_string(), "flows: {capacity: 4096}\n"),
     )
     .unwrap();
-    let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
+    let agent = AgentProc::start(lab, &cfg, &["--detach-on-exit"]);
     // veth needs a moment after XDP attach before it forwards.
     thread::sleep(Duration::from_millis(1500));
 
@@ -158,7 +148,7 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
 
     // SIGTERM with --detach-on-exit: the agent detaches, unpins and exits 0.
     let status = agent.terminate().expect("cidlb exits on SIGTERM");
-    let served: u64 = echo.iter_mut().map(Echo::stop).sum();
+    let served: u64 = bed.echo.iter_mut().map(Echo::stop).sum();
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",
@@ -173,5 +163,4 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
         !links.contains("xdp"),
         "XDP still attached after SIGTERM:\n{links}"
     );
-    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -140,3 +140,33 @@ pub fn json_counter(json: &str, name: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// One test's lab: an echo server on every node, a pin directory and a config path. Fields
+/// drop in order: servers, pins, then the namespaces.
+pub struct Bed {
+    pub echo: Vec<crate::common::traffic::Echo>,
+    pub pins: PinGuard,
+    pub cfg: PathBuf,
+    pub lab: Lab,
+}
+
+impl Bed {
+    pub fn up(tag: &str, nodes: usize) -> Self {
+        crate::common::require_root();
+        let lab = Lab::up(&lb_lab::unique_prefix(tag), nodes).unwrap_or_else(|e| panic!("{e}"));
+        let dir = std::env::temp_dir().join(format!("cidlb-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let echo = lab
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| crate::common::traffic::Echo::start(&n.name, i + 1, lb_lab::PORT))
+            .collect();
+        Bed {
+            echo,
+            pins: PinGuard::new(tag),
+            cfg: dir.join("cidlb.yaml"),
+            lab,
+        }
+    }
+}
