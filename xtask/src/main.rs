@@ -158,6 +158,18 @@ fn cargo() -> Command {
 
 fn bench(full: bool) -> Result<()> {
     setup::run()?;
+    // An interrupted earlier run cannot clean up after itself: remove what it left (bench-only
+    // namespace prefixes `cl{bn,bm,tp}<pid>x<n>` and `/sys/fs/bpf/cidlb-bench-*` pins).
+    for tag in ["clbn", "clbm", "cltp"] {
+        lb_lab::Lab::down(tag);
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("cidlb-bench-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     sh(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-bench"]))?;
     let out = root().join("target/bench");
     let mut cmd = Command::new(root().join("target/release/cidlb-bench"));
