@@ -160,6 +160,27 @@ struct Case<'a> {
     samples: Vec<f64>,
 }
 
+impl<'a> Case<'a> {
+    fn new(
+        path: &'static str,
+        how: &'static str,
+        dp: &'a Datapath,
+        program: &'static str,
+        frame: &'a [u8],
+        ingress: u32,
+    ) -> Self {
+        Case {
+            path,
+            how,
+            dp,
+            program,
+            frame,
+            ingress,
+            samples: Vec::new(),
+        }
+    }
+}
+
 fn measure(cases: &mut [Case<'_>], effort: Effort) -> Result<()> {
     for _ in 0..effort.rounds {
         for c in cases.iter_mut() {
@@ -211,69 +232,41 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
     let fresh = datapath(&cfg, true, true, &ifs)?;
     let (prog, floor) = (names::PROGRAM, names::FLOOR);
     let mut cases = vec![
-        Case {
-            path: "empty program (floor)",
-            how: "XDP_PASS only",
-            dp: &plain,
-            program: floor,
-            frame: &f.cid,
-            ingress: fxc,
-            samples: vec![],
-        },
-        Case {
-            path: "CID record routed",
-            how: "shadow",
-            dp: &shadow,
-            program: prog,
-            frame: &f.cid,
-            ingress: fxc,
-            samples: vec![],
-        },
-        Case {
-            path: "new flow",
-            how: "shadow, re-pinned every run",
-            dp: &fresh,
-            program: prog,
-            frame: &f.hello,
-            ingress: fxc,
-            samples: vec![],
-        },
-        Case {
-            path: "known flow",
-            how: "shadow",
-            dp: &shadow,
-            program: prog,
-            frame: &f.hello,
-            ingress: fxc,
-            samples: vec![],
-        },
-        Case {
-            path: "reply un-NAT",
-            how: "shadow",
-            dp: &shadow,
-            program: prog,
-            frame: &f.reply,
-            ingress: fxn,
-            samples: vec![],
-        },
-        Case {
-            path: "non-VIP port, passed",
-            how: "as is",
-            dp: &plain,
-            program: prog,
-            frame: &f.other_port,
-            ingress: fxc,
-            samples: vec![],
-        },
-        Case {
-            path: "malformed CID record, dropped",
-            how: "as is",
-            dp: &plain,
-            program: prog,
-            frame: &f.malformed,
-            ingress: fxc,
-            samples: vec![],
-        },
+        Case::new(
+            "empty program (floor)",
+            "XDP_PASS only",
+            &plain,
+            floor,
+            &f.cid,
+            fxc,
+        ),
+        Case::new("CID record routed", "shadow", &shadow, prog, &f.cid, fxc),
+        Case::new(
+            "new flow",
+            "shadow, re-pinned every run",
+            &fresh,
+            prog,
+            &f.hello,
+            fxc,
+        ),
+        Case::new("known flow", "shadow", &shadow, prog, &f.hello, fxc),
+        Case::new("reply un-NAT", "shadow", &shadow, prog, &f.reply, fxn),
+        Case::new(
+            "non-VIP port, passed",
+            "as is",
+            &plain,
+            prog,
+            &f.other_port,
+            fxc,
+        ),
+        Case::new(
+            "malformed CID record, dropped",
+            "as is",
+            &plain,
+            prog,
+            &f.malformed,
+            fxc,
+        ),
     ];
     measure(&mut cases, effort)?;
     let floor_ns = stats(&cases[0].samples).0;
@@ -288,24 +281,15 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         let shadow = datapath(&cfg, true, false, &ifs)?;
         let fresh = datapath(&cfg, true, true, &ifs)?;
         let mut cases = vec![
-            Case {
-                path: "CID record routed",
-                how: "shadow",
-                dp: &shadow,
-                program: prog,
-                frame: &f.cid,
-                ingress: fxc,
-                samples: vec![],
-            },
-            Case {
-                path: "new flow",
-                how: "shadow, re-pinned every run",
-                dp: &fresh,
-                program: prog,
-                frame: &f.hello,
-                ingress: fxc,
-                samples: vec![],
-            },
+            Case::new("CID record routed", "shadow", &shadow, prog, &f.cid, fxc),
+            Case::new(
+                "new flow",
+                "shadow, re-pinned every run",
+                &fresh,
+                prog,
+                &f.hello,
+                fxc,
+            ),
         ];
         measure(&mut cases, effort)?;
         for c in &cases {
@@ -326,24 +310,8 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         let mut shadow = datapath(&cfg, true, false, &ifs)?;
         prefill(&mut shadow, flows.saturating_sub(1))?;
         let mut cases = vec![
-            Case {
-                path: "known flow",
-                how: "shadow",
-                dp: &shadow,
-                program: prog,
-                frame: &f.hello,
-                ingress: fxc,
-                samples: vec![],
-            },
-            Case {
-                path: "CID record routed",
-                how: "shadow",
-                dp: &shadow,
-                program: prog,
-                frame: &f.cid,
-                ingress: fxc,
-                samples: vec![],
-            },
+            Case::new("known flow", "shadow", &shadow, prog, &f.hello, fxc),
+            Case::new("CID record routed", "shadow", &shadow, prog, &f.cid, fxc),
         ];
         measure(&mut cases, effort)?;
         for c in &cases {

@@ -280,88 +280,7 @@ fn enter(bed: &Bed, mode: Mode) -> Result<Active> {
     Ok(match mode {
         Mode::Plain => Active::None,
         Mode::Iptables => {
-            let node = |k: usize| lb_lab::node4(k).to_string();
-            let u32match =
-                |k: u8| format!("0>>22&0x3C@ 7&0xFFFFFF=0x19FEFD && 0>>22&0x3C@ 16&0xFF={k}");
-            let rules: Vec<Vec<String>> = vec![
-                vec!["-t".into(), "nat".into(), "-N".into(), "DTLS_NAT".into()],
-                vec!["-t", "nat", "-A", "DTLS_NAT", "-m", "u32", "--u32"]
-                    .into_iter()
-                    .map(String::from)
-                    .chain([
-                        u32match(1),
-                        "-j".into(),
-                        "DNAT".into(),
-                        "--to-destination".into(),
-                        node(1),
-                    ])
-                    .collect(),
-                vec!["-t", "nat", "-A", "DTLS_NAT", "-m", "u32", "--u32"]
-                    .into_iter()
-                    .map(String::from)
-                    .chain([
-                        u32match(2),
-                        "-j".into(),
-                        "DNAT".into(),
-                        "--to-destination".into(),
-                        node(2),
-                    ])
-                    .collect(),
-                vec![
-                    "-t",
-                    "nat",
-                    "-A",
-                    "DTLS_NAT",
-                    "-m",
-                    "statistic",
-                    "--mode",
-                    "nth",
-                    "--every",
-                    "2",
-                    "--packet",
-                    "0",
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                ]
-                .into_iter()
-                .map(String::from)
-                .chain([node(1)])
-                .collect(),
-                vec![
-                    "-t",
-                    "nat",
-                    "-A",
-                    "DTLS_NAT",
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                ]
-                .into_iter()
-                .map(String::from)
-                .chain([node(2)])
-                .collect(),
-                vec![
-                    "-t",
-                    "nat",
-                    "-A",
-                    "PREROUTING",
-                    "-p",
-                    "udp",
-                    "--dport",
-                    "5684",
-                    "-j",
-                    "DTLS_NAT",
-                ]
-                .into_iter()
-                .map(String::from)
-                .collect(),
-            ];
-            for r in rules {
-                let mut args = vec!["iptables"];
-                args.extend(r.iter().map(String::as_str));
-                b.must(&args).map_err(|e| anyhow!(e))?;
-            }
+            bed.lab.seed_iptables(true).map_err(|e| anyhow!(e))?;
             Active::None
         }
         Mode::Cidlb => {
@@ -433,10 +352,7 @@ fn leave(bed: &Bed, mode: Mode, active: Active) {
         Active::None => {}
     }
     if mode == Mode::Iptables {
-        let b = &bed.lab.balancer;
-        let _ = b.exec(&["iptables", "-t", "nat", "-F"]);
-        let _ = b.exec(&["iptables", "-t", "nat", "-X", "DTLS_NAT"]);
-        let _ = b.exec(&["conntrack", "-F"]);
+        bed.lab.clear_iptables();
     }
 }
 

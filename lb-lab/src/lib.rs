@@ -134,6 +134,53 @@ impl Lab {
         s
     }
 
+    /// The balancer the seed runs, in the balancer namespace: with `cid_rules`, an iptables `u32`
+    /// match on the tls12_cid header (19 FE FD) and the CID's first byte DNATs a record to that
+    /// node; every other new flow is spread by `-m statistic --mode nth` (the seed uses ipvs
+    /// round robin; this kernel has no ipvs). conntrack keeps each 5-tuple on its node.
+    pub fn seed_iptables(&self, cid_rules: bool) -> Result<(), String> {
+        let ipt = |rule: &[String]| {
+            let mut args = vec!["iptables", "-t", "nat"];
+            args.extend(rule.iter().map(String::as_str));
+            self.balancer.must(&args).map(|_| ())
+        };
+        let words = |s: String| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
+        let n = self.nodes.len();
+        ipt(&words("-N DTLS_NAT".into()))?;
+        if cid_rules {
+            for k in 1..=n {
+                let mut rule = words("-A DTLS_NAT -m u32 --u32".into());
+                rule.push(format!(
+                    "0>>22&0x3C@ 7&0xFFFFFF=0x19FEFD && 0>>22&0x3C@ 16&0xFF={k}"
+                ));
+                rule.extend(words(format!("-j DNAT --to-destination {}", node4(k))));
+                ipt(&rule)?;
+            }
+        }
+        for k in 1..n {
+            ipt(&words(format!(
+                "-A DTLS_NAT -m statistic --mode nth --every {} --packet 0 -j DNAT --to-destination {}",
+                n - k + 1,
+                node4(k)
+            )))?;
+        }
+        ipt(&words(format!(
+            "-A DTLS_NAT -j DNAT --to-destination {}",
+            node4(n)
+        )))?;
+        ipt(&words(format!(
+            "-A PREROUTING -d {VIP4} -p udp --dport {PORT} -j DTLS_NAT"
+        )))
+    }
+
+    /// Removes [`Lab::seed_iptables`]'s rules and the connections they made.
+    pub fn clear_iptables(&self) {
+        let b = &self.balancer;
+        let _ = b.exec(&["iptables", "-t", "nat", "-F"]);
+        let _ = b.exec(&["iptables", "-t", "nat", "-X", "DTLS_NAT"]);
+        let _ = b.exec(&["conntrack", "-F"]);
+    }
+
     /// Keeps the namespaces after this value drops (`cargo xtask lab up`).
     pub fn keep(mut self) {
         self.client.keep();

@@ -300,15 +300,7 @@ fn control_rebinding_fails_through_a_five_tuple_balancer() {
     common::require_root();
     let lab = Lab::up(&lb_lab::unique_prefix("ec"), 2).unwrap_or_else(|e| panic!("{e}"));
     let _servers = [server(&lab.nodes[0], 1, &[]), server(&lab.nodes[1], 2, &[])];
-    let b = &lab.balancer;
-    for rule in [
-        format!("-t nat -A PREROUTING -d {VIP4} -p udp --dport {PORT} -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination {}", lb_lab::node4(1)),
-        format!("-t nat -A PREROUTING -d {VIP4} -p udp --dport {PORT} -j DNAT --to-destination {}", lb_lab::node4(2)),
-    ] {
-        let mut args = vec!["iptables"];
-        args.extend(rule.split(' '));
-        b.must(&args).unwrap_or_else(|e| panic!("{e}"));
-    }
+    lab.seed_iptables(false).unwrap_or_else(|e| panic!("{e}"));
     // Without rebinding the same sessions work: the control differs only in the rebinding.
     let steady = client(&lab, V4, &["--sessions", "4", "--messages", "6"]);
     assert!(
