@@ -15,7 +15,7 @@ use std::{
 };
 
 use common::agent::{cidlb, json_counter, AgentProc, PinGuard};
-use lb_lab::{ChildGuard, Lab, NetNs, PORT, VIP4, VIP6};
+use lb_lab::{ChildGuard, Lab, NetNs, PORT};
 use serde_json::Value;
 
 fn testpeer() -> PathBuf {
@@ -125,26 +125,32 @@ fn assert_sessions_follow_their_cid(
     per_node
 }
 
+/// Fields drop in order: agent, servers, pins, then the namespaces.
 struct Setup {
-    lab: Lab,
-    pins: PinGuard,
-    _servers: Vec<ChildGuard>,
     agent: AgentProc,
+    servers: Vec<ChildGuard>,
+    pins: PinGuard,
+    lab: Lab,
 }
 
 fn setup(tag: &str, nodes: usize, extra_config: &str) -> Setup {
+    let ids: Vec<u32> = (1..=nodes as u32).collect();
+    setup_ids(tag, &ids, extra_config)
+}
+
+/// A lab with one node per entry of `ids`, node k's server issuing CIDs for `ids[k - 1]`
+/// (the config always names node k as id k), and cidlb running.
+fn setup_ids(tag: &str, ids: &[u32], extra_config: &str) -> Setup {
     common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix(tag), nodes).unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::up(&lb_lab::unique_prefix(tag), ids.len()).unwrap_or_else(|e| panic!("{e}"));
     let servers = lab
         .nodes
         .iter()
-        .enumerate()
-        .map(|(i, n)| server(n, i as u32 + 1, &[]))
+        .zip(ids)
+        .map(|(n, id)| server(n, *id, &[]))
         .collect();
     let pins = PinGuard::new(tag);
-    let dir = std::env::temp_dir().join(format!("cidlb-e2e-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("cidlb.yaml");
+    let cfg = std::env::temp_dir().join(format!("cidlb-e2e-{tag}-{}.yaml", std::process::id()));
     std::fs::write(
         &cfg,
         lab.cidlb_config(&pins.0.display().to_string(), extra_config),
@@ -153,10 +159,10 @@ fn setup(tag: &str, nodes: usize, extra_config: &str) -> Setup {
     let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(1200));
     Setup {
-        lab,
-        pins,
-        _servers: servers,
         agent,
+        servers,
+        pins,
+        lab,
     }
 }
 
@@ -185,47 +191,30 @@ fn twenty_rebinding_sessions_over_two_nodes_ipv4() {
     let json = cidlb(&["stats", "--json", "--pin-dir", s.pins.0.to_str().unwrap()]);
     assert!(json_counter(&json, "cid_routed") >= 20 * 55, "{json}");
     assert_eq!(json_counter(&json, "drop_cid_unknown_node"), 0);
-    drop(s.agent);
-    let _ = (VIP4, VIP6);
 }
 
 #[test]
 fn rebinding_sessions_over_four_nodes_and_ipv6() {
     let s = setup("e4", 4, "");
-    let run = client(
-        &s.lab,
-        V4,
-        &[
-            "--sessions",
-            "20",
-            "--messages",
-            "33",
-            "--rebind-every",
-            "3",
-        ],
-    );
-    let per_node = assert_sessions_follow_their_cid(&run, 20, 10);
-    assert!(
-        per_node.len() >= 3,
-        "20 handshakes over 4 nodes reached only {per_node:?}"
-    );
-    let run = client(
-        &s.lab,
-        V6,
-        &[
-            "--sessions",
-            "20",
-            "--messages",
-            "33",
-            "--rebind-every",
-            "3",
-        ],
-    );
-    let per_node = assert_sessions_follow_their_cid(&run, 20, 10);
-    assert!(
-        per_node.len() >= 3,
-        "IPv6: 20 handshakes over 4 nodes reached only {per_node:?}"
-    );
+    for vip in [V4, V6] {
+        let run = client(
+            &s.lab,
+            vip,
+            &[
+                "--sessions",
+                "20",
+                "--messages",
+                "33",
+                "--rebind-every",
+                "3",
+            ],
+        );
+        let per_node = assert_sessions_follow_their_cid(&run, 20, 10);
+        assert!(
+            per_node.len() >= 3,
+            "{vip}: 20 handshakes over 4 nodes reached only {per_node:?}"
+        );
+    }
 }
 
 #[test]
@@ -250,16 +239,10 @@ fn non_cid_session_stays_on_one_node() {
 #[test]
 fn cid_naming_an_unknown_node_is_dropped_and_counted() {
     // Node 2's server issues CIDs for node 9, which the config does not know.
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix("eu"), 2).unwrap_or_else(|e| panic!("{e}"));
-    let _servers = [server(&lab.nodes[0], 1, &[]), server(&lab.nodes[1], 9, &[])];
-    let pins = PinGuard::new("eu");
-    let cfg = std::env::temp_dir().join(format!("cidlb-e2e-eu-{}.yaml", std::process::id()));
-    std::fs::write(&cfg, lab.cidlb_config(&pins.0.display().to_string(), "")).unwrap();
-    let _agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
-    std::thread::sleep(Duration::from_millis(1200));
+    let s = setup_ids("eu", &[1, 9], "");
+    let (lab, pins) = (&s.lab, &s.pins);
     let run = client(
-        &lab,
+        lab,
         V4,
         &["--sessions", "8", "--messages", "6", "--timeout-ms", "300"],
     );
@@ -337,19 +320,9 @@ fn control_rebinding_fails_through_a_five_tuple_balancer() {
 #[test]
 fn dtls_health_probe_follows_a_real_server() {
     // The dtls probe sends a ClientHello; Mbed TLS answers with a HelloVerifyRequest.
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix("eh"), 2).unwrap_or_else(|e| panic!("{e}"));
-    let _s1 = server(&lab.nodes[0], 1, &[]);
-    let s2 = server(&lab.nodes[1], 2, &[]);
-    let pins = PinGuard::new("eh");
-    let cfg = std::env::temp_dir().join(format!("cidlb-e2e-eh-{}.yaml", std::process::id()));
     let health = "health: {probe: dtls, interval: 500ms, timeout: 300ms, fall: 2, rise: 2}\n";
-    std::fs::write(
-        &cfg,
-        lab.cidlb_config(&pins.0.display().to_string(), health),
-    )
-    .unwrap();
-    let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
+    let mut s = setup("eh", 2, health);
+    let agent = &s.agent;
     // Healthy servers: no node goes down.
     assert!(
         agent
@@ -357,17 +330,20 @@ fn dtls_health_probe_follows_a_real_server() {
             .is_none(),
         "a healthy DTLS server was marked down"
     );
-    drop(s2);
+    drop(s.servers.pop());
+    let agent = &s.agent;
     let line = agent
         .wait_for("node down", Duration::from_secs(5))
         .expect("stopped server must be marked down");
     assert!(line.contains("node=2"), "{line}");
-    let _s2 = server(&lab.nodes[1], 2, &[]);
+    let restarted = server(&s.lab.nodes[1], 2, &[]);
+    s.servers.push(restarted);
+    let agent = &s.agent;
     let line = agent
         .wait_for("node up", Duration::from_secs(5))
         .expect("restarted server must come back");
     assert!(line.contains("node=2"), "{line}");
     // Sessions work across both nodes again.
-    let run = client(&lab, V4, &["--sessions", "6", "--messages", "6"]);
+    let run = client(&s.lab, V4, &["--sessions", "6", "--messages", "6"]);
     assert_sessions_follow_their_cid(&run, 6, 0);
 }
