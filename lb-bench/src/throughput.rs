@@ -312,7 +312,7 @@ fn enter(bed: &Bed, mode: Mode) -> Result<Active> {
         Mode::Ceiling => {
             let macs = &bed.macs;
             let ebpf = inside(b, || -> Result<Ebpf> {
-                let mut e = cidlb::datapath::load_bench_object(0)?;
+                let mut e = cidlb::testrun::load_bench_object(0)?;
                 let ifs = cidlb::datapath::resolve_interfaces(&["lbn1".into()])?;
                 {
                     let mut dev = DevMapHash::try_from(
@@ -436,7 +436,7 @@ pub fn run(effort: Effort) -> Result<Vec<Value>> {
     let mut sinks = Vec::new();
     for (i, n) in lab.nodes.iter().enumerate() {
         let e = inside(n, || -> Result<Ebpf> {
-            let mut e = cidlb::datapath::load_bench_object(i as u8 + 1)?;
+            let mut e = cidlb::testrun::load_bench_object(i as u8 + 1)?;
             attach(&mut e, names::SINK_PROG, "n0")?;
             Ok(e)
         })?;

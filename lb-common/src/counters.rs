@@ -17,7 +17,7 @@ macro_rules! counters {
         impl Counter {
             /// Every counter, in index order.
             pub const ALL: &'static [Counter] = &[$(Counter::$variant,)+];
-            /// Number of counters (the `STATS` map size).
+            /// Number of counters (at most `STATS_SLOTS`, the `STATS` map size).
             pub const COUNT: u32 = Self::ALL.len() as u32;
 
             /// Stable name, used in CLI output, metrics and docs.
@@ -95,6 +95,9 @@ counters! {
     /// VLAN-tagged packet: rewritten and passed to the kernel, which routes it via its VLAN devices.
     FwdKernelVlan = "fwd_kernel_vlan",
 }
+
+// Appending a counter must not change the pinned STATS map's size (the layout version).
+const _: () = assert!(Counter::COUNT <= crate::maps::STATS_SLOTS);
 
 #[cfg(test)]
 mod tests {

@@ -21,6 +21,15 @@ pub const fn family_index(family: u8) -> u32 {
     }
 }
 
+/// Version of the pinned datapath's layout: which maps exist, their key and value types and
+/// sizes, and what their values mean. Bump it whenever any of that changes; `cidlb run` refuses
+/// to adopt pins of another layout (see `lb-userspace/src/layout.rs`). Version 0 is what cidlb
+/// pinned before it had a `LAYOUT` map.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Slots of the `STATS` array: room to append counters without changing the pinned layout.
+pub const STATS_SLOTS: u32 = 128;
+
 /// Most nodes the datapath can hold (node slots, per-node counters, round-robin ring per family).
 pub const MAX_NODES: u32 = 1024;
 /// Most VIP addresses.
@@ -60,6 +69,9 @@ pub mod names {
     pub const REVERSE: &str = "REVERSE";
     pub const DEVMAP: &str = "DEVMAP";
     pub const NEXTHOP: &str = "NEXTHOP";
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// One-entry array holding [`super::LAYOUT_VERSION`] of the pinned datapath.
+    pub const LAYOUT: &str = "LAYOUT";
     /// Read-only global holding [`super::DpConfig`].
     pub const CONFIG: &str = "CONFIG";
 }
@@ -79,6 +91,9 @@ pub struct DpConfig {
     pub unknown_node_flow: u32,
     /// Flow idle timeout in nanoseconds.
     pub idle_timeout_ns: u64,
+    /// A flow's `last_seen_ns` is rewritten when it is older than this (min(1 s, timeout / 8)),
+    /// so a busy flow does not write its entry on every packet; see `flow.rs`.
+    pub refresh_ns: u64,
     /// 1: shadow mode: decide and count, but pass every packet to the kernel unchanged.
     pub shadow: u32,
     pub _pad: u32,
@@ -92,6 +107,7 @@ impl DpConfig {
         node_id_len: 1,
         unknown_node_flow: 0,
         idle_timeout_ns: 30_000_000_000,
+        refresh_ns: 1_000_000_000,
         shadow: 0,
         _pad: 0,
     };
@@ -155,10 +171,10 @@ pub struct Flow {
     pub last_seen_ns: u64,
 }
 
-/// `VIPS` key: a VIP address.
+/// An address key: `VIPS` (a VIP) and `NODE_ADDRS` (a node's address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VipKey {
+pub struct AddrKey {
     pub addr: [u32; 4],
     pub family: u8,
     pub _pad: [u8; 3],
@@ -170,6 +186,15 @@ pub struct VipKey {
 pub struct Vip {
     /// Bitmap index: words `index * PORT_WORDS ..` of `VIP_PORTS`.
     pub index: u32,
+}
+
+/// `NODE_ADDRS` value: the node that owns an address (for packets from a node's address that
+/// carry no port, such as fragments).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddr {
+    /// The node's `NODE_STATS` slot.
+    pub slot: u32,
 }
 
 /// `REVERSE` key: where a node's replies come from (node address and source port).
@@ -221,19 +246,23 @@ pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub _pad: [u8; 8],
+    /// Path MTU towards the next hop (route or device MTU), for the check `bpf_fib_lookup`
+    /// would make; 0 = unknown (no check).
+    pub mtu: u16,
+    pub _pad: [u8; 6],
 }
 
 const _: () = {
     assert!(size_of::<NextHop>() == 32);
     assert!(size_of::<FwdTarget>() == 16);
-    assert!(size_of::<DpConfig>() == 32);
+    assert!(size_of::<DpConfig>() == 40);
     assert!(size_of::<Node>() == 32);
     assert!(size_of::<NodeStats>() == 32);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<Flow>() == 16);
-    assert!(size_of::<VipKey>() == 20);
+    assert!(size_of::<AddrKey>() == 20);
     assert!(size_of::<Vip>() == 4);
+    assert!(size_of::<NodeAddr>() == 4);
     assert!(size_of::<ReverseKey>() == 20);
     assert!(size_of::<Reverse>() == 24);
 };
@@ -247,8 +276,9 @@ mod pod {
     unsafe impl aya::Pod for super::NodeStats {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
-    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::Vip {}
+    unsafe impl aya::Pod for super::NodeAddr {}
     unsafe impl aya::Pod for super::ReverseKey {}
     unsafe impl aya::Pod for super::Reverse {}
     unsafe impl aya::Pod for super::NextHop {}

@@ -89,7 +89,8 @@ pub fn lookup_node(
                     ifindex: hop.fib.ifindex,
                     smac: hop.fib.smac,
                     dmac: hop.fib.dmac,
-                    _pad: [0; 8],
+                    mtu: 0,
+                    _pad: [0; 6],
                 }
             };
         }

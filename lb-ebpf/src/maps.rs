@@ -6,13 +6,19 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Counter, Flow, FlowKey, NextHop, Node, NodeStats, Reverse, ReverseKey, Vip, VipKey,
-    DEFAULT_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS, PORT_WORDS,
+    AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
+    DEFAULT_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS, PORT_WORDS, STATS_SLOTS,
 };
 
-/// Per-CPU counters indexed by [`Counter`].
+/// Per-CPU counters indexed by [`lb_common::Counter`] (`STATS_SLOTS` ≥ the number of counters, so
+/// appending one keeps the pinned layout).
 #[map]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+/// The pinned layout's version (`lb_common::LAYOUT_VERSION`), written by the agent; the
+/// program never reads it.
+#[map]
+pub static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-CPU per-node traffic indexed by `Node::slot`.
 #[map]
@@ -42,7 +48,7 @@ pub static FLOWS: LruHashMap<FlowKey, Flow> =
 
 /// VIP address → index of its port bitmap.
 #[map]
-pub static VIPS: HashMap<VipKey, Vip> = HashMap::with_max_entries(MAX_VIPS, 0);
+pub static VIPS: HashMap<AddrKey, Vip> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// One 65536-bit port bitmap per VIP: bit p set = UDP port p of that VIP is balanced.
 #[map]
@@ -51,6 +57,11 @@ pub static VIP_PORTS: Array<u64> = Array::with_max_entries(MAX_VIPS * PORT_WORDS
 /// Node address + source port → VIP address + port, for stateless reverse NAT of replies.
 #[map]
 pub static REVERSE: HashMap<ReverseKey, Reverse> = HashMap::with_max_entries(MAX_REVERSE, 0);
+
+/// A node's address (any port) → its slot: recognises packets from a node that carry no
+/// ports (fragments, extension headers).
+#[map]
+pub static NODE_ADDRS: HashMap<AddrKey, NodeAddr> = HashMap::with_max_entries(2 * MAX_NODES, 0);
 
 /// ifindex → ifindex of the interfaces cidlb is attached to (redirect targets).
 #[map]

@@ -1,12 +1,12 @@
 //! Which UDP packets are ours: to a VIP port (balance) or from a node (reply to un-NAT).
 
-use lb_common::{Counter, Reverse, ReverseKey, VipKey, PORT_WORDS};
+use lb_common::{AddrKey, Counter, Reverse, ReverseKey, PORT_WORDS};
 
 use crate::{maps, parse::Packet};
 
 #[inline(always)]
 fn vip_index(pkt: &Packet) -> Option<u32> {
-    let key = VipKey {
+    let key = AddrKey {
         addr: pkt.dst,
         family: pkt.family,
         _pad: [0; 3],

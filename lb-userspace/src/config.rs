@@ -418,6 +418,9 @@ impl Config {
             node_id_len: self.dtls.node_id_length,
             unknown_node_flow: u32::from(self.dtls.unknown_node == UnknownNode::Flow),
             idle_timeout_ns: u64::try_from(self.flows.idle_timeout.as_nanos()).unwrap_or(u64::MAX),
+            refresh_ns: u64::try_from((self.flows.idle_timeout / 8).as_nanos())
+                .unwrap_or(u64::MAX)
+                .min(1_000_000_000),
             shadow: u32::from(self.shadow),
             _pad: 0,
         }

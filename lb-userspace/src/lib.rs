@@ -12,3 +12,4 @@ pub mod health;
 pub mod metrics;
 pub mod provision;
 pub mod stats;
+pub mod testrun;

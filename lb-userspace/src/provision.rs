@@ -18,8 +18,8 @@ use aya::{
     Ebpf, Pod,
 };
 use lb_common::{
-    family_index, names, Node, NodeStats, Reverse, ReverseKey, Vip, VipKey, FAMILY_V4, FAMILY_V6,
-    MAX_NODES, MAX_VIPS, NODE_F_V4, NODE_F_V6, PORT_WORDS,
+    family_index, names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, FAMILY_V4,
+    FAMILY_V6, MAX_NODES, MAX_VIPS, NODE_F_V4, NODE_F_V6, PORT_WORDS,
 };
 
 use crate::{
@@ -202,20 +202,20 @@ pub fn nodes_and_rings(
 
 fn vips(ebpf: &mut Ebpf, cfg: &Config) -> Result<(), DatapathError> {
     // VIPs: one port bitmap each, at an index that stays with the address.
-    let old_vips: BTreeMap<VipKey, u32> = {
-        let m: HashMap<_, VipKey, Vip> =
+    let old_vips: BTreeMap<AddrKey, u32> = {
+        let m: HashMap<_, AddrKey, Vip> =
             HashMap::try_from(map(ebpf, names::VIPS)?).map_err(merr(names::VIPS))?;
         m.iter()
             .filter_map(Result::ok)
             .map(|(k, v)| (k, v.index))
             .collect()
     };
-    let keys: Vec<VipKey> = cfg
+    let keys: Vec<AddrKey> = cfg
         .vips
         .iter()
         .map(|v| {
             let (addr, family) = addr_words(v.address);
-            VipKey {
+            AddrKey {
                 addr,
                 family,
                 _pad: [0; 3],
@@ -240,9 +240,9 @@ fn vips(ebpf: &mut Ebpf, cfg: &Config) -> Result<(), DatapathError> {
             }
         }
     }
-    let vips: Vec<(VipKey, Vip)> = keys.iter().map(|k| (*k, Vip { index: index[k] })).collect();
+    let vips: Vec<(AddrKey, Vip)> = keys.iter().map(|k| (*k, Vip { index: index[k] })).collect();
     let stale = insert_all(ebpf, names::VIPS, &vips)?;
-    remove_all::<VipKey, Vip>(ebpf, names::VIPS, stale)
+    remove_all::<AddrKey, Vip>(ebpf, names::VIPS, stale)
 }
 
 fn reverse(ebpf: &mut Ebpf, cfg: &Config, slots: &BTreeMap<u32, u32>) -> Result<(), DatapathError> {
@@ -269,7 +269,28 @@ fn reverse(ebpf: &mut Ebpf, cfg: &Config, slots: &BTreeMap<u32, u32>) -> Result<
         })
         .collect();
     let stale = insert_all(ebpf, names::REVERSE, &reverse)?;
-    remove_all::<ReverseKey, Reverse>(ebpf, names::REVERSE, stale)
+    remove_all::<ReverseKey, Reverse>(ebpf, names::REVERSE, stale)?;
+
+    // Every address of every node in NODES, whatever its port.
+    let mut addrs: Vec<(AddrKey, NodeAddr)> = Vec::new();
+    for n in &cfg.nodes {
+        let Some(&slot) = slots.get(&n.id) else {
+            continue;
+        };
+        for ip in &n.addresses {
+            let (addr, family) = addr_words(*ip);
+            addrs.push((
+                AddrKey {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                },
+                NodeAddr { slot },
+            ));
+        }
+    }
+    let stale = insert_all(ebpf, names::NODE_ADDRS, &addrs)?;
+    remove_all::<AddrKey, NodeAddr>(ebpf, names::NODE_ADDRS, stale)
 }
 
 fn devmap(ebpf: &mut Ebpf, ifindexes: &[u32]) -> Result<(), DatapathError> {
