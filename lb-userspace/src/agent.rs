@@ -46,7 +46,7 @@ pub struct Agent {
 
 fn load_config(path: &Path, shadow: bool) -> anyhow::Result<Config> {
     let mut cfg = Config::load(path)?;
-    for w in cfg.reverse_entries().1 {
+    for w in provision::reverse_entries(&cfg).1 {
         warn!("{}: {w}", path.display());
     }
     cfg.shadow = shadow;

@@ -1,18 +1,16 @@
-//! The YAML node map (a contract: every key is documented in README.md) and its validation.
+//! The YAML schema (a contract: every key is documented in README.md) and its parsing.
 //!
-//! Parsing goes through serde (which names the key and line of a type error); validation then
-//! checks what types cannot: ranges, uniqueness, and whether the datapath can represent the
-//! config (e.g. stateless reverse NAT needs every node address+port to map back to one VIP).
+//! Parsing goes through serde (which names the key and line of a type error); `validate.rs`
+//! then checks what types cannot.
 
 use std::{
-    collections::{BTreeMap, HashSet},
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use lb_common::{DpConfig, MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS};
+use lb_common::DpConfig;
 use serde::{de, Deserialize, Deserializer};
 
 /// A configuration problem: which file, which key, what is wrong.
@@ -339,6 +337,28 @@ fn default_pin_dir() -> PathBuf {
     PathBuf::from(DEFAULT_PIN_DIR)
 }
 
+/// The `pin_dir` of a config file, for commands that only need to find the pinned datapath
+/// (`cidlb stats --config`, `cidlb detach --config`). Only that key is read, so a file that no
+/// longer validates (edited since `cidlb run` started, or written for another version) still
+/// leads to the datapath it names.
+pub fn pin_dir_of(path: &Path) -> Result<PathBuf, ConfigError> {
+    #[derive(Deserialize)]
+    struct PinDirOnly {
+        #[serde(default = "default_pin_dir")]
+        pin_dir: PathBuf,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_owned(),
+        source,
+    })?;
+    serde_yaml::from_str::<PinDirOnly>(&text)
+        .map(|c| c.pin_dir)
+        .map_err(|e| ConfigError::Parse {
+            file: path.to_owned(),
+            message: e.to_string(),
+        })
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -363,16 +383,6 @@ pub struct Config {
     pub shadow: bool,
 }
 
-/// One stateless reverse-NAT entry: replies from `node_addr:node_port` come from `vip:vip_port`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReverseEntry {
-    pub node_index: usize,
-    pub node_addr: IpAddr,
-    pub node_port: u16,
-    pub vip: IpAddr,
-    pub vip_port: u16,
-}
-
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -389,12 +399,11 @@ impl Config {
             file: file.to_owned(),
             message: e.to_string(),
         })?;
-        cfg.validate()
-            .map_err(|(key, problem)| ConfigError::Invalid {
-                file: file.to_owned(),
-                key,
-                problem,
-            })?;
+        crate::validate::validate(&cfg).map_err(|(key, problem)| ConfigError::Invalid {
+            file: file.to_owned(),
+            key,
+            problem,
+        })?;
         Ok(cfg)
     }
 
@@ -425,282 +434,14 @@ impl Config {
             _pad: 0,
         }
     }
-
-    /// Every reverse-NAT entry, plus a warning for each node address+port that several VIP
-    /// ports map onto. Replies carry no trace of the port the client used, so such a node's
-    /// replies come from one VIP port: the one equal to the node port if listed, else the first.
-    pub fn reverse_entries(&self) -> (Vec<ReverseEntry>, Vec<String>) {
-        let mut seen: BTreeMap<(IpAddr, u16), (ReverseEntry, usize)> = BTreeMap::new();
-        for (ni, node) in self.nodes.iter().enumerate() {
-            for vip in &self.vips {
-                let Some(node_addr) = node.address_for(vip.address) else {
-                    continue;
-                };
-                for range in &vip.ports {
-                    for vip_port in range.ports() {
-                        let e = ReverseEntry {
-                            node_index: ni,
-                            node_addr,
-                            node_port: node.port.unwrap_or(vip_port),
-                            vip: vip.address,
-                            vip_port,
-                        };
-                        seen.entry((node_addr, e.node_port))
-                            .and_modify(|(kept, shadowed)| {
-                                *shadowed += 1;
-                                if e.vip_port == e.node_port && kept.vip_port != kept.node_port {
-                                    *kept = e;
-                                }
-                            })
-                            .or_insert((e, 0));
-                    }
-                }
-            }
-        }
-        let mut warnings = Vec::new();
-        for ((addr, port), (e, shadowed)) in &seen {
-            if *shadowed > 0 {
-                warnings.push(format!(
-                    "nodes[{}]: {} other VIP port(s) map onto {addr} port {port}; its replies will come from {}:{} \
-                     only, so clients that used another VIP port will not accept them. Leave out `port` \
-                     (the node then listens on each VIP port) to avoid this",
-                    e.node_index, shadowed, e.vip, e.vip_port
-                ));
-            }
-        }
-        (seen.into_values().map(|(e, _)| e).collect(), warnings)
-    }
-
-    fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, p: String| Err((k.to_owned(), p));
-        if self.interfaces.is_empty() {
-            return err(
-                "interfaces",
-                "list at least one interface to attach to".into(),
-            );
-        }
-        if self.interfaces.len() > MAX_IFACES as usize {
-            return err("interfaces", format!("at most {MAX_IFACES} interfaces"));
-        }
-        let mut ifs = HashSet::new();
-        for (i, name) in self.interfaces.iter().enumerate() {
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                return err(
-                    &format!("interfaces[{i}]"),
-                    format!("{name:?} is not a valid interface name"),
-                );
-            }
-            if !ifs.insert(name) {
-                return err(
-                    &format!("interfaces[{i}]"),
-                    format!("{name:?} is listed twice"),
-                );
-            }
-        }
-
-        if self.vips.is_empty() {
-            return err("vips", "list at least one VIP".into());
-        }
-        if self.vips.len() > MAX_VIPS as usize {
-            return err("vips", format!("at most {MAX_VIPS} VIP addresses"));
-        }
-        let mut vip_addrs = HashSet::new();
-        for (i, vip) in self.vips.iter().enumerate() {
-            if !vip_addrs.insert(vip.address) {
-                return err(
-                    &format!("vips[{i}].address"),
-                    format!(
-                        "{} is listed twice; put all its ports in one entry",
-                        vip.address
-                    ),
-                );
-            }
-            if vip.ports.is_empty() {
-                return err(
-                    &format!("vips[{i}].ports"),
-                    "list at least one port or range".into(),
-                );
-            }
-        }
-
-        let d = &self.dtls;
-        if !(1..=32).contains(&d.cid_length) {
-            return err(
-                "dtls.cid_length",
-                format!(
-                    "{} is outside 1..32 (RFC 9146 allows up to 255, cidlb up to 32)",
-                    d.cid_length
-                ),
-            );
-        }
-        if !(1..=4).contains(&d.node_id_length) {
-            return err(
-                "dtls.node_id_length",
-                format!("{} is outside 1..4", d.node_id_length),
-            );
-        }
-        if d.node_id_offset + d.node_id_length > d.cid_length {
-            return err(
-                "dtls.node_id_offset",
-                format!(
-                    "node id bytes {}..{} do not fit in a {}-byte CID",
-                    d.node_id_offset,
-                    d.node_id_offset + d.node_id_length,
-                    d.cid_length
-                ),
-            );
-        }
-
-        if self.flows.idle_timeout.is_zero() {
-            return err("flows.idle_timeout", "must be longer than 0".into());
-        }
-        if !(1..=MAX_FLOW_CAPACITY).contains(&self.flows.capacity) {
-            return err(
-                "flows.capacity",
-                format!(
-                    "{} is outside 1..{MAX_FLOW_CAPACITY} (the table is preallocated)",
-                    self.flows.capacity
-                ),
-            );
-        }
-
-        if self.nodes.is_empty() {
-            return err("nodes", "list at least one node".into());
-        }
-        if self.nodes.len() > MAX_NODES as usize {
-            return err("nodes", format!("at most {MAX_NODES} nodes"));
-        }
-        let id_limit = 1u64 << (8 * d.node_id_length);
-        let mut ids = HashSet::new();
-        let mut addrs = HashSet::new();
-        for (i, n) in self.nodes.iter().enumerate() {
-            if u64::from(n.id) >= id_limit {
-                return err(
-                    &format!("nodes[{i}].id"),
-                    format!(
-                        "{} does not fit in dtls.node_id_length = {} byte(s)",
-                        n.id, d.node_id_length
-                    ),
-                );
-            }
-            if !ids.insert(n.id) {
-                return err(
-                    &format!("nodes[{i}].id"),
-                    format!("node id {} is used twice", n.id),
-                );
-            }
-            let (v4, v6) = (
-                n.addresses.iter().filter(|a| a.is_ipv4()).count(),
-                n.addresses.iter().filter(|a| a.is_ipv6()).count(),
-            );
-            if n.addresses.is_empty() || v4 > 1 || v6 > 1 {
-                return err(
-                    &format!("nodes[{i}].address"),
-                    "give one address, or one IPv4 and one IPv6".into(),
-                );
-            }
-            for a in &n.addresses {
-                if vip_addrs.contains(a) {
-                    return err(&format!("nodes[{i}].address"), format!("{a} is also a VIP"));
-                }
-                if !addrs.insert(*a) {
-                    return err(
-                        &format!("nodes[{i}].address"),
-                        format!("{a} is used by another node"),
-                    );
-                }
-            }
-            if !(1..=100).contains(&n.weight) {
-                return err(
-                    &format!("nodes[{i}].weight"),
-                    format!("{} is outside 1..100", n.weight),
-                );
-            }
-            if n.port == Some(0) {
-                return err(
-                    &format!("nodes[{i}].port"),
-                    "0 is not a port; leave it out to keep the VIP port".into(),
-                );
-            }
-        }
-        for (i, vip) in self.vips.iter().enumerate() {
-            if !self
-                .nodes
-                .iter()
-                .any(|n| n.address_for(vip.address).is_some())
-            {
-                let fam = if vip.address.is_ipv4() {
-                    "IPv4"
-                } else {
-                    "IPv6"
-                };
-                return err(
-                    &format!("vips[{i}].address"),
-                    format!("no node has an {fam} address to serve {}", vip.address),
-                );
-            }
-        }
-        for fam in [true, false] {
-            let total: u32 = self
-                .nodes
-                .iter()
-                .filter(|n| {
-                    if fam {
-                        n.v4().is_some()
-                    } else {
-                        n.v6().is_some()
-                    }
-                })
-                .map(|n| n.weight)
-                .sum();
-            if total > MAX_NODES {
-                return err(
-                    "nodes",
-                    format!(
-                        "weights of the {} nodes add up to {total}, more than {MAX_NODES}",
-                        if fam { "IPv4" } else { "IPv6" }
-                    ),
-                );
-            }
-        }
-        let h = &self.health;
-        if h.interval.is_zero() || h.timeout.is_zero() {
-            return err(
-                "health",
-                "interval and timeout must be longer than 0".into(),
-            );
-        }
-        if h.timeout > h.interval {
-            return err(
-                "health.timeout",
-                format!(
-                    "{:?} is longer than the interval {:?}",
-                    h.timeout, h.interval
-                ),
-            );
-        }
-        if h.fall == 0 || h.rise == 0 {
-            return err("health", "fall and rise must be at least 1".into());
-        }
-        let (reverse, _) = self.reverse_entries();
-        if reverse.len() > MAX_REVERSE as usize {
-            return err(
-                "vips",
-                format!(
-                    "{} node×port pairs exceed the limit of {MAX_REVERSE}",
-                    reverse.len()
-                ),
-            );
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const SEED: &str = r#"
+    /// The issue's example config; other modules' tests start from it too.
+    pub(crate) const SEED: &str = r#"
 interfaces: [eth0, eth1]
 xdp_mode: auto
 vips:
@@ -724,11 +465,11 @@ nodes:
 pin_dir: /sys/fs/bpf/cidlb
 "#;
 
-    fn parse(text: &str) -> Result<Config, String> {
+    pub(crate) fn parse(text: &str) -> Result<Config, String> {
         Config::parse(text, Path::new("test.yaml")).map_err(|e| e.to_string())
     }
 
-    fn with(from: &str, to: &str) -> String {
+    pub(crate) fn with(from: &str, to: &str) -> String {
         assert!(SEED.contains(from), "{from:?} not in seed");
         SEED.replacen(from, to, 1)
     }
@@ -760,103 +501,6 @@ pin_dir: /sys/fs/bpf/cidlb
         assert_eq!(c.dp_config(), lb_common::DpConfig::DEFAULT);
         assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(c.xdp_mode, XdpModeCfg::Auto);
-    }
-
-    #[test]
-    fn errors_name_file_key_and_problem() {
-        let cases: &[(&str, &str, &[&str])] = &[
-            (
-                "cid_length: 6",
-                "cid_length: 40",
-                &["test.yaml", "dtls.cid_length", "40"],
-            ),
-            (
-                "node_id_length: 1",
-                "node_id_length: 5",
-                &["dtls.node_id_length"],
-            ),
-            (
-                "node_id_offset: 0",
-                "node_id_offset: 6",
-                &["dtls.node_id_offset", "do not fit"],
-            ),
-            (
-                "unknown_node: drop",
-                "unknown_node: maybe",
-                &["test.yaml", "unknown_node", "maybe"],
-            ),
-            ("xdp_mode: auto", "xdp_mode: turbo", &["xdp_mode", "turbo"]),
-            (
-                "idle_timeout: 30s",
-                "idle_timeout: soon",
-                &["idle_timeout", "soon"],
-            ),
-            (
-                "idle_timeout: 30s",
-                "idle_timeout: 0s",
-                &["flows.idle_timeout"],
-            ),
-            ("capacity: 1048576", "capacity: 0", &["flows.capacity"]),
-            (
-                "\"20000-20100\"",
-                "\"20100-20000\"",
-                &["ports", "ends before it starts"],
-            ),
-            ("\"20000-20100\"", "70000", &["ports", "70000"]),
-            (
-                "address: 192.0.2.10",
-                "address: 192.0.2.300",
-                &["vips", "address"],
-            ),
-            ("- id: 1", "- id: 2", &["nodes[1].id", "used twice"]),
-            ("- id: 1", "- id: 256", &["nodes[0].id", "does not fit"]),
-            (
-                "address: 192.168.178.124",
-                "address: 192.168.178.123",
-                &["nodes[1].address", "another node"],
-            ),
-            (
-                "address: 192.168.178.124",
-                "address: 192.0.2.10",
-                &["nodes[1].address", "also a VIP"],
-            ),
-            (
-                "interfaces: [eth0, eth1]",
-                "interfaces: []",
-                &["interfaces", "at least one"],
-            ),
-            (
-                "interfaces: [eth0, eth1]",
-                "interfaces: [eth0, eth0]",
-                &["interfaces[1]", "twice"],
-            ),
-            ("pin_dir:", "pin_drr:", &["unknown field", "pin_drr"]),
-        ];
-        for (from, to, want) in cases {
-            let text = with(from, to);
-            let e = parse(&text).expect_err(&format!("{to:?} should be rejected"));
-            for w in *want {
-                assert!(e.contains(w), "error for {to:?} lacks {w:?}: {e}");
-            }
-        }
-    }
-
-    #[test]
-    fn ambiguous_reverse_nat_warns_and_prefers_the_node_port() {
-        // The issue's own example: node 1 listens on 5684 for a VIP with 102 ports.
-        let c = parse(SEED).unwrap_or_else(|e| panic!("{e}"));
-        let (entries, warnings) = c.reverse_entries();
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(
-            warnings[0].starts_with("nodes[0]: 101 other VIP port(s)"),
-            "{}",
-            warnings[0]
-        );
-        let n1: Vec<_> = entries.iter().filter(|e| e.node_index == 0).collect();
-        assert_eq!(n1.len(), 1);
-        assert_eq!((n1[0].node_port, n1[0].vip_port), (5684, 5684));
-        // Node 2 keeps the client's port: one entry per VIP port, no ambiguity.
-        assert_eq!(entries.iter().filter(|e| e.node_index == 1).count(), 102);
     }
 
     #[test]

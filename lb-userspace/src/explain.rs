@@ -7,10 +7,14 @@
 use std::{fmt::Write as _, net::SocketAddr};
 
 use anyhow::{bail, Context as _};
+use aya::maps::Map;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use lb_common::Counter;
+use lb_common::{names, Counter};
 
 use crate::{config::Config, datapath, datapath::Datapath, provision, stats::Snapshot};
+
+/// Entries of the private flow table a packet is explained with.
+pub const EXPLAIN_FLOWS: u32 = 16;
 
 /// Builds an Ethernet/IP/UDP frame from addresses and a payload.
 pub fn frame(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -30,21 +34,21 @@ pub fn frame(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> anyhow::Result
     Ok(out)
 }
 
+/// Hex digits (whitespace and `:` between them allowed) to bytes; anything else is an error
+/// naming the character, never a panic.
 pub fn parse_hex(s: &str) -> anyhow::Result<Vec<u8>> {
-    let s: String = s
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != ':')
-        .collect();
-    if !s.len().is_multiple_of(2) {
+    let mut digits = Vec::with_capacity(s.len());
+    for (i, c) in s.chars().enumerate() {
+        match c.to_digit(16) {
+            Some(d) => digits.push(d as u8),
+            None if c.is_whitespace() || c == ':' => {}
+            None => bail!("not hex: {c:?} at character {}", i + 1),
+        }
+    }
+    if !digits.len().is_multiple_of(2) {
         bail!("hex input has an odd number of digits");
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .with_context(|| format!("not hex: {:?}", &s[i..i + 2]))
-        })
-        .collect()
+    Ok(digits.chunks(2).map(|p| (p[0] << 4) | p[1]).collect())
 }
 
 fn describe(frame: &[u8]) -> String {
@@ -98,8 +102,17 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
     datapath::require_root("cidlb explain")?;
     let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
     let ifindex = datapath::resolve_interfaces(&[ingress.to_owned()])?[0];
+    // One packet needs a tiny flow table, not the configured one the kernel would preallocate
+    // (up to 1.9 GiB at the largest `flows.capacity`).
+    let mut cfg = cfg.clone();
+    cfg.flows.capacity = EXPLAIN_FLOWS;
+    let cfg = &cfg;
     let mut dp = Datapath::load(cfg)?;
     provision::provision(&mut dp.ebpf, cfg, &ifindexes, &|_| true)?;
+    let flow_entries = match dp.ebpf.map(names::FLOWS) {
+        Some(Map::LruHashMap(m)) => m.info().ok().map(|i| i.max_entries()),
+        _ => None,
+    };
     let r = dp
         .run_packet(frame, ifindex, 1)
         .context("BPF_PROG_TEST_RUN")?;
@@ -130,6 +143,12 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
             let _ = writeln!(s, "node:     {id} (its reply, un-NATed)");
         }
     }
+    if let Some(n) = flow_entries {
+        let _ = writeln!(
+            s,
+            "flows:    a private, empty table of {n} entries (the live one is not touched)"
+        );
+    }
     let _ = writeln!(s, "before:   {}", describe(frame));
     if out != frame {
         let _ = writeln!(s, "after:    {}", describe(&out));
@@ -137,4 +156,25 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
         let _ = writeln!(s, "after:    unchanged");
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_input_errors_instead_of_panicking() {
+        assert_eq!(parse_hex("19 fe:FD").unwrap(), [0x19, 0xfe, 0xfd]);
+        // "aéa": 'é' is two bytes in UTF-8; slicing by byte pairs panicked on it.
+        let e = parse_hex("aéa").unwrap_err().to_string();
+        assert!(e.contains("not hex: 'é' at character 2"), "{e}");
+        assert!(parse_hex("abc")
+            .unwrap_err()
+            .to_string()
+            .contains("odd number"));
+        assert!(parse_hex("zz")
+            .unwrap_err()
+            .to_string()
+            .contains("not hex: 'z'"));
+    }
 }

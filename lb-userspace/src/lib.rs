@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod provision;
 pub mod stats;
 pub mod testrun;
+pub mod validate;

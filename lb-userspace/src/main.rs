@@ -47,15 +47,13 @@ enum Cmd {
     },
     /// Remove a pinned datapath: detach from every interface, unpin program and maps.
     Detach {
-        /// The config's pin_dir.
-        #[arg(long, default_value = cidlb::config::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
+        #[command(flatten)]
+        pins: PinDir,
     },
     /// Print the counters of a running datapath from its pinned maps.
     Stats {
-        /// Where the datapath is pinned (the config's pin_dir).
-        #[arg(long, default_value = cidlb::config::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
+        #[command(flatten)]
+        pins: PinDir,
         /// Print one JSON object per sample.
         #[arg(long)]
         json: bool,
@@ -87,6 +85,29 @@ enum Cmd {
     },
 }
 
+/// Where a command finds the pinned datapath: `--pin-dir DIR`, or the `pin_dir` of the config
+/// file given to `cidlb run` (`--config FILE`), else the default.
+#[derive(clap::Args)]
+#[group(multiple = false)]
+struct PinDir {
+    /// Where the datapath is pinned (the config's pin_dir) [default: /sys/fs/bpf/cidlb].
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// The config file `cidlb run` was given: its pin_dir is used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl PinDir {
+    fn resolve(self) -> anyhow::Result<PathBuf> {
+        Ok(match (self.pin_dir, self.config) {
+            (Some(dir), _) => dir,
+            (None, Some(file)) => cidlb::config::pin_dir_of(&file)?,
+            (None, None) => PathBuf::from(cidlb::config::DEFAULT_PIN_DIR),
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
@@ -103,13 +124,13 @@ fn main() -> ExitCode {
                 detach_on_exit,
             },
         ),
-        Cmd::Detach { pin_dir } => detach(&pin_dir),
+        Cmd::Detach { pins } => pins.resolve().and_then(|dir| detach(&dir)),
         Cmd::Stats {
-            pin_dir,
+            pins,
             json,
             all,
             watch,
-        } => stats(&pin_dir, json, all, watch),
+        } => pins.resolve().and_then(|dir| stats(&dir, json, all, watch)),
         Cmd::Explain {
             config,
             hex,
@@ -146,7 +167,7 @@ fn init_logging(json: bool) {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    for w in cfg.reverse_entries().1 {
+    for w in cidlb::provision::reverse_entries(&cfg).1 {
         warn!("{}: {w}", path.display());
     }
     println!(

@@ -100,3 +100,40 @@ fn log_json_gives_json_lines() {
         "{line}"
     );
 }
+
+#[test]
+fn explain_loads_a_tiny_flow_table_and_rejects_bad_hex() {
+    common::require_root();
+    // A 4 Mi-entry flow table would be preallocated (~480 MiB) just to run one packet.
+    let p = write(
+        "explain.yaml",
+        &GOOD
+            .replace("cidlbnosuch0", "lo")
+            .replace("pin_dir", "flows: {capacity: 4194304}\npin_dir"),
+    );
+    let t0 = std::time::Instant::now();
+    let o = cidlb(&[
+        "explain",
+        "--config",
+        p.to_str().unwrap(),
+        "--src",
+        "198.51.100.7:40000",
+        "--dst",
+        "192.0.2.10:5684",
+        "--payload",
+        "19fefd000100000000000101a1a2a3a4a50000",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The size as the kernel reports it for the loaded map.
+    assert!(
+        out.contains("flows:    a private, empty table of 16 entries"),
+        "{out}"
+    );
+    assert!(out.contains("counters: cid_routed"), "{out}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+
+    let o = cidlb(&["explain", "--config", p.to_str().unwrap(), "--hex", "aéa"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not hex: 'é'"), "{}", stderr(&o));
+}

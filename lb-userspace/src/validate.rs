@@ -1,0 +1,487 @@
+//! Validation of a parsed config: what serde's types cannot check. Ranges, uniqueness, and
+//! whether the datapath can represent the config (stateless reverse NAT needs every node
+//! address+port to map back to one VIP). Errors are `(key, problem)`; `Config::parse` adds the
+//! file.
+
+use std::collections::HashSet;
+
+use lb_common::{MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS};
+
+use crate::config::{Config, Vip};
+
+pub(crate) fn validate(cfg: &Config) -> Result<(), (String, String)> {
+    let err = |k: &str, p: String| Err((k.to_owned(), p));
+    if cfg.interfaces.is_empty() {
+        return err(
+            "interfaces",
+            "list at least one interface to attach to".into(),
+        );
+    }
+    if cfg.interfaces.len() > MAX_IFACES as usize {
+        return err("interfaces", format!("at most {MAX_IFACES} interfaces"));
+    }
+    let mut ifs = HashSet::new();
+    for (i, name) in cfg.interfaces.iter().enumerate() {
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            return err(
+                &format!("interfaces[{i}]"),
+                format!("{name:?} is not a valid interface name"),
+            );
+        }
+        if !ifs.insert(name) {
+            return err(
+                &format!("interfaces[{i}]"),
+                format!("{name:?} is listed twice"),
+            );
+        }
+    }
+
+    if cfg.vips.is_empty() {
+        return err("vips", "list at least one VIP".into());
+    }
+    if cfg.vips.len() > MAX_VIPS as usize {
+        return err("vips", format!("at most {MAX_VIPS} VIP addresses"));
+    }
+    let mut vip_addrs = HashSet::new();
+    for (i, vip) in cfg.vips.iter().enumerate() {
+        if !vip_addrs.insert(vip.address) {
+            return err(
+                &format!("vips[{i}].address"),
+                format!(
+                    "{} is listed twice; put all its ports in one entry",
+                    vip.address
+                ),
+            );
+        }
+        if vip.ports.is_empty() {
+            return err(
+                &format!("vips[{i}].ports"),
+                "list at least one port or range".into(),
+            );
+        }
+    }
+
+    let d = &cfg.dtls;
+    if !(1..=32).contains(&d.cid_length) {
+        return err(
+            "dtls.cid_length",
+            format!(
+                "{} is outside 1..32 (RFC 9146 allows up to 255, cidlb up to 32)",
+                d.cid_length
+            ),
+        );
+    }
+    if !(1..=4).contains(&d.node_id_length) {
+        return err(
+            "dtls.node_id_length",
+            format!("{} is outside 1..4", d.node_id_length),
+        );
+    }
+    // In u64: `node_id_offset: 4294967295` must not wrap around into a small sum.
+    let id_end = u64::from(d.node_id_offset) + u64::from(d.node_id_length);
+    if id_end > u64::from(d.cid_length) {
+        return err(
+            "dtls.node_id_offset",
+            format!(
+                "node id bytes {}..{id_end} do not fit in a {}-byte CID",
+                d.node_id_offset, d.cid_length
+            ),
+        );
+    }
+
+    if cfg.flows.idle_timeout.is_zero() {
+        return err("flows.idle_timeout", "must be longer than 0".into());
+    }
+    if !(1..=MAX_FLOW_CAPACITY).contains(&cfg.flows.capacity) {
+        return err(
+            "flows.capacity",
+            format!(
+                "{} is outside 1..{MAX_FLOW_CAPACITY} (the table is preallocated)",
+                cfg.flows.capacity
+            ),
+        );
+    }
+
+    if cfg.nodes.is_empty() {
+        return err("nodes", "list at least one node".into());
+    }
+    if cfg.nodes.len() > MAX_NODES as usize {
+        return err("nodes", format!("at most {MAX_NODES} nodes"));
+    }
+    let id_limit = 1u64 << (8 * d.node_id_length);
+    let mut ids = HashSet::new();
+    let mut addrs = HashSet::new();
+    for (i, n) in cfg.nodes.iter().enumerate() {
+        if u64::from(n.id) >= id_limit {
+            return err(
+                &format!("nodes[{i}].id"),
+                format!(
+                    "{} does not fit in dtls.node_id_length = {} byte(s)",
+                    n.id, d.node_id_length
+                ),
+            );
+        }
+        if !ids.insert(n.id) {
+            return err(
+                &format!("nodes[{i}].id"),
+                format!("node id {} is used twice", n.id),
+            );
+        }
+        let (v4, v6) = (
+            n.addresses.iter().filter(|a| a.is_ipv4()).count(),
+            n.addresses.iter().filter(|a| a.is_ipv6()).count(),
+        );
+        if n.addresses.is_empty() || v4 > 1 || v6 > 1 {
+            return err(
+                &format!("nodes[{i}].address"),
+                "give one address, or one IPv4 and one IPv6".into(),
+            );
+        }
+        for a in &n.addresses {
+            if vip_addrs.contains(a) {
+                return err(&format!("nodes[{i}].address"), format!("{a} is also a VIP"));
+            }
+            if !addrs.insert(*a) {
+                return err(
+                    &format!("nodes[{i}].address"),
+                    format!("{a} is used by another node"),
+                );
+            }
+        }
+        if !(1..=100).contains(&n.weight) {
+            return err(
+                &format!("nodes[{i}].weight"),
+                format!("{} is outside 1..100", n.weight),
+            );
+        }
+        if n.port == Some(0) {
+            return err(
+                &format!("nodes[{i}].port"),
+                "0 is not a port; leave it out to keep the VIP port".into(),
+            );
+        }
+    }
+    for (i, vip) in cfg.vips.iter().enumerate() {
+        if !cfg
+            .nodes
+            .iter()
+            .any(|n| n.address_for(vip.address).is_some())
+        {
+            let fam = if vip.address.is_ipv4() {
+                "IPv4"
+            } else {
+                "IPv6"
+            };
+            return err(
+                &format!("vips[{i}].address"),
+                format!("no node has an {fam} address to serve {}", vip.address),
+            );
+        }
+    }
+    for fam in [true, false] {
+        let total: u32 = cfg
+            .nodes
+            .iter()
+            .filter(|n| {
+                if fam {
+                    n.v4().is_some()
+                } else {
+                    n.v6().is_some()
+                }
+            })
+            .map(|n| n.weight)
+            .sum();
+        if total > MAX_NODES {
+            return err(
+                "nodes",
+                format!(
+                    "weights of the {} nodes add up to {total}, more than {MAX_NODES}",
+                    if fam { "IPv4" } else { "IPv6" }
+                ),
+            );
+        }
+    }
+    let h = &cfg.health;
+    if h.interval.is_zero() || h.timeout.is_zero() {
+        return err(
+            "health",
+            "interval and timeout must be longer than 0".into(),
+        );
+    }
+    if h.timeout > h.interval {
+        return err(
+            "health.timeout",
+            format!(
+                "{:?} is longer than the interval {:?}",
+                h.timeout, h.interval
+            ),
+        );
+    }
+    if h.fall == 0 || h.rise == 0 {
+        return err("health", "fall and rise must be at least 1".into());
+    }
+    reverse_nat(cfg)?;
+    Ok(())
+}
+
+/// A VIP's distinct ports as a 65536-bit set (ranges may overlap).
+fn port_set(vip: &Vip) -> Vec<u64> {
+    let mut words = vec![0u64; 1024];
+    for range in &vip.ports {
+        for p in range.ports() {
+            words[usize::from(p) / 64] |= 1 << (p % 64);
+        }
+    }
+    words
+}
+
+/// The lowest port in both sets.
+fn common_port(a: &[u64], b: &[u64]) -> Option<u16> {
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .find(|(_, (x, y))| *x & *y != 0)
+        .map(|(i, (x, y))| (i * 64) as u16 + (x & y).trailing_zeros() as u16)
+}
+
+/// Stateless reverse NAT: `REVERSE` is keyed by node address and port alone, so each such
+/// pair can carry one VIP as the replies' source. Two VIPs of one family that map onto the
+/// same node address+port would leave the clients of one of them dropping every reply: refused.
+/// (Several ports of ONE VIP onto one node port only warn: see `provision::reverse_entries`.)
+/// Then the entries are counted, by arithmetic, before anything enumerates them.
+fn reverse_nat(cfg: &Config) -> Result<(), (String, String)> {
+    let sets: Vec<Vec<u64>> = cfg.vips.iter().map(port_set).collect();
+    for (i, a) in cfg.vips.iter().enumerate() {
+        for (j, b) in cfg.vips.iter().enumerate().skip(i + 1) {
+            if a.address.is_ipv4() != b.address.is_ipv4() {
+                continue;
+            }
+            for (k, n) in cfg.nodes.iter().enumerate() {
+                let Some(addr) = n.address_for(a.address) else {
+                    continue;
+                };
+                let (port, why, fix) = match n.port {
+                    Some(p) => (
+                        p,
+                        format!("nodes[{k}].port sends every port of both to port {p}"),
+                        format!(
+                            "leave out nodes[{k}].port and give the two VIPs different ports, or serve each VIP from nodes of its own"
+                        ),
+                    ),
+                    None => match common_port(&sets[i], &sets[j]) {
+                        Some(p) => (
+                            p,
+                            format!("both balance port {p} and nodes[{k}] has no `port`"),
+                            "give the two VIPs different ports, or serve each VIP from nodes of its own"
+                                .to_owned(),
+                        ),
+                        None => continue,
+                    },
+                };
+                return Err((
+                    format!("vips[{j}]"),
+                    format!(
+                        "{} (vips[{j}]) and {} (vips[{i}]) both map onto node {} ({addr} port {port}): {why}. \
+                         Replies are un-NATed by node address and port alone, so all of that node's replies \
+                         would carry one VIP as their source and the other VIP's clients would drop them; \
+                         {fix}",
+                        b.address, a.address, n.id
+                    ),
+                ));
+            }
+        }
+    }
+    let ports: Vec<u64> = sets
+        .iter()
+        .map(|s| s.iter().map(|w| u64::from(w.count_ones())).sum())
+        .collect();
+    let mut total = 0u64;
+    for n in &cfg.nodes {
+        for (vi, vip) in cfg.vips.iter().enumerate() {
+            if n.address_for(vip.address).is_some() {
+                // With `port`, every port of the VIP maps onto one entry; without, one per port.
+                // VIPs of one family share no entry (refused above), so this sum is exact.
+                total += if n.port.is_some() { 1 } else { ports[vi] };
+            }
+        }
+    }
+    if total > u64::from(MAX_REVERSE) {
+        return Err((
+            "vips".to_owned(),
+            format!(
+                "{total} node×port pairs exceed the limit of {MAX_REVERSE}: balance fewer ports, \
+                 or give the nodes a `port`"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use crate::config::tests::{parse, with};
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "cid_length: 6",
+                "cid_length: 40",
+                &["test.yaml", "dtls.cid_length", "40"],
+            ),
+            (
+                "node_id_length: 1",
+                "node_id_length: 5",
+                &["dtls.node_id_length"],
+            ),
+            (
+                "node_id_offset: 0",
+                "node_id_offset: 6",
+                &["dtls.node_id_offset", "do not fit"],
+            ),
+            (
+                "unknown_node: drop",
+                "unknown_node: maybe",
+                &["test.yaml", "unknown_node", "maybe"],
+            ),
+            ("xdp_mode: auto", "xdp_mode: turbo", &["xdp_mode", "turbo"]),
+            (
+                "idle_timeout: 30s",
+                "idle_timeout: soon",
+                &["idle_timeout", "soon"],
+            ),
+            (
+                "idle_timeout: 30s",
+                "idle_timeout: 0s",
+                &["flows.idle_timeout"],
+            ),
+            ("capacity: 1048576", "capacity: 0", &["flows.capacity"]),
+            (
+                "\"20000-20100\"",
+                "\"20100-20000\"",
+                &["ports", "ends before it starts"],
+            ),
+            ("\"20000-20100\"", "70000", &["ports", "70000"]),
+            (
+                "address: 192.0.2.10",
+                "address: 192.0.2.300",
+                &["vips", "address"],
+            ),
+            ("- id: 1", "- id: 2", &["nodes[1].id", "used twice"]),
+            ("- id: 1", "- id: 256", &["nodes[0].id", "does not fit"]),
+            (
+                "address: 192.168.178.124",
+                "address: 192.168.178.123",
+                &["nodes[1].address", "another node"],
+            ),
+            (
+                "address: 192.168.178.124",
+                "address: 192.0.2.10",
+                &["nodes[1].address", "also a VIP"],
+            ),
+            (
+                "interfaces: [eth0, eth1]",
+                "interfaces: []",
+                &["interfaces", "at least one"],
+            ),
+            (
+                "interfaces: [eth0, eth1]",
+                "interfaces: [eth0, eth0]",
+                &["interfaces[1]", "twice"],
+            ),
+            ("pin_dir:", "pin_drr:", &["unknown field", "pin_drr"]),
+        ];
+        for (from, to, want) in cases {
+            let text = with(from, to);
+            let e = parse(&text).expect_err(&format!("{to:?} should be rejected"));
+            for w in *want {
+                assert!(e.contains(w), "error for {to:?} lacks {w:?}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn node_id_offset_cannot_overflow() {
+        // 4294967295 + 1 wraps to 0 in u32 arithmetic (and panics in debug builds).
+        for off in ["4294967295", "4294967294"] {
+            let e = parse(&with(
+                "node_id_offset: 0",
+                &format!("node_id_offset: {off}"),
+            ))
+            .expect_err("an offset past the CID must be refused");
+            assert!(
+                e.contains("dtls.node_id_offset") && e.contains("do not fit in a 6-byte CID"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn two_vips_of_one_family_on_one_node_port_are_refused() {
+        let second = "  - address: 192.0.2.20\n    ports: [5684]\n";
+        let two = with("dtls:", &format!("{second}dtls:"));
+        // Node 1 has `port: 5684`: both VIPs map onto 192.168.178.123 port 5684.
+        let e = parse(&two).expect_err("two VIPs onto one node port");
+        for want in [
+            "vips[1]",
+            "192.0.2.20",
+            "192.0.2.10",
+            "node 1 (192.168.178.123 port 5684)",
+            "leave out nodes[0].port",
+        ] {
+            assert!(e.contains(want), "lacks {want:?}: {e}");
+        }
+        // No node has `port`: the VIPs share port 5684, so node 2 port 5684 is claimed twice.
+        let no_port = two.replace("    port: 5684\n", "");
+        let e = parse(&no_port).expect_err("two VIPs share a port on a node without `port`");
+        for want in [
+            "192.0.2.20 (vips[1]) and 192.0.2.10 (vips[0])",
+            "node 1 (192.168.178.123 port 5684)",
+            "both balance port 5684",
+            "give the two VIPs different ports",
+        ] {
+            assert!(e.contains(want), "lacks {want:?}: {e}");
+        }
+        // Disjoint ports, no node `port`: every reply maps back to one VIP.
+        let disjoint = no_port.replace(
+            "192.0.2.20\n    ports: [5684]",
+            "192.0.2.20\n    ports: [5685]",
+        );
+        parse(&disjoint).unwrap_or_else(|e| panic!("{e}"));
+        // One IPv4 and one IPv6 VIP on the same port never share a reverse entry.
+        let dual = with(
+            "dtls:",
+            "  - address: \"2001:db8::10\"\n    ports: [5684]\ndtls:",
+        )
+        .replace(
+            "address: 192.168.178.124",
+            "address: [192.168.178.124, \"2001:db8::2\"]",
+        );
+        parse(&dual).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn reverse_entries_are_counted_before_they_are_enumerated() {
+        let mut text = String::from(
+            "interfaces: [e]\nvips: [{address: 192.0.2.1, ports: [\"1-65535\"]}]\nnodes:\n",
+        );
+        for k in 1..=200u32 {
+            text.push_str(&format!(
+                "  - {{id: {k}, address: 10.0.{}.{}}}\n",
+                k / 256,
+                k % 256
+            ));
+        }
+        text = text.replace("interfaces", "dtls: {node_id_length: 2}\ninterfaces");
+        let t0 = Instant::now();
+        let e = parse(&text).expect_err("200 nodes x 65535 ports is over the limit");
+        assert!(
+            e.contains("13107000 node×port pairs exceed the limit of 65536"),
+            "{e}"
+        );
+        // Enumerating 13 million entries first takes many seconds.
+        assert!(t0.elapsed().as_millis() < 1000, "took {:?}", t0.elapsed());
+    }
+}
