@@ -23,6 +23,7 @@ use crate::{
     config::{Config, NodeState, Probe},
     datapath::{self, Datapath, DatapathError},
     health::{self, Tracker},
+    layout,
     metrics::{self, View},
     provision,
 };
@@ -55,13 +56,49 @@ fn load_config(path: &Path, shadow: bool) -> anyhow::Result<Config> {
 
 impl Agent {
     /// Loads the config and brings the datapath up: adopting the maps, flows and links pinned
-    /// under `pin_dir` if a datapath is there, creating them otherwise.
+    /// under `pin_dir` if a datapath is there (after checking it has this binary's layout),
+    /// creating them otherwise. A failed first start leaves nothing pinned or attached; a failed
+    /// adoption leaves the pinned datapath running its previous program.
     pub fn start(path: &Path, opts: RunOptions) -> anyhow::Result<Self> {
         let cfg = load_config(path, opts.shadow)?;
         datapath::require_root("cidlb run")?;
         let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
+        layout::check(&cfg.pin_dir, Some(path))?;
         let adopting = datapath::is_pinned(&cfg.pin_dir);
-        let dp = Datapath::load_pinned(&cfg)?;
+        let pin_dir = cfg.pin_dir.clone();
+        match Self::bring_up(path, opts, cfg, &ifindexes, adopting) {
+            Ok(agent) => Ok(agent),
+            // The Datapath is dropped by now, which detached the links it had not pinned.
+            Err((e, _)) if !adopting => {
+                datapath::detach(&pin_dir);
+                Err(e.context(format!(
+                    "starting cidlb failed; nothing is left attached or pinned under {}",
+                    pin_dir.display()
+                )))
+            }
+            Err((e, maps_written)) => Err(e.context(format!(
+                "adopting the datapath pinned under {} failed; it keeps running its previous \
+                 program{}",
+                pin_dir.display(),
+                if maps_written {
+                    ", but its maps already hold this config (nodes, VIPs, reverse NAT): start \
+                     cidlb again with the config it ran before, or fix this one"
+                } else {
+                    " and its maps are unchanged"
+                }
+            ))),
+        }
+    }
+
+    /// [`Agent::start`] after the checks; an error also says whether the maps were written.
+    fn bring_up(
+        path: &Path,
+        opts: RunOptions,
+        cfg: Config,
+        ifindexes: &[u32],
+        adopting: bool,
+    ) -> Result<Self, (anyhow::Error, bool)> {
+        let dp = Datapath::load_pinned(&cfg).map_err(|e| (e.into(), false))?;
         let mut health = Tracker::new(cfg.health.fall, cfg.health.rise);
         health.retain(
             &cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
@@ -83,8 +120,16 @@ impl Agent {
             view,
         };
         agent.check_capacity();
-        agent.apply(&ifindexes)?;
-        agent.dp.attach(&agent.cfg)?;
+        // New interfaces first: if one cannot take the program, nothing else was touched.
+        let pending = agent
+            .dp
+            .attach_new(&agent.cfg)
+            .map_err(|e| (e.into(), false))?;
+        agent.apply(ifindexes).map_err(|e| (e.into(), true))?;
+        agent
+            .dp
+            .commit(&agent.cfg, pending)
+            .map_err(|e| (e.into(), true))?;
         agent.publish();
         info!(
             pin_dir = %agent.cfg.pin_dir.display(),
@@ -139,7 +184,10 @@ impl Agent {
     }
 
     /// Re-reads the config file and applies it in place. On any error the running config and
-    /// datapath stay exactly as they were.
+    /// datapath stay as they were: a new program is attached to new interfaces before anything
+    /// else changes; if writing the maps or swapping the links fails after that, the links get
+    /// the previous program back, new interfaces are detached again, and the maps are rewritten
+    /// from the running config. The error says so, or says exactly what could not be restored.
     pub fn reload(&mut self) -> anyhow::Result<()> {
         let new = load_config(&self.path, self.opts.shadow)?;
         if new.pin_dir != self.cfg.pin_dir {
@@ -153,28 +201,44 @@ impl Agent {
         let relink = new.dp_config() != self.cfg.dp_config()
             || new.interfaces != self.cfg.interfaces
             || new.xdp_mode != self.cfg.xdp_mode;
+        let mut maps_written = false;
         let old = std::mem::replace(&mut self.cfg, new);
-        let result = if relink {
+        let result: anyhow::Result<()> = if relink {
             // New load-time constants: a new program over the same pinned maps, swapped into
             // the pinned links atomically.
-            Datapath::load_pinned(&self.cfg)
-                .map_err(anyhow::Error::from)
-                .and_then(|dp| {
-                    let previous = std::mem::replace(&mut self.dp, dp);
-                    let r = self
-                        .apply(&ifindexes)
-                        .and_then(|()| self.dp.attach(&self.cfg));
-                    if r.is_err() {
-                        self.dp = previous;
-                    }
-                    r.map_err(anyhow::Error::from)
-                })
+            (|| {
+                let mut dp = Datapath::load_pinned(&self.cfg)?;
+                let pending = dp.attach_new(&self.cfg)?;
+                let previous = std::mem::replace(&mut self.dp, dp);
+                maps_written = true;
+                let r = self
+                    .apply(&ifindexes)
+                    .and_then(|()| self.dp.commit(&self.cfg, pending));
+                if r.is_err() {
+                    // Dropping the new program detaches the interfaces it alone was attached to.
+                    self.dp = previous;
+                }
+                Ok(r?)
+            })()
         } else {
+            maps_written = true;
             self.apply(&ifindexes).map_err(anyhow::Error::from)
         };
         if let Err(e) = result {
             self.cfg = old;
-            return Err(e);
+            if !maps_written {
+                return Err(e.context("the running config stays; nothing was changed"));
+            }
+            let restored =
+                datapath::resolve_interfaces(&self.cfg.interfaces).and_then(|ifs| self.apply(&ifs));
+            return Err(match restored {
+                Ok(()) => e.context("the running config stays: its maps were written back"),
+                Err(r) => e.context(format!(
+                    "writing the running config's maps back failed too ({r}); the links run \
+                     the previous program over maps partly written from the new config: fix \
+                     the config and reload, or restart cidlb"
+                )),
+            });
         }
         self.check_capacity();
         self.publish();
@@ -325,7 +389,7 @@ pub fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
                             metrics_task = spawn_metrics(&agent);
                         }
                     }
-                    Err(e) => error!("reload rejected, the running config stays: {e:#}"),
+                    Err(e) => error!("reload rejected: {e:#}"),
                 }
             }
         }

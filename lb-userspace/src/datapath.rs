@@ -85,6 +85,21 @@ pub enum DatapathError {
     Pin { dir: PathBuf, message: String },
     #[error("program: {0}")]
     Program(#[source] ProgramError),
+    #[error("{source}; rolled back: {state}, newly attached interfaces detached again")]
+    RolledBack {
+        #[source]
+        source: Box<DatapathError>,
+        state: String,
+    },
+    #[error(
+        "{source}; ROLLBACK FAILED, these links now run the NEW program: {state}. Run `cidlb run` \
+         again with a config that works, or `cidlb detach`"
+    )]
+    RollbackFailed {
+        #[source]
+        source: Box<DatapathError>,
+        state: String,
+    },
 }
 
 /// Fails with a clear message unless running as root.
@@ -173,40 +188,90 @@ impl Datapath {
     }
 
     /// Attaches to every configured interface through a bpf_link pinned at
-    /// `pin_dir/links/IFACE`. An interface that already has a pinned link gets this program
-    /// swapped in atomically (`bpf_link_update`: every packet sees the old or the new program);
-    /// others are attached fresh (with `auto`: native mode where the driver has it, else
-    /// generic). Links of interfaces no longer in the config are unpinned, which detaches them.
+    /// `pin_dir/links/IFACE`: [`Datapath::attach_new`], then [`Datapath::commit`].
     pub fn attach(&mut self, cfg: &Config) -> Result<(), DatapathError> {
+        let pending = self.attach_new(cfg)?;
+        self.commit(cfg, pending)
+    }
+
+    /// Step 1 of attaching: interfaces without a pinned link get this program attached fresh
+    /// (with `auto`: native mode where the driver has it, else generic), NOT pinned yet. The
+    /// links belong to this program: dropping the [`Datapath`] detaches them, so a caller that
+    /// fails before [`Datapath::commit`] leaves those interfaces as they were. If one interface
+    /// fails, the ones attached before it are detached again.
+    pub fn attach_new(&mut self, cfg: &Config) -> Result<Pending, DatapathError> {
+        let links_dir = cfg.pin_dir.join(LINKS_DIR);
+        let prog = program_mut(&mut self.ebpf)?;
+        let mut fresh = Vec::new();
+        for iface in &cfg.interfaces {
+            if links_dir.join(iface).exists() {
+                continue;
+            }
+            match attach_one(prog, iface, cfg.xdp_mode) {
+                Ok(id) => fresh.push((iface.clone(), id)),
+                Err(e) => {
+                    for (iface, id) in fresh {
+                        if prog.detach(id).is_ok() {
+                            info!(interface = %iface, "detached again (attaching another interface failed)");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Pending { fresh })
+    }
+
+    /// Step 2: swaps this program into every pinned link (`bpf_link_update`: each packet sees
+    /// the old or the new program) and pins the fresh links. If any of it fails, the links
+    /// already swapped get the previous program back (the one pinned at `pin_dir/prog`), the
+    /// fresh links are detached, and the error says whether that rollback succeeded. Once all
+    /// links are in place, links of interfaces no longer in the config are unpinned (which
+    /// detaches them) and this program is pinned as `prog`.
+    pub fn commit(&mut self, cfg: &Config, pending: Pending) -> Result<(), DatapathError> {
         let links_dir = cfg.pin_dir.join(LINKS_DIR);
         let perr = |message: String| DatapathError::Pin {
             dir: links_dir.clone(),
             message,
         };
-        fs::create_dir_all(&links_dir).map_err(|e| perr(e.to_string()))?;
         let prog = program_mut(&mut self.ebpf)?;
-        for iface in &cfg.interfaces {
-            let path = links_dir.join(iface);
-            if path.exists() {
-                let pinned = PinnedLink::from_pin(&path)
-                    .map_err(|e| perr(format!("{}: {e}", path.display())))?;
-                let link = XdpLink::try_from(FdLink::from(pinned))
-                    .map_err(|e| perr(format!("{}: {e}", path.display())))?;
-                prog.attach_to_link(link)
-                    .map_err(|source| DatapathError::Attach {
-                        iface: iface.clone(),
-                        mode: "existing link",
-                        source,
-                    })?;
+        let mut swapped: Vec<&str> = Vec::new();
+        let mut pinned: Vec<PathBuf> = Vec::new();
+        let fresh_names: Vec<String> = pending.fresh.iter().map(|(f, _)| f.clone()).collect();
+        let mut fresh = pending.fresh;
+        let result = (|| {
+            fs::create_dir_all(&links_dir).map_err(|e| perr(e.to_string()))?;
+            for iface in &cfg.interfaces {
+                if fresh_names.contains(iface) {
+                    continue;
+                }
+                swap_into(prog, &links_dir.join(iface), iface)?;
+                swapped.push(iface);
                 info!(interface = %iface, "program replaced on the pinned link");
-                continue;
             }
-            let id = attach_one(prog, iface, cfg.xdp_mode)?;
-            let link = prog.take_link(id).map_err(DatapathError::Program)?;
-            let fd = FdLink::try_from(link)
-                .map_err(|e| perr(format!("{iface}: not a bpf_link: {e}")))?;
-            fd.pin(&path)
-                .map_err(|e| perr(format!("{}: {e}", path.display())))?;
+            while let Some((iface, id)) = fresh.pop() {
+                let path = links_dir.join(&iface);
+                // Taken from the program: if pinning fails, dropping `fd` detaches it.
+                let link = prog.take_link(id).map_err(DatapathError::Program)?;
+                let fd = FdLink::try_from(link)
+                    .map_err(|e| perr(format!("{iface}: not a bpf_link: {e}")))?;
+                fd.pin(&path)
+                    .map_err(|e| perr(format!("{}: {e}", path.display())))?;
+                pinned.push(path);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Fresh links: unpin what was pinned, detach what was not (an un-pinned link whose
+            // last fd closes is detached by the kernel).
+            for path in &pinned {
+                let _ = fs::remove_file(path);
+            }
+            for (_, id) in fresh {
+                let _ = prog.detach(id);
+            }
+            let restored = restore(&cfg.pin_dir, &links_dir, &swapped);
+            return Err(rolled_back(e, swapped.len(), restored));
         }
         if let Ok(entries) = fs::read_dir(&links_dir) {
             for e in entries.flatten() {
@@ -221,6 +286,75 @@ impl Datapath {
         prog.pin(&prog_pin)
             .map_err(|e| perr(format!("{}: {e}", prog_pin.display())))?;
         Ok(())
+    }
+}
+
+/// Interfaces [`Datapath::attach_new`] attached and [`Datapath::commit`] will pin.
+#[must_use = "commit the pending links, or drop the Datapath to detach them"]
+pub struct Pending {
+    fresh: Vec<(String, XdpLinkId)>,
+}
+
+/// Puts `prog` into the link pinned at `path`.
+fn swap_into(prog: &mut Xdp, path: &Path, iface: &str) -> Result<(), DatapathError> {
+    let perr = |message: String| DatapathError::Pin {
+        dir: path.to_owned(),
+        message,
+    };
+    let pinned = PinnedLink::from_pin(path).map_err(|e| perr(e.to_string()))?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| perr(e.to_string()))?;
+    prog.attach_to_link(link)
+        .map_err(|source| DatapathError::Attach {
+            iface: iface.to_owned(),
+            mode: "existing link",
+            source,
+        })?;
+    Ok(())
+}
+
+/// Gives the links of `ifaces` back the program pinned at `pin_dir/prog` (the one they ran
+/// before this attach). Returns what could not be restored.
+fn restore(pin_dir: &Path, links_dir: &Path, ifaces: &[&str]) -> Result<(), String> {
+    if ifaces.is_empty() {
+        return Ok(());
+    }
+    let prog_pin = pin_dir.join(PROG_PIN);
+    let mut old =
+        Xdp::from_pin(&prog_pin, aya_obj::programs::XdpAttachType::Interface).map_err(|e| {
+            format!(
+                "the previous program ({}) cannot be opened: {e}",
+                prog_pin.display()
+            )
+        })?;
+    let mut failed = Vec::new();
+    for iface in ifaces {
+        if let Err(e) = swap_into(&mut old, &links_dir.join(iface), iface) {
+            failed.push(format!("{iface}: {e}"));
+        } else {
+            info!(interface = %iface, "previous program restored on the pinned link");
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
+    }
+}
+
+fn rolled_back(e: DatapathError, swapped: usize, restored: Result<(), String>) -> DatapathError {
+    match restored {
+        Ok(()) => DatapathError::RolledBack {
+            source: Box::new(e),
+            state: if swapped == 0 {
+                "no link was changed".to_owned()
+            } else {
+                format!("the {swapped} link(s) already swapped run the previous program again")
+            },
+        },
+        Err(what) => DatapathError::RollbackFailed {
+            source: Box::new(e),
+            state: what,
+        },
     }
 }
 

@@ -199,6 +199,8 @@ fn stats(
     all: bool,
     watch: Option<u64>,
 ) -> anyhow::Result<()> {
+    // A datapath of another layout would be misread (or STATS be too short): say so instead.
+    cidlb::layout::check(pin_dir, None)?;
     let mut prev: Option<(Snapshot, std::time::Instant)> = None;
     loop {
         let snap = Snapshot::from_pins(pin_dir)?;

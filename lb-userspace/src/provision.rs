@@ -19,7 +19,7 @@ use aya::{
 };
 use lb_common::{
     family_index, names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, FAMILY_V4,
-    FAMILY_V6, MAX_NODES, MAX_VIPS, NODE_F_V4, NODE_F_V6, PORT_WORDS,
+    FAMILY_V6, LAYOUT_VERSION, MAX_NODES, MAX_VIPS, NODE_F_V4, NODE_F_V6, PORT_WORDS,
 };
 
 use crate::{
@@ -136,6 +136,13 @@ pub fn provision(
     ifindexes: &[u32],
     up: &dyn Fn(u32) -> bool,
 ) -> Result<(), DatapathError> {
+    // The pinned maps now hold this layout (see layout.rs): written first, so a datapath
+    // pinned by this binary never reads as layout 0 once anything else is in it.
+    let mut layout: Array<_, u32> =
+        Array::try_from(map(ebpf, names::LAYOUT)?).map_err(merr(names::LAYOUT))?;
+    layout
+        .set(0, LAYOUT_VERSION, 0)
+        .map_err(merr(names::LAYOUT))?;
     let slots = nodes_and_rings(ebpf, cfg, up)?;
     vips(ebpf, cfg)?;
     reverse(ebpf, cfg, &slots)?;

@@ -6,17 +6,18 @@
 mod common;
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::Path,
     process::{Command, Output},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::{
     agent::{cidlb, json_counter, AgentProc, Bed},
     traffic::{warm_up, Stream},
 };
-use lb_lab::{packet::cid_record, Lab, PORT, VIP4};
+use lb_lab::{packet::cid_record, ChildGuard, Lab, PORT, VIP4};
 
 fn write(path: &Path, text: &str) {
     // Write then rename: the agent never reads a half-written file.
@@ -47,6 +48,19 @@ fn cid_traffic(lab: &Lab, n: u64) -> u64 {
 
 fn xdp_links(lab: &Lab) -> String {
     lab.balancer.must(&["ip", "link", "show"]).unwrap()
+}
+
+/// The kernel releases an unpinned bpf_link from a workqueue: poll briefly.
+fn no_xdp_within_2s(lab: &Lab) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let links = xdp_links(lab);
+        if !links.contains("xdp") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "XDP still attached:\n{links}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -80,8 +94,7 @@ fn stats_and_detach_take_the_config_file() {
         "detach --config left {}",
         pins.0.display()
     );
-    let links = xdp_links(lab);
-    assert!(!links.contains("xdp"), "XDP still attached:\n{links}");
+    no_xdp_within_2s(lab);
     // Nothing pinned any more: a clear error naming the directory.
     let o: Output = Command::new(env!("CARGO_BIN_EXE_cidlb"))
         .args(["detach", "--config", c])
@@ -96,4 +109,256 @@ fn stats_and_detach_take_the_config_file() {
         )),
         "{e}"
     );
+}
+
+/// The XDP program id on each of the balancer's interfaces (`ip link show`).
+fn xdp_prog_ids(lab: &Lab) -> BTreeMap<String, u32> {
+    let mut ids = BTreeMap::new();
+    let mut iface = String::new();
+    for line in xdp_links(lab).lines() {
+        if line.starts_with(|c: char| c.is_ascii_digit()) {
+            iface = line
+                .split(": ")
+                .nth(1)
+                .unwrap_or("")
+                .split('@')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+        } else if let Some(rest) = line.trim().strip_prefix("prog/xdp id ") {
+            ids.insert(
+                iface.clone(),
+                rest.split(' ').next().unwrap().parse().unwrap(),
+            );
+        }
+    }
+    ids
+}
+
+/// `bpftool map dump` of the pinned maps that hold configuration (not traffic).
+fn config_maps(pin_dir: &Path) -> BTreeMap<&'static str, String> {
+    [
+        "NODES",
+        "RING",
+        "RING_LEN",
+        "VIPS",
+        "REVERSE",
+        "NODE_ADDRS",
+        "DEVMAP",
+        "LAYOUT",
+    ]
+    .into_iter()
+    .map(|m| {
+        let o = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(pin_dir.join(m))
+            .output()
+            .expect("bpftool");
+        assert!(
+            o.status.success(),
+            "bpftool dump {m}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (m, String::from_utf8_lossy(&o.stdout).into_owned())
+    })
+    .collect()
+}
+
+/// `cidlb run` that is expected to give up: its exit code (None: still running after 20 s,
+/// then killed) and stderr.
+fn run_expecting_failure(lab: &Lab, cfg: &Path) -> (Option<i32>, String) {
+    let err = cfg.with_extension("stderr");
+    let child = lab
+        .balancer
+        .nsenter(env!("CARGO_BIN_EXE_cidlb"))
+        .arg("run")
+        .arg("--config")
+        .arg(cfg)
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("spawn cidlb");
+    let mut guard = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = guard.0.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            guard.terminate(5);
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (code, std::fs::read_to_string(&err).unwrap_or_default())
+}
+
+#[test]
+fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
+    let bed = Bed::up("ly", 1);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
+    write(&cfg, &lab.cidlb_config(pins.0.to_str().unwrap(), ""));
+    let agent = AgentProc::start(lab, &cfg, &[]);
+    std::thread::sleep(Duration::from_millis(1000));
+    warm_up(&lab.client.name, 1);
+    assert!(agent.terminate().expect("exits").success());
+    let running = xdp_prog_ids(lab);
+    assert_eq!(running.len(), 2, "{running:?}");
+    let c = cfg.display().to_string();
+
+    // NODES as a binary with a 24-byte node value would have pinned it (this one's is 32).
+    let nodes = pins.0.join("NODES");
+    std::fs::remove_file(&nodes).unwrap();
+    lb_lab::run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            nodes.to_str().unwrap(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "24",
+            "entries",
+            "1024",
+            "name",
+            "NODES",
+        ],
+    )
+    .unwrap();
+    let (code, err) = run_expecting_failure(lab, &cfg);
+    assert_eq!(code, Some(1), "cidlb run must refuse: {err}");
+    for want in [
+        format!("pinned map {} is map type 1, key size 4, value size 24, max_entries 1024", nodes.display()),
+        "defines map type 1, key size 4, value size 32, max_entries 1024".to_owned(),
+        format!("run `cidlb detach --config {c}` and start again (flows are lost, CID sessions continue)"),
+    ] {
+        assert!(err.contains(&want), "lacks {want:?}:\n{err}");
+    }
+    assert_eq!(
+        xdp_prog_ids(lab),
+        running,
+        "the running datapath was touched"
+    );
+    assert_eq!(
+        cid_traffic(lab, 20),
+        20,
+        "the running datapath must keep forwarding"
+    );
+
+    // No LAYOUT beside a pinned STATS: what cidlb pinned before it had one (layout 0).
+    std::fs::remove_file(pins.0.join("LAYOUT")).unwrap();
+    let (code, err) = run_expecting_failure(lab, &cfg);
+    assert_eq!(code, Some(1), "cidlb run must refuse: {err}");
+    let want = format!(
+        "pinned datapath under {} has layout 0, this cidlb expects 1: run `cidlb detach --config {c}`",
+        pins.0.display()
+    );
+    assert!(err.contains(&want), "lacks {want:?}:\n{err}");
+    assert_eq!(
+        xdp_prog_ids(lab),
+        running,
+        "the running datapath was touched"
+    );
+    assert_eq!(
+        cid_traffic(lab, 20),
+        20,
+        "the running datapath must keep forwarding"
+    );
+    // `cidlb stats` refuses to misread it too.
+    let o = Command::new(env!("CARGO_BIN_EXE_cidlb"))
+        .args(["stats", "--config", &c])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("has layout 0"));
+}
+
+/// An interface without native XDP in the balancer namespace: a bridge (this kernel has no
+/// `dummy` driver; a bridge has no XDP driver hook either).
+fn add_dummy(lab: &Lab) -> &'static str {
+    lab.balancer.ip("link add cldmy0 type bridge").unwrap();
+    lab.balancer.ip("link set cldmy0 up").unwrap();
+    "cldmy0"
+}
+
+#[test]
+fn failed_first_start_leaves_nothing_behind() {
+    let bed = Bed::up("fs", 1);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
+    let dummy = add_dummy(lab);
+    let text = lab.cidlb_config(pins.0.to_str().unwrap(), "");
+    let ifs = format!("interfaces: [{}]", lab.interfaces().join(", "));
+    assert!(text.contains(&ifs) && text.contains("xdp_mode: native"));
+    write(
+        &cfg,
+        &text.replace(
+            &ifs,
+            &format!("interfaces: [{}, {dummy}]", lab.interfaces().join(", ")),
+        ),
+    );
+    let (code, err) = run_expecting_failure(lab, &cfg);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("attaching XDP to {dummy} in native mode failed")),
+        "{err}"
+    );
+    assert!(err.contains("nothing is left attached or pinned"), "{err}");
+    assert!(
+        !pins.0.exists(),
+        "pins left behind under {}",
+        pins.0.display()
+    );
+    no_xdp_within_2s(lab);
+}
+
+#[test]
+fn failed_reload_keeps_the_old_program_and_maps() {
+    let bed = Bed::up("rb", 1);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
+    let dummy = add_dummy(lab);
+    let good = lab.cidlb_config(pins.0.to_str().unwrap(), "");
+    write(&cfg, &good);
+    let agent = AgentProc::start(lab, &cfg, &["--detach-on-exit"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    warm_up(&lab.client.name, 1);
+    let progs = xdp_prog_ids(lab);
+    assert_eq!(progs.len(), 2, "{progs:?}");
+    let maps = config_maps(&pins.0);
+
+    // Adds an interface without native XDP, changes a load-time constant (a new program) and
+    // a node's weight (new map contents).
+    let ifs = format!("interfaces: [{}]", lab.interfaces().join(", "));
+    let bad = good
+        .replace(
+            &ifs,
+            &format!("interfaces: [{}, {dummy}]", lab.interfaces().join(", ")),
+        )
+        .replace("\"]}\n", "\"], weight: 3}\n")
+        + "dtls: {cid_length: 8}\n";
+    assert!(bad.contains("weight: 3"), "{bad}");
+    write(&cfg, &bad);
+    agent.signal(libc::SIGHUP);
+    let line = agent
+        .wait_for("reload rejected", Duration::from_secs(10))
+        .expect("the reload must fail");
+    assert!(
+        line.contains(&format!("attaching XDP to {dummy} in native mode failed")),
+        "{line}"
+    );
+    assert!(line.contains("the running config stays"), "{line}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(xdp_prog_ids(lab), progs, "a link runs another program");
+    assert_eq!(config_maps(&pins.0), maps, "the maps changed");
+    assert_eq!(cid_traffic(lab, 20), 20, "traffic must keep flowing");
+
+    // The agent still applies a good config.
+    write(&cfg, &good.replace("\"]}\n", "\"], weight: 3}\n"));
+    agent.signal(libc::SIGHUP);
+    agent
+        .wait_for("config reloaded", Duration::from_secs(10))
+        .expect("a good reload after the failed one");
+    assert_ne!(config_maps(&pins.0)["RING_LEN"], maps["RING_LEN"]);
+    assert!(agent.terminate().expect("exits").success());
 }
