@@ -5,15 +5,19 @@ use std::{
     fmt::Write as _,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{names, Flow, FlowKey};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 use tracing::{info, warn};
 
@@ -34,7 +38,8 @@ pub struct View {
 }
 
 /// Renders the text exposition format (version 0.0.4).
-pub fn render(view: &View, snap: &Snapshot, flows: Option<u64>) -> String {
+/// `flows`: the flow table's last count and its age.
+pub fn render(view: &View, snap: &Snapshot, flows: Option<(u64, Duration)>) -> String {
     let mut out = String::new();
     let fam = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -84,14 +89,21 @@ pub fn render(view: &View, snap: &Snapshot, flows: Option<u64>) -> String {
             n.from_node_bytes
         );
     }
-    if let Some(f) = flows {
+    if let Some((f, age)) = flows {
         fam(
             &mut out,
             "cidlb_flows",
             "gauge",
-            "Entries in the flow table.",
+            "Entries in the flow table, as last counted (see cidlb_flows_age_seconds).",
         );
         let _ = writeln!(out, "cidlb_flows {f}");
+        fam(
+            &mut out,
+            "cidlb_flows_age_seconds",
+            "gauge",
+            "Seconds since cidlb_flows was counted (every 10 s, in the background).",
+        );
+        let _ = writeln!(out, "cidlb_flows_age_seconds {:.3}", age.as_secs_f64());
     }
     fam(
         &mut out,
@@ -168,62 +180,154 @@ pub fn render(view: &View, snap: &Snapshot, flows: Option<u64>) -> String {
     out
 }
 
-/// Counts the pinned flow table's entries (walks the keys; bounded by its capacity).
+/// Counts the pinned flow table's entries (walks the keys, one syscall each: bounded by its
+/// capacity, and slow at a large one; [`FlowCount`] runs it in the background).
 pub fn count_flows(pin_dir: &std::path::Path) -> Option<u64> {
     let data = MapData::from_pin(pin_dir.join(names::FLOWS)).ok()?;
     let flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data)).ok()?;
     Some(flows.keys().filter(Result::is_ok).count() as u64)
 }
 
-/// Serves `/metrics` on `addr` until the task is dropped.
+/// Most `/metrics` connections served at once; more are answered 503 and closed at once, so a
+/// flood of (idle) connections can neither exhaust the agent's file descriptors nor its memory.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send its request, and to take the answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the flow table is counted (off the agent's thread; see [`FlowCount`]).
+pub const FLOW_COUNT_EVERY: Duration = Duration::from_secs(10);
+
+/// The flow table's entry count, refreshed by a background thread: counting walks every key
+/// with one syscall each (a million at the default capacity), far too slow for a scrape, and
+/// it must never run on the agent's only runtime thread (reloads, signals, probes).
+#[derive(Clone, Default)]
+pub struct FlowCount(Arc<Mutex<Option<(u64, Instant)>>>);
+
+impl FlowCount {
+    /// The last count and its age.
+    pub fn get(&self) -> Option<(u64, Duration)> {
+        let (n, at) = (*self.0.lock().ok()?)?;
+        Some((n, at.elapsed()))
+    }
+
+    /// Counts the flows pinned under `pin_dir` now and then every `every`, until `stop`.
+    pub fn spawn(&self, pin_dir: PathBuf, every: Duration, stop: Arc<AtomicBool>) {
+        let cell = self.0.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cidlb-flows".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(n) = count_flows(&pin_dir) {
+                        if let Ok(mut c) = cell.lock() {
+                            *c = Some((n, Instant::now()));
+                        }
+                    }
+                    let next = Instant::now() + every;
+                    while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("metrics: cannot start the flow counting thread ({e}); cidlb_flows stays absent");
+        }
+    }
+}
+
+/// Stops the flow counting thread when `serve` ends (or its task is aborted).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Serves `/metrics` on `addr` until the task is dropped. At most [`MAX_CONNECTIONS`] at once,
+/// each bounded by [`IO_TIMEOUT`]; an accept error (e.g. EMFILE) is logged and waited out, it
+/// never ends the server.
 pub async fn serve(addr: SocketAddr, view: Arc<Mutex<View>>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("stats.prometheus: cannot listen on {addr}: {e}"))?;
     info!(%addr, "serving Prometheus metrics on /metrics");
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop = StopOnDrop(stop.clone());
+    let flows = FlowCount::default();
+    let pin_dir = view.lock().map(|v| v.pin_dir.clone()).unwrap_or_default();
+    flows.spawn(pin_dir, FLOW_COUNT_EVERY, stop);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut last_complaint: Option<Instant> = None;
     loop {
-        let (mut conn, _) = listener.accept().await?;
-        let view = view.clone();
-        tokio::spawn(async move {
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                if last_complaint.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    warn!(error = %e, "metrics: accepting a connection failed; retrying");
+                    last_complaint = Some(Instant::now());
                 }
-            })
-            .await;
-            if read.is_err() {
-                return;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-            let line = String::from_utf8_lossy(&req);
-            let path = line.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
-                let v = view.lock().map(|v| v.clone());
-                match v {
-                    Ok(v) => match Snapshot::from_pins(&v.pin_dir) {
-                        Ok(snap) => ("200 OK", render(&v, &snap, count_flows(&v.pin_dir))),
-                        Err(e) => {
-                            warn!("metrics: {e:#}");
-                            ("503 Service Unavailable", format!("{e:#}\n"))
-                        }
-                    },
-                    Err(_) => ("500 Internal Server Error", String::new()),
-                }
-            } else {
-                ("404 Not Found", "try /metrics\n".to_owned())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Never blocks: the answer fits in the socket buffer of a fresh connection.
+            let _ = conn.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
+            continue;
+        };
+        let (view, flows) = (view.clone(), flows.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            handle(conn, view, flows).await;
         });
     }
+}
+
+async fn handle(mut conn: TcpStream, view: Arc<Mutex<View>>, flows: FlowCount) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(IO_TIMEOUT, async {
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return;
+    }
+    let line = String::from_utf8_lossy(&req);
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+        let v = view.lock().map(|v| v.clone()).ok();
+        match v {
+            // Reading the pinned counters is a few hundred syscalls: off the runtime thread.
+            Some(v) => tokio::task::spawn_blocking(move || match Snapshot::from_pins(&v.pin_dir) {
+                Ok(snap) => ("200 OK", render(&v, &snap, flows.get())),
+                Err(e) => {
+                    warn!("metrics: {e:#}");
+                    ("503 Service Unavailable", format!("{e:#}\n"))
+                }
+            })
+            .await
+            .unwrap_or(("500 Internal Server Error", String::new())),
+            None => ("500 Internal Server Error", String::new()),
+        }
+    } else {
+        ("404 Not Found", "try /metrics\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(IO_TIMEOUT, async {
+        conn.write_all(head.as_bytes()).await?;
+        conn.write_all(body.as_bytes()).await
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -254,13 +358,14 @@ mod tests {
             health,
             flow_capacity: 1024,
         };
-        let text = render(&view, &snap, Some(3));
+        let text = render(&view, &snap, Some((3, Duration::from_millis(2500))));
         assert!(text.contains("# TYPE cidlb_packets_total counter\n"));
         assert!(text.contains("cidlb_packets_total{reason=\"cid_routed\"} 1\n"));
         assert!(text.contains("cidlb_node_packets_total{node=\"1\",direction=\"to_node\"} 5\n"));
         assert!(text.contains("cidlb_node_state{node=\"1\",state=\"draining\"} 1\n"));
         assert!(text.contains("cidlb_node_up{node=\"1\"} 1\n"));
         assert!(text.contains("cidlb_flows 3\n"));
+        assert!(text.contains("cidlb_flows_age_seconds 2.500\n"));
         // Every sample line belongs to a family declared before it.
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {

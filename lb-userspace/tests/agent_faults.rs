@@ -362,3 +362,138 @@ fn failed_reload_keeps_the_old_program_and_maps() {
     assert_ne!(config_maps(&pins.0)["RING_LEN"], maps["RING_LEN"]);
     assert!(agent.terminate().expect("exits").success());
 }
+
+/// One GET /metrics from inside the balancer namespace: the body if the answer was 200.
+fn try_scrape(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut c =
+        std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(1))
+            .ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut s = String::new();
+    c.read_to_string(&mut s).ok()?;
+    s.starts_with("HTTP/1.1 200 OK\r\n")
+        .then(|| s.split_once("\r\n\r\n").unwrap().1.to_owned())
+}
+
+#[test]
+fn metrics_survive_a_flood_of_idle_connections() {
+    const ADDR: &str = "127.0.0.1:9105";
+    const IDLE: usize = 1100;
+    let bed = Bed::up("mf", 1);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
+    let text = lab.cidlb_config(
+        pins.0.to_str().unwrap(),
+        &format!("stats: {{prometheus: \"{ADDR}\"}}\n"),
+    );
+    write(&cfg, &text);
+    let agent = AgentProc::start(lab, &cfg, &["--detach-on-exit"]);
+    // The agent as systemd starts it: a soft limit of 1024 descriptors.
+    let limit = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: 1024,
+    };
+    // SAFETY: prlimit on our own child with a valid rlimit; the old limit is not read.
+    let rc = unsafe {
+        libc::prlimit(
+            agent.child.0.id() as i32,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    // This process holds the idle connections: room for them.
+    let mut mine = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut mine), 0);
+        mine.rlim_cur = mine.rlim_max.min(8192);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &mine), 0);
+    }
+    assert!(
+        mine.rlim_cur as usize > IDLE + 100,
+        "hard limit too low: {}",
+        mine.rlim_max
+    );
+    assert!(
+        try_scrape_in(lab, ADDR, Duration::from_secs(5)).is_some(),
+        "no /metrics before the flood"
+    );
+
+    let name = lab.balancer.name.clone();
+    let (scrape, opened) = std::thread::spawn(move || {
+        lb_lab::enter(&name);
+        let mut idle = Vec::new();
+        for _ in 0..IDLE {
+            if let Ok(c) = std::net::TcpStream::connect_timeout(
+                &ADDR.parse().unwrap(),
+                Duration::from_millis(500),
+            ) {
+                idle.push(c);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        // With every idle connection still open, a scrape gets through within a few seconds.
+        let t0 = Instant::now();
+        let mut body = None;
+        while body.is_none() && t0.elapsed() < Duration::from_secs(6) {
+            body = try_scrape(ADDR);
+            if body.is_none() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        let opened = idle.len();
+        drop(idle);
+        (body.map(|b| (b, t0.elapsed())), opened)
+    })
+    .join()
+    .unwrap();
+    assert!(opened > 1000, "only {opened} connections opened");
+    let (body, took) =
+        scrape.expect("no /metrics answer within 6 s while the idle connections stay open");
+    eprintln!("scrape answered after {took:?} with {opened} idle connections open");
+    assert!(
+        body.contains("cidlb_packets_total{reason=\"packets_seen\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("\ncidlb_flows ") && body.contains("\ncidlb_flows_age_seconds "),
+        "{body}"
+    );
+    // The agent's own loop is alive: it reloads.
+    agent.signal(libc::SIGHUP);
+    agent
+        .wait_for("config reloaded", Duration::from_secs(10))
+        .expect("the agent must still reload");
+    assert!(
+        try_scrape_in(lab, ADDR, Duration::from_secs(5)).is_some(),
+        "no /metrics after the flood"
+    );
+    assert!(agent.terminate().expect("exits").success());
+}
+
+/// [`try_scrape`] from the balancer namespace, retried until `within`.
+fn try_scrape_in(lab: &Lab, addr: &'static str, within: Duration) -> Option<String> {
+    let name = lab.balancer.name.clone();
+    std::thread::spawn(move || {
+        lb_lab::enter(&name);
+        let t0 = Instant::now();
+        loop {
+            if let Some(b) = try_scrape(addr) {
+                return Some(b);
+            }
+            if t0.elapsed() > within {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .join()
+    .unwrap()
+}
