@@ -3,7 +3,12 @@
 //! A node that is down takes no new flows (it leaves the round-robin ring); its existing flows
 //! and CID records keep going to it, since no other node holds their sessions.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    time::Duration,
+};
 
 use tokio::net::UdpSocket;
 
@@ -63,7 +68,9 @@ pub fn is_hello_answer(d: &[u8]) -> bool {
     d.len() >= 14 && d[0] == 22 && d[1] == 0xfe && matches!(d[13], 2 | 3)
 }
 
-/// One probe of `addr`: true if the node answered as alive.
+/// One probe of `addr`: true if the node answered as alive. ICMP errors are read with their
+/// source (IP_RECVERR) and judged by [`icmp_means_down`]; one that does not count is skipped
+/// and the probe goes on waiting.
 pub async fn probe(kind: Probe, addr: SocketAddr, timeout: Duration) -> bool {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")
@@ -73,10 +80,11 @@ pub async fn probe(kind: Probe, addr: SocketAddr, timeout: Duration) -> bool {
     let Ok(sock) = UdpSocket::bind(bind).await else {
         return false;
     };
-    if sock.connect(addr).await.is_err() {
+    if !recv_errors(&sock, addr.is_ipv6()) || sock.connect(addr).await.is_err() {
         return false;
     }
     let mut buf = [0u8; 2048];
+    let deadline = tokio::time::Instant::now() + timeout;
     match kind {
         Probe::None => true,
         Probe::Dtls => {
@@ -85,26 +93,142 @@ pub async fn probe(kind: Probe, addr: SocketAddr, timeout: Duration) -> bool {
             if sock.send(&client_hello(random)).await.is_err() {
                 return false;
             }
-            let deadline = tokio::time::Instant::now() + timeout;
             // Skip anything that is not an answer to the hello (e.g. a late alert).
-            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
-                if is_hello_answer(&buf[..n]) {
-                    return true;
+            loop {
+                match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
+                    Err(_) => return false,
+                    Ok(Ok(n)) if is_hello_answer(&buf[..n]) => return true,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) if queued_errors_mean_down(&sock, addr.ip()) => return false,
+                    Ok(Err(_)) => {}
                 }
             }
-            false
         }
         Probe::Udp => {
             if sock.send(b"cidlb health probe").await.is_err() {
                 return false;
             }
-            // ICMP port/host unreachable arrives as an error on the connected socket; silence
-            // (or any answer) within the timeout counts as alive.
-            match tokio::time::timeout(timeout, sock.recv(&mut buf)).await {
-                Ok(Err(_)) => false,
-                Ok(Ok(_)) | Err(_) => true,
+            // ICMP unreachable arrives as an error on the connected socket; silence (or any
+            // answer) within the timeout counts as alive.
+            loop {
+                match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
+                    Err(_) | Ok(Ok(_)) => return true,
+                    Ok(Err(_)) if queued_errors_mean_down(&sock, addr.ip()) => return false,
+                    Ok(Err(_)) => {}
+                }
             }
         }
+    }
+}
+
+/// Does an ICMP error about a probe of `node` say the node is down? `offender`: the ICMP
+/// message's source.
+///
+/// - Port (or protocol) unreachable: only the node itself knows nothing listens on the port,
+///   so it counts only from the node's own address. From anywhere else it is forged or
+///   misrouted, and ignored.
+/// - Host (IPv6: address) unreachable: said by the last router before the node when the node
+///   does not answer ARP/ND, so it counts from any source on the path.
+/// - Anything else (net unreachable, administratively prohibited, packet too big, time
+///   exceeded): says nothing certain about the node; ignored.
+pub fn icmp_means_down(icmp_type: u8, code: u8, offender: Option<IpAddr>, node: IpAddr) -> bool {
+    let from_node = offender == Some(node);
+    match (node.is_ipv6(), icmp_type, code) {
+        (false, 3, 2 | 3) | (true, 1, 4) => from_node,
+        (false, 3, 1) | (true, 1, 3) => true,
+        _ => false,
+    }
+}
+
+/// Asks the kernel to queue ICMP errors for `sock` with their source (IP_RECVERR).
+fn recv_errors(sock: &UdpSocket, v6: bool) -> bool {
+    let (level, opt) = if v6 {
+        (libc::SOL_IPV6, libc::IPV6_RECVERR)
+    } else {
+        (libc::SOL_IP, libc::IP_RECVERR)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a pointer to a c_int of the given length.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            opt,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// Drains the socket's error queue; true if one of the queued ICMP errors means `node` is down
+/// ([`icmp_means_down`]). An error that is not an ICMP message (nothing queued, a local
+/// error) counts as down, as it did before the errors were read.
+fn queued_errors_mean_down(sock: &UdpSocket, node: IpAddr) -> bool {
+    let fd = sock.as_raw_fd();
+    let mut any = false;
+    let mut down = false;
+    for _ in 0..16 {
+        let mut data = [0u8; 64];
+        let mut control = [0u64; 64];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: zeroed msghdr is valid; every pointer set below outlives the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&control);
+        // SAFETY: fd is a valid socket, msg points at buffers we own.
+        let n = unsafe { libc::recvmsg(fd, &raw mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            break;
+        }
+        // SAFETY: msg was filled by recvmsg; CMSG_* walk within msg_controllen.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+        while !cmsg.is_null() {
+            // SAFETY: cmsg points at a complete header inside `control`.
+            let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+            let ours = (level == libc::SOL_IP && kind == libc::IP_RECVERR)
+                || (level == libc::SOL_IPV6 && kind == libc::IPV6_RECVERR);
+            if ours {
+                // SAFETY: IP(V6)_RECVERR data is a sock_extended_err followed by the offender's
+                // sockaddr (SO_EE_OFFENDER), both inside the control buffer.
+                let (ee, offender) = unsafe {
+                    let ee_ptr = libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>();
+                    let ee = ee_ptr.read_unaligned();
+                    let addr = ee_ptr
+                        .add(1)
+                        .cast::<libc::sockaddr_storage>()
+                        .read_unaligned();
+                    (ee, sockaddr_ip(&addr))
+                };
+                any = true;
+                let icmp = ee.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                    || ee.ee_origin == libc::SO_EE_ORIGIN_ICMP6;
+                down |= icmp && icmp_means_down(ee.ee_type, ee.ee_code, offender, node);
+            }
+            // SAFETY: as above.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&raw const msg, cmsg) };
+        }
+    }
+    down || !any
+}
+
+fn sockaddr_ip(sa: &libc::sockaddr_storage) -> Option<IpAddr> {
+    match i32::from(sa.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says this is a sockaddr_in.
+            let a = unsafe { &*(std::ptr::from_ref(sa).cast::<libc::sockaddr_in>()) };
+            Some(IpAddr::from(a.sin_addr.s_addr.to_ne_bytes()))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this is a sockaddr_in6.
+            let a = unsafe { &*(std::ptr::from_ref(sa).cast::<libc::sockaddr_in6>()) };
+            Some(IpAddr::from(a.sin6_addr.s6_addr))
+        }
+        _ => None,
     }
 }
 
@@ -218,6 +342,65 @@ mod tests {
         assert_eq!(t.nodes[&1].transitions, 2);
         t.retain(&[2], 3, 2);
         assert!(!t.nodes.contains_key(&1) && t.is_up(2));
+    }
+
+    #[test]
+    fn icmp_errors_count_only_from_who_can_know() {
+        let node4: IpAddr = "203.0.113.11".parse().unwrap();
+        let router4: IpAddr = "203.0.113.1".parse().unwrap();
+        let elsewhere4: IpAddr = "198.51.100.66".parse().unwrap();
+        let node6: IpAddr = "2001:db8:1::11".parse().unwrap();
+        let router6: IpAddr = "2001:db8:1::1".parse().unwrap();
+        // (type, code, offender, node, down?)
+        let cases = [
+            // Port unreachable: only from the node itself.
+            (3, 3, Some(node4), node4, true),
+            (3, 3, Some(router4), node4, false),
+            (3, 3, Some(elsewhere4), node4, false),
+            (3, 3, None, node4, false),
+            (1, 4, Some(node6), node6, true),
+            (1, 4, Some(router6), node6, false),
+            // Protocol unreachable: as port unreachable.
+            (3, 2, Some(node4), node4, true),
+            (3, 2, Some(elsewhere4), node4, false),
+            // Host / address unreachable: from a router on the path too.
+            (3, 1, Some(router4), node4, true),
+            (3, 1, Some(node4), node4, true),
+            (1, 3, Some(router6), node6, true),
+            // Says nothing certain about the node.
+            (3, 0, Some(router4), node4, false), // net unreachable
+            (3, 13, Some(router4), node4, false), // administratively prohibited
+            (3, 4, Some(router4), node4, false), // fragmentation needed
+            (11, 0, Some(router4), node4, false), // time exceeded
+            (2, 0, Some(router6), node6, false), // packet too big
+            (1, 1, Some(router6), node6, false), // administratively prohibited
+            // ICMPv4 numbers on an IPv6 node mean something else (type 3 = time exceeded).
+            (3, 3, Some(node6), node6, false),
+        ];
+        for (t, c, from, node, want) in cases {
+            assert_eq!(
+                icmp_means_down(t, c, from, node),
+                want,
+                "type {t} code {c} from {from:?} about {node}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_on_loopback_fails_the_probe() {
+        // Bind then drop: nothing listens on the port, the kernel answers port unreachable
+        // from 127.0.0.1 itself, which is the probed address.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        assert!(!probe(Probe::Udp, addr, Duration::from_millis(500)).await);
+        assert!(!probe(Probe::Dtls, addr, Duration::from_millis(500)).await);
+        let open = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = open.local_addr().unwrap();
+        assert!(probe(Probe::Udp, addr, Duration::from_millis(300)).await);
     }
 
     #[test]
