@@ -1,7 +1,7 @@
 //! The agent under the faults an operator meets: commands given the config file `run` was
 //! given, pins of another layout, reloads and first starts that fail halfway, `/metrics` under
-//! a flood of idle connections. Every test runs the real `cidlb` binary against the kernel in a
-//! netns lab of its own.
+//! a flood of idle connections: the real `cidlb` binary against the kernel, each test in a
+//! netns lab of its own. And a health probe facing forged ICMP (raw sockets on loopback).
 
 mod common;
 
@@ -496,4 +496,122 @@ fn try_scrape_in(lab: &Lab, addr: &'static str, within: Duration) -> Option<Stri
     })
     .join()
     .unwrap()
+}
+
+/// The local port of this process's UDP socket connected to 127.0.0.1:`to`, from /proc.
+fn probe_source_port(to: u16) -> Option<u16> {
+    let want = format!("0100007F:{to:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .ok()?
+        .lines()
+        .skip(1)
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&want.as_str()))
+                .then(|| u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok())
+                .flatten()
+        })
+}
+
+fn csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends, from `from` (a loopback address), an ICMP port unreachable about a UDP datagram
+/// 127.0.0.1:`sport` → 127.0.0.1:`dport`.
+fn forge_port_unreachable(from: [u8; 4], sport: u16, dport: u16) {
+    let mut inner = vec![
+        0x45, 0, 0, 36, 0, 1, 0, 0, 64, 17, 0, 0, 127, 0, 0, 1, 127, 0, 0, 1,
+    ];
+    let c = csum(&inner);
+    inner[10..12].copy_from_slice(&c.to_be_bytes());
+    inner.extend_from_slice(&sport.to_be_bytes());
+    inner.extend_from_slice(&dport.to_be_bytes());
+    inner.extend_from_slice(&[0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&inner);
+    let c = csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let sin = |a: [u8; 4]| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a),
+        },
+        sin_zero: [0; 8],
+    };
+    let (src, dst) = (sin(from), sin([127, 0, 0, 1]));
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a raw ICMP socket we own, bound and used with valid sockaddr_in values and a
+    // buffer that outlives the call; closed at the end.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::bind(fd, (&raw const src).cast(), len), 0);
+        let n = libc::sendto(
+            fd,
+            icmp.as_ptr().cast(),
+            icmp.len(),
+            0,
+            (&raw const dst).cast(),
+            len,
+        );
+        assert_eq!(
+            n as usize,
+            icmp.len(),
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        libc::close(fd);
+    }
+}
+
+/// One UDP probe of a silent 127.0.0.1 port while ICMP port unreachables about it arrive from
+/// `from`: the probe's verdict.
+fn probe_under_forged_icmp(from: [u8; 4]) -> bool {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let forger = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < deadline {
+            if let Some(sport) = probe_source_port(port).filter(|p| *p != port) {
+                forge_port_unreachable(from, sport, port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let alive = rt.block_on(cidlb::health::probe(
+        cidlb::config::Probe::Udp,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(1000),
+    ));
+    forger.join().unwrap();
+    alive
+}
+
+#[test]
+fn health_probe_ignores_port_unreachable_from_elsewhere() {
+    common::require_root();
+    // From the probed address itself: the node says nothing listens. Down.
+    assert!(
+        !probe_under_forged_icmp([127, 0, 0, 1]),
+        "a port unreachable from the node itself must fail the probe"
+    );
+    // The same message from another address (off the node): forged or misrouted. Ignored;
+    // the port stays silent, so the node counts as alive.
+    assert!(
+        probe_under_forged_icmp([127, 0, 0, 5]),
+        "a port unreachable from another address failed the probe"
+    );
 }
