@@ -360,6 +360,53 @@ fn failed_reload_keeps_the_old_program_and_maps() {
         .wait_for("config reloaded", Duration::from_secs(10))
         .expect("a good reload after the failed one");
     assert_ne!(config_maps(&pins.0)["RING_LEN"], maps["RING_LEN"]);
+    let progs = xdp_prog_ids(lab);
+    let maps = config_maps(&pins.0);
+
+    // A failure after the maps were written and links swapped: the bridge's link pin is not a
+    // link (a map sits there), so swapping it fails after lbc and lbn1 took the new program.
+    let bogus = pins.0.join("links").join(dummy);
+    lb_lab::run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            bogus.to_str().unwrap(),
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "1",
+            "name",
+            "bogus",
+        ],
+    )
+    .unwrap();
+    write(
+        &cfg,
+        &(good.replace(
+            &ifs,
+            &format!("interfaces: [{}, {dummy}]", lab.interfaces().join(", ")),
+        ) + "dtls: {cid_length: 8}\n"),
+    );
+    agent.signal(libc::SIGHUP);
+    let line = agent
+        .wait_for("reload rejected", Duration::from_secs(10))
+        .expect("the reload must fail");
+    for want in [
+        "the running config stays: its maps were written back",
+        "rolled back: the 2 link(s) already swapped run the previous program again",
+    ] {
+        assert!(line.contains(want), "lacks {want:?}: {line}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(xdp_prog_ids(lab), progs, "a link runs another program");
+    assert_eq!(config_maps(&pins.0), maps, "the maps were not written back");
+    assert_eq!(cid_traffic(lab, 20), 20, "traffic must keep flowing");
+    std::fs::remove_file(&bogus).unwrap();
     assert!(agent.terminate().expect("exits").success());
 }
 
