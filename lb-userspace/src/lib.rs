@@ -9,6 +9,7 @@ pub mod config;
 pub mod datapath;
 pub mod explain;
 pub mod health;
+pub mod maglev;
 pub mod metrics;
 pub mod provision;
 pub mod stats;
