@@ -24,10 +24,14 @@
 //!
 //! Removing a node from the config (a rebuild without it) moves all of its slots, to the
 //! remaining nodes, and a few slots of other nodes too: a Maglev table is not perfectly stable
-//! (NSDI'16 §5.3). Bound: at most `0.5 · √(n · size)` other slots move, `n` the node count
-//! before removal. Measured worst (random weights 1..=100): 0.35 · √(n · size); at the default
-//! size 157 slots (0.24%) for 10 nodes, 436 (0.67%) for 100, 704 (1.07%) for 300, 396 (0.60%)
-//! for 1024. The test `removing_a_node_moves_its_slots_and_few_others` holds it to the bound.
+//! (NSDI'16 §5.3). Bound, stated from measurement (Maglev has no closed-form one): besides the
+//! removed node's own slots, at most [`REMOVAL_BOUND_DEFAULT`] (2%) of the table changes owner
+//! at [`DEFAULT_SIZE`], and at most [`REMOVAL_BOUND_ANY`] (8%) at any smaller size the size
+//! check allows. Measured over 200 random removals per (node count, size) pair, node counts
+//! 2..1024, weights random 1..=100 or all equal: at the default size typically 0.2..0.9% and
+//! at worst 1.45% (948 slots, one of 3 equal nodes removed; 1.34% for 64..1024 nodes); at
+//! size 4099 up to 6.4% (one of 10 nodes). The test
+//! `removing_a_node_moves_its_slots_and_few_others` holds every case it draws to the bounds.
 //!
 //! Health is local to each balancer, so it is kept out of the table: the agent builds the
 //! table from the configured active nodes and then steps past the down ones with
@@ -57,6 +61,12 @@ pub const MAX_SIZE: u32 = 1 << 24;
 const OFFSET_SEED: u32 = 0x6d61_676f; // "mago"
 const SKIP_SEED: u32 = 0x6d61_6773; // "mags"
 const PROBE_SEED: u32 = 0x6d61_6770; // "magp"
+
+/// Most of the table, besides the removed node's own slots, that changes owner at
+/// [`DEFAULT_SIZE`] when one node is removed from the config (see the module doc).
+pub const REMOVAL_BOUND_DEFAULT: f64 = 0.02;
+/// The same at any size [`validate_size`] accepts.
+pub const REMOVAL_BOUND_ANY: f64 = 0.08;
 
 /// Probes [`step_past_down`] makes along a slot's preference list before it falls back to a
 /// pick among the up slots; see there.
@@ -300,16 +310,18 @@ mod tests {
         v
     }
 
+    /// Slots per node id.
     fn counts(t: &[u32]) -> HashMap<u32, u64> {
-        let mut c = HashMap::new();
-        for &id in t {
-            *c.entry(id).or_insert(0) += 1;
-        }
-        c
+        let mut sorted = t.to_vec();
+        sorted.sort_unstable();
+        sorted
+            .chunk_by(|a, b| a == b)
+            .map(|run| (run[0], run.len() as u64))
+            .collect()
     }
 
     /// Primes for the random tests, each ≥ 64 × the node counts it is used with.
-    const PRIMES: [u32; 4] = [8191, 16381, 32771, DEFAULT_SIZE];
+    const PRIMES: [u32; 4] = [4099, 8191, 16381, DEFAULT_SIZE];
 
     /// The test: over 1000 random node sets and weights (1..=100), each node's share of
     /// the table is within 1 percentage point of its weight share. Also checked: the tighter
@@ -320,12 +332,12 @@ mod tests {
         let mut rng = Rng(1);
         let (mut worst_pp, mut worst_slots) = (0.0f64, 0.0f64);
         for round in 0..1000 {
-            // Mostly small tables to keep the debug build's run short; every 25th at the
+            // Mostly small tables to keep the debug build's run short; every 50th at the
             // default size with up to 1024 nodes.
-            let (n, size) = if round % 25 == 0 {
-                (rng.range(128, 1024), DEFAULT_SIZE)
+            let (n, size) = if round % 50 == 0 {
+                (rng.range(65, 1024), DEFAULT_SIZE)
             } else {
-                (rng.range(1, 127), PRIMES[rng.range(0, 1) as usize])
+                (rng.range(1, 64), PRIMES[rng.range(0, 1) as usize])
             };
             let nodes = random_nodes(&mut rng, n as usize, u32::MAX);
             let t = table(&nodes, size).expect("valid input");
@@ -425,17 +437,18 @@ mod tests {
         }
     }
 
-    /// Removing a node from the config: all of its slots move, to the remaining nodes, and at
-    /// most 0.5 · √(n · size) slots of other nodes move with them (the module doc's bound).
+    /// Removing a node from the config: all of its slots move, to the remaining nodes, and
+    /// few slots of other nodes move with them: at most REMOVAL_BOUND_DEFAULT of the table at
+    /// the default size, REMOVAL_BOUND_ANY at smaller ones.
     #[test]
     fn removing_a_node_moves_its_slots_and_few_others() {
         let mut rng = Rng(4);
-        let mut worst = 0.0f64;
-        for round in 0..150 {
-            let (n, size) = if round % 10 == 0 {
-                (rng.range(128, 1024), DEFAULT_SIZE)
-            } else {
-                (rng.range(2, 127), PRIMES[rng.range(0, 3) as usize])
+        let (mut worst_default, mut worst_any) = (0.0f64, 0.0f64);
+        for round in 0..80 {
+            let (n, size) = match round % 4 {
+                0 if round % 8 == 0 => (rng.range(65, 1024), DEFAULT_SIZE),
+                0 => (rng.range(2, 64), DEFAULT_SIZE),
+                _ => (rng.range(2, 64), PRIMES[rng.range(0, 2) as usize]),
             };
             let mut nodes = random_nodes(&mut rng, n as usize, u32::MAX);
             if round % 3 == 0 {
@@ -456,14 +469,23 @@ mod tests {
                     others += 1;
                 }
             }
-            let ratio = f64::from(others) / (f64::from(n) * f64::from(size)).sqrt();
+            let frac = f64::from(others) / f64::from(size);
+            let (bound, worst) = if size == DEFAULT_SIZE {
+                (REMOVAL_BOUND_DEFAULT, &mut worst_default)
+            } else {
+                (REMOVAL_BOUND_ANY, &mut worst_any)
+            };
             assert!(
-                ratio <= 0.5,
+                frac <= bound,
                 "removing node {gone} of {n} (size {size}) moved {others} slots of other nodes"
             );
-            worst = worst.max(ratio);
+            *worst = worst.max(frac);
         }
-        eprintln!("worst other slots moved on removal: {worst:.3} · √(n · size)");
+        eprintln!(
+            "worst other slots moved on removal: {:.2}% at size {DEFAULT_SIZE}, {:.2}% at smaller sizes",
+            worst_default * 100.0,
+            worst_any * 100.0
+        );
     }
 
     /// Down nodes: their slots, and only theirs, move, each to an up node; the moved slots
@@ -474,7 +496,7 @@ mod tests {
         for _ in 0..50 {
             let n = rng.range(2, 127);
             let nodes = random_nodes(&mut rng, n as usize, u32::MAX);
-            let t = table(&nodes, DEFAULT_SIZE).unwrap();
+            let t = table(&nodes, 16381).unwrap();
             let down: std::collections::HashSet<u32> = nodes
                 .iter()
                 .filter(|_| rng.range(0, 3) == 0)
