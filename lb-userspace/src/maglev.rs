@@ -386,8 +386,8 @@ mod tests {
                 "weight {w}: {got} slots, ideal {ideal:.2} ± {bound:.2}"
             );
         }
-        // Ideal 12.98 and 1297.8 slots.
-        assert!((12..=15).contains(&c[&1001]), "{}", c[&1001]);
+        // Ideal 12.98 ± 1.02 and 1297.8 ± 2.98 slots (the bound above).
+        assert!((12..=14).contains(&c[&1001]), "{}", c[&1001]);
         assert!((1295..=1300).contains(&c[&1100]), "{}", c[&1100]);
     }
 
