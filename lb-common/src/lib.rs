@@ -8,6 +8,7 @@
 
 pub mod counters;
 pub mod csum;
+pub mod hash;
 pub mod maps;
 
 pub use counters::Counter;
