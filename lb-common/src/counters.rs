@@ -94,6 +94,16 @@ counters! {
     FwdKernelIface = "fwd_kernel_iface",
     /// VLAN-tagged packet: rewritten and passed to the kernel, which routes it via its VLAN devices.
     FwdKernelVlan = "fwd_kernel_vlan",
+    /// From a node's serving address and port, but not the way the balancer reaches that node (other ingress interface, or a source MAC that is not the node's next hop): dropped, not un-NATed (no open relay).
+    DropForgedReply = "drop_forged_reply",
+    /// From a node's serving address and port while the balancer has no neighbour entry for the node, so its MAC cannot be checked: dropped (fail closed).
+    DropReplyNoNeigh = "drop_reply_no_neigh",
+    /// From a node's serving address and port, arriving on an interface with forwarding disabled: passed to the kernel untouched (delivered if local, else dropped).
+    PassFwdDisabled = "pass_fwd_disabled",
+    /// Larger than the path MTU towards its next hop: passed rewritten to the kernel, which fragments it or answers ICMP.
+    FwdKernelMtu = "fwd_kernel_mtu",
+    /// IPv4 fragment or IPv6 packet with a fragment or extension header from a node's address: dropped (it cannot be un-NATed, and would leak the node's address).
+    DropNodeFragment = "drop_node_fragment",
 }
 
 // Appending a counter must not change the pinned STATS map's size (the layout version).
