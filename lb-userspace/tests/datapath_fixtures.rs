@@ -797,7 +797,176 @@ fn cases() -> Vec<Case> {
         &[(DropCidTruncated, 1)],
     ));
     relay_cases(&mut v);
+    defect_cases(&mut v);
     v
+}
+
+/// Issue #10: each of these failed before its fix.
+fn defect_cases(v: &mut Vec<Case>) {
+    // 2. A busy flow outlives a short idle_timeout; an idle one is forgotten. 400ms gives
+    // refresh_ns = 50ms: last_seen is refreshed when older than that, and a flow expires once
+    // idle > 450ms since last_seen. Packets every 120ms keep it for 720ms (before the fix
+    // last_seen was refreshed only after 1s, so the flow expired at 480ms while busy).
+    let a = client(VIP4, 5684, &handshake_record(b"ClientHello"));
+    let mut steps = vec![fwd(
+        "fxc",
+        &a,
+        &to_node(&a, NODE1_4, NODE1_MAC),
+        XDP_REDIRECT,
+    )];
+    for _ in 0..6 {
+        let mut s = fwd("fxc", &a, &to_node(&a, NODE1_4, NODE1_MAC), XDP_REDIRECT);
+        s.pause_ms = 120;
+        steps.push(s);
+    }
+    // Idle past timeout + refresh: re-pinned by round robin (node 2).
+    let mut s = fwd("fxc", &a, &to_node(&a, NODE2_4, NODE2_MAC), XDP_REDIRECT);
+    s.pause_ms = 700;
+    steps.push(s);
+    v.push(
+        case(
+            "idle_timeout 400ms: busy flow kept past it, idle flow expires",
+            steps,
+            &[
+                (FlowNew, 2),
+                (FlowHit, 6),
+                (FlowExpired, 1),
+                (FwdRedirect, 8),
+            ],
+        )
+        .config("idle_timeout: 30s", "idle_timeout: 400ms")
+        .nodes(&[(1, 7), (2, 1)]),
+    );
+
+    // 8. The cached next hop knows the path MTU: an oversized frame goes to the kernel (which
+    // fragments or sends ICMP) instead of a redirect the smaller-MTU device would drop.
+    for (vip, node) in [(VIP4, NODE1_4), (VIP6, NODE1_6)] {
+        let small = client(vip, 5684, &cid(1));
+        let big = client(vip, 5684, &cid_record(&[1, 2, 3, 4, 5, 6], &[0x5a; 1300]));
+        let mut big_out = big.clone();
+        big_out.dst = ip(node);
+        v.push(
+            case(
+                format!("node-side MTU 1280: oversized to {node} passed, cached or not"),
+                vec![
+                    fwd("fxc", &big, &big_out, XDP_PASS),
+                    fwd(
+                        "fxc",
+                        &small,
+                        &to_node(&small, node, NODE1_MAC),
+                        XDP_REDIRECT,
+                    ),
+                    fwd("fxc", &big, &big_out, XDP_PASS),
+                ],
+                &[(CidRouted, 3), (FwdKernelMtu, 2), (FwdRedirect, 1)],
+            )
+            .netns("ip link set fxn mtu 1280", "ip link set fxn mtu 1500")
+            .nodes(&[(1, 3)]),
+        );
+    }
+    // An uncached lookup's FRAG_NEEDED (the reply path) is the same outcome.
+    let r = reply(NODE1_4, 5684, CLIENT4, &[0x5a; 1300]);
+    let mut q = r.clone();
+    q.src = ip(VIP4);
+    v.push(
+        case(
+            "client-side MTU 1280: oversized reply passed rewritten",
+            vec![fwd("fxn", &r, &q, XDP_PASS)],
+            &[(ReplyUnnat, 1), (FwdKernelMtu, 1)],
+        )
+        .netns("ip link set fxc mtu 1280", "ip link set fxc mtu 1500")
+        .replies(&[(1, 1)]),
+    );
+
+    // 1. VLAN-tagged replies are looked up too: one to the balancer reaches the probes
+    // untouched, one to a client is un-NATed (and routed by the kernel), a forged one dropped.
+    let mut r = reply(NODE1_4, 5684, "203.0.113.1", b"HelloVerifyRequest");
+    r.vlans = vec![(0x8100, 100)];
+    v.push(case(
+        "tagged node reply to the balancer's own address: passed unchanged",
+        vec![unchanged("fxn", r.bytes(), XDP_PASS)],
+        &[(PassLocalReply, 1)],
+    ));
+    let mut r = reply(NODE2_6, 5684, CLIENT6, b"reply");
+    r.vlans = vec![(0x8100, 100)];
+    let mut q = r.clone();
+    q.src = ip(VIP6);
+    v.push(
+        case(
+            "tagged node reply to a client: un-NATed, passed to the kernel",
+            vec![fwd("fxn", &r, &q, XDP_PASS)],
+            &[(ReplyUnnat, 1), (FwdKernelVlan, 1)],
+        )
+        .replies(&[(2, 1)]),
+    );
+    let mut f = Frame::udp(
+        CLIENT_MAC,
+        FXC_MAC,
+        ip(NODE1_4),
+        5684,
+        ip(NODE2_4),
+        9999,
+        b"forged",
+    );
+    f.vlans = vec![(0x8100, 100)];
+    v.push(case(
+        "tagged forged reply with a client's MAC: dropped",
+        vec![unchanged("fxc", f.bytes(), XDP_DROP)],
+        &[(DropForgedReply, 1)],
+    ));
+    // Forwarding disabled on the node-side interface: no FIB answer, passed untouched (the
+    // kernel delivers the probe answer, and would drop a reply to a client).
+    for (node, client_addr, own, sysctl) in [
+        (
+            NODE1_6,
+            CLIENT6,
+            "2001:db8:1::1",
+            "net.ipv6.conf.fxn.forwarding",
+        ),
+        (
+            NODE1_4,
+            CLIENT4,
+            "203.0.113.1",
+            "net.ipv4.conf.fxn.forwarding",
+        ),
+    ] {
+        let to_client = reply(node, 5684, client_addr, b"reply");
+        let to_self = reply(node, 5684, own, b"HelloVerifyRequest");
+        v.push(
+            case(
+                format!("{sysctl}=0: node replies passed untouched"),
+                vec![
+                    unchanged("fxn", to_client.bytes(), XDP_PASS),
+                    unchanged("fxn", to_self.bytes(), XDP_PASS),
+                ],
+                &[(PassFwdDisabled, 2)],
+            )
+            .netns(&format!("sysctl {sysctl}=0"), &format!("sysctl {sysctl}=1")),
+        );
+    }
+
+    // 9. Fragments and IPv6 extension headers from a node carry no ports to un-NAT by (later
+    // fragments) and would leak the node's address: dropped.
+    let mut f = reply(NODE1_4, 5684, CLIENT4, b"first fragment");
+    f.more_fragments = true;
+    let mut g = reply(NODE1_4, 5684, CLIENT4, b"later fragment");
+    g.fragment_offset = 100;
+    let mut h = reply(NODE2_6, 5684, CLIENT6, b"fragment header");
+    h.v6_fragment = true;
+    let mut e = reply(NODE2_6, 5684, CLIENT6, b"hop-by-hop header");
+    e.v6_hop_by_hop = true;
+    for (what, p) in [
+        ("IPv4 first fragment", f),
+        ("IPv4 later fragment", g),
+        ("IPv6 fragment header", h),
+        ("IPv6 hop-by-hop header", e),
+    ] {
+        v.push(case(
+            format!("{what} from a node: dropped"),
+            vec![unchanged("fxn", p.bytes(), XDP_DROP)],
+            &[(DropNodeFragment, 1)],
+        ));
+    }
 }
 
 /// Only genuine replies are un-NATed (no open relay, issue #8 §1): a frame from a node's
