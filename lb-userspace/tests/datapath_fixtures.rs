@@ -945,6 +945,27 @@ fn defect_cases(v: &mut Vec<Case>) {
         );
     }
 
+    // The same with the node's next hop cached (by client traffic arriving on fxc, where
+    // forwarding is on): the origin check passes from the cache, and the lookup towards the
+    // client, on fxn, finds forwarding disabled.
+    let p = client(VIP6, 5684, &cid(1));
+    let r = reply(NODE1_6, 5684, CLIENT6, b"reply");
+    v.push(
+        case(
+            "net.ipv6.conf.fxn.forwarding=0, next hop cached: reply passed untouched",
+            vec![
+                fwd("fxc", &p, &to_node(&p, NODE1_6, NODE1_MAC), XDP_REDIRECT),
+                unchanged("fxn", r.bytes(), XDP_PASS),
+            ],
+            &[(CidRouted, 1), (FwdRedirect, 1), (PassFwdDisabled, 1)],
+        )
+        .netns(
+            "sysctl net.ipv6.conf.fxn.forwarding=0",
+            "sysctl net.ipv6.conf.fxn.forwarding=1",
+        )
+        .nodes(&[(1, 1)]),
+    );
+
     // 9. Fragments and IPv6 extension headers from a node carry no ports to un-NAT by (later
     // fragments) and would leak the node's address: dropped.
     let mut f = reply(NODE1_4, 5684, CLIENT4, b"first fragment");
