@@ -81,8 +81,10 @@ fn frames() -> Frames {
     Frames {
         cid: client(5684, &cid_record(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4], &body)),
         hello: client(5684, &handshake_record(&body)),
+        // From node 1's own MAC (its neighbour entry in `add_nodes`): the datapath un-NATs
+        // only replies that arrive from the node's next hop.
         reply: Frame::udp(
-            [2, 0, 0, 0, 1, 1],
+            [2, 0, 0, 1, 0, 1],
             FXN_MAC,
             ip(&node_addr(1)),
             5684,

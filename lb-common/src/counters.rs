@@ -44,7 +44,7 @@ counters! {
     PassNotUdp = "pass_not_udp",
     /// UDP neither to a VIP port nor from a node: passed to the kernel untouched.
     PassNotVip = "pass_not_vip",
-    /// IPv6 with extension headers (other than a fragment header to a VIP): passed to the kernel.
+    /// IPv6 with extension headers (other than a fragment header to a VIP), not from a node: passed to the kernel.
     PassIpv6ExtHdr = "pass_ipv6_ext_hdr",
     /// IPv4 header length below 5 words: dropped.
     DropBadIpHeader = "drop_bad_ip_header",
@@ -68,7 +68,7 @@ counters! {
     FlowHit = "flow_hit",
     /// New flow pinned to a node by round robin.
     FlowNew = "flow_new",
-    /// Flow idle past idle_timeout (or its node gone): re-pinned, also counted in flow_new.
+    /// Flow idle past idle_timeout (within refresh_ns after it; or its node gone): re-pinned, also counted in flow_new.
     FlowExpired = "flow_expired",
     /// Flow table update failed: packet forwarded, flow not remembered.
     FlowInsertFailed = "flow_insert_failed",
@@ -76,7 +76,7 @@ counters! {
     DropNoNode = "drop_no_node",
     /// Reply from a node: source rewritten to the VIP (stateless reverse NAT).
     ReplyUnnat = "reply_unnat",
-    /// From a node's serving port to this host itself (health probe answers): passed unchanged.
+    /// Genuine reply from a node's serving port to this host itself (health probe answers): passed unchanged.
     PassLocalReply = "pass_local_reply",
     /// Shadow mode: routed and counted, then passed to the kernel unchanged.
     ShadowPass = "shadow_pass",
@@ -94,6 +94,16 @@ counters! {
     FwdKernelIface = "fwd_kernel_iface",
     /// VLAN-tagged packet: rewritten and passed to the kernel, which routes it via its VLAN devices.
     FwdKernelVlan = "fwd_kernel_vlan",
+    /// From a node's serving address and port, but not the way the balancer reaches that node (other ingress interface, or a source MAC that is not the node's next hop): dropped, not un-NATed (no open relay).
+    DropForgedReply = "drop_forged_reply",
+    /// From a node's serving address and port while the balancer has no neighbour entry for the node, so its MAC cannot be checked: dropped (fail closed).
+    DropReplyNoNeigh = "drop_reply_no_neigh",
+    /// From a node's serving address and port, arriving on an interface with forwarding disabled: passed to the kernel untouched (delivered if local, else dropped).
+    PassFwdDisabled = "pass_fwd_disabled",
+    /// Larger than the path MTU towards its next hop: passed rewritten to the kernel, which fragments it or answers ICMP.
+    FwdKernelMtu = "fwd_kernel_mtu",
+    /// IPv4 fragment or IPv6 packet with a fragment or extension header from a node's address: dropped (it cannot be un-NATed, and would leak the node's address).
+    DropNodeFragment = "drop_node_fragment",
 }
 
 // Appending a counter must not change the pinned STATS map's size (the layout version).

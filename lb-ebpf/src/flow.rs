@@ -11,10 +11,6 @@ use lb_common::{
 
 use crate::{maps, parse::Packet, parse::Udp, stats::count};
 
-/// last_seen is rewritten at most this often per flow, so a busy flow does not write its
-/// entry (and bounce its cache line between CPUs) on every packet.
-const TOUCH_NS: u64 = 1_000_000_000;
-
 /// The node for this packet's flow, pinning a new flow if needed.
 #[inline(always)]
 pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
@@ -33,9 +29,14 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
         // make last_seen or node_id stale, both of which are benign.
         let (node_id, last) = unsafe { ((*flow).node_id, (*flow).last_seen_ns) };
         let idle = now.saturating_sub(last);
-        if idle <= cfg.idle_timeout_ns {
+        // last_seen is rewritten only when older than refresh_ns, so a busy flow does not
+        // write its entry (and bounce its cache line between CPUs) on every packet. It thus
+        // lags the flow's last packet by up to refresh_ns: a flow is forgotten only once
+        // idle_timeout + refresh_ns have passed since last_seen, so never before it has
+        // truly been idle for idle_timeout (and at most refresh_ns after).
+        if idle <= cfg.idle_timeout_ns.saturating_add(cfg.refresh_ns) {
             if let Some(node) = maps::node(node_id).filter(|n| has_family(n, pkt.family)) {
-                if idle > TOUCH_NS {
+                if idle > cfg.refresh_ns {
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 count(Counter::FlowHit);

@@ -6,8 +6,9 @@ use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
     programs::XdpContext,
@@ -38,6 +39,8 @@ pub struct NextHop {
     rc: u32,
     ingress: u32,
     ttl: u8,
+    /// The packet is larger than the cached path MTU (only set on a cache hit or fill).
+    too_big: bool,
 }
 
 impl NextHop {
@@ -46,11 +49,54 @@ impl NextHop {
     pub fn is_local(&self) -> bool {
         self.rc == BPF_FIB_LKUP_RET_NOT_FWDED
     }
+
+    /// Forwarding is disabled on the ingress interface (for the packet's family): the FIB
+    /// said nothing about the destination.
+    #[inline(always)]
+    pub fn fwd_disabled(&self) -> bool {
+        self.rc == BPF_FIB_LKUP_RET_FWD_DISABLED
+    }
+
+    /// The lookup found a neighbour: `egress` and `dmac` are valid.
+    #[inline(always)]
+    pub fn resolved(&self) -> bool {
+        self.rc == BPF_FIB_LKUP_RET_SUCCESS
+    }
+
+    /// No neighbour entry (ARP/ND) for the next hop yet.
+    #[inline(always)]
+    pub fn no_neigh(&self) -> bool {
+        self.rc == BPF_FIB_LKUP_RET_NO_NEIGH
+    }
+
+    /// The interface the next hop is on (valid when [`NextHop::resolved`]).
+    #[inline(always)]
+    pub fn egress(&self) -> u32 {
+        self.fib.ifindex
+    }
+
+    /// The interface the packet came in on.
+    #[inline(always)]
+    pub fn ingress(&self) -> u32 {
+        self.ingress
+    }
+
+    /// The next hop's MAC (valid when [`NextHop::resolved`]).
+    #[inline(always)]
+    pub fn dmac(&self) -> [u8; 6] {
+        self.fib.dmac
+    }
 }
 
 /// The next hop towards a node: from the per-CPU cache if fresh, else a FIB lookup whose
 /// successful result is cached for `NEXTHOP_TTL_NS`. Failed lookups (no neighbour yet, ...)
-/// are not cached, so the kernel keeps resolving them.
+/// are not cached, so the kernel keeps resolving them. The result depends only on the node's
+/// address (`to.dst`), not on how the packet arrived, so tagged frames and node replies (whose
+/// origin is checked against it, see `reply.rs`) share the cache with client traffic.
+///
+/// The cache also holds the path MTU, learned when it is filled, because a cache hit skips the
+/// MTU check `bpf_fib_lookup` makes: a packet larger than it is marked `too_big` and goes to
+/// the kernel (`fwd_kernel_mtu`) instead of being redirected to a device that would drop it.
 #[inline(always)]
 pub fn lookup_node(
     ctx: &XdpContext,
@@ -59,108 +105,131 @@ pub fn lookup_node(
     slot: u32,
 ) -> Result<NextHop, Counter> {
     let idx = slot * 2 + family_index(pkt.family);
+    // SAFETY: the helper takes no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if pkt.vlans == 0 {
-        if let Some(c) = maps::NEXTHOP.get_ptr(idx) {
-            // SAFETY: per-CPU slot, copied out.
-            let c = unsafe { *c };
-            if c.expires_ns > now {
-                // SAFETY: plain-old-data struct of integers.
-                let mut fib: FibParams = unsafe { zeroed() };
-                fib.ifindex = c.ifindex;
-                fib.smac = c.smac;
-                fib.dmac = c.dmac;
-                return Ok(NextHop {
-                    fib,
-                    rc: BPF_FIB_LKUP_RET_SUCCESS,
-                    ingress: ctx.ingress_ifindex() as u32,
-                    ttl: ttl(ctx, pkt)?,
-                });
-            }
+    let (mut fib, ttl, len) = params(ctx, pkt, to)?;
+    let ingress = ctx.ingress_ifindex() as u32;
+    if let Some(c) = maps::NEXTHOP.get_ptr(idx) {
+        // SAFETY: per-CPU slot, copied out.
+        let c = unsafe { *c };
+        if c.expires_ns > now {
+            fib.ifindex = c.ifindex;
+            fib.smac = c.smac;
+            fib.dmac = c.dmac;
+            return Ok(NextHop {
+                fib,
+                rc: BPF_FIB_LKUP_RET_SUCCESS,
+                ingress,
+                ttl,
+                too_big: c.mtu != 0 && len > c.mtu,
+            });
         }
     }
-    let hop = lookup(ctx, pkt, to)?;
-    if hop.rc == BPF_FIB_LKUP_RET_SUCCESS {
+    // The MTU lookup below needs the parameters as they are now: a lookup overwrites
+    // ifindex, the MACs and (for a gateway route) the destination address.
+    let mut probe = fib;
+    // tot_len 0 never exceeds the MTU, so a routable node always yields its MACs here; the
+    // packet's own length is compared with the MTU learned below.
+    fib.__bindgen_anon_1.tot_len = 0;
+    let rc = fib_lookup(ctx, &mut fib);
+    let mut too_big = false;
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        // The kernel's MTU check (net/core/filter.c, bpf_ipv{4,6}_fib_lookup with check_mtu)
+        // runs before the neighbour lookup: with tot_len 0xffff it returns FRAG_NEEDED and
+        // the route's (or device's) MTU in mtu_result, the union twin of tot_len. Anything
+        // else (an MTU of 65535) leaves 0: no check.
+        probe.__bindgen_anon_1.tot_len = u16::MAX;
+        // SAFETY: reading the union field the kernel writes on FRAG_NEEDED.
+        let mtu = if fib_lookup(ctx, &mut probe) == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+            unsafe { probe.__bindgen_anon_1.mtu_result }
+        } else {
+            0
+        };
+        too_big = mtu != 0 && len > mtu;
         if let Some(c) = maps::NEXTHOP.get_ptr_mut(idx) {
             // SAFETY: per-CPU slot.
             unsafe {
                 *c = CachedHop {
                     expires_ns: now + NEXTHOP_TTL_NS,
-                    ifindex: hop.fib.ifindex,
-                    smac: hop.fib.smac,
-                    dmac: hop.fib.dmac,
-                    mtu: 0,
+                    ifindex: fib.ifindex,
+                    smac: fib.smac,
+                    dmac: fib.dmac,
+                    mtu,
                     _pad: [0; 6],
                 }
             };
         }
     }
-    Ok(hop)
-}
-
-#[inline(always)]
-fn ttl(ctx: &XdpContext, pkt: &Packet) -> Result<u8, Counter> {
-    // SAFETY: bounds checked by ptr_at.
-    if pkt.family == FAMILY_V4 {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
-        Ok(unsafe { (*ip).ttl })
-    } else {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
-        Ok(unsafe { (*ip).hop_limit })
-    }
-}
-
-/// FIB lookup for the packet as it will be after its rewrite, before anything is written.
-#[inline(always)]
-pub fn lookup(ctx: &XdpContext, pkt: &Packet, to: &Addressing) -> Result<NextHop, Counter> {
-    let ingress = ctx.ingress_ifindex() as u32;
-    // SAFETY: plain-old-data struct of integers; all-zero is a valid starting value.
-    let mut fib: FibParams = unsafe { zeroed() };
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.sport = to.sport;
-    fib.dport = to.dport;
-    fib.ifindex = ingress;
-    let ttl = if pkt.family == FAMILY_V4 {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
-        // SAFETY: bounds checked by ptr_at; the bindings' unions are plain integers.
-        unsafe {
-            fib.family = AF_INET;
-            fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
-            fib.__bindgen_anon_2.tos = (*ip).tos;
-            fib.__bindgen_anon_3.ipv4_src = to.src[0];
-            fib.__bindgen_anon_4.ipv4_dst = to.dst[0];
-            (*ip).ttl
-        }
-    } else {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
-        // SAFETY: as above.
-        unsafe {
-            fib.family = AF_INET6;
-            fib.__bindgen_anon_1.tot_len =
-                u16::from_be_bytes((*ip).payload_len) + Ipv6Hdr::LEN as u16;
-            fib.__bindgen_anon_2.flowinfo = u32::from_ne_bytes((*ip).vcf) & 0x0fff_ffff_u32.to_be();
-            fib.__bindgen_anon_3.ipv6_src = to.src;
-            fib.__bindgen_anon_4.ipv6_dst = to.dst;
-            (*ip).hop_limit
-        }
-    };
-    // VLAN-tagged frames go to the kernel anyway (see `send`): skip the lookup.
-    if pkt.vlans != 0 {
-        return Ok(NextHop {
-            fib,
-            rc: u32::MAX,
-            ingress,
-            ttl,
-        });
-    }
-    // SAFETY: the helper reads and writes only the params struct of the size given.
-    let rc =
-        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) } as u32;
     Ok(NextHop {
         fib,
         rc,
         ingress,
         ttl,
+        too_big,
+    })
+}
+
+/// The FIB parameters for the packet's (planned) addressing, its TTL / hop limit and its L3
+/// length (what the kernel compares with the MTU), read before anything is written.
+#[inline(always)]
+fn params(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    to: &Addressing,
+) -> Result<(FibParams, u8, u16), Counter> {
+    // SAFETY: plain-old-data struct of integers; all-zero is a valid starting value.
+    let mut fib: FibParams = unsafe { zeroed() };
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.sport = to.sport;
+    fib.dport = to.dport;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    if pkt.family == FAMILY_V4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        // SAFETY: bounds checked by ptr_at; the bindings' unions are plain integers.
+        unsafe {
+            let len = u16::from_be_bytes((*ip).tot_len);
+            fib.family = AF_INET;
+            fib.__bindgen_anon_1.tot_len = len;
+            fib.__bindgen_anon_2.tos = (*ip).tos;
+            fib.__bindgen_anon_3.ipv4_src = to.src[0];
+            fib.__bindgen_anon_4.ipv4_dst = to.dst[0];
+            Ok((fib, (*ip).ttl, len))
+        }
+    } else {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        // SAFETY: as above.
+        unsafe {
+            let len = u16::from_be_bytes((*ip).payload_len).saturating_add(Ipv6Hdr::LEN as u16);
+            fib.family = AF_INET6;
+            fib.__bindgen_anon_1.tot_len = len;
+            fib.__bindgen_anon_2.flowinfo = u32::from_ne_bytes((*ip).vcf) & 0x0fff_ffff_u32.to_be();
+            fib.__bindgen_anon_3.ipv6_src = to.src;
+            fib.__bindgen_anon_4.ipv6_dst = to.dst;
+            Ok((fib, (*ip).hop_limit, len))
+        }
+    }
+}
+
+#[inline(always)]
+fn fib_lookup(ctx: &XdpContext, fib: &mut FibParams) -> u32 {
+    // SAFETY: the helper reads and writes only the params struct of the size given.
+    unsafe { bpf_fib_lookup(ctx.as_ptr(), fib, size_of::<FibParams>() as i32, 0) as u32 }
+}
+
+/// FIB lookup for the packet as it will be after its rewrite, before anything is written.
+/// VLAN-tagged frames are looked up too (they leave through the kernel, see `send`, but a
+/// reply's lookup says whether it is addressed to this host): the lookup names the route,
+/// whichever device the tag belongs to.
+#[inline(always)]
+pub fn lookup(ctx: &XdpContext, pkt: &Packet, to: &Addressing) -> Result<NextHop, Counter> {
+    let (mut fib, ttl, _) = params(ctx, pkt, to)?;
+    let rc = fib_lookup(ctx, &mut fib);
+    Ok(NextHop {
+        fib,
+        rc,
+        ingress: ctx.ingress_ifindex() as u32,
+        ttl,
+        too_big: false,
     })
 }
 
@@ -173,7 +242,11 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Result<u32, Counte
         return Err(Counter::FwdKernelVlan);
     }
     match hop.rc {
+        BPF_FIB_LKUP_RET_SUCCESS if hop.too_big => return Err(Counter::FwdKernelMtu),
         BPF_FIB_LKUP_RET_SUCCESS => {}
+        // Larger than the path MTU: the kernel fragments it (IPv4 without DF) or answers with
+        // ICMP "fragmentation needed" / "packet too big"; a redirect would be dropped silently.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::FwdKernelMtu),
         // The kernel resolves the neighbour (ARP/ND) and forwards this packet itself.
         BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::FwdKernelNoNeigh),
         // Blackhole, unreachable, forwarding disabled, ...: the kernel decides (and signals).

@@ -3,6 +3,7 @@
 //! The packet's path through this crate, one file per step:
 //! - `parse.rs`   Ethernet (up to two VLAN tags), IPv4 (any IHL) / IPv6, UDP → `Packet`
 //! - `vip.rs`     is it for a VIP port, or a reply from a node?
+//! - `reply.rs`   is a node's reply genuine (the way the balancer reaches the node)?
 //! - `dtls.rs`    the DTLS record header: a tls12_cid record yields the node id in its CID
 //! - `flow.rs`    everything else is pinned to a node per 5-tuple (LRU table, round robin)
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
@@ -19,6 +20,7 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod reply;
 mod stats;
 mod vip;
 
@@ -83,11 +85,19 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
     }
 
     if let Some(rev) = vip::reverse(&pkt, udp.sport) {
+        // Before anything else, including the "addressed to this host" check below: a forged
+        // reply must neither be relayed with the VIP as source nor answer a health probe.
+        reply::check_origin(ctx, &pkt, &udp, &rev)?;
         let rw = Rewrite::to_client(&rev);
         let hop = forward::lookup(ctx, &pkt, &rw.addressing(&pkt, &udp))?;
         // Addressed to this host (the agent's health probes): not a reply to a client.
         if hop.is_local() {
             return Err(Counter::PassLocalReply);
+        }
+        // No FIB answer (forwarding disabled on the ingress interface): untouched, so a
+        // probe answer still reaches the agent (the kernel drops it if it is not local).
+        if hop.fwd_disabled() {
+            return Err(Counter::PassFwdDisabled);
         }
         count(Counter::ReplyUnnat);
         stats::from_node(ctx, rev.node_slot);

@@ -160,7 +160,8 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
         return Ok(pkt);
     }
     // MF set or a non-zero offset: a fragment. Only the first carries the UDP header, so a VIP
-    // cannot be balanced per fragment; drop those addressed to a VIP, pass the rest.
+    // cannot be balanced per fragment, nor a node's reply un-NATed: drop those addressed to a
+    // VIP or coming from a node, pass the rest.
     if frags & 0x3fff != 0 {
         return Err(crate::vip::fragment_verdict(&pkt));
     }
@@ -194,7 +195,8 @@ fn parse_v6(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
         IPV6_FRAGMENT => Err(crate::vip::fragment_verdict(&pkt)),
         // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6, experimental:
         // the UDP header sits behind them; not walked here (RFC 8200 §4).
-        0 | 43 | 51 | 60 | 135 | 139 | 140 | 253 | 254 => Err(Counter::PassIpv6ExtHdr),
+        // From a node's address such a packet is dropped (it cannot be un-NATed).
+        0 | 43 | 51 | 60 | 135 | 139 | 140 | 253 | 254 => Err(crate::vip::ext_header_verdict(&pkt)),
         _ => Ok(pkt),
     }
 }

@@ -23,7 +23,10 @@ pub fn action_for(c: Counter) -> u32 {
         | Counter::DropCidTruncated
         | Counter::DropCidUnknownNode
         | Counter::DropCidNodeFamily
-        | Counter::DropNoNode => xdp_action::XDP_DROP,
+        | Counter::DropNoNode
+        | Counter::DropForgedReply
+        | Counter::DropReplyNoNeigh
+        | Counter::DropNodeFragment => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }

@@ -29,14 +29,40 @@ pub fn is_vip_port(pkt: &Packet, dport: u16) -> bool {
 }
 
 /// A fragment cannot be balanced per packet (only the first holds ports): drop those addressed
-/// to a VIP, pass the rest to the kernel.
+/// to a VIP. One from a node's address cannot be un-NATed (later fragments carry no ports) and
+/// would leak the node's address towards the client: drop it too. Pass the rest to the kernel.
 #[inline(always)]
 pub fn fragment_verdict(pkt: &Packet) -> Counter {
     if vip_index(pkt).is_some() {
         Counter::DropFragment
+    } else if from_node_addr(pkt) {
+        Counter::DropNodeFragment
     } else {
         Counter::PassNotVip
     }
+}
+
+/// IPv6 with extension headers (not walked): from a node's address it cannot be un-NATed
+/// either, so it is dropped; anything else goes to the kernel.
+#[inline(always)]
+pub fn ext_header_verdict(pkt: &Packet) -> Counter {
+    if from_node_addr(pkt) {
+        Counter::DropNodeFragment
+    } else {
+        Counter::PassIpv6ExtHdr
+    }
+}
+
+/// Is the source address one of a node's (any port)?
+#[inline(always)]
+fn from_node_addr(pkt: &Packet) -> bool {
+    let key = AddrKey {
+        addr: pkt.src,
+        family: pkt.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: only presence is read, under the program's RCU read lock.
+    unsafe { maps::NODE_ADDRS.get(key).is_some() }
 }
 
 /// The VIP a reply from (source address, `sport`) must appear to come from, if the source is a

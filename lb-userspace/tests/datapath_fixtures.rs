@@ -46,6 +46,8 @@ fn ip(s: &str) -> IpAddr {
 struct Step {
     /// Wait this long before sending (flow idle expiry).
     pause_ms: u64,
+    /// Runs on the loaded object before the packet (e.g. to mark the next-hop cache).
+    poke: Option<fn(&mut aya::Ebpf)>,
     ingress: &'static str,
     input: Vec<u8>,
     action: u32,
@@ -61,6 +63,11 @@ struct Case {
     counters: Vec<(Counter, u64)>,
     /// Exact per-node to_node_packets, by node id (nodes not listed: 0).
     to_nodes: Vec<(u32, u64)>,
+    /// Exact per-node from_node_packets (un-NATed replies), by node id (nodes not listed: 0).
+    from_nodes: Vec<(u32, u64)>,
+    /// Changes to the fixture netns for this case only: (apply, undo), each `ip ARGS` or
+    /// `sysctl KEY=VALUE`. Undone after the case, whatever its outcome.
+    netns: Vec<(String, String)>,
     /// Load in shadow mode (`cidlb run --shadow`).
     shadow: bool,
 }
@@ -72,6 +79,8 @@ fn case(name: impl Into<String>, steps: Vec<Step>, counters: &[(Counter, u64)]) 
         steps,
         counters: counters.to_vec(),
         to_nodes: Vec::new(),
+        from_nodes: Vec::new(),
+        netns: Vec::new(),
         shadow: false,
     }
 }
@@ -94,6 +103,14 @@ impl Case {
         self.to_nodes = n.to_vec();
         self
     }
+    fn replies(mut self, n: &[(u32, u64)]) -> Self {
+        self.from_nodes = n.to_vec();
+        self
+    }
+    fn netns(mut self, apply: &str, undo: &str) -> Self {
+        self.netns.push((apply.to_owned(), undo.to_owned()));
+        self
+    }
 }
 
 /// From the client to a VIP port, as it arrives on fxc.
@@ -112,22 +129,57 @@ fn to_node(f: &Frame, node: &str, mac: Mac) -> Frame {
     g
 }
 
-/// A node's reply as it arrives on fxn.
+/// A node's reply as it arrives on fxn, from the node's own MAC.
 fn reply(node: &str, sport: u16, client: &str, payload: &[u8]) -> Frame {
-    Frame::udp(
-        NODE1_MAC,
-        FXN_MAC,
-        ip(node),
-        sport,
-        ip(client),
-        40000,
-        payload,
-    )
+    let mac = if node == NODE2_4 || node == NODE2_6 {
+        NODE2_MAC
+    } else {
+        NODE1_MAC
+    };
+    Frame::udp(mac, FXN_MAC, ip(node), sport, ip(client), 40000, payload)
+}
+
+/// A reply as un-NATed towards the client on fxc: source VIP:port, TTL - 1, MACs from the FIB.
+fn unnat(r: &Frame, vip: &str, vip_port: u16) -> Frame {
+    let mut q = r.clone();
+    q.src = ip(vip);
+    q.sport = vip_port;
+    q.ttl -= 1;
+    q.src_mac = FXC_MAC;
+    q.dst_mac = CLIENT_MAC;
+    q
+}
+
+/// A MAC no neighbour in the fixture netns has: seen in an output only if it came from the
+/// next-hop cache the test overwrote.
+const MARKER_MAC: Mac = [0x02, 0xee, 0xee, 0xee, 0xee, 0xee];
+
+/// Overwrites the next-hop MAC of every filled `NEXTHOP` entry (all CPUs) with [`MARKER_MAC`].
+fn mark_nexthop_cache(ebpf: &mut aya::Ebpf) {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    let mut map: PerCpuArray<_, lb_common::NextHop> =
+        PerCpuArray::try_from(ebpf.map_mut(lb_common::names::NEXTHOP).expect("NEXTHOP"))
+            .expect("NEXTHOP is a per-CPU array");
+    let mut marked = 0;
+    for i in 0..map.len() {
+        let mut vals: Vec<lb_common::NextHop> = map.get(&i, 0).unwrap().iter().copied().collect();
+        if vals.iter().all(|v| v.expires_ns == 0) {
+            continue;
+        }
+        for v in vals.iter_mut().filter(|v| v.expires_ns != 0) {
+            v.dmac = MARKER_MAC;
+            marked += 1;
+        }
+        map.set(i, PerCpuValues::try_from(vals).unwrap(), 0)
+            .unwrap();
+    }
+    assert!(marked > 0, "no NEXTHOP entry was filled");
 }
 
 fn fwd(ingress: &'static str, input: &Frame, output: &Frame, action: u32) -> Step {
     Step {
         pause_ms: 0,
+        poke: None,
         ingress,
         input: input.bytes(),
         action,
@@ -138,6 +190,7 @@ fn fwd(ingress: &'static str, input: &Frame, output: &Frame, action: u32) -> Ste
 fn unchanged(ingress: &'static str, input: Vec<u8>, action: u32) -> Step {
     Step {
         pause_ms: 0,
+        poke: None,
         ingress,
         input,
         action,
@@ -200,16 +253,19 @@ fn cases() -> Vec<Case> {
         .nodes(&[(2, 1)]),
     );
     let p = client(VIP6, 5684, &cid(1));
-    v.push(case(
-        "cid to node 1 (IPv6)",
-        vec![fwd(
-            "fxc",
-            &p,
-            &to_node(&p, NODE1_6, NODE1_MAC),
-            XDP_REDIRECT,
-        )],
-        &[(CidRouted, 1), (FwdRedirect, 1)],
-    ));
+    v.push(
+        case(
+            "cid to node 1 (IPv6)",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE1_6, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(1, 1)]),
+    );
 
     // IPv4 options: IHL 6 and IHL 15 (40 bytes of options, kept intact).
     for (ihl, opts) in [
@@ -218,16 +274,19 @@ fn cases() -> Vec<Case> {
     ] {
         let mut p = client(VIP4, 5684, &cid(1));
         p.ipv4_options = opts;
-        v.push(case(
-            format!("cid to node 1 with IHL {ihl}"),
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE1_4, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
-            &[(CidRouted, 1), (FwdRedirect, 1)],
-        ));
+        v.push(
+            case(
+                format!("cid to node 1 with IHL {ihl}"),
+                vec![fwd(
+                    "fxc",
+                    &p,
+                    &to_node(&p, NODE1_4, NODE1_MAC),
+                    XDP_REDIRECT,
+                )],
+                &[(CidRouted, 1), (FwdRedirect, 1)],
+            )
+            .nodes(&[(1, 1)]),
+        );
     }
 
     // Node id at offset 2, 2 bytes long, in an 8-byte CID.
@@ -251,7 +310,8 @@ fn cases() -> Vec<Case> {
             &[(CidRouted, 1), (FwdRedirect, 1)],
         )
         .config(cfg_from, cfg_to)
-        .config("{id: 2,", "{id: 258,"),
+        .config("{id: 2,", "{id: 258,")
+        .nodes(&[(258, 1)]),
     );
 
     // Unknown node id.
@@ -272,7 +332,8 @@ fn cases() -> Vec<Case> {
             )],
             &[(CidUnknownNodeFlow, 1), (FlowNew, 1), (FwdRedirect, 1)],
         )
-        .config("unknown_node: drop", "unknown_node: flow"),
+        .config("unknown_node: drop", "unknown_node: flow")
+        .nodes(&[(1, 1)]),
     );
 
     // DTLS header truncated at every boundary. Shorter than type+version: not a CID record,
@@ -291,6 +352,7 @@ fn cases() -> Vec<Case> {
                 )],
                 &[(FlowNew, 1), (FwdRedirect, 1)],
             )
+            .nodes(&[(1, 1)])
         } else if len < 13 + 6 {
             case(
                 format!("tls12_cid record cut to {len} bytes: dropped"),
@@ -308,6 +370,7 @@ fn cases() -> Vec<Case> {
                 )],
                 &[(CidRouted, 1), (FwdRedirect, 1)],
             )
+            .nodes(&[(1, 1)])
         };
         v.push(c);
     }
@@ -323,30 +386,36 @@ fn cases() -> Vec<Case> {
     let mut bad = cid(2);
     bad[2] = 0xff;
     let p = client(VIP4, 5684, &bad);
-    v.push(case(
-        "type 25 with version FE FF: by flow",
-        vec![fwd(
-            "fxc",
-            &p,
-            &to_node(&p, NODE1_4, NODE1_MAC),
-            XDP_REDIRECT,
-        )],
-        &[(CidBadVersion, 1), (FlowNew, 1), (FwdRedirect, 1)],
-    ));
+    v.push(
+        case(
+            "type 25 with version FE FF: by flow",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE1_4, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidBadVersion, 1), (FlowNew, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(1, 1)]),
+    );
 
     // --- VIP ports ---
     for port in [20000u16, 20100] {
         let p = client(VIP4, port, &cid(2));
-        v.push(case(
-            format!("port range edge {port} balanced"),
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE2_4, NODE2_MAC),
-                XDP_REDIRECT,
-            )],
-            &[(CidRouted, 1), (FwdRedirect, 1)],
-        ));
+        v.push(
+            case(
+                format!("port range edge {port} balanced"),
+                vec![fwd(
+                    "fxc",
+                    &p,
+                    &to_node(&p, NODE2_4, NODE2_MAC),
+                    XDP_REDIRECT,
+                )],
+                &[(CidRouted, 1), (FwdRedirect, 1)],
+            )
+            .nodes(&[(2, 1)]),
+        );
     }
     for port in [19999u16, 20101, 5683] {
         let p = client(VIP4, port, &cid(2));
@@ -429,65 +498,73 @@ fn cases() -> Vec<Case> {
     p.vlans = vec![(0x8100, 100)];
     let mut q = p.clone();
     q.dst = ip(NODE2_4);
-    v.push(case(
-        "one VLAN tag: rewritten, passed to the kernel",
-        vec![fwd("fxc", &p, &q, XDP_PASS)],
-        &[(CidRouted, 1), (FwdKernelVlan, 1)],
-    ));
+    v.push(
+        case(
+            "one VLAN tag: rewritten, passed to the kernel",
+            vec![fwd("fxc", &p, &q, XDP_PASS)],
+            &[(CidRouted, 1), (FwdKernelVlan, 1)],
+        )
+        .nodes(&[(2, 1)]),
+    );
     let mut p = client(VIP6, 5684, &cid(1));
     p.vlans = vec![(0x88a8, 10), (0x8100, 200)];
     let mut q = p.clone();
     q.dst = ip(NODE1_6);
-    v.push(case(
-        "two VLAN tags (802.1ad + 802.1Q), IPv6",
-        vec![fwd("fxc", &p, &q, XDP_PASS)],
-        &[(CidRouted, 1), (FwdKernelVlan, 1)],
-    ));
+    v.push(
+        case(
+            "two VLAN tags (802.1ad + 802.1Q), IPv6",
+            vec![fwd("fxc", &p, &q, XDP_PASS)],
+            &[(CidRouted, 1), (FwdKernelVlan, 1)],
+        )
+        .nodes(&[(1, 1)]),
+    );
 
     // --- Checksums ---
     let mut p = client(VIP4, 5684, &cid(1));
     p.zero_udp_checksum = true;
     let q = to_node(&p, NODE1_4, NODE1_MAC);
-    v.push(case(
-        "IPv4 UDP checksum 0 stays 0",
-        vec![fwd("fxc", &p, &q, XDP_REDIRECT)],
-        &[(CidRouted, 1), (FwdRedirect, 1)],
-    ));
+    v.push(
+        case(
+            "IPv4 UDP checksum 0 stays 0",
+            vec![fwd("fxc", &p, &q, XDP_REDIRECT)],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(1, 1)]),
+    );
     let p = client(VIP4, 20042, &[0xff; 64]);
-    v.push(case(
-        "non-zero checksum, non-DTLS payload",
-        vec![fwd(
-            "fxc",
-            &p,
-            &to_node(&p, NODE1_4, NODE1_MAC),
-            XDP_REDIRECT,
-        )],
-        &[(FlowNew, 1), (FwdRedirect, 1)],
-    ));
+    v.push(
+        case(
+            "non-zero checksum, non-DTLS payload",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE1_4, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(FlowNew, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(1, 1)]),
+    );
 
     // --- Replies: stateless reverse NAT ---
     let r = reply(NODE1_4, 5684, CLIENT4, b"reply record");
-    let mut q = r.clone();
-    q.src = ip(VIP4);
-    q.ttl -= 1;
-    q.src_mac = FXC_MAC;
-    q.dst_mac = CLIENT_MAC;
-    v.push(case(
-        "reply from node 1 gets the VIP as source (IPv4)",
-        vec![fwd("fxn", &r, &q, XDP_REDIRECT)],
-        &[(ReplyUnnat, 1), (FwdRedirect, 1)],
-    ));
+    v.push(
+        case(
+            "reply from node 1 gets the VIP as source (IPv4)",
+            vec![fwd("fxn", &r, &unnat(&r, VIP4, 5684), XDP_REDIRECT)],
+            &[(ReplyUnnat, 1), (FwdRedirect, 1)],
+        )
+        .replies(&[(1, 1)]),
+    );
     let r = reply(NODE2_6, 5684, CLIENT6, b"reply record");
-    let mut q = r.clone();
-    q.src = ip(VIP6);
-    q.ttl -= 1;
-    q.src_mac = FXC_MAC;
-    q.dst_mac = CLIENT_MAC;
-    v.push(case(
-        "reply from node 2 gets the VIP as source (IPv6)",
-        vec![fwd("fxn", &r, &q, XDP_REDIRECT)],
-        &[(ReplyUnnat, 1), (FwdRedirect, 1)],
-    ));
+    v.push(
+        case(
+            "reply from node 2 gets the VIP as source (IPv6)",
+            vec![fwd("fxn", &r, &unnat(&r, VIP6, 5684), XDP_REDIRECT)],
+            &[(ReplyUnnat, 1), (FwdRedirect, 1)],
+        )
+        .replies(&[(2, 1)]),
+    );
     let r = reply(NODE1_4, 5999, CLIENT4, b"not from the service port");
     v.push(case(
         "node traffic from another port: passed",
@@ -519,7 +596,9 @@ fn cases() -> Vec<Case> {
         .config(
             "{id: 1, address: [203.0.113.11, \"2001:db8:1::11\"]}",
             "{id: 1, address: [203.0.113.11, \"2001:db8:1::11\"], port: 6000}",
-        ),
+        )
+        .nodes(&[(1, 1)])
+        .replies(&[(1, 1)]),
     );
 
     // --- Flows: sticky and round robin ---
@@ -560,25 +639,34 @@ fn cases() -> Vec<Case> {
         .nodes(&[(1, 3), (2, 3)]),
     );
     let a = client(VIP6, 5684, &hello);
-    v.push(case(
-        "IPv6 flow is sticky",
-        vec![
-            fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
-            fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
-        ],
-        &[(FlowNew, 1), (FlowHit, 1), (FwdRedirect, 2)],
-    ));
-
-    // The second packet to a node takes its next hop from the per-CPU cache: same bytes.
-    let p = client(VIP4, 5684, &cid(2));
-    let q = to_node(&p, NODE2_4, NODE2_MAC);
     v.push(
         case(
-            "cached next hop gives the same frame",
+            "IPv6 flow is sticky",
+            vec![
+                fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
+                fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
+            ],
+            &[(FlowNew, 1), (FlowHit, 1), (FwdRedirect, 2)],
+        )
+        .nodes(&[(1, 2)]),
+    );
+
+    // The second packet to a node takes its next hop from the per-CPU cache. To tell a cache
+    // hit from a fresh lookup, the test overwrites the cached MAC with a marker no neighbour
+    // has: only a cache hit can put it in the output.
+    let p = client(VIP4, 5684, &cid(2));
+    let q = to_node(&p, NODE2_4, NODE2_MAC);
+    let mut marked = q.clone();
+    marked.dst_mac = MARKER_MAC;
+    let mut mark = fwd("fxc", &p, &marked, XDP_REDIRECT);
+    mark.poke = Some(mark_nexthop_cache);
+    v.push(
+        case(
+            "cached next hop is used (marker MAC from the cache)",
             vec![
                 fwd("fxc", &p, &q, XDP_REDIRECT),
-                fwd("fxc", &p, &q, XDP_REDIRECT),
-                fwd("fxc", &p, &q, XDP_REDIRECT),
+                mark,
+                fwd("fxc", &p, &marked, XDP_REDIRECT),
             ],
             &[(CidRouted, 3), (FwdRedirect, 3)],
         )
@@ -595,7 +683,8 @@ fn cases() -> Vec<Case> {
             vec![fwd("fxc", &p, &q, XDP_TX)],
             &[(CidRouted, 1), (FwdTx, 1)],
         )
-        .config("nodes:\n", "nodes:\n  - {id: 3, address: 198.51.100.50}\n"),
+        .config("nodes:\n", "nodes:\n  - {id: 3, address: 198.51.100.50}\n")
+        .nodes(&[(3, 1)]),
     );
     let p = client(VIP4, 5684, &cid(3));
     let mut q = p.clone();
@@ -606,7 +695,8 @@ fn cases() -> Vec<Case> {
             vec![fwd("fxc", &p, &q, XDP_PASS)],
             &[(CidRouted, 1), (FwdKernelNoNeigh, 1)],
         )
-        .config("nodes:\n", "nodes:\n  - {id: 3, address: 203.0.113.13}\n"),
+        .config("nodes:\n", "nodes:\n  - {id: 3, address: 203.0.113.13}\n")
+        .nodes(&[(3, 1)]),
     );
     let p = client(VIP4, 5684, &cid(3));
     let mut q = p.clone();
@@ -617,17 +707,21 @@ fn cases() -> Vec<Case> {
             vec![fwd("fxc", &p, &q, XDP_PASS)],
             &[(CidRouted, 1), (FwdKernelIface, 1)],
         )
-        .config("nodes:\n", "nodes:\n  - {id: 3, address: 100.64.0.9}\n"),
+        .config("nodes:\n", "nodes:\n  - {id: 3, address: 100.64.0.9}\n")
+        .nodes(&[(3, 1)]),
     );
     let mut p = client(VIP4, 5684, &cid(1));
     p.ttl = 1;
     let mut q = p.clone();
     q.dst = ip(NODE1_4);
-    v.push(case(
-        "TTL 1: rewritten, passed for the ICMP error",
-        vec![fwd("fxc", &p, &q, XDP_PASS)],
-        &[(CidRouted, 1), (FwdKernelTtl, 1)],
-    ));
+    v.push(
+        case(
+            "TTL 1: rewritten, passed for the ICMP error",
+            vec![fwd("fxc", &p, &q, XDP_PASS)],
+            &[(CidRouted, 1), (FwdKernelTtl, 1)],
+        )
+        .nodes(&[(1, 1)]),
+    );
     let p = client(VIP6, 5684, &cid(3));
     v.push(
         case(
@@ -658,7 +752,8 @@ fn cases() -> Vec<Case> {
             ],
         )
         .shadow()
-        .nodes(&[(1, 1), (2, 1)]),
+        .nodes(&[(1, 1), (2, 1)])
+        .replies(&[(1, 1)]),
     );
 
     // A node answering the balancer itself (a health probe): not a client reply.
@@ -701,13 +796,429 @@ fn cases() -> Vec<Case> {
         vec![unchanged("fxc", padded, XDP_DROP)],
         &[(DropCidTruncated, 1)],
     ));
+    relay_cases(&mut v);
+    defect_cases(&mut v);
     v
+}
+
+/// Issue #10: each of these failed before its fix.
+fn defect_cases(v: &mut Vec<Case>) {
+    // 2. A busy flow outlives a short idle_timeout; an idle one is forgotten. 400ms gives
+    // refresh_ns = 50ms: last_seen is refreshed when older than that, and a flow expires once
+    // idle > 450ms since last_seen. Packets every 120ms keep it for 720ms (before the fix
+    // last_seen was refreshed only after 1s, so the flow expired at 480ms while busy).
+    let a = client(VIP4, 5684, &handshake_record(b"ClientHello"));
+    let mut steps = vec![fwd(
+        "fxc",
+        &a,
+        &to_node(&a, NODE1_4, NODE1_MAC),
+        XDP_REDIRECT,
+    )];
+    for _ in 0..6 {
+        let mut s = fwd("fxc", &a, &to_node(&a, NODE1_4, NODE1_MAC), XDP_REDIRECT);
+        s.pause_ms = 120;
+        steps.push(s);
+    }
+    // Idle past timeout + refresh: re-pinned by round robin (node 2).
+    let mut s = fwd("fxc", &a, &to_node(&a, NODE2_4, NODE2_MAC), XDP_REDIRECT);
+    s.pause_ms = 700;
+    steps.push(s);
+    v.push(
+        case(
+            "idle_timeout 400ms: busy flow kept past it, idle flow expires",
+            steps,
+            &[
+                (FlowNew, 2),
+                (FlowHit, 6),
+                (FlowExpired, 1),
+                (FwdRedirect, 8),
+            ],
+        )
+        .config("idle_timeout: 30s", "idle_timeout: 400ms")
+        .nodes(&[(1, 7), (2, 1)]),
+    );
+
+    // 8. The cached next hop knows the path MTU: an oversized frame goes to the kernel (which
+    // fragments or sends ICMP) instead of a redirect the smaller-MTU device would drop.
+    for (vip, node) in [(VIP4, NODE1_4), (VIP6, NODE1_6)] {
+        let small = client(vip, 5684, &cid(1));
+        let big = client(vip, 5684, &cid_record(&[1, 2, 3, 4, 5, 6], &[0x5a; 1300]));
+        let mut big_out = big.clone();
+        big_out.dst = ip(node);
+        v.push(
+            case(
+                format!("node-side MTU 1280: oversized to {node} passed, cached or not"),
+                vec![
+                    fwd("fxc", &big, &big_out, XDP_PASS),
+                    fwd(
+                        "fxc",
+                        &small,
+                        &to_node(&small, node, NODE1_MAC),
+                        XDP_REDIRECT,
+                    ),
+                    fwd("fxc", &big, &big_out, XDP_PASS),
+                ],
+                &[(CidRouted, 3), (FwdKernelMtu, 2), (FwdRedirect, 1)],
+            )
+            .netns("ip link set fxn mtu 1280", "ip link set fxn mtu 1500")
+            .nodes(&[(1, 3)]),
+        );
+    }
+    // An uncached lookup's FRAG_NEEDED (the reply path) is the same outcome.
+    let r = reply(NODE1_4, 5684, CLIENT4, &[0x5a; 1300]);
+    let mut q = r.clone();
+    q.src = ip(VIP4);
+    v.push(
+        case(
+            "client-side MTU 1280: oversized reply passed rewritten",
+            vec![fwd("fxn", &r, &q, XDP_PASS)],
+            &[(ReplyUnnat, 1), (FwdKernelMtu, 1)],
+        )
+        .netns("ip link set fxc mtu 1280", "ip link set fxc mtu 1500")
+        .replies(&[(1, 1)]),
+    );
+
+    // 1. VLAN-tagged replies are looked up too: one to the balancer reaches the probes
+    // untouched, one to a client is un-NATed (and routed by the kernel), a forged one dropped.
+    let mut r = reply(NODE1_4, 5684, "203.0.113.1", b"HelloVerifyRequest");
+    r.vlans = vec![(0x8100, 100)];
+    v.push(case(
+        "tagged node reply to the balancer's own address: passed unchanged",
+        vec![unchanged("fxn", r.bytes(), XDP_PASS)],
+        &[(PassLocalReply, 1)],
+    ));
+    let mut r = reply(NODE2_6, 5684, CLIENT6, b"reply");
+    r.vlans = vec![(0x8100, 100)];
+    let mut q = r.clone();
+    q.src = ip(VIP6);
+    v.push(
+        case(
+            "tagged node reply to a client: un-NATed, passed to the kernel",
+            vec![fwd("fxn", &r, &q, XDP_PASS)],
+            &[(ReplyUnnat, 1), (FwdKernelVlan, 1)],
+        )
+        .replies(&[(2, 1)]),
+    );
+    let mut f = Frame::udp(
+        CLIENT_MAC,
+        FXC_MAC,
+        ip(NODE1_4),
+        5684,
+        ip(NODE2_4),
+        9999,
+        b"forged",
+    );
+    f.vlans = vec![(0x8100, 100)];
+    v.push(case(
+        "tagged forged reply with a client's MAC: dropped",
+        vec![unchanged("fxc", f.bytes(), XDP_DROP)],
+        &[(DropForgedReply, 1)],
+    ));
+    // Forwarding disabled on the node-side interface: no FIB answer, passed untouched (the
+    // kernel delivers the probe answer, and would drop a reply to a client).
+    for (node, client_addr, own, sysctl) in [
+        (
+            NODE1_6,
+            CLIENT6,
+            "2001:db8:1::1",
+            "net.ipv6.conf.fxn.forwarding",
+        ),
+        (
+            NODE1_4,
+            CLIENT4,
+            "203.0.113.1",
+            "net.ipv4.conf.fxn.forwarding",
+        ),
+    ] {
+        let to_client = reply(node, 5684, client_addr, b"reply");
+        let to_self = reply(node, 5684, own, b"HelloVerifyRequest");
+        v.push(
+            case(
+                format!("{sysctl}=0: node replies passed untouched"),
+                vec![
+                    unchanged("fxn", to_client.bytes(), XDP_PASS),
+                    unchanged("fxn", to_self.bytes(), XDP_PASS),
+                ],
+                &[(PassFwdDisabled, 2)],
+            )
+            .netns(&format!("sysctl {sysctl}=0"), &format!("sysctl {sysctl}=1")),
+        );
+    }
+
+    // The same with the node's next hop cached (by client traffic arriving on fxc, where
+    // forwarding is on): the origin check passes from the cache, and the lookup towards the
+    // client, on fxn, finds forwarding disabled.
+    let p = client(VIP6, 5684, &cid(1));
+    let r = reply(NODE1_6, 5684, CLIENT6, b"reply");
+    v.push(
+        case(
+            "net.ipv6.conf.fxn.forwarding=0, next hop cached: reply passed untouched",
+            vec![
+                fwd("fxc", &p, &to_node(&p, NODE1_6, NODE1_MAC), XDP_REDIRECT),
+                unchanged("fxn", r.bytes(), XDP_PASS),
+            ],
+            &[(CidRouted, 1), (FwdRedirect, 1), (PassFwdDisabled, 1)],
+        )
+        .netns(
+            "sysctl net.ipv6.conf.fxn.forwarding=0",
+            "sysctl net.ipv6.conf.fxn.forwarding=1",
+        )
+        .nodes(&[(1, 1)]),
+    );
+
+    // 9. Fragments and IPv6 extension headers from a node carry no ports to un-NAT by (later
+    // fragments) and would leak the node's address: dropped.
+    let mut f = reply(NODE1_4, 5684, CLIENT4, b"first fragment");
+    f.more_fragments = true;
+    let mut g = reply(NODE1_4, 5684, CLIENT4, b"later fragment");
+    g.fragment_offset = 100;
+    let mut h = reply(NODE2_6, 5684, CLIENT6, b"fragment header");
+    h.v6_fragment = true;
+    let mut e = reply(NODE2_6, 5684, CLIENT6, b"hop-by-hop header");
+    e.v6_hop_by_hop = true;
+    for (what, p) in [
+        ("IPv4 first fragment", f),
+        ("IPv4 later fragment", g),
+        ("IPv6 fragment header", h),
+        ("IPv6 hop-by-hop header", e),
+    ] {
+        v.push(case(
+            format!("{what} from a node: dropped"),
+            vec![unchanged("fxn", p.bytes(), XDP_DROP)],
+            &[(DropNodeFragment, 1)],
+        ));
+    }
+}
+
+/// Only genuine replies are un-NATed (no open relay, issue #8 §1): a frame from a node's
+/// serving address and port must arrive the way the balancer reaches that node (the FIB next
+/// hop's interface and MAC). Two-armed: clients on fxc, nodes on fxn. One-armed: node 3 on fxc
+/// with the clients.
+fn relay_cases(v: &mut Vec<Case>) {
+    const ONEARM4: &str = "198.51.100.50";
+    const ONEARM6: &str = "2001:db8:c::50";
+    let one_arm = |c: Case| {
+        c.config(
+            "nodes:\n",
+            "nodes:\n  - {id: 3, address: [198.51.100.50, \"2001:db8:c::50\"]}\n",
+        )
+        .netns(
+            &format!(
+                "neigh replace {ONEARM6} lladdr {} nud permanent dev fxc",
+                mac_str(ONEARM_MAC)
+            ),
+            &format!("neigh del {ONEARM6} dev fxc"),
+        )
+    };
+
+    // Two-armed: forged on the client interface, to a host on the node network and to a node.
+    for (node, target, fam) in [
+        (NODE1_4, NODE2_4, "IPv4"),
+        (NODE1_6, NODE2_6, "IPv6"),
+        (NODE1_4, "100.64.0.9", "IPv4, elsewhere"),
+    ] {
+        let f = Frame::udp(
+            CLIENT_MAC,
+            FXC_MAC,
+            ip(node),
+            5684,
+            ip(target),
+            9999,
+            b"forged",
+        );
+        v.push(case(
+            format!("forged reply from {node} on the client side to {target} ({fam}): dropped"),
+            vec![unchanged("fxc", f.bytes(), XDP_DROP)],
+            &[(DropForgedReply, 1)],
+        ));
+    }
+    // Even with the node's own MAC: it came in on the wrong interface.
+    let mut f = reply(NODE1_4, 5684, CLIENT4, b"forged, node MAC");
+    f.dst_mac = FXC_MAC;
+    v.push(case(
+        "forged reply with the node's MAC on the client interface: dropped",
+        vec![unchanged("fxc", f.bytes(), XDP_DROP)],
+        &[(DropForgedReply, 1)],
+    ));
+    // On the node interface but from another MAC (node 2's, claiming node 1's address).
+    for (node, client) in [(NODE1_4, CLIENT4), (NODE1_6, CLIENT6)] {
+        let mut f = reply(node, 5684, client, b"forged, wrong MAC");
+        f.src_mac = NODE2_MAC;
+        v.push(case(
+            format!("reply from {node} with another node's MAC: dropped"),
+            vec![unchanged("fxn", f.bytes(), XDP_DROP)],
+            &[(DropForgedReply, 1)],
+        ));
+    }
+    // Forged to the balancer itself: must not reach the health probes.
+    let f = Frame::udp(
+        CLIENT_MAC,
+        FXC_MAC,
+        ip(NODE1_4),
+        5684,
+        ip("198.51.100.1"),
+        9999,
+        b"HelloVerifyRequest",
+    );
+    v.push(case(
+        "forged reply to the balancer's client-side address: dropped",
+        vec![unchanged("fxc", f.bytes(), XDP_DROP)],
+        &[(DropForgedReply, 1)],
+    ));
+    let mut f = reply(NODE1_6, 5684, "2001:db8:1::1", b"HelloVerifyRequest");
+    f.src_mac = NODE2_MAC;
+    v.push(case(
+        "forged reply to the balancer's node-side address (wrong MAC): dropped",
+        vec![unchanged("fxn", f.bytes(), XDP_DROP)],
+        &[(DropForgedReply, 1)],
+    ));
+    let r = reply(NODE2_6, 5684, "2001:db8:1::1", b"HelloVerifyRequest");
+    v.push(case(
+        "genuine IPv6 reply to the balancer itself: passed unchanged",
+        vec![unchanged("fxn", r.bytes(), XDP_PASS)],
+        &[(PassLocalReply, 1)],
+    ));
+
+    // Server-initiated: node 2 sends first to a client address and port the balancer never saw.
+    let r = Frame::udp(
+        NODE2_MAC,
+        FXN_MAC,
+        ip(NODE2_4),
+        5684,
+        ip(CLIENT4),
+        7001,
+        b"notify",
+    );
+    v.push(
+        case(
+            "server-initiated packet from node 2 leaves from the VIP",
+            vec![fwd("fxn", &r, &unnat(&r, VIP4, 5684), XDP_REDIRECT)],
+            &[(ReplyUnnat, 1), (FwdRedirect, 1)],
+        )
+        .replies(&[(2, 1)]),
+    );
+
+    // With the next hop cached (filled by client traffic to node 1): genuine passes, forged not.
+    let p = client(VIP4, 5684, &cid(1));
+    let r = reply(NODE1_4, 5684, CLIENT4, b"reply");
+    let mut f = r.clone();
+    f.src_mac = CLIENT_MAC;
+    f.dst_mac = FXC_MAC;
+    v.push(
+        case(
+            "cached next hop: genuine reply un-NATed, forged one dropped",
+            vec![
+                fwd("fxc", &p, &to_node(&p, NODE1_4, NODE1_MAC), XDP_REDIRECT),
+                fwd("fxn", &r, &unnat(&r, VIP4, 5684), XDP_REDIRECT),
+                unchanged("fxc", f.bytes(), XDP_DROP),
+            ],
+            &[
+                (CidRouted, 1),
+                (ReplyUnnat, 1),
+                (FwdRedirect, 2),
+                (DropForgedReply, 1),
+            ],
+        )
+        .nodes(&[(1, 1)])
+        .replies(&[(1, 1)]),
+    );
+
+    // No neighbour entry for the node: its MAC cannot be checked, fail closed.
+    let r = Frame::udp(
+        NODE1_MAC,
+        FXN_MAC,
+        ip("203.0.113.13"),
+        5684,
+        ip(CLIENT4),
+        40000,
+        b"r",
+    );
+    v.push(
+        case(
+            "reply from a node without a neighbour entry: dropped",
+            vec![unchanged("fxn", r.bytes(), XDP_DROP)],
+            &[(DropReplyNoNeigh, 1)],
+        )
+        .config("nodes:\n", "nodes:\n  - {id: 3, address: 203.0.113.13}\n"),
+    );
+
+    // One-armed: node 3 sits on fxc with the clients.
+    for (node, client_addr, vip) in [(ONEARM4, CLIENT4, VIP4), (ONEARM6, CLIENT6, VIP6)] {
+        let r = Frame::udp(
+            ONEARM_MAC,
+            FXC_MAC,
+            ip(node),
+            5684,
+            ip(client_addr),
+            40000,
+            b"r",
+        );
+        let mut q = unnat(&r, vip, 5684);
+        q.src_mac = FXC_MAC;
+        v.push(one_arm(
+            case(
+                format!("one-armed: genuine reply from {node} un-NATed (XDP_TX)"),
+                vec![fwd("fxc", &r, &q, XDP_TX)],
+                &[(ReplyUnnat, 1), (FwdTx, 1)],
+            )
+            .replies(&[(3, 1)]),
+        ));
+        let mut f = r.clone();
+        f.src_mac = CLIENT_MAC;
+        v.push(one_arm(case(
+            format!("one-armed: forged reply from {node} with a client's MAC: dropped"),
+            vec![unchanged("fxc", f.bytes(), XDP_DROP)],
+            &[(DropForgedReply, 1)],
+        )));
+        let mut f = Frame::udp(
+            CLIENT_MAC,
+            FXC_MAC,
+            ip(node),
+            5684,
+            ip(if vip == VIP4 { NODE2_4 } else { NODE2_6 }),
+            9999,
+            b"relay?",
+        );
+        f.ttl = 64;
+        v.push(one_arm(case(
+            format!("one-armed: forged {node} to node 2's address: dropped"),
+            vec![unchanged("fxc", f.bytes(), XDP_DROP)],
+            &[(DropForgedReply, 1)],
+        )));
+    }
 }
 
 struct Failure(String);
 
+/// Runs `ip ARGS` or `sysctl KEY=VALUE` in the fixture netns.
+fn netns_cmd(ns: &NetNs, cmd: &str) -> Result<(), String> {
+    match cmd.strip_prefix("sysctl ") {
+        Some(kv) => ns.sysctl(kv),
+        None => ns.ip(cmd.strip_prefix("ip ").unwrap_or(cmd)),
+    }
+}
+
+/// Applies a case's netns changes, runs it, and undoes them (in reverse order) whatever happened.
 fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
-    let _ = ns;
+    let mut applied = Vec::new();
+    let mut result = Ok(());
+    for (apply, undo) in &c.netns {
+        if let Err(e) = netns_cmd(ns, apply) {
+            result = Err(Failure(format!("{}: netns {apply:?}: {e}", c.name)));
+            break;
+        }
+        applied.push(undo);
+    }
+    if result.is_ok() {
+        result = run_steps(c);
+    }
+    for undo in applied.into_iter().rev() {
+        netns_cmd(ns, undo).unwrap_or_else(|e| panic!("{}: undo {undo:?}: {e}", c.name));
+    }
+    result
+}
+
+fn run_steps(c: &Case) -> Result<(), Failure> {
     let fail = |m: String| Failure(format!("{}: {m}", c.name));
     let mut cfg = Config::parse(&c.config, std::path::Path::new("fixture.yaml"))
         .map_err(|e| fail(e.to_string()))?;
@@ -719,6 +1230,9 @@ fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
         .map_err(|e| fail(e.to_string()))?;
     for (i, s) in c.steps.iter().enumerate() {
         std::thread::sleep(std::time::Duration::from_millis(s.pause_ms));
+        if let Some(poke) = s.poke {
+            poke(&mut dp.ebpf);
+        }
         let ifindex = cidlb::datapath::resolve_interfaces(&[s.ingress.to_owned()])
             .map_err(|e| fail(e.to_string()))?[0];
         let r = dp
@@ -760,15 +1274,21 @@ fn run_case(ns: &NetNs, c: &Case) -> Result<(), Failure> {
             )));
         }
     }
+    // Every configured node, listed or not (not listed: 0).
+    let want =
+        |list: &[(u32, u64)], id: u32| list.iter().find(|(k, _)| *k == id).map_or(0, |(_, v)| *v);
     for (id, n) in &snap.nodes {
-        let want = c.to_nodes.iter().find(|(k, _)| k == id).map(|(_, v)| *v);
-        if let Some(w) = want {
-            if n.to_node_packets != w {
-                return Err(fail(format!(
-                    "node {id} to_node_packets = {}, want {w}",
-                    n.to_node_packets
-                )));
-            }
+        let (to, from) = (want(&c.to_nodes, *id), want(&c.from_nodes, *id));
+        if n.to_node_packets != to || n.from_node_packets != from {
+            return Err(fail(format!(
+                "node {id}: to_node_packets = {}, from_node_packets = {}, want {to}, {from}",
+                n.to_node_packets, n.from_node_packets
+            )));
+        }
+    }
+    for (id, _) in c.to_nodes.iter().chain(&c.from_nodes) {
+        if !snap.nodes.contains_key(id) {
+            return Err(fail(format!("node {id} is listed but not configured")));
         }
     }
     Ok(())
