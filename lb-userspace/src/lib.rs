@@ -11,5 +11,6 @@ pub mod explain;
 pub mod health;
 pub mod metrics;
 pub mod provision;
+pub mod ready;
 pub mod stats;
 pub mod testrun;
