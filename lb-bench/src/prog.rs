@@ -10,10 +10,10 @@
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use aya::maps::HashMap;
-use cidlb::{config::Config, datapath::Datapath, provision};
-use lb_common::{names, Flow, FlowKey, FAMILY_V4};
+use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot};
+use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
 use lb_lab::{
     fib::{CLIENT_MAC, FXC_MAC, FXN_MAC},
     packet::{cid_record, handshake_record, Frame},
@@ -150,6 +150,63 @@ fn prefill(dp: &mut Datapath, n: u64) -> Result<()> {
     Ok(())
 }
 
+/// XDP actions as BPF_PROG_TEST_RUN returns them.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// What a path must do, checked before it is timed: its action, and exactly which counters one
+/// packet moves (each by one). A frame that took another path fails the bench instead of
+/// being timed under this path's name.
+#[derive(Clone, Copy)]
+struct Expect {
+    action: u32,
+    counters: &'static [Counter],
+}
+
+/// The empty program touches no map.
+const FLOOR: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[],
+};
+const CID_ROUTED: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::CidRouted,
+        Counter::ShadowPass,
+    ],
+};
+/// 1 ns idle timeout: the flow is there but expired, so it is re-pinned.
+const NEW_FLOW: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::FlowNew,
+        Counter::FlowExpired,
+        Counter::ShadowPass,
+    ],
+};
+const KNOWN_FLOW: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[Counter::PacketsSeen, Counter::FlowHit, Counter::ShadowPass],
+};
+const REPLY: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::ReplyUnnat,
+        Counter::ShadowPass,
+    ],
+};
+const NOT_VIP: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[Counter::PacketsSeen, Counter::PassNotVip],
+};
+const MALFORMED: Expect = Expect {
+    action: XDP_DROP,
+    counters: &[Counter::PacketsSeen, Counter::DropCidTruncated],
+};
+
 struct Case<'a> {
     path: &'static str,
     how: &'static str,
@@ -157,13 +214,13 @@ struct Case<'a> {
     program: &'static str,
     frame: &'a [u8],
     ingress: u32,
+    expect: Expect,
     samples: Vec<f64>,
 }
 
 impl<'a> Case<'a> {
     fn new(
-        path: &'static str,
-        how: &'static str,
+        (path, how, expect): (&'static str, &'static str, Expect),
         dp: &'a Datapath,
         program: &'static str,
         frame: &'a [u8],
@@ -176,16 +233,68 @@ impl<'a> Case<'a> {
             program,
             frame,
             ingress,
+            expect,
             samples: Vec::new(),
         }
     }
+
+    /// Runs the frame once to settle state (a known flow needs its first packet), then once
+    /// more, and checks that run's action and counter changes against [`Expect`].
+    fn verify(&self) -> Result<()> {
+        let run = |repeat| {
+            self.dp
+                .run_program(self.program, self.frame, self.ingress, repeat)
+        };
+        run(1)?;
+        let before = Snapshot::from_ebpf(&self.dp.ebpf)?;
+        let r = run(1)?;
+        let after = Snapshot::from_ebpf(&self.dp.ebpf)?;
+        let moved: Vec<(Counter, u64)> = Counter::ALL
+            .iter()
+            .map(|&c| (c, after.get(c).wrapping_sub(before.get(c))))
+            .filter(|&(_, d)| d != 0)
+            .collect();
+        let mut want: Vec<(Counter, u64)> = self.expect.counters.iter().map(|&c| (c, 1)).collect();
+        want.sort_by_key(|&(c, _)| c as u32);
+        if r.action != self.expect.action || moved != want {
+            let names = |v: &[(Counter, u64)]| {
+                v.iter()
+                    .map(|(c, d)| format!("{}+{d}", c.name()))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            bail!(
+                "path {:?} ({}): the frame took another path: action {} (want {}), counters [{}] \
+                 (want [{}]); not timing it under this name",
+                self.path,
+                self.how,
+                r.action,
+                self.expect.action,
+                names(&moved),
+                names(&want),
+            );
+        }
+        Ok(())
+    }
 }
 
+/// Checks every case's path, then times them interleaved.
 fn measure(cases: &mut [Case<'_>], effort: Effort) -> Result<()> {
+    for c in cases.iter() {
+        c.verify()?;
+    }
     for _ in 0..effort.rounds {
         for c in cases.iter_mut() {
             let r =
                 c.dp.run_program(c.program, c.frame, c.ingress, effort.repeat)?;
+            if r.action != c.expect.action {
+                bail!(
+                    "path {:?}: action {} while timing, {} when checked",
+                    c.path,
+                    r.action,
+                    c.expect.action
+                );
+            }
             c.samples.push(r.per_run.as_nanos() as f64);
         }
     }
@@ -233,35 +342,49 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
     let (prog, floor) = (names::PROGRAM, names::FLOOR);
     let mut cases = vec![
         Case::new(
-            "empty program (floor)",
-            "XDP_PASS only",
+            ("empty program (floor)", "XDP_PASS only", FLOOR),
             &plain,
             floor,
             &f.cid,
             fxc,
         ),
-        Case::new("CID record routed", "shadow", &shadow, prog, &f.cid, fxc),
         Case::new(
-            "new flow",
-            "shadow, re-pinned every run",
+            ("CID record routed", "shadow", CID_ROUTED),
+            &shadow,
+            prog,
+            &f.cid,
+            fxc,
+        ),
+        Case::new(
+            ("new flow", "shadow, re-pinned every run", NEW_FLOW),
             &fresh,
             prog,
             &f.hello,
             fxc,
         ),
-        Case::new("known flow", "shadow", &shadow, prog, &f.hello, fxc),
-        Case::new("reply un-NAT", "shadow", &shadow, prog, &f.reply, fxn),
         Case::new(
-            "non-VIP port, passed",
-            "as is",
+            ("known flow", "shadow", KNOWN_FLOW),
+            &shadow,
+            prog,
+            &f.hello,
+            fxc,
+        ),
+        Case::new(
+            ("reply un-NAT", "shadow", REPLY),
+            &shadow,
+            prog,
+            &f.reply,
+            fxn,
+        ),
+        Case::new(
+            ("non-VIP port, passed", "as is", NOT_VIP),
             &plain,
             prog,
             &f.other_port,
             fxc,
         ),
         Case::new(
-            "malformed CID record, dropped",
-            "as is",
+            ("malformed CID record, dropped", "as is", MALFORMED),
             &plain,
             prog,
             &f.malformed,
@@ -281,10 +404,15 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         let shadow = datapath(&cfg, true, false, &ifs)?;
         let fresh = datapath(&cfg, true, true, &ifs)?;
         let mut cases = vec![
-            Case::new("CID record routed", "shadow", &shadow, prog, &f.cid, fxc),
             Case::new(
-                "new flow",
-                "shadow, re-pinned every run",
+                ("CID record routed", "shadow", CID_ROUTED),
+                &shadow,
+                prog,
+                &f.cid,
+                fxc,
+            ),
+            Case::new(
+                ("new flow", "shadow, re-pinned every run", NEW_FLOW),
                 &fresh,
                 prog,
                 &f.hello,
@@ -310,8 +438,20 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         let mut shadow = datapath(&cfg, true, false, &ifs)?;
         prefill(&mut shadow, flows.saturating_sub(1))?;
         let mut cases = vec![
-            Case::new("known flow", "shadow", &shadow, prog, &f.hello, fxc),
-            Case::new("CID record routed", "shadow", &shadow, prog, &f.cid, fxc),
+            Case::new(
+                ("known flow", "shadow", KNOWN_FLOW),
+                &shadow,
+                prog,
+                &f.hello,
+                fxc,
+            ),
+            Case::new(
+                ("CID record routed", "shadow", CID_ROUTED),
+                &shadow,
+                prog,
+                &f.cid,
+                fxc,
+            ),
         ];
         measure(&mut cases, effort)?;
         for c in &cases {
