@@ -12,7 +12,8 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{anyhow, bail, Result};
 use aya::maps::HashMap;
-use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot};
+use aya::Ebpf;
+use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot, testrun};
 use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
 use lb_lab::{
     fib::{CLIENT_MAC, FXC_MAC, FXN_MAC},
@@ -210,7 +211,7 @@ const MALFORMED: Expect = Expect {
 struct Case<'a> {
     path: &'static str,
     how: &'static str,
-    dp: &'a Datapath,
+    ebpf: &'a Ebpf,
     program: &'static str,
     frame: &'a [u8],
     ingress: u32,
@@ -221,7 +222,7 @@ struct Case<'a> {
 impl<'a> Case<'a> {
     fn new(
         (path, how, expect): (&'static str, &'static str, Expect),
-        dp: &'a Datapath,
+        ebpf: &'a Ebpf,
         program: &'static str,
         frame: &'a [u8],
         ingress: u32,
@@ -229,7 +230,7 @@ impl<'a> Case<'a> {
         Case {
             path,
             how,
-            dp,
+            ebpf,
             program,
             frame,
             ingress,
@@ -242,16 +243,25 @@ impl<'a> Case<'a> {
     /// more, and checks that run's action and counter changes against [`Expect`].
     fn verify(&self) -> Result<()> {
         let run = |repeat| {
-            self.dp
-                .run_program(self.program, self.frame, self.ingress, repeat)
+            testrun::run_program(self.ebpf, self.program, self.frame, self.ingress, repeat)
         };
         run(1)?;
-        let before = Snapshot::from_ebpf(&self.dp.ebpf)?;
+        // The floor lives in the bench object, which has no counters.
+        let snap = || -> Result<Option<Snapshot>> {
+            Ok(match self.expect.counters {
+                [] => None,
+                _ => Some(Snapshot::from_ebpf(self.ebpf)?),
+            })
+        };
+        let before = snap()?;
         let r = run(1)?;
-        let after = Snapshot::from_ebpf(&self.dp.ebpf)?;
+        let after = snap()?;
         let moved: Vec<(Counter, u64)> = Counter::ALL
             .iter()
-            .map(|&c| (c, after.get(c).wrapping_sub(before.get(c))))
+            .map(|&c| match (&before, &after) {
+                (Some(b), Some(a)) => (c, a.get(c).wrapping_sub(b.get(c))),
+                _ => (c, 0),
+            })
             .filter(|&(_, d)| d != 0)
             .collect();
         let mut want: Vec<(Counter, u64)> = self.expect.counters.iter().map(|&c| (c, 1)).collect();
@@ -285,8 +295,7 @@ fn measure(cases: &mut [Case<'_>], effort: Effort) -> Result<()> {
     }
     for _ in 0..effort.rounds {
         for c in cases.iter_mut() {
-            let r =
-                c.dp.run_program(c.program, c.frame, c.ingress, effort.repeat)?;
+            let r = testrun::run_program(c.ebpf, c.program, c.frame, c.ingress, effort.repeat)?;
             if r.action != c.expect.action {
                 bail!(
                     "path {:?}: action {} while timing, {} when checked",
@@ -335,57 +344,57 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
 
     // The main table: every path at 2 nodes, one flow.
     let cfg = config(2, 4096)?;
-    let mut plain = datapath(&cfg, false, false, &ifs)?;
-    plain.load_floor()?;
+    let plain = datapath(&cfg, false, false, &ifs)?;
+    let floor_object = testrun::load_floor()?;
     let shadow = datapath(&cfg, true, false, &ifs)?;
     let fresh = datapath(&cfg, true, true, &ifs)?;
     let (prog, floor) = (names::PROGRAM, names::FLOOR);
     let mut cases = vec![
         Case::new(
             ("empty program (floor)", "XDP_PASS only", FLOOR),
-            &plain,
+            &floor_object,
             floor,
             &f.cid,
             fxc,
         ),
         Case::new(
             ("CID record routed", "shadow", CID_ROUTED),
-            &shadow,
+            &shadow.ebpf,
             prog,
             &f.cid,
             fxc,
         ),
         Case::new(
             ("new flow", "shadow, re-pinned every run", NEW_FLOW),
-            &fresh,
+            &fresh.ebpf,
             prog,
             &f.hello,
             fxc,
         ),
         Case::new(
             ("known flow", "shadow", KNOWN_FLOW),
-            &shadow,
+            &shadow.ebpf,
             prog,
             &f.hello,
             fxc,
         ),
         Case::new(
             ("reply un-NAT", "shadow", REPLY),
-            &shadow,
+            &shadow.ebpf,
             prog,
             &f.reply,
             fxn,
         ),
         Case::new(
             ("non-VIP port, passed", "as is", NOT_VIP),
-            &plain,
+            &plain.ebpf,
             prog,
             &f.other_port,
             fxc,
         ),
         Case::new(
             ("malformed CID record, dropped", "as is", MALFORMED),
-            &plain,
+            &plain.ebpf,
             prog,
             &f.malformed,
             fxc,
@@ -406,14 +415,14 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         let mut cases = vec![
             Case::new(
                 ("CID record routed", "shadow", CID_ROUTED),
-                &shadow,
+                &shadow.ebpf,
                 prog,
                 &f.cid,
                 fxc,
             ),
             Case::new(
                 ("new flow", "shadow, re-pinned every run", NEW_FLOW),
-                &fresh,
+                &fresh.ebpf,
                 prog,
                 &f.hello,
                 fxc,
@@ -440,14 +449,14 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         let mut cases = vec![
             Case::new(
                 ("known flow", "shadow", KNOWN_FLOW),
-                &shadow,
+                &shadow.ebpf,
                 prog,
                 &f.hello,
                 fxc,
             ),
             Case::new(
                 ("CID record routed", "shadow", CID_ROUTED),
-                &shadow,
+                &shadow.ebpf,
                 prog,
                 &f.cid,
                 fxc,
