@@ -32,6 +32,7 @@ use aya::{
 use lb_common::{names, FwdTarget, SINK_MISROUTED, SINK_PACKETS};
 use lb_lab::{
     agent::{Agent, LogTo},
+    packet::cid_record,
     Lab, NetNs,
 };
 use serde_json::{json, Value};
@@ -159,16 +160,20 @@ fn trafgen_conf(bed: &Bed, mode: Mode, payload: usize, flows: u32) -> Result<Pat
         } else {
             base.to_string()
         };
+        // The record header from lb-lab's builder; trafgen fills the body itself.
+        let record = cid_record(&[node, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5], &vec![0xab; fill]);
+        let header: Vec<String> = record[..record.len() - fill]
+            .iter()
+            .map(|b| format!("{b:#04x}"))
+            .collect();
         s.push_str(&format!(
             "{{\n  eth(da={}, sa={}),\n  ipv4(saddr={}, daddr={dst}, ttl=64),\n  udp(sp={sport}, dp={}),\n  \
-             0x19, 0xfe, 0xfd, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01,\n  \
-             {node:#04x}, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, {:#04x}, {:#04x},\n  fill(0xab, {fill})\n}}\n",
+             {},\n  fill(0xab, {fill})\n}}\n",
             bed.macs.lbc,
             bed.macs.c0,
             lb_lab::CLIENT4,
             lb_lab::PORT,
-            (fill >> 8) as u8,
-            fill as u8,
+            header.join(", "),
         ));
     }
     let p = bed

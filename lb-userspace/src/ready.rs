@@ -12,6 +12,7 @@
 //! The file holds `key=value` lines: `pid` (the agent's process id) and `pin_dir`.
 
 use std::{
+    ffi::OsString,
     fmt::Write as _,
     io,
     path::{Path, PathBuf},
@@ -33,12 +34,18 @@ pub enum ReadyError {
 #[derive(Debug, Default)]
 pub struct Ready {
     path: Option<PathBuf>,
+    /// systemd's `NOTIFY_SOCKET`, read once at start.
+    notify: Option<OsString>,
     signalled: bool,
 }
 
 impl Ready {
     /// Takes the ready file `path` (if any) and removes a stale one left by an earlier agent.
     pub fn new(path: Option<PathBuf>) -> Result<Self, ReadyError> {
+        Self::with_notify(path, std::env::var_os("NOTIFY_SOCKET"))
+    }
+
+    fn with_notify(path: Option<PathBuf>, notify: Option<OsString>) -> Result<Self, ReadyError> {
         if let Some(p) = &path {
             match std::fs::remove_file(p) {
                 Ok(()) => {}
@@ -54,6 +61,7 @@ impl Ready {
         }
         Ok(Self {
             path,
+            notify,
             signalled: false,
         })
     }
@@ -66,7 +74,7 @@ impl Ready {
             let _ = writeln!(text, "pin_dir={}", pin_dir.display());
             write_atomically(p, text.as_bytes())?;
         }
-        notify_systemd("READY=1");
+        self.notify_systemd("READY=1");
         self.signalled = true;
         Ok(())
     }
@@ -77,7 +85,7 @@ impl Ready {
             return Ok(());
         }
         self.signalled = false;
-        notify_systemd("STOPPING=1");
+        self.notify_systemd("STOPPING=1");
         match &self.path {
             Some(p) => match std::fs::remove_file(p) {
                 Ok(()) => Ok(()),
@@ -110,28 +118,33 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReadyError> {
     })
 }
 
-/// sd_notify(3) without libsystemd: one datagram to `NOTIFY_SOCKET` (a path, or `@name` for the
-/// abstract namespace). Best effort: outside systemd the variable is unset and nothing happens.
-fn notify_systemd(state: &str) {
-    let Some(sock) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sent = (|| -> io::Result<()> {
-        use std::os::{linux::net::SocketAddrExt as _, unix::net::UnixDatagram};
-        let s = UnixDatagram::unbound()?;
-        let bytes = sock.as_encoded_bytes();
-        let addr = match bytes.strip_prefix(b"@") {
-            Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
-            None => std::os::unix::net::SocketAddr::from_pathname(Path::new(&sock))?,
+impl Ready {
+    /// sd_notify(3) without libsystemd: one datagram to `NOTIFY_SOCKET` (a path, or `@name` for
+    /// the abstract namespace). Best effort: outside systemd there is no socket and nothing
+    /// happens.
+    fn notify_systemd(&self, state: &str) {
+        let Some(sock) = &self.notify else {
+            return;
         };
-        s.send_to_addr(state.as_bytes(), &addr)?;
-        Ok(())
-    })();
-    if let Err(e) = sent {
-        tracing::warn!(
-            "NOTIFY_SOCKET {}: cannot send {state}: {e}",
-            sock.to_string_lossy()
-        );
+        let sent = (|| -> io::Result<()> {
+            use std::os::{
+                linux::net::SocketAddrExt as _,
+                unix::net::{SocketAddr, UnixDatagram},
+            };
+            let s = UnixDatagram::unbound()?;
+            let addr = match sock.as_encoded_bytes().strip_prefix(b"@") {
+                Some(name) => SocketAddr::from_abstract_name(name)?,
+                None => SocketAddr::from_pathname(Path::new(sock))?,
+            };
+            s.send_to_addr(state.as_bytes(), &addr)?;
+            Ok(())
+        })();
+        if let Err(e) = sent {
+            tracing::warn!(
+                "NOTIFY_SOCKET {}: cannot send {state}: {e}",
+                sock.to_string_lossy()
+            );
+        }
     }
 }
 
@@ -185,11 +198,9 @@ mod tests {
         let rx = UnixDatagram::bind(&sock).unwrap();
         rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .unwrap();
-        // Only this test of the binary sets NOTIFY_SOCKET; the others never signal without a path
-        // check that would read it concurrently in a way that matters (a stray READY=1 to this
-        // socket from another test would fail this one, not pass it).
-        std::env::set_var("NOTIFY_SOCKET", &sock);
-        let mut r = Ready::new(None).unwrap();
+        // The socket is given directly: setting NOTIFY_SOCKET would reach the other tests'
+        // agents running in parallel threads.
+        let mut r = Ready::with_notify(None, Some(sock.clone().into())).unwrap();
         r.signal(Path::new("/x")).unwrap();
         let mut buf = [0u8; 64];
         let n = rx.recv(&mut buf).unwrap();
@@ -197,7 +208,6 @@ mod tests {
         r.clear().unwrap();
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1");
-        std::env::remove_var("NOTIFY_SOCKET");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
