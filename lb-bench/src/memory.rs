@@ -6,7 +6,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _, Result};
 use cidlb::datapath::MAP_NAMES;
 use lb_common::{names, DEFAULT_FLOW_CAPACITY, MAX_FLOW_CAPACITY};
-use lb_lab::agent::{Agent, LogTo};
+use lb_lab::{
+    agent::{Agent, LogTo},
+    fib,
+};
 use serde_json::{json, Value};
 
 pub fn run() -> Result<Vec<Value>> {
@@ -26,9 +29,13 @@ pub fn run() -> Result<Vec<Value>> {
         std::fs::write(
             &cfg,
             format!(
-                "interfaces: [fxc, fxn]\nxdp_mode: native\nvips: [{{address: 192.0.2.10, ports: [5684]}}]\n\
-                 nodes: [{{id: 1, address: 203.0.113.11}}, {{id: 2, address: 203.0.113.12}}]\n\
-                 flows: {{capacity: {capacity}}}\npin_dir: {pin_dir}\n"
+                "interfaces: [fxc, fxn]\nxdp_mode: native\nvips: [{{address: {}, ports: [{}]}}]\n\
+                 nodes: [{{id: 1, address: {}}}, {{id: 2, address: {}}}]\n\
+                 flows: {{capacity: {capacity}}}\npin_dir: {pin_dir}\n",
+                fib::VIP4,
+                lb_lab::PORT,
+                fib::NODE1_4,
+                fib::NODE2_4,
             ),
         )?;
         let agent = Agent::start_within(

@@ -16,9 +16,9 @@ use aya::Ebpf;
 use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot, testrun};
 use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
 use lb_lab::{
-    fib::{CLIENT_MAC, FXC_MAC, FXN_MAC},
+    fib::{CLIENT4, CLIENT_MAC, FXC_MAC, FXN_MAC, VIP4},
     packet::{cid_record, handshake_record, Frame},
-    NetNs,
+    NetNs, PORT,
 };
 use serde_json::{json, Value};
 
@@ -34,9 +34,9 @@ fn node_addr(k: u32) -> String {
 }
 
 fn config(nodes: u32, capacity: u32) -> Result<Config> {
-    let mut y = String::from(
-        "interfaces: [fxc, fxn]\nvips: [{address: 192.0.2.10, ports: [5684]}]\n\
-         dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 2}\nnodes:\n",
+    let mut y = format!(
+        "interfaces: [fxc, fxn]\nvips: [{{address: {VIP4}, ports: [{PORT}]}}]\n\
+         dtls: {{cid_length: 6, node_id_offset: 0, node_id_length: 2}}\nnodes:\n",
     );
     for k in 1..=nodes {
         y.push_str(&format!("  - {{id: {k}, address: {}}}\n", node_addr(k)));
@@ -70,9 +70,9 @@ fn frames() -> Frames {
         Frame::udp(
             CLIENT_MAC,
             FXC_MAC,
-            ip("198.51.100.7"),
+            ip(CLIENT4),
             40000,
-            ip("192.0.2.10"),
+            ip(VIP4),
             dport,
             payload,
         )
@@ -80,20 +80,20 @@ fn frames() -> Frames {
     };
     let body = [0xabu8; 64];
     Frames {
-        cid: client(5684, &cid_record(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4], &body)),
-        hello: client(5684, &handshake_record(&body)),
+        cid: client(PORT, &cid_record(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4], &body)),
+        hello: client(PORT, &handshake_record(&body)),
         reply: Frame::udp(
             [2, 0, 0, 0, 1, 1],
             FXN_MAC,
             ip(&node_addr(1)),
-            5684,
-            ip("198.51.100.7"),
+            PORT,
+            ip(CLIENT4),
             40000,
             &body,
         )
         .bytes(),
         other_port: client(9999, &body),
-        malformed: client(5684, &cid_record(&[0, 1, 0xa1], b"")),
+        malformed: client(PORT, &cid_record(&[0, 1, 0xa1], b"")),
     }
 }
 
@@ -135,9 +135,9 @@ fn prefill(dp: &mut Datapath, n: u64) -> Result<()> {
                 0,
                 0,
             ],
-            dst: [u32::from_ne_bytes([192, 0, 2, 10]), 0, 0, 0],
+            dst: [u32::from_ne_bytes(lb_lab::VIP4.octets()), 0, 0, 0],
             sport: (1024 + (i % 60000) as u16).to_be(),
-            dport: 5684u16.to_be(),
+            dport: PORT.to_be(),
             family: FAMILY_V4,
             _pad: [0; 3],
         };
