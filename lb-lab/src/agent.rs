@@ -239,15 +239,27 @@ impl Agent {
         unsafe { libc::kill(self.child.0.id() as i32, sig) };
     }
 
-    /// kill -9: no cleanup of any kind (the ready file stays, as after a crash).
+    /// kill -9: no cleanup of any kind by the agent (its ready file stays, as after a crash;
+    /// the harness then removes it so nothing is left in /tmp).
     pub fn kill9(mut self) {
         let _ = self.child.0.kill();
         let _ = self.child.0.wait();
+        let _ = std::fs::remove_file(&self.ready_file);
     }
 
     /// SIGTERM, then up to 10 s for a clean exit; `None` if it had to be killed.
     pub fn terminate(mut self) -> Option<ExitStatus> {
         self.child.terminate(10)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // A child still running here is killed next (ChildGuard): its ready file is ours to
+        // remove. One that exited (terminate) keeps whatever it left, for the caller to check.
+        if matches!(self.child.0.try_wait(), Ok(None)) {
+            let _ = std::fs::remove_file(&self.ready_file);
+        }
     }
 }
 
