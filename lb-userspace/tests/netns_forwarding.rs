@@ -60,7 +60,7 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     for dev in lab.interfaces() {
         assert!(
             links
-                .split("\n")
+                .lines()
                 .any(|l| l.contains(&format!(" {dev}@")) && l.contains("xdp")),
             "ready file written but no XDP program on {dev}:\n{links}"
         );
