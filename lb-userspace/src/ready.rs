@@ -183,9 +183,11 @@ mod tests {
 
     #[test]
     fn an_unwritable_place_is_an_error_naming_the_file() {
-        let p = dir("bad").join("no-such-dir").join("ready");
+        let d = dir("bad");
+        let p = d.join("no-such-dir").join("ready");
         let mut r = Ready::new(Some(p.clone())).unwrap();
         let e = r.signal(Path::new("/x")).unwrap_err().to_string();
+        std::fs::remove_dir_all(&d).unwrap();
         assert!(e.contains(&p.display().to_string()), "{e}");
     }
 
