@@ -16,9 +16,8 @@ use support::{client, field, session_lines, summary, Server};
 /// RFC 8446 §4.1.3: a ServerHello whose random is SHA-256("HelloRetryRequest") is a
 /// HelloRetryRequest.
 const HRR_RANDOM: [u8; 32] = [
-    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8,
-    0x91, 0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8,
-    0x33, 0x9c,
+    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+    0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
 ];
 /// DTLSPlaintext header (13 bytes), then the DTLS handshake header (12 bytes: type, length,
 /// message_seq, fragment_offset, fragment_length), then legacy_version (2) and random (32).
@@ -168,10 +167,7 @@ fn check_wire(seen: &[Seen], ports: &[u16], cid: &[u8], messages: u32) -> Wire {
         hex(&first.data)
     );
     assert_eq!(first.client.port(), ports[0]);
-    let reply = mine
-        .iter()
-        .find(|s| !s.to_server)
-        .expect("server answered");
+    let reply = mine.iter().find(|s| !s.to_server).expect("server answered");
     assert!(
         is_plaintext_handshake(&reply.data)
             && reply.data[HS_TYPE] == 2
@@ -218,7 +214,11 @@ fn check_wire(seen: &[Seen], ports: &[u16], cid: &[u8], messages: u32) -> Wire {
             hex(d)
         );
         if d[0] == 0x3e {
-            assert_eq!(s.client.port(), ports[0], "epoch 2 is the final handshake flight");
+            assert_eq!(
+                s.client.port(),
+                ports[0],
+                "epoch 2 is the final handshake flight"
+            );
             w.epoch2_cid += 1;
         } else {
             w.epoch3_cid += 1;
@@ -228,7 +228,10 @@ fn check_wire(seen: &[Seen], ports: &[u16], cid: &[u8], messages: u32) -> Wire {
         w.client_hellos.len() >= 2,
         "ClientHello, then ClientHello with cookie"
     );
-    assert!(w.epoch2_cid >= 1, "the final flight (epoch 2) carries the CID");
+    assert!(
+        w.epoch2_cid >= 1,
+        "the final flight (epoch 2) carries the CID"
+    );
     assert!(
         w.epoch3_cid >= messages as usize,
         "every message is an epoch 3 CID record: {} < {messages}",
@@ -320,7 +323,12 @@ fn dtls13_rebind_case(ip: &str, node: u64) {
     }
     assert_eq!(srv.count("peer moved"), 30, "{:#?}", srv.log());
     assert_eq!(srv.count("handshake done"), SESSIONS, "{:#?}", srv.log());
-    assert_eq!(srv.count("reason=close_notify"), SESSIONS, "{:#?}", srv.log());
+    assert_eq!(
+        srv.count("reason=close_notify"),
+        SESSIONS,
+        "{:#?}",
+        srv.log()
+    );
     assert!(srv.log()[0].contains("dtls=1.3"), "{:?}", srv.log());
     let st = srv.stop().expect("server exits on SIGTERM");
     assert!(st.success(), "server exit status {st:?}");
@@ -343,12 +351,27 @@ fn dtls13_custom_cid_layout() {
     let mut srv = Server::start(
         "127.0.0.1",
         0x1234,
-        &["--dtls", "1.3", "--node-id-length", "2", "--cid-length", "8"],
+        &[
+            "--dtls",
+            "1.3",
+            "--node-id-length",
+            "2",
+            "--cid-length",
+            "8",
+        ],
     )
     .expect("server start");
     let addr = srv.addr.to_string();
     let out = client(
-        &["--dtls", "1.3", "--server", &addr, "--messages", "2", "--json"],
+        &[
+            "--dtls",
+            "1.3",
+            "--server",
+            &addr,
+            "--messages",
+            "2",
+            "--json",
+        ],
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
@@ -368,7 +391,14 @@ fn dtls13_no_cid() {
     let addr = relay.addr.to_string();
     let out = client(
         &[
-            "--dtls", "1.3", "--server", &addr, "--messages", "5", "--no-cid", "--json",
+            "--dtls",
+            "1.3",
+            "--server",
+            &addr,
+            "--messages",
+            "5",
+            "--no-cid",
+            "--json",
         ],
         Duration::from_secs(60),
     );
@@ -448,12 +478,8 @@ fn dtls13_lossy_link_retransmits() {
     // Both sides drop 15% of received datagrams: wolfSSL's retransmission timers (driven by
     // the peer's got_timeout calls) must complete every handshake, and message retries must
     // recover nearly every echo.
-    let mut srv = Server::start(
-        "127.0.0.1",
-        9,
-        &["--dtls", "1.3", "--drop-permille", "150"],
-    )
-    .unwrap();
+    let mut srv =
+        Server::start("127.0.0.1", 9, &["--dtls", "1.3", "--drop-permille", "150"]).unwrap();
     let addr = srv.addr.to_string();
     let out = client(
         &[
@@ -489,7 +515,10 @@ fn dtls13_lossy_link_retransmits() {
     let ok: u32 = field(sum, "messages_ok").unwrap().parse().unwrap();
     let retries: u32 = field(sum, "retries").unwrap().parse().unwrap();
     assert!(ok >= 76, "{sum}");
-    assert!(retries > 0, "loss was simulated, so retries happened: {sum}");
+    assert!(
+        retries > 0,
+        "loss was simulated, so retries happened: {sum}"
+    );
     assert!(srv.count("peer moved") >= 4, "{:#?}", srv.log());
     srv.stop();
 }
