@@ -567,3 +567,98 @@ fn dtls13_client_port_reuse_reconnects() {
     assert_eq!(srv.count("handshake done"), 2, "{:#?}", srv.log());
     srv.stop();
 }
+
+#[test]
+fn dtls13_server_survives_garbage_and_forged_cid_records() {
+    // Junk from unknown addresses, and forged records that carry a live session's CID (from
+    // a port the session never used): wolfSSL must fail to authenticate them, and the server
+    // must drop them without ending the session or following the forger's address.
+    let mut srv = Server::start("127.0.0.1", 12, &["--dtls", "1.3"]).unwrap();
+    let addr = srv.addr.to_string();
+    let client_thread = std::thread::spawn(move || {
+        client(
+            &[
+                "--dtls",
+                "1.3",
+                "--server",
+                &addr,
+                "--messages",
+                "30",
+                "--interval-ms",
+                "30",
+                "--json",
+            ],
+            Duration::from_secs(60),
+        )
+    });
+    // The session's CID, from the server's `handshake done` line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cid = loop {
+        let line = srv.log().into_iter().find(|l| l.contains("handshake done"));
+        if let Some(l) = line {
+            let i = l.find("cid=").unwrap() + 4;
+            let h = &l[i..i + 12];
+            break (0..6)
+                .map(|k| u8::from_str_radix(&h[2 * k..2 * k + 2], 16).unwrap())
+                .collect::<Vec<u8>>();
+        }
+        assert!(Instant::now() < deadline, "no handshake: {:#?}", srv.log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(cid[0], 12);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u32 = 0x1234_5678;
+    let mut junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0x3e],
+        vec![0x3f, 12],
+        vec![0x16, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1],
+        vec![0x16, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 1, 0, 0],
+        vec![0u8; 1500],
+    ];
+    for n in 0..300 {
+        let mut d = Vec::new();
+        for _ in 0..(n % 97 + 16) {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            d.push(x as u8);
+        }
+        match n % 3 {
+            // A forged epoch 2/3 record with the live CID, 16-bit sequence and length.
+            0 | 1 => {
+                d[0] = if n % 3 == 0 { 0x3f } else { 0x3e };
+                d[1..7].copy_from_slice(&cid);
+                let len = (d.len() - 11) as u16;
+                d[9..11].copy_from_slice(&len.to_be_bytes());
+            }
+            _ => d[0] = 0x16,
+        }
+        junk.push(d);
+    }
+    for d in &junk {
+        let _ = sock.send_to(d, srv.addr);
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let out = client_thread.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{:#?}",
+        out.stdout,
+        out.stderr,
+        srv.log()
+    );
+    let s = session_lines(&out.stdout)[0];
+    assert_eq!(field(s, "ok"), Some("30"), "{s}");
+    assert_eq!(srv.count("peer moved"), 0, "{:#?}", srv.log());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while srv.count("session closed") < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(srv.count("session closed"), 1, "{:#?}", srv.log());
+    assert_eq!(srv.count("reason=close_notify"), 1, "{:#?}", srv.log());
+    assert!(
+        srv.stop().unwrap().success(),
+        "server survives and exits on SIGTERM"
+    );
+}
