@@ -42,9 +42,11 @@ fn session(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> {
 
     // Handshake, bounded in time. With non-blocking I/O wolfSSL retransmits only when told
     // that its timer ran out (wolfSSL_dtls_got_timeout); the timer restarts when a datagram
-    // arrives.
+    // arrives. wolfSSL's timer counts whole seconds (1 s, doubling; it gives up past 64 s),
+    // so a handshake that loses a few datagrams takes seconds: allow 30 s (the server drops
+    // an unfinished handshake after 30 s too).
     let start = Instant::now();
-    let hs_deadline = start + (o.timeout * 5).max(Duration::from_secs(10));
+    let hs_deadline = start + (o.timeout * 5).max(Duration::from_secs(30));
     let mut rx = 0;
     let mut timer = start;
     loop {
@@ -59,7 +61,7 @@ fn session(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> {
         if now >= hs_deadline {
             return Err("handshake timeout".into());
         }
-        let n = sess.rx_datagrams();
+        let n = sess.stats()[1];
         if n != rx || timer == start {
             rx = n;
             timer = now + sess.timeout();

@@ -318,6 +318,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
+        let tx0 = s.sess.stats()[0];
         if let Some(d) = d {
             if s.sess.feed(d) != 0 {
                 return;
@@ -410,6 +411,14 @@ impl Server {
         self.buf = buf;
         if let Some(s) = self.sessions.get_mut(&id) {
             s.timer = Instant::now() + s.sess.timeout();
+            if debug && !s.established {
+                let sent = s.sess.stats()[0] - tx0;
+                let stateful = s.sess.is_stateful();
+                log!(
+                    self,
+                    "debug handshake id={id} sent={sent} stateful={stateful}"
+                );
+            }
         }
         if let Some(reason) = outcome {
             if let Some(s) = self.sessions.get(&id) {
@@ -435,13 +444,18 @@ impl Server {
             } else if !s.established && now >= s.timer {
                 // wolfSSL resends its last flight. Not after the handshake: an error from a
                 // timeout there would stick to the session and end it at the next read.
+                let tx = s.sess.stats()[0];
                 let r = s.sess.got_timeout();
-                retransmit.push((*id, s.peer, r));
+                let sent = s.sess.stats()[0] - tx;
+                retransmit.push((*id, s.peer, r, sent));
             }
         }
-        for (id, peer, r) in retransmit {
-            if self.o.debug && r != 0 {
-                log!(self, "debug retransmit timer id={id} peer={peer} r={r}");
+        for (id, peer, r, sent) in retransmit {
+            if self.o.debug {
+                log!(
+                    self,
+                    "debug retransmit timer id={id} peer={peer} r={r} datagrams={sent}"
+                );
             }
             self.process(id, None, peer);
         }

@@ -262,12 +262,13 @@ impl Sess {
         // SAFETY: valid session.
         unsafe { cidlb13_sess_is_stateful(self.raw) != 0 }
     }
-    /// Datagrams handed to wolfSSL so far (after simulated loss).
-    pub fn rx_datagrams(&mut self) -> u64 {
+    /// [datagrams sent, datagrams handed to wolfSSL (after simulated loss), send errors,
+    /// simulated drops]
+    pub fn stats(&mut self) -> [u64; 4] {
         let mut out = [0u64; 4];
         // SAFETY: valid session; the shim writes exactly 4 values.
         unsafe { cidlb13_sess_stats(self.raw, out.as_mut_ptr()) };
-        out[1]
+        out
     }
     pub fn ciphersuite(&mut self) -> String {
         // SAFETY: valid session; the name is a static string or NULL.

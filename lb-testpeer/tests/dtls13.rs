@@ -44,6 +44,12 @@ struct Relay {
 
 impl Relay {
     fn start(ip: &str, server: SocketAddr) -> Relay {
+        Relay::start_dropping(ip, server, 0)
+    }
+
+    /// Like `start`, but the first `drop_to_client` datagrams from the server are lost
+    /// (recorded, not forwarded).
+    fn start_dropping(ip: &str, server: SocketAddr, drop_to_client: usize) -> Relay {
         let front = UdpSocket::bind((ip, 0)).expect("relay bind");
         front.set_nonblocking(true).unwrap();
         let addr = front.local_addr().unwrap();
@@ -54,6 +60,7 @@ impl Relay {
             let mut ups: Vec<(SocketAddr, UdpSocket)> = Vec::new();
             let mut by_client: HashMap<SocketAddr, usize> = HashMap::new();
             let mut buf = vec![0u8; 65536];
+            let mut to_drop = drop_to_client;
             // Bounded even if the test forgets to stop it.
             let deadline = Instant::now() + Duration::from_secs(300);
             while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -79,7 +86,11 @@ impl Relay {
                     while let Ok(n) = up.recv(&mut buf) {
                         idle = false;
                         let data = buf[..n].to_vec();
-                        let _ = front.send_to(&data, client);
+                        if to_drop > 0 {
+                            to_drop -= 1;
+                        } else {
+                            let _ = front.send_to(&data, client);
+                        }
                         seen2.lock().unwrap().push(Seen {
                             client: *client,
                             to_server: false,
@@ -661,4 +672,58 @@ fn dtls13_server_survives_garbage_and_forged_cid_records() {
         srv.stop().unwrap().success(),
         "server survives and exits on SIGTERM"
     );
+}
+
+#[test]
+fn dtls13_lost_hello_retry_request_is_resent() {
+    // The server's first datagram, the HelloRetryRequest, is lost: the client's timer must
+    // send its first ClientHello again (message_seq 0), and the server must answer it with a
+    // new HelloRetryRequest on the same session (wolfSSL keeps no state before the cookie).
+    let mut srv = Server::start("127.0.0.1", 8, &["--dtls", "1.3"]).unwrap();
+    let mut relay = Relay::start_dropping("127.0.0.1", srv.addr, 1);
+    let addr = relay.addr.to_string();
+    let out = client(
+        &[
+            "--dtls",
+            "1.3",
+            "--server",
+            &addr,
+            "--messages",
+            "2",
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    let seen = relay.finish();
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{:#?}",
+        out.stdout,
+        out.stderr,
+        srv.log()
+    );
+    let first_hellos = seen
+        .iter()
+        .filter(|s| {
+            s.to_server
+                && is_plaintext_handshake(&s.data)
+                && s.data[HS_TYPE] == 1
+                && s.data[17..19] == [0, 0]
+        })
+        .count();
+    let retry_requests = seen
+        .iter()
+        .filter(|s| {
+            !s.to_server
+                && is_plaintext_handshake(&s.data)
+                && s.data.get(HELLO_RANDOM..HELLO_RANDOM + 32) == Some(&HRR_RANDOM[..])
+        })
+        .count();
+    assert_eq!(first_hellos, 2, "the first ClientHello, sent twice");
+    assert_eq!(
+        retry_requests, 2,
+        "one HelloRetryRequest lost, one answered"
+    );
+    assert_eq!(srv.count("handshake done"), 1, "{:#?}", srv.log());
+    assert!(srv.stop().unwrap().success());
 }
