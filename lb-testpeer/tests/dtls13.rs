@@ -438,11 +438,16 @@ fn dtls13_no_cid() {
 fn dtls13_server_rejects_dtls12_and_wrong_psk() {
     let mut srv = Server::start("127.0.0.1", 5, &["--dtls", "1.3"]).unwrap();
     let addr = srv.addr.to_string();
-    // A DTLS 1.2 client (Mbed TLS): no session, a clear failure in bounded time.
+    // A DTLS 1.2 client (Mbed TLS), through the relay: no session, a clear failure in bounded
+    // time. On the wire the 1.3 server answers the 1.2 ClientHello with a HelloVerifyRequest
+    // (what cidlb's `dtls` health probe counts as alive), and the ClientHello with the cookie
+    // with a fatal alert.
+    let mut relay = Relay::start("127.0.0.1", srv.addr);
+    let via = relay.addr.to_string();
     let out = client(
         &[
             "--server",
-            &addr,
+            &via,
             "--messages",
             "1",
             "--timeout-ms",
@@ -455,6 +460,20 @@ fn dtls13_server_rejects_dtls12_and_wrong_psk() {
     let s = session_lines(&out.stdout)[0];
     assert_eq!(field(s, "ok"), Some("0"), "{s}");
     assert_ne!(field(s, "error"), Some("null"), "{s}");
+    let replies: Vec<Vec<u8>> = relay
+        .finish()
+        .into_iter()
+        .filter(|s| !s.to_server)
+        .map(|s| s.data)
+        .collect();
+    assert!(
+        replies.len() >= 2
+            && is_plaintext_handshake(&replies[0])
+            && replies[0][HS_TYPE] == 3
+            && replies.last().unwrap()[0] == 21,
+        "HelloVerifyRequest (handshake type 3), then an alert (type 21): {:02x?}",
+        replies.iter().map(|r| hex(r)).collect::<Vec<_>>()
+    );
     // A DTLS 1.3 client with the wrong key.
     let out = client(
         &[
