@@ -3,10 +3,11 @@
 //!
 //! The sources are found like Mbed TLS's (see build.rs): `LB_TESTPEER_WOLFSSL_DIR`, else
 //! `cargo metadata` on the side manifest `wolfssl-src/Cargo.toml`, else a registry scan. The
-//! tree is copied into OUT_DIR (autogen.sh writes into its source directory; the cargo
+//! tree is copied into the target dir (autogen.sh writes into its source directory; the cargo
 //! registry stays untouched), configured with autotools for DTLS 1.3 + CID + PSK, and built
-//! as a static library. A stamp file skips all of it when the same tree and flags were built
-//! before (a change to the shim alone recompiles only the shim).
+//! as a static library, once per profile (see `build_dir`). A stamp file skips all of it
+//! when the same tree and flags were built before (a change to the shim alone recompiles
+//! only the shim).
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,22 +50,37 @@ pub fn build() {
         )
     });
     println!("lb-testpeer: wolfSSL sources: {}", src.display());
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("wolfssl");
+    let stamp = format!(
+        "{}\n{CFLAGS}\n{}\n{}\n{}\n",
+        src.display(),
+        CONFIGURE.join(" "),
+        env::var("TARGET").unwrap_or_default(),
+        env::var("CC").unwrap_or_default()
+    );
+    let out = build_dir(&stamp);
     let prefix = out.join("install");
     let lib = prefix.join("lib/libwolfssl.a");
-    let stamp_path = out.join("stamp");
-    let stamp = format!("{}\n{CFLAGS}\n{}\n", src.display(), CONFIGURE.join(" "));
-    let fresh = lib.is_file() && std::fs::read_to_string(&stamp_path).ok() == Some(stamp.clone());
+    let fresh =
+        lib.is_file() && std::fs::read_to_string(out.join("stamp")).ok() == Some(stamp.clone());
     if !fresh {
         let t0 = std::time::Instant::now();
-        configure_and_make(&src, &out, &prefix);
-        std::fs::write(&stamp_path, &stamp).expect("write wolfSSL build stamp");
+        // Built beside its place, then renamed into it: an interrupted build leaves no
+        // half-built tree that a later run would take for a good one.
+        let mut tmp = out.clone().into_os_string();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        configure_and_make(&src, &tmp, &tmp.join("install"));
+        std::fs::write(tmp.join("stamp"), &stamp).expect("write wolfSSL build stamp");
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::rename(&tmp, &out)
+            .unwrap_or_else(|e| panic!("rename {} to {}: {e}", tmp.display(), out.display()));
         // Shown with `cargo build -vv`; the cold build time is worth knowing on 2 cores.
         println!(
             "lb-testpeer: wolfSSL built in {:.1}s",
             t0.elapsed().as_secs_f64()
         );
     }
+    println!("lb-testpeer: wolfSSL build: {}", out.display());
     let include = prefix.join("include");
     let options = std::fs::read_to_string(include.join("wolfssl/options.h")).unwrap_or_default();
     for need in ["WOLFSSL_DTLS13", "WOLFSSL_DTLS_CID"] {
@@ -92,6 +108,31 @@ pub fn build() {
     println!("cargo:rustc-link-lib=static=wolfssl");
     println!("cargo:rustc-link-lib=m");
     println!("cargo:rustc-link-lib=pthread");
+}
+
+/// Where the wolfSSL build lives. Not in OUT_DIR: cargo gives the build script a new OUT_DIR
+/// per profile and per command (build, test, clippy), and a cold `cargo xtask test` would
+/// build wolfSSL three times (a minute or more each on 2 cores). The profile's directory of
+/// the target dir (`<target>/<profile>`, three levels above OUT_DIR =
+/// `<target>/<profile>/build/<pkg>-<hash>/out`) is shared by all of them; the key names the
+/// sources and flags. `cargo clean` removes it. Falls back to OUT_DIR for another layout.
+fn build_dir(stamp: &str) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    stamp.hash(&mut h);
+    let name = format!("lb-testpeer-wolfssl-{WOLFSSL_VERSION}-{:016x}", h.finish());
+    match out_dir.ancestors().nth(3) {
+        Some(profile)
+            if out_dir
+                .parent()
+                .and_then(|p| p.parent())
+                .is_some_and(|b| b.ends_with("build")) =>
+        {
+            profile.join(name)
+        }
+        _ => out_dir.join(name),
+    }
 }
 
 fn run(cmd: &mut Command, what: &str, log: &Path) {
@@ -153,6 +194,8 @@ fn configure_and_make(src: &Path, out: &Path, prefix: &Path) {
         "make",
         &out.join("make.log"),
     );
+    // The copied tree (~145 MB) has served its purpose; build/ keeps config.log.
+    let _ = std::fs::remove_dir_all(&tree);
 }
 
 fn is_wolfssl_tree(dir: &Path) -> bool {
