@@ -1,6 +1,5 @@
 //! Helpers shared by the peer's end-to-end tests: start a server process and read its log,
 //! run a client process with a time limit, read the client's JSON report.
-//! (tests/loopback.rs still has its own copy of these; it can switch to this module.)
 #![allow(dead_code)] // each test file uses a different subset
 
 use std::io::{BufRead, BufReader, Read};
