@@ -376,6 +376,9 @@ pub struct Config {
     pub health: Health,
     #[serde(default)]
     pub stats: Stats,
+    /// New-flow rate limits (`limits.rs`); absent: none.
+    #[serde(default)]
+    pub limits: Option<crate::limits::Limits>,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     /// Shadow mode (`cidlb run --shadow`, not a config key): decide and count, pass everything.
