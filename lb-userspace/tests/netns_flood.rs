@@ -34,25 +34,35 @@ fn testpeer() -> PathBuf {
 }
 
 /// Flood shape: at least 100,000 distinct sources at at least 50,000 per second.
+/// The fast flood: trafgen's TX_RING batches, 900,000 packets from random sources, at least
+/// 50,000 per second (asked for 70,000; it sends faster).
 const FLOOD_PACKETS: u64 = 900_000;
-const FLOOD_RATE: &str = "70000pps";
+const FLOOD_PACE: &[&str] = &["-b", "70000pps"];
 const MIN_FLOOD_PPS: f64 = 50_000.0;
+/// The smooth flood: one sendto() per packet, a 10 µs gap (really one sleep's latency), so
+/// packets arrive evenly rather than in batches with idle gaps a handshake could slip into.
+/// About 20,000 per second on this machine.
+const SMOOTH_PACKETS: u64 = 300_000;
+const SMOOTH_PACE: &[&str] = &["-t", "10us"];
 
-/// Fields drop in order: clients, flood, agent, servers, pins, files, then the namespaces.
+/// Fields drop in order: agent, servers, pins, files, then the namespaces.
 struct Flood {
     _agent: AgentProc,
     _servers: Vec<ChildGuard>,
     pins: PinGuard,
-    dir: PathBuf,
+    tmp: TempDir,
     /// When the datapath's buckets were created (before the agent started): every bound on
     /// new flows counts from here.
     t0: Instant,
     lab: Lab,
 }
 
-impl Drop for Flood {
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -126,15 +136,16 @@ fn up(tag: &str, extra_config: &str) -> Flood {
         _agent: agent,
         _servers: servers,
         pins,
-        dir,
+        tmp: TempDir(dir),
         t0,
         lab,
     }
 }
 
 impl Flood {
-    /// Starts the flood of spoofed ClientHellos from the client namespace, on CPU 0.
-    fn flood(&self, packets: u64, rate: &str) -> (Trafgen, Instant) {
+    /// Starts the flood of spoofed ClientHellos from the client namespace, on CPU 0 (see
+    /// [`hello_flood`] for why one CPU).
+    fn flood(&self, packets: u64, pace: &[&str]) -> (Trafgen, Instant) {
         let hello = cidlb::health::client_hello([0x5a; 32]);
         let conf = trafgen::spoofed_udp_flood(
             mac(&self.lab.balancer, "lbc"),
@@ -143,9 +154,9 @@ impl Flood {
             lb_lab::PORT,
             &hello,
         );
-        let conf_path = self.dir.join("flood.cfg");
+        let conf_path = self.tmp.0.join("flood.cfg");
         std::fs::write(&conf_path, conf).unwrap();
-        let shim = trafgen::build_shim(&self.dir).unwrap_or_else(|e| panic!("{e}"));
+        let shim = trafgen::build_shim(&self.tmp.0).unwrap_or_else(|e| panic!("{e}"));
         let n = packets.to_string();
         let tg = Trafgen::start(
             &self.lab.client,
@@ -153,15 +164,15 @@ impl Flood {
             &conf_path,
             &shim,
             0,
-            &["-n", &n, "-b", rate],
-            &self.dir.join("trafgen.err"),
+            &[&["-n", n.as_str()], pace].concat(),
+            &self.tmp.0.join("trafgen.err"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         (tg, Instant::now())
     }
 
     fn client(&self, name: &str, args: &[&str]) -> (ChildGuard, PathBuf) {
-        let out = self.dir.join(format!("{name}.json"));
+        let out = self.tmp.0.join(format!("{name}.json"));
         let g = peer::spawn_client(
             &testpeer(),
             &self.lab.client,
@@ -228,9 +239,25 @@ const LIMITS: &str =
 
 #[test]
 fn spoofed_hello_flood_is_limited_and_legitimate_sessions_all_succeed() {
-    let f = up("fl", LIMITS);
-    // Everything in this test (its clients and trafgen) runs on CPU 0, so the legitimate
-    // handshakes meet the flood in one per-CPU global bucket.
+    hello_flood("fl", FLOOD_PACKETS, FLOOD_PACE, MIN_FLOOD_PPS);
+}
+
+/// The same against an even flood, with no gaps between batches: without known sources going
+/// first, about half of the legitimate sessions fail here (seen with the marking of known
+/// sources removed from flow.rs: 8 of 16 CID sessions).
+#[test]
+fn smooth_hello_flood_legitimate_sessions_go_first() {
+    hello_flood("fs", SMOOTH_PACKETS, SMOOTH_PACE, 15_000.0);
+}
+
+/// `packets` spoofed ClientHellos paced by `pace` (at least `min_pps`) while legitimate
+/// clients handshake and exchange records through cidlb with [`LIMITS`].
+///
+/// Everything runs on CPU 0 (trafgen, the clients, and so the veth receive path where XDP
+/// runs): the legitimate handshakes meet the flood in one per-CPU share of the global bucket.
+/// A flood spread over every CPU meets each share the same way.
+fn hello_flood(tag: &str, packets: u64, pace: &[&str], min_pps: f64) {
+    let f = up(tag, LIMITS);
     lb_lab::pin_to_cpu(0);
 
     // A returning client: one session before the flood makes its address known.
@@ -244,12 +271,13 @@ fn spoofed_hello_flood_is_limited_and_legitimate_sessions_all_succeed() {
     );
     let before = f.stats();
 
-    let (mut tg, flood_start) = f.flood(FLOOD_PACKETS, FLOOD_RATE);
+    let (mut tg, flood_start) = f.flood(packets, pace);
     // Wait (bounded) until the flood is seen at the balancer, then measure its rate over 1 s.
-    let flood_drops = |s: &str| json_counter(s, "drop_limit_global");
+    // Packets the balancer saw (the flood is almost all of them).
+    let flood_seen = |s: &str| json_counter(s, "packets_seen");
     let seen = loop {
         let s = f.stats();
-        if flood_drops(&s) > flood_drops(&before) + 1000 {
+        if flood_seen(&s) > flood_seen(&before) + 1000 {
             break s;
         }
         assert!(
@@ -300,8 +328,7 @@ fn spoofed_hello_flood_is_limited_and_legitimate_sessions_all_succeed() {
     );
     std::thread::sleep(Duration::from_millis(1000));
     let rate_stats = f.stats();
-    let pps =
-        (flood_drops(&rate_stats) - flood_drops(&seen)) as f64 / t_seen.elapsed().as_secs_f64();
+    let pps = (flood_seen(&rate_stats) - flood_seen(&seen)) as f64 / t_seen.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(60);
     finish("cid", cid.0, &cid.1, 16, deadline);
     finish("plain", plain.0, &plain.1, 4, deadline);
@@ -309,7 +336,7 @@ fn spoofed_hello_flood_is_limited_and_legitimate_sessions_all_succeed() {
     let legit_done = flood_start.elapsed().as_secs_f64();
     let flood_outlasted_sessions = tg.running();
 
-    // The flood ends by itself after FLOOD_PACKETS; bounded in time all the same.
+    // The flood ends by itself after `packets`; bounded in time all the same.
     let (ok, err) = tg.wait(Duration::from_secs(30));
     let flood_secs = flood_start.elapsed().as_secs_f64();
     let stats = f.stats();
@@ -319,7 +346,7 @@ fn spoofed_hello_flood_is_limited_and_legitimate_sessions_all_succeed() {
     let dropped = d("drop_limit_global") + d("drop_limit_source");
     let bound = global_bound(RATE, RATE, secs);
     eprintln!(
-        "flood: trafgen ok={ok} ({}) in {flood_secs:.1} s, {pps:.0} dropped/s over 1 s, legitimate \
+        "flood: trafgen ok={ok} ({}) in {flood_secs:.1} s, {pps:.0} packets/s over 1 s, legitimate \
          sessions done after {legit_done:.1} s; balancer: \
          drop_limit_global {} drop_limit_source {} flow_new {} limit_known_reserve {}; nodes saw \
          {node_new} new flows ({node_flood} from the flood) in {secs:.1} s, bound {bound}",
@@ -329,23 +356,14 @@ fn spoofed_hello_flood_is_limited_and_legitimate_sessions_all_succeed() {
         json_counter(&stats, "flow_new"),
         d("limit_known_reserve"),
     );
+    assert!(ok, "trafgen did not send its {packets} packets: {err}");
     assert!(
-        flood_outlasted_sessions,
-        "the flood ended before the legitimate sessions did ({legit_done:.1} s): send more"
+        pps >= min_pps,
+        "the flood ran at {pps:.0}/s, below {min_pps}"
     );
-    assert!(
-        ok,
-        "trafgen did not send its {FLOOD_PACKETS} packets: {err}"
-    );
-    assert!(
-        pps >= MIN_FLOOD_PPS,
-        "the flood ran at {pps:.0}/s, below {MIN_FLOOD_PPS}"
-    );
-    // 24 random bits per source: 420,000 packets come from about 415,000 distinct sources;
-    // at least 100,000 of them were dropped and counted at the balancer.
-    assert!(dropped >= 100_000, "only {dropped} flood packets dropped");
-    // The nodes saw no more new flows than the limit allows since the buckets were created,
-    // and the flood did reach them within it (the counter counts).
+    // The nodes saw no more new flows than the limit allows since the buckets were created
+    // (nor did the balancer pin more), and the flood did reach them within it (the node
+    // counter counts).
     assert!(
         node_new <= bound,
         "nodes saw {node_new} new flows, the limit allows {bound}"
@@ -355,6 +373,14 @@ fn spoofed_hello_flood_is_limited_and_legitimate_sessions_all_succeed() {
         node_flood >= 1000,
         "only {node_flood} flood flows reached the nodes"
     );
+    // 24 random bits per source: N packets come from about N - N²/2²⁵ distinct sources
+    // (900,000: 876,000; 300,000: 297,000);
+    // at least 100,000 of them were dropped and counted at the balancer.
+    assert!(dropped >= 100_000, "only {dropped} flood packets dropped");
+    assert!(
+        flood_outlasted_sessions,
+        "the flood ended before the legitimate sessions did ({legit_done:.1} s): send more"
+    );
     // The legitimate handshakes met an exhausted share and went first on the reserve.
     assert!(d("limit_known_reserve") >= 10, "{stats}");
 }
@@ -362,7 +388,7 @@ fn spoofed_hello_flood_is_limited_and_legitimate_sessions_all_succeed() {
 /// Established non-CID sessions (routed by the flow table alone), idle 2 s between records,
 /// through a 4096-entry flow table while the flood runs for at least 6 s of their life (three
 /// idle gaps). Returns the flood's stats line.
-fn small_table_flood(tag: &str, extra_config: &str, packets: u64, rate: &str) -> String {
+fn small_table_flood(tag: &str, extra_config: &str, packets: u64, pace: &[&str]) -> String {
     let f = up(tag, &format!("flows: {{capacity: 4096}}\n{extra_config}"));
     lb_lab::pin_to_cpu(0);
     let before = f.stats();
@@ -382,7 +408,7 @@ fn small_table_flood(tag: &str, extra_config: &str, packets: u64, rate: &str) ->
     );
     // Handshakes done, first records exchanged: the sessions are established.
     std::thread::sleep(Duration::from_millis(1500));
-    let (mut tg, flood_start) = f.flood(packets, rate);
+    let (mut tg, flood_start) = f.flood(packets, pace);
     // Poll both (bounded): when did the flood end, when did the sessions end?
     let (mut flood_end, mut legit_end) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -431,7 +457,7 @@ fn established_sessions_survive_a_flood_into_a_small_flow_table() {
     // The kernel's LRU alone (no limits): every flood packet becomes a flow, and the idle
     // sessions' entries are kept. At the issue's 10,000 per second; much faster, the nodes'
     // servers (not the table) start losing records.
-    small_table_flood("ft", "", 100_000, "12000pps");
+    small_table_flood("ft", "", 100_000, &["-b", "12000pps"]);
     // With limits, at full rate: the flood inserts at most the limit.
-    small_table_flood("fl", LIMITS, FLOOD_PACKETS, FLOOD_RATE);
+    small_table_flood("fu", LIMITS, FLOOD_PACKETS, FLOOD_PACE);
 }
