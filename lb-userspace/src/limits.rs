@@ -53,13 +53,22 @@ impl Rate {
     }
 }
 
-fn de_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rate>, D::Error> {
+/// serde_yaml reports errors raised here at the enclosing map, so the message names the key.
+fn rate_field<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<Rate>, D::Error> {
     let s = String::deserialize(d)?;
     Rate::parse(&s).map(Some).ok_or_else(|| {
         de::Error::custom(format!(
-            "{s:?} is not a rate like \"20/1s\" (new flows per duration: ms, s, m, h)"
+            "{key}: {s:?} is not a rate like \"20/1s\" (new flows per duration: ms, s, m, h)"
         ))
     })
+}
+
+fn de_rate_source<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rate>, D::Error> {
+    rate_field(d, "new_flows_per_source")
+}
+
+fn de_rate_global<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rate>, D::Error> {
+    rate_field(d, "new_flows")
 }
 
 fn de_known_for<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -123,7 +132,7 @@ impl Prefix {
 impl<'de> Deserialize<'de> for Prefix {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Prefix::parse(&s).map_err(|e| de::Error::custom(format!("exempt: {e}")))
+        Prefix::parse(&s).map_err(de::Error::custom)
     }
 }
 
@@ -132,13 +141,13 @@ impl<'de> Deserialize<'de> for Prefix {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// New flows per source (IPv4 address, IPv6 /64).
-    #[serde(default, deserialize_with = "de_rate")]
+    #[serde(default, deserialize_with = "de_rate_source")]
     pub new_flows_per_source: Option<Rate>,
     /// Per-source burst; default: the rate's count.
     #[serde(default)]
     pub burst: Option<u64>,
     /// New flows in all, from this balancer.
-    #[serde(default, deserialize_with = "de_rate")]
+    #[serde(default, deserialize_with = "de_rate_global")]
     pub new_flows: Option<Rate>,
     /// Global burst; default: the rate's count.
     #[serde(default)]
@@ -413,7 +422,12 @@ mod tests {
             ),
             (
                 "  new_flows_per_source: \"20 per second\"\n",
-                &["test.yaml", "20 per second", "not a rate"],
+                &[
+                    "test.yaml",
+                    "new_flows_per_source",
+                    "20 per second",
+                    "not a rate",
+                ],
             ),
             ("  new_flows: \"0/1s\"\n", &["limits.new_flows", "count 0"]),
             ("  new_flows: \"5/0s\"\n", &["limits.new_flows", "duration"]),
