@@ -419,7 +419,11 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
             fxc,
         ),
         Case::new(
-            ("new flow over the limit, dropped", "shadow (dropped before it)", OVER_LIMIT),
+            (
+                "new flow over the limit, dropped",
+                "shadow (dropped before it)",
+                OVER_LIMIT,
+            ),
             &shut.ebpf,
             prog,
             &f.hello,

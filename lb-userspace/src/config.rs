@@ -144,7 +144,10 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 /// A duration field; serde_yaml reports errors raised here at the enclosing map, so the message
 /// names the key itself.
-fn duration_field<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Duration, D::Error> {
+pub(crate) fn duration_field<'de, D: Deserializer<'de>>(
+    d: D,
+    key: &str,
+) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {

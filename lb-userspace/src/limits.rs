@@ -15,7 +15,10 @@ use lb_common::limits::{
 };
 use serde::{de, Deserialize, Deserializer};
 
-use crate::{config::parse_duration, datapath::DatapathError};
+use crate::{
+    config::{duration_field, parse_duration},
+    datapath::DatapathError,
+};
 
 /// `"20/1s"`: `count` new flows per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,12 +75,7 @@ fn de_rate_global<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rate>, D::Er
 }
 
 fn de_known_for<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).ok_or_else(|| {
-        de::Error::custom(format!(
-            "known_for: {s:?} is not a duration like \"10m\", \"30s\""
-        ))
-    })
+    duration_field(d, "known_for")
 }
 
 /// An address prefix, `"100.64.0.0/10"` or `"2001:db8::/32"` (a bare address is a /32 or /128).
@@ -450,6 +448,10 @@ mod tests {
             (
                 "  new_flows_per_source: \"20/1s\"\n  exempt: [10.0.0.0/8, 10.9.0.0/8]\n",
                 &["limits.exempt[1]", "twice"],
+            ),
+            (
+                "  new_flows: \"20/1s\"\n  known_for: soon\n",
+                &["limits", "known_for", "soon"],
             ),
             (
                 "  new_flows: \"20/1s\"\n  rate: 5\n",
