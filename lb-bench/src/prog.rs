@@ -34,6 +34,11 @@ fn node_addr(k: u32) -> String {
 }
 
 fn config(nodes: u32, capacity: u32) -> Result<Config> {
+    config_with(nodes, capacity, "")
+}
+
+/// [`config`] with `extra` YAML appended (e.g. `limits:`).
+fn config_with(nodes: u32, capacity: u32, extra: &str) -> Result<Config> {
     let mut y = format!(
         "interfaces: [fxc, fxn]\nvips: [{{address: {VIP4}, ports: [{PORT}]}}]\n\
          dtls: {{cid_length: 6, node_id_offset: 0, node_id_length: 2}}\nnodes:\n",
@@ -42,6 +47,7 @@ fn config(nodes: u32, capacity: u32) -> Result<Config> {
         y.push_str(&format!("  - {{id: {k}, address: {}}}\n", node_addr(k)));
     }
     y.push_str(&format!("flows: {{capacity: {capacity}}}\n"));
+    y.push_str(extra);
     Config::parse(&y, Path::new("bench.yaml")).map_err(|e| anyhow!("{e}"))
 }
 
@@ -193,6 +199,16 @@ const KNOWN_FLOW: Expect = Expect {
     action: XDP_PASS,
     counters: &[Counter::PacketsSeen, Counter::FlowHit, Counter::ShadowPass],
 };
+/// Over the per-source limit: dropped before the flow table (shadow mode decides after).
+const OVER_LIMIT: Expect = Expect {
+    action: XDP_DROP,
+    counters: &[Counter::PacketsSeen, Counter::DropLimitSource],
+};
+/// Limits that never refuse (a token per nanosecond), to time the buckets' cost.
+const LIMITS_OPEN: &str =
+    "limits: {new_flows_per_source: \"4294967296/1ms\", new_flows: \"4294967296/1ms\"}\n";
+/// Limits that refuse every new flow after the first.
+const LIMITS_SHUT: &str = "limits: {new_flows_per_source: \"1/1h\", burst: 1}\n";
 const REPLY: Expect = Expect {
     action: XDP_PASS,
     counters: &[
@@ -350,6 +366,10 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
     let floor_object = testrun::load_floor()?;
     let shadow = datapath(&cfg, true, false, &ifs)?;
     let fresh = datapath(&cfg, true, true, &ifs)?;
+    let open = config_with(2, 4096, LIMITS_OPEN)?;
+    let shadow_limited = datapath(&open, true, false, &ifs)?;
+    let fresh_limited = datapath(&open, true, true, &ifs)?;
+    let shut = datapath(&config_with(2, 4096, LIMITS_SHUT)?, true, true, &ifs)?;
     let (prog, floor) = (names::PROGRAM, names::FLOOR);
     let mut cases = vec![
         Case::new(
@@ -376,6 +396,35 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         Case::new(
             ("known flow", "shadow", KNOWN_FLOW),
             &shadow.ebpf,
+            prog,
+            &f.hello,
+            fxc,
+        ),
+        Case::new(
+            (
+                "new flow, limits on",
+                "shadow, re-pinned every run, admitted",
+                NEW_FLOW,
+            ),
+            &fresh_limited.ebpf,
+            prog,
+            &f.hello,
+            fxc,
+        ),
+        Case::new(
+            ("known flow, limits on", "shadow", KNOWN_FLOW),
+            &shadow_limited.ebpf,
+            prog,
+            &f.hello,
+            fxc,
+        ),
+        Case::new(
+            (
+                "new flow over the limit, dropped",
+                "shadow (dropped before it)",
+                OVER_LIMIT,
+            ),
+            &shut.ebpf,
             prog,
             &f.hello,
             fxc,

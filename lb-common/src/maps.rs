@@ -24,8 +24,8 @@ pub const fn family_index(family: u8) -> u32 {
 /// Version of the pinned datapath's layout: which maps exist, their key and value types and
 /// sizes, and what their values mean. Bump it whenever any of that changes; `cidlb run` refuses
 /// to adopt pins of another layout (see `lb-userspace/src/layout.rs`). Version 0 is what cidlb
-/// pinned before it had a `LAYOUT` map.
-pub const LAYOUT_VERSION: u32 = 1;
+/// pinned before it had a `LAYOUT` map; version 2 added the new-flow limit maps (`limits.rs`).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
 pub const STATS_SLOTS: u32 = 128;

@@ -40,12 +40,15 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 count(Counter::FlowHit);
+                crate::limit::established(pkt, now);
                 return Ok(node);
             }
         }
         expired = true;
     }
 
+    // Over a new-flow limit: dropped before anything is inserted.
+    crate::limit::admit(pkt, now)?;
     let (node_id, node) = next_node(pkt.family)?;
     let flow = Flow {
         node_id,

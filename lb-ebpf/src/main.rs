@@ -6,6 +6,7 @@
 //! - `reply.rs`   is a node's reply genuine (the way the balancer reaches the node)?
 //! - `dtls.rs`    the DTLS record header: a tls12_cid record yields the node id in its CID
 //! - `flow.rs`    everything else is pinned to a node per 5-tuple (LRU table, round robin)
+//! - `limit.rs`   new-flow rate limits (per source, global, known sources first)
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
 //! - `stats.rs`   per-CPU counters; `maps.rs` every map
@@ -15,6 +16,7 @@
 mod dtls;
 mod flow;
 mod forward;
+mod limit;
 mod maps;
 mod nat;
 mod parse;

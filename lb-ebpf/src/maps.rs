@@ -3,9 +3,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
+    limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
     AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
     DEFAULT_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS, PORT_WORDS, STATS_SLOTS,
 };
@@ -70,6 +71,26 @@ pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 /// Per-CPU next-hop cache per node and family (see `forward::lookup_node`).
 #[map]
 pub static NEXTHOP: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(2 * MAX_NODES, 0);
+
+/// New-flow limits (`limit.rs`): what is limited; all zero when `limits:` is not configured.
+#[map]
+pub static LIMIT_CFG: Array<LimitConfig> = Array::with_max_entries(1, 0);
+
+/// Per-source new-flow bucket (`tat`), least recently used evicted first.
+#[map]
+pub static SRC_BUCKETS: LruHashMap<SrcKey, u64> = LruHashMap::with_max_entries(MAX_SRC_BUCKETS, 0);
+
+/// Each CPU's share of the global new-flow bucket (`tat`).
+#[map]
+pub static GLOBAL_BUCKET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Sources with a recent established flow → when it was last seen.
+#[map]
+pub static KNOWN_SRCS: LruHashMap<SrcKey, u64> = LruHashMap::with_max_entries(MAX_KNOWN_SRCS, 0);
+
+/// Prefixes exempt from the per-source limit (IPv4 as IPv4-mapped IPv6).
+#[map]
+pub static LIMIT_EXEMPT: LpmTrie<ExemptKey, u8> = LpmTrie::with_max_entries(MAX_EXEMPT, 0);
 
 /// The node with this id, if configured.
 #[inline(always)]

@@ -26,7 +26,9 @@ pub fn action_for(c: Counter) -> u32 {
         | Counter::DropNoNode
         | Counter::DropForgedReply
         | Counter::DropReplyNoNeigh
-        | Counter::DropNodeFragment => xdp_action::XDP_DROP,
+        | Counter::DropNodeFragment
+        | Counter::DropLimitSource
+        | Counter::DropLimitGlobal => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }

@@ -16,6 +16,7 @@ pub mod fib;
 mod netns;
 pub mod packet;
 pub mod peer;
+pub mod trafgen;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 

@@ -144,7 +144,10 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 /// A duration field; serde_yaml reports errors raised here at the enclosing map, so the message
 /// names the key itself.
-fn duration_field<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Duration, D::Error> {
+pub(crate) fn duration_field<'de, D: Deserializer<'de>>(
+    d: D,
+    key: &str,
+) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -376,6 +379,9 @@ pub struct Config {
     pub health: Health,
     #[serde(default)]
     pub stats: Stats,
+    /// New-flow rate limits (`limits.rs`); absent: none.
+    #[serde(default)]
+    pub limits: Option<crate::limits::Limits>,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     /// Shadow mode (`cidlb run --shadow`, not a config key): decide and count, pass everything.

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod explain;
 pub mod health;
 pub mod layout;
+pub mod limits;
 pub mod maglev;
 pub mod metrics;
 pub mod provision;

@@ -146,6 +146,7 @@ pub fn provision(
     let slots = nodes_and_rings(ebpf, cfg, up)?;
     vips(ebpf, cfg)?;
     reverse(ebpf, cfg, &slots)?;
+    crate::limits::provision(ebpf, cfg.limits.as_ref())?;
     devmap(ebpf, ifindexes)
 }
 

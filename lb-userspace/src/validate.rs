@@ -10,6 +10,9 @@ use lb_common::{MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS}
 use crate::config::{Config, Vip};
 
 pub(crate) fn validate(cfg: &Config) -> Result<(), (String, String)> {
+    if let Some(l) = &cfg.limits {
+        crate::limits::validate(l)?;
+    }
     let err = |k: &str, p: String| Err((k.to_owned(), p));
     if cfg.interfaces.is_empty() {
         return err(

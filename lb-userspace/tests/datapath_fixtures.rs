@@ -8,6 +8,8 @@
 //! a thread inside it, so the output MACs are deterministic.
 
 mod common;
+#[path = "fixtures/limits.rs"]
+mod limits;
 
 use std::net::IpAddr;
 
@@ -798,6 +800,7 @@ fn cases() -> Vec<Case> {
     ));
     relay_cases(&mut v);
     defect_cases(&mut v);
+    limits::limit_cases(&mut v);
     v
 }
 
