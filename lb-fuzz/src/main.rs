@@ -28,7 +28,7 @@ use lb_reference::{Outcome, State};
     about = "Differential fuzzing of the cidlb datapath against lb-reference"
 )]
 struct Cli {
-    /// Frames to run.
+    /// Frames to run through both (frames too short to run are not counted).
     #[arg(long, default_value_t = 100_000)]
     packets: u64,
     /// Seed: the same seed gives the same frames, configs and results.
@@ -233,13 +233,13 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
         let end = (done + cli.epoch).min(cli.packets);
         while done < end {
             let p = stream.next_packet();
-            done += 1;
             // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (the kernel's
-            // bpf_test_init); no driver hands XDP one either.
+            // bpf_test_init); no driver hands XDP one either. Not counted in --packets.
             if p.frame.len() < 14 {
                 skipped += 1;
                 continue;
             }
+            done += 1;
             let ifindex = ifindexes.iter().find(|(n, _)| *n == p.ingress).unwrap().1;
             state.now_ns = steady_now(&state);
             let k = kernel.run(&p.frame, ifindex)?;
@@ -262,7 +262,7 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "cidlb-fuzz: seed {}: {} frames ({} shorter than an Ethernet header not runnable), {} datapath loads, {:.0} s, 0 disagreements",
+        "cidlb-fuzz: seed {}: {} frames compared ({} generated frames shorter than an Ethernet header not runnable), {} datapath loads, {:.0} s, 0 disagreements",
         cli.seed, done, skipped, epoch, secs
     );
     println!("counters hit (kernel == reference):");
