@@ -47,6 +47,18 @@ impl Kernel {
         Ok((k, tables))
     }
 
+    /// Applies a changed config in place, as `cidlb run` does on a reload (the agent's own
+    /// provisioning: NODES, rings, reverse NAT; the next-hop cache is emptied), and reads the
+    /// maps back.
+    pub fn reload(&mut self, cfg: &Config) -> Result<Tables> {
+        let ifindexes = cidlb::datapath::resolve_interfaces(&cfg.interfaces)?;
+        provision::provision(&mut self.dp.ebpf, cfg, &ifindexes, &|_| true)?;
+        let tables = read_tables(&self.dp, cfg)?;
+        self.slots = tables.nodes.values().map(|n| n.slot).collect();
+        (self.last, self.last_nodes) = self.counters()?;
+        Ok(tables)
+    }
+
     fn counters(&self) -> Result<(Vec<u64>, BTreeMap<u32, NodeStats>)> {
         let ebpf = &self.dp.ebpf;
         let stats: PerCpuArray<&MapData, u64> =

@@ -98,6 +98,10 @@ nodes:
 
 fn config(k: usize) -> Result<(String, Config)> {
     let (name, body) = CONFIGS[k % CONFIGS.len()];
+    Ok((name.to_owned(), config_text(name, body)?))
+}
+
+fn config_text(name: &str, body: &str) -> Result<Config> {
     let mut body = body.to_owned();
     let shadow = body.contains("shadow: true\n");
     body = body.replace("shadow: true\n", "");
@@ -109,7 +113,7 @@ fn config(k: usize) -> Result<(String, Config)> {
     let mut cfg = Config::parse(&text, std::path::Path::new(name))
         .with_context(|| format!("fuzz config {name:?}"))?;
     cfg.shadow = shadow;
-    Ok((name.to_owned(), cfg))
+    Ok(cfg)
 }
 
 /// The kernel's clock (bpf_ktime_get_ns is CLOCK_MONOTONIC) before a frame runs. The kernel
@@ -141,6 +145,26 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The config of epoch `k` with its first node disabled (a reload in the middle of the epoch:
+/// flows pinned to that node are re-pinned, `flow_expired`), if that config is valid.
+fn reloaded(k: usize) -> Option<Config> {
+    let (_, cfg) = config(k).ok()?;
+    let first = cfg.nodes.first()?.id;
+    let (name, body) = CONFIGS[k % CONFIGS.len()];
+    let line = body
+        .lines()
+        .find(|l| l.contains(&format!("{{id: {first},")))?;
+    let new_line = if line.contains("state:") {
+        line.replace("state: draining", "state: disabled")
+    } else {
+        line.replace('}', ", state: disabled}")
+    };
+    let text = body.replace(line, &new_line);
+    let mut c = config_text(name, &text).ok()?;
+    c.shadow = cfg.shadow;
+    Some(c)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -228,10 +252,18 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
     let (mut done, mut skipped, mut epoch) = (0u64, 0u64, 0usize);
     while done < cli.packets {
         let (name, cfg) = config(epoch)?;
-        let (mut kernel, tables) = kernel::Kernel::load(&cfg)?;
+        let (mut kernel, mut tables) = kernel::Kernel::load(&cfg)?;
         let mut state = State::default();
         let end = (done + cli.epoch).min(cli.packets);
+        let mut reload = reloaded(epoch).map(|c| (done + cli.epoch / 2, c));
         while done < end {
+            if let Some((at, c)) = &reload {
+                if done >= *at {
+                    tables = kernel.reload(c)?;
+                    state.nexthop.clear();
+                    reload = None;
+                }
+            }
             let p = stream.next_packet();
             // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (the kernel's
             // bpf_test_init); no driver hands XDP one either. Not counted in --packets.
@@ -296,4 +328,31 @@ fn report(config: &str, n: u64, p: &gen::Packet, k: &kernel::Run, want: &Outcome
         "per-node (slot: kernel / reference): {:?} / {:?}",
         k.nodes, want.nodes
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_config_parses_and_has_a_reload_that_disables_its_first_node() {
+        for k in 0..CONFIGS.len() {
+            let (name, cfg) = config(k).unwrap();
+            let r = reloaded(k).unwrap_or_else(|| panic!("{name}: no valid reload"));
+            let first = cfg.nodes[0].id;
+            let node = r.nodes.iter().find(|n| n.id == first).unwrap();
+            assert_eq!(format!("{:?}", node.state), "Disabled", "{name}");
+            assert_eq!(r.shadow, cfg.shadow, "{name}");
+        }
+    }
+
+    #[test]
+    fn corpus_parses() {
+        let c = gen::Corpus::parse(include_str!("../corpus/dtls12.txt")).unwrap();
+        // Client records with a CID naming node 1 (type 25, FE FD, CID starting 01).
+        assert!(c
+            .to_server
+            .iter()
+            .any(|d| d.len() > 12 && d[..3] == [25, 0xfe, 0xfd] && d[11] == 1));
+    }
 }
