@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use cidlb::{config::Config, datapath::Datapath, provision};
 use lb_common::{
-    names, AddrKey, Counter, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, MAX_NODES,
-    PORT_WORDS,
+    names, AddrKey, Counter, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
+    MAX_NODES, PORT_WORDS,
 };
 use lb_reference::Tables;
 
@@ -57,6 +57,24 @@ impl Kernel {
         self.slots = tables.nodes.values().map(|n| n.slot).collect();
         (self.last, self.last_nodes) = self.counters()?;
         Ok(tables)
+    }
+
+    /// Empties the next-hop cache of every configured slot on every CPU, so whether a node's
+    /// next hop is cached depends on the frames since, not on how fast they ran.
+    pub fn clear_nexthop(&mut self) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut cache: PerCpuArray<&mut MapData, NextHop> =
+            PerCpuArray::try_from(self.dp.ebpf.map_mut(names::NEXTHOP).context("NEXTHOP")?)?;
+        for &slot in &self.slots {
+            for idx in [slot * 2, slot * 2 + 1] {
+                cache.set(
+                    idx,
+                    PerCpuValues::try_from(vec![NextHop::default(); cpus])?,
+                    0,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn counters(&self) -> Result<(Vec<u64>, BTreeMap<u32, NodeStats>)> {
