@@ -1,7 +1,11 @@
-//! Builds Mbed TLS 3.6.5 (sources shipped inside the crates.io crate `mbedtls-rs-sys` 0.3.1)
-//! with its upstream default config, plus our small C shim.
+//! Builds the two DTLS backends and their C shims:
+//! * Mbed TLS 3.6.5 (DTLS 1.2; sources shipped inside the crates.io crate `mbedtls-rs-sys`
+//!   0.3.1) with its upstream default config, plus csrc/shim.c;
+//! * wolfSSL 5.9.4 (DTLS 1.3; sources shipped inside `wolfssl-sys` 5.3.0), see
+//!   build_wolfssl.rs, plus csrc/wolf_shim.c.
 //!
-//! How the sources are found (first hit wins):
+//! How the Mbed TLS sources are found (wolfSSL's the same way, with its own names):
+//! (first hit wins)
 //!   1. `LB_TESTPEER_MBEDTLS_DIR` = an Mbed TLS 3.6.x source tree (has include/ and library/).
 //!   2. `$CARGO metadata` for `mbedtls-src/Cargo.toml`, a never-built manifest (its own
 //!      workspace and Cargo.lock) that depends on `mbedtls-rs-sys`: `cargo metadata` (unlike
@@ -12,6 +16,9 @@
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "build_wolfssl.rs"]
+mod wolfssl;
 
 const CRATE: &str = "mbedtls-rs-sys";
 const VERSION: &str = "0.3.1";
@@ -66,6 +73,8 @@ fn main() {
         .debug(false)
         .warnings(false)
         .compile("mbedtls_cidlb");
+
+    wolfssl::build();
 }
 
 fn is_mbedtls_tree(dir: &Path) -> bool {
@@ -93,21 +102,34 @@ fn find_mbedtls() -> Result<PathBuf, String> {
             d.display()
         ));
     }
-    match via_cargo_metadata() {
+    match via_cargo_metadata(
+        "mbedtls-src/Cargo.toml",
+        CRATE,
+        VERSION,
+        "mbedtls",
+        is_mbedtls_tree,
+    ) {
         Ok(d) => return Ok(d),
         Err(e) => notes.push(format!("cargo metadata: {e}")),
     }
-    match via_registry_scan() {
+    match via_registry_scan(CRATE, VERSION, "mbedtls", is_mbedtls_tree) {
         Ok(d) => return Ok(d),
         Err(e) => notes.push(format!("registry scan: {e}")),
     }
     Err(notes.join("; "))
 }
 
-fn via_cargo_metadata() -> Result<PathBuf, String> {
+/// `$CARGO metadata` on the never-built side manifest `manifest` (relative to this crate):
+/// the directory `subdir` of the locked package `krate` `version`, if `is_tree` accepts it.
+fn via_cargo_metadata(
+    manifest: &str,
+    krate: &str,
+    version: &str,
+    subdir: &str,
+    is_tree: fn(&Path) -> bool,
+) -> Result<PathBuf, String> {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("mbedtls-src/Cargo.toml");
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join(manifest);
     let target = env::var("TARGET").unwrap_or_default();
     let mut cmd = Command::new(&cargo);
     cmd.args([
@@ -136,7 +158,7 @@ fn via_cargo_metadata() -> Result<PathBuf, String> {
     }
     let json = String::from_utf8_lossy(&out.stdout);
     // Minimal scan instead of a JSON parser: every "manifest_path":"..." value; keep the one
-    // that is mbedtls-rs-sys 0.3.1 and carries the expected Mbed TLS tree.
+    // that is `krate` `version` and carries the expected source tree.
     let key = "\"manifest_path\":\"";
     let mut rest: &str = &json;
     while let Some(i) = rest.find(key) {
@@ -149,14 +171,14 @@ fn via_cargo_metadata() -> Result<PathBuf, String> {
         let Ok(toml) = std::fs::read_to_string(&m) else {
             continue;
         };
-        if toml.contains(&format!("name = \"{CRATE}\""))
-            && toml.contains(&format!("version = \"{VERSION}\""))
-            && is_mbedtls_tree(&dir.join("mbedtls"))
+        if toml.contains(&format!("name = \"{krate}\""))
+            && toml.contains(&format!("version = \"{version}\""))
+            && is_tree(&dir.join(subdir))
         {
-            return Ok(dir.join("mbedtls"));
+            return Ok(dir.join(subdir));
         }
     }
-    Err(format!("{CRATE} {VERSION} not in the metadata output"))
+    Err(format!("{krate} {version} not in the metadata output"))
 }
 
 fn cargo_home() -> Option<PathBuf> {
@@ -166,17 +188,24 @@ fn cargo_home() -> Option<PathBuf> {
     env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo"))
 }
 
-fn via_registry_scan() -> Result<PathBuf, String> {
+/// The offline fallback: `subdir` of `krate`-`version` in the registry's unpacked sources, or
+/// unpacked from its cached .crate into OUT_DIR.
+fn via_registry_scan(
+    krate: &str,
+    version: &str,
+    subdir: &str,
+    is_tree: fn(&Path) -> bool,
+) -> Result<PathBuf, String> {
     let home = cargo_home().ok_or("no CARGO_HOME/HOME")?;
-    let name = format!("{CRATE}-{VERSION}");
+    let name = format!("{krate}-{version}");
     let subdirs = |d: PathBuf| -> Vec<PathBuf> {
         std::fs::read_dir(d)
             .map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default()
     };
     for idx in subdirs(home.join("registry/src")) {
-        let cand = idx.join(&name).join("mbedtls");
-        if is_mbedtls_tree(&cand) {
+        let cand = idx.join(&name).join(subdir);
+        if is_tree(&cand) {
             return Ok(cand);
         }
     }
@@ -186,9 +215,9 @@ fn via_registry_scan() -> Result<PathBuf, String> {
         if !krate.is_file() {
             continue;
         }
-        let dest = out_dir.join("mbedtls-src");
-        let cand = dest.join(&name).join("mbedtls");
-        if is_mbedtls_tree(&cand) {
+        let dest = out_dir.join(format!("{subdir}-crate"));
+        let cand = dest.join(&name).join(subdir);
+        if is_tree(&cand) {
             return Ok(cand);
         }
         std::fs::create_dir_all(&dest).map_err(|e| e.to_string())?;
@@ -199,7 +228,7 @@ fn via_registry_scan() -> Result<PathBuf, String> {
             .arg(&dest)
             .status()
             .map_err(|e| format!("tar: {e}"))?;
-        if st.success() && is_mbedtls_tree(&cand) {
+        if st.success() && is_tree(&cand) {
             return Ok(cand);
         }
         return Err(format!("extracting {} failed", krate.display()));

@@ -1,16 +1,15 @@
 //! Memory: the running agent's RSS, and the kernel memory of its maps as the kernel reports
 //! it (bpftool's `bytes_memlock`), at the default and the maximum flow capacity.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use cidlb::datapath::MAP_NAMES;
 use lb_common::{names, DEFAULT_FLOW_CAPACITY, MAX_FLOW_CAPACITY};
-use lb_lab::ChildGuard;
+use lb_lab::{
+    agent::{Agent, LogTo},
+    fib,
+};
 use serde_json::{json, Value};
 
 pub fn run() -> Result<Vec<Value>> {
@@ -30,33 +29,27 @@ pub fn run() -> Result<Vec<Value>> {
         std::fs::write(
             &cfg,
             format!(
-                "interfaces: [fxc, fxn]\nxdp_mode: native\nvips: [{{address: 192.0.2.10, ports: [5684]}}]\n\
-                 nodes: [{{id: 1, address: 203.0.113.11}}, {{id: 2, address: 203.0.113.12}}]\n\
-                 flows: {{capacity: {capacity}}}\npin_dir: {pin_dir}\n"
+                "interfaces: [fxc, fxn]\nxdp_mode: native\nvips: [{{address: {}, ports: [{}]}}]\n\
+                 nodes: [{{id: 1, address: {}}}, {{id: 2, address: {}}}]\n\
+                 flows: {{capacity: {capacity}}}\npin_dir: {pin_dir}\n",
+                fib::VIP4,
+                lb_lab::PORT,
+                fib::NODE1_4,
+                fib::NODE2_4,
             ),
         )?;
-        let mut child = ns
-            .nsenter(cidlb.to_str().expect("utf-8 path"))
-            .args(["run", "--detach-on-exit", "--config"])
-            .arg(&cfg)
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting cidlb")?;
-        let err = child.stderr.take().expect("piped");
-        let mut agent = ChildGuard(child);
-        let started = Instant::now();
-        let mut lines = BufReader::new(err).lines();
-        let running = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|l| l.contains("cidlb running"));
-        if !running {
-            bail!("cidlb did not start with flows.capacity {capacity}");
-        }
-        let start_secs = started.elapsed().as_secs_f64();
-        std::thread::spawn(move || lines.for_each(drop));
+        let agent = Agent::start_within(
+            &cidlb,
+            &ns,
+            &cfg,
+            &["--detach-on-exit"],
+            &LogTo::default(),
+            Duration::from_secs(120),
+        )
+        .map_err(|e| anyhow!("flows.capacity {capacity}: {e}"))?;
+        let start_secs = agent.start_time.as_secs_f64();
         std::thread::sleep(Duration::from_millis(500));
-        let pid = agent.0.id();
+        let pid = agent.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let rss_kib: u64 = status
             .lines()
@@ -77,7 +70,7 @@ pub fn run() -> Result<Vec<Value>> {
             total += bytes;
             maps.insert((*name).to_owned(), json!(bytes));
         }
-        let _ = agent.terminate(10);
+        let _ = agent.terminate();
         cidlb::datapath::detach(std::path::Path::new(&pin_dir));
         let _ = std::fs::remove_file(&cfg);
         eprintln!("  capacity {capacity}: RSS {rss_kib} KiB, maps {total} bytes");

@@ -10,14 +10,15 @@
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use aya::maps::HashMap;
-use cidlb::{config::Config, datapath::Datapath, provision};
-use lb_common::{names, Flow, FlowKey, FAMILY_V4};
+use aya::Ebpf;
+use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot, testrun};
+use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
 use lb_lab::{
-    fib::{CLIENT_MAC, FXC_MAC, FXN_MAC},
+    fib::{CLIENT4, CLIENT_MAC, FXC_MAC, FXN_MAC, VIP4},
     packet::{cid_record, handshake_record, Frame},
-    NetNs,
+    NetNs, PORT,
 };
 use serde_json::{json, Value};
 
@@ -33,9 +34,9 @@ fn node_addr(k: u32) -> String {
 }
 
 fn config(nodes: u32, capacity: u32) -> Result<Config> {
-    let mut y = String::from(
-        "interfaces: [fxc, fxn]\nvips: [{address: 192.0.2.10, ports: [5684]}]\n\
-         dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 2}\nnodes:\n",
+    let mut y = format!(
+        "interfaces: [fxc, fxn]\nvips: [{{address: {VIP4}, ports: [{PORT}]}}]\n\
+         dtls: {{cid_length: 6, node_id_offset: 0, node_id_length: 2}}\nnodes:\n",
     );
     for k in 1..=nodes {
         y.push_str(&format!("  - {{id: {k}, address: {}}}\n", node_addr(k)));
@@ -69,9 +70,9 @@ fn frames() -> Frames {
         Frame::udp(
             CLIENT_MAC,
             FXC_MAC,
-            ip("198.51.100.7"),
+            ip(CLIENT4),
             40000,
-            ip("192.0.2.10"),
+            ip(VIP4),
             dport,
             payload,
         )
@@ -79,22 +80,22 @@ fn frames() -> Frames {
     };
     let body = [0xabu8; 64];
     Frames {
-        cid: client(5684, &cid_record(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4], &body)),
-        hello: client(5684, &handshake_record(&body)),
+        cid: client(PORT, &cid_record(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4], &body)),
+        hello: client(PORT, &handshake_record(&body)),
         // From node 1's own MAC (its neighbour entry in `add_nodes`): the datapath un-NATs
         // only replies that arrive from the node's next hop.
         reply: Frame::udp(
             [2, 0, 0, 1, 0, 1],
             FXN_MAC,
             ip(&node_addr(1)),
-            5684,
-            ip("198.51.100.7"),
+            PORT,
+            ip(CLIENT4),
             40000,
             &body,
         )
         .bytes(),
         other_port: client(9999, &body),
-        malformed: client(5684, &cid_record(&[0, 1, 0xa1], b"")),
+        malformed: client(PORT, &cid_record(&[0, 1, 0xa1], b"")),
     }
 }
 
@@ -136,9 +137,9 @@ fn prefill(dp: &mut Datapath, n: u64) -> Result<()> {
                 0,
                 0,
             ],
-            dst: [u32::from_ne_bytes([192, 0, 2, 10]), 0, 0, 0],
+            dst: [u32::from_ne_bytes(lb_lab::VIP4.octets()), 0, 0, 0],
             sport: (1024 + (i % 60000) as u16).to_be(),
-            dport: 5684u16.to_be(),
+            dport: PORT.to_be(),
             family: FAMILY_V4,
             _pad: [0; 3],
         };
@@ -152,21 +153,78 @@ fn prefill(dp: &mut Datapath, n: u64) -> Result<()> {
     Ok(())
 }
 
+/// XDP actions as BPF_PROG_TEST_RUN returns them.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// What a path must do, checked before it is timed: its action, and exactly which counters one
+/// packet moves (each by one). A frame that took another path fails the bench instead of
+/// being timed under this path's name.
+#[derive(Clone, Copy)]
+struct Expect {
+    action: u32,
+    counters: &'static [Counter],
+}
+
+/// The empty program touches no map.
+const FLOOR: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[],
+};
+const CID_ROUTED: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::CidRouted,
+        Counter::ShadowPass,
+    ],
+};
+/// 1 ns idle timeout: the flow is there but expired, so it is re-pinned.
+const NEW_FLOW: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::FlowNew,
+        Counter::FlowExpired,
+        Counter::ShadowPass,
+    ],
+};
+const KNOWN_FLOW: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[Counter::PacketsSeen, Counter::FlowHit, Counter::ShadowPass],
+};
+const REPLY: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::ReplyUnnat,
+        Counter::ShadowPass,
+    ],
+};
+const NOT_VIP: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[Counter::PacketsSeen, Counter::PassNotVip],
+};
+const MALFORMED: Expect = Expect {
+    action: XDP_DROP,
+    counters: &[Counter::PacketsSeen, Counter::DropCidTruncated],
+};
+
 struct Case<'a> {
     path: &'static str,
     how: &'static str,
-    dp: &'a Datapath,
+    ebpf: &'a Ebpf,
     program: &'static str,
     frame: &'a [u8],
     ingress: u32,
+    expect: Expect,
     samples: Vec<f64>,
 }
 
 impl<'a> Case<'a> {
     fn new(
-        path: &'static str,
-        how: &'static str,
-        dp: &'a Datapath,
+        (path, how, expect): (&'static str, &'static str, Expect),
+        ebpf: &'a Ebpf,
         program: &'static str,
         frame: &'a [u8],
         ingress: u32,
@@ -174,20 +232,80 @@ impl<'a> Case<'a> {
         Case {
             path,
             how,
-            dp,
+            ebpf,
             program,
             frame,
             ingress,
+            expect,
             samples: Vec::new(),
         }
     }
+
+    /// Runs the frame once to settle state (a known flow needs its first packet), then once
+    /// more, and checks that run's action and counter changes against [`Expect`].
+    fn verify(&self) -> Result<()> {
+        let run = |repeat| {
+            testrun::run_program(self.ebpf, self.program, self.frame, self.ingress, repeat)
+        };
+        run(1)?;
+        // The floor lives in the bench object, which has no counters.
+        let snap = || -> Result<Option<Snapshot>> {
+            Ok(match self.expect.counters {
+                [] => None,
+                _ => Some(Snapshot::from_ebpf(self.ebpf)?),
+            })
+        };
+        let before = snap()?;
+        let r = run(1)?;
+        let after = snap()?;
+        let moved: Vec<(Counter, u64)> = Counter::ALL
+            .iter()
+            .map(|&c| match (&before, &after) {
+                (Some(b), Some(a)) => (c, a.get(c).wrapping_sub(b.get(c))),
+                _ => (c, 0),
+            })
+            .filter(|&(_, d)| d != 0)
+            .collect();
+        let mut want: Vec<(Counter, u64)> = self.expect.counters.iter().map(|&c| (c, 1)).collect();
+        want.sort_by_key(|&(c, _)| c as u32);
+        if r.action != self.expect.action || moved != want {
+            let names = |v: &[(Counter, u64)]| {
+                v.iter()
+                    .map(|(c, d)| format!("{}+{d}", c.name()))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            bail!(
+                "path {:?} ({}): the frame took another path: action {} (want {}), counters [{}] \
+                 (want [{}]); not timing it under this name",
+                self.path,
+                self.how,
+                r.action,
+                self.expect.action,
+                names(&moved),
+                names(&want),
+            );
+        }
+        Ok(())
+    }
 }
 
+/// Checks every case's path, then times them interleaved.
 fn measure(cases: &mut [Case<'_>], effort: Effort) -> Result<()> {
+    for c in cases.iter() {
+        c.verify()?;
+    }
     for _ in 0..effort.rounds {
         for c in cases.iter_mut() {
-            let r =
-                c.dp.run_program(c.program, c.frame, c.ingress, effort.repeat)?;
+            let r = testrun::run_program(c.ebpf, c.program, c.frame, c.ingress, effort.repeat)?;
+            if r.action != c.expect.action {
+                bail!(
+                    "path {:?}: action {} while timing, {} when checked",
+                    c.path,
+                    r.action,
+                    c.expect.action
+                );
+            }
             c.samples.push(r.per_run.as_nanos() as f64);
         }
     }
@@ -228,43 +346,57 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
 
     // The main table: every path at 2 nodes, one flow.
     let cfg = config(2, 4096)?;
-    let mut plain = datapath(&cfg, false, false, &ifs)?;
-    plain.load_floor()?;
+    let plain = datapath(&cfg, false, false, &ifs)?;
+    let floor_object = testrun::load_floor()?;
     let shadow = datapath(&cfg, true, false, &ifs)?;
     let fresh = datapath(&cfg, true, true, &ifs)?;
     let (prog, floor) = (names::PROGRAM, names::FLOOR);
     let mut cases = vec![
         Case::new(
-            "empty program (floor)",
-            "XDP_PASS only",
-            &plain,
+            ("empty program (floor)", "XDP_PASS only", FLOOR),
+            &floor_object,
             floor,
             &f.cid,
             fxc,
         ),
-        Case::new("CID record routed", "shadow", &shadow, prog, &f.cid, fxc),
         Case::new(
-            "new flow",
-            "shadow, re-pinned every run",
-            &fresh,
+            ("CID record routed", "shadow", CID_ROUTED),
+            &shadow.ebpf,
+            prog,
+            &f.cid,
+            fxc,
+        ),
+        Case::new(
+            ("new flow", "shadow, re-pinned every run", NEW_FLOW),
+            &fresh.ebpf,
             prog,
             &f.hello,
             fxc,
         ),
-        Case::new("known flow", "shadow", &shadow, prog, &f.hello, fxc),
-        Case::new("reply un-NAT", "shadow", &shadow, prog, &f.reply, fxn),
         Case::new(
-            "non-VIP port, passed",
-            "as is",
-            &plain,
+            ("known flow", "shadow", KNOWN_FLOW),
+            &shadow.ebpf,
+            prog,
+            &f.hello,
+            fxc,
+        ),
+        Case::new(
+            ("reply un-NAT", "shadow", REPLY),
+            &shadow.ebpf,
+            prog,
+            &f.reply,
+            fxn,
+        ),
+        Case::new(
+            ("non-VIP port, passed", "as is", NOT_VIP),
+            &plain.ebpf,
             prog,
             &f.other_port,
             fxc,
         ),
         Case::new(
-            "malformed CID record, dropped",
-            "as is",
-            &plain,
+            ("malformed CID record, dropped", "as is", MALFORMED),
+            &plain.ebpf,
             prog,
             &f.malformed,
             fxc,
@@ -283,11 +415,16 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         let shadow = datapath(&cfg, true, false, &ifs)?;
         let fresh = datapath(&cfg, true, true, &ifs)?;
         let mut cases = vec![
-            Case::new("CID record routed", "shadow", &shadow, prog, &f.cid, fxc),
             Case::new(
-                "new flow",
-                "shadow, re-pinned every run",
-                &fresh,
+                ("CID record routed", "shadow", CID_ROUTED),
+                &shadow.ebpf,
+                prog,
+                &f.cid,
+                fxc,
+            ),
+            Case::new(
+                ("new flow", "shadow, re-pinned every run", NEW_FLOW),
+                &fresh.ebpf,
                 prog,
                 &f.hello,
                 fxc,
@@ -312,8 +449,20 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         let mut shadow = datapath(&cfg, true, false, &ifs)?;
         prefill(&mut shadow, flows.saturating_sub(1))?;
         let mut cases = vec![
-            Case::new("known flow", "shadow", &shadow, prog, &f.hello, fxc),
-            Case::new("CID record routed", "shadow", &shadow, prog, &f.cid, fxc),
+            Case::new(
+                ("known flow", "shadow", KNOWN_FLOW),
+                &shadow.ebpf,
+                prog,
+                &f.hello,
+                fxc,
+            ),
+            Case::new(
+                ("CID record routed", "shadow", CID_ROUTED),
+                &shadow.ebpf,
+                prog,
+                &f.cid,
+                fxc,
+            ),
         ];
         measure(&mut cases, effort)?;
         for c in &cases {

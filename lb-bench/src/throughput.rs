@@ -18,7 +18,6 @@
 //! - ceiling:  a minimal XDP forwarder that only sets MACs and redirects to node 1.
 
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -31,7 +30,11 @@ use aya::{
     Ebpf,
 };
 use lb_common::{names, FwdTarget, SINK_MISROUTED, SINK_PACKETS};
-use lb_lab::{ChildGuard, Lab, NetNs};
+use lb_lab::{
+    agent::{Agent, LogTo},
+    packet::cid_record,
+    Lab, NetNs,
+};
 use serde_json::{json, Value};
 
 use crate::{stats, Effort};
@@ -157,16 +160,20 @@ fn trafgen_conf(bed: &Bed, mode: Mode, payload: usize, flows: u32) -> Result<Pat
         } else {
             base.to_string()
         };
+        // The record header from lb-lab's builder; trafgen fills the body itself.
+        let record = cid_record(&[node, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5], &vec![0xab; fill]);
+        let header: Vec<String> = record[..record.len() - fill]
+            .iter()
+            .map(|b| format!("{b:#04x}"))
+            .collect();
         s.push_str(&format!(
             "{{\n  eth(da={}, sa={}),\n  ipv4(saddr={}, daddr={dst}, ttl=64),\n  udp(sp={sport}, dp={}),\n  \
-             0x19, 0xfe, 0xfd, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01,\n  \
-             {node:#04x}, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, {:#04x}, {:#04x},\n  fill(0xab, {fill})\n}}\n",
+             {},\n  fill(0xab, {fill})\n}}\n",
             bed.macs.lbc,
             bed.macs.c0,
             lb_lab::CLIENT4,
             lb_lab::PORT,
-            (fill >> 8) as u8,
-            fill as u8,
+            header.join(", "),
         ));
     }
     let p = bed
@@ -271,7 +278,7 @@ fn stop(bed: &Bed, child: &mut Child) -> String {
 /// A mode's state while it is in place.
 enum Active {
     None,
-    Agent(ChildGuard),
+    Agent(Agent),
     Ceiling(Ebpf),
 }
 
@@ -291,23 +298,9 @@ fn enter(bed: &Bed, mode: Mode) -> Result<Active> {
                     .cidlb_config(&bed.pin_dir, "flows: {capacity: 262144}\n"),
             )?;
             let exe = std::env::current_exe()?.with_file_name("cidlb");
-            let mut child = b
-                .nsenter(exe.to_str().expect("utf-8"))
-                .args(["run", "--detach-on-exit", "--config"])
-                .arg(&cfg)
-                .stderr(Stdio::piped())
-                .spawn()?;
-            let err = child.stderr.take().expect("piped");
-            let mut lines = BufReader::new(err).lines();
-            if !lines
-                .by_ref()
-                .map_while(Result::ok)
-                .any(|l| l.contains("cidlb running"))
-            {
-                bail!("cidlb did not start");
-            }
-            std::thread::spawn(move || lines.for_each(drop));
-            Active::Agent(ChildGuard(child))
+            let agent = Agent::start(&exe, b, &cfg, &["--detach-on-exit"], &LogTo::default())
+                .map_err(|e| anyhow!(e))?;
+            Active::Agent(agent)
         }
         Mode::Ceiling => {
             let macs = &bed.macs;
@@ -344,8 +337,8 @@ fn enter(bed: &Bed, mode: Mode) -> Result<Active> {
 
 fn leave(bed: &Bed, mode: Mode, active: Active) {
     match active {
-        Active::Agent(mut a) => {
-            let _ = a.terminate(10);
+        Active::Agent(a) => {
+            let _ = a.terminate();
             cidlb::datapath::detach(std::path::Path::new(&bed.pin_dir));
         }
         Active::Ceiling(e) => drop(e),

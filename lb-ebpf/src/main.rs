@@ -9,11 +9,9 @@
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
 //! - `stats.rs`   per-CPU counters; `maps.rs` every map
-//! - `bench.rs`   the empty reference program `cargo xtask bench` measures against
 #![no_std]
 #![no_main]
 
-mod bench;
 mod dtls;
 mod flow;
 mod forward;

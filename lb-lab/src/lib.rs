@@ -10,11 +10,14 @@
 //! Everything lives in namespaces this code created; they are deleted when the [`Lab`] drops
 //! (unless kept for `cargo xtask lab up`), and traffic never leaves them.
 
+pub mod agent;
+pub mod bpftool;
 pub mod fib;
 mod netns;
 pub mod packet;
+pub mod peer;
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 pub use netns::{enter, pin_to_cpu, run, ChildGuard, NetNs};
 
@@ -24,6 +27,9 @@ pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
 /// The DTLS port the lab balances.
 pub const PORT: u16 = 5684;
+/// The VIPs with [`PORT`], as clients address them.
+pub const VIP4_SOCKET: SocketAddr = SocketAddr::V4(SocketAddrV4::new(VIP4, PORT));
+pub const VIP6_SOCKET: SocketAddr = SocketAddr::V6(SocketAddrV6::new(VIP6, PORT, 0, 0));
 /// Most nodes the address plan holds (one /28 each in 203.0.113.0/24).
 pub const MAX_NODES: usize = 15;
 

@@ -48,9 +48,9 @@ macro_rules! errln {
 }
 
 /// Retries of the same message after a timeout (so up to 1 + RETRIES attempts).
-const RETRIES: u32 = 3;
+pub(crate) const RETRIES: u32 = 3;
 /// Longest single wait slice, so Mbed TLS retransmission timers get serviced.
-const SLICE: Duration = Duration::from_millis(25);
+pub(crate) const SLICE: Duration = Duration::from_millis(25);
 
 #[derive(Default, Clone)]
 pub struct Report {
@@ -153,6 +153,16 @@ pub fn run(o: Opts) -> anyhow::Result<bool> {
             debug_level: o.mbedtls_debug,
         })?
     };
+    run_sessions(o, conf, session_inner)
+}
+
+/// Runs `o.sessions` sessions of `session` on `o.parallel` threads, then prints the reports
+/// (also used by the DTLS 1.3 client, with its own `C` and `session`). True if all succeeded.
+pub(crate) fn run_sessions<C: Send + Sync + 'static>(
+    o: Opts,
+    conf: C,
+    session: fn(&Opts, &C, &mut Report) -> Result<(), String>,
+) -> anyhow::Result<bool> {
     let o = Arc::new(o);
     let conf = Arc::new(conf);
     let next = Arc::new(AtomicU32::new(0));
@@ -166,7 +176,7 @@ pub fn run(o: Opts) -> anyhow::Result<bool> {
             if i >= o.sessions {
                 break;
             }
-            let r = run_session(&o, &conf, i);
+            let r = run_session(&o, &*conf, i, session);
             if o.debug {
                 errln!("session {i} finished: {}", r.status(o.messages));
             }
@@ -259,7 +269,10 @@ fn hs_timer(t: Duration) -> (u32, u32) {
 }
 
 /// A connected UDP socket on `bind` or a fresh ephemeral port, same family as the server.
-fn new_socket(server: SocketAddr, bind: Option<SocketAddr>) -> std::io::Result<UdpSocket> {
+pub(crate) fn new_socket(
+    server: SocketAddr,
+    bind: Option<SocketAddr>,
+) -> std::io::Result<UdpSocket> {
     let bind: SocketAddr = bind.unwrap_or_else(|| {
         if server.is_ipv4() {
             "0.0.0.0:0".parse().unwrap()
@@ -273,7 +286,7 @@ fn new_socket(server: SocketAddr, bind: Option<SocketAddr>) -> std::io::Result<U
 }
 
 /// Blocks (outside the Mbed TLS lock) until a datagram is readable or `d` passed.
-fn wait_readable(sock: &UdpSocket, d: Duration) {
+pub(crate) fn wait_readable(sock: &UdpSocket, d: Duration) {
     let d = d.max(Duration::from_millis(1));
     if sock.set_read_timeout(Some(d)).is_err() {
         std::thread::sleep(d);
@@ -289,12 +302,17 @@ fn wait_readable(sock: &UdpSocket, d: Duration) {
     }
 }
 
-fn run_session(o: &Opts, conf: &Conf, idx: u32) -> Report {
+fn run_session<C>(
+    o: &Opts,
+    conf: &C,
+    idx: u32,
+    session: fn(&Opts, &C, &mut Report) -> Result<(), String>,
+) -> Report {
     let mut rep = Report {
         session: idx,
         ..Default::default()
     };
-    if let Err(e) = session_inner(o, conf, &mut rep) {
+    if let Err(e) = session(o, conf, &mut rep) {
         rep.error = Some(e);
         // Messages never attempted (e.g. after a failed handshake) count as failed.
         rep.failed = o.messages - rep.ok;
@@ -381,10 +399,7 @@ fn session_inner(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> 
             let _g = ffi::lock();
             let _ = ffi::random(&mut tag);
         }
-        let mut msg = format!("s{}-m{}-{}", rep.session, m, hex(&tag)).into_bytes();
-        while msg.len() < o.payload_len {
-            msg.push(b'.');
-        }
+        let msg = message(rep.session, m, &tag, o.payload_len);
         let mut done = false;
         'attempts: for attempt in 0..=RETRIES {
             if attempt > 0 {
@@ -479,8 +494,17 @@ fn fail_rest(_rep: &mut Report, _o: &Opts, _m: u32, e: String) -> Result<(), Str
     Err(e)
 }
 
+/// Message `m` of `session`: `s<session>-m<m>-<tag hex>`, padded with dots to `payload_len`.
+pub(crate) fn message(session: u32, m: u32, tag: &[u8], payload_len: usize) -> Vec<u8> {
+    let mut msg = format!("s{session}-m{m}-{}", hex(tag)).into_bytes();
+    while msg.len() < payload_len {
+        msg.push(b'.');
+    }
+    msg
+}
+
 /// `node=<id> <payload>` -> (id, payload)
-fn parse_echo(d: &[u8]) -> Option<(String, &[u8])> {
+pub(crate) fn parse_echo(d: &[u8]) -> Option<(String, &[u8])> {
     let rest = d.strip_prefix(b"node=")?;
     let sp = rest.iter().position(|&b| b == b' ')?;
     let id = std::str::from_utf8(&rest[..sp]).ok()?;

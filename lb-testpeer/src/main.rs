@@ -1,14 +1,18 @@
-//! cidlb-testpeer: a DTLS 1.2 peer with RFC 9146 Connection IDs (Mbed TLS 3.6.5), for testing
-//! a CID-aware UDP load balancer.
+//! cidlb-testpeer: a DTLS peer with Connection IDs, for testing a CID-aware UDP load balancer:
+//! DTLS 1.2 + RFC 9146 on Mbed TLS 3.6.5 (the default), or DTLS 1.3 (RFC 9147) on wolfSSL 5.9.4
+//! with `--dtls 1.3`. Both backends have the same CLI, log lines and JSON report.
 //!
 //! * `server`: per-node DTLS echo server; its CID starts with the node id.
 //! * `client`: runs sessions against a server (or a load balancer in front of servers),
 //!   optionally moving each session to a new UDP source port every K messages.
 
 mod client;
+mod client13;
 mod ffi;
 mod server;
+mod server13;
 mod util;
+mod wolf;
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -20,15 +24,29 @@ const DEFAULT_PSK_HEX: &str = "000102030405060708090a0b0c0d0e0f";
 #[command(
     name = "cidlb-testpeer",
     version,
-    about = "DTLS 1.2 + RFC 9146 CID test peer (Mbed TLS)"
+    about = "DTLS + Connection ID test peer: DTLS 1.2 (Mbed TLS) or DTLS 1.3 (wolfSSL)"
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+/// The DTLS version, and with it the backend.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum Dtls {
+    /// DTLS 1.2 with RFC 9146 CIDs (record type 25), Mbed TLS 3.6.5.
+    #[value(name = "1.2")]
+    V12,
+    /// DTLS 1.3 with RFC 9147 CIDs (unified header, C bit), wolfSSL 5.9.4.
+    #[value(name = "1.3")]
+    V13,
+}
+
 #[derive(clap::Args, Clone)]
 struct Common {
+    /// DTLS version: 1.2 (Mbed TLS) or 1.3 (wolfSSL). A 1.3 server rejects 1.2 clients.
+    #[arg(long, value_enum, default_value = "1.2")]
+    dtls: Dtls,
     /// PSK identity.
     #[arg(long, default_value = DEFAULT_PSK_IDENTITY)]
     psk_identity: String,
@@ -41,7 +59,7 @@ struct Common {
     /// Per-record log lines on stderr.
     #[arg(long)]
     debug: bool,
-    /// Mbed TLS debug threshold (0 = off, 1..4), printed on stderr.
+    /// Mbed TLS debug threshold (0 = off, 1..4), printed on stderr (DTLS 1.2 only).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=4))]
     mbedtls_debug: i32,
     /// Test aid: drop this many of every 1000 received datagrams (exercises retransmission).
@@ -143,6 +161,14 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     ffi::global_init()?;
+    let common = match &cli.cmd {
+        Cmd::Server { common, .. } | Cmd::Client { common, .. } => common,
+    };
+    let v13 = common.dtls == Dtls::V13;
+    anyhow::ensure!(
+        !(v13 && common.mbedtls_debug > 0),
+        "--mbedtls-debug applies to the Mbed TLS backend (--dtls 1.2) only"
+    );
     match cli.cmd {
         Cmd::Server {
             listen,
@@ -163,7 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     "--node-id {node_id} does not fit in {b} byte(s)"
                 );
             }
-            server::run(server::Opts {
+            let o = server::Opts {
                 listen,
                 node_id,
                 node_id_len: b,
@@ -176,7 +202,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 debug: common.debug,
                 mbedtls_debug: common.mbedtls_debug,
                 drop_permille: common.drop_permille,
-            })?;
+            };
+            if v13 {
+                server13::run(o)?;
+            } else {
+                server::run(o)?;
+            }
             Ok(0)
         }
         Cmd::Client {
@@ -214,7 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     "--bind with a fixed port needs --parallel 1"
                 );
             }
-            let all_ok = client::run(client::Opts {
+            let o = client::Opts {
                 server,
                 sessions,
                 messages,
@@ -232,7 +263,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 drop_permille: common.drop_permille,
                 bind,
                 no_close_notify,
-            })?;
+            };
+            let all_ok = if v13 {
+                client13::run(o)?
+            } else {
+                client::run(o)?
+            };
             Ok(if all_ok { 0 } else { 1 })
         }
     }

@@ -1,185 +1,22 @@
 //! End-to-end tests on loopback: a real server process and a real client process.
 //! Every loop is bounded; every server started here is stopped (SIGTERM, then SIGKILL).
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+mod support;
+
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cidlb-testpeer");
+use support::*;
 
-struct Server {
-    child: Option<Child>,
-    addr: SocketAddr,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Server {
-    /// Starts `cidlb-testpeer server --listen <ip>:0 ...` and waits for its `listening` line.
-    fn start(ip: &str, node_id: u64, extra: &[&str]) -> Option<Server> {
-        let listen = if ip.contains(':') {
-            format!("[{ip}]:0")
-        } else {
-            format!("{ip}:0")
-        };
-        let mut child = Command::new(BIN)
-            .args([
-                "server",
-                "--listen",
-                &listen,
-                "--node-id",
-                &node_id.to_string(),
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn server");
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(i) = line.find("listening addr=") {
-                        let a = line[i + 15..]
-                            .split_whitespace()
-                            .next()
-                            .unwrap_or("")
-                            .to_string();
-                        let _ = tx.send(a);
-                    }
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
-        let mut srv = Server {
-            child: Some(child),
-            addr: "127.0.0.1:9".parse().unwrap(),
-            lines,
-        };
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(a) => {
-                srv.addr = a.parse().expect("listening address");
-                Some(srv)
-            }
-            Err(_) => {
-                eprintln!("server did not start: {:?}", srv.lines.lock().unwrap());
-                None
-            }
-        }
+/// IPv6 loopback is a capability the suite requires: without it the IPv6 case would prove
+/// nothing, so its absence is a failure that says what to fix, never a silent pass.
+fn require_ipv6_loopback() {
+    if let Err(e) = UdpSocket::bind("[::1]:0") {
+        panic!(
+            "cannot bind [::1]:0 ({e}): this host has no IPv6 loopback; enable IPv6 \
+             (sysctl net.ipv6.conf.lo.disable_ipv6=0) to run the IPv6 peer test"
+        );
     }
-
-    fn log(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.log().iter().filter(|l| l.contains(needle)).count()
-    }
-
-    /// SIGTERM, wait up to 5 s, else SIGKILL. Returns the exit status.
-    fn stop(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-struct Out {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs the client with a hard time limit.
-fn client(args: &[&str], limit: Duration) -> Out {
-    let mut child = Command::new(BIN)
-        .arg("client")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn client");
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let t1 = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = so.read_to_string(&mut s);
-        s
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = se.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let st = child.wait().unwrap();
-            panic!("client exceeded {limit:?} ({st:?})");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Out {
-        status,
-        stdout: t1.join().unwrap(),
-        stderr: t2.join().unwrap(),
-    }
-}
-
-/// Value of `"key":<value>` in a flat JSON line (string quotes stripped); enough for our output.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("\"{key}\":");
-    let i = line.find(&pat)? + pat.len();
-    let rest = &line[i..];
-    if let Some(r) = rest.strip_prefix('"') {
-        return Some(&r[..r.find('"')?]);
-    }
-    let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
-    Some(&rest[..end])
-}
-
-fn session_lines(out: &str) -> Vec<&str> {
-    out.lines()
-        .filter(|l| l.starts_with("{\"session\""))
-        .collect()
-}
-
-fn summary(out: &str) -> &str {
-    out.lines()
-        .find(|l| l.starts_with("{\"summary\""))
-        .expect("summary line")
-}
-
-fn ipv6_available() -> bool {
-    UdpSocket::bind("[::1]:0").is_ok()
 }
 
 /// 5 sessions x 20 messages, rebinding every 5: all echoes from our node, server saw moves.
@@ -250,10 +87,7 @@ fn cid_rebinding_ipv4() {
 
 #[test]
 fn cid_rebinding_ipv6() {
-    if !ipv6_available() {
-        eprintln!("skipping: no IPv6 loopback");
-        return;
-    }
+    require_ipv6_loopback();
     cid_rebind_case("::1", 200);
 }
 

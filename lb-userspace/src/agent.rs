@@ -26,6 +26,7 @@ use crate::{
     layout,
     metrics::{self, View},
     provision,
+    ready::Ready,
 };
 
 /// How `cidlb run` ends.
@@ -320,7 +321,10 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 }
 
 /// `cidlb run`: start, then serve signals, file changes and health probes until SIGINT/SIGTERM.
-pub fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
+/// `ready_file` (`--ready-file`) is written once the datapath is up and removed on a clean exit
+/// (see `ready.rs`).
+pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut ready = Ready::new(ready_file)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -337,6 +341,7 @@ pub fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
         let mut seen = mtime(path);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         info!("cidlb running; SIGHUP (or editing the config) reloads, SIGINT/SIGTERM stops");
+        ready.signal(&agent.cfg.pin_dir)?;
         loop {
             let reload = tokio::select! {
                 _ = hup.recv() => {
@@ -393,6 +398,8 @@ pub fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
                 }
             }
         }
+        // Not ready any more before the datapath may go: a reader withdraws first.
+        ready.clear()?;
         for p in probes {
             p.abort();
         }

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod maglev;
 pub mod metrics;
 pub mod provision;
+pub mod ready;
 pub mod stats;
 pub mod testrun;
 pub mod validate;

@@ -44,6 +44,10 @@ enum Cmd {
         /// On SIGINT/SIGTERM remove the datapath instead of leaving it forwarding.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Write this file (atomically) once the datapath is attached and provisioned; remove
+        /// it on SIGINT/SIGTERM. Under systemd (NOTIFY_SOCKET) READY=1 is sent as well.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Remove a pinned datapath: detach from every interface, unpin program and maps.
     Detach {
@@ -117,12 +121,14 @@ fn main() -> ExitCode {
             config,
             shadow,
             detach_on_exit,
+            ready_file,
         } => agent::run(
             &config,
             RunOptions {
                 shadow,
                 detach_on_exit,
             },
+            ready_file,
         ),
         Cmd::Detach { pins } => pins.resolve().and_then(|dir| detach(&dir)),
         Cmd::Stats {

@@ -7,7 +7,12 @@ use aya::{
 };
 use lb_common::names;
 
-use crate::datapath::{Datapath, DatapathError, EBPF_OBJECT};
+use crate::datapath::{Datapath, DatapathError};
+
+/// The bench's reference programs (`cidlb_floor`, `cidlb_sink`, `cidlb_fwd`) and their maps
+/// (`SINK`, `FWD`, a `DEVMAP` of their own): an object apart from the datapath's, so
+/// `cidlb run` never loads them. Empty when built with AYA_BUILD_SKIP=1.
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
 /// What one BPF_PROG_TEST_RUN did.
 pub struct PacketRun {
@@ -19,32 +24,32 @@ pub struct PacketRun {
     pub per_run: std::time::Duration,
 }
 
-/// The embedded object loaded with nothing pinned and a one-entry flow table, for the bench's
-/// reference programs (`cidlb_sink`, `cidlb_fwd`); `sink_node` sets the sink's expected node.
+/// The bench object loaded (nothing pinned, nothing attached); `sink_node` sets the sink's
+/// expected node.
 pub fn load_bench_object(sink_node: u8) -> Result<Ebpf, DatapathError> {
-    if EBPF_OBJECT.is_empty() {
+    if BENCH_OBJECT.is_empty() {
         return Err(DatapathError::NoObject);
     }
     EbpfLoader::new()
         .override_global(names::SINK_NODE, &sink_node, true)
-        .override_global(names::CONFIG, &lb_common::DpConfig::DEFAULT, true)
-        .map_max_entries(names::FLOWS, 1)
-        .load(EBPF_OBJECT)
+        .load(BENCH_OBJECT)
         .map_err(DatapathError::Object)
 }
 
-impl Datapath {
-    /// Loads the empty reference program from the same object (bench only).
-    pub fn load_floor(&mut self) -> Result<(), DatapathError> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(names::FLOOR)
-            .ok_or(DatapathError::Program(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(DatapathError::Program)?;
-        prog.load().map_err(DatapathError::Program)
-    }
+/// The bench object with its empty program (the floor of the per-path cost) loaded into the
+/// kernel, ready for [`run_program`].
+pub fn load_floor() -> Result<Ebpf, DatapathError> {
+    let mut ebpf = load_bench_object(0)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(names::FLOOR)
+        .ok_or(DatapathError::Program(ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(DatapathError::Program)?;
+    prog.load().map_err(DatapathError::Program)?;
+    Ok(ebpf)
+}
 
+impl Datapath {
     /// The XDP program.
     pub fn program(&self) -> Result<&Xdp, DatapathError> {
         self.ebpf
@@ -65,7 +70,7 @@ impl Datapath {
         self.run_program(names::PROGRAM, frame, ifindex, repeat)
     }
 
-    /// [`Datapath::run_packet`] with another (loaded) program of the object, e.g. the floor.
+    /// [`Datapath::run_packet`] with another (loaded) program of the object.
     pub fn run_program(
         &self,
         name: &str,
@@ -73,32 +78,94 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Result<PacketRun, DatapathError> {
-        let prog: &Xdp = self
-            .ebpf
-            .program(name)
-            .ok_or(DatapathError::Program(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(DatapathError::Program)?;
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = Vec::with_capacity(24);
-        for w in [0u32, frame.len() as u32, 0, ifindex, 0, 0] {
-            ctx.extend_from_slice(&w.to_ne_bytes());
-        }
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat: repeat.max(1),
-                ..Default::default()
-            })
-            .map_err(DatapathError::Program)?;
-        out.truncate(r.data_size_out as usize);
-        Ok(PacketRun {
-            action: r.return_value,
-            output: out,
-            per_run: r.duration,
+        run_program(&self.ebpf, name, frame, ifindex, repeat)
+    }
+}
+
+/// Runs `frame` through the loaded XDP program `name` of `ebpf` as if received on `ifindex`
+/// (BPF_PROG_TEST_RUN), `repeat` times on the same buffer (the kernel does not restore it
+/// between runs).
+pub fn run_program(
+    ebpf: &Ebpf,
+    name: &str,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<PacketRun, DatapathError> {
+    let prog: &Xdp = ebpf
+        .program(name)
+        .ok_or(DatapathError::Program(ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(DatapathError::Program)?;
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let mut ctx = Vec::with_capacity(24);
+    for w in [0u32, frame.len() as u32, 0, ifindex, 0, 0] {
+        ctx.extend_from_slice(&w.to_ne_bytes());
+    }
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: repeat.max(1),
+            ..Default::default()
         })
+        .map_err(DatapathError::Program)?;
+    out.truncate(r.data_size_out as usize);
+    Ok(PacketRun {
+        action: r.return_value,
+        output: out,
+        per_run: r.duration,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, path::Path};
+
+    use super::*;
+    use crate::config::Config;
+
+    fn names<'a>(it: impl Iterator<Item = &'a str>) -> BTreeSet<String> {
+        it.map(str::to_owned).collect()
+    }
+
+    /// `cidlb run` loads only the datapath object: the bench's programs and maps are not in it,
+    /// and they are all in the bench object. Loads both into the kernel (root).
+    #[test]
+    fn bench_programs_and_maps_live_in_their_own_object() {
+        lb_lab::require_root();
+        let cfg = Config::parse(
+            "interfaces: [lo]\nvips: [{address: 192.0.2.10, ports: [5684]}]\n\
+             nodes: [{id: 1, address: 203.0.113.11}]\nflows: {capacity: 16}\n",
+            Path::new("test.yaml"),
+        )
+        .expect("config");
+        let dp = Datapath::load(&cfg).expect("load the datapath object");
+        let bench = load_bench_object(1).expect("load the bench object");
+        let bench_programs = [names::FLOOR, names::SINK_PROG, names::FWD_PROG];
+        let bench_maps = [names::SINK, names::FWD];
+
+        let programs = names(dp.ebpf.programs().map(|(n, _)| n));
+        let maps = names(dp.ebpf.maps().map(|(n, _)| n));
+        assert_eq!(
+            programs,
+            names([names::PROGRAM].into_iter()),
+            "{programs:?}"
+        );
+        for m in bench_maps {
+            assert!(
+                !maps.contains(m),
+                "the datapath object creates {m}: {maps:?}"
+            );
+        }
+
+        let programs = names(bench.programs().map(|(n, _)| n));
+        let maps = names(bench.maps().map(|(n, _)| n));
+        assert_eq!(programs, names(bench_programs.into_iter()), "{programs:?}");
+        for m in bench_maps {
+            assert!(maps.contains(m), "the bench object lacks {m}: {maps:?}");
+        }
     }
 }

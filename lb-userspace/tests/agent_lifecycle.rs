@@ -1,7 +1,7 @@
 //! The agent under steady traffic in the netns lab: kill -9, restart (adopting the pinned
 //! datapath), reload with a node added, drain a node, a bad reload: no packet of an unaffected
 //! session may be lost. Health checks take a stopped node out of new-flow rotation and back.
-//! `/metrics` is valid Prometheus text and agrees with `cidlb stats --json`.
+//! `/metrics` is valid Prometheus text and agrees with the kernel's STATS map read by bpftool.
 
 mod common;
 
@@ -306,29 +306,58 @@ fn health_checks_and_metrics() {
         metrics.contains("cidlb_health_transitions_total{node=\"2\"} 2"),
         "{metrics}"
     );
-    let json = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
-    // Health probes keep arriving (ICMP, probe answers, ND): skip the counters they move.
-    let moving = [
-        "packets_seen",
-        "pass_not_udp",
-        "pass_local_reply",
-        "pass_not_ip",
-    ];
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("cidlb_packets_total{"))
-    {
-        let reason = line.split('"').nth(1).unwrap();
-        let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-        if !moving.contains(&reason) {
-            assert_eq!(
-                value,
-                json_counter(&json, reason),
-                "{reason}: /metrics {value} vs stats --json"
-            );
-        }
+    // /metrics against an independent reading of the kernel's STATS map (bpftool, not cidlb's
+    // aya reader): bpftool, then /metrics, then bpftool again. Probes keep arriving, so each
+    // counter may only grow: before <= /metrics <= after, counter by counter.
+    let stats_pin = pins.0.join(lb_common::names::STATS);
+    let before = lb_lab::bpftool::percpu_u64_sums(&stats_pin).unwrap_or_else(|e| panic!("{e}"));
+    let metrics = scrape(lab, "127.0.0.1:9105");
+    let after = lb_lab::bpftool::percpu_u64_sums(&stats_pin).unwrap_or_else(|e| panic!("{e}"));
+    let exported = packets_total(&metrics);
+    assert_eq!(
+        exported.len(),
+        lb_common::Counter::ALL.len(),
+        "/metrics must export every counter once: {exported:?}"
+    );
+    for &c in lb_common::Counter::ALL {
+        let (lo, hi) = (before[&(c as u32)], after[&(c as u32)]);
+        let got = *exported
+            .get(c.name())
+            .unwrap_or_else(|| panic!("{} missing from /metrics", c.name()));
+        assert!(
+            lo <= got && got <= hi,
+            "{}: /metrics says {got}, the STATS map held {lo} before and {hi} after",
+            c.name()
+        );
     }
+    // Not a comparison of zeros: the flows above were counted.
+    assert!(
+        before[&(lb_common::Counter::FlowNew as u32)] >= 14,
+        "flow_new: {before:?}"
+    );
     assert!(agent.terminate().expect("exits").success());
+}
+
+/// `cidlb_packets_total{reason="R"} V` samples of a Prometheus text: reason → value.
+fn packets_total(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("cidlb_packets_total{reason=\"") else {
+            continue;
+        };
+        let (reason, rest) = rest
+            .split_once("\"}")
+            .unwrap_or_else(|| panic!("bad sample: {line}"));
+        let value: u64 = rest
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        assert!(
+            out.insert(reason.to_owned(), value).is_none(),
+            "repeated: {line}"
+        );
+    }
+    out
 }
 
 /// GET /metrics from inside the balancer namespace.

@@ -6,17 +6,13 @@
 
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::Stdio,
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use common::agent::{cidlb, json_counter, AgentProc, PinGuard};
-use lb_lab::{ChildGuard, Lab, NetNs, PORT};
-use serde_json::Value;
+use lb_lab::{
+    peer::{self, ClientRun},
+    ChildGuard, Lab, NetNs,
+};
 
 fn testpeer() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -35,67 +31,11 @@ fn testpeer() -> PathBuf {
 
 /// A DTLS echo server for node `id` in a node namespace, listening on both families.
 fn server(ns: &NetNs, id: u32, extra: &[&str]) -> ChildGuard {
-    let mut child = ns
-        .command(testpeer().to_str().unwrap())
-        .args([
-            "server",
-            "--listen",
-            &format!("[::]:{PORT}"),
-            "--node-id",
-            &id.to_string(),
-        ])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cidlb-testpeer server");
-    let err = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(err).lines();
-    let ready = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .any(|l| l.contains("listening"));
-    assert!(ready, "server for node {id} did not start");
-    std::thread::spawn(move || lines.for_each(drop));
-    ChildGuard(child)
-}
-
-/// What a client run reported: per-session JSON objects and the summary.
-struct ClientRun {
-    ok: bool,
-    sessions: Vec<Value>,
-    summary: Value,
+    peer::server(&testpeer(), ns, id, extra, None).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn client(lab: &Lab, vip: &str, args: &[&str]) -> ClientRun {
-    let out = lab
-        .client
-        .command(testpeer().to_str().unwrap())
-        .args(["client", "--server", vip, "--json"])
-        .args(args)
-        .output()
-        .expect("run cidlb-testpeer client");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut sessions = Vec::new();
-    let mut summary = Value::Null;
-    for line in text.lines() {
-        let v: Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("bad client JSON {line:?}: {e}"));
-        if let Some(s) = v.get("summary") {
-            summary = s.clone();
-        } else {
-            sessions.push(v);
-        }
-    }
-    assert!(
-        !summary.is_null(),
-        "no summary from the client: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ClientRun {
-        ok: out.status.success(),
-        sessions,
-        summary,
-    }
+    peer::client(&testpeer(), &lab.client, vip, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Every session ok, answered by exactly the node its server CID names, with `rebinds` rebinds.
@@ -110,14 +50,14 @@ fn assert_sessions_follow_their_cid(
     for s in &run.sessions {
         assert_eq!(s["status"], "ok", "{s}");
         assert_eq!(s["failed"], 0, "{s}");
-        let nodes = s["nodes"].as_array().unwrap();
+        let nodes = ClientRun::answered_by(s);
         assert_eq!(nodes.len(), 1, "a session answered by several nodes: {s}");
-        let node: u64 = nodes[0].as_str().unwrap().parse().unwrap();
-        let cid = s["server_cid"].as_str().unwrap();
-        let cid_node = u64::from_str_radix(&cid[..2], 16).unwrap();
+        let node = nodes[0];
+        let cid_node = ClientRun::cid_node(s).unwrap_or_else(|| panic!("no server CID: {s}"));
         assert_eq!(
             node, cid_node,
-            "session answered by node {node} but its CID {cid} names {cid_node}"
+            "session answered by node {node} but its CID {} names {cid_node}",
+            s["server_cid"]
         );
         assert!(s["rebinds"].as_u64().unwrap() >= min_rebinds, "{s}");
         *per_node.entry(node.to_string()).or_insert(0) += 1;
@@ -166,8 +106,13 @@ fn setup_ids(tag: &str, ids: &[u32], extra_config: &str) -> Setup {
     }
 }
 
-const V4: &str = "192.0.2.10:5684";
-const V6: &str = "[2001:db8:ffff::10]:5684";
+fn v4() -> String {
+    lb_lab::VIP4_SOCKET.to_string()
+}
+
+fn v6() -> String {
+    lb_lab::VIP6_SOCKET.to_string()
+}
 
 #[test]
 fn twenty_rebinding_sessions_over_two_nodes_ipv4() {
@@ -175,7 +120,7 @@ fn twenty_rebinding_sessions_over_two_nodes_ipv4() {
     // 55 messages, a rebind after every 5th: 10 rebinds per session.
     let run = client(
         &s.lab,
-        V4,
+        &v4(),
         &[
             "--sessions",
             "20",
@@ -196,7 +141,8 @@ fn twenty_rebinding_sessions_over_two_nodes_ipv4() {
 #[test]
 fn rebinding_sessions_over_four_nodes_and_ipv6() {
     let s = setup("e4", 4, "");
-    for vip in [V4, V6] {
+    for vip in [v4(), v6()] {
+        let vip = vip.as_str();
         let run = client(
             &s.lab,
             vip,
@@ -223,7 +169,7 @@ fn non_cid_session_stays_on_one_node() {
     // Plain DTLS 1.2 (no CID), no rebinding: routed by flow, each session on one node.
     let run = client(
         &s.lab,
-        V4,
+        &v4(),
         &["--sessions", "10", "--messages", "30", "--no-cid"],
     );
     assert!(run.ok, "{:#}", run.summary);
@@ -243,7 +189,7 @@ fn cid_naming_an_unknown_node_is_dropped_and_counted() {
     let (lab, pins) = (&s.lab, &s.pins);
     let run = client(
         lab,
-        V4,
+        &v4(),
         &["--sessions", "8", "--messages", "6", "--timeout-ms", "300"],
     );
     let mut healthy = 0;
@@ -285,7 +231,7 @@ fn control_rebinding_fails_through_a_five_tuple_balancer() {
     let _servers = [server(&lab.nodes[0], 1, &[]), server(&lab.nodes[1], 2, &[])];
     lab.seed_iptables(false).unwrap_or_else(|e| panic!("{e}"));
     // Without rebinding the same sessions work: the control differs only in the rebinding.
-    let steady = client(&lab, V4, &["--sessions", "4", "--messages", "6"]);
+    let steady = client(&lab, &v4(), &["--sessions", "4", "--messages", "6"]);
     assert!(
         steady.ok,
         "without rebinding the 5-tuple balancer must work: {:#}",
@@ -293,7 +239,7 @@ fn control_rebinding_fails_through_a_five_tuple_balancer() {
     );
     let run = client(
         &lab,
-        V4,
+        &v4(),
         &[
             "--sessions",
             "6",
@@ -344,6 +290,6 @@ fn dtls_health_probe_follows_a_real_server() {
         .expect("restarted server must come back");
     assert!(line.contains("node=2"), "{line}");
     // Sessions work across both nodes again.
-    let run = client(&s.lab, V4, &["--sessions", "6", "--messages", "6"]);
+    let run = client(&s.lab, &v4(), &["--sessions", "6", "--messages", "6"]);
     assert_sessions_follow_their_cid(&run, 6, 0);
 }

@@ -54,6 +54,17 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     )
     .unwrap();
     let agent = AgentProc::start(lab, &cfg, &["--detach-on-exit"]);
+    // Ready means attached: the file appeared only once XDP was on every interface.
+    let ready = agent.ready_file.clone();
+    let links = lab.balancer.must(&["ip", "link", "show"]).unwrap();
+    for dev in lab.interfaces() {
+        assert!(
+            links
+                .lines()
+                .any(|l| l.contains(&format!(" {dev}@")) && l.contains("xdp")),
+            "ready file written but no XDP program on {dev}:\n{links}"
+        );
+    }
     // veth needs a moment after XDP attach before it forwards.
     thread::sleep(Duration::from_millis(1500));
 
@@ -61,6 +72,7 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     let results = thread::spawn(move || {
         lb_lab::enter(&client_ns);
         let mut report = Vec::new();
+        let mut spread = Vec::new();
         for (vip, bind) in [
             (format!("{VIP4}:{PORT}"), "0.0.0.0:0"),
             (format!("[{VIP6}]:{PORT}"), "[::]:0"),
@@ -75,7 +87,7 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
                     for m in 0..5u8 {
                         let rec =
                             cid_record(&[node, 0xc1, 0xd0, rebind, m, 0], b"application data");
-                        report.push(("cid", vip, node as u32, ask(&s, vip, &rec)));
+                        report.push(("cid", vip, Some(node as u32), ask(&s, vip, &rec)));
                     }
                 }
             }
@@ -90,35 +102,46 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
                 report.push((
                     "flow",
                     vip,
-                    first,
+                    Some(first),
                     ask(&s, vip, &handshake_record(b"ClientHello")),
                 ));
             }
-            // New flows spread over both nodes.
+            // New flows spread over both nodes: any node may answer each one (`None`), every
+            // reply must still come from the VIP, and together they reach both nodes.
             let mut seen = std::collections::BTreeSet::new();
             for _ in 0..6 {
                 let s = UdpSocket::bind(bind).unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(300)))
                     .unwrap();
-                if let Some((id, _)) = ask(&s, vip, &handshake_record(b"hello")) {
+                let got = ask(&s, vip, &handshake_record(b"hello"));
+                if let Some((id, _)) = got {
                     seen.insert(id);
                 }
+                report.push(("spread", vip, None, got));
             }
-            report.push(("spread", vip, 2, Some((seen.len() as u32, vip))));
+            spread.push((vip, seen));
         }
-        report
+        (report, spread)
     })
     .join()
     .expect("client thread");
+    let (results, spread) = results;
 
     let mut failures = Vec::new();
+    for (vip, seen) in &spread {
+        if seen.len() != 2 {
+            failures.push(format!(
+                "spread to {vip}: 6 new flows reached nodes {seen:?}, want both"
+            ));
+        }
+    }
     for (kind, vip, want, got) in &results {
         match got {
             None => failures.push(format!("{kind} to {vip}: no reply")),
             Some((id, from)) => {
-                if id != want {
+                if want.is_some_and(|w| w != *id) {
                     failures.push(format!(
-                        "{kind} to {vip}: answered by node {id}, want {want}"
+                        "{kind} to {vip}: answered by node {id}, want {want:?}"
                     ));
                 }
                 if from != vip {
@@ -129,6 +152,13 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
             }
         }
     }
+
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 
     // Counters through the CLI, from the pinned maps.
     let json = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
@@ -149,18 +179,53 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     // SIGTERM with --detach-on-exit: the agent detaches, unpins and exits 0.
     let status = agent.terminate().expect("cidlb exits on SIGTERM");
     let served: u64 = bed.echo.iter_mut().map(Echo::stop).sum();
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
     assert!(served >= 200, "nodes served {served}");
     assert!(status.success(), "cidlb exited with {status}");
+    assert!(
+        !ready.exists(),
+        "ready file {} left after a clean exit",
+        ready.display()
+    );
     assert!(!pins.0.exists(), "pins left behind in {}", pins.0.display());
     let links = lab.balancer.must(&["ip", "link", "show"]).unwrap();
     assert!(
         !links.contains("xdp"),
         "XDP still attached after SIGTERM:\n{links}"
     );
+}
+
+#[test]
+fn no_readiness_when_the_datapath_cannot_come_up() {
+    // An interface that does not exist: `cidlb run` must exit with the reason and never write
+    // its ready file, and the harness must say so at once rather than wait out its timeout.
+    let bed = Bed::up("nr", 1);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
+    let text = lab
+        .cidlb_config(&pins.0.display().to_string(), "")
+        .replace("interfaces: [", "interfaces: [nosuch0, ");
+    std::fs::write(&cfg, text).unwrap();
+    let t0 = std::time::Instant::now();
+    let err = match lb_lab::agent::Agent::start(
+        common::agent::bin(),
+        &lab.balancer,
+        &cfg,
+        &[],
+        &lb_lab::agent::LogTo::default(),
+    ) {
+        Ok(a) => panic!(
+            "cidlb reported ready without interface nosuch0 (ready file {})",
+            a.ready_file.display()
+        ),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("before it was ready") && err.contains("nosuch0"),
+        "{err}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(!pins.0.exists(), "a failed start left pins behind");
 }

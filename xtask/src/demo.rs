@@ -3,15 +3,19 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, IsTerminal as _, Write as _},
+    io::{IsTerminal as _, Write as _},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use lb_lab::{ChildGuard, Lab, NetNs, PORT, VIP4, VIP6};
+use lb_lab::{
+    agent::{Agent, LogTo},
+    peer::ClientRun,
+    ChildGuard, Lab, NetNs,
+};
 use serde_json::Value;
 
 use crate::{root, setup, sh};
@@ -34,11 +38,12 @@ fn bin(name: &str) -> PathBuf {
     root().join("target/release").join(name)
 }
 
-/// One client run in the background: which traffic, and where its JSON goes.
+/// One client run in the background: which traffic, where its JSON goes, how it ended.
 struct Client {
     label: &'static str,
     child: ChildGuard,
     out: PathBuf,
+    status: Option<std::process::ExitStatus>,
 }
 
 pub fn run() -> Result<()> {
@@ -85,20 +90,11 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
     let mut servers = Vec::new();
     for (i, n) in lab.nodes.iter().enumerate() {
         let id = i + 1;
-        let log = std::fs::File::create(out_dir.join(format!("node{id}.log")))?;
-        let child = n
-            .command(peer.to_str().expect("utf-8 path"))
-            .args([
-                "server",
-                "--listen",
-                &format!("[::]:{PORT}"),
-                "--node-id",
-                &id.to_string(),
-            ])
-            .stderr(log)
-            .spawn()
-            .context("starting a DTLS server")?;
-        servers.push(ChildGuard(child));
+        let log = out_dir.join(format!("node{id}.log"));
+        servers.push(
+            lb_lab::peer::server(&peer, n, id as u32, &[], Some(&log))
+                .map_err(|e| anyhow!("starting a DTLS server: {e}"))?,
+        );
         println!(
             "    node {id}: DTLS 1.2 server (Mbed TLS), CIDs start with {id:02x}, at {} / {}",
             lb_lab::node4(id),
@@ -113,47 +109,40 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
         cfg.display(),
         lab.interfaces().join(", ")
     ));
-    let mut agent = lab
-        .balancer
-        .nsenter(bin("cidlb").to_str().expect("utf-8 path"))
-        .args(["run", "--detach-on-exit", "--config"])
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting cidlb")?;
-    let err = agent.stderr.take().expect("piped");
-    let agent = ChildGuard(agent);
     let log_path = out_dir.join("cidlb.log");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut log = std::fs::File::create(log_path).ok();
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if let Some(f) = log.as_mut() {
-                let _ = writeln!(f, "{line}");
-            }
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) if l.contains("cidlb running") => break,
-            Ok(l) if l.contains("attached XDP program") => {
-                println!("    {}", l.split("INFO ").last().unwrap_or(&l))
-            }
-            Ok(l) if l.contains("ERROR") => bail!("cidlb failed to start: {l}"),
-            _ if Instant::now() > deadline => {
-                bail!("cidlb did not start within 30 s; see target/demo/cidlb.log")
-            }
-            _ if INTERRUPTED.load(Ordering::SeqCst) => bail!("interrupted"),
-            _ => {}
-        }
+    let _ = std::fs::remove_file(&log_path);
+    let agent = Agent::start(
+        &bin("cidlb"),
+        &lab.balancer,
+        &cfg,
+        &["--detach-on-exit"],
+        &LogTo {
+            stderr_prefix: None,
+            file: Some(log_path),
+        },
+    )
+    .map_err(|e| anyhow!("{e}\n(whole log: target/demo/cidlb.log)"))?;
+    for l in agent
+        .history
+        .borrow()
+        .iter()
+        .filter(|l| l.contains("attached XDP program"))
+    {
+        println!("    {}", l.split("INFO ").last().unwrap_or(l));
+    }
+    println!(
+        "    ready after {:.1} s ({} written)",
+        agent.start_time.as_secs_f64(),
+        agent.ready_file.display()
+    );
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
     }
     std::thread::sleep(Duration::from_millis(1000));
 
     step("clients: DTLS handshakes, then records while hopping source ports (a NAT rebinding every 4 records)");
-    let v4 = format!("{VIP4}:{PORT}");
-    let v6 = format!("[{VIP6}]:{PORT}");
+    let v4 = lb_lab::VIP4_SOCKET.to_string();
+    let v6 = lb_lab::VIP6_SOCKET.to_string();
     // 40 records 250 ms apart per session: about ten seconds to watch.
     let runs: [(&'static str, &str, &str); 3] = [
         (
@@ -175,19 +164,15 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
     let mut clients = Vec::new();
     for (label, vip, args) in runs {
         let out = out_dir.join(format!("{}.jsonl", label.replace(' ', "-")));
-        let child = lab
-            .client
-            .command(peer.to_str().expect("utf-8 path"))
-            .args(["client", "--server", vip, "--json"])
-            .args(args.split(' '))
-            .stdout(std::fs::File::create(&out)?)
-            .stderr(Stdio::null())
-            .spawn()?;
-        println!("    {label}: {args} to {vip}");
+        let args: Vec<&str> = args.split(' ').collect();
+        let child = lb_lab::peer::spawn_client(&peer, &lab.client, vip, &args, &out)
+            .map_err(|e| anyhow!(e))?;
+        println!("    {label}: {} to {vip}", args.join(" "));
         clients.push(Client {
             label,
-            child: ChildGuard(child),
+            child,
             out,
+            status: None,
         });
     }
     forge_unknown_node(&lab.client)?;
@@ -202,10 +187,10 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
     let mut drawn = 0;
     let mut printed: Option<Instant> = None;
     loop {
-        let done = clients
-            .iter_mut()
-            .filter_map(|c| c.child.0.try_wait().ok().flatten())
-            .count();
+        for c in clients.iter_mut().filter(|c| c.status.is_none()) {
+            c.status = c.child.0.try_wait().ok().flatten();
+        }
+        let done = clients.iter().filter(|c| c.status.is_some()).count();
         let stats = stats()?;
         let block = live_block(
             &stats,
@@ -248,30 +233,33 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
 
     let stats = stats()?;
     summary(&clients, &stats)?;
-    drop(agent);
+    // SIGTERM: the agent detaches (--detach-on-exit) and removes its ready file.
+    if !agent.terminate().is_some_and(|s| s.success()) {
+        bail!("cidlb did not exit cleanly on SIGTERM; see target/demo/cidlb.log");
+    }
     drop(servers);
     Ok(())
 }
 
-/// Five tls12_cid records for node 9 from the client, sent with bash's /dev/udp.
+/// Five tls12_cid records for node 9 from the client namespace.
 fn forge_unknown_node(client: &NetNs) -> Result<()> {
-    let record =
-        r"\x19\xfe\xfd\x00\x01\x00\x00\x00\x00\x00\x01\x09\xaa\xbb\xcc\xdd\xee\x00\x04forg";
-    let script = format!("for i in 1 2 3 4 5; do printf '{record}' > /dev/udp/{VIP4}/{PORT}; done");
-    client
-        .must(&["bash", "-c", &script])
-        .map_err(|e| anyhow!(e))?;
-    Ok(())
+    let name = client.name.clone();
+    std::thread::spawn(move || -> std::io::Result<()> {
+        lb_lab::enter(&name);
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let record = lb_lab::packet::cid_record(&[9, 0xaa, 0xbb, 0xcc, 0xdd, 0xee], b"forg");
+        for _ in 0..5 {
+            s.send_to(&record, lb_lab::VIP4_SOCKET)?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow!("the forging thread panicked"))?
+    .context("sending the forged records")
 }
 
 fn stats() -> Result<Value> {
-    let out = Command::new(bin("cidlb"))
-        .args(["stats", "--json", "--pin-dir", PIN_DIR])
-        .output()?;
-    if !out.status.success() {
-        bail!("cidlb stats: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    lb_lab::agent::stats(&bin("cidlb"), Path::new(PIN_DIR)).map_err(|e| anyhow!(e))
 }
 
 fn counter(s: &Value, name: &str) -> u64 {
@@ -351,28 +339,28 @@ fn live_block(
 fn summary(clients: &[Client], stats: &Value) -> Result<()> {
     step("summary");
     let mut all_ok = true;
+    let mut all_follow_cid = true;
     let mut total_sessions = 0;
     let mut total_rebinds = 0;
     let mut handshakes: BTreeMap<String, u64> = BTreeMap::new();
     for c in clients {
         let text = std::fs::read_to_string(&c.out)?;
-        let summary = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find_map(|v| v.get("summary").cloned())
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}: no summary from the client (see {})",
-                    c.label,
-                    c.out.display()
-                )
-            })?;
+        let exited_ok = c.status.is_some_and(|s| s.success());
+        let run = ClientRun::parse(&text, exited_ok)
+            .map_err(|e| anyhow!("{}: {e} (see {})", c.label, c.out.display()))?;
+        // Checked per session from the peer's report: each echo names the node that sent it.
+        let wrong = run.misrouted();
+        for w in &wrong {
+            println!("  {}: {w}", c.label);
+        }
+        all_follow_cid &= wrong.is_empty();
+        let summary = &run.summary;
         let (sessions, ok, rebinds) = (
             summary["sessions"].as_u64().unwrap_or(0),
             summary["ok"].as_u64().unwrap_or(0),
             summary["rebinds"].as_u64().unwrap_or(0),
         );
-        all_ok &= sessions == ok && summary["messages_failed"].as_u64() == Some(0);
+        all_ok &= run.ok && sessions == ok && summary["messages_failed"].as_u64() == Some(0);
         total_sessions += sessions;
         total_rebinds += rebinds;
         if let Some(per) = summary["per_node"].as_object() {
@@ -425,9 +413,13 @@ fn summary(clients: &[Client], stats: &Value) -> Result<()> {
             drops.join(", ")
         }
     );
-    println!("  {total_sessions} sessions, {total_rebinds} rebinds, every echo back from the node named in the session's CID: {}", if all_ok { "yes" } else { "NO" });
-    if !all_ok {
-        bail!("some sessions failed; see target/demo/*.jsonl and target/demo/cidlb.log");
+    println!(
+        "  {total_sessions} sessions ({}), {total_rebinds} rebinds; every echo from the node named in its session's CID (checked per session): {}",
+        if all_ok { "all ok" } else { "SOME FAILED" },
+        if all_follow_cid { "yes" } else { "NO" }
+    );
+    if !all_ok || !all_follow_cid {
+        bail!("see target/demo/*.jsonl and target/demo/cidlb.log");
     }
     Ok(())
 }

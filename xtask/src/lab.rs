@@ -29,8 +29,13 @@ pub fn up(nodes: usize) -> Result<()> {
     );
     println!("config: {}", cfg.display());
     println!(
-        "run the balancer:  nsenter --net=/run/netns/{b} target/release/cidlb run --config {}",
-        cfg.display()
+        "run the balancer:  nsenter --net=/run/netns/{b} target/release/cidlb run --config {} --ready-file {}",
+        cfg.display(),
+        cfg.with_file_name("ready").display()
+    );
+    println!(
+        "                   (ready once {} exists)",
+        cfg.with_file_name("ready").display()
     );
     println!(
         "stats:             target/release/cidlb stats --pin-dir /sys/fs/bpf/cidlb-lab --watch 1"

@@ -19,6 +19,10 @@ const APT: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("conntrack", "conntrack"),
     ("trafgen", "netsniff-ng"),
+    // wolfSSL's autogen.sh (lb-testpeer's DTLS 1.3 backend, built from source by its build.rs).
+    ("autoreconf", "autoconf"),
+    ("automake", "automake"),
+    ("libtoolize", "libtool"),
 ];
 
 pub fn run() -> Result<()> {

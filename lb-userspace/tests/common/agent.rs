@@ -1,144 +1,74 @@
-//! `cidlb run` as a child process in a lab's balancer namespace.
+//! `cidlb run` as a child process in a lab's balancer namespace: this test build's `cidlb`
+//! through lb-lab's harness (`lb_lab::agent`), which the demo and the bench share.
 
 use std::{
-    io::{BufRead, BufReader},
+    ops::{Deref, DerefMut},
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Stdio},
-    sync::mpsc,
-    thread,
-    time::{Duration, Instant},
+    process::ExitStatus,
 };
 
-use lb_lab::{ChildGuard, Lab};
+use lb_lab::{
+    agent::{Agent, LogTo},
+    Lab,
+};
 
-/// Removes a pinned datapath when dropped (after the test, whatever happened).
-pub struct PinGuard(pub PathBuf);
+pub use lb_lab::agent::PinGuard;
 
-impl PinGuard {
-    /// A pin directory unique to this test process and tag.
-    pub fn new(tag: &str) -> Self {
-        assert!(
-            cidlb::datapath::is_bpffs(Path::new("/sys/fs/bpf")),
-            "/sys/fs/bpf is not mounted (cargo xtask test mounts it)"
-        );
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/cidlb-test-{tag}-{}",
-            std::process::id()
-        )))
+/// This test build's `cidlb`.
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_cidlb"))
+}
+
+/// A running `cidlb run` (see [`lb_lab::agent::Agent`], which it derefs to).
+pub struct AgentProc(pub Agent);
+
+impl Deref for AgentProc {
+    type Target = Agent;
+    fn deref(&self) -> &Agent {
+        &self.0
     }
 }
 
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        cidlb::datapath::detach(&self.0);
+impl DerefMut for AgentProc {
+    fn deref_mut(&mut self) -> &mut Agent {
+        &mut self.0
     }
-}
-
-pub struct AgentProc {
-    pub child: ChildGuard,
-    lines: mpsc::Receiver<String>,
-    /// Every line read so far.
-    pub history: std::cell::RefCell<Vec<String>>,
 }
 
 impl AgentProc {
-    /// Starts `cidlb run --config CONFIG ARGS` in the balancer namespace (nsenter keeps the
-    /// host's /sys/fs/bpf) and waits until it reports running.
+    /// Starts `cidlb run --config CONFIG ARGS` in the balancer namespace and waits until its
+    /// ready file appears; its log goes to stderr prefixed `[cidlb]`.
     pub fn start(lab: &Lab, config: &Path, args: &[&str]) -> Self {
-        let mut child = lab
-            .balancer
-            .nsenter(env!("CARGO_BIN_EXE_cidlb"))
-            .arg("run")
-            .args(args)
-            .arg("--config")
-            .arg(config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cidlb");
-        let (tx, rx) = mpsc::channel();
-        let err = child.stderr.take().expect("stderr piped");
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("[cidlb] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let agent = AgentProc {
-            child: ChildGuard(child),
-            lines: rx,
-            history: Default::default(),
+        let log = LogTo {
+            stderr_prefix: Some("[cidlb] ".into()),
+            file: None,
         };
-        agent
-            .wait_for("cidlb running", Duration::from_secs(20))
-            .expect("cidlb did not report running within 20 s");
-        agent
-    }
-
-    /// Waits for a log line containing `needle`.
-    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.history.borrow_mut().push(l.clone());
-                    if l.contains(needle) {
-                        return Some(l);
-                    }
-                }
-                Err(_) => return None,
-            }
-        }
-    }
-
-    /// Has a line containing `needle` been read already?
-    pub fn saw(&self, needle: &str) -> bool {
-        self.history.borrow().iter().any(|l| l.contains(needle))
-    }
-
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.0.id() as i32, sig) };
+        Self(
+            Agent::start(bin(), &lab.balancer, config, args, &log)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
     }
 
     /// kill -9: no cleanup of any kind.
-    pub fn kill9(mut self) {
-        let _ = self.child.0.kill();
-        let _ = self.child.0.wait();
+    pub fn kill9(self) {
+        self.0.kill9()
     }
 
-    pub fn terminate(mut self) -> Option<ExitStatus> {
-        self.child.terminate(10)
+    pub fn terminate(self) -> Option<ExitStatus> {
+        self.0.terminate()
     }
 }
 
 /// Runs `cidlb` (not `run`) and returns its stdout, panicking on failure.
 pub fn cidlb(args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_cidlb"))
-        .args(args)
-        .output()
-        .expect("spawn cidlb");
-    assert!(
-        o.status.success(),
-        "cidlb {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    lb_lab::agent::cidlb(bin(), args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A counter from `cidlb stats --json` output.
 pub fn json_counter(json: &str, name: &str) -> u64 {
-    let key = format!("\"{name}\":");
-    let at = json
-        .find(&key)
-        .unwrap_or_else(|| panic!("{name} missing in {json}"))
-        + key.len();
-    json[at..]
-        .split([',', '}'])
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("stats JSON ({e}): {json}"));
+    lb_lab::agent::counter(&v, name).unwrap_or_else(|| panic!("{name} missing in {json}"))
 }
 
 /// One test's lab: an echo server on every node, a pin directory and a config path. Fields
