@@ -406,15 +406,37 @@ pub struct Stream<'a> {
     corpus: &'a Corpus,
     /// A frame being swept through every truncation: (frame, ingress, next length).
     sweep: Option<(Vec<u8>, &'static str, usize)>,
+    /// Every recorded datagram in a valid frame of each family (client to VIP on fxc, node 1's
+    /// reply on fxn), swept in turn.
+    valid: Vec<(Vec<u8>, &'static str)>,
+    next_valid: usize,
 }
 
 impl<'a> Stream<'a> {
     pub fn new(seed: u64, corpus: &'a Corpus) -> Self {
+        let mut valid = Vec::new();
+        for (vip, client, node) in [(VIP4, CLIENT4, NODE1_4), (VIP6, CLIENT6, NODE1_6)] {
+            for d in &corpus.to_server {
+                let f = Frame::udp(CLIENT_MAC, FXC_MAC, ip(client), 40000, ip(vip), 5684, d);
+                valid.push((f.bytes(), "fxc"));
+            }
+            for d in &corpus.to_client {
+                let f = Frame::udp(NODE1_MAC, FXN_MAC, ip(node), 5684, ip(client), 40000, d);
+                valid.push((f.bytes(), "fxn"));
+            }
+        }
         Self {
             rng: Rng::new(seed),
             corpus,
             sweep: None,
+            valid,
+            next_valid: 0,
         }
+    }
+
+    /// (sweeps of recorded-datagram frames started, how many such frames there are).
+    pub fn valid_sweeps(&self) -> (usize, usize) {
+        (self.next_valid, self.valid.len())
     }
 
     pub fn next_packet(&mut self) -> Packet {
@@ -441,9 +463,16 @@ impl<'a> Stream<'a> {
                 }
             }
             5 => {
-                // Every truncation of one valid frame, from the empty frame up.
-                let p = structured(r, self.corpus);
-                self.sweep = Some((p.frame, p.ingress, 0));
+                // Every truncation of one valid frame, from the empty frame up: the next
+                // recorded datagram in its frame, or a structured frame.
+                self.sweep = Some(if r.chance(500) {
+                    let (f, ingress) = self.valid[self.next_valid % self.valid.len()].clone();
+                    self.next_valid += 1;
+                    (f, ingress, 0)
+                } else {
+                    let p = structured(r, self.corpus);
+                    (p.frame, p.ingress, 0)
+                });
                 self.next_packet()
             }
             6..=35 => {

@@ -303,6 +303,11 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
         "cidlb-fuzz: seed {}: {} frames compared ({} generated frames shorter than an Ethernet header not runnable), {} datapath loads, {:.0} s, 0 disagreements",
         cli.seed, done, skipped, epoch, secs
     );
+    let (swept, valid) = stream.valid_sweeps();
+    println!(
+        "every truncation of a recorded-datagram frame: {swept} sweeps over the {valid} such frames ({} full rounds)",
+        swept / valid.max(1)
+    );
     println!("counters hit (kernel == reference):");
     for (i, c) in Counter::ALL.iter().enumerate() {
         println!("  {:<24} {}", c.name(), hits[i]);
