@@ -15,6 +15,7 @@
 mod dtls;
 mod flow;
 mod forward;
+mod maglev;
 mod maps;
 mod nat;
 mod parse;

@@ -53,7 +53,11 @@ pub enum UnknownNode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FlowPolicy {
+    /// A new flow takes the owner of its slot in the Maglev table (`maglev.rs`): the same
+    /// node on every balancer with the same config, and after a cold restart.
     #[default]
+    Maglev,
+    /// A new flow takes the next node of a per-CPU weighted ring: local to one CPU of one box.
     RoundRobin,
 }
 
@@ -222,7 +226,7 @@ pub struct Flows {
 impl Default for Flows {
     fn default() -> Self {
         Self {
-            policy: FlowPolicy::RoundRobin,
+            policy: FlowPolicy::Maglev,
             idle_timeout: Duration::from_secs(30),
             capacity: lb_common::DEFAULT_FLOW_CAPACITY,
         }
@@ -431,7 +435,10 @@ impl Config {
                 .unwrap_or(u64::MAX)
                 .min(1_000_000_000),
             shadow: u32::from(self.shadow),
-            _pad: 0,
+            policy: match self.flows.policy {
+                FlowPolicy::Maglev => lb_common::POLICY_MAGLEV,
+                FlowPolicy::RoundRobin => lb_common::POLICY_ROUND_ROBIN,
+            },
         }
     }
 }

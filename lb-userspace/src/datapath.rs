@@ -44,6 +44,8 @@ pub const MAP_NAMES: &[&str] = &[
     names::NEXTHOP,
     names::NODE_ADDRS,
     names::LAYOUT,
+    names::MAGLEV,
+    names::MAGLEV_CTL,
 ];
 
 /// The program's pin (for bpftool); the links hold the program anyway.

@@ -21,6 +21,14 @@ use lb_common::{names, LAYOUT_VERSION};
 
 use crate::datapath::{EBPF_OBJECT, MAP_NAMES};
 
+/// Maps added to layout 1 after it was first pinned: a layout-1 datapath pinned without them
+/// is adopted, and loading creates and pins them (aya's `map_pin_path` reuses a pin if there
+/// is one, else creates the map and pins it). They are only read by the new program and
+/// written in full by every provision, so nothing in the adopted datapath depends on them. An
+/// older cidlb adopting pins that have them ignores them (its program never reads them, and
+/// the agent still fills the round-robin rings).
+pub const ADOPTED_WITHOUT: &[&str] = &[names::MAGLEV, names::MAGLEV_CTL];
+
 /// What an operator does about a refused pin directory.
 fn what_to_do(dir: &Path, config: Option<&Path>) -> String {
     let detach = match config {
@@ -175,6 +183,9 @@ pub fn check(dir: &Path, config: Option<&Path>) -> Result<(), LayoutError> {
     }
     for (name, expected) in expected()? {
         let path = dir.join(name);
+        if !path.exists() && ADOPTED_WITHOUT.contains(&name) {
+            continue;
+        }
         if !path.exists() {
             return Err(LayoutError::Missing {
                 dir: dir.to_owned(),
