@@ -275,6 +275,71 @@ fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("has layout 0"));
 }
 
+/// Handshake records from `n` fresh client sockets (each a new flow); how many were answered.
+fn new_flows_answered(lab: &Lab, n: usize) -> usize {
+    let name = lab.client.name.clone();
+    std::thread::spawn(move || {
+        lb_lab::enter(&name);
+        (0..n)
+            .filter(|_| {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                let mut buf = [0u8; 512];
+                (0..5).any(|_| {
+                    let hello = lb_lab::packet::handshake_record(b"ClientHello");
+                    s.send_to(&hello, SocketAddr::from((VIP4, PORT))).unwrap();
+                    matches!(s.recv_from(&mut buf), Ok((len, _)) if buf[..len].starts_with(b"node="))
+                })
+            })
+            .count()
+    })
+    .join()
+    .expect("client thread")
+}
+
+#[test]
+fn run_adopts_layout_1_pins_made_before_the_maglev_maps() {
+    let bed = Bed::up("mg", 2);
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
+    // What the cidlb before `flows.policy: maglev` pinned: layout 1 without MAGLEV and
+    // MAGLEV_CTL (a round-robin run, then those two pins removed).
+    write(
+        &cfg,
+        &lab.cidlb_config(pins.0.to_str().unwrap(), "flows: {policy: round_robin}\n"),
+    );
+    let agent = AgentProc::start(lab, &cfg, &[]);
+    std::thread::sleep(Duration::from_millis(1000));
+    warm_up(&lab.client.name, 2);
+    assert!(agent.terminate().expect("exits").success());
+    for m in ["MAGLEV", "MAGLEV_CTL"] {
+        std::fs::remove_file(pins.0.join(m)).unwrap();
+    }
+    let running = xdp_prog_ids(lab);
+
+    // This cidlb, Maglev by default, adopts it: same links, new program, new maps pinned.
+    write(&cfg, &lab.cidlb_config(pins.0.to_str().unwrap(), ""));
+    let agent = AgentProc::start(lab, &cfg, &[]);
+    assert!(
+        agent.saw("datapath adopted"),
+        "not adopted:\n{}",
+        agent.tail(20)
+    );
+    for m in ["MAGLEV", "MAGLEV_CTL"] {
+        assert!(pins.0.join(m).exists(), "{m} not pinned on adoption");
+    }
+    assert_ne!(xdp_prog_ids(lab), running, "the program was not swapped");
+    let c = cfg.display().to_string();
+    let before = json_counter(&cidlb(&["stats", "--json", "--config", &c]), "flow_new");
+    assert_eq!(
+        new_flows_answered(lab, 12),
+        12,
+        "new flows through the Maglev table"
+    );
+    let after = json_counter(&cidlb(&["stats", "--json", "--config", &c]), "flow_new");
+    assert!(after >= before + 12, "flow_new {before} -> {after}");
+    assert!(agent.terminate().expect("exits").success());
+}
+
 /// An interface without native XDP in the balancer namespace: a bridge (this kernel has no
 /// `dummy` driver; a bridge has no XDP driver hook either).
 fn add_dummy(lab: &Lab) -> &'static str {

@@ -19,6 +19,10 @@ const APT: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("conntrack", "conntrack"),
     ("trafgen", "netsniff-ng"),
+    // The scale-out test's routers and balancers announce VIPs over BGP (deploy/bird).
+    ("bird", "bird2"),
+    // `promtool check rules` validates deploy/prometheus in CI.
+    ("promtool", "prometheus"),
 ];
 
 pub fn run() -> Result<()> {
