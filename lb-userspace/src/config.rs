@@ -319,6 +319,36 @@ pub struct Stats {
     pub prometheus: Option<std::net::SocketAddr>,
 }
 
+/// Announcing the VIPs through the operator's routing daemon (`cidlb announce`, `announce.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Announce {
+    /// Where `cidlb run` keeps its heartbeat and `cidlb maintenance` its switch.
+    pub state_dir: PathBuf,
+    /// Kernel routing table `cidlb announce` puts a host route per VIP into while this balancer
+    /// can serve it (BIRD: `protocol kernel { kernel table N; learn; }`); 0: no routes, only the
+    /// per-VIP files under `state_dir/ready/`.
+    pub table: u32,
+    /// How old the agent's heartbeat may be before the VIPs are withdrawn: long enough for an
+    /// agent restart (or a kill -9 and a restart by systemd) that the pinned datapath rides out.
+    #[serde(deserialize_with = "de_grace")]
+    pub grace: Duration,
+}
+
+impl Default for Announce {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/run/cidlb"),
+            table: 0,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn de_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_field(d, "grace")
+}
+
 impl Node {
     pub fn v4(&self) -> Option<IpAddr> {
         self.addresses.iter().copied().find(IpAddr::is_ipv4)
@@ -380,6 +410,8 @@ pub struct Config {
     pub health: Health,
     #[serde(default)]
     pub stats: Stats,
+    #[serde(default)]
+    pub announce: Announce,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     /// Shadow mode (`cidlb run --shadow`, not a config key): decide and count, pass everything.

@@ -35,6 +35,8 @@ pub struct View {
     pub probe: Probe,
     pub health: Tracker,
     pub flow_capacity: u32,
+    /// Per VIP: can this balancer serve it (`announce::local`), as the agent last judged.
+    pub ready: Vec<(std::net::IpAddr, bool)>,
 }
 
 /// Renders the text exposition format (version 0.0.4).
@@ -112,6 +114,15 @@ pub fn render(view: &View, snap: &Snapshot, flows: Option<(u64, Duration)>) -> S
         "Size of the flow table (LRU).",
     );
     let _ = writeln!(out, "cidlb_flow_capacity {}", view.flow_capacity);
+    fam(
+        &mut out,
+        "cidlb_ready",
+        "gauge",
+        "1 if this balancer can serve the VIP: datapath attached, interfaces up, first probe round done, not in maintenance (what `cidlb announce` announces, besides the agent's heartbeat).",
+    );
+    for (vip, ready) in &view.ready {
+        let _ = writeln!(out, "cidlb_ready{{vip=\"{vip}\"}} {}", u8::from(*ready));
+    }
     fam(
         &mut out,
         "cidlb_node_state",
@@ -357,6 +368,7 @@ mod tests {
             probe: Probe::Dtls,
             health,
             flow_capacity: 1024,
+            ready: vec![("192.0.2.10".parse().unwrap(), true)],
         };
         let text = render(&view, &snap, Some((3, Duration::from_millis(2500))));
         assert!(text.contains("# TYPE cidlb_packets_total counter\n"));
@@ -364,6 +376,7 @@ mod tests {
         assert!(text.contains("cidlb_node_packets_total{node=\"1\",direction=\"to_node\"} 5\n"));
         assert!(text.contains("cidlb_node_state{node=\"1\",state=\"draining\"} 1\n"));
         assert!(text.contains("cidlb_node_up{node=\"1\"} 1\n"));
+        assert!(text.contains("cidlb_ready{vip=\"192.0.2.10\"} 1\n"));
         assert!(text.contains("cidlb_flows 3\n"));
         assert!(text.contains("cidlb_flows_age_seconds 2.500\n"));
         // Every sample line belongs to a family declared before it.
