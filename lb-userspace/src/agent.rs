@@ -114,6 +114,7 @@ impl Agent {
             health,
             flow_capacity: cfg.flows.capacity,
             ready: Vec::new(),
+            families: Vec::new(),
         }));
         let mut agent = Agent {
             path: path.to_owned(),
@@ -158,6 +159,12 @@ impl Agent {
     fn publish(&self) {
         if let Ok(mut v) = self.view.lock() {
             v.nodes = self.cfg.nodes.iter().map(|n| (n.id, n.state)).collect();
+            v.families = self
+                .cfg
+                .nodes
+                .iter()
+                .map(|n| (n.id, n.v4().is_some(), n.v6().is_some()))
+                .collect();
             v.probe = self.cfg.health.probe;
             let ids: Vec<u32> = self.cfg.nodes.iter().map(|n| n.id).collect();
             v.health
