@@ -361,6 +361,14 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// (see `ready.rs`).
 pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     let mut ready = Ready::new(ready_file)?;
+    // Before anything is attached: a heartbeat that says "first probe round not done", so a
+    // previous agent's heartbeat (still within announce.grace after a restart) cannot get the
+    // VIPs announced before this agent has probed its nodes.
+    if let Ok(cfg) = Config::load(path) {
+        if let Err(e) = announce::write_heartbeat(&cfg.announce.state_dir, false) {
+            warn!("{e}");
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

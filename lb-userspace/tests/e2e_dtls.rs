@@ -15,18 +15,7 @@ use lb_lab::{
 };
 
 fn testpeer() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>")
-        .join("cidlb-testpeer");
-    assert!(
-        p.exists(),
-        "{} is missing: run through `cargo xtask test` (or `cargo build -p lb-testpeer`)",
-        p.display()
-    );
-    p
+    common::testpeer()
 }
 
 /// A DTLS echo server for node `id` in a node namespace, listening on both families.
