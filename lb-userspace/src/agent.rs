@@ -279,7 +279,11 @@ impl Agent {
                 .probe_targets()
                 .iter()
                 .all(|(id, _)| probed.contains(id));
-        match announce::write_heartbeat(&self.cfg.announce.state_dir, round_done) {
+        let written = match &self.cfg.announce {
+            Some(a) => announce::write_heartbeat(&a.state_dir, round_done),
+            None => Ok(()),
+        };
+        match written {
             Ok(()) if *failing => {
                 info!("heartbeat written again");
                 *failing = false;
@@ -364,8 +368,8 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
     // Before anything is attached: a heartbeat that says "first probe round not done", so a
     // previous agent's heartbeat (still within announce.grace after a restart) cannot get the
     // VIPs announced before this agent has probed its nodes.
-    if let Ok(cfg) = Config::load(path) {
-        if let Err(e) = announce::write_heartbeat(&cfg.announce.state_dir, false) {
+    if let Some(a) = Config::load(path).ok().and_then(|c| c.announce) {
+        if let Err(e) = announce::write_heartbeat(&a.state_dir, false) {
             warn!("{e}");
         }
     }

@@ -33,7 +33,10 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use crate::{config::Config, datapath::LINKS_DIR};
+use crate::{
+    config::{Announce, Config},
+    datapath::LINKS_DIR,
+};
 
 /// The agent's heartbeat file under `announce.state_dir`.
 pub const HEARTBEAT: &str = "heartbeat";
@@ -212,15 +215,15 @@ pub fn interfaces_up(cfg: &Config) -> bool {
 }
 
 /// The verdict `cidlb announce` acts on, at wall-clock time `now`.
-pub fn evaluate(cfg: &Config, now: SystemTime) -> Readiness {
-    let hb = read_heartbeat(&cfg.announce.state_dir);
-    let grace = u64::try_from(cfg.announce.grace.as_millis()).unwrap_or(u64::MAX);
+pub fn evaluate(cfg: &Config, a: &Announce, now: SystemTime) -> Readiness {
+    let hb = read_heartbeat(&a.state_dir);
+    let grace = u64::try_from(a.grace.as_millis()).unwrap_or(u64::MAX);
     Readiness {
         attached: attached(cfg),
         interfaces_up: interfaces_up(cfg),
         agent_alive: hb.is_some_and(|h| now_ms(now).saturating_sub(h.unix_ms) <= grace),
         probed: hb.is_some_and(|h| h.probed),
-        maintenance: in_maintenance(&cfg.announce.state_dir),
+        maintenance: in_maintenance(&a.state_dir),
     }
 }
 
@@ -231,7 +234,10 @@ pub fn local(cfg: &Config, probed: bool) -> Readiness {
         interfaces_up: interfaces_up(cfg),
         agent_alive: true,
         probed,
-        maintenance: in_maintenance(&cfg.announce.state_dir),
+        maintenance: cfg
+            .announce
+            .as_ref()
+            .is_some_and(|a| in_maintenance(&a.state_dir)),
     }
 }
 
@@ -258,8 +264,8 @@ fn ip(table: u32, args: &[&str]) -> Result<(), AnnounceError> {
 
 /// Announces (`ready`) or withdraws one VIP: its route in `announce.table` (if set) and its
 /// file `state_dir/ready/<vip>`.
-pub fn apply(cfg: &Config, vip: IpAddr, ready: bool) -> Result<(), AnnounceError> {
-    let dir = cfg.announce.state_dir.join(READY_DIR);
+pub fn apply(a: &Announce, vip: IpAddr, ready: bool) -> Result<(), AnnounceError> {
+    let dir = a.state_dir.join(READY_DIR);
     std::fs::create_dir_all(&dir).map_err(io_err(&dir, "create it"))?;
     let file = dir.join(vip.to_string());
     if ready {
@@ -272,7 +278,7 @@ pub fn apply(cfg: &Config, vip: IpAddr, ready: bool) -> Result<(), AnnounceError
             _ => {}
         }
     }
-    let t = cfg.announce.table;
+    let t = a.table;
     if t == 0 {
         return Ok(());
     }
@@ -323,6 +329,13 @@ pub fn run(path: &Path, every: Duration) -> anyhow::Result<()> {
     use tracing::{error, info, warn};
 
     let cfg = Config::load(path)?;
+    let a = cfg.announce.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: no `announce:` section, so `cidlb run` writes no heartbeat to follow; add one \
+             (README: Running several balancers)",
+            path.display()
+        )
+    })?;
     let vips: Vec<IpAddr> = cfg.vips.iter().map(|v| v.address).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -333,19 +346,19 @@ pub fn run(path: &Path, every: Duration) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(every);
         let mut last: Option<bool> = None;
         info!(
-            table = cfg.announce.table,
-            state_dir = %cfg.announce.state_dir.display(),
-            grace_ms = cfg.announce.grace.as_millis() as u64,
+            table = a.table,
+            state_dir = %a.state_dir.display(),
+            grace_ms = a.grace.as_millis() as u64,
             "cidlb announce running"
         );
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    let r = evaluate(&cfg, SystemTime::now());
+                    let r = evaluate(&cfg, &a, SystemTime::now());
                     let ready = r.ready();
                     let mut failed = false;
                     for &vip in &vips {
-                        if let Err(e) = apply(&cfg, vip, ready) {
+                        if let Err(e) = apply(&a, vip, ready) {
                             error!("{e}");
                             failed = true;
                         }
@@ -364,7 +377,7 @@ pub fn run(path: &Path, every: Duration) -> anyhow::Result<()> {
             }
         }
         for &vip in &vips {
-            apply(&cfg, vip, false)?;
+            apply(&a, vip, false)?;
         }
         info!("cidlb announce stopped: VIPs withdrawn");
         anyhow::Ok(())

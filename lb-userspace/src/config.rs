@@ -410,8 +410,10 @@ pub struct Config {
     pub health: Health,
     #[serde(default)]
     pub stats: Stats,
+    /// Present when this balancer runs `cidlb announce` (several balancers behind ECMP);
+    /// without it the agent writes no heartbeat.
     #[serde(default)]
-    pub announce: Announce,
+    pub announce: Option<Announce>,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     /// Shadow mode (`cidlb run --shadow`, not a config key): decide and count, pass everything.

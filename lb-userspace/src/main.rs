@@ -211,7 +211,17 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 
 fn maintenance(path: &std::path::Path, on: bool) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    let dir = &cfg.announce.state_dir;
+    let dir = &cfg
+        .announce
+        .as_ref()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no `announce:` section: maintenance is a switch for `cidlb announce`, \
+                 which needs one (README: Running several balancers)",
+                path.display()
+            )
+        })?
+        .state_dir;
     cidlb::announce::set_maintenance(dir, on)?;
     if on {
         println!(

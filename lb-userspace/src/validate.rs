@@ -220,7 +220,9 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (String, String)> {
     if h.fall == 0 || h.rise == 0 {
         return err("health", "fall and rise must be at least 1".into());
     }
-    let a = &cfg.announce;
+    let Some(a) = &cfg.announce else {
+        return reverse_nat(cfg);
+    };
     // 253, 254, 255: the kernel's default, main and local tables, which route packets: a VIP
     // host route via lo there would deliver the VIP's traffic to this box.
     if (253..=255).contains(&a.table) {
