@@ -50,7 +50,8 @@ pub fn uplink6(i: usize) -> (String, String) {
     (format!("fd00:{i}::2"), format!("fd00:{i}::1"))
 }
 
-fn pair4(i: usize, k: usize) -> (String, String) {
+/// The IPv4 link between balancer `i` and node `k`: (the balancer's end, the node's).
+pub fn pair4(i: usize, k: usize) -> (String, String) {
     let n = 10 * i + k;
     (format!("172.16.{n}.1"), format!("172.16.{n}.2"))
 }

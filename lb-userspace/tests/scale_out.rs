@@ -3,8 +3,9 @@
 //! three nodes run the real DTLS test peer and reply through either balancer (`lb_lab::fleet`).
 //!
 //! While long non-CID sessions, rebinding CID sessions and a stream of short handshakes run
-//! over IPv4 and IPv6, one balancer goes into maintenance and back, the other loses every link
-//! and gets them back, and the first is restarted cold (pins removed, empty flow table). Each
+//! over IPv4 and IPv6, one node's health flaps on one balancer only, one balancer goes into
+//! maintenance and back, the other loses every link and gets them back, and the first is
+//! restarted cold (pins removed, empty flow table). Each
 //! event moves flows between balancers (the test counts flows that both balancers' flow
 //! tables hold: at least 20).
 //!
@@ -127,7 +128,7 @@ fn shared_flows(bs: &[Balancer]) -> BTreeSet<String> {
     a.intersection(&b).cloned().collect()
 }
 
-/// ~24 s of traffic each. `--give-up-after 3`: a session that lost its node ends instead of
+/// ~30 s of traffic each. `--give-up-after 3`: a session that lost its node ends instead of
 /// retrying through every message (the control would run for many minutes).
 const LONG_NON_CID: &[&str] = &[
     "--no-cid",
@@ -136,7 +137,7 @@ const LONG_NON_CID: &[&str] = &[
     "--parallel",
     "24",
     "--messages",
-    "120",
+    "150",
     "--interval-ms",
     "200",
     "--give-up-after",
@@ -148,7 +149,7 @@ const CID_REBINDING: &[&str] = &[
     "--parallel",
     "8",
     "--messages",
-    "100",
+    "130",
     "--interval-ms",
     "250",
     "--rebind-every",
@@ -160,7 +161,7 @@ const CID_REBINDING: &[&str] = &[
 /// timeout lets a handshake retransmit over the few seconds a balancer change can cost.
 const HANDSHAKES: &[&str] = &[
     "--sessions",
-    "200",
+    "260",
     "--parallel",
     "2",
     "--messages",
@@ -289,12 +290,45 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
         }
     };
 
+    // 0. A health flap seen by one balancer only: node 3 rejects balancer 2's probes (ICMP
+    // port unreachable from the node), so balancer 2 holds it down for a while and balancer 1
+    // does not. No flow changes balancer meanwhile, so nothing may break: balancer 2's new
+    // flows of node 3 take their second choice and stay pinned there.
+    let probe_src = fleet::pair4(2, 3).0;
+    let iptables = |op: &str| {
+        let cmd = [
+            "iptables",
+            op,
+            "INPUT",
+            "-p",
+            "udp",
+            "-s",
+            &probe_src,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "icmp-port-unreachable",
+        ];
+        f.nodes[2].must(&cmd).unwrap_or_else(|e| panic!("{e}"));
+    };
+    at(1);
+    iptables("-I");
+    at(6);
+    iptables("-D");
+    let log = std::fs::read_to_string(dir.join("cidlb-b2.log")).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node down") && l.contains("node=3")),
+        "balancer 2 never held node 3 down: the flap did not happen"
+    );
+
     // 1. Balancer 1 in maintenance: withdrawn (its flows move to balancer 2), then back.
-    at(4);
+    // (Node 3 is up again on balancer 2 by now: rise 1, interval 1 s.)
+    at(9);
     let c1 = bs[0].cfg.display().to_string();
     common::agent::cidlb(&["maintenance", "on", "--config", &c1]);
     wait_hops(&f, 1, Duration::from_secs(3), "balancer 1 in maintenance");
-    at(8);
+    at(13);
     common::agent::cidlb(&["maintenance", "off", "--config", &c1]);
     wait_hops(
         &f,
@@ -304,16 +338,16 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
     );
 
     // 2. Balancer 2 loses every link: the router's BGP hold time (3 s) drops it.
-    at(11);
+    at(16);
     f.set_balancer_links(2, false).unwrap();
     wait_hops(&f, 1, Duration::from_secs(6), "balancer 2 cut off");
-    at(15);
+    at(20);
     f.set_balancer_links(2, true).unwrap();
     wait_hops(&f, 2, Duration::from_secs(10), "balancer 2 reconnected");
 
     // 3. Balancer 1 restarted cold: detached, pins removed, a fresh agent with an empty flow
     // table; flows that come back to it are new to it.
-    at(18);
+    at(23);
     let mut changed = shared_flows(&bs);
     let agent = bs[0].agent.take().expect("running");
     agent.terminate().expect("cidlb exits on SIGTERM");
