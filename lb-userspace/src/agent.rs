@@ -450,7 +450,13 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
                             metrics_task = spawn_metrics(&agent);
                         }
                     }
-                    Err(e) => error!("reload rejected: {e:#}"),
+                    Err(e) => {
+                        // This version of the file was judged: not retried on the next tick
+                        // (a retry would write and roll back the maps again), only once the
+                        // file changes again.
+                        seen = before;
+                        error!("reload rejected: {e:#}");
+                    }
                 }
             }
         }
