@@ -17,6 +17,7 @@ mod dtls;
 mod flow;
 mod forward;
 mod limit;
+mod maglev;
 mod maps;
 mod nat;
 mod parse;

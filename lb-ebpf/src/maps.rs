@@ -8,7 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
     AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
-    DEFAULT_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS, PORT_WORDS, STATS_SLOTS,
+    DEFAULT_FLOW_CAPACITY, MAGLEV_ENTRIES, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
+    PORT_WORDS, STATS_SLOTS,
 };
 
 /// Per-CPU counters indexed by [`lb_common::Counter`] (`STATS_SLOTS` ≥ the number of counters, so
@@ -41,6 +42,15 @@ pub static RING_LEN: Array<u32> = Array::with_max_entries(2, 0);
 /// Per-CPU round-robin cursor per family: no cross-CPU contention on new flows.
 #[map]
 pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
+
+/// Maglev tables of node ids for new flows (`flows.policy: maglev`), two halves per family:
+/// `(family index * 2 + half) * MAGLEV_SIZE + slot`. See `maglev.rs`.
+#[map]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, 0);
+
+/// Per family: the active `MAGLEV` half + 1, or 0 for no table (`lb_common::MAGLEV_CTL_*`).
+#[map]
+pub static MAGLEV_CTL: Array<u32> = Array::with_max_entries(2, 0);
 
 /// Client 5-tuple → pinned node, least recently used evicted first.
 #[map]

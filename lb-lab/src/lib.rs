@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod bpftool;
 pub mod fib;
+pub mod fleet;
 mod netns;
 pub mod packet;
 pub mod peer;

@@ -53,7 +53,11 @@ pub enum UnknownNode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FlowPolicy {
+    /// A new flow takes the owner of its slot in the Maglev table (`maglev.rs`): the same
+    /// node on every balancer with the same config, and after a cold restart.
     #[default]
+    Maglev,
+    /// A new flow takes the next node of a per-CPU weighted ring: local to one CPU of one box.
     RoundRobin,
 }
 
@@ -225,7 +229,7 @@ pub struct Flows {
 impl Default for Flows {
     fn default() -> Self {
         Self {
-            policy: FlowPolicy::RoundRobin,
+            policy: FlowPolicy::Maglev,
             idle_timeout: Duration::from_secs(30),
             capacity: lb_common::DEFAULT_FLOW_CAPACITY,
         }
@@ -318,6 +322,36 @@ pub struct Stats {
     pub prometheus: Option<std::net::SocketAddr>,
 }
 
+/// Announcing the VIPs through the operator's routing daemon (`cidlb announce`, `announce.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Announce {
+    /// Where `cidlb run` keeps its heartbeat and `cidlb maintenance` its switch.
+    pub state_dir: PathBuf,
+    /// Kernel routing table `cidlb announce` puts a host route per VIP into while this balancer
+    /// can serve it (BIRD: `protocol kernel { kernel table N; learn; }`); 0: no routes, only the
+    /// per-VIP files under `state_dir/ready/`.
+    pub table: u32,
+    /// How old the agent's heartbeat may be before the VIPs are withdrawn: long enough for an
+    /// agent restart (or a kill -9 and a restart by systemd) that the pinned datapath rides out.
+    #[serde(deserialize_with = "de_grace")]
+    pub grace: Duration,
+}
+
+impl Default for Announce {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/run/cidlb"),
+            table: 0,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn de_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_field(d, "grace")
+}
+
 impl Node {
     pub fn v4(&self) -> Option<IpAddr> {
         self.addresses.iter().copied().find(IpAddr::is_ipv4)
@@ -382,6 +416,10 @@ pub struct Config {
     /// New-flow rate limits (`limits.rs`); absent: none.
     #[serde(default)]
     pub limits: Option<crate::limits::Limits>,
+    /// Present when this balancer runs `cidlb announce` (several balancers behind ECMP);
+    /// without it the agent writes no heartbeat.
+    #[serde(default)]
+    pub announce: Option<Announce>,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     /// Shadow mode (`cidlb run --shadow`, not a config key): decide and count, pass everything.
@@ -437,7 +475,10 @@ impl Config {
                 .unwrap_or(u64::MAX)
                 .min(1_000_000_000),
             shadow: u32::from(self.shadow),
-            _pad: 0,
+            policy: match self.flows.policy {
+                FlowPolicy::Maglev => lb_common::POLICY_MAGLEV,
+                FlowPolicy::RoundRobin => lb_common::POLICY_ROUND_ROBIN,
+            },
         }
     }
 }

@@ -49,6 +49,8 @@ pub const MAP_NAMES: &[&str] = &[
     lb_common::limits::GLOBAL_BUCKET,
     lb_common::limits::KNOWN_SRCS,
     lb_common::limits::LIMIT_EXEMPT,
+    names::MAGLEV,
+    names::MAGLEV_CTL,
 ];
 
 /// The program's pin (for bpftool); the links hold the program anyway.

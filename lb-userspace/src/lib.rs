@@ -5,6 +5,7 @@
 //! same code against the real kernel.
 
 pub mod agent;
+pub mod announce;
 pub mod config;
 pub mod datapath;
 pub mod explain;

@@ -68,6 +68,25 @@ enum Cmd {
         #[arg(long, value_name = "SECS")]
         watch: Option<u64>,
     },
+    /// Announce the VIPs while this balancer can serve them: once a second, keep a host route
+    /// per VIP in the kernel table `announce.table` (for BIRD's `protocol kernel { learn; }`)
+    /// and a file `announce.state_dir/ready/<vip>`, or withdraw them (README: Running several
+    /// balancers). Withdraws everything on SIGINT/SIGTERM.
+    Announce {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How often to decide, in milliseconds.
+        #[arg(long, default_value_t = 1000, value_name = "MS")]
+        every_ms: u64,
+    },
+    /// Put this balancer in maintenance (`on`: `cidlb announce` withdraws its VIPs while the
+    /// datapath keeps forwarding what still arrives) or take it out (`off`).
+    Maintenance {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Run one packet through the datapath program (BPF_PROG_TEST_RUN) and show the decision.
     Explain {
         #[arg(long, short)]
@@ -137,6 +156,10 @@ fn main() -> ExitCode {
             all,
             watch,
         } => pins.resolve().and_then(|dir| stats(&dir, json, all, watch)),
+        Cmd::Announce { config, every_ms } => {
+            cidlb::announce::run(&config, Duration::from_millis(every_ms.max(10)))
+        }
+        Cmd::Maintenance { state, config } => maintenance(&config, state == "on"),
         Cmd::Explain {
             config,
             hex,
@@ -183,6 +206,32 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         cfg.vips.len(),
         cfg.nodes.len()
     );
+    Ok(())
+}
+
+fn maintenance(path: &std::path::Path, on: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let dir = &cfg
+        .announce
+        .as_ref()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no `announce:` section: maintenance is a switch for `cidlb announce`, \
+                 which needs one (README: Running several balancers)",
+                path.display()
+            )
+        })?
+        .state_dir;
+    cidlb::announce::set_maintenance(dir, on)?;
+    if on {
+        println!(
+            "maintenance on ({}): `cidlb announce` withdraws the VIPs within a second; the \
+             datapath keeps forwarding what still arrives",
+            dir.join(cidlb::announce::MAINTENANCE).display()
+        );
+    } else {
+        println!("maintenance off: the VIPs are announced again once this balancer is ready");
+    }
     Ok(())
 }
 

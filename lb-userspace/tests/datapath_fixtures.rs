@@ -34,7 +34,7 @@ vips:
   - address: "2001:db8:ffff::10"
     ports: [5684]
 dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop}
-flows: {idle_timeout: 30s, capacity: 1024}
+flows: {policy: round_robin, idle_timeout: 30s, capacity: 1024}
 nodes:
   - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
   - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}

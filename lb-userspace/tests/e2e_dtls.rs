@@ -15,18 +15,7 @@ use lb_lab::{
 };
 
 fn testpeer() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>")
-        .join("cidlb-testpeer");
-    assert!(
-        p.exists(),
-        "{} is missing: run through `cargo xtask test` (or `cargo build -p lb-testpeer`)",
-        p.display()
-    );
-    p
+    common::testpeer()
 }
 
 /// A DTLS echo server for node `id` in a node namespace, listening on both families.
@@ -131,7 +120,8 @@ fn twenty_rebinding_sessions_over_two_nodes_ipv4() {
         ],
     );
     let per_node = assert_sessions_follow_their_cid(&run, 20, 10);
-    // Handshakes spread by round robin: both nodes hold sessions.
+    // Handshakes spread by Maglev (the default; all 20 on one node: odds 2^-19): both nodes
+    // hold sessions.
     assert_eq!(per_node.len(), 2, "handshakes did not spread: {per_node:?}");
     let json = cidlb(&["stats", "--json", "--pin-dir", s.pins.0.to_str().unwrap()]);
     assert!(json_counter(&json, "cid_routed") >= 20 * 55, "{json}");
