@@ -96,8 +96,14 @@ pub struct DpConfig {
     pub refresh_ns: u64,
     /// 1: shadow mode: decide and count, but pass every packet to the kernel unchanged.
     pub shadow: u32,
-    pub _pad: u32,
+    /// Record formats routed by CID (config `dtls.versions`): [`DTLS_V12`] | [`DTLS_V13`].
+    pub dtls_versions: u32,
 }
+
+/// `DpConfig::dtls_versions` bit: DTLS 1.2 tls12_cid records (RFC 9146) route by CID.
+pub const DTLS_V12: u32 = 1;
+/// `DpConfig::dtls_versions` bit: DTLS 1.3 unified-header records with C set (RFC 9147) route by CID.
+pub const DTLS_V13: u32 = 2;
 
 impl DpConfig {
     /// Californium's default shape: 6-byte CID, 1-byte node id at offset 0, 30 s idle timeout.
@@ -109,7 +115,7 @@ impl DpConfig {
         idle_timeout_ns: 30_000_000_000,
         refresh_ns: 1_000_000_000,
         shadow: 0,
-        _pad: 0,
+        dtls_versions: DTLS_V12 | DTLS_V13,
     };
 }
 

@@ -173,7 +173,11 @@ fn init_logging(json: bool) {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    for w in cidlb::provision::reverse_entries(&cfg).1 {
+    for w in cidlb::provision::reverse_entries(&cfg)
+        .1
+        .into_iter()
+        .chain(cfg.warnings())
+    {
         warn!("{}: {w}", path.display());
     }
     println!(
