@@ -15,7 +15,7 @@ use tracing::{error, warn};
 #[command(
     name = "cidlb",
     version,
-    about = "XDP load balancer for DTLS 1.2 Connection ID records"
+    about = "XDP load balancer for DTLS 1.2 and 1.3 Connection ID records"
 )]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
