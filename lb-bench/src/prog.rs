@@ -17,7 +17,7 @@ use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot, test
 use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
 use lb_lab::{
     fib::{CLIENT4, CLIENT_MAC, FXC_MAC, FXN_MAC, VIP4},
-    packet::{cid_record, handshake_record, Frame},
+    packet::{cid_record, handshake_record, unified_record, Frame},
     NetNs, PORT,
 };
 use serde_json::{json, Value};
@@ -65,6 +65,7 @@ fn datapath(cfg: &Config, shadow: bool, always_new: bool, ifindexes: &[u32]) -> 
 
 struct Frames {
     cid: Vec<u8>,
+    cid13: Vec<u8>,
     hello: Vec<u8>,
     reply: Vec<u8>,
     other_port: Vec<u8>,
@@ -87,6 +88,10 @@ fn frames() -> Frames {
     let body = [0xabu8; 64];
     Frames {
         cid: client(PORT, &cid_record(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4], &body)),
+        cid13: client(
+            PORT,
+            &unified_record(Some(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4]), true, true, &body),
+        ),
         hello: client(PORT, &handshake_record(&body)),
         // From node 1's own MAC (its neighbour entry in `add_nodes`): the datapath un-NATs
         // only replies that arrive from the node's next hop.
@@ -182,6 +187,14 @@ const CID_ROUTED: Expect = Expect {
     counters: &[
         Counter::PacketsSeen,
         Counter::CidRouted,
+        Counter::ShadowPass,
+    ],
+};
+const CID13_ROUTED: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::Cid13Routed,
         Counter::ShadowPass,
     ],
 };
@@ -384,6 +397,13 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
             &shadow.ebpf,
             prog,
             &f.cid,
+            fxc,
+        ),
+        Case::new(
+            ("DTLS 1.3 CID record routed", "shadow", CID13_ROUTED),
+            &shadow.ebpf,
+            prog,
+            &f.cid13,
             fxc,
         ),
         Case::new(

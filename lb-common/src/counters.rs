@@ -112,6 +112,10 @@ counters! {
     LimitKnownReserve = "limit_known_reserve",
     /// New flow from a `limits.exempt` prefix: no per-source limit (the global one still applies).
     LimitExempt = "limit_exempt",
+    /// DTLS 1.3 unified-header record with a CID (first byte 0b001CSLEE, C set) routed by the node id in its CID (the 1.3 twin of cid_routed).
+    Cid13Routed = "cid13_routed",
+    /// DTLS 1.3 unified-header record with C set, shorter than 1 + cid_length + sequence number (1 or 2) + length field (0 or 2): dropped (the 1.3 twin of drop_cid_truncated).
+    DropCid13Truncated = "drop_cid13_truncated",
 }
 
 // Appending a counter must not change the pinned STATS map's size (the layout version).

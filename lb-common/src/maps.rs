@@ -120,7 +120,15 @@ pub struct DpConfig {
     pub shadow: u32,
     /// How a new flow picks its node: [`POLICY_ROUND_ROBIN`] or [`POLICY_MAGLEV`].
     pub policy: u32,
+    /// Record formats routed by CID (config `dtls.versions`): [`DTLS_V12`] | [`DTLS_V13`].
+    pub dtls_versions: u32,
+    pub _pad: u32,
 }
+
+/// `DpConfig::dtls_versions` bit: DTLS 1.2 tls12_cid records (RFC 9146) route by CID.
+pub const DTLS_V12: u32 = 1;
+/// `DpConfig::dtls_versions` bit: DTLS 1.3 unified-header records with C set (RFC 9147) route by CID.
+pub const DTLS_V13: u32 = 2;
 
 impl DpConfig {
     /// Californium's default shape: 6-byte CID, 1-byte node id at offset 0, 30 s idle timeout.
@@ -133,6 +141,8 @@ impl DpConfig {
         refresh_ns: 1_000_000_000,
         shadow: 0,
         policy: POLICY_MAGLEV,
+        dtls_versions: DTLS_V12 | DTLS_V13,
+        _pad: 0,
     };
 }
 
@@ -278,7 +288,7 @@ pub struct NextHop {
 const _: () = {
     assert!(size_of::<NextHop>() == 32);
     assert!(size_of::<FwdTarget>() == 16);
-    assert!(size_of::<DpConfig>() == 40);
+    assert!(size_of::<DpConfig>() == 48);
     assert!(size_of::<Node>() == 32);
     assert!(size_of::<NodeStats>() == 32);
     assert!(size_of::<FlowKey>() == 40);

@@ -28,7 +28,8 @@ pub fn action_for(c: Counter) -> u32 {
         | Counter::DropReplyNoNeigh
         | Counter::DropNodeFragment
         | Counter::DropLimitSource
-        | Counter::DropLimitGlobal => xdp_action::XDP_DROP,
+        | Counter::DropLimitGlobal
+        | Counter::DropCid13Truncated => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }

@@ -49,7 +49,11 @@ pub struct Agent {
 
 fn load_config(path: &Path, shadow: bool) -> anyhow::Result<Config> {
     let mut cfg = Config::load(path)?;
-    for w in provision::reverse_entries(&cfg).1 {
+    for w in provision::reverse_entries(&cfg)
+        .1
+        .into_iter()
+        .chain(cfg.warnings())
+    {
         warn!("{}: {w}", path.display());
     }
     cfg.shadow = shadow;

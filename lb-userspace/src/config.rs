@@ -204,6 +204,9 @@ pub struct Dtls {
     pub node_id_offset: u32,
     pub node_id_length: u32,
     pub unknown_node: UnknownNode,
+    /// Record formats routed by CID; `None`: the key is absent (both, with a warning).
+    #[serde(deserialize_with = "de_versions")]
+    pub versions: Option<Vec<DtlsVersion>>,
 }
 
 impl Default for Dtls {
@@ -213,7 +216,77 @@ impl Default for Dtls {
             node_id_offset: 0,
             node_id_length: 1,
             unknown_node: UnknownNode::Drop,
+            versions: None,
         }
+    }
+}
+
+/// A DTLS version whose CID record format routes by CID (`dtls.versions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtlsVersion {
+    /// DTLS 1.2: tls12_cid records (RFC 9146).
+    V12,
+    /// DTLS 1.3: unified-header records with a CID (RFC 9147).
+    V13,
+}
+
+impl DtlsVersion {
+    /// The versions routed by CID when `dtls.versions` is absent.
+    pub const DEFAULT: [DtlsVersion; 2] = [DtlsVersion::V12, DtlsVersion::V13];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DtlsVersion::V12 => "1.2",
+            DtlsVersion::V13 => "1.3",
+        }
+    }
+
+    fn bit(self) -> u32 {
+        match self {
+            DtlsVersion::V12 => lb_common::DTLS_V12,
+            DtlsVersion::V13 => lb_common::DTLS_V13,
+        }
+    }
+}
+
+/// `dtls.versions`: a list of "1.2" / "1.3", quoted or not (YAML reads `1.2` unquoted as a
+/// float, and `1.20` is the same float).
+fn de_versions<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<DtlsVersion>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Str(String),
+        Num(f64),
+    }
+    let raw = Vec::<Raw>::deserialize(d)?;
+    raw.into_iter()
+        .map(|r| {
+            let text = match r {
+                Raw::Str(s) => s.trim().to_owned(),
+                Raw::Num(f) => f.to_string(),
+            };
+            match text.as_str() {
+                "1.2" => Ok(DtlsVersion::V12),
+                "1.3" => Ok(DtlsVersion::V13),
+                other => Err(serde::de::Error::custom(format!(
+                    "dtls.versions: {other:?} is not a DTLS version cidlb routes by CID; \
+                     list \"1.2\" (RFC 9146 tls12_cid records) and/or \"1.3\" (RFC 9147 unified headers)"
+                ))),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+impl Dtls {
+    /// The versions routed by CID (the default when the key is absent).
+    pub fn versions(&self) -> &[DtlsVersion] {
+        self.versions.as_deref().unwrap_or(&DtlsVersion::DEFAULT)
+    }
+
+    /// `DpConfig::dtls_versions`.
+    pub fn versions_mask(&self) -> u32 {
+        self.versions().iter().fold(0, |m, v| m | v.bit())
     }
 }
 
@@ -463,6 +536,22 @@ impl Config {
         })
     }
 
+    /// Things that are valid but that the operator should look at (`cidlb check`, `cidlb run`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.dtls.versions.is_none() {
+            w.push(
+                "dtls.versions is not set: DTLS 1.2 AND DTLS 1.3 CID records are routed by CID \
+                 (earlier cidlb releases routed 1.3 records by flow). Check that your nodes put \
+                 their node id at dtls.node_id_offset of the DTLS 1.3 CIDs they issue too, then \
+                 set dtls.versions: [\"1.2\", \"1.3\"] (or [\"1.2\"] to keep 1.3 records by flow) \
+                 to silence this warning"
+                    .to_owned(),
+            );
+        }
+        w
+    }
+
     /// The datapath's load-time constants.
     pub fn dp_config(&self) -> DpConfig {
         DpConfig {
@@ -479,6 +568,8 @@ impl Config {
                 FlowPolicy::Maglev => lb_common::POLICY_MAGLEV,
                 FlowPolicy::RoundRobin => lb_common::POLICY_ROUND_ROBIN,
             },
+            dtls_versions: self.dtls.versions_mask(),
+            _pad: 0,
         }
     }
 }
@@ -548,6 +639,49 @@ pin_dir: /sys/fs/bpf/cidlb
         assert_eq!(c.dp_config(), lb_common::DpConfig::DEFAULT);
         assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(c.xdp_mode, XdpModeCfg::Auto);
+    }
+
+    #[test]
+    fn dtls_versions_quoted_or_not() {
+        use lb_common::{DTLS_V12, DTLS_V13};
+        let cases = [
+            ("[\"1.2\", \"1.3\"]", DTLS_V12 | DTLS_V13),
+            ("[1.2, 1.3]", DTLS_V12 | DTLS_V13),
+            ("[1.3]", DTLS_V13),
+            ("[\"1.2\"]", DTLS_V12),
+            ("[1.20]", DTLS_V12),
+        ];
+        for (list, mask) in cases {
+            let text = with(
+                "  unknown_node: drop\n",
+                &format!("  unknown_node: drop\n  versions: {list}\n"),
+            );
+            let c = parse(&text).unwrap_or_else(|e| panic!("{list}: {e}"));
+            assert_eq!(c.dp_config().dtls_versions, mask, "{list}");
+            assert!(c.warnings().is_empty(), "{list}: {:?}", c.warnings());
+        }
+        // Absent: both formats, and a warning that says what to check.
+        let c = parse(SEED).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.dp_config().dtls_versions, DTLS_V12 | DTLS_V13);
+        let w = c.warnings().join("\n");
+        assert!(
+            w.contains("dtls.versions is not set") && w.contains("node_id_offset"),
+            "{w}"
+        );
+        for (list, want) in [
+            ("[1.1]", "\"1.1\" is not a DTLS version"),
+            ("[\"1.4\"]", "\"1.4\" is not a DTLS version"),
+            ("[\"tls\"]", "\"tls\" is not a DTLS version"),
+            ("[1.3, \"1.3\"]", "dtls.versions[1]: 1.3 is listed twice"),
+            ("[]", "dtls.versions: list \"1.2\" and/or \"1.3\""),
+        ] {
+            let text = with(
+                "  unknown_node: drop\n",
+                &format!("  unknown_node: drop\n  versions: {list}\n"),
+            );
+            let e = parse(&text).expect_err(list);
+            assert!(e.contains(want) && e.contains("test.yaml"), "{list}: {e}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tracing::{error, warn};
 #[command(
     name = "cidlb",
     version,
-    about = "XDP load balancer for DTLS 1.2 Connection ID records"
+    about = "XDP load balancer for DTLS 1.2 and 1.3 Connection ID records"
 )]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
@@ -196,7 +196,11 @@ fn init_logging(json: bool) {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    for w in cidlb::provision::reverse_entries(&cfg).1 {
+    for w in cidlb::provision::reverse_entries(&cfg)
+        .1
+        .into_iter()
+        .chain(cfg.warnings())
+    {
         warn!("{}: {w}", path.display());
     }
     println!(

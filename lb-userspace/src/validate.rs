@@ -92,6 +92,23 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (String, String)> {
         );
     }
 
+    if let Some(versions) = &d.versions {
+        if versions.is_empty() {
+            return err(
+                "dtls.versions",
+                "list \"1.2\" and/or \"1.3\" (the record formats routed by CID), or leave the key out for both".into(),
+            );
+        }
+        for (i, v) in versions.iter().enumerate() {
+            if versions[..i].contains(v) {
+                return err(
+                    &format!("dtls.versions[{i}]"),
+                    format!("{} is listed twice", v.name()),
+                );
+            }
+        }
+    }
+
     if cfg.flows.idle_timeout.is_zero() {
         return err("flows.idle_timeout", "must be longer than 0".into());
     }
