@@ -5,6 +5,22 @@
 //! `packets_seen` counts everything, a routing counter says how the node was chosen, and a
 //! forwarding counter says how it left.
 
+/// `name` starts with `drop_` (a `const fn`, so [`Counter::drops`] is decided at compile time).
+const fn is_drop_name(name: &str) -> bool {
+    let (n, p) = (name.as_bytes(), b"drop_");
+    if n.len() < p.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < p.len() {
+        if n[i] != p[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 macro_rules! counters {
     ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
         /// Index into the `STATS` per-CPU array.
@@ -23,6 +39,14 @@ macro_rules! counters {
             /// Stable name, used in CLI output, metrics and docs.
             pub const fn name(self) -> &'static str {
                 match self { $(Counter::$variant => $name,)+ }
+            }
+
+            /// Does a packet whose processing ends with this counter get dropped? Its name says
+            /// it: `drop_*` drops, every other counter that ends a packet passes it to the
+            /// kernel. Each arm is a constant evaluated at compile time, so the datapath gets a
+            /// bit test, and a new `drop_*` counter cannot be forgotten in a hand-kept list.
+            pub const fn drops(self) -> bool {
+                match self { $(Counter::$variant => { const D: bool = is_drop_name($name); D })+ }
             }
 
             /// One-line description of what the counter means.
@@ -124,6 +148,15 @@ const _: () = assert!(Counter::COUNT <= crate::maps::STATS_SLOTS);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drop_counters_drop_and_no_other() {
+        assert!(Counter::DropCid13Truncated.drops() && Counter::DropForgedReply.drops());
+        for c in Counter::ALL {
+            assert_eq!(c.drops(), c.name().starts_with("drop_"), "{}", c.name());
+        }
+        assert!(!Counter::PassLocalReply.drops() && !Counter::FwdKernelMtu.drops());
+    }
 
     #[test]
     fn names_are_unique_and_indices_dense() {

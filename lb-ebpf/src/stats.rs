@@ -13,24 +13,14 @@ pub fn count(c: Counter) {
     }
 }
 
-/// The action for a packet whose processing ended with counter `c`: its name says it.
+/// The action for a packet whose processing ended with counter `c`: its name says it
+/// (`Counter::drops`: `drop_*` drops, anything else passes).
 #[inline(always)]
 pub fn action_for(c: Counter) -> u32 {
-    match c {
-        Counter::DropBadIpHeader
-        | Counter::DropFragment
-        | Counter::DropBadUdpLength
-        | Counter::DropCidTruncated
-        | Counter::DropCidUnknownNode
-        | Counter::DropCidNodeFamily
-        | Counter::DropNoNode
-        | Counter::DropForgedReply
-        | Counter::DropReplyNoNeigh
-        | Counter::DropNodeFragment
-        | Counter::DropLimitSource
-        | Counter::DropLimitGlobal
-        | Counter::DropCid13Truncated => xdp_action::XDP_DROP,
-        _ => xdp_action::XDP_PASS,
+    if c.drops() {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
     }
 }
 
