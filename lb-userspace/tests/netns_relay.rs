@@ -255,3 +255,117 @@ fn forged_node_replies_are_dropped_and_genuine_ones_still_work() {
     }
     assert!(json_counter(&json, "reply_unnat") >= 4, "{json}");
 }
+
+/// The same forgery while real DTLS 1.2 CID sessions (lb-testpeer on Mbed TLS) rebind through
+/// the same balancer: every session keeps working and is answered by the node its CID names,
+/// every forged frame is dropped and counted, and none reaches a host.
+#[test]
+fn forged_node_replies_during_real_dtls_sessions() {
+    common::require_root();
+    let lab = lb_lab::Lab::up(&lb_lab::unique_prefix("nrd"), 2).unwrap_or_else(|e| panic!("{e}"));
+    let bin = common::testpeer();
+    let _servers: Vec<lb_lab::ChildGuard> = lab
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            lb_lab::peer::server(&bin, n, i as u32 + 1, &[], None).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let pins = common::agent::PinGuard::new("nrd");
+    let cfg = std::env::temp_dir().join(format!("cidlb-nrd-{}.yaml", std::process::id()));
+    std::fs::write(&cfg, lab.cidlb_config(&pins.0.display().to_string(), "")).unwrap();
+    let agent = AgentProc::start(&lab, &cfg, &[]);
+    thread::sleep(Duration::from_millis(1500));
+
+    // The DTLS sessions run in the background: 12 sessions per family, a rebind every 5 records.
+    let out4 = std::env::temp_dir().join(format!("cidlb-nrd4-{}.json", std::process::id()));
+    let out6 = std::env::temp_dir().join(format!("cidlb-nrd6-{}.json", std::process::id()));
+    let args = [
+        "--sessions",
+        "12",
+        "--messages",
+        "40",
+        "--rebind-every",
+        "5",
+        "--interval-ms",
+        "20",
+        "--parallel",
+        "12",
+    ];
+    let mut c4 = lb_lab::peer::spawn_client(
+        &bin,
+        &lab.client,
+        &lb_lab::VIP4_SOCKET.to_string(),
+        &args,
+        &out4,
+    )
+    .unwrap();
+    let mut c6 = lb_lab::peer::spawn_client(
+        &bin,
+        &lab.client,
+        &lb_lab::VIP6_SOCKET.to_string(),
+        &args,
+        &out6,
+    )
+    .unwrap();
+
+    // Meanwhile, forged frames from the client side: src = node 1's serving address and port,
+    // to node 2 (a listener counts what arrives) and to the balancer.
+    let node2_listener = socket_in(&lab.nodes[1].name, &format!("[::]:{TARGET_PORT}"));
+    let client_mac = mac(&lab.client, "c0");
+    let lbc_mac = mac(&lab.balancer, "lbc");
+    let raw = RawSender::open(&lab.client.name, "c0");
+    let mut forged = 0u64;
+    for round in 0..50 {
+        let (src, dst): (IpAddr, IpAddr) = if round % 2 == 0 {
+            (node4(1).into(), node4(2).into())
+        } else {
+            (node6(1).into(), node6(2).into())
+        };
+        let f = Frame::udp(client_mac, lbc_mac, src, PORT, dst, TARGET_PORT, b"forged");
+        for _ in 0..4 {
+            raw.send(&f.bytes());
+            forged += 1;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let wait = |c: &mut lb_lab::ChildGuard| {
+        for _ in 0..600 {
+            if let Ok(Some(st)) = c.0.try_wait() {
+                return st;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("DTLS client did not finish within 60 s");
+    };
+    let (s4, s6) = (wait(&mut c4), wait(&mut c6));
+    let at_node2 = drain(&node2_listener);
+    let json = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
+    drop(agent);
+
+    for (status, out) in [(s4, &out4), (s6, &out6)] {
+        let text = std::fs::read_to_string(out).unwrap();
+        let run = lb_lab::peer::ClientRun::parse(&text, status.success())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            run.ok,
+            "DTLS sessions failed beside the forgery: {:#}",
+            run.summary
+        );
+        assert_eq!(run.sessions.len(), 12);
+        assert!(run.misrouted().is_empty(), "{:?}", run.misrouted());
+        for s in &run.sessions {
+            assert!(s["rebinds"].as_u64().unwrap() >= 7, "{s}");
+        }
+        let _ = std::fs::remove_file(out);
+    }
+    assert!(
+        at_node2.is_empty(),
+        "forged frames reached node 2: {:?}",
+        at_node2.first()
+    );
+    assert_eq!(json_counter(&json, "drop_forged_reply"), forged, "{json}");
+    assert!(json_counter(&json, "cid_routed") >= 2 * 12 * 40, "{json}");
+    let _ = std::fs::remove_file(&cfg);
+}
