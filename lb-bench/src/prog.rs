@@ -550,7 +550,23 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
     for flows in sizes {
         let cfg = config(2, (2 * flows).max(4096) as u32)?;
         let shadow = datapath(&cfg, true, false, ifs)?;
+        let plain = datapath(&cfg, false, false, ifs)?;
         let known = clients(flows, hello);
+        // Not ours: the same clients to a port the VIP does not serve.
+        let other: Vec<Vec<u8>> = (0..flows)
+            .map(|i| {
+                Frame::udp(
+                    CLIENT_MAC,
+                    FXC_MAC,
+                    IpAddr::from([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+                    1024 + (i % 60000) as u16,
+                    ip(VIP4),
+                    9999,
+                    &[0xab; 64],
+                )
+                .bytes()
+            })
+            .collect();
         let cid = clients(flows, cid_for(2));
         let mut cases = vec![
             Rotation {
@@ -578,6 +594,15 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
                 frames: &cid,
                 ingress: fxc,
                 expect: CID_ROUTED,
+                samples: Vec::new(),
+            },
+            Rotation {
+                path: "non-VIP port, passed",
+                ebpf: &plain.ebpf,
+                program: names::PROGRAM,
+                frames: &other,
+                ingress: fxc,
+                expect: NOT_VIP,
                 samples: Vec::new(),
             },
         ];

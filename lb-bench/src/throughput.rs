@@ -429,7 +429,22 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
             sink_threads += threaded_napi(n, "n0")?.len();
         }
         let napi = threaded_napi(&bed.lab.balancer, "lbc")?;
+        if napi.is_empty() {
+            bail!(
+                "threaded NAPI on lbc in {} made no napi/lbc-* kernel thread: the balancer's CPU \
+                 cannot be told apart from the sinks'",
+                bed.lab.balancer.name
+            );
+        }
         let prog_id = xdp_prog_id(&bed.lab.balancer, "lbc");
+        let xdp_mode = matches!(mode, Mode::Cidlb | Mode::Ceiling);
+        if xdp_mode != prog_id.is_some() {
+            bail!(
+                "{}: XDP program on lbc: {prog_id:?}, want {}",
+                mode.name(),
+                if xdp_mode { "one" } else { "none" }
+            );
+        }
         let sink_ids: Vec<u32> = bed
             .lab
             .nodes
@@ -497,6 +512,19 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
             }
         };
         let napi_ns = napi_b.wrapping_sub(napi_a);
+        // The balancer's NAPI thread must have done the forwarding, and the kernel must have
+        // counted the program's runs (one per received packet, at least one per delivered).
+        if delivered > 0 && napi_ns == 0 {
+            bail!("{delivered} packets delivered but lbc's NAPI thread did not run: not threaded?");
+        }
+        let prog_runs = prog_b.1.wrapping_sub(prog_a.1);
+        if xdp_mode && prog_runs < delivered {
+            bail!(
+                "{}: the kernel counted {prog_runs} runs of the program on lbc for {delivered} \
+                 delivered packets (is BPF_ENABLE_STATS accounting on?)",
+                mode.name()
+            );
+        }
         Ok(json!({
             "part": "throughput", "mode": mode.name(), "payload": payload, "flows": flows, "source_ports": 2 * flows,
             "delivered_pps": delivered as f64 / secs,
@@ -509,7 +537,7 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
             "pkts_per_cpu_sec": if napi_ns > 0 { delivered as f64 / (napi_ns as f64 / 1e9) } else { 0.0 },
             "conntrack": conntrack,
             "prog_ns_per_run": per(prog_a, prog_b),
-            "prog_runs": prog_b.1.wrapping_sub(prog_a.1),
+            "prog_runs": prog_runs,
             "sink_prog_ns_per_run": per(sink_a, sink_b),
             "napi_threads": napi.len(),
             "sink_napi_threads": sink_threads,
