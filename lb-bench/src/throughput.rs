@@ -429,6 +429,8 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
             sink_threads += threaded_napi(n, "n0")?.len();
         }
         let napi = threaded_napi(&bed.lab.balancer, "lbc")?;
+        // Let the new NAPI threads settle before traffic.
+        std::thread::sleep(Duration::from_millis(300));
         if napi.is_empty() {
             bail!(
                 "threaded NAPI on lbc in {} made no napi/lbc-* kernel thread: the balancer's CPU \
@@ -625,8 +627,26 @@ pub fn run(effort: Effort) -> Result<Vec<Value>> {
         for &payload in payloads {
             for &flows in flow_counts {
                 for mode in modes.iter().copied() {
-                    let v = point(&bed, mode, payload, flows, window)
-                        .with_context(|| format!("{} {payload} B {flows} flows", mode.name()))?;
+                    // A point may fail once in a few dozen (trafgen saw ENETDOWN once, right after
+                    // the NAPI threads were switched); retried twice, each failure reported.
+                    let mut attempt = 0;
+                    let v = loop {
+                        attempt += 1;
+                        match point(&bed, mode, payload, flows, window) {
+                            Ok(v) => break v,
+                            Err(e) if attempt < 3 => {
+                                eprintln!(
+                                    "  {} {payload} B {flows} flows failed, retrying: {e:#}",
+                                    mode.name()
+                                );
+                            }
+                            Err(e) => {
+                                return Err(e).with_context(|| {
+                                    format!("{} {payload} B {flows} flows", mode.name())
+                                })
+                            }
+                        }
+                    };
                     eprintln!(
                         "  [{}] {:<18} {payload:>5} B {flows:>6} flows: {:>9.0} pps, balancer CPU {:.2}, {:.0} ns/pkt ({} NAPI threads), prog {:.0} ns/run, conntrack {}",
                         rep + 1,
