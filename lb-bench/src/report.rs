@@ -327,7 +327,8 @@ fn targets(records: &[Value]) -> String {
                 })
                 .copied()
         };
-        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        // A missing figure (0) is no ratio: NaN meets no target.
+        let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { a / b } else { f64::NAN };
         let (mut prog, mut cpu, mut pps, mut ipt, mut ipt_floor) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in tp.iter().filter(|r| r["mode"] == "cidlb (XDP)") {
@@ -497,4 +498,76 @@ fn svg(records: &[Value]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::targets;
+
+    fn path(path: &str, ratio: f64) -> serde_json::Value {
+        json!({"part": "prog", "path": path, "ratio_to_floor": ratio, "median_ns": 10.0 * ratio})
+    }
+
+    fn rot(path: &str, flows: u64, ns: f64, floor: f64) -> serde_json::Value {
+        json!({"part": "prog", "series": "rotate_flows", "how": "rotating, bpf_stats", "path": path,
+               "flows": flows, "median_ns": ns, "ratio_to_floor": ns / floor})
+    }
+
+    fn row<'a>(text: &'a str, start: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no row {start:?} in\n{text}"))
+    }
+
+    #[test]
+    fn path_target_needs_hot_rotating_and_flat() {
+        let base = |hot: f64, rot_big: f64| {
+            targets(&[
+                path("CID record routed", hot),
+                rot("CID record routed", 1, 60.0, 30.0),
+                rot("CID record routed", 100_000, rot_big, 30.0),
+            ])
+        };
+        assert!(row(&base(2.4, 66.0), "| CID record routed").ends_with("| yes | met |"));
+        // Hot over the target.
+        assert!(row(&base(2.6, 66.0), "| CID record routed").ends_with("| NOT met |"));
+        // Rotating over the target (and not flat).
+        assert!(row(&base(2.4, 80.0), "| CID record routed").ends_with("| no | NOT met |"));
+        // Under the target but growing more than 20 %.
+        assert!(row(&base(2.4, 73.0), "| CID record routed").ends_with("| no | NOT met |"));
+    }
+
+    fn lab(mode: &str, pps: f64, bal: f64, prog: f64) -> serde_json::Value {
+        json!({"part": "throughput", "mode": mode, "payload": 64, "flows": 1,
+               "delivered_pps": pps, "balancer_ns_per_pkt": bal, "prog_ns_per_run": prog})
+    }
+
+    #[test]
+    fn lab_targets_compare_with_the_bare_redirect() {
+        let t = targets(&[
+            lab("cidlb (XDP)", 96.0, 1090.0, 60.0),
+            lab("XDP redirect only", 100.0, 1000.0, 31.0),
+            lab("iptables u32+DNAT", 50.0, 2000.0, 0.0),
+        ]);
+        assert!(row(&t, "| program run time").contains("| 1.94–1.94× | met |"));
+        assert!(row(&t, "| balancer CPU per packet, cidlb").contains("| 1.09–1.09× | met |"));
+        assert!(row(&t, "| delivered throughput").contains("| 96–96 % | met |"));
+        assert!(row(&t, "| balancer CPU per packet, iptables").contains("1.83–1.83×"));
+        let t = targets(&[
+            lab("cidlb (XDP)", 90.0, 1200.0, 70.0),
+            lab("XDP redirect only", 100.0, 1000.0, 31.0),
+        ]);
+        assert!(row(&t, "| program run time").ends_with("| NOT met |"));
+        assert!(row(&t, "| balancer CPU per packet, cidlb").ends_with("| NOT met |"));
+        assert!(row(&t, "| delivered throughput").ends_with("| NOT met |"));
+        // A figure the lab could not take (0) meets no target.
+        let t = targets(&[
+            lab("cidlb (XDP)", 100.0, 0.0, 0.0),
+            lab("XDP redirect only", 100.0, 1000.0, 31.0),
+        ]);
+        assert!(row(&t, "| program run time").ends_with("| NOT met |"));
+        assert!(row(&t, "| balancer CPU per packet, cidlb").ends_with("| NOT met |"));
+    }
 }
