@@ -26,7 +26,7 @@ use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot, test
 use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
 use lb_lab::{
     fib::{CLIENT4, CLIENT_MAC, FXC_MAC, FXN_MAC, VIP4},
-    packet::{cid_record, handshake_record, Frame},
+    packet::{cid_record, handshake_record, unified_record, Frame},
     NetNs, PORT,
 };
 use serde_json::{json, Value};
@@ -43,6 +43,11 @@ fn node_addr(k: u32) -> String {
 }
 
 fn config(nodes: u32, capacity: u32) -> Result<Config> {
+    config_with(nodes, capacity, "")
+}
+
+/// [`config`] with `extra` YAML appended (e.g. `limits:`).
+fn config_with(nodes: u32, capacity: u32, extra: &str) -> Result<Config> {
     let mut y = format!(
         "interfaces: [fxc, fxn]\nvips: [{{address: {VIP4}, ports: [{PORT}]}}]\n\
          dtls: {{cid_length: 6, node_id_offset: 0, node_id_length: 2}}\nnodes:\n",
@@ -51,6 +56,7 @@ fn config(nodes: u32, capacity: u32) -> Result<Config> {
         y.push_str(&format!("  - {{id: {k}, address: {}}}\n", node_addr(k)));
     }
     y.push_str(&format!("flows: {{capacity: {capacity}}}\n"));
+    y.push_str(extra);
     Config::parse(&y, Path::new("bench.yaml")).map_err(|e| anyhow!("{e}"))
 }
 
@@ -68,6 +74,7 @@ fn datapath(cfg: &Config, shadow: bool, always_new: bool, ifindexes: &[u32]) -> 
 
 struct Frames {
     cid: Vec<u8>,
+    cid13: Vec<u8>,
     hello: Vec<u8>,
     reply: Vec<u8>,
     other_port: Vec<u8>,
@@ -90,6 +97,10 @@ fn frames() -> Frames {
     let body = [0xabu8; 64];
     Frames {
         cid: client(PORT, &cid_record(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4], &body)),
+        cid13: client(
+            PORT,
+            &unified_record(Some(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4]), true, true, &body),
+        ),
         hello: client(PORT, &handshake_record(&body)),
         // From node 1's own MAC (its neighbour entry in `add_nodes`): the datapath un-NATs
         // only replies that arrive from the node's next hop.
@@ -188,6 +199,14 @@ const CID_ROUTED: Expect = Expect {
         Counter::ShadowPass,
     ],
 };
+const CID13_ROUTED: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::Cid13Routed,
+        Counter::ShadowPass,
+    ],
+};
 /// 1 ns idle timeout: the flow is there but expired, so it is re-pinned.
 const NEW_FLOW: Expect = Expect {
     action: XDP_PASS,
@@ -202,6 +221,16 @@ const KNOWN_FLOW: Expect = Expect {
     action: XDP_PASS,
     counters: &[Counter::PacketsSeen, Counter::FlowHit, Counter::ShadowPass],
 };
+/// Over the per-source limit: dropped before the flow table (shadow mode decides after).
+const OVER_LIMIT: Expect = Expect {
+    action: XDP_DROP,
+    counters: &[Counter::PacketsSeen, Counter::DropLimitSource],
+};
+/// Limits that never refuse (a token per nanosecond), to time the buckets' cost.
+const LIMITS_OPEN: &str =
+    "limits: {new_flows_per_source: \"4294967296/1ms\", new_flows: \"4294967296/1ms\"}\n";
+/// Limits that refuse every new flow after the first.
+const LIMITS_SHUT: &str = "limits: {new_flows_per_source: \"1/1h\", burst: 1}\n";
 const REPLY: Expect = Expect {
     action: XDP_PASS,
     counters: &[
@@ -641,6 +670,10 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
     let floor_object = testrun::load_floor()?;
     let shadow = datapath(&cfg, true, false, &ifs)?;
     let fresh = datapath(&cfg, true, true, &ifs)?;
+    let open = config_with(2, 4096, LIMITS_OPEN)?;
+    let shadow_limited = datapath(&open, true, false, &ifs)?;
+    let fresh_limited = datapath(&open, true, true, &ifs)?;
+    let shut = datapath(&config_with(2, 4096, LIMITS_SHUT)?, true, true, &ifs)?;
     let (prog, floor) = (names::PROGRAM, names::FLOOR);
     let mut cases = vec![
         Case::new(
@@ -658,6 +691,13 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
             fxc,
         ),
         Case::new(
+            ("DTLS 1.3 CID record routed", "shadow", CID13_ROUTED),
+            &shadow.ebpf,
+            prog,
+            &f.cid13,
+            fxc,
+        ),
+        Case::new(
             ("new flow", "shadow, re-pinned every run", NEW_FLOW),
             &fresh.ebpf,
             prog,
@@ -667,6 +707,35 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         Case::new(
             ("known flow", "shadow", KNOWN_FLOW),
             &shadow.ebpf,
+            prog,
+            &f.hello,
+            fxc,
+        ),
+        Case::new(
+            (
+                "new flow, limits on",
+                "shadow, re-pinned every run, admitted",
+                NEW_FLOW,
+            ),
+            &fresh_limited.ebpf,
+            prog,
+            &f.hello,
+            fxc,
+        ),
+        Case::new(
+            ("known flow, limits on", "shadow", KNOWN_FLOW),
+            &shadow_limited.ebpf,
+            prog,
+            &f.hello,
+            fxc,
+        ),
+        Case::new(
+            (
+                "new flow over the limit, dropped",
+                "shadow (dropped before it)",
+                OVER_LIMIT,
+            ),
+            &shut.ebpf,
             prog,
             &f.hello,
             fxc,

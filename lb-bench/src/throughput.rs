@@ -31,7 +31,6 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -42,6 +41,7 @@ use aya::{
     Ebpf,
 };
 use lb_common::{names, FwdTarget, SINK_MISROUTED, SINK_PACKETS};
+use lb_lab::trafgen::Trafgen;
 use lb_lab::{
     agent::{Agent, LogTo},
     packet::cid_record,
@@ -251,96 +251,17 @@ fn trafgen_conf(bed: &Bed, mode: Mode, payload: usize, flows: u32) -> Result<Pat
     Ok(p)
 }
 
-/// An LD_PRELOAD shim that gives trafgen's AF_PACKET socket a large send buffer. Inside a
-/// netns the wmem sysctls trafgen would raise are read-only, and with the default buffer a
-/// backed-up veth ring makes it abort ("Flushing TX_RING failed: Resource temporarily
-/// unavailable"). Built with the system C compiler.
-const SNDBUF_SHIM: &str = r#"
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <sys/socket.h>
-int socket(int domain, int type, int protocol) {
-    static int (*real)(int, int, int);
-    if (!real) real = (int (*)(int, int, int))dlsym(RTLD_NEXT, "socket");
-    int fd = real(domain, type, protocol);
-    if (fd >= 0 && domain == 17 /* AF_PACKET */) {
-        int size = 64 << 20;
-        setsockopt(fd, SOL_SOCKET, 32 /* SO_SNDBUFFORCE */, &size, sizeof size);
-    }
-    return fd;
-}
-"#;
-
-fn build_shim(dir: &std::path::Path) -> Result<PathBuf> {
-    let src = dir.join("sndbuf.c");
-    let lib = dir.join("sndbuf.so");
-    std::fs::write(&src, SNDBUF_SHIM)?;
-    let st = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O2", "-o"])
-        .arg(&lib)
-        .arg(&src)
-        .arg("-ldl")
-        .status()
-        .context("cc")?;
-    if !st.success() {
-        bail!("compiling the trafgen send-buffer shim failed");
-    }
-    Ok(lib)
-}
-
-fn start_trafgen(bed: &Bed, conf: &PathBuf) -> Result<Child> {
-    let child = Command::new("taskset")
-        .args([
-            "-c",
-            "0",
-            "ip",
-            "netns",
-            "exec",
-            &bed.lab.client.name,
-            "trafgen",
-            "--dev",
-            "c0",
-            "--conf",
-        ])
-        .arg(conf)
-        .args(["--cpus", "1", "-Q", "-C"])
-        .env("LD_PRELOAD", &bed.shim)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(bed.conf_dir.join("trafgen.err"))?)
-        .spawn()
-        .context("starting trafgen")?;
-    Ok(child)
-}
-
-/// Stops trafgen and the worker it forks (SIGKILL to both: the counters are read already);
-/// returns what it printed.
-fn stop(bed: &Bed, child: &mut Child) -> String {
-    let pid = child.id() as i32;
-    let children: Vec<i32> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-                .filter(|p| {
-                    std::fs::read_to_string(format!("/proc/{p}/stat"))
-                        .ok()
-                        .and_then(|st| {
-                            st.rsplit(')')
-                                .next()
-                                .and_then(|rest| rest.split_whitespace().nth(1))
-                                .and_then(|v| v.parse::<i32>().ok())
-                        })
-                        == Some(pid)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    for c in children {
-        // SAFETY: signalling trafgen's own worker.
-        unsafe { libc::kill(c, libc::SIGKILL) };
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    std::fs::read_to_string(bed.conf_dir.join("trafgen.err")).unwrap_or_default()
+fn start_trafgen(bed: &Bed, conf: &std::path::Path) -> Result<Trafgen> {
+    Trafgen::start(
+        &bed.lab.client,
+        "c0",
+        conf,
+        &bed.shim,
+        0,
+        &[],
+        &bed.conf_dir.join("trafgen.err"),
+    )
+    .map_err(|e| anyhow!(e))
 }
 
 /// A mode's state while it is in place.
@@ -459,7 +380,7 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
                 .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
         };
         let conf = trafgen_conf(bed, mode, payload, flows)?;
-        let mut tg = start_trafgen(bed, &conf)?;
+        let tg = start_trafgen(bed, &conf)?;
         std::thread::sleep(Duration::from_millis(500));
         let t0 = Instant::now();
         let (s1a, m1a, h1a) = sink_counts(&bed.sinks[0])?;
@@ -497,7 +418,7 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
         } else {
             Vec::new()
         };
-        let err = stop(bed, &mut tg);
+        let err = tg.stop();
         if err.contains("failed") {
             bail!("trafgen: {}", err.trim());
         }
@@ -582,7 +503,7 @@ pub fn run(effort: Effort) -> Result<Vec<Value>> {
     }
     let conf_dir = std::env::temp_dir().join(format!("cidlb-bench-tp-{}", std::process::id()));
     std::fs::create_dir_all(&conf_dir)?;
-    let shim = build_shim(&conf_dir)?;
+    let shim = lb_lab::trafgen::build_shim(&conf_dir).map_err(|e| anyhow!(e))?;
     let bed = Bed {
         lab,
         sinks,

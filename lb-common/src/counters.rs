@@ -104,6 +104,18 @@ counters! {
     FwdKernelMtu = "fwd_kernel_mtu",
     /// IPv4 fragment or IPv6 packet with a fragment or extension header from a node's address: dropped (it cannot be un-NATed, and would leak the node's address).
     DropNodeFragment = "drop_node_fragment",
+    /// New flow over its source's limit (`limits.new_flows_per_source`, per IPv4 address or IPv6 /64): dropped, not in the flow table.
+    DropLimitSource = "drop_limit_source",
+    /// New flow over the global limit (`limits.new_flows`): dropped, not in the flow table.
+    DropLimitGlobal = "drop_limit_global",
+    /// New flow from a known source (one with a recent established flow) admitted from the reserve other sources cannot take (`limits.known_reserve`).
+    LimitKnownReserve = "limit_known_reserve",
+    /// New flow from a `limits.exempt` prefix: no per-source limit (the global one still applies).
+    LimitExempt = "limit_exempt",
+    /// DTLS 1.3 unified-header record with a CID (first byte 0b001CSLEE, C set) routed by the node id in its CID (the 1.3 twin of cid_routed).
+    Cid13Routed = "cid13_routed",
+    /// DTLS 1.3 unified-header record with C set, shorter than 1 + cid_length + sequence number (1 or 2) + length field (0 or 2): dropped (the 1.3 twin of drop_cid_truncated).
+    DropCid13Truncated = "drop_cid13_truncated",
 }
 
 // Appending a counter must not change the pinned STATS map's size (the layout version).

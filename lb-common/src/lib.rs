@@ -9,6 +9,7 @@
 pub mod counters;
 pub mod csum;
 pub mod hash;
+pub mod limits;
 pub mod maps;
 
 pub use counters::Counter;

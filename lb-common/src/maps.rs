@@ -24,8 +24,9 @@ pub const fn family_index(family: u8) -> u32 {
 /// Version of the pinned datapath's layout: which maps exist, their key and value types and
 /// sizes, and what their values mean. Bump it whenever any of that changes; `cidlb run` refuses
 /// to adopt pins of another layout (see `lb-userspace/src/layout.rs`). Version 0 is what cidlb
-/// pinned before it had a `LAYOUT` map.
-pub const LAYOUT_VERSION: u32 = 1;
+/// pinned before it had a `LAYOUT` map. Version 2 is the first that landed: the `LAYOUT`,
+/// `NODE_ADDRS`, new-flow limit (`limits.rs`) and Maglev maps (version 1 never left development).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
 pub const STATS_SLOTS: u32 = 128;
@@ -40,6 +41,23 @@ pub const PORT_WORDS: u32 = 1024;
 pub const MAX_REVERSE: u32 = 65536;
 /// Most interfaces in the redirect map.
 pub const MAX_IFACES: u32 = 64;
+/// Slots of each Maglev table (`flows.policy: maglev`): 65537 = 2^16 + 1, a prime, the
+/// agent's `maglev::DEFAULT_SIZE` (at least 64 slots per node for [`MAX_NODES`] nodes).
+pub const MAGLEV_SIZE: u32 = 65537;
+/// `MAGLEV` holds one table per family and half: `(family index * 2 + half) * MAGLEV_SIZE + slot`.
+/// The agent writes the inactive half, then flips `MAGLEV_CTL`: a new flow reads either the
+/// whole old table or the whole new one.
+pub const MAGLEV_ENTRIES: u32 = 2 * 2 * MAGLEV_SIZE;
+/// `MAGLEV_CTL[family index]`: no table (no node takes new flows of that family).
+pub const MAGLEV_CTL_EMPTY: u32 = 0;
+/// `MAGLEV_CTL[family index]`: half 0 is active ([`MAGLEV_CTL_HALF0`] + 1: half 1).
+pub const MAGLEV_CTL_HALF0: u32 = 1;
+
+/// `DpConfig::policy`: new flows take the next node of the per-CPU weighted round-robin ring.
+pub const POLICY_ROUND_ROBIN: u32 = 0;
+/// `DpConfig::policy`: new flows take `MAGLEV[flow_hash(key) % MAGLEV_SIZE]` of their family.
+pub const POLICY_MAGLEV: u32 = 1;
+
 /// Default flow table capacity (overridden from the config at load time).
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
 /// Largest flow table the config accepts. The kernel preallocates it; `cargo xtask bench`
@@ -70,6 +88,10 @@ pub mod names {
     pub const DEVMAP: &str = "DEVMAP";
     pub const NEXTHOP: &str = "NEXTHOP";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// Maglev tables of node ids (see [`super::MAGLEV_ENTRIES`]).
+    pub const MAGLEV: &str = "MAGLEV";
+    /// Per family: which `MAGLEV` half is active (see [`super::MAGLEV_CTL_EMPTY`]).
+    pub const MAGLEV_CTL: &str = "MAGLEV_CTL";
     /// One-entry array holding [`super::LAYOUT_VERSION`] of the pinned datapath.
     pub const LAYOUT: &str = "LAYOUT";
     /// Read-only global holding [`super::DpConfig`].
@@ -96,8 +118,17 @@ pub struct DpConfig {
     pub refresh_ns: u64,
     /// 1: shadow mode: decide and count, but pass every packet to the kernel unchanged.
     pub shadow: u32,
+    /// How a new flow picks its node: [`POLICY_ROUND_ROBIN`] or [`POLICY_MAGLEV`].
+    pub policy: u32,
+    /// Record formats routed by CID (config `dtls.versions`): [`DTLS_V12`] | [`DTLS_V13`].
+    pub dtls_versions: u32,
     pub _pad: u32,
 }
+
+/// `DpConfig::dtls_versions` bit: DTLS 1.2 tls12_cid records (RFC 9146) route by CID.
+pub const DTLS_V12: u32 = 1;
+/// `DpConfig::dtls_versions` bit: DTLS 1.3 unified-header records with C set (RFC 9147) route by CID.
+pub const DTLS_V13: u32 = 2;
 
 impl DpConfig {
     /// Californium's default shape: 6-byte CID, 1-byte node id at offset 0, 30 s idle timeout.
@@ -109,6 +140,8 @@ impl DpConfig {
         idle_timeout_ns: 30_000_000_000,
         refresh_ns: 1_000_000_000,
         shadow: 0,
+        policy: POLICY_MAGLEV,
+        dtls_versions: DTLS_V12 | DTLS_V13,
         _pad: 0,
     };
 }
@@ -255,7 +288,7 @@ pub struct NextHop {
 const _: () = {
     assert!(size_of::<NextHop>() == 32);
     assert!(size_of::<FwdTarget>() == 16);
-    assert!(size_of::<DpConfig>() == 40);
+    assert!(size_of::<DpConfig>() == 48);
     assert!(size_of::<Node>() == 32);
     assert!(size_of::<NodeStats>() == 32);
     assert!(size_of::<FlowKey>() == 40);

@@ -1,15 +1,15 @@
 //! Where a flow is pinned: every balanced packet that is not a routable tls12_cid record
 //! (ClientHello, the cookie exchange, the rest of the handshake, non-CID sessions) goes to the
-//! node recorded for its 5-tuple; a new or idle-expired flow takes the next node in the
-//! family's round-robin ring.
+//! node recorded for its 5-tuple; a new or idle-expired flow takes its Maglev pick
+//! (`maglev.rs`, `flows.policy: maglev`) or the next node in the family's round-robin ring.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     family_index, Counter, DpConfig, Flow, FlowKey, Node, FAMILY_V6, MAX_NODES, NODE_F_V4,
-    NODE_F_V6,
+    NODE_F_V6, POLICY_MAGLEV,
 };
 
-use crate::{maps, parse::Packet, parse::Udp, stats::count};
+use crate::{maglev, maps, parse::Packet, parse::Udp, stats::count};
 
 /// The node for this packet's flow, pinning a new flow if needed.
 #[inline(always)]
@@ -40,13 +40,22 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 count(Counter::FlowHit);
+                crate::limit::established(pkt, now);
                 return Ok(node);
             }
         }
         expired = true;
     }
 
-    let (node_id, node) = next_node(pkt.family)?;
+    // Over a new-flow limit: dropped before anything is inserted.
+    crate::limit::admit(pkt, now)?;
+    // CONFIG is a read-only global: the verifier sees the policy as a constant and drops the
+    // other branch.
+    let (node_id, node) = if cfg.policy == POLICY_MAGLEV {
+        maglev::pick(&key)?
+    } else {
+        next_node(pkt.family)?
+    };
     let flow = Flow {
         node_id,
         _pad: 0,

@@ -1,11 +1,12 @@
-//! cidlb datapath: an XDP program that balances DTLS 1.2 traffic by Connection ID.
+//! cidlb datapath: an XDP program that balances DTLS 1.2 and 1.3 traffic by Connection ID.
 //!
 //! The packet's path through this crate, one file per step:
 //! - `parse.rs`   Ethernet (up to two VLAN tags), IPv4 (any IHL) / IPv6, UDP → `Packet`
 //! - `vip.rs`     is it for a VIP port, or a reply from a node?
 //! - `reply.rs`   is a node's reply genuine (the way the balancer reaches the node)?
-//! - `dtls.rs`    the DTLS record header: a tls12_cid record yields the node id in its CID
+//! - `dtls.rs`    the DTLS record header: a tls12_cid record or a DTLS 1.3 unified header yields the node id in its CID
 //! - `flow.rs`    everything else is pinned to a node per 5-tuple (LRU table, round robin)
+//! - `limit.rs`   new-flow rate limits (per source, global, known sources first)
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
 //! - `stats.rs`   per-CPU counters; `maps.rs` every map
@@ -15,6 +16,8 @@
 mod dtls;
 mod flow;
 mod forward;
+mod limit;
+mod maglev;
 mod maps;
 mod nat;
 mod parse;
@@ -63,9 +66,9 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
     if vip::is_vip_port(&pkt, udp.dport) {
         udp.check_length(ctx)?;
         let node = match dtls::classify(ctx, &udp, &cfg)? {
-            dtls::Route::Node(id) => match maps::node(id) {
+            dtls::Route::Node(id, format) => match maps::node(id) {
                 Some(node) => {
-                    count(Counter::CidRouted);
+                    count(format.routed());
                     node
                 }
                 None if cfg.unknown_node_flow != 0 => {

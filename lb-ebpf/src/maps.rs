@@ -3,11 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
+    limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
     AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
-    DEFAULT_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS, PORT_WORDS, STATS_SLOTS,
+    DEFAULT_FLOW_CAPACITY, MAGLEV_ENTRIES, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
+    PORT_WORDS, STATS_SLOTS,
 };
 
 /// Per-CPU counters indexed by [`lb_common::Counter`] (`STATS_SLOTS` ≥ the number of counters, so
@@ -41,6 +43,15 @@ pub static RING_LEN: Array<u32> = Array::with_max_entries(2, 0);
 #[map]
 pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
 
+/// Maglev tables of node ids for new flows (`flows.policy: maglev`), two halves per family:
+/// `(family index * 2 + half) * MAGLEV_SIZE + slot`. See `maglev.rs`.
+#[map]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, 0);
+
+/// Per family: the active `MAGLEV` half + 1, or 0 for no table (`lb_common::MAGLEV_CTL_*`).
+#[map]
+pub static MAGLEV_CTL: Array<u32> = Array::with_max_entries(2, 0);
+
 /// Client 5-tuple → pinned node, least recently used evicted first.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, Flow> =
@@ -70,6 +81,26 @@ pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 /// Per-CPU next-hop cache per node and family (see `forward::lookup_node`).
 #[map]
 pub static NEXTHOP: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(2 * MAX_NODES, 0);
+
+/// New-flow limits (`limit.rs`): what is limited; all zero when `limits:` is not configured.
+#[map]
+pub static LIMIT_CFG: Array<LimitConfig> = Array::with_max_entries(1, 0);
+
+/// Per-source new-flow bucket (`tat`), least recently used evicted first.
+#[map]
+pub static SRC_BUCKETS: LruHashMap<SrcKey, u64> = LruHashMap::with_max_entries(MAX_SRC_BUCKETS, 0);
+
+/// Each CPU's share of the global new-flow bucket (`tat`).
+#[map]
+pub static GLOBAL_BUCKET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Sources with a recent established flow → when it was last seen.
+#[map]
+pub static KNOWN_SRCS: LruHashMap<SrcKey, u64> = LruHashMap::with_max_entries(MAX_KNOWN_SRCS, 0);
+
+/// Prefixes exempt from the per-source limit (IPv4 as IPv4-mapped IPv6).
+#[map]
+pub static LIMIT_EXEMPT: LpmTrie<ExemptKey, u8> = LpmTrie::with_max_entries(MAX_EXEMPT, 0);
 
 /// The node with this id, if configured.
 #[inline(always)]

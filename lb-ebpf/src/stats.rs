@@ -26,7 +26,10 @@ pub fn action_for(c: Counter) -> u32 {
         | Counter::DropNoNode
         | Counter::DropForgedReply
         | Counter::DropReplyNoNeigh
-        | Counter::DropNodeFragment => xdp_action::XDP_DROP,
+        | Counter::DropNodeFragment
+        | Counter::DropLimitSource
+        | Counter::DropLimitGlobal
+        | Counter::DropCid13Truncated => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }

@@ -13,9 +13,11 @@
 pub mod agent;
 pub mod bpftool;
 pub mod fib;
+pub mod fleet;
 mod netns;
 pub mod packet;
 pub mod peer;
+pub mod trafgen;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 

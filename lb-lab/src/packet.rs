@@ -180,6 +180,34 @@ pub fn cid_record(cid: &[u8], body: &[u8]) -> Vec<u8> {
     r
 }
 
+/// A DTLS 1.3 protected record with the unified header (RFC 9147 §4): first byte `0b001CSLEE`
+/// (C when `cid` is given, S when `seq16`, L when `with_len`, epoch bits 3), then the cid, a
+/// sequence number of 1 or 2 bytes, the 2-byte length if L, and `body` as the ciphertext.
+pub fn unified_record(cid: Option<&[u8]>, seq16: bool, with_len: bool, body: &[u8]) -> Vec<u8> {
+    let mut first = 0x20 | 0x03;
+    if cid.is_some() {
+        first |= 0x10;
+    }
+    if seq16 {
+        first |= 0x08;
+    }
+    if with_len {
+        first |= 0x04;
+    }
+    let mut r = vec![first];
+    r.extend_from_slice(cid.unwrap_or_default());
+    r.extend_from_slice(if seq16 {
+        &[0x5a, 0x17][..]
+    } else {
+        &[0x5a][..]
+    });
+    if with_len {
+        r.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    }
+    r.extend_from_slice(body);
+    r
+}
+
 /// A DTLS 1.2 handshake record header (type 22) with a stand-in ClientHello body.
 pub fn handshake_record(body: &[u8]) -> Vec<u8> {
     let mut r = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0];

@@ -29,12 +29,24 @@ pub fn server(
     extra: &[&str],
     log: Option<&Path>,
 ) -> Result<ChildGuard, String> {
+    server_on(bin, ns, node_id, PORT, extra, log)
+}
+
+/// As [`server`], listening on `port` (e.g. a DTLS 1.3 server beside a 1.2 one on [`PORT`]).
+pub fn server_on(
+    bin: &Path,
+    ns: &NetNs,
+    node_id: u32,
+    port: u16,
+    extra: &[&str],
+    log: Option<&Path>,
+) -> Result<ChildGuard, String> {
     let mut child = ns
         .command(utf8(bin)?)
         .args([
             "server",
             "--listen",
-            &format!("[::]:{PORT}"),
+            &format!("[::]:{port}"),
             "--node-id",
             &node_id.to_string(),
         ])

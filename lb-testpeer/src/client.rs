@@ -37,6 +37,9 @@ pub struct Opts {
     pub bind: Option<SocketAddr>,
     /// Leave without close_notify (the server keeps the session until it expires).
     pub no_close_notify: bool,
+    /// End a session once this many of its messages have failed (the rest count as failed):
+    /// a session that lost its server does not retry its way through every message.
+    pub give_up_after: Option<u32>,
 }
 
 /// Like println!/eprintln!, but a closed stdout/stderr is not a panic.
@@ -479,6 +482,14 @@ fn session_inner(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> 
             rep.ok += 1;
         } else {
             rep.failed += 1;
+            if o.give_up_after.is_some_and(|k| rep.failed >= k) {
+                return fail_rest(
+                    rep,
+                    o,
+                    m,
+                    format!("gave up after {} failed messages", rep.failed),
+                );
+            }
         }
     }
     let _g = ffi::lock();

@@ -128,6 +128,9 @@ enum Cmd {
         /// End sessions without sending close_notify.
         #[arg(long)]
         no_close_notify: bool,
+        /// End a session after this many failed messages (the rest count as failed).
+        #[arg(long, value_name = "K")]
+        give_up_after: Option<u32>,
         #[command(flatten)]
         common: Common,
     },
@@ -222,6 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             bind,
             no_close_notify,
+            give_up_after,
             common,
         } => {
             let psk = psk_bytes(&common)?;
@@ -263,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 drop_permille: common.drop_permille,
                 bind,
                 no_close_notify,
+                give_up_after: give_up_after.filter(|k| *k > 0),
             };
             let all_ok = if v13 {
                 client13::run(o)?

@@ -20,6 +20,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    announce,
     config::{Config, NodeState, Probe},
     datapath::{self, Datapath, DatapathError},
     health::{self, Tracker},
@@ -48,7 +49,11 @@ pub struct Agent {
 
 fn load_config(path: &Path, shadow: bool) -> anyhow::Result<Config> {
     let mut cfg = Config::load(path)?;
-    for w in provision::reverse_entries(&cfg).1 {
+    for w in provision::reverse_entries(&cfg)
+        .1
+        .into_iter()
+        .chain(cfg.warnings())
+    {
         warn!("{}: {w}", path.display());
     }
     cfg.shadow = shadow;
@@ -112,6 +117,8 @@ impl Agent {
             probe: cfg.health.probe,
             health,
             flow_capacity: cfg.flows.capacity,
+            ready: Vec::new(),
+            families: Vec::new(),
         }));
         let mut agent = Agent {
             path: path.to_owned(),
@@ -156,6 +163,12 @@ impl Agent {
     fn publish(&self) {
         if let Ok(mut v) = self.view.lock() {
             v.nodes = self.cfg.nodes.iter().map(|n| (n.id, n.state)).collect();
+            v.families = self
+                .cfg
+                .nodes
+                .iter()
+                .map(|n| (n.id, n.v4().is_some(), n.v6().is_some()))
+                .collect();
             v.probe = self.cfg.health.probe;
             let ids: Vec<u32> = self.cfg.nodes.iter().map(|n| n.id).collect();
             v.health
@@ -261,6 +274,37 @@ impl Agent {
         provision::nodes_and_rings(&mut self.dp.ebpf, &self.cfg, &|id| health.is_up(id)).map(|_| ())
     }
 
+    /// Writes the heartbeat `cidlb announce` follows and the per-VIP readiness `/metrics`
+    /// shows. `probed`: nodes with a probe result since start. A failing write is logged once
+    /// (and its end), not every second.
+    fn heartbeat(&self, probed: &std::collections::HashSet<u32>, failing: &mut bool) {
+        let round_done = self.cfg.health.probe == Probe::None
+            || self
+                .probe_targets()
+                .iter()
+                .all(|(id, _)| probed.contains(id));
+        let written = match &self.cfg.announce {
+            Some(a) => announce::write_heartbeat(&a.state_dir, round_done),
+            None => Ok(()),
+        };
+        match written {
+            Ok(()) if *failing => {
+                info!("heartbeat written again");
+                *failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !*failing => {
+                error!("{e}; `cidlb announce` will withdraw the VIPs after announce.grace");
+                *failing = true;
+            }
+            Err(_) => {}
+        }
+        let ready = announce::local(&self.cfg, round_done).ready();
+        if let Ok(mut v) = self.view.lock() {
+            v.ready = self.cfg.vips.iter().map(|x| (x.address, ready)).collect();
+        }
+    }
+
     /// The nodes to probe: address and port.
     fn probe_targets(&self) -> Vec<(u32, SocketAddr)> {
         self.cfg
@@ -325,6 +369,14 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// (see `ready.rs`).
 pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     let mut ready = Ready::new(ready_file)?;
+    // Before anything is attached: a heartbeat that says "first probe round not done", so a
+    // previous agent's heartbeat (still within announce.grace after a restart) cannot get the
+    // VIPs announced before this agent has probed its nodes.
+    if let Some(a) = Config::load(path).ok().and_then(|c| c.announce) {
+        if let Err(e) = announce::write_heartbeat(&a.state_dir, false) {
+            warn!("{e}");
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -341,6 +393,12 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
         let mut seen = mtime(path);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         info!("cidlb running; SIGHUP (or editing the config) reloads, SIGINT/SIGTERM stops");
+        // Nodes probed at least once since this agent started: ready to be announced only
+        // after a full round (see announce.rs). The first heartbeat is written before the
+        // ready file, so a reader of one finds the other.
+        let mut probed_ids = std::collections::HashSet::new();
+        let mut heartbeat_failing = false;
+        agent.heartbeat(&probed_ids, &mut heartbeat_failing);
         ready.signal(&agent.cfg.pin_dir)?;
         loop {
             let reload = tokio::select! {
@@ -349,6 +407,7 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
                     true
                 }
                 _ = tick.tick() => {
+                    agent.heartbeat(&probed_ids, &mut heartbeat_failing);
                     let now = mtime(path);
                     if now != seen {
                         seen = now;
@@ -360,6 +419,7 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
                 }
                 Some((g, id, ok)) = rx.recv() => {
                     if g == generation {
+                        probed_ids.insert(id);
                         let change = agent.view.lock().ok().and_then(|mut v| v.health.record(id, ok));
                         if let Some(up) = change {
                             match agent.health_changed() {
@@ -394,7 +454,13 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
                             metrics_task = spawn_metrics(&agent);
                         }
                     }
-                    Err(e) => error!("reload rejected: {e:#}"),
+                    Err(e) => {
+                        // This version of the file was judged: not retried on the next tick
+                        // (a retry would write and roll back the maps again), only once the
+                        // file changes again.
+                        seen = before;
+                        error!("reload rejected: {e:#}");
+                    }
                 }
             }
         }

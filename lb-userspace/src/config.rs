@@ -53,7 +53,11 @@ pub enum UnknownNode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FlowPolicy {
+    /// A new flow takes the owner of its slot in the Maglev table (`maglev.rs`): the same
+    /// node on every balancer with the same config, and after a cold restart.
     #[default]
+    Maglev,
+    /// A new flow takes the next node of a per-CPU weighted ring: local to one CPU of one box.
     RoundRobin,
 }
 
@@ -144,7 +148,10 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 /// A duration field; serde_yaml reports errors raised here at the enclosing map, so the message
 /// names the key itself.
-fn duration_field<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Duration, D::Error> {
+pub(crate) fn duration_field<'de, D: Deserializer<'de>>(
+    d: D,
+    key: &str,
+) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -197,6 +204,9 @@ pub struct Dtls {
     pub node_id_offset: u32,
     pub node_id_length: u32,
     pub unknown_node: UnknownNode,
+    /// Record formats routed by CID; `None`: the key is absent (both, with a warning).
+    #[serde(deserialize_with = "de_versions")]
+    pub versions: Option<Vec<DtlsVersion>>,
 }
 
 impl Default for Dtls {
@@ -206,7 +216,77 @@ impl Default for Dtls {
             node_id_offset: 0,
             node_id_length: 1,
             unknown_node: UnknownNode::Drop,
+            versions: None,
         }
+    }
+}
+
+/// A DTLS version whose CID record format routes by CID (`dtls.versions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtlsVersion {
+    /// DTLS 1.2: tls12_cid records (RFC 9146).
+    V12,
+    /// DTLS 1.3: unified-header records with a CID (RFC 9147).
+    V13,
+}
+
+impl DtlsVersion {
+    /// The versions routed by CID when `dtls.versions` is absent.
+    pub const DEFAULT: [DtlsVersion; 2] = [DtlsVersion::V12, DtlsVersion::V13];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DtlsVersion::V12 => "1.2",
+            DtlsVersion::V13 => "1.3",
+        }
+    }
+
+    fn bit(self) -> u32 {
+        match self {
+            DtlsVersion::V12 => lb_common::DTLS_V12,
+            DtlsVersion::V13 => lb_common::DTLS_V13,
+        }
+    }
+}
+
+/// `dtls.versions`: a list of "1.2" / "1.3", quoted or not (YAML reads `1.2` unquoted as a
+/// float, and `1.20` is the same float).
+fn de_versions<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<DtlsVersion>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Str(String),
+        Num(f64),
+    }
+    let raw = Vec::<Raw>::deserialize(d)?;
+    raw.into_iter()
+        .map(|r| {
+            let text = match r {
+                Raw::Str(s) => s.trim().to_owned(),
+                Raw::Num(f) => f.to_string(),
+            };
+            match text.as_str() {
+                "1.2" => Ok(DtlsVersion::V12),
+                "1.3" => Ok(DtlsVersion::V13),
+                other => Err(serde::de::Error::custom(format!(
+                    "dtls.versions: {other:?} is not a DTLS version cidlb routes by CID; \
+                     list \"1.2\" (RFC 9146 tls12_cid records) and/or \"1.3\" (RFC 9147 unified headers)"
+                ))),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+impl Dtls {
+    /// The versions routed by CID (the default when the key is absent).
+    pub fn versions(&self) -> &[DtlsVersion] {
+        self.versions.as_deref().unwrap_or(&DtlsVersion::DEFAULT)
+    }
+
+    /// `DpConfig::dtls_versions`.
+    pub fn versions_mask(&self) -> u32 {
+        self.versions().iter().fold(0, |m, v| m | v.bit())
     }
 }
 
@@ -222,7 +302,7 @@ pub struct Flows {
 impl Default for Flows {
     fn default() -> Self {
         Self {
-            policy: FlowPolicy::RoundRobin,
+            policy: FlowPolicy::Maglev,
             idle_timeout: Duration::from_secs(30),
             capacity: lb_common::DEFAULT_FLOW_CAPACITY,
         }
@@ -315,6 +395,36 @@ pub struct Stats {
     pub prometheus: Option<std::net::SocketAddr>,
 }
 
+/// Announcing the VIPs through the operator's routing daemon (`cidlb announce`, `announce.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Announce {
+    /// Where `cidlb run` keeps its heartbeat and `cidlb maintenance` its switch.
+    pub state_dir: PathBuf,
+    /// Kernel routing table `cidlb announce` puts a host route per VIP into while this balancer
+    /// can serve it (BIRD: `protocol kernel { kernel table N; learn; }`); 0: no routes, only the
+    /// per-VIP files under `state_dir/ready/`.
+    pub table: u32,
+    /// How old the agent's heartbeat may be before the VIPs are withdrawn: long enough for an
+    /// agent restart (or a kill -9 and a restart by systemd) that the pinned datapath rides out.
+    #[serde(deserialize_with = "de_grace")]
+    pub grace: Duration,
+}
+
+impl Default for Announce {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/run/cidlb"),
+            table: 0,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn de_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_field(d, "grace")
+}
+
 impl Node {
     pub fn v4(&self) -> Option<IpAddr> {
         self.addresses.iter().copied().find(IpAddr::is_ipv4)
@@ -376,6 +486,13 @@ pub struct Config {
     pub health: Health,
     #[serde(default)]
     pub stats: Stats,
+    /// New-flow rate limits (`limits.rs`); absent: none.
+    #[serde(default)]
+    pub limits: Option<crate::limits::Limits>,
+    /// Present when this balancer runs `cidlb announce` (several balancers behind ECMP);
+    /// without it the agent writes no heartbeat.
+    #[serde(default)]
+    pub announce: Option<Announce>,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     /// Shadow mode (`cidlb run --shadow`, not a config key): decide and count, pass everything.
@@ -419,6 +536,22 @@ impl Config {
         })
     }
 
+    /// Things that are valid but that the operator should look at (`cidlb check`, `cidlb run`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.dtls.versions.is_none() {
+            w.push(
+                "dtls.versions is not set: DTLS 1.2 AND DTLS 1.3 CID records are routed by CID \
+                 (earlier cidlb releases routed 1.3 records by flow). Check that your nodes put \
+                 their node id at dtls.node_id_offset of the DTLS 1.3 CIDs they issue too, then \
+                 set dtls.versions: [\"1.2\", \"1.3\"] (or [\"1.2\"] to keep 1.3 records by flow) \
+                 to silence this warning"
+                    .to_owned(),
+            );
+        }
+        w
+    }
+
     /// The datapath's load-time constants.
     pub fn dp_config(&self) -> DpConfig {
         DpConfig {
@@ -431,6 +564,11 @@ impl Config {
                 .unwrap_or(u64::MAX)
                 .min(1_000_000_000),
             shadow: u32::from(self.shadow),
+            policy: match self.flows.policy {
+                FlowPolicy::Maglev => lb_common::POLICY_MAGLEV,
+                FlowPolicy::RoundRobin => lb_common::POLICY_ROUND_ROBIN,
+            },
+            dtls_versions: self.dtls.versions_mask(),
             _pad: 0,
         }
     }
@@ -501,6 +639,49 @@ pin_dir: /sys/fs/bpf/cidlb
         assert_eq!(c.dp_config(), lb_common::DpConfig::DEFAULT);
         assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(c.xdp_mode, XdpModeCfg::Auto);
+    }
+
+    #[test]
+    fn dtls_versions_quoted_or_not() {
+        use lb_common::{DTLS_V12, DTLS_V13};
+        let cases = [
+            ("[\"1.2\", \"1.3\"]", DTLS_V12 | DTLS_V13),
+            ("[1.2, 1.3]", DTLS_V12 | DTLS_V13),
+            ("[1.3]", DTLS_V13),
+            ("[\"1.2\"]", DTLS_V12),
+            ("[1.20]", DTLS_V12),
+        ];
+        for (list, mask) in cases {
+            let text = with(
+                "  unknown_node: drop\n",
+                &format!("  unknown_node: drop\n  versions: {list}\n"),
+            );
+            let c = parse(&text).unwrap_or_else(|e| panic!("{list}: {e}"));
+            assert_eq!(c.dp_config().dtls_versions, mask, "{list}");
+            assert!(c.warnings().is_empty(), "{list}: {:?}", c.warnings());
+        }
+        // Absent: both formats, and a warning that says what to check.
+        let c = parse(SEED).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.dp_config().dtls_versions, DTLS_V12 | DTLS_V13);
+        let w = c.warnings().join("\n");
+        assert!(
+            w.contains("dtls.versions is not set") && w.contains("node_id_offset"),
+            "{w}"
+        );
+        for (list, want) in [
+            ("[1.1]", "\"1.1\" is not a DTLS version"),
+            ("[\"1.4\"]", "\"1.4\" is not a DTLS version"),
+            ("[\"tls\"]", "\"tls\" is not a DTLS version"),
+            ("[1.3, \"1.3\"]", "dtls.versions[1]: 1.3 is listed twice"),
+            ("[]", "dtls.versions: list \"1.2\" and/or \"1.3\""),
+        ] {
+            let text = with(
+                "  unknown_node: drop\n",
+                &format!("  unknown_node: drop\n  versions: {list}\n"),
+            );
+            let e = parse(&text).expect_err(list);
+            assert!(e.contains(want) && e.contains("test.yaml"), "{list}: {e}");
+        }
     }
 
     #[test]

@@ -44,6 +44,13 @@ pub const MAP_NAMES: &[&str] = &[
     names::NEXTHOP,
     names::NODE_ADDRS,
     names::LAYOUT,
+    lb_common::limits::LIMIT_CFG,
+    lb_common::limits::SRC_BUCKETS,
+    lb_common::limits::GLOBAL_BUCKET,
+    lb_common::limits::KNOWN_SRCS,
+    lb_common::limits::LIMIT_EXEMPT,
+    names::MAGLEV,
+    names::MAGLEV_CTL,
 ];
 
 /// The program's pin (for bpftool); the links hold the program anyway.

@@ -51,6 +51,53 @@ pub fn parse_hex(s: &str) -> anyhow::Result<Vec<u8>> {
     Ok(digits.chunks(2).map(|p| (p[0] << 4) | p[1]).collect())
 }
 
+/// Which DTLS record header the first record of a UDP payload has, and how the configured
+/// `dtls.versions` treats it. The datapath (lb-ebpf/src/dtls.rs) decides; this names the
+/// format it looked at, for `explain` (the counters show what it then did).
+pub fn record_format(cfg: &Config, payload: &[u8]) -> String {
+    use crate::config::DtlsVersion;
+    let routed = |v: DtlsVersion| cfg.dtls.versions().contains(&v);
+    let Some(&b) = payload.first() else {
+        return "empty UDP payload: by flow".into();
+    };
+    match b {
+        25 if routed(DtlsVersion::V12) => {
+            "DTLS 1.2 tls12_cid record (RFC 9146): node id at payload offset 11 + node_id_offset"
+                .into()
+        }
+        25 => {
+            "DTLS 1.2 tls12_cid record (RFC 9146), but dtls.versions leaves out 1.2: by flow".into()
+        }
+        0x20..=0x3f => {
+            let bit = |m: u8| u8::from(b & m != 0);
+            let head = format!(
+                "DTLS 1.3 unified header (RFC 9147) {b:#04x}: C={} S={} L={} epoch bits {}",
+                bit(0x10),
+                bit(0x08),
+                bit(0x04),
+                b & 3
+            );
+            if b & 0x10 == 0 {
+                format!("{head}; no CID: by flow")
+            } else if routed(DtlsVersion::V13) {
+                format!("{head}; node id at payload offset 1 + node_id_offset")
+            } else {
+                format!("{head}; dtls.versions leaves out 1.3: by flow")
+            }
+        }
+        22 => "DTLS handshake record (plaintext, e.g. a ClientHello): by flow".into(),
+        20 | 21 | 23 => format!("DTLS record type {b} without a CID: by flow"),
+        _ => format!("not a DTLS record header (first byte {b:#04x}): by flow"),
+    }
+}
+
+fn udp_payload(frame: &[u8]) -> Option<&[u8]> {
+    match SlicedPacket::from_ethernet(frame).ok()?.transport? {
+        TransportSlice::Udp(u) => Some(u.payload()),
+        _ => None,
+    }
+}
+
 fn describe(frame: &[u8]) -> String {
     let Ok(p) = SlicedPacket::from_ethernet(frame) else {
         return format!("{} bytes, not parsable as Ethernet/IP", frame.len());
@@ -135,6 +182,9 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
         .map(|(c, _)| c.name())
         .collect();
     let _ = writeln!(s, "counters: {}", fired.join(", "));
+    if let Some(p) = udp_payload(frame) {
+        let _ = writeln!(s, "format:   {}", record_format(cfg, p));
+    }
     for (id, n) in &snap.nodes {
         if n.to_node_packets > 0 {
             let _ = writeln!(s, "node:     {id} (sent to it)");
@@ -161,6 +211,30 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_formats_named() {
+        let parse = |extra: &str| {
+            Config::parse(
+                &format!("interfaces: [e]\nvips: [{{address: 192.0.2.1, ports: [1]}}]\nnodes: [{{id: 1, address: 10.0.0.1}}]\n{extra}"),
+                std::path::Path::new("t.yaml"),
+            )
+            .unwrap()
+        };
+        let both = parse("");
+        let only12 = parse("dtls: {versions: [1.2]}\n");
+        let f = |c: &Config, p: &[u8]| record_format(c, p);
+        assert!(f(&both, &[0x3f, 1]).starts_with(
+            "DTLS 1.3 unified header (RFC 9147) 0x3f: C=1 S=1 L=1 epoch bits 3; node id at"
+        ));
+        assert!(f(&both, &[0x2c]).contains("C=0 S=1 L=1 epoch bits 0; no CID: by flow"));
+        assert!(f(&only12, &[0x3f]).ends_with("dtls.versions leaves out 1.3: by flow"));
+        assert!(f(&both, &[25, 0xfe, 0xfd]).starts_with("DTLS 1.2 tls12_cid record"));
+        assert!(f(&only12, &[25]).ends_with("node_id_offset"));
+        assert!(f(&both, &[22]).starts_with("DTLS handshake record"));
+        assert!(f(&both, &[0x40]).contains("not a DTLS record header (first byte 0x40)"));
+        assert_eq!(f(&both, &[]), "empty UDP payload: by flow");
+    }
 
     #[test]
     fn hex_input_errors_instead_of_panicking() {

@@ -68,6 +68,20 @@ pub fn is_hello_answer(d: &[u8]) -> bool {
     d.len() >= 14 && d[0] == 22 && d[1] == 0xfe && matches!(d[13], 2 | 3)
 }
 
+/// Does this datagram start with a plaintext DTLS alert record (type 21, version FE xx, a
+/// 2-byte alert)? A DTLS 1.3-only server that sends no HelloVerifyRequest answers the probe's
+/// DTLS 1.2 ClientHello with a `protocol_version` alert (RFC 8446 §4.2.1), which shows a DTLS
+/// stack serving the port as well as a ServerHello does. (A HelloRetryRequest is a ServerHello
+/// on the wire, handshake type 2, so [`is_hello_answer`] covers it.)
+pub fn is_dtls_alert(d: &[u8]) -> bool {
+    d.len() >= 15 && d[0] == 21 && d[1] == 0xfe && u16::from_be_bytes([d[11], d[12]]) >= 2
+}
+
+/// Does this datagram show a live DTLS server: a hello answer or an alert?
+pub fn is_alive_answer(d: &[u8]) -> bool {
+    is_hello_answer(d) || is_dtls_alert(d)
+}
+
 /// One probe of `addr`: true if the node answered as alive. ICMP errors are read with their
 /// source (IP_RECVERR) and judged by [`icmp_means_down`]; one that does not count is skipped
 /// and the probe goes on waiting.
@@ -93,11 +107,13 @@ pub async fn probe(kind: Probe, addr: SocketAddr, timeout: Duration) -> bool {
             if sock.send(&client_hello(random)).await.is_err() {
                 return false;
             }
-            // Skip anything that is not an answer to the hello (e.g. a late alert).
+            // Skip anything that is not a DTLS answer. The socket is connected: only datagrams
+            // from the node's serving address and port arrive, and its fresh source port
+            // keeps answers to earlier probes out.
             loop {
                 match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
                     Err(_) => return false,
-                    Ok(Ok(n)) if is_hello_answer(&buf[..n]) => return true,
+                    Ok(Ok(n)) if is_alive_answer(&buf[..n]) => return true,
                     Ok(Ok(_)) => {}
                     Ok(Err(_)) if queued_errors_mean_down(&sock, addr.ip()) => return false,
                     Ok(Err(_)) => {}
@@ -418,5 +434,26 @@ mod tests {
         assert!(!is_hello_answer(&[
             21, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3
         ]));
+    }
+
+    #[test]
+    fn alerts_count_as_alive() {
+        // wolfSSL 5.9.4 DTLS 1.3-only server, to a DTLS 1.2 ClientHello with its cookie: fatal
+        // protocol_version (lb-testpeer README, seen on the wire).
+        let alert = [21, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 2, 70];
+        assert!(is_dtls_alert(&alert) && is_alive_answer(&alert));
+        assert!(!is_hello_answer(&alert));
+        // Cut short, another record type, not DTLS: not an answer.
+        assert!(!is_alive_answer(&alert[..14]));
+        let mut app = alert;
+        app[0] = 23;
+        assert!(!is_alive_answer(&app));
+        assert!(!is_alive_answer(b"cidlb health probe echo"));
+        // A HelloVerifyRequest and a ServerHello / HelloRetryRequest still count.
+        for t in [2, 3] {
+            assert!(is_alive_answer(&[
+                22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, t
+            ]));
+        }
     }
 }

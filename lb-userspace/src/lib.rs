@@ -5,11 +5,13 @@
 //! same code against the real kernel.
 
 pub mod agent;
+pub mod announce;
 pub mod config;
 pub mod datapath;
 pub mod explain;
 pub mod health;
 pub mod layout;
+pub mod limits;
 pub mod maglev;
 pub mod metrics;
 pub mod provision;

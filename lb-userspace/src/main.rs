@@ -15,7 +15,7 @@ use tracing::{error, warn};
 #[command(
     name = "cidlb",
     version,
-    about = "XDP load balancer for DTLS 1.2 Connection ID records"
+    about = "XDP load balancer for DTLS 1.2 and 1.3 Connection ID records"
 )]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
@@ -67,6 +67,25 @@ enum Cmd {
         /// Repeat every SECS seconds, with per-second rates.
         #[arg(long, value_name = "SECS")]
         watch: Option<u64>,
+    },
+    /// Announce the VIPs while this balancer can serve them: once a second, keep a host route
+    /// per VIP in the kernel table `announce.table` (for BIRD's `protocol kernel { learn; }`)
+    /// and a file `announce.state_dir/ready/<vip>`, or withdraw them (README: Running several
+    /// balancers). Withdraws everything on SIGINT/SIGTERM.
+    Announce {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How often to decide, in milliseconds.
+        #[arg(long, default_value_t = 1000, value_name = "MS")]
+        every_ms: u64,
+    },
+    /// Put this balancer in maintenance (`on`: `cidlb announce` withdraws its VIPs while the
+    /// datapath keeps forwarding what still arrives) or take it out (`off`).
+    Maintenance {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Run one packet through the datapath program (BPF_PROG_TEST_RUN) and show the decision.
     Explain {
@@ -137,6 +156,10 @@ fn main() -> ExitCode {
             all,
             watch,
         } => pins.resolve().and_then(|dir| stats(&dir, json, all, watch)),
+        Cmd::Announce { config, every_ms } => {
+            cidlb::announce::run(&config, Duration::from_millis(every_ms.max(10)))
+        }
+        Cmd::Maintenance { state, config } => maintenance(&config, state == "on"),
         Cmd::Explain {
             config,
             hex,
@@ -173,7 +196,11 @@ fn init_logging(json: bool) {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    for w in cidlb::provision::reverse_entries(&cfg).1 {
+    for w in cidlb::provision::reverse_entries(&cfg)
+        .1
+        .into_iter()
+        .chain(cfg.warnings())
+    {
         warn!("{}: {w}", path.display());
     }
     println!(
@@ -183,6 +210,32 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         cfg.vips.len(),
         cfg.nodes.len()
     );
+    Ok(())
+}
+
+fn maintenance(path: &std::path::Path, on: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let dir = &cfg
+        .announce
+        .as_ref()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no `announce:` section: maintenance is a switch for `cidlb announce`, \
+                 which needs one (README: Running several balancers)",
+                path.display()
+            )
+        })?
+        .state_dir;
+    cidlb::announce::set_maintenance(dir, on)?;
+    if on {
+        println!(
+            "maintenance on ({}): `cidlb announce` withdraws the VIPs within a second; the \
+             datapath keeps forwarding what still arrives",
+            dir.join(cidlb::announce::MAINTENANCE).display()
+        );
+    } else {
+        println!("maintenance off: the VIPs are announced again once this balancer is ready");
+    }
     Ok(())
 }
 

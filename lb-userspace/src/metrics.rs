@@ -35,6 +35,10 @@ pub struct View {
     pub probe: Probe,
     pub health: Tracker,
     pub flow_capacity: u32,
+    /// Per VIP: can this balancer serve it (`announce::local`), as the agent last judged.
+    pub ready: Vec<(std::net::IpAddr, bool)>,
+    /// Per node id: has an IPv4 address, has an IPv6 address.
+    pub families: Vec<(u32, bool, bool)>,
 }
 
 /// Renders the text exposition format (version 0.0.4).
@@ -114,6 +118,15 @@ pub fn render(view: &View, snap: &Snapshot, flows: Option<(u64, Duration)>) -> S
     let _ = writeln!(out, "cidlb_flow_capacity {}", view.flow_capacity);
     fam(
         &mut out,
+        "cidlb_ready",
+        "gauge",
+        "1 if this balancer can serve the VIP: datapath attached, interfaces up, first probe round done, not in maintenance (what `cidlb announce` announces, besides the agent's heartbeat).",
+    );
+    for (vip, ready) in &view.ready {
+        let _ = writeln!(out, "cidlb_ready{{vip=\"{vip}\"}} {}", u8::from(*ready));
+    }
+    fam(
+        &mut out,
         "cidlb_node_state",
         "gauge",
         "1 for the node's configured state.",
@@ -143,6 +156,38 @@ pub fn render(view: &View, snap: &Snapshot, flows: Option<(u64, Duration)>) -> S
             "cidlb_node_up{{node=\"{id}\"}} {}",
             u8::from(view.health.is_up(*id))
         );
+    }
+    fam(
+        &mut out,
+        "cidlb_family_nodes",
+        "gauge",
+        "Nodes not disabled that have an address of the family.",
+    );
+    fam(
+        &mut out,
+        "cidlb_family_nodes_up",
+        "gauge",
+        "Of cidlb_family_nodes, those up (0 with cidlb_family_nodes > 0: the family's new flows are dropped, drop_no_node).",
+    );
+    for (name, v6) in [("ipv4", false), ("ipv6", true)] {
+        let serving: Vec<u32> = view
+            .families
+            .iter()
+            .filter(|(_, has4, has6)| if v6 { *has6 } else { *has4 })
+            .map(|(id, _, _)| *id)
+            .filter(|id| {
+                view.nodes
+                    .iter()
+                    .any(|(n, st)| n == id && *st != NodeState::Disabled)
+            })
+            .collect();
+        let up = serving.iter().filter(|id| view.health.is_up(**id)).count();
+        let _ = writeln!(
+            out,
+            "cidlb_family_nodes{{family=\"{name}\"}} {}",
+            serving.len()
+        );
+        let _ = writeln!(out, "cidlb_family_nodes_up{{family=\"{name}\"}} {up}");
     }
     if view.probe != Probe::None {
         fam(
@@ -357,6 +402,8 @@ mod tests {
             probe: Probe::Dtls,
             health,
             flow_capacity: 1024,
+            ready: vec![("192.0.2.10".parse().unwrap(), true)],
+            families: vec![(1, true, false)],
         };
         let text = render(&view, &snap, Some((3, Duration::from_millis(2500))));
         assert!(text.contains("# TYPE cidlb_packets_total counter\n"));
@@ -364,6 +411,9 @@ mod tests {
         assert!(text.contains("cidlb_node_packets_total{node=\"1\",direction=\"to_node\"} 5\n"));
         assert!(text.contains("cidlb_node_state{node=\"1\",state=\"draining\"} 1\n"));
         assert!(text.contains("cidlb_node_up{node=\"1\"} 1\n"));
+        assert!(text.contains("cidlb_ready{vip=\"192.0.2.10\"} 1\n"));
+        assert!(text.contains("cidlb_family_nodes{family=\"ipv4\"} 1\n"));
+        assert!(text.contains("cidlb_family_nodes{family=\"ipv6\"} 0\n"));
         assert!(text.contains("cidlb_flows 3\n"));
         assert!(text.contains("cidlb_flows_age_seconds 2.500\n"));
         // Every sample line belongs to a family declared before it.

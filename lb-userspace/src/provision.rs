@@ -19,12 +19,14 @@ use aya::{
 };
 use lb_common::{
     family_index, names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, FAMILY_V4,
-    FAMILY_V6, LAYOUT_VERSION, MAX_NODES, MAX_VIPS, NODE_F_V4, NODE_F_V6, PORT_WORDS,
+    FAMILY_V6, LAYOUT_VERSION, MAGLEV_CTL_EMPTY, MAGLEV_CTL_HALF0, MAGLEV_SIZE, MAX_NODES,
+    MAX_VIPS, NODE_F_V4, NODE_F_V6, PORT_WORDS,
 };
 
 use crate::{
-    config::{Config, NodeState},
+    config::{Config, FlowPolicy, NodeState},
     datapath::DatapathError,
+    maglev,
 };
 
 /// An address as the datapath stores it: wire bytes in u32 words, and its family tag.
@@ -146,10 +148,12 @@ pub fn provision(
     let slots = nodes_and_rings(ebpf, cfg, up)?;
     vips(ebpf, cfg)?;
     reverse(ebpf, cfg, &slots)?;
+    crate::limits::provision(ebpf, cfg.limits.as_ref())?;
     devmap(ebpf, ifindexes)
 }
 
-/// Writes `NODES`, `RING` and `RING_LEN` (all a health change touches); returns node slots.
+/// Writes `NODES`, `RING` and `RING_LEN`, and with `flows.policy: maglev` the `MAGLEV`
+/// tables (all a health change touches); returns node slots.
 pub fn nodes_and_rings(
     ebpf: &mut Ebpf,
     cfg: &Config,
@@ -197,6 +201,9 @@ pub fn nodes_and_rings(
 
     let mut nodes = Vec::new();
     let mut takers: [Vec<(u32, u32)>; 2] = [Vec::new(), Vec::new()];
+    // Maglev: every active node of the family, up or not (health is applied by stepping past
+    // down nodes, so a health change moves only a down node's slots).
+    let mut active: [Vec<(u32, u32)>; 2] = [Vec::new(), Vec::new()];
     for n in &present {
         let mut node = Node {
             port: n.port.map(port_wire).unwrap_or(0),
@@ -204,6 +211,11 @@ pub fn nodes_and_rings(
             ..Node::default()
         };
         let takes_new = n.state == NodeState::Active && up(n.id);
+        for (fi, has) in [(0, n.v4().is_some()), (1, n.v6().is_some())] {
+            if has && n.state == NodeState::Active {
+                active[fi].push((n.id, n.weight));
+            }
+        }
         if let Some(a) = n.v4() {
             node.addr4 = addr_words(a).0[0];
             node.flags |= NODE_F_V4;
@@ -260,8 +272,62 @@ pub fn nodes_and_rings(
                 .map_err(merr(names::RING_LEN))?;
         }
     }
+    if cfg.flows.policy == FlowPolicy::Maglev {
+        for (fi, nodes) in active.iter().enumerate() {
+            let table = maglev_table(nodes, up)?;
+            write_maglev(ebpf, fi as u32, &table)?;
+        }
+    }
     remove_all::<u32, Node>(ebpf, names::NODES, stale_nodes)?;
     Ok(slots)
+}
+
+/// The Maglev table new flows of one family use: built from `nodes` (the family's active
+/// nodes, `(id, weight)`, in any order) at `MAGLEV_SIZE`, then each slot of a down node given
+/// to its next up preference (`maglev::step_past_down`). Empty: no node takes new flows.
+pub fn maglev_table(
+    nodes: &[(u32, u32)],
+    up: &dyn Fn(u32) -> bool,
+) -> Result<Vec<u32>, DatapathError> {
+    let table = maglev::table(nodes, MAGLEV_SIZE).map_err(|e| DatapathError::Map {
+        name: names::MAGLEV,
+        message: e.to_string(),
+    })?;
+    Ok(maglev::step_past_down(&table, up))
+}
+
+/// Writes `table` into the inactive half of family `fi`'s `MAGLEV` tables, then makes it the
+/// active one in `MAGLEV_CTL` (one array write, atomic for a reader): a new flow reads the
+/// whole old table or the whole new one. An empty table sets `MAGLEV_CTL_EMPTY`.
+fn write_maglev(ebpf: &mut Ebpf, fi: u32, table: &[u32]) -> Result<(), DatapathError> {
+    let [tables, ctl] = ebpf.maps_disjoint_mut([names::MAGLEV, names::MAGLEV_CTL]);
+    let missing = |name| DatapathError::Map {
+        name,
+        message: "not in the eBPF object".into(),
+    };
+    let mut tables: Array<_, u32> =
+        Array::try_from(tables.ok_or(missing(names::MAGLEV))?).map_err(merr(names::MAGLEV))?;
+    let mut ctl: Array<_, u32> =
+        Array::try_from(ctl.ok_or(missing(names::MAGLEV_CTL))?).map_err(merr(names::MAGLEV_CTL))?;
+    if table.is_empty() {
+        return ctl
+            .set(fi, MAGLEV_CTL_EMPTY, 0)
+            .map_err(merr(names::MAGLEV_CTL));
+    }
+    debug_assert_eq!(table.len(), MAGLEV_SIZE as usize);
+    let active = ctl.get(&fi, 0).map_err(merr(names::MAGLEV_CTL))?;
+    // The half no reader is directed to (half 0 when there is no table yet). A packet that
+    // read MAGLEV_CTL before the previous flip may still be reading this half: it would need
+    // to run across two table writes (hundreds of milliseconds), which an XDP run does not.
+    let half = if active == MAGLEV_CTL_HALF0 { 1 } else { 0 };
+    let base = (fi * 2 + half) * MAGLEV_SIZE;
+    for (slot, id) in table.iter().enumerate() {
+        tables
+            .set(base + slot as u32, id, 0)
+            .map_err(merr(names::MAGLEV))?;
+    }
+    ctl.set(fi, MAGLEV_CTL_HALF0 + half, 0)
+        .map_err(merr(names::MAGLEV_CTL))
 }
 
 fn vips(ebpf: &mut Ebpf, cfg: &Config) -> Result<(), DatapathError> {

@@ -10,6 +10,9 @@ use lb_common::{MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS}
 use crate::config::{Config, Vip};
 
 pub(crate) fn validate(cfg: &Config) -> Result<(), (String, String)> {
+    if let Some(l) = &cfg.limits {
+        crate::limits::validate(l)?;
+    }
     let err = |k: &str, p: String| Err((k.to_owned(), p));
     if cfg.interfaces.is_empty() {
         return err(
@@ -87,6 +90,23 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (String, String)> {
                 d.node_id_offset, d.cid_length
             ),
         );
+    }
+
+    if let Some(versions) = &d.versions {
+        if versions.is_empty() {
+            return err(
+                "dtls.versions",
+                "list \"1.2\" and/or \"1.3\" (the record formats routed by CID), or leave the key out for both".into(),
+            );
+        }
+        for (i, v) in versions.iter().enumerate() {
+            if versions[..i].contains(v) {
+                return err(
+                    &format!("dtls.versions[{i}]"),
+                    format!("{} is listed twice", v.name()),
+                );
+            }
+        }
     }
 
     if cfg.flows.idle_timeout.is_zero() {
@@ -219,6 +239,28 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (String, String)> {
     }
     if h.fall == 0 || h.rise == 0 {
         return err("health", "fall and rise must be at least 1".into());
+    }
+    let Some(a) = &cfg.announce else {
+        return reverse_nat(cfg);
+    };
+    // 253, 254, 255: the kernel's default, main and local tables, which route packets: a VIP
+    // host route via lo there would deliver the VIP's traffic to this box.
+    if (253..=255).contains(&a.table) {
+        return err(
+            "announce.table",
+            format!(
+                "{} is one of the kernel's own tables (default, main, local), which route \
+                 packets; use a table nothing routes by, such as 4242",
+                a.table
+            ),
+        );
+    }
+    if a.grace.is_zero() {
+        return err(
+            "announce.grace",
+            "must be longer than 0 (the heartbeat is written every second; 10s rides out a restart)"
+                .into(),
+        );
     }
     reverse_nat(cfg)?;
     Ok(())
@@ -392,6 +434,26 @@ mod tests {
                 &["interfaces[1]", "twice"],
             ),
             ("pin_dir:", "pin_drr:", &["unknown field", "pin_drr"]),
+            (
+                "pin_dir:",
+                "announce: {table: 254}\npin_dir:",
+                &["announce.table", "254", "4242"],
+            ),
+            (
+                "pin_dir:",
+                "announce: {grace: 0s}\npin_dir:",
+                &["announce.grace"],
+            ),
+            (
+                "pin_dir:",
+                "announce: {tabel: 1}\npin_dir:",
+                &["unknown field", "tabel"],
+            ),
+            (
+                "policy: round_robin",
+                "policy: hash",
+                &["policy", "hash", "maglev"],
+            ),
         ];
         for (from, to, want) in cases {
             let text = with(from, to);

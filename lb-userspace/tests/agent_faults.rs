@@ -252,8 +252,9 @@ fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
     let (code, err) = run_expecting_failure(lab, &cfg);
     assert_eq!(code, Some(1), "cidlb run must refuse: {err}");
     let want = format!(
-        "pinned datapath under {} has layout 0, this cidlb expects 1: run `cidlb detach --config {c}`",
-        pins.0.display()
+        "pinned datapath under {} has layout 0, this cidlb expects {}: run `cidlb detach --config {c}`",
+        pins.0.display(),
+        lb_common::LAYOUT_VERSION
     );
     assert!(err.contains(&want), "lacks {want:?}:\n{err}");
     assert_eq!(

@@ -32,6 +32,40 @@ fn check_accepts_the_shipped_example() {
 }
 
 #[test]
+fn check_warns_without_dtls_versions_and_accepts_unquoted_versions() {
+    // Issue #12: the default routes DTLS 1.3 records by CID, which they were not before.
+    let p = write("noversions.yaml", GOOD);
+    let o = cidlb(&["check", "--config", p.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("WARN")
+            && e.contains("noversions.yaml")
+            && e.contains("dtls.versions is not set"),
+        "{e}"
+    );
+    let p = write(
+        "versions.yaml",
+        &GOOD.replace("pin_dir", "dtls: {versions: [1.2, 1.3]}\npin_dir"),
+    );
+    let o = cidlb(&["check", "--config", p.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("dtls.versions"), "{}", stderr(&o));
+    let p = write(
+        "badversions.yaml",
+        &GOOD.replace("pin_dir", "dtls: {versions: [1.2, 1.4]}\npin_dir"),
+    );
+    let o = cidlb(&["check", "--config", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("badversions.yaml")
+            && stderr(&o).contains("\"1.4\" is not a DTLS version"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn check_names_file_key_and_problem() {
     let p = write("bad.yaml", &GOOD.replace("id: 1", "id: 300"));
     let o = cidlb(&["check", "--config", p.to_str().unwrap()]);
@@ -131,7 +165,34 @@ fn explain_loads_a_tiny_flow_table_and_rejects_bad_hex() {
         "{out}"
     );
     assert!(out.contains("counters: cid_routed"), "{out}");
+    assert!(out.contains("format:   DTLS 1.2 tls12_cid record"), "{out}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+
+    // A DTLS 1.3 unified header with a CID naming node 1 (issue #12): routed by its CID, and
+    // the format says which header matched.
+    let o = cidlb(&[
+        "explain",
+        "--config",
+        p.to_str().unwrap(),
+        "--src",
+        "198.51.100.7:40000",
+        "--dst",
+        "192.0.2.10:5684",
+        "--payload",
+        "3f01a1a2a3a4a55a170004abcdabcd",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("counters:") && l.contains("cid13_routed")),
+        "{out}"
+    );
+    assert!(out.contains("node:     1 (sent to it)"), "{out}");
+    assert!(
+        out.contains("format:   DTLS 1.3 unified header (RFC 9147) 0x3f: C=1 S=1 L=1"),
+        "{out}"
+    );
 
     let o = cidlb(&["explain", "--config", p.to_str().unwrap(), "--hex", "aéa"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

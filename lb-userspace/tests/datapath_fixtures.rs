@@ -8,6 +8,8 @@
 //! a thread inside it, so the output MACs are deterministic.
 
 mod common;
+#[path = "fixtures/limits.rs"]
+mod limits;
 
 use std::net::IpAddr;
 
@@ -15,7 +17,7 @@ use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot};
 use lb_common::Counter::{self, *};
 use lb_lab::{
     fib::*,
-    packet::{assert_checksums, cid_record, handshake_record, Frame, Mac},
+    packet::{assert_checksums, cid_record, handshake_record, unified_record, Frame, Mac},
     pin_to_cpu, NetNs,
 };
 
@@ -32,7 +34,7 @@ vips:
   - address: "2001:db8:ffff::10"
     ports: [5684]
 dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop}
-flows: {idle_timeout: 30s, capacity: 1024}
+flows: {policy: round_robin, idle_timeout: 30s, capacity: 1024}
 nodes:
   - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
   - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}
@@ -798,7 +800,294 @@ fn cases() -> Vec<Case> {
     ));
     relay_cases(&mut v);
     defect_cases(&mut v);
+    limits::limit_cases(&mut v);
+    dtls13_cases(&mut v);
     v
+}
+
+/// A DTLS 1.3 unified-header record whose 6-byte CID names `node`.
+fn cid13(node: u8, seq16: bool, with_len: bool) -> Vec<u8> {
+    unified_record(
+        Some(&[node, 0xb1, 0xb2, 0xb3, 0xb4, 0xb5]),
+        seq16,
+        with_len,
+        b"encrypted DTLS 1.3 application data",
+    )
+}
+
+/// Issue #12: DTLS 1.3 unified headers (RFC 9147 §4). Node 2 is named where a flow would
+/// pick node 1 (the first round-robin pick), so a record routed by flow cannot pass as routed
+/// by CID.
+fn dtls13_cases(v: &mut Vec<Case>) {
+    let dtls = "dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop}";
+    let with_versions = |list: &str| {
+        format!("dtls: {{cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop, versions: {list}}}")
+    };
+    // C set with S and L in all four combinations, over IPv4 and IPv6.
+    for (s, l) in [(false, false), (false, true), (true, false), (true, true)] {
+        for (vip, node) in [(VIP4, NODE2_4), (VIP6, NODE2_6)] {
+            let p = client(vip, 5684, &cid13(2, s, l));
+            v.push(
+                case(
+                    format!(
+                        "1.3 unified header C=1 S={} L={} to node 2 ({vip})",
+                        s as u8, l as u8
+                    ),
+                    vec![fwd("fxc", &p, &to_node(&p, node, NODE2_MAC), XDP_REDIRECT)],
+                    &[(Cid13Routed, 1), (FwdRedirect, 1)],
+                )
+                .nodes(&[(2, 1)]),
+            );
+        }
+    }
+    // C clear: by flow, although the byte after the first names node 2.
+    let p = client(
+        VIP4,
+        5684,
+        &unified_record(None, true, true, &[2, 2, 2, 2, 2, 2, 2, 2]),
+    );
+    v.push(
+        case(
+            "1.3 unified header without CID: by flow",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE1_4, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(FlowNew, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(1, 1)]),
+    );
+    // Truncated, per S/L: one byte short of 1 + cid_length + (S ? 2 : 1) + (L ? 2 : 0) is
+    // dropped, exactly that long (no ciphertext: RFC 9147 §4.2.3's 16-byte minimum is the
+    // node's to enforce) is routed.
+    for (s, l) in [(false, false), (false, true), (true, false), (true, true)] {
+        let min = 1 + 6 + if s { 2 } else { 1 } + if l { 2 } else { 0 };
+        let full = cid13(2, s, l);
+        let mut lens = vec![1, 2, 7, min - 1];
+        lens.dedup();
+        for len in lens {
+            let p = client(VIP4, 5684, &full[..len]);
+            v.push(case(
+                format!(
+                    "1.3 C=1 S={} L={} cut to {len} of {min} header bytes: dropped",
+                    s as u8, l as u8
+                ),
+                vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+                &[(DropCid13Truncated, 1)],
+            ));
+        }
+        let p = client(VIP4, 5684, &full[..min]);
+        v.push(
+            case(
+                format!(
+                    "1.3 C=1 S={} L={} header only ({min} bytes): routed",
+                    s as u8, l as u8
+                ),
+                vec![fwd(
+                    "fxc",
+                    &p,
+                    &to_node(&p, NODE2_4, NODE2_MAC),
+                    XDP_REDIRECT,
+                )],
+                &[(Cid13Routed, 1), (FwdRedirect, 1)],
+            )
+            .nodes(&[(2, 1)]),
+        );
+    }
+    // The UDP length decides, not the frame: a 1-byte unified header padded to 80 bytes.
+    let mut padded = client(VIP4, 5684, &[0x3f]).bytes();
+    padded.resize(80, 0);
+    v.push(case(
+        "1-byte 1.3 unified header + Ethernet padding: dropped",
+        vec![unchanged("fxc", padded, XDP_DROP)],
+        &[(DropCid13Truncated, 1)],
+    ));
+    // Node id at offset 2, 2 bytes, in an 8-byte CID: read at payload offset 1 + 2.
+    let p = client(
+        VIP6,
+        5684,
+        &unified_record(
+            Some(&[0xee, 0xee, 0x01, 0x02, 9, 9, 9, 9]),
+            true,
+            false,
+            b"x",
+        ),
+    );
+    v.push(
+        case(
+            "1.3 node id at offset 2, 2 bytes (0x0102)",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE2_6, NODE2_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(Cid13Routed, 1), (FwdRedirect, 1)],
+        )
+        .config(
+            dtls,
+            "dtls: {cid_length: 8, node_id_offset: 2, node_id_length: 2, unknown_node: drop}",
+        )
+        .config("{id: 2,", "{id: 258,")
+        .nodes(&[(258, 1)]),
+    );
+    // Unknown node: same rules and counters as a tls12_cid record.
+    let p = client(VIP4, 5684, &cid13(9, true, true));
+    v.push(case(
+        "1.3 unknown node, unknown_node: drop",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropCidUnknownNode, 1)],
+    ));
+    v.push(
+        case(
+            "1.3 unknown node, unknown_node: flow",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE1_4, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(CidUnknownNodeFlow, 1), (FlowNew, 1), (FwdRedirect, 1)],
+        )
+        .config("unknown_node: drop", "unknown_node: flow")
+        .nodes(&[(1, 1)]),
+    );
+    // Disabled node: its CIDs follow unknown_node.
+    let p = client(VIP4, 5684, &cid13(2, true, true));
+    v.push(
+        case(
+            "1.3 CID naming a disabled node: dropped",
+            vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+            &[(DropCidUnknownNode, 1)],
+        )
+        .config(
+            "\"2001:db8:1::12\"]}",
+            "\"2001:db8:1::12\"], state: disabled}",
+        ),
+    );
+    // Both formats in one config (explicit versions): each routed by its own CID.
+    let p12 = client(VIP4, 5684, &cid(2));
+    let p13 = client(VIP6, 5684, &cid13(1, true, true));
+    v.push(
+        case(
+            "1.2 and 1.3 records in one config",
+            vec![
+                fwd(
+                    "fxc",
+                    &p12,
+                    &to_node(&p12, NODE2_4, NODE2_MAC),
+                    XDP_REDIRECT,
+                ),
+                fwd(
+                    "fxc",
+                    &p13,
+                    &to_node(&p13, NODE1_6, NODE1_MAC),
+                    XDP_REDIRECT,
+                ),
+            ],
+            &[(CidRouted, 1), (Cid13Routed, 1), (FwdRedirect, 2)],
+        )
+        .config(dtls, &with_versions("[1.2, \"1.3\"]"))
+        .nodes(&[(1, 1), (2, 1)]),
+    );
+    // versions: ["1.2"]: a 1.3 record naming node 2 goes by flow (node 1), a 1.2 one by CID.
+    v.push(
+        case(
+            "dtls.versions [1.2]: 1.3 record by flow, 1.2 record by CID",
+            vec![
+                fwd(
+                    "fxc",
+                    &p13,
+                    &to_node(&p13, NODE1_6, NODE1_MAC),
+                    XDP_REDIRECT,
+                ),
+                fwd(
+                    "fxc",
+                    &p12,
+                    &to_node(&p12, NODE2_4, NODE2_MAC),
+                    XDP_REDIRECT,
+                ),
+            ],
+            &[(FlowNew, 1), (CidRouted, 1), (FwdRedirect, 2)],
+        )
+        .config(dtls, &with_versions("[\"1.2\"]"))
+        .nodes(&[(1, 1), (2, 1)]),
+    );
+    let p13 = client(VIP4, 5684, &cid13(2, true, true));
+    v.push(
+        case(
+            "dtls.versions [1.2]: 1.3 record naming node 2 by flow",
+            vec![fwd(
+                "fxc",
+                &p13,
+                &to_node(&p13, NODE1_4, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(FlowNew, 1), (FwdRedirect, 1)],
+        )
+        .config(dtls, &with_versions("[\"1.2\"]"))
+        .nodes(&[(1, 1)]),
+    );
+    // versions: ["1.3"]: a tls12_cid record naming node 2 goes by flow.
+    v.push(
+        case(
+            "dtls.versions [1.3]: tls12_cid record by flow",
+            vec![fwd(
+                "fxc",
+                &p12,
+                &to_node(&p12, NODE1_4, NODE1_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(FlowNew, 1), (FwdRedirect, 1)],
+        )
+        .config(dtls, &with_versions("[1.3]"))
+        .nodes(&[(1, 1)]),
+    );
+    // The first record decides: a 1.3 CID record naming node 2, then a tls12_cid record
+    // naming node 1, in one datagram.
+    let p = client(VIP4, 5684, &[cid13(2, true, true), cid(1)].concat());
+    v.push(
+        case(
+            "1.3 record then 1.2 record in one datagram: the first decides",
+            vec![fwd(
+                "fxc",
+                &p,
+                &to_node(&p, NODE2_4, NODE2_MAC),
+                XDP_REDIRECT,
+            )],
+            &[(Cid13Routed, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(2, 1)]),
+    );
+    // A DTLS 1.3 ClientHello with a post-quantum key share (wolfSSL's default) can be larger
+    // than one IP packet: a sender that does not split it into several records (RFC 9147
+    // §4.4 asks it to) makes the IP layer fragment it. Fragments carry no (or not the
+    // datagram's) UDP header to route by: dropped and counted, as every fragment to a VIP.
+    let hello = [
+        &[22u8, 0xfe, 0xfd][..],
+        &[0; 8],
+        &1500u16.to_be_bytes(),
+        &[1; 1400],
+    ]
+    .concat();
+    let mut p = client(VIP4, 5684, &hello);
+    p.more_fragments = true;
+    p.udp_len_override = Some(8 + 1500 + 13);
+    v.push(case(
+        "IPv4 first fragment of a 1.3 ClientHello too big for one packet: dropped",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropFragment, 1)],
+    ));
+    let mut p = client(VIP6, 5684, &hello);
+    p.v6_fragment = true;
+    p.udp_len_override = Some(8 + 1500 + 13);
+    v.push(case(
+        "IPv6 first fragment of a 1.3 ClientHello too big for one packet: dropped",
+        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+        &[(DropFragment, 1)],
+    ));
 }
 
 /// Issue #10: each of these failed before its fix.

@@ -1,4 +1,5 @@
-//! End to end with real DTLS 1.2 Connection ID peers (lb-testpeer, on Mbed TLS): sessions keep
+//! End to end with real DTLS 1.2 Connection ID peers (lb-testpeer, on Mbed TLS) and DTLS 1.3
+//! ones (lb-testpeer --dtls 1.3, on wolfSSL): sessions keep
 //! working through cidlb while their clients rebind to new source ports, as behind a NAT.
 //!
 //! The peers are the `cidlb-testpeer` binary, built by `cargo test --workspace` (as
@@ -15,18 +16,7 @@ use lb_lab::{
 };
 
 fn testpeer() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>")
-        .join("cidlb-testpeer");
-    assert!(
-        p.exists(),
-        "{} is missing: run through `cargo xtask test` (or `cargo build -p lb-testpeer`)",
-        p.display()
-    );
-    p
+    common::testpeer()
 }
 
 /// A DTLS echo server for node `id` in a node namespace, listening on both families.
@@ -81,13 +71,18 @@ fn setup(tag: &str, nodes: usize, extra_config: &str) -> Setup {
 /// A lab with one node per entry of `ids`, node k's server issuing CIDs for `ids[k - 1]`
 /// (the config always names node k as id k), and cidlb running.
 fn setup_ids(tag: &str, ids: &[u32], extra_config: &str) -> Setup {
+    setup_peers(tag, ids, extra_config, &[])
+}
+
+/// As [`setup_ids`], the servers started with `server_args` (e.g. [`DTLS13`]).
+fn setup_peers(tag: &str, ids: &[u32], extra_config: &str, server_args: &[&str]) -> Setup {
     common::require_root();
     let lab = Lab::up(&lb_lab::unique_prefix(tag), ids.len()).unwrap_or_else(|e| panic!("{e}"));
     let servers = lab
         .nodes
         .iter()
         .zip(ids)
-        .map(|(n, id)| server(n, *id, &[]))
+        .map(|(n, id)| server(n, *id, server_args))
         .collect();
     let pins = PinGuard::new(tag);
     let cfg = std::env::temp_dir().join(format!("cidlb-e2e-{tag}-{}.yaml", std::process::id()));
@@ -131,7 +126,8 @@ fn twenty_rebinding_sessions_over_two_nodes_ipv4() {
         ],
     );
     let per_node = assert_sessions_follow_their_cid(&run, 20, 10);
-    // Handshakes spread by round robin: both nodes hold sessions.
+    // Handshakes spread by Maglev (the default; all 20 on one node: odds 2^-19): both nodes
+    // hold sessions.
     assert_eq!(per_node.len(), 2, "handshakes did not spread: {per_node:?}");
     let json = cidlb(&["stats", "--json", "--pin-dir", s.pins.0.to_str().unwrap()]);
     assert!(json_counter(&json, "cid_routed") >= 20 * 55, "{json}");
@@ -266,8 +262,22 @@ fn control_rebinding_fails_through_a_five_tuple_balancer() {
 #[test]
 fn dtls_health_probe_follows_a_real_server() {
     // The dtls probe sends a ClientHello; Mbed TLS answers with a HelloVerifyRequest.
+    health_probe_follows_real_servers("eh", &[]);
+}
+
+#[test]
+fn dtls_health_probe_follows_a_real_dtls13_only_server() {
+    // Issue #12: wolfSSL in DTLS 1.3-only mode answers the probe's DTLS 1.2 ClientHello with a
+    // HelloVerifyRequest (then, were the cookie sent back, a protocol_version alert; both
+    // count as alive).
+    health_probe_follows_real_servers("eh3", DTLS13);
+}
+
+/// Two nodes whose servers run with `server_args`, probed with `probe: dtls`: healthy servers
+/// stay up, a stopped one goes down, a restarted one comes back, and sessions work again.
+fn health_probe_follows_real_servers(tag: &str, server_args: &[&str]) {
     let health = "health: {probe: dtls, interval: 500ms, timeout: 300ms, fall: 2, rise: 2}\n";
-    let mut s = setup("eh", 2, health);
+    let mut s = setup_peers(tag, &[1, 2], health, server_args);
     let agent = &s.agent;
     // Healthy servers: no node goes down.
     assert!(
@@ -282,7 +292,7 @@ fn dtls_health_probe_follows_a_real_server() {
         .wait_for("node down", Duration::from_secs(5))
         .expect("stopped server must be marked down");
     assert!(line.contains("node=2"), "{line}");
-    let restarted = server(&s.lab.nodes[1], 2, &[]);
+    let restarted = server(&s.lab.nodes[1], 2, server_args);
     s.servers.push(restarted);
     let agent = &s.agent;
     let line = agent
@@ -290,6 +300,105 @@ fn dtls_health_probe_follows_a_real_server() {
         .expect("restarted server must come back");
     assert!(line.contains("node=2"), "{line}");
     // Sessions work across both nodes again.
-    let run = client(&s.lab, &v4(), &["--sessions", "6", "--messages", "6"]);
+    let args = [server_args, &["--sessions", "6", "--messages", "6"]].concat();
+    let run = client(&s.lab, &v4(), &args);
     assert_sessions_follow_their_cid(&run, 6, 0);
+}
+
+// --- DTLS 1.3 (issue #12): wolfSSL peers, records with the RFC 9147 unified header ---
+
+/// Peer arguments selecting the DTLS 1.3 backend (wolfSSL).
+const DTLS13: &[&str] = &["--dtls", "1.3"];
+
+#[test]
+fn dtls13_rebinding_sessions_follow_their_cid_ipv4_and_ipv6() {
+    let s = setup_peers(
+        "e13",
+        &[1, 2],
+        "dtls: {versions: [\"1.2\", \"1.3\"]}\n",
+        DTLS13,
+    );
+    let (sessions, messages) = (10u64, 55u64);
+    let (sessions_arg, messages_arg) = (sessions.to_string(), messages.to_string());
+    for vip in [v4(), v6()] {
+        // 55 messages, a rebind after every 5th: 10 rebinds per session.
+        let args = [
+            DTLS13,
+            &[
+                "--sessions",
+                &sessions_arg,
+                "--messages",
+                &messages_arg,
+                "--rebind-every",
+                "5",
+            ],
+        ]
+        .concat();
+        let run = client(&s.lab, &vip, &args);
+        let per_node = assert_sessions_follow_their_cid(&run, sessions as usize, 10);
+        assert_eq!(
+            per_node.len(),
+            2,
+            "{vip}: handshakes did not spread: {per_node:?}"
+        );
+    }
+    let json = cidlb(&["stats", "--json", "--pin-dir", s.pins.0.to_str().unwrap()]);
+    // Every application record (and each client's last handshake flight) is a unified header
+    // with the server's CID; none is a tls12_cid record.
+    assert!(
+        json_counter(&json, "cid13_routed") >= 2 * sessions * messages,
+        "{json}"
+    );
+    assert_eq!(json_counter(&json, "cid_routed"), 0, "{json}");
+    assert_eq!(json_counter(&json, "drop_cid13_truncated"), 0, "{json}");
+    assert_eq!(json_counter(&json, "drop_cid_unknown_node"), 0, "{json}");
+}
+
+#[test]
+fn control_dtls13_rebinding_fails_with_only_dtls12_routed_by_cid() {
+    // The same peers through cidlb with `dtls.versions: ["1.2"]`: 1.3 records go by flow, so a
+    // rebinding client's new 5-tuple is a new flow, round robin sends it to the other node half
+    // of the time, and that node has no session: the 1.3 test above can fail.
+    let s = setup_peers("e13c", &[1, 2], "dtls: {versions: [\"1.2\"]}\n", DTLS13);
+    // Without rebinding the same sessions work: the control differs only in the rebinding.
+    let steady = client(
+        &s.lab,
+        &v4(),
+        &[DTLS13, &["--sessions", "4", "--messages", "6"]].concat(),
+    );
+    assert!(
+        steady.ok,
+        "without rebinding 1.3 sessions must work by flow: {:#}",
+        steady.summary
+    );
+    let run = client(
+        &s.lab,
+        &v4(),
+        &[
+            DTLS13,
+            &[
+                "--sessions",
+                "6",
+                "--messages",
+                "12",
+                "--rebind-every",
+                "3",
+                "--timeout-ms",
+                "300",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        !run.ok,
+        "rebinding 1.3 sessions survived flow routing: the 1.3 e2e test could not fail"
+    );
+    let failed = run.summary["failed"].as_u64().unwrap();
+    assert!(
+        failed >= 3,
+        "only {failed} of 6 rebinding sessions failed: {:#}",
+        run.summary
+    );
+    let json = cidlb(&["stats", "--json", "--pin-dir", s.pins.0.to_str().unwrap()]);
+    assert_eq!(json_counter(&json, "cid13_routed"), 0, "{json}");
 }

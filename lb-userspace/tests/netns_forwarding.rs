@@ -109,7 +109,9 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
             // New flows spread over both nodes: any node may answer each one (`None`), every
             // reply must still come from the VIP, and together they reach both nodes.
             let mut seen = std::collections::BTreeSet::new();
-            for _ in 0..6 {
+            // 24 flows: with Maglev (the default) each lands by its hash; all on one of two
+            // nodes has odds 2^-23.
+            for _ in 0..24 {
                 let s = UdpSocket::bind(bind).unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(300)))
                     .unwrap();
@@ -131,7 +133,7 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     for (vip, seen) in &spread {
         if seen.len() != 2 {
             failures.push(format!(
-                "spread to {vip}: 6 new flows reached nodes {seen:?}, want both"
+                "spread to {vip}: 24 new flows reached nodes {seen:?}, want both"
             ));
         }
     }

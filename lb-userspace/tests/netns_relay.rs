@@ -14,7 +14,11 @@ use std::{
 };
 
 use common::agent::{cidlb, json_counter, AgentProc, Bed};
-use lb_lab::{node4, node6, packet::Frame, CLIENT4, CLIENT6, PORT, VIP4, VIP6};
+use lb_lab::{
+    node4, node6,
+    packet::{cid_record, Frame},
+    CLIENT4, CLIENT6, PORT, VIP4, VIP6,
+};
 
 /// Forged frames per (source family, destination).
 const FORGED_EACH: usize = 20;
@@ -150,11 +154,16 @@ fn forged_node_replies_are_dropped_and_genuine_ones_still_work() {
     let vip6 = SocketAddr::from((VIP6, PORT));
 
     // (b) Real traffic through the VIP, from the client sockets (c) reuses. It also resolves
-    // the balancer's neighbour entries for the nodes, which the origin check needs.
+    // the balancer's neighbour entries for node 1 in both families, which the origin check
+    // needs: CID records naming node 1 (a flow-routed datagram could go to either node).
     let c4 = socket_in(&client_ns, "0.0.0.0:0");
     let c6 = socket_in(&client_ns, "[::]:0");
+    let real = cid_record(
+        &[1, 0xaa, 0xbb, 0xcc, 0xdd, 0xee],
+        b"real traffic through the VIP",
+    );
     for (sock, vip) in [(&c4, vip4), (&c6, vip6)] {
-        let from = exchange(sock, vip, b"real traffic through the VIP");
+        let from = exchange(sock, vip, &real);
         assert_eq!(from, Some(vip), "echo through {vip}");
     }
 

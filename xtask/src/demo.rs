@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: cidlb on the built-in netns lab with real DTLS 1.2 CID clients and
+//! `cargo xtask demo`: cidlb on the built-in netns lab with real DTLS 1.2 and DTLS 1.3 CID clients and
 //! servers, live counters while it runs, a summary at the end, nothing left behind.
 
 use std::{
@@ -85,6 +85,9 @@ pub fn run() -> Result<()> {
     result
 }
 
+/// The VIP and node port of the demo's DTLS 1.3 servers (the 1.2 ones use `lb_lab::PORT`).
+const PORT13: u16 = lb_lab::PORT + 1;
+
 fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
     let peer = bin("cidlb-testpeer");
     let mut servers = Vec::new();
@@ -100,10 +103,25 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
             lb_lab::node4(id),
             lb_lab::node6(id)
         );
+        let log = out_dir.join(format!("node{id}-dtls13.log"));
+        servers.push(
+            lb_lab::peer::server_on(&peer, n, id as u32, PORT13, &["--dtls", "1.3"], Some(&log))
+                .map_err(|e| anyhow!("starting a DTLS 1.3 server: {e}"))?,
+        );
+        println!(
+            "    node {id}: DTLS 1.3 server (wolfSSL) on port {PORT13}, CIDs start with {id:02x}"
+        );
     }
 
     let cfg = out_dir.join("cidlb.yaml");
-    std::fs::write(&cfg, lab.cidlb_config(PIN_DIR, ""))?;
+    // Both record formats route by CID; the VIPs balance the 1.3 port too.
+    let config = lab
+        .cidlb_config(PIN_DIR, "dtls: {versions: [\"1.2\", \"1.3\"]}\n")
+        .replace(
+            &format!("ports: [{}]", lb_lab::PORT),
+            &format!("ports: [{}, {PORT13}]", lb_lab::PORT),
+        );
+    std::fs::write(&cfg, config)?;
     step(&format!(
         "cidlb run --config {} (XDP on {})",
         cfg.display(),
@@ -143,8 +161,10 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
     step("clients: DTLS handshakes, then records while hopping source ports (a NAT rebinding every 4 records)");
     let v4 = lb_lab::VIP4_SOCKET.to_string();
     let v6 = lb_lab::VIP6_SOCKET.to_string();
+    let v4_13 = std::net::SocketAddr::new(lb_lab::VIP4_SOCKET.ip(), PORT13).to_string();
+    let v6_13 = std::net::SocketAddr::new(lb_lab::VIP6_SOCKET.ip(), PORT13).to_string();
     // 40 records 250 ms apart per session: about ten seconds to watch.
-    let runs: [(&'static str, &str, &str); 3] = [
+    let runs: [(&'static str, &str, &str); 5] = [
         (
             "IPv4 CID",
             &v4,
@@ -159,6 +179,16 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
             "IPv4 no CID",
             &v4,
             "--sessions 8 --messages 40 --no-cid --interval-ms 250 --parallel 8",
+        ),
+        (
+            "IPv4 1.3 CID",
+            &v4_13,
+            "--dtls 1.3 --sessions 12 --messages 40 --rebind-every 4 --interval-ms 250 --parallel 12",
+        ),
+        (
+            "IPv6 1.3 CID",
+            &v6_13,
+            "--dtls 1.3 --sessions 12 --messages 40 --rebind-every 4 --interval-ms 250 --parallel 12",
         ),
     ];
     let mut clients = Vec::new();
@@ -290,6 +320,7 @@ fn live_block(
     );
     for name in [
         "cid_routed",
+        "cid13_routed",
         "flow_new",
         "flow_hit",
         "reply_unnat",
@@ -369,7 +400,7 @@ fn summary(clients: &[Client], stats: &Value) -> Result<()> {
             }
         }
         println!(
-            "  {:<12} sessions {ok}/{sessions} ok, records {}/{} echoed, source-port rebinds survived {rebinds}",
+            "  {:<14} sessions {ok}/{sessions} ok, records {}/{} echoed, source-port rebinds survived {rebinds}",
             c.label,
             summary["messages_ok"],
             summary["messages_ok"].as_u64().unwrap_or(0) + summary["messages_failed"].as_u64().unwrap_or(0),
@@ -393,8 +424,8 @@ fn summary(clients: &[Client], stats: &Value) -> Result<()> {
     }
     let c = &stats["counters"];
     println!(
-        "  balancer: {} CID records routed by CID, {} new flows, {} flow hits, {} replies un-NATed",
-        c["cid_routed"], c["flow_new"], c["flow_hit"], c["reply_unnat"]
+        "  balancer: {} DTLS 1.2 and {} DTLS 1.3 records routed by CID, {} new flows, {} flow hits, {} replies un-NATed",
+        c["cid_routed"], c["cid13_routed"], c["flow_new"], c["flow_hit"], c["reply_unnat"]
     );
     let drops: Vec<String> = c
         .as_object()

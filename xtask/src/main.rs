@@ -2,6 +2,7 @@
 //!
 //! - `cargo xtask test`   installs what is missing, then fmt, clippy (host + bpf), every test.
 //! - `cargo xtask run -- --config FILE`  builds and runs `cidlb run --config FILE`.
+//! - `cargo xtask fuzz [--packets N] [--seed S]`  the datapath against lb-reference.
 //! - `cargo xtask setup`  only the installation step; `cargo xtask build` a release build.
 
 mod demo;
@@ -47,6 +48,14 @@ enum Cmd {
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
+    },
+    /// Differential fuzzing: frames through the loaded XDP program (BPF_PROG_TEST_RUN) and
+    /// through lb-reference; every action, output byte and counter must agree.
+    Fuzz {
+        #[arg(long, default_value_t = 100_000)]
+        packets: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Everything CI checks: setup, rustfmt, clippy (host and bpf), unit, fixture and netns tests.
     Test {
@@ -112,6 +121,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { no_lint, filter } => test(no_lint, filter),
         Cmd::Demo => demo::run(),
         Cmd::Bench { full } => bench(full),
+        Cmd::Fuzz { packets, seed } => {
+            setup::run()?;
+            fuzz("--release", packets, seed)
+        }
         Cmd::Lab { cmd } => {
             setup::run()?;
             match cmd {
@@ -229,5 +242,27 @@ fn test(no_lint: bool, filter: Option<String>) -> Result<()> {
         t.arg(f);
     }
     t.args(["--", "--test-threads=1"]);
-    sh(&mut t)
+    sh(&mut t)?;
+    // A short differential fuzz with a fixed seed (the test profile's build is warm).
+    if filter.as_deref().is_none_or(|f| "fuzz".contains(f)) {
+        fuzz("--profile=dev", 5_000, 1)?;
+    }
+    Ok(())
+}
+
+/// `cidlb-fuzz --packets N --seed S` (lb-fuzz), built with `profile`.
+fn fuzz(profile: &str, packets: u64, seed: u64) -> Result<()> {
+    sh(cargo().args([
+        "run",
+        profile,
+        "-p",
+        "lb-fuzz",
+        "--bin",
+        "cidlb-fuzz",
+        "--",
+        "--packets",
+        &packets.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]))
 }

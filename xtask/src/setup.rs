@@ -23,6 +23,10 @@ const APT: &[(&str, &str)] = &[
     ("autoreconf", "autoconf"),
     ("automake", "automake"),
     ("libtoolize", "libtool"),
+    // The scale-out test's routers and balancers announce VIPs over BGP (deploy/bird).
+    ("bird", "bird2"),
+    // `promtool check rules` validates deploy/prometheus in CI.
+    ("promtool", "prometheus"),
 ];
 
 pub fn run() -> Result<()> {

@@ -1,0 +1,155 @@
+//! New-flow rate limits (`limits:`; off unless configured): called by `flow.rs` only where a
+//! packet would create a flow, so established flows and CID records are never limited.
+//!
+//! Two GCRA buckets (see `lb_common::limits`), both checked before either is charged:
+//! - per source (IPv4 address, IPv6 /64) in the `SRC_BUCKETS` LRU, skipped for `LIMIT_EXEMPT`
+//!   prefixes. Shared by all CPUs and written without atomics: two CPUs racing on one source
+//!   can each admit a flow on the same token (at most one extra per CPU per race).
+//! - global, one bucket per CPU in `GLOBAL_BUCKET` (each holds 1/ncpus of the rate and burst),
+//!   so there is no race and no shared cache line under a flood: the nodes get at most the
+//!   configured limit from this balancer, exactly.
+//!
+//! Known sources go first: a source with an established flow (a flow that saw a second packet,
+//! which a spoofed source never sends unless its first was admitted) is in `KNOWN_SRCS`. Other
+//! sources may only take global tokens while the bucket holds more than the reserve, so under a
+//! flood the reserve and its refill go to known sources.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use lb_common::{
+    limits::{LimitConfig, SrcKey, LIMIT_F_GLOBAL, LIMIT_F_SOURCE},
+    Counter, FAMILY_V6,
+};
+
+use crate::{maps, parse::Packet, stats::count};
+
+/// How often a known source's `KNOWN_SRCS` entry is rewritten at most (not on every packet).
+const KNOWN_REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn config() -> Option<LimitConfig> {
+    // Copied out: the agent rewrites the one entry whole, and a torn read can only mix the
+    // old and the new limits for one packet.
+    let cfg = *maps::LIMIT_CFG.get(0)?;
+    (cfg.flags != 0).then_some(cfg)
+}
+
+/// The bucket key of the packet's source: IPv4 address or IPv6 /64.
+#[inline(always)]
+fn src_key(pkt: &Packet) -> SrcKey {
+    let mut addr = pkt.src;
+    if pkt.family == FAMILY_V6 {
+        addr[2] = 0;
+        addr[3] = 0;
+    }
+    SrcKey {
+        addr,
+        family: pkt.family,
+        _pad: [0; 3],
+    }
+}
+
+/// GCRA: the bucket's next `tat` if a flow at `now` fits within `tolerance`.
+#[inline(always)]
+fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
+    let next = if tat > now { tat } else { now }.saturating_add(interval);
+    // next > now: the subtraction cannot wrap.
+    (next - now <= tolerance).then_some(next)
+}
+
+#[inline(always)]
+fn exempt(pkt: &Packet) -> bool {
+    let mut data = [0u8; 16];
+    let w = |i: usize| pkt.src[i].to_ne_bytes();
+    if pkt.family == FAMILY_V6 {
+        for i in 0..4 {
+            data[4 * i..4 * i + 4].copy_from_slice(&w(i));
+        }
+    } else {
+        // IPv4-mapped IPv6, as the agent stores IPv4 prefixes.
+        data[10] = 0xff;
+        data[11] = 0xff;
+        data[12..16].copy_from_slice(&w(0));
+    }
+    maps::LIMIT_EXEMPT.get(Key::new(128, data)).is_some()
+}
+
+#[inline(always)]
+fn known(src: &SrcKey, now: u64, known_ns: u64) -> bool {
+    // SAFETY: copied out under the RCU read lock.
+    match unsafe { maps::KNOWN_SRCS.get(src) } {
+        Some(&seen) => now.saturating_sub(seen) <= known_ns,
+        None => false,
+    }
+}
+
+/// May this packet create a flow? `Err` names the limit it is over (the packet is dropped).
+#[inline(always)]
+pub fn admit(pkt: &Packet, now: u64) -> Result<(), Counter> {
+    let Some(cfg) = config() else {
+        return Ok(());
+    };
+    let src = src_key(pkt);
+    let mut src_next = None;
+    if cfg.flags & LIMIT_F_SOURCE != 0 {
+        if exempt(pkt) {
+            count(Counter::LimitExempt);
+        } else {
+            // SAFETY: copied out under the RCU read lock. No entry: a full bucket.
+            let tat = unsafe { maps::SRC_BUCKETS.get(src).copied() }.unwrap_or(0);
+            src_next = Some(
+                gcra(tat, now, cfg.src_interval_ns, cfg.src_tolerance_ns)
+                    .ok_or(Counter::DropLimitSource)?,
+            );
+        }
+    }
+    if cfg.flags & LIMIT_F_GLOBAL != 0 {
+        let slot = maps::GLOBAL_BUCKET
+            .get_ptr_mut(0)
+            .ok_or(Counter::DropLimitGlobal)?;
+        // SAFETY: this CPU's slot; a program run is not preempted on its CPU (XDP runs in
+        // softirq context), so nothing else writes it between this read and the write below.
+        let tat = unsafe { *slot };
+        let next = match gcra(
+            tat,
+            now,
+            cfg.global_interval_ns,
+            cfg.global_unknown_tolerance_ns,
+        ) {
+            Some(next) => next,
+            None if known(&src, now, cfg.known_ns) => {
+                let next = gcra(tat, now, cfg.global_interval_ns, cfg.global_tolerance_ns)
+                    .ok_or(Counter::DropLimitGlobal)?;
+                count(Counter::LimitKnownReserve);
+                next
+            }
+            None => return Err(Counter::DropLimitGlobal),
+        };
+        // SAFETY: as above.
+        unsafe { *slot = next };
+    }
+    if let Some(next) = src_next {
+        // A failed insert (cannot happen for an LRU with preallocated entries) leaves the
+        // bucket full: fail open, as an evicted bucket does.
+        let _ = maps::SRC_BUCKETS.insert(src, next, 0);
+    }
+    Ok(())
+}
+
+/// A packet of an established flow: its source is known (goes first for global tokens).
+#[inline(always)]
+pub fn established(pkt: &Packet, now: u64) {
+    if config().is_none() {
+        return;
+    }
+    let src = src_key(pkt);
+    if let Some(seen) = maps::KNOWN_SRCS.get_ptr_mut(src) {
+        // SAFETY: LRU value under the RCU read lock; a racing writer stores a similar time.
+        unsafe {
+            if now.saturating_sub(*seen) > KNOWN_REFRESH_NS {
+                *seen = now;
+            }
+        }
+        return;
+    }
+    let _ = maps::KNOWN_SRCS.insert(src, now, 0);
+}

@@ -1,0 +1,485 @@
+//! The frames: random bytes; frames built around the balancer's addresses (client to a VIP,
+//! node replies genuine and forged, unknown and disabled node ids, several records in one
+//! datagram) with IPv4 options, VLAN tags, IPv6 extension headers, bad UDP and IP lengths,
+//! odd TTLs and checksums; the recorded DTLS 1.2 datagrams (corpus) in those frames; byte
+//! mutations of any of them; and sweeps of one valid frame truncated at every byte.
+//! Deterministic for a seed.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_lab::{
+    fib::*,
+    packet::{cid_record, Frame, Mac},
+};
+
+/// splitmix64: small, fast, and the same sequence for a seed on every machine.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x5eed_c1d1_b000_0000)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// 0..n
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len() as u64) as usize]
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Recorded datagrams, by direction.
+pub struct Corpus {
+    pub to_server: Vec<Vec<u8>>,
+    pub to_client: Vec<Vec<u8>>,
+}
+
+impl Corpus {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut c = Corpus {
+            to_server: Vec::new(),
+            to_client: Vec::new(),
+        };
+        for (i, line) in text.lines().enumerate() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (dir, hex) = line
+                .split_once(' ')
+                .ok_or_else(|| format!("corpus line {}: want `c2s|s2c HEX`", i + 1))?;
+            let bytes = (0..hex.len() / 2)
+                .map(|k| u8::from_str_radix(&hex[2 * k..2 * k + 2], 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|e| format!("corpus line {}: {e}", i + 1))?;
+            match dir {
+                "c2s" => c.to_server.push(bytes),
+                "s2c" => c.to_client.push(bytes),
+                _ => return Err(format!("corpus line {}: direction {dir}", i + 1)),
+            }
+        }
+        if c.to_server.is_empty() || c.to_client.is_empty() {
+            return Err("corpus holds no datagrams of one direction".into());
+        }
+        Ok(c)
+    }
+}
+
+/// Interfaces a frame may arrive on (the fixture namespace's).
+pub const INGRESS: [&str; 3] = ["fxc", "fxn", "fxo"];
+
+/// One generated frame and where it arrives.
+pub struct Packet {
+    pub frame: Vec<u8>,
+    pub ingress: &'static str,
+    pub kind: &'static str,
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Addresses worth hitting: VIPs, nodes (with and without neighbours), clients, the balancer's
+/// own, broadcast, multicast, unrouted, loopback; then anything.
+fn addr(r: &mut Rng, v4: bool) -> IpAddr {
+    if v4 {
+        const A: &[&str] = &[
+            VIP4,
+            "192.0.2.11",
+            CLIENT4,
+            "198.51.100.50",
+            "198.51.100.8",
+            "198.51.100.1",
+            "198.51.100.255",
+            NODE1_4,
+            NODE2_4,
+            "203.0.113.13",
+            "203.0.113.14",
+            "203.0.113.1",
+            "100.64.0.9",
+            "100.64.0.10",
+            "127.0.0.1",
+            "10.9.9.9",
+            "224.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+        ];
+        if r.chance(900) {
+            ip(r.pick::<&str>(A))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(r.next() as u32))
+        }
+    } else {
+        const A: &[&str] = &[
+            VIP6,
+            "2001:db8:ffff::11",
+            CLIENT6,
+            "2001:db8:c::8",
+            "2001:db8:c::1",
+            "2001:db8:c::",
+            NODE1_6,
+            NODE2_6,
+            "2001:db8:1::13",
+            "2001:db8:1::1",
+            "::1",
+            "2001:db8:dead::1",
+            "ff02::1",
+            "::",
+            "fe80::1",
+            "fe80::11",
+        ];
+        if r.chance(900) {
+            ip(r.pick::<&str>(A))
+        } else {
+            let b = r.bytes(16);
+            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap()))
+        }
+    }
+}
+
+fn port(r: &mut Rng) -> u16 {
+    const P: &[u16] = &[5684, 5700, 20000, 20050, 20100, 20101, 40000, 40001, 53, 0];
+    if r.chance(850) {
+        *r.pick(P)
+    } else {
+        r.next() as u16
+    }
+}
+
+fn mac(r: &mut Rng) -> Mac {
+    const M: &[Mac] = &[
+        CLIENT_MAC,
+        NODE1_MAC,
+        NODE2_MAC,
+        ONEARM_MAC,
+        FXC_MAC,
+        FXN_MAC,
+        [2, 0, 0, 0, 0, 9],
+    ];
+    if r.chance(900) {
+        *r.pick(M)
+    } else {
+        r.bytes(6).try_into().unwrap()
+    }
+}
+
+/// Node ids worth naming: configured (1, 2, 3, 5, 257, 514), disabled (4, 1028), unknown.
+fn node_id_bytes(r: &mut Rng) -> Vec<u8> {
+    let id: u32 = *r.pick(&[1, 2, 3, 4, 5, 6, 0, 255, 257, 514, 771, 1028, 0x0102_0304]);
+    let mut b = id.to_be_bytes().to_vec();
+    if r.chance(300) {
+        b = r.bytes(4);
+    }
+    b
+}
+
+/// A DTLS-ish UDP payload.
+fn payload(r: &mut Rng, c: &Corpus, to_server: bool) -> Vec<u8> {
+    let one = |r: &mut Rng| -> Vec<u8> {
+        match r.below(8) {
+            0 | 1 => {
+                let src = if to_server {
+                    &c.to_server
+                } else {
+                    &c.to_client
+                };
+                r.pick(src).clone()
+            }
+            2 | 3 => {
+                // A CID record with a node id somewhere in its first bytes (the configs put it
+                // at offset 0 or 2) and a CID of 4..8 bytes.
+                let mut cid = {
+                    let n = *r.pick(&[4usize, 6, 8]);
+                    r.bytes(n)
+                };
+                let id = node_id_bytes(r);
+                let at = *r.pick(&[0usize, 2]);
+                let n = *r.pick(&[1usize, 2, 4]);
+                for (k, b) in id[4 - n..].iter().enumerate() {
+                    if let Some(x) = cid.get_mut(at + k) {
+                        *x = *b;
+                    }
+                }
+                let body = {
+                    let n = r.below(40) as usize;
+                    r.bytes(n)
+                };
+                cid_record(&cid, &body)
+            }
+            4 => {
+                // Type 25 with another version, or cut short.
+                let mut v = vec![25, r.next() as u8, r.next() as u8];
+                v.extend({
+                    let n = r.below(24) as usize;
+                    r.bytes(n)
+                });
+                v
+            }
+            5 => {
+                let n = r.below(4) as usize;
+                r.bytes(n)
+            }
+            6 => {
+                let mut v = vec![*r.pick(&[20u8, 21, 22, 23, 25])];
+                v.extend({
+                    let n = r.below(30) as usize;
+                    r.bytes(n)
+                });
+                v
+            }
+            _ => {
+                let n = r.below(64) as usize;
+                r.bytes(n)
+            }
+        }
+    };
+    let mut p = one(r);
+    // Several records in one datagram (the last flight of a handshake, coalesced records).
+    while r.chance(200) {
+        p.extend(one(r));
+    }
+    p
+}
+
+/// A UDP frame around the balancer: client to VIP, node reply (genuine or forged), or any
+/// addressing, with the header variations of issue #8 §3.
+fn structured(r: &mut Rng, c: &Corpus) -> Packet {
+    let v4 = r.chance(550);
+    let (src, dst, sport, dport, smac, dmac, ingress, kind, to_server);
+    match r.below(5) {
+        0..=2 => {
+            // Client to a VIP.
+            src = addr(r, v4);
+            dst = if r.chance(900) {
+                ip(if v4 { VIP4 } else { VIP6 })
+            } else {
+                addr(r, v4)
+            };
+            sport = port(r);
+            dport = *r.pick(&[5684u16, 5684, 20000, 20100, 20101, 5700]);
+            smac = mac(r);
+            dmac = FXC_MAC;
+            ingress = *r.pick(&["fxc", "fxc", "fxn", "fxo"]);
+            kind = "client";
+            to_server = true;
+        }
+        3 => {
+            // A node's reply, genuine (its MAC, on fxn) or forged.
+            let (n, nmac) = *r.pick(&[
+                (if v4 { NODE1_4 } else { NODE1_6 }, NODE1_MAC),
+                (if v4 { NODE2_4 } else { NODE2_6 }, NODE2_MAC),
+                (
+                    if v4 { "203.0.113.13" } else { "2001:db8:1::13" },
+                    [2, 0, 0, 0, 0, 0x13],
+                ),
+                (if v4 { "198.51.100.50" } else { CLIENT6 }, ONEARM_MAC),
+                (if v4 { "203.0.113.14" } else { NODE1_6 }, NODE1_MAC),
+            ]);
+            src = ip(n);
+            dst = addr(r, v4);
+            sport = *r.pick(&[5684u16, 5684, 5700, 20000, 20100, 40000]);
+            dport = port(r);
+            smac = if r.chance(700) { nmac } else { mac(r) };
+            dmac = FXN_MAC;
+            ingress = if n == "198.51.100.50" {
+                *r.pick(&["fxc", "fxc", "fxn"])
+            } else {
+                *r.pick(&["fxn", "fxn", "fxn", "fxc", "fxo"])
+            };
+            kind = "reply";
+            to_server = false;
+        }
+        _ => {
+            src = addr(r, v4);
+            dst = addr(r, v4);
+            sport = port(r);
+            dport = port(r);
+            smac = mac(r);
+            dmac = mac(r);
+            ingress = *r.pick(&INGRESS);
+            kind = "any";
+            to_server = r.chance(500);
+        }
+    }
+    let p = payload(r, c, to_server);
+    let mut f = Frame::udp(smac, dmac, src, sport, dst, dport, &p);
+    if r.chance(150) {
+        f.vlans = (0..1 + r.below(3))
+            .map(|_| (*r.pick(&[0x8100u16, 0x88a8]), r.below(4095) as u16 + 1))
+            .collect();
+    }
+    f.ttl = *r.pick(&[64u8, 64, 64, 1, 0, 2, 255]);
+    if v4 {
+        if r.chance(100) {
+            let words = 1 + r.below(10) as usize;
+            // NOP options, or random bytes (the datapath skips whatever IHL says).
+            f.ipv4_options = if r.chance(500) {
+                vec![1; 4 * words]
+            } else {
+                r.bytes(4 * words)
+            };
+        }
+        if r.chance(40) {
+            f.more_fragments = r.chance(500);
+            f.fragment_offset = r.below(100) as u16;
+        }
+        f.zero_udp_checksum = r.chance(100);
+    } else {
+        f.v6_fragment = r.chance(30);
+        f.v6_hop_by_hop = !f.v6_fragment && r.chance(40);
+    }
+    if r.chance(60) {
+        f.udp_len_override = Some(*r.pick(&[0u16, 7, 8, 9, 11, 3000, 65535]));
+    }
+    let mut frame = f.bytes();
+    let l3 = 14 + 4 * f.vlans.len();
+    if v4 {
+        if r.chance(40) {
+            // Total length past the path MTU (the datapath trusts the header, not the frame).
+            let tl = *r.pick(&[1501u16, 9000, 65535, 0]);
+            frame[l3 + 2..l3 + 4].copy_from_slice(&tl.to_be_bytes());
+        }
+        if r.chance(20) {
+            // IHL below 5 or above what the frame holds.
+            frame[l3] = 0x40 | r.below(16) as u8;
+        }
+    } else {
+        if f.v6_hop_by_hop && r.chance(500) {
+            // Routing, destination options, AH, mobility, HIP, shim6, experimental, or any.
+            frame[l3 + 6] = *r.pick(&[43u8, 60, 51, 135, 139, 140, 253, 254, 59, 6]);
+        }
+        if r.chance(40) {
+            let pl = *r.pick(&[1461u16, 9000, 65535, 0]);
+            frame[l3 + 4..l3 + 6].copy_from_slice(&pl.to_be_bytes());
+        }
+    }
+    if r.chance(50) {
+        // A wrong UDP checksum (the datapath keeps it exactly as wrong).
+        let at = frame.len() - p.len() - 2;
+        let x = r.next() as u8;
+        frame[at] ^= x;
+    }
+    Packet {
+        frame,
+        ingress,
+        kind,
+    }
+}
+
+fn mutate(r: &mut Rng, mut p: Packet) -> Packet {
+    for _ in 0..1 + r.below(4) {
+        if p.frame.is_empty() {
+            break;
+        }
+        let at = r.below(p.frame.len() as u64) as usize;
+        match r.below(5) {
+            0 | 1 => p.frame[at] ^= 1 << r.below(8),
+            2 => p.frame[at] = r.next() as u8,
+            3 => {
+                let b = r.next() as u8;
+                p.frame.insert(at, b);
+            }
+            _ => {
+                p.frame.remove(at);
+            }
+        }
+    }
+    p.kind = "mutated";
+    p
+}
+
+/// The packet stream: `next` yields frames until the caller stops.
+pub struct Stream<'a> {
+    rng: Rng,
+    corpus: &'a Corpus,
+    /// A frame being swept through every truncation: (frame, ingress, next length).
+    sweep: Option<(Vec<u8>, &'static str, usize)>,
+    /// Every recorded datagram in a valid frame of each family (client to VIP on fxc, node 1's
+    /// reply on fxn), swept in turn.
+    valid: Vec<(Vec<u8>, &'static str)>,
+    next_valid: usize,
+}
+
+impl<'a> Stream<'a> {
+    pub fn new(seed: u64, corpus: &'a Corpus) -> Self {
+        let mut valid = Vec::new();
+        for (vip, client, node) in [(VIP4, CLIENT4, NODE1_4), (VIP6, CLIENT6, NODE1_6)] {
+            for d in &corpus.to_server {
+                let f = Frame::udp(CLIENT_MAC, FXC_MAC, ip(client), 40000, ip(vip), 5684, d);
+                valid.push((f.bytes(), "fxc"));
+            }
+            for d in &corpus.to_client {
+                let f = Frame::udp(NODE1_MAC, FXN_MAC, ip(node), 5684, ip(client), 40000, d);
+                valid.push((f.bytes(), "fxn"));
+            }
+        }
+        Self {
+            rng: Rng::new(seed),
+            corpus,
+            sweep: None,
+            valid,
+            next_valid: 0,
+        }
+    }
+
+    /// (sweeps of recorded-datagram frames started, how many such frames there are).
+    pub fn valid_sweeps(&self) -> (usize, usize) {
+        (self.next_valid, self.valid.len())
+    }
+
+    pub fn next_packet(&mut self) -> Packet {
+        if let Some((frame, ingress, len)) = &mut self.sweep {
+            let p = Packet {
+                frame: frame[..*len].to_vec(),
+                ingress,
+                kind: "truncated",
+            };
+            *len += 1;
+            if *len >= frame.len() {
+                self.sweep = None;
+            }
+            return p;
+        }
+        let r = &mut self.rng;
+        match r.below(100) {
+            0..=4 => {
+                let n = r.below(120) as usize;
+                Packet {
+                    frame: r.bytes(n),
+                    ingress: r.pick::<&str>(&INGRESS),
+                    kind: "random",
+                }
+            }
+            5 => {
+                // Every truncation of one valid frame, from the empty frame up: the next
+                // recorded datagram in its frame, or a structured frame.
+                self.sweep = Some(if r.chance(500) {
+                    let (f, ingress) = self.valid[self.next_valid % self.valid.len()].clone();
+                    self.next_valid += 1;
+                    (f, ingress, 0)
+                } else {
+                    let p = structured(r, self.corpus);
+                    (p.frame, p.ingress, 0)
+                });
+                self.next_packet()
+            }
+            6..=35 => {
+                let p = structured(r, self.corpus);
+                mutate(r, p)
+            }
+            _ => structured(r, self.corpus),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The real program: loaded and provisioned by the agent's own code, its maps read back into
+//! the reference's [`Tables`], frames run with BPF_PROG_TEST_RUN, counters read after each.
+
+use std::collections::{BTreeMap, HashSet};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues};
+use cidlb::{config::Config, datapath::Datapath, provision};
+use lb_common::{
+    names, AddrKey, Counter, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
+    MAX_NODES, PORT_WORDS,
+};
+use lb_reference::Tables;
+
+pub struct Kernel {
+    pub dp: Datapath,
+    /// Node slots to read per packet.
+    slots: Vec<u32>,
+    last: Vec<u64>,
+    last_nodes: BTreeMap<u32, NodeStats>,
+}
+
+/// What one frame did in the kernel.
+pub struct Run {
+    pub action: u32,
+    pub output: Vec<u8>,
+    /// Counter deltas, in `Counter::ALL` order.
+    pub counters: Vec<u64>,
+    /// Per-slot deltas (slots that moved).
+    pub nodes: BTreeMap<u32, NodeStats>,
+}
+
+impl Kernel {
+    pub fn load(cfg: &Config) -> Result<(Self, Tables)> {
+        let ifindexes = cidlb::datapath::resolve_interfaces(&cfg.interfaces)?;
+        let mut dp = Datapath::load(cfg)?;
+        provision::provision(&mut dp.ebpf, cfg, &ifindexes, &|_| true)?;
+        let tables = read_tables(&dp, cfg)?;
+        let slots = tables.nodes.values().map(|n| n.slot).collect();
+        let mut k = Kernel {
+            dp,
+            slots,
+            last: Vec::new(),
+            last_nodes: BTreeMap::new(),
+        };
+        (k.last, k.last_nodes) = k.counters()?;
+        Ok((k, tables))
+    }
+
+    /// Applies a changed config in place, as `cidlb run` does on a reload (the agent's own
+    /// provisioning: NODES, rings, reverse NAT; the next-hop cache is emptied), and reads the
+    /// maps back.
+    pub fn reload(&mut self, cfg: &Config) -> Result<Tables> {
+        let ifindexes = cidlb::datapath::resolve_interfaces(&cfg.interfaces)?;
+        provision::provision(&mut self.dp.ebpf, cfg, &ifindexes, &|_| true)?;
+        let tables = read_tables(&self.dp, cfg)?;
+        self.slots = tables.nodes.values().map(|n| n.slot).collect();
+        (self.last, self.last_nodes) = self.counters()?;
+        Ok(tables)
+    }
+
+    /// Empties the next-hop cache of every configured slot on every CPU, so whether a node's
+    /// next hop is cached depends on the frames since, not on how fast they ran.
+    pub fn clear_nexthop(&mut self) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut cache: PerCpuArray<&mut MapData, NextHop> =
+            PerCpuArray::try_from(self.dp.ebpf.map_mut(names::NEXTHOP).context("NEXTHOP")?)?;
+        for &slot in &self.slots {
+            for idx in [slot * 2, slot * 2 + 1] {
+                cache.set(
+                    idx,
+                    PerCpuValues::try_from(vec![NextHop::default(); cpus])?,
+                    0,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Result<(Vec<u64>, BTreeMap<u32, NodeStats>)> {
+        let ebpf = &self.dp.ebpf;
+        let stats: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(ebpf.map(names::STATS).context("STATS")?)?;
+        let node_stats: PerCpuArray<&MapData, NodeStats> =
+            PerCpuArray::try_from(ebpf.map(names::NODE_STATS).context("NODE_STATS")?)?;
+        let mut c = Vec::with_capacity(Counter::ALL.len());
+        for &k in Counter::ALL {
+            c.push(stats.get(&(k as u32), 0)?.iter().sum());
+        }
+        let mut n = BTreeMap::new();
+        for &slot in &self.slots {
+            let mut s = NodeStats::default();
+            for v in node_stats.get(&slot, 0)?.iter() {
+                s.to_node_packets += v.to_node_packets;
+                s.to_node_bytes += v.to_node_bytes;
+                s.from_node_packets += v.from_node_packets;
+                s.from_node_bytes += v.from_node_bytes;
+            }
+            n.insert(slot, s);
+        }
+        Ok((c, n))
+    }
+
+    pub fn run(&mut self, frame: &[u8], ifindex: u32) -> Result<Run> {
+        let r = self.dp.run_packet(frame, ifindex, 1)?;
+        let (now, nodes) = self.counters()?;
+        let counters = now.iter().zip(&self.last).map(|(a, b)| a - b).collect();
+        let mut delta = BTreeMap::new();
+        for (slot, s) in &nodes {
+            let o = self.last_nodes.get(slot).copied().unwrap_or_default();
+            let d = NodeStats {
+                to_node_packets: s.to_node_packets - o.to_node_packets,
+                to_node_bytes: s.to_node_bytes - o.to_node_bytes,
+                from_node_packets: s.from_node_packets - o.from_node_packets,
+                from_node_bytes: s.from_node_bytes - o.from_node_bytes,
+            };
+            if d != NodeStats::default() {
+                delta.insert(*slot, d);
+            }
+        }
+        self.last = now;
+        self.last_nodes = nodes;
+        Ok(Run {
+            action: r.action,
+            output: r.output,
+            counters,
+            nodes: delta,
+        })
+    }
+}
+
+/// The maps as provisioned, read back through the kernel (not recomputed from the config).
+fn read_tables(dp: &Datapath, cfg: &Config) -> Result<Tables> {
+    let ebpf = &dp.ebpf;
+    let map = |n: &str| ebpf.map(n).with_context(|| format!("map {n}"));
+    let mut t = Tables {
+        config: Some(cfg.dp_config()),
+        ..Default::default()
+    };
+    let nodes: HashMap<&MapData, u32, Node> = HashMap::try_from(map(names::NODES)?)?;
+    for e in nodes.iter() {
+        let (k, v) = e?;
+        t.nodes.insert(k, v);
+    }
+    let vips: HashMap<&MapData, AddrKey, Vip> = HashMap::try_from(map(names::VIPS)?)?;
+    for e in vips.iter() {
+        let (k, v) = e?;
+        t.vips.insert(k, v);
+    }
+    let ports: Array<&MapData, u64> = Array::try_from(map(names::VIP_PORTS)?)?;
+    for v in t.vips.values() {
+        let words = (0..PORT_WORDS)
+            .map(|w| ports.get(&(v.index * PORT_WORDS + w), 0))
+            .collect::<Result<Vec<u64>, _>>()?;
+        t.vip_ports.insert(v.index, words);
+    }
+    let rev: HashMap<&MapData, ReverseKey, Reverse> = HashMap::try_from(map(names::REVERSE)?)?;
+    for e in rev.iter() {
+        let (k, v) = e?;
+        t.reverse.insert(k, v);
+    }
+    let na: HashMap<&MapData, AddrKey, NodeAddr> = HashMap::try_from(map(names::NODE_ADDRS)?)?;
+    for e in na.iter() {
+        let (k, v) = e?;
+        t.node_addrs.insert(k, v);
+    }
+    let ring_len: Array<&MapData, u32> = Array::try_from(map(names::RING_LEN)?)?;
+    let ring: Array<&MapData, u32> = Array::try_from(map(names::RING)?)?;
+    for fi in 0..2u32 {
+        let len = ring_len.get(&fi, 0)?;
+        t.ring_len[fi as usize] = len;
+        for pos in 0..len.min(MAX_NODES) {
+            t.ring[fi as usize].push(ring.get(&(fi * MAX_NODES + pos), 0)?);
+        }
+    }
+    let devmap: DevMapHash<&MapData> = DevMapHash::try_from(map(names::DEVMAP)?)?;
+    t.devmap = devmap.keys().collect::<Result<HashSet<u32>, _>>()?;
+    Ok(t)
+}

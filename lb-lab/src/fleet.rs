@@ -1,0 +1,285 @@
+//! The scale-out lab (issue #9): two balancers behind an ECMP router that learns the VIPs over
+//! BGP, three nodes that each balancer reaches directly and that reply through either.
+//!
+//! ```text
+//!                               ┌─ uplink B1 (cidlb, BIRD) n1 n2 n3 ─┐
+//!  client c0 ─── rc  router ────┤                                     ├── b1/b2 on each node
+//!   198.51.100.7      (BIRD,    └─ uplink B2 (cidlb, BIRD) n1 n2 n3 ─┘   (node k: its service
+//!                      ECMP)                                              addresses on lo)
+//! ```
+//! - client ↔ router: 198.51.100.0/24, 2001:db8:c::/64 (the lab's client addresses).
+//! - router `rbI` ↔ balancer I `uplink`: 10.0.I.0/30 (.1 router, .2 balancer), fd00:I::/64.
+//! - balancer I `nK` ↔ node K `bI`: 172.16.(10I+K).0/30 (.1 balancer, .2 node),
+//!   fd1I:K::/64. Node K's service addresses are the lab's `node4(K)`/`node6(K)` on its `lo`;
+//!   each balancer routes them via the node's link address.
+//! - Nodes: a default route with one next hop per balancer (ECMP, L4 hash, source = service
+//!   address); a balancer whose links go down drops out of it at once
+//!   (`ignore_routes_with_linkdown`), so replies only take live balancers.
+//! - Router: forwarding, `fib_multipath_hash_policy=1` for IPv4 and IPv6; the VIP route is
+//!   whatever BIRD installs (`deploy/bird/router.conf`).
+//!
+//! Every namespace is this code's own and is deleted on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use crate::{node4, node6, peer_offloads, ChildGuard, NetNs, CLIENT4, CLIENT6};
+
+pub const BALANCERS: usize = 2;
+pub const NODES: usize = 3;
+
+/// The announce table both balancers' cidlb and BIRD use.
+pub const TABLE: u32 = 4242;
+
+pub struct Fleet {
+    pub client: NetNs,
+    pub router: NetNs,
+    /// Balancer namespaces, index 0 = balancer 1.
+    pub balancers: Vec<NetNs>,
+    pub nodes: Vec<NetNs>,
+}
+
+/// Balancer `i`'s (1-based) uplink addresses: (its own, the router's).
+pub fn uplink4(i: usize) -> (String, String) {
+    (format!("10.0.{i}.2"), format!("10.0.{i}.1"))
+}
+
+pub fn uplink6(i: usize) -> (String, String) {
+    (format!("fd00:{i}::2"), format!("fd00:{i}::1"))
+}
+
+/// The IPv4 link between balancer `i` and node `k`: (the balancer's end, the node's).
+pub fn pair4(i: usize, k: usize) -> (String, String) {
+    let n = 10 * i + k;
+    (format!("172.16.{n}.1"), format!("172.16.{n}.2"))
+}
+
+fn pair6(i: usize, k: usize) -> (String, String) {
+    (format!("fd1{i}:{k}::1"), format!("fd1{i}:{k}::2"))
+}
+
+impl Fleet {
+    pub fn up(prefix: &str) -> Result<Self, String> {
+        let f = Fleet {
+            client: NetNs::named(&format!("{prefix}c"))?,
+            router: NetNs::named(&format!("{prefix}r"))?,
+            balancers: (1..=BALANCERS)
+                .map(|i| NetNs::named(&format!("{prefix}b{i}")))
+                .collect::<Result<_, _>>()?,
+            nodes: (1..=NODES)
+                .map(|k| NetNs::named(&format!("{prefix}n{k}")))
+                .collect::<Result<_, _>>()?,
+        };
+        // A link taken down keeps its IPv6 addresses (as IPv4 does), so it comes back whole.
+        for ns in [&f.client, &f.router]
+            .into_iter()
+            .chain(&f.balancers)
+            .chain(&f.nodes)
+        {
+            ns.sysctl("net.ipv6.conf.default.keep_addr_on_down=1")?;
+            ns.sysctl("net.ipv6.conf.all.keep_addr_on_down=1")?;
+        }
+        f.wire()?;
+        Ok(f)
+    }
+
+    fn wire(&self) -> Result<(), String> {
+        let (c, r) = (&self.client, &self.router);
+        r.ip(&format!(
+            "link add rc type veth peer name c0 netns {}",
+            c.name
+        ))?;
+        r.ip("addr add 198.51.100.1/24 dev rc")?;
+        r.ip("addr add 2001:db8:c::1/64 dev rc nodad")?;
+        r.ip("link set rc up")?;
+        c.ip(&format!("addr add {CLIENT4}/24 dev c0"))?;
+        c.ip(&format!("addr add {CLIENT6}/64 dev c0 nodad"))?;
+        c.ip("link set c0 up")?;
+        c.ip("route add default via 198.51.100.1")?;
+        c.ip("-6 route add default via 2001:db8:c::1")?;
+        peer_offloads(c, "c0")?;
+        for k in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            // L4 hash: each client flow (5-tuple) takes one balancer.
+            "net.ipv4.fib_multipath_hash_policy=1",
+            "net.ipv6.fib_multipath_hash_policy=1",
+        ] {
+            r.sysctl(k)?;
+        }
+        for (bi, b) in self.balancers.iter().enumerate() {
+            let i = bi + 1;
+            let ((b4, r4), (b6, r6)) = (uplink4(i), uplink6(i));
+            r.ip(&format!(
+                "link add rb{i} type veth peer name uplink netns {}",
+                b.name
+            ))?;
+            r.ip(&format!("addr add {r4}/30 dev rb{i}"))?;
+            r.ip(&format!("addr add {r6}/64 dev rb{i} nodad"))?;
+            r.ip(&format!("link set rb{i} up"))?;
+            peer_offloads(r, &format!("rb{i}"))?;
+            b.ip(&format!("addr add {b4}/30 dev uplink"))?;
+            b.ip(&format!("addr add {b6}/64 dev uplink nodad"))?;
+            b.ip("link set uplink up")?;
+            b.ip(&format!("route add default via {r4}"))?;
+            b.ip(&format!("-6 route add default via {r6}"))?;
+            b.sysctl("net.ipv4.ip_forward=1")?;
+            b.sysctl("net.ipv6.conf.all.forwarding=1")?;
+            for (ki, n) in self.nodes.iter().enumerate() {
+                let k = ki + 1;
+                let ((bl4, nl4), (bl6, nl6)) = (pair4(i, k), pair6(i, k));
+                b.ip(&format!(
+                    "link add n{k} type veth peer name b{i} netns {}",
+                    n.name
+                ))?;
+                b.ip(&format!("addr add {bl4}/30 dev n{k}"))?;
+                b.ip(&format!("addr add {bl6}/64 dev n{k} nodad"))?;
+                b.ip(&format!("link set n{k} up"))?;
+                b.ip(&format!("route add {}/32 via {nl4} dev n{k}", node4(k)))?;
+                b.ip(&format!("-6 route add {}/128 via {nl6} dev n{k}", node6(k)))?;
+                n.ip(&format!("addr add {nl4}/30 dev b{i}"))?;
+                n.ip(&format!("addr add {nl6}/64 dev b{i} nodad"))?;
+                n.ip(&format!("link set b{i} up"))?;
+                peer_offloads(n, &format!("b{i}"))?;
+            }
+        }
+        for (ki, n) in self.nodes.iter().enumerate() {
+            let k = ki + 1;
+            n.ip(&format!("addr add {}/32 dev lo", node4(k)))?;
+            n.ip(&format!("addr add {}/128 dev lo", node6(k)))?;
+            for s in [
+                "net.ipv4.fib_multipath_hash_policy=1",
+                "net.ipv6.fib_multipath_hash_policy=1",
+                "net.ipv4.conf.all.ignore_routes_with_linkdown=1",
+                "net.ipv6.conf.all.ignore_routes_with_linkdown=1",
+            ] {
+                n.sysctl(s)?;
+            }
+            let hops4: Vec<String> = (1..=BALANCERS)
+                .map(|i| format!("nexthop via {} dev b{i}", pair4(i, k).0))
+                .collect();
+            let hops6: Vec<String> = (1..=BALANCERS)
+                .map(|i| format!("nexthop via {} dev b{i}", pair6(i, k).0))
+                .collect();
+            n.ip(&format!(
+                "route add default src {} {}",
+                node4(k),
+                hops4.join(" ")
+            ))?;
+            n.ip(&format!(
+                "-6 route add default src {} {}",
+                node6(k),
+                hops6.join(" ")
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// A balancer's XDP interfaces: the uplink, then one per node.
+    pub fn balancer_interfaces() -> Vec<String> {
+        let mut v = vec!["uplink".to_owned()];
+        v.extend((1..=NODES).map(|k| format!("n{k}")));
+        v
+    }
+
+    /// Cuts every link of balancer `i` (1-based) at the far end (`up` false: the router's and
+    /// the nodes' ends go down, so the balancer sees its carrier go) or restores them. The
+    /// router's BGP session to it times out (hold time), and the nodes' ECMP routes skip it.
+    pub fn set_balancer_links(&self, i: usize, up: bool) -> Result<(), String> {
+        let state = if up { "up" } else { "down" };
+        self.router.ip(&format!("link set rb{i} {state}"))?;
+        for n in &self.nodes {
+            n.ip(&format!("link set b{i} {state}"))?;
+        }
+        Ok(())
+    }
+
+    /// The router's kernel route to `vip` (`ip route show`), e.g. to count its next hops.
+    pub fn router_route(&self, vip: &str) -> String {
+        let fam = if vip.contains(':') { "-6" } else { "-4" };
+        String::from_utf8_lossy(&self.router.exec(&["ip", fam, "route", "show", vip]).stdout)
+            .into_owned()
+    }
+}
+
+/// `deploy/bird/*.conf` with its `define NAME = VALUE;` lines replaced by `values`. Every name
+/// in `values` must be defined in the file (a renamed define fails loudly).
+pub fn bird_config(template: &Path, values: &[(&str, String)]) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(template).map_err(|e| format!("{}: {e}", template.display()))?;
+    let mut out = String::new();
+    let mut seen = Vec::new();
+    for line in text.lines() {
+        let name = line
+            .strip_prefix("define ")
+            .and_then(|l| l.split_whitespace().next());
+        match name.and_then(|n| values.iter().find(|(k, _)| *k == n)) {
+            Some((k, v)) => {
+                out.push_str(&format!("define {k} = {v};\n"));
+                seen.push(*k);
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    for (k, _) in values {
+        if !seen.contains(k) {
+            return Err(format!("{}: no `define {k}`", template.display()));
+        }
+    }
+    Ok(out)
+}
+
+/// BIRD 2 in the foreground in `ns` with `config` (written to `dir`), its control socket in
+/// `dir`; killed when the guard drops.
+pub struct Bird {
+    pub child: ChildGuard,
+    pub socket: PathBuf,
+}
+
+impl Bird {
+    pub fn start(ns: &NetNs, dir: &Path, name: &str, config: &str) -> Result<Self, String> {
+        let conf = dir.join(format!("{name}.conf"));
+        // Log to stderr (the file below) as well as wherever the config says.
+        let config = format!("log stderr all;\n{config}");
+        std::fs::write(&conf, config).map_err(|e| format!("{}: {e}", conf.display()))?;
+        let socket = dir.join(format!("{name}.ctl"));
+        let log =
+            std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
+        let child = ns
+            .command("bird")
+            .arg("-f")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-s")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "spawn bird in netns {} (Debian package bird2): {e}",
+                    ns.name
+                )
+            })?;
+        Ok(Self {
+            child: ChildGuard(child),
+            socket,
+        })
+    }
+
+    /// `birdc -s SOCKET ARGS` output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        std::process::Command::new("birdc")
+            .arg("-s")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("birdc: {e}"))
+    }
+}

@@ -1,0 +1,192 @@
+//! A reference classifier for the cidlb datapath, in plain Rust.
+//!
+//! Given a frame, the interface it came in on, the datapath's map contents ([`Tables`]), the
+//! mutable state the program keeps ([`State`]: flow table, round-robin cursors) and the FIB's
+//! answers ([`Fib`]), [`classify`] computes what the XDP program must do: the action, the frame
+//! it leaves behind, and every counter it bumps. `cargo xtask fuzz` runs the same frames through
+//! the loaded program (BPF_PROG_TEST_RUN) and compares all three.
+//!
+//! It shares only `lb_common`'s types with the datapath: every byte offset, check, checksum and
+//! decision is written again here, from the README's description and the RFCs, one module per
+//! datapath step (named like `lb-ebpf/src`). What it cannot know is held still by its caller:
+//! - one pinned CPU, so the per-CPU round-robin cursors are [`State::rr`];
+//! - flow table below capacity and `idle_timeout` far away: no flow is evicted or expires;
+//! - the next-hop cache (`NEXTHOP`) is modelled, with the kernel's clock given by the caller
+//!   ([`State::now_ns`]), who runs no frame while an entry is about to expire;
+//! - new-flow rate limits (issue #8 §2) are absent (tested on their own).
+//!
+//! Where the next features plug in: a `limits` step before `flow::pick` (new-flow rate
+//! limits), `flow::pick` by a Maglev table instead of the ring (`flows.policy: maglev`), and a
+//! second branch in `dtls::classify` (DTLS 1.3 unified headers).
+
+pub mod dtls;
+pub mod fib;
+pub mod flow;
+pub mod forward;
+pub mod nat;
+pub mod parse;
+pub mod reply;
+pub mod stats;
+pub mod vip;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use lb_common::{AddrKey, Counter, DpConfig, FlowKey, Node, NodeAddr, Reverse, ReverseKey, Vip};
+
+pub use fib::{Fib, FibAnswer, FibRc};
+pub use stats::Outcome;
+
+/// XDP actions (uapi `enum xdp_action`).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// What the datapath's maps hold (read back after provisioning) and its load-time constants.
+#[derive(Clone, Debug, Default)]
+pub struct Tables {
+    pub config: Option<DpConfig>,
+    /// `NODES`: node id → node.
+    pub nodes: HashMap<u32, Node>,
+    /// `VIPS`.
+    pub vips: HashMap<AddrKey, Vip>,
+    /// `VIP_PORTS`: bitmap index → the 1024 words of that VIP's port bitmap.
+    pub vip_ports: HashMap<u32, Vec<u64>>,
+    /// `REVERSE`.
+    pub reverse: HashMap<ReverseKey, Reverse>,
+    /// `NODE_ADDRS`.
+    pub node_addrs: HashMap<AddrKey, NodeAddr>,
+    /// `RING` cut to `RING_LEN`, per family index (0 IPv4, 1 IPv6). `ring_len` is kept apart
+    /// because the datapath checks it against `MAX_NODES` before reading the ring.
+    pub ring: [Vec<u32>; 2],
+    pub ring_len: [u32; 2],
+    /// `DEVMAP`: the interfaces cidlb is attached to.
+    pub devmap: HashSet<u32>,
+}
+
+impl Tables {
+    pub fn config(&self) -> DpConfig {
+        self.config.unwrap_or(DpConfig::DEFAULT)
+    }
+}
+
+/// What the program changes as it runs, on the one CPU it runs on.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    /// `RR` cursors, per family index.
+    pub rr: [u32; 2],
+    /// `FLOWS`: 5-tuple → node id.
+    pub flows: HashMap<FlowKey, u32>,
+    /// `NEXTHOP`: node slot * 2 + family index → cached next hop.
+    pub nexthop: HashMap<u32, forward::CachedHop>,
+    /// The kernel's clock (CLOCK_MONOTONIC) when the frame runs, for `NEXTHOP`'s expiry. The
+    /// caller sets it, and runs no frame while a cached entry is about to expire.
+    pub now_ns: u64,
+}
+
+/// Runs one frame received on `ingress` through the reference.
+pub fn classify(
+    frame: &[u8],
+    ingress: u32,
+    tables: &Tables,
+    state: &mut State,
+    fib: &dyn Fib,
+) -> Outcome {
+    let mut out = Outcome::new(frame);
+    out.count(Counter::PacketsSeen);
+    match try_lb(frame, ingress, tables, state, fib, &mut out) {
+        Ok(action) => out.action = action,
+        Err(reason) => {
+            out.count(reason);
+            out.action = stats::action_for(reason);
+        }
+    }
+    out
+}
+
+/// The datapath's `try_lb`, step by step. `out.frame` is the frame as rewritten so far.
+fn try_lb(
+    frame: &[u8],
+    ingress: u32,
+    t: &Tables,
+    state: &mut State,
+    fib: &dyn Fib,
+    out: &mut Outcome,
+) -> Result<u32, Counter> {
+    let pkt = parse::parse(frame, t)?;
+    let Some(udp) = pkt.udp else {
+        return Err(Counter::PassNotUdp);
+    };
+    let cfg = t.config();
+
+    if vip::is_vip_port(t, &pkt, udp.dport) {
+        parse::check_udp_length(frame, &udp)?;
+        let node = match dtls::classify(frame, &udp, &cfg, out)? {
+            dtls::Route::Node(id) => match t.nodes.get(&id) {
+                Some(node) => {
+                    out.count(Counter::CidRouted);
+                    *node
+                }
+                None if cfg.unknown_node_flow != 0 => {
+                    out.count(Counter::CidUnknownNodeFlow);
+                    flow::route(t, state, &pkt, &udp, out)?
+                }
+                None => return Err(Counter::DropCidUnknownNode),
+            },
+            dtls::Route::Flow => flow::route(t, state, &pkt, &udp, out)?,
+        };
+        let rw = nat::Rewrite::to_node(&pkt, &udp, &node)?;
+        let hop = forward::lookup_node(
+            fib,
+            state,
+            frame,
+            &pkt,
+            (&pkt.src, &rw.dst(&pkt)),
+            ingress,
+            node.slot,
+        );
+        out.to_node(node.slot, frame.len() as u64);
+        return finish(frame, &pkt, &udp, &rw, &hop, &cfg, t, out);
+    }
+
+    if let Some(rev) = vip::reverse(t, &pkt, udp.sport) {
+        reply::check_origin(fib, state, frame, &pkt, ingress, rev.node_slot)?;
+        let rw = nat::Rewrite::to_client(&rev);
+        let hop = forward::lookup(fib, frame, &pkt, (&rev.vip, &pkt.dst), ingress);
+        if hop.rc == FibRc::NotFwded {
+            return Err(Counter::PassLocalReply);
+        }
+        if hop.rc == FibRc::FwdDisabled {
+            return Err(Counter::PassFwdDisabled);
+        }
+        out.count(Counter::ReplyUnnat);
+        out.from_node(rev.node_slot, frame.len() as u64);
+        return finish(frame, &pkt, &udp, &rw, &hop, &cfg, t, out);
+    }
+
+    Err(Counter::PassNotVip)
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "mirrors the datapath's finish() plus the reference's inputs"
+)]
+fn finish(
+    frame: &[u8],
+    pkt: &parse::Packet,
+    udp: &parse::Udp,
+    rw: &nat::Rewrite,
+    hop: &forward::Hop,
+    cfg: &DpConfig,
+    t: &Tables,
+    out: &mut Outcome,
+) -> Result<u32, Counter> {
+    if cfg.shadow != 0 {
+        return Err(Counter::ShadowPass);
+    }
+    out.frame = rw.apply(frame, pkt, udp);
+    forward::send(t, pkt, hop, out)
+}
+
+/// Per-node traffic the reference expects, by `NODE_STATS` slot.
+pub type NodeDeltas = BTreeMap<u32, lb_common::NodeStats>;

@@ -1,0 +1,462 @@
+//! The scale-out test (issue #9): two cidlb balancers behind a router that learns the VIPs over
+//! BGP (BIRD, `deploy/bird/*.conf`) and spreads flows over them with an L4-hashed ECMP route;
+//! three nodes run the real DTLS test peer and reply through either balancer (`lb_lab::fleet`).
+//!
+//! While long non-CID sessions, rebinding CID sessions and a stream of short handshakes run
+//! over IPv4 and IPv6, one node's health flaps on one balancer only, one balancer goes into
+//! maintenance and back, the other loses every link and gets them back, and the first is
+//! restarted cold (pins removed, empty flow table). Each
+//! event moves flows between balancers (the test counts flows that both balancers' flow
+//! tables hold: at least 20).
+//!
+//! - `flows.policy: maglev`: every session survives and every record is answered by its node.
+//! - `flows.policy: round_robin` (the control): the same events break non-CID sessions.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_lab::{
+    agent::{Agent, LogTo, PinGuard},
+    fleet::{self, bird_config, Bird, Fleet, BALANCERS, NODES, TABLE},
+    node4, node6,
+    peer::{self, ClientRun},
+    ChildGuard, NetNs, VIP4_SOCKET, VIP6_SOCKET,
+};
+
+fn deploy(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/bird")
+        .join(file)
+}
+
+/// One balancer: cidlb, cidlb announce and BIRD in its namespace. Fields drop in order.
+struct Balancer {
+    agent: Option<Agent>,
+    announce: ChildGuard,
+    _bird: Bird,
+    cfg: PathBuf,
+    pins: PinGuard,
+}
+
+fn start_agent(ns: &NetNs, cfg: &Path, dir: &Path, i: usize) -> Agent {
+    Agent::start(
+        common::agent::bin(),
+        ns,
+        cfg,
+        &["--detach-on-exit"],
+        &LogTo {
+            stderr_prefix: None,
+            file: Some(dir.join(format!("cidlb-b{i}.log"))),
+        },
+    )
+    .unwrap_or_else(|e| panic!("balancer {i}: {e}"))
+}
+
+fn cidlb_config(policy: &str, pins: &Path, state: &Path) -> String {
+    let ifaces = Fleet::balancer_interfaces().join(", ");
+    let mut s = format!(
+        "interfaces: [{ifaces}]\nxdp_mode: native\nvips:\n  - address: {}\n    ports: [{}]\n  - address: \"{}\"\n    ports: [{}]\nflows: {{policy: {policy}, idle_timeout: 60s, capacity: 65536}}\nhealth: {{probe: udp, interval: 1s, timeout: 500ms, fall: 3, rise: 1}}\nannounce: {{state_dir: {}, table: {TABLE}, grace: 3s}}\npin_dir: {}\nnodes:\n",
+        VIP4_SOCKET.ip(),
+        VIP4_SOCKET.port(),
+        VIP6_SOCKET.ip(),
+        VIP6_SOCKET.port(),
+        state.display(),
+        pins.display(),
+    );
+    for k in 1..=NODES {
+        s.push_str(&format!(
+            "  - {{id: {k}, address: [{}, \"{}\"]}}\n",
+            node4(k),
+            node6(k)
+        ));
+    }
+    s
+}
+
+/// Polls until the router's route to both VIPs has `hops` next hops.
+fn wait_hops(f: &Fleet, hops: usize, within: Duration, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let r4 = f.router_route(&VIP4_SOCKET.ip().to_string());
+        let r6 = f.router_route(&VIP6_SOCKET.ip().to_string());
+        let count = |r: &str| {
+            if r.trim().is_empty() {
+                0
+            } else {
+                r.matches("nexthop").count().max(1)
+            }
+        };
+        if count(&r4) == hops && count(&r6) == hops {
+            return;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{what}: router routes after {within:?}, want {hops} next hops:\n{r4}{r6}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The keys of a pinned flow table (bpftool's JSON, one string per key).
+fn flow_keys(pin_dir: &Path) -> BTreeSet<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin_dir.join("FLOWS"))
+        .output()
+        .expect("bpftool");
+    if !out.status.success() {
+        return BTreeSet::new();
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["key"].to_string())
+        .collect()
+}
+
+/// Flows both balancers' tables hold (each was seen by both: it changed balancer).
+fn shared_flows(bs: &[Balancer]) -> BTreeSet<String> {
+    let a = flow_keys(&bs[0].pins.0);
+    let b = flow_keys(&bs[1].pins.0);
+    a.intersection(&b).cloned().collect()
+}
+
+/// ~30 s of traffic each. `--give-up-after 3`: a session that lost its node ends instead of
+/// retrying through every message (the control would run for many minutes).
+const LONG_NON_CID: &[&str] = &[
+    "--no-cid",
+    "--sessions",
+    "24",
+    "--parallel",
+    "24",
+    "--messages",
+    "150",
+    "--interval-ms",
+    "200",
+    "--give-up-after",
+    "3",
+];
+const CID_REBINDING: &[&str] = &[
+    "--sessions",
+    "8",
+    "--parallel",
+    "8",
+    "--messages",
+    "130",
+    "--interval-ms",
+    "250",
+    "--rebind-every",
+    "10",
+    "--give-up-after",
+    "3",
+];
+/// Short sessions, one after another on 2 threads: handshakes all along the events. A 3 s
+/// timeout lets a handshake retransmit over the few seconds a balancer change can cost.
+const HANDSHAKES: &[&str] = &[
+    "--sessions",
+    "260",
+    "--parallel",
+    "2",
+    "--messages",
+    "2",
+    "--interval-ms",
+    "150",
+    "--timeout-ms",
+    "3000",
+    "--give-up-after",
+    "1",
+];
+
+struct Outcome {
+    runs: Vec<(String, ClientRun)>,
+    changed: usize,
+}
+
+fn scenario(policy: &str, tag: &str) -> Outcome {
+    common::require_root();
+    let prefix = lb_lab::unique_prefix(tag);
+    let f = Fleet::up(&prefix).unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir().join(format!("cidlb-{prefix}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let testpeer = common::testpeer();
+
+    // Nodes: the DTLS echo server, node k issuing CIDs that start with k.
+    let _servers: Vec<ChildGuard> = f
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            peer::server(&testpeer, n, i as u32 + 1, &[], None).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+
+    // The router's BIRD, from deploy/bird/router.conf.
+    let (b1_4, r1_4) = fleet::uplink4(1);
+    let (b2_4, r2_4) = fleet::uplink4(2);
+    let (b1_6, r1_6) = fleet::uplink6(1);
+    let (b2_6, r2_6) = fleet::uplink6(2);
+    let router_conf = bird_config(
+        &deploy("router.conf"),
+        &[
+            ("ROUTER_ID", r1_4.clone()),
+            ("B1_LOCAL4", r1_4),
+            ("B1_PEER4", b1_4),
+            ("B1_LOCAL6", r1_6),
+            ("B1_PEER6", b1_6),
+            ("B2_LOCAL4", r2_4),
+            ("B2_PEER4", b2_4),
+            ("B2_LOCAL6", r2_6),
+            ("B2_PEER6", b2_6),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let _router_bird =
+        Bird::start(&f.router, &dir, "router", &router_conf).unwrap_or_else(|e| panic!("{e}"));
+
+    // Balancers: the same cidlb config (but pin and state directories), their own BIRD.
+    let mut bs: Vec<Balancer> = (1..=BALANCERS)
+        .map(|i| {
+            let ns = &f.balancers[i - 1];
+            let pins = PinGuard::new(&format!("{tag}{i}"));
+            let state = dir.join(format!("state-b{i}"));
+            let cfg = dir.join(format!("cidlb-b{i}.yaml"));
+            std::fs::write(&cfg, cidlb_config(policy, &pins.0, &state)).unwrap();
+            let ((l4, p4), (l6, p6)) = (fleet::uplink4(i), fleet::uplink6(i));
+            let conf = bird_config(
+                &deploy("balancer.conf"),
+                &[
+                    ("ROUTER_ID", l4.clone()),
+                    ("LOCAL4", l4),
+                    ("PEER4", p4),
+                    ("LOCAL6", l6),
+                    ("PEER6", p6),
+                    ("CIDLB_TABLE", TABLE.to_string()),
+                ],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let bird =
+                Bird::start(ns, &dir, &format!("b{i}"), &conf).unwrap_or_else(|e| panic!("{e}"));
+            let agent = start_agent(ns, &cfg, &dir, i);
+            let announce = ChildGuard(
+                ns.nsenter(common::agent::bin().to_str().unwrap())
+                    .args(["announce", "--every-ms", "200", "--config"])
+                    .arg(&cfg)
+                    .stderr(std::fs::File::create(dir.join(format!("announce-b{i}.log"))).unwrap())
+                    .spawn()
+                    .expect("spawn cidlb announce"),
+            );
+            Balancer {
+                agent: Some(agent),
+                announce,
+                _bird: bird,
+                cfg,
+                pins,
+            }
+        })
+        .collect();
+    wait_hops(&f, 2, Duration::from_secs(20), "both balancers announced");
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // Traffic, both families: long non-CID sessions (routed by flow for their whole life),
+    // rebinding CID sessions, and a stream of short handshakes.
+    let mut clients = Vec::new();
+    for (fam, vip) in [("v4", VIP4_SOCKET), ("v6", VIP6_SOCKET)] {
+        let vip = vip.to_string();
+        for (kind, args) in [
+            ("long-non-cid", LONG_NON_CID),
+            ("cid-rebinding", CID_REBINDING),
+            ("handshakes", HANDSHAKES),
+        ] {
+            let name = format!("{kind}-{fam}");
+            let out = dir.join(format!("{name}.json"));
+            let child = peer::spawn_client(&testpeer, &f.client, &vip, args, &out)
+                .unwrap_or_else(|e| panic!("{e}"));
+            clients.push((name, out, child));
+        }
+    }
+    let t0 = Instant::now();
+    let at = |secs: u64| {
+        let due = t0 + Duration::from_secs(secs);
+        if let Some(d) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    };
+
+    // 0. A health flap seen by one balancer only: node 3 rejects balancer 2's probes (ICMP
+    // port unreachable from the node), so balancer 2 holds it down for a while and balancer 1
+    // does not. No flow changes balancer meanwhile, so nothing may break: balancer 2's new
+    // flows of node 3 take their second choice and stay pinned there.
+    let probe_src = fleet::pair4(2, 3).0;
+    let iptables = |op: &str| {
+        let cmd = [
+            "iptables",
+            op,
+            "INPUT",
+            "-p",
+            "udp",
+            "-s",
+            &probe_src,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "icmp-port-unreachable",
+        ];
+        f.nodes[2].must(&cmd).unwrap_or_else(|e| panic!("{e}"));
+    };
+    at(1);
+    iptables("-I");
+    at(6);
+    iptables("-D");
+    let log = std::fs::read_to_string(dir.join("cidlb-b2.log")).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node down") && l.contains("node=3")),
+        "balancer 2 never held node 3 down: the flap did not happen"
+    );
+
+    // 1. Balancer 1 in maintenance: withdrawn (its flows move to balancer 2), then back.
+    // (Node 3 is up again on balancer 2 by now: rise 1, interval 1 s.)
+    at(9);
+    let c1 = bs[0].cfg.display().to_string();
+    common::agent::cidlb(&["maintenance", "on", "--config", &c1]);
+    wait_hops(&f, 1, Duration::from_secs(3), "balancer 1 in maintenance");
+    at(13);
+    common::agent::cidlb(&["maintenance", "off", "--config", &c1]);
+    wait_hops(
+        &f,
+        2,
+        Duration::from_secs(3),
+        "balancer 1 out of maintenance",
+    );
+
+    // 2. Balancer 2 loses every link: the router's BGP hold time (3 s) drops it.
+    at(16);
+    f.set_balancer_links(2, false).unwrap();
+    wait_hops(&f, 1, Duration::from_secs(6), "balancer 2 cut off");
+    at(20);
+    f.set_balancer_links(2, true).unwrap();
+    wait_hops(&f, 2, Duration::from_secs(10), "balancer 2 reconnected");
+
+    // 3. Balancer 1 restarted cold: detached, pins removed, a fresh agent with an empty flow
+    // table; flows that come back to it are new to it.
+    at(23);
+    let mut changed = shared_flows(&bs);
+    let agent = bs[0].agent.take().expect("running");
+    agent.terminate().expect("cidlb exits on SIGTERM");
+    assert!(!bs[0].pins.0.exists(), "cold restart: pins must be gone");
+    wait_hops(&f, 1, Duration::from_secs(3), "balancer 1 stopped");
+    bs[0].agent = Some(start_agent(&f.balancers[0], &bs[0].cfg, &dir, 1));
+    wait_hops(
+        &f,
+        2,
+        Duration::from_secs(10),
+        "balancer 1 back after a cold restart",
+    );
+
+    // The clients finish on their own (bounded by their message counts and timeouts).
+    let mut runs = Vec::new();
+    for (name, out, mut child) in clients {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "client {name} still running after 90 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let text = std::fs::read_to_string(&out).unwrap();
+        let run =
+            ClientRun::parse(&text, status.success()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        runs.push((name, run));
+    }
+    changed.extend(shared_flows(&bs));
+    println!(
+        "{policy}: {} flows changed balancer; wall time {:?}",
+        changed.len(),
+        t0.elapsed()
+    );
+    for (name, run) in &runs {
+        println!("{policy} {name}: {}", run.summary);
+    }
+    for (i, b) in bs.iter().enumerate() {
+        let json =
+            common::agent::cidlb(&["stats", "--json", "--pin-dir", b.pins.0.to_str().unwrap()]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let nonzero: Vec<String> = v["counters"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, x)| x.as_u64() != Some(0))
+                    .map(|(k, x)| format!("{k}={x}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("{policy} balancer {}: {}", i + 1, nonzero.join(" "));
+    }
+    for b in &mut bs {
+        let _ = b.announce.terminate(5);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Outcome {
+        runs,
+        changed: changed.len(),
+    }
+}
+
+#[test]
+fn maglev_sessions_survive_balancers_leaving_and_joining() {
+    let o = scenario("maglev", "som");
+    assert!(
+        o.changed >= 20,
+        "only {} flows changed balancer: the events did not exercise the fleet",
+        o.changed
+    );
+    let mut bad = Vec::new();
+    for (name, run) in &o.runs {
+        if !run.ok {
+            bad.push(format!("{name}: client failed: {}", run.summary));
+        }
+        for m in run.misrouted() {
+            bad.push(format!("{name}: {m}"));
+        }
+        for s in &run.sessions {
+            if s["status"] != "ok" {
+                bad.push(format!("{name}: {s}"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "with maglev:\n{}", bad.join("\n"));
+}
+
+/// The control: the same events with per-box round robin break non-CID sessions, which shows
+/// the test above can fail.
+#[test]
+fn control_round_robin_breaks_sessions_that_change_balancer() {
+    let o = scenario("round_robin", "sor");
+    assert!(
+        o.changed >= 20,
+        "only {} flows changed balancer: the control's failure would be left to chance",
+        o.changed
+    );
+    let failed: u64 = o
+        .runs
+        .iter()
+        .filter(|(name, _)| name.starts_with("long-non-cid"))
+        .map(|(_, r)| r.summary["failed"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        failed > 0,
+        "round robin: no long non-CID session broke, though flows changed balancer"
+    );
+}
