@@ -4,22 +4,21 @@
 //! namespace: records for node 1 and node 2 alternately, from 1 to 65,000 source ports. Each
 //! node's veth runs a counting sink that drops and counts CID records naming another node.
 //!
-//! CPU cost: veth runs a receiver's NAPI in softirq on the CPU that sent the packet, so the
-//! balancer's and the sinks' work are softirq time (the generator's own sends are system time).
-//! Threaded NAPI would isolate the balancer, but on this kernel a threaded veth NAPI is not
-//! woken reliably (a few hundred of 50,000 packets got through), so the bench reports softirq
-//! CPU-seconds from /proc/stat: balancer plus sinks, the sinks being the same in every mode.
-//!
-//! Two figures isolate the balancer (issue #11), both measured alike in every mode:
+//! CPU cost: without threaded NAPI, veth runs a receiver's NAPI in softirq on the CPU that sent
+//! the packet, so the balancer's and the sinks' work mix in one softirq figure. Two figures
+//! isolate the balancer (issue #11), both measured alike in every mode:
 //! - the XDP program's own run time per packet, from the kernel's accounting
 //!   (BPF_ENABLE_STATS, run_time_ns / run_cnt of the program attached to the balancer's `lbc`,
 //!   cidlb's and the bare redirect's alike; the sinks' program the same way);
 //! - the balancer's CPU per packet: `lbc`'s NAPI runs in a kernel thread (threaded NAPI), and so
 //!   do the nodes' `n0` (else an XDP_REDIRECT into lbn1 would run the sink's NAPI inside the
 //!   balancer's), and the bench reads the `napi/lbc-*` thread's runtime from
-//!   /proc/PID/schedstat per delivered packet. Attaching XDP recreates NAPI threads, so they
-//!   are switched on and looked up after each mode is in place. If no such thread ran, the point
-//!   records 0 and says so rather than guessing.
+//!   /proc/PID/schedstat per delivered packet. The sender has TSO off and `lbc` GRO on, and
+//!   the threads are switched on after each mode is in place, since attaching XDP recreates
+//!   them (an earlier try saw a threaded veth NAPI woken for only a few hundred of 50,000
+//!   packets; which of these it lacked was not pinned down). A point fails if lbc got no such thread, if it did not run
+//!   while packets were delivered, or if the kernel counted fewer program runs than delivered
+//!   packets: no figure is guessed.
 //!
 //! Modes, interleaved point by point:
 //! - plain:    kernel routing, no rules (the client sends straight to the node addresses);
