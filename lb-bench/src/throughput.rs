@@ -440,7 +440,9 @@ fn point(bed: &Bed, mode: Mode, payload: usize, flows: u32, window: Duration) ->
             bail!("{delivered} packets delivered but lbc's NAPI thread did not run: not threaded?");
         }
         let prog_runs = prog_b.1.wrapping_sub(prog_a.1);
-        if xdp_mode && prog_runs < delivered {
+        // The counts are read a moment apart, so packets in flight between the reads differ
+        // (578,368 runs for 578,816 delivered was seen): allow 1 %.
+        if xdp_mode && prog_runs.saturating_mul(100) < delivered.saturating_mul(99) {
             bail!(
                 "{}: the kernel counted {prog_runs} runs of the program on lbc for {delivered} \
                  delivered packets (is BPF_ENABLE_STATS accounting on?)",
