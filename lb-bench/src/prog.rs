@@ -7,11 +7,20 @@
 //! header writes (addresses, ports, checksums, TTL, MACs) and the redirect do not. Pass and
 //! drop paths change nothing and run as they are. "New flow" uses a 1 ns idle timeout, so
 //! every run re-pins its flow: a lookup, a round-robin pick and a table update.
+//!
+//! One frame repeated hits one hot hash bucket and one hot cache line per map, which hides
+//! what many clients cost. The growth series therefore also ROTATE over many distinct frames
+//! (distinct clients, CIDs naming every node): each frame is one BPF_PROG_TEST_RUN with
+//! repeat 1, and the time is the kernel's own per-program accounting (BPF_ENABLE_STATS:
+//! run_time_ns / run_cnt, the same figure the lab reads for cidlb and the bare redirect). The
+//! floor is rotated over the same frames, in the same rounds, so both carry the accounting's
+//! own overhead (two sched_clock reads) alike.
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{anyhow, bail, Result};
 use aya::maps::HashMap;
+use aya::programs::Xdp;
 use aya::Ebpf;
 use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot, testrun};
 use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
@@ -351,6 +360,288 @@ fn record(c: &Case<'_>, floor: f64, nodes: u32, flows: u64, effort: Effort) -> V
     })
 }
 
+/// A path measured by rotating over `frames`, timed by the kernel's run-time accounting.
+struct Rotation<'a> {
+    path: &'static str,
+    ebpf: &'a Ebpf,
+    program: &'static str,
+    frames: &'a [Vec<u8>],
+    ingress: u32,
+    expect: Expect,
+    samples: Vec<f64>,
+}
+
+/// The program's run time and run count so far (BPF_OBJ_GET_INFO_BY_FD; counted while
+/// BPF_ENABLE_STATS is on).
+fn prog_stats(ebpf: &Ebpf, program: &str) -> Result<(u64, u64)> {
+    let p: &Xdp = ebpf
+        .program(program)
+        .ok_or_else(|| anyhow!("no program {program}"))?
+        .try_into()?;
+    let info = p.info()?;
+    Ok((info.run_time().as_nanos() as u64, info.run_count()))
+}
+
+impl Rotation<'_> {
+    /// One pass over every frame; ns per run from the kernel's accounting. Fails if the
+    /// kernel did not count exactly one run per frame (accounting off, or another user of
+    /// the program) or a frame took another action.
+    fn pass(&self) -> Result<f64> {
+        let (t0, n0) = prog_stats(self.ebpf, self.program)?;
+        for frame in self.frames {
+            let r = testrun::run_program(self.ebpf, self.program, frame, self.ingress, 1)?;
+            if r.action != self.expect.action {
+                bail!(
+                    "rotating {:?}: action {} (want {})",
+                    self.path,
+                    r.action,
+                    self.expect.action
+                );
+            }
+        }
+        let (t1, n1) = prog_stats(self.ebpf, self.program)?;
+        let runs = n1.wrapping_sub(n0);
+        if runs != self.frames.len() as u64 {
+            bail!(
+                "rotating {:?}: the kernel counted {runs} runs for {} frames (is \
+                 kernel.bpf_stats_enabled accounting on?)",
+                self.path,
+                self.frames.len()
+            );
+        }
+        Ok(t1.wrapping_sub(t0) as f64 / runs as f64)
+    }
+
+    /// A settling pass (a known flow needs its first packet), then a checked one: every frame
+    /// takes the path's action and each of the path's counters moves once per frame, no other.
+    fn verify(&self) -> Result<()> {
+        self.pass()?;
+        let snap = || -> Result<Option<Snapshot>> {
+            Ok(match self.expect.counters {
+                [] => None,
+                _ => Some(Snapshot::from_ebpf(self.ebpf)?),
+            })
+        };
+        let before = snap()?;
+        self.pass()?;
+        let after = snap()?;
+        let n = self.frames.len() as u64;
+        for &c in Counter::ALL {
+            let moved = match (&before, &after) {
+                (Some(b), Some(a)) => a.get(c).wrapping_sub(b.get(c)),
+                _ => 0,
+            };
+            let want = if self.expect.counters.contains(&c) {
+                n
+            } else {
+                0
+            };
+            if moved != want {
+                bail!(
+                    "rotating {:?}: counter {} moved {moved} over {n} frames, want {want}; not \
+                     timing it under this name",
+                    self.path,
+                    c.name()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks every rotation's path, then times them interleaved, `effort.rounds` passes each.
+fn measure_rotating(cases: &mut [Rotation<'_>], effort: Effort) -> Result<()> {
+    for c in cases.iter() {
+        c.verify()?;
+    }
+    for _ in 0..effort.rounds {
+        for c in cases.iter_mut() {
+            let ns = c.pass()?;
+            c.samples.push(ns);
+        }
+    }
+    Ok(())
+}
+
+/// `n` distinct clients (source address and port) sending `payload(i)` to the VIP.
+fn clients(n: u64, payload: impl Fn(u64) -> Vec<u8>) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let src = IpAddr::from([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            Frame::udp(
+                CLIENT_MAC,
+                FXC_MAC,
+                src,
+                1024 + (i % 60000) as u16,
+                ip(VIP4),
+                PORT,
+                &payload(i),
+            )
+            .bytes()
+        })
+        .collect()
+}
+
+/// A CID record naming node `1 + i % nodes`.
+fn cid_for(nodes: u32) -> impl Fn(u64) -> Vec<u8> {
+    move |i| {
+        let node = 1 + (i % u64::from(nodes)) as u16;
+        let [a, b] = node.to_be_bytes();
+        cid_record(&[a, b, 0xa1, 0xa2, 0xa3, i as u8], &[0xab; 64])
+    }
+}
+
+fn hello(_: u64) -> Vec<u8> {
+    handshake_record(&[0xab; 64])
+}
+
+fn rotation_records(
+    cases: &[Rotation<'_>],
+    series: &str,
+    nodes: u32,
+    flows: u64,
+    effort: Effort,
+) -> Vec<Value> {
+    let floor = stats(&cases[0].samples).0;
+    cases
+        .iter()
+        .map(|c| {
+            let (med, min, max) = stats(&c.samples);
+            json!({
+                "part": "prog", "series": series, "path": c.path, "how": "rotating, bpf_stats",
+                "nodes": nodes, "flows": flows, "frames": c.frames.len(),
+                "median_ns": med, "min_ns": min, "max_ns": max,
+                "ratio_to_floor": if floor > 0.0 { med / floor } else { 0.0 },
+                "rounds": effort.rounds,
+            })
+        })
+        .collect()
+}
+
+/// The growth series, rotating over distinct frames and timed by the kernel's accounting.
+fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()> {
+    let fxc = ifs[0];
+    // Held for the whole part: the kernel accounts run time while this fd is open.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| anyhow!("BPF_ENABLE_STATS (run time accounting): {e}"))?;
+    let floor_object = testrun::load_floor()?;
+    // Nodes: CID records naming every node in turn, and new flows from as many clients.
+    for nodes in [2u32, 16, 64, 256] {
+        let cfg = config(nodes, 65536)?;
+        let shadow = datapath(&cfg, true, false, ifs)?;
+        let fresh = datapath(&cfg, true, true, ifs)?;
+        let cid = clients(4096, cid_for(nodes));
+        let new = clients(4096, hello);
+        let mut cases = vec![
+            Rotation {
+                path: "empty program (floor)",
+                ebpf: &floor_object,
+                program: names::FLOOR,
+                frames: &cid,
+                ingress: fxc,
+                expect: FLOOR,
+                samples: Vec::new(),
+            },
+            Rotation {
+                path: "CID record routed",
+                ebpf: &shadow.ebpf,
+                program: names::PROGRAM,
+                frames: &cid,
+                ingress: fxc,
+                expect: CID_ROUTED,
+                samples: Vec::new(),
+            },
+            Rotation {
+                path: "new flow",
+                ebpf: &fresh.ebpf,
+                program: names::PROGRAM,
+                frames: &new,
+                ingress: fxc,
+                expect: NEW_FLOW,
+                samples: Vec::new(),
+            },
+        ];
+        measure_rotating(&mut cases, effort)?;
+        out.extend(rotation_records(
+            &cases,
+            "rotate_nodes",
+            nodes,
+            4096,
+            effort,
+        ));
+        eprintln!("  rotating, {nodes} nodes done");
+    }
+    // Flows: as many distinct clients as flows in the table, each a known flow.
+    let mut sizes = vec![1u64, 1_000, 100_000];
+    if effort.max_flows >= 1_000_000 {
+        sizes.push(1_000_000);
+    }
+    for flows in sizes {
+        let cfg = config(2, (2 * flows).max(4096) as u32)?;
+        let shadow = datapath(&cfg, true, false, ifs)?;
+        let plain = datapath(&cfg, false, false, ifs)?;
+        let known = clients(flows, hello);
+        // Not ours: the same clients to a port the VIP does not serve.
+        let other: Vec<Vec<u8>> = (0..flows)
+            .map(|i| {
+                Frame::udp(
+                    CLIENT_MAC,
+                    FXC_MAC,
+                    IpAddr::from([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+                    1024 + (i % 60000) as u16,
+                    ip(VIP4),
+                    9999,
+                    &[0xab; 64],
+                )
+                .bytes()
+            })
+            .collect();
+        let cid = clients(flows, cid_for(2));
+        let mut cases = vec![
+            Rotation {
+                path: "empty program (floor)",
+                ebpf: &floor_object,
+                program: names::FLOOR,
+                frames: &cid,
+                ingress: fxc,
+                expect: FLOOR,
+                samples: Vec::new(),
+            },
+            Rotation {
+                path: "known flow",
+                ebpf: &shadow.ebpf,
+                program: names::PROGRAM,
+                frames: &known,
+                ingress: fxc,
+                expect: KNOWN_FLOW,
+                samples: Vec::new(),
+            },
+            Rotation {
+                path: "CID record routed",
+                ebpf: &shadow.ebpf,
+                program: names::PROGRAM,
+                frames: &cid,
+                ingress: fxc,
+                expect: CID_ROUTED,
+                samples: Vec::new(),
+            },
+            Rotation {
+                path: "non-VIP port, passed",
+                ebpf: &plain.ebpf,
+                program: names::PROGRAM,
+                frames: &other,
+                ingress: fxc,
+                expect: NOT_VIP,
+                samples: Vec::new(),
+            },
+        ];
+        measure_rotating(&mut cases, effort)?;
+        out.extend(rotation_records(&cases, "rotate_flows", 2, flows, effort));
+        eprintln!("  rotating, {flows} flows done");
+    }
+    Ok(())
+}
+
 pub fn run(effort: Effort) -> Result<Vec<Value>> {
     let ns = lb_lab::fib::netns("bn");
     let max_nodes = 256;
@@ -542,5 +833,6 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         eprintln!("  {flows} flows done");
     }
     let _ = fxn;
+    run_rotating(&ifs, effort, &mut out)?;
     Ok(out)
 }

@@ -55,6 +55,8 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
         "cargo xtask bench"
     };
     let _ = writeln!(s, "Made by `{mode}` on {}.\n", machine());
+    s.push_str(&targets(records));
+    s.push('\n');
     let paths = main_paths(records);
     if !paths.is_empty() {
         let _ = writeln!(
@@ -79,12 +81,27 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
                 f(&r["ratio_to_floor"])
             );
         }
-        for (series, label) in [("nodes", "nodes"), ("flows", "flows in the table")] {
+        for (series, key, label, how) in [
+            ("nodes", "nodes", "nodes", "one frame repeated"),
+            ("flows", "flows", "flows in the table", "one frame repeated"),
+            (
+                "rotate_nodes",
+                "nodes",
+                "nodes",
+                "rotating over 4096 distinct clients, CIDs naming every node; bpf_stats",
+            ),
+            (
+                "rotate_flows",
+                "flows",
+                "flows in the table",
+                "rotating over as many distinct clients as flows; bpf_stats",
+            ),
+        ] {
             let rows: Vec<&Value> = records.iter().filter(|r| r["series"] == series).collect();
             if rows.is_empty() {
                 continue;
             }
-            let _ = writeln!(s, "\n#### Growth with {label} (ns/packet, median)\n");
+            let _ = writeln!(s, "\n#### Growth with {label}, {how} (ns/packet, median)\n");
             let mut cols: Vec<String> = Vec::new();
             for r in &rows {
                 let p = r["path"].as_str().unwrap_or("").to_owned();
@@ -98,17 +115,14 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
                 cols.join(" | "),
                 "---|".repeat(cols.len())
             );
-            let mut keys: Vec<u64> = rows
-                .iter()
-                .map(|r| r[series].as_u64().unwrap_or(0))
-                .collect();
+            let mut keys: Vec<u64> = rows.iter().map(|r| r[key].as_u64().unwrap_or(0)).collect();
             keys.dedup();
             for k in keys {
                 let cells: Vec<String> = cols
                     .iter()
                     .map(|c| {
                         rows.iter()
-                            .find(|r| r[series].as_u64() == Some(k) && r["path"] == c.as_str())
+                            .find(|r| r[key].as_u64() == Some(k) && r["path"] == c.as_str())
                             .map_or(String::new(), |r| {
                                 format!(
                                     "{:.0} ({:.2}×)",
@@ -130,25 +144,32 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
         let _ = writeln!(
             s,
             "\n### Forwarding in the netns lab\n\ntrafgen → balancer → 2 node sinks, CID records for both nodes, median of {} runs (min–max). \
-             \"softirq CPU\" is balancer plus sinks (see lb-bench/src/throughput.rs for why not the balancer alone); \
-             \"per CPU-s\" is delivered packets per softirq CPU-second; \"misrouted\" is the share of CID records that reached another \
+             \"balancer CPU\" is the share of a CPU the balancer's own threaded-NAPI thread (`lbc`) used, the sinks' NAPI running in \
+             threads of their own; \"per CPU-s\" is delivered packets per second of that thread; \"balancer ns/pkt\" is its CPU time per \
+             delivered packet; \"XDP prog ns/run\" is the kernel's \
+             run-time accounting of the program on the balancer (see lb-bench/src/throughput.rs); \
+             \"misrouted\" is the share of CID records that reached another \
              node than their CID names (the minimal forwarder sends everything to node 1 by design). Each node's records come from their own \
              source ports, as real sessions do.\n",
             tp[0]["repeats"]
         );
-        let _ = writeln!(s, "| payload | source ports | mode | delivered pps | softirq CPU | per CPU-s | conntrack | misrouted |\n|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "| payload | source ports | mode | delivered pps | balancer CPU | per CPU-s | balancer ns/pkt | XDP prog ns/run | conntrack | misrouted |\n|---|---|---|---|---|---|---|---|---|---|");
         for r in &tp {
             let _ = writeln!(
                 s,
-                "| {} B | {} | {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.0} | {} | {:.1} % |",
+                "| {} B | {} | {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.0} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.1} % |",
                 r["payload"],
                 r["source_ports"],
                 r["mode"].as_str().unwrap_or(""),
                 f(&r["delivered_pps"]),
                 f(&r["delivered_pps_min"]),
                 f(&r["delivered_pps_max"]),
-                f(&r["softirq_cpu"]),
+                f(&r["balancer_cpu"]),
                 f(&r["pkts_per_cpu_sec"]),
+                f(&r["balancer_ns_per_pkt"]),
+                f(&r["balancer_ns_min"]),
+                f(&r["balancer_ns_max"]),
+                if f(&r["prog_ns_per_run"]) > 0.0 { format!("{:.0}", f(&r["prog_ns_per_run"])) } else { "–".to_owned() },
                 r["conntrack"],
                 100.0 * f(&r["misrouted_share"])
             );
@@ -201,7 +222,172 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
     s
 }
 
-/// Grouped bars per payload/flows point: delivered pps of each mode, and softirq CPU as a dot.
+/// Issue #11's test_run targets: path name in the main table, most × the empty program.
+const PATH_TARGETS: [(&str, f64); 5] = [
+    ("CID record routed", 2.5),
+    ("known flow", 3.5),
+    ("reply un-NAT", 3.0),
+    ("new flow", 6.0),
+    ("non-VIP port, passed", 2.0),
+];
+
+/// "Flat" growth: the slowest point of a rotating series at most this much above its fastest
+/// (the machine's own noise is 10–20 %).
+const FLAT: f64 = 1.2;
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// Min and max of `v` (0, 0 when empty).
+fn range(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    (
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )
+}
+
+/// Every target of issue #11 beside its measured value, met or not.
+fn targets(records: &[Value]) -> String {
+    let mut s = String::new();
+    let paths = main_paths(records);
+    if !paths.is_empty() {
+        let _ = writeln!(
+            s,
+            "### Targets (issue #11)\n\nRatios to the empty program within this run. \"hot\": one frame repeated \
+             (BPF_PROG_TEST_RUN's own timer, median of the interleaved rounds); \"rotating\": many distinct frames, one \
+             run each, timed by the kernel's run-time accounting (bpf_stats), the empty program rotated alike, over 2–256 \
+             nodes and 1–{} flows; \"flat\": slowest rotating point ≤ {FLAT}× the fastest.\n",
+            records
+                .iter()
+                .filter(|r| r["series"] == "rotate_flows")
+                .filter_map(|r| r["flows"].as_u64())
+                .max()
+                .unwrap_or(0)
+        );
+        let _ = writeln!(
+            s,
+            "| path | target | hot | rotating (min–max) | rotating ns (min–max) | flat | result |\n|---|---|---|---|---|---|---|"
+        );
+        for (path, limit) in PATH_TARGETS {
+            let hot = paths
+                .iter()
+                .find(|r| r["path"] == path)
+                .map_or(f64::NAN, |r| f(&r["ratio_to_floor"]));
+            let rot: Vec<&Value> = records
+                .iter()
+                .filter(|r| r["how"] == "rotating, bpf_stats" && r["path"] == path)
+                .collect();
+            let ratios: Vec<f64> = rot.iter().map(|r| f(&r["ratio_to_floor"])).collect();
+            let ns: Vec<f64> = rot.iter().map(|r| f(&r["median_ns"])).collect();
+            let (rmin, rmax) = range(&ratios);
+            let (nmin, nmax) = range(&ns);
+            let flat = ns.is_empty() || nmax <= FLAT * nmin;
+            let ok = hot <= limit && (ratios.is_empty() || rmax <= limit) && flat;
+            let rot_cell = if ratios.is_empty() {
+                "not rotated".to_owned()
+            } else {
+                format!("{rmin:.2}–{rmax:.2}×")
+            };
+            let ns_cell = if ns.is_empty() {
+                String::new()
+            } else {
+                format!("{nmin:.0}–{nmax:.0}")
+            };
+            let _ = writeln!(
+                s,
+                "| {path} | ≤ {limit}× | {hot:.2}× | {rot_cell} | {ns_cell} | {} | {} |",
+                if ns.is_empty() {
+                    "–"
+                } else if flat {
+                    "yes"
+                } else {
+                    "no"
+                },
+                met(ok)
+            );
+        }
+    }
+    let tp: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["part"] == "throughput")
+        .collect();
+    if !tp.is_empty() {
+        let find = |r: &Value, mode: &str| {
+            tp.iter()
+                .find(|x| {
+                    x["mode"] == mode && x["payload"] == r["payload"] && x["flows"] == r["flows"]
+                })
+                .copied()
+        };
+        // A missing figure (0) is no ratio: NaN meets no target.
+        let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { a / b } else { f64::NAN };
+        let (mut prog, mut cpu, mut pps, mut ipt, mut ipt_floor) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in tp.iter().filter(|r| r["mode"] == "cidlb (XDP)") {
+            let Some(c) = find(r, "XDP redirect only") else {
+                continue;
+            };
+            prog.push(ratio(f(&r["prog_ns_per_run"]), f(&c["prog_ns_per_run"])));
+            cpu.push(ratio(
+                f(&r["balancer_ns_per_pkt"]),
+                f(&c["balancer_ns_per_pkt"]),
+            ));
+            pps.push(ratio(f(&r["delivered_pps"]), f(&c["delivered_pps"])));
+            if let Some(i) = find(r, "iptables u32+DNAT") {
+                ipt.push(ratio(
+                    f(&i["balancer_ns_per_pkt"]),
+                    f(&r["balancer_ns_per_pkt"]),
+                ));
+                ipt_floor.push(ratio(
+                    f(&i["balancer_ns_per_pkt"]),
+                    f(&c["balancer_ns_per_pkt"]),
+                ));
+            }
+        }
+        let all = |v: &[f64], ok: &dyn Fn(f64) -> bool| !v.is_empty() && v.iter().all(|&x| ok(x));
+        let (pmin, pmax) = range(&prog);
+        let (cmin, cmax) = range(&cpu);
+        let (tmin, tmax) = range(&pps);
+        let (imin, imax) = range(&ipt);
+        let (fmin, fmax) = range(&ipt_floor);
+        let _ = writeln!(
+            s,
+            "\n| lab target (every size and port count) | target | measured (range over points) | result |\n|---|---|---|---|"
+        );
+        let _ = writeln!(
+            s,
+            "| program run time per packet, cidlb ÷ bare redirect (bpf_stats run_time_ns / run_cnt) | ≤ 2× | {pmin:.2}–{pmax:.2}× | {} |",
+            met(all(&prog, &|x| x <= 2.0))
+        );
+        let _ = writeln!(
+            s,
+            "| balancer CPU per packet, cidlb ÷ bare redirect (threaded NAPI thread of `lbc`) | ≤ 1.10× | {cmin:.2}–{cmax:.2}× | {} |",
+            met(all(&cpu, &|x| x <= 1.10))
+        );
+        let _ = writeln!(
+            s,
+            "| delivered throughput, cidlb ÷ bare redirect | ≥ 95 % | {:.0}–{:.0} % | {} |",
+            100.0 * tmin,
+            100.0 * tmax,
+            met(all(&pps, &|x| x >= 0.95))
+        );
+        let _ = writeln!(
+            s,
+            "| balancer CPU per packet, iptables ÷ cidlb | reported | {imin:.2}–{imax:.2}× | cannot exceed iptables ÷ bare redirect: {fmin:.2}–{fmax:.2}× |\n"
+        );
+    }
+    s
+}
+
+/// Grouped bars per payload/flows point: delivered pps of each mode, and the balancer's CPU as a dot.
 fn throughput_svg(records: &[Value]) -> String {
     let tp: Vec<&Value> = records
         .iter()
@@ -232,7 +418,7 @@ fn throughput_svg(records: &[Value]) -> String {
     let w = 60.0 + points.len() as f64 * group_w + 20.0;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n\
-         <text x=\"10\" y=\"18\" font-size=\"14\">Delivered packets/s per mode (bars) and softirq CPU (dots, 0..1 on the same height)</text>\n",
+         <text x=\"10\" y=\"18\" font-size=\"14\">Delivered packets/s per mode (bars) and the balancer's CPU (dots, 0..1 on the same height)</text>\n",
         h + 90.0
     );
     for (i, m) in modes.iter().enumerate() {
@@ -250,7 +436,7 @@ fn throughput_svg(records: &[Value]) -> String {
             };
             let bh = f(&r["delivered_pps"]) / max * h;
             let x = gx + mi as f64 * bar_w;
-            let cy = top + h - f(&r["softirq_cpu"]).min(1.0) * h;
+            let cy = top + h - f(&r["balancer_cpu"]).min(1.0) * h;
             let _ = write!(
                 s,
                 "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{}\" height=\"{bh:.1}\" fill=\"{}\"/><circle cx=\"{:.1}\" cy=\"{cy:.1}\" r=\"3\" fill=\"#000\"/>",
@@ -312,4 +498,76 @@ fn svg(records: &[Value]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::targets;
+
+    fn path(path: &str, ratio: f64) -> serde_json::Value {
+        json!({"part": "prog", "path": path, "ratio_to_floor": ratio, "median_ns": 10.0 * ratio})
+    }
+
+    fn rot(path: &str, flows: u64, ns: f64, floor: f64) -> serde_json::Value {
+        json!({"part": "prog", "series": "rotate_flows", "how": "rotating, bpf_stats", "path": path,
+               "flows": flows, "median_ns": ns, "ratio_to_floor": ns / floor})
+    }
+
+    fn row<'a>(text: &'a str, start: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no row {start:?} in\n{text}"))
+    }
+
+    #[test]
+    fn path_target_needs_hot_rotating_and_flat() {
+        let base = |hot: f64, rot_big: f64| {
+            targets(&[
+                path("CID record routed", hot),
+                rot("CID record routed", 1, 60.0, 30.0),
+                rot("CID record routed", 100_000, rot_big, 30.0),
+            ])
+        };
+        assert!(row(&base(2.4, 66.0), "| CID record routed").ends_with("| yes | met |"));
+        // Hot over the target.
+        assert!(row(&base(2.6, 66.0), "| CID record routed").ends_with("| NOT met |"));
+        // Rotating over the target (and not flat).
+        assert!(row(&base(2.4, 80.0), "| CID record routed").ends_with("| no | NOT met |"));
+        // Under the target but growing more than 20 %.
+        assert!(row(&base(2.4, 73.0), "| CID record routed").ends_with("| no | NOT met |"));
+    }
+
+    fn lab(mode: &str, pps: f64, bal: f64, prog: f64) -> serde_json::Value {
+        json!({"part": "throughput", "mode": mode, "payload": 64, "flows": 1,
+               "delivered_pps": pps, "balancer_ns_per_pkt": bal, "prog_ns_per_run": prog})
+    }
+
+    #[test]
+    fn lab_targets_compare_with_the_bare_redirect() {
+        let t = targets(&[
+            lab("cidlb (XDP)", 96.0, 1090.0, 60.0),
+            lab("XDP redirect only", 100.0, 1000.0, 31.0),
+            lab("iptables u32+DNAT", 50.0, 2000.0, 0.0),
+        ]);
+        assert!(row(&t, "| program run time").contains("| 1.94–1.94× | met |"));
+        assert!(row(&t, "| balancer CPU per packet, cidlb").contains("| 1.09–1.09× | met |"));
+        assert!(row(&t, "| delivered throughput").contains("| 96–96 % | met |"));
+        assert!(row(&t, "| balancer CPU per packet, iptables").contains("1.83–1.83×"));
+        let t = targets(&[
+            lab("cidlb (XDP)", 90.0, 1200.0, 70.0),
+            lab("XDP redirect only", 100.0, 1000.0, 31.0),
+        ]);
+        assert!(row(&t, "| program run time").ends_with("| NOT met |"));
+        assert!(row(&t, "| balancer CPU per packet, cidlb").ends_with("| NOT met |"));
+        assert!(row(&t, "| delivered throughput").ends_with("| NOT met |"));
+        // A figure the lab could not take (0) meets no target.
+        let t = targets(&[
+            lab("cidlb (XDP)", 100.0, 0.0, 0.0),
+            lab("XDP redirect only", 100.0, 1000.0, 31.0),
+        ]);
+        assert!(row(&t, "| program run time").ends_with("| NOT met |"));
+        assert!(row(&t, "| balancer CPU per packet, cidlb").ends_with("| NOT met |"));
+    }
 }
