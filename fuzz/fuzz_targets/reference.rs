@@ -5,7 +5,7 @@
 
 use lb_common::{
     AddrKey, Counter, DpConfig, Node, NodeAddr, Reverse, ReverseKey, Vip, FAMILY_V4, FAMILY_V6,
-    NODE_F_V4, NODE_F_V6,
+    MAGLEV_ENTRIES, NODE_F_V4, NODE_F_V6, POLICY_MAGLEV,
 };
 use lb_reference::{
     fib::{Link, Route, RouteKind, StaticFib},
@@ -38,6 +38,7 @@ fn setup(cfg_byte: u8) -> (Tables, StaticFib) {
             node_id_len: 1 + u32::from(cfg_byte >> 3 & 1) * 2,
             unknown_node_flow: u32::from(cfg_byte >> 4 & 1),
             shadow: u32::from(cfg_byte >> 5 & 1),
+            policy: u32::from(cfg_byte >> 6 & 1) * POLICY_MAGLEV,
             ..DpConfig::DEFAULT
         }),
         ..Default::default()
@@ -75,6 +76,9 @@ fn setup(cfg_byte: u8) -> (Tables, StaticFib) {
     }
     t.ring = [vec![1, 2], vec![2, 1]];
     t.ring_len = [2, 2];
+    // Maglev: IPv4's half 0 and IPv6's half 1 active, slots alternating between nodes 1 and 2.
+    t.maglev = (0..MAGLEV_ENTRIES).map(|i| 1 + i % 2).collect();
+    t.maglev_ctl = [1, 2];
     t.devmap.extend([1, 2]);
     let mut fib = StaticFib::default();
     for (ifindex, mac) in [(1u32, [2, 0xcc, 0, 0, 0, 1]), (2, [2, 0xcc, 0, 0, 0, 2])] {

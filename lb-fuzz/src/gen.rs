@@ -1,7 +1,8 @@
 //! The frames: random bytes; frames built around the balancer's addresses (client to a VIP,
 //! node replies genuine and forged, unknown and disabled node ids, several records in one
 //! datagram) with IPv4 options, VLAN tags, IPv6 extension headers, bad UDP and IP lengths,
-//! odd TTLs and checksums; the recorded DTLS 1.2 datagrams (corpus) in those frames; byte
+//! odd TTLs and checksums; DTLS 1.3 unified headers of every flag combination, cut around
+//! their minimum length; the recorded DTLS 1.2 datagrams (corpus) in those frames; byte
 //! mutations of any of them; and sweeps of one valid frame truncated at every byte.
 //! Deterministic for a seed.
 
@@ -9,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_lab::{
     fib::*,
-    packet::{cid_record, Frame, Mac},
+    packet::{cid_record, unified_record, Frame, Mac},
 };
 
 /// splitmix64: small, fast, and the same sequence for a seed on every machine.
@@ -185,10 +186,52 @@ fn node_id_bytes(r: &mut Rng) -> Vec<u8> {
     b
 }
 
+/// A CID of 4..8 bytes with a node id somewhere in its first bytes (the configs put it at
+/// offset 0, 1 or 2, 1 to 4 bytes long).
+fn cid_with_node_id(r: &mut Rng) -> Vec<u8> {
+    let mut cid = {
+        let n = *r.pick(&[4usize, 5, 6, 8]);
+        r.bytes(n)
+    };
+    let id = node_id_bytes(r);
+    let at = *r.pick(&[0usize, 1, 2]);
+    let n = *r.pick(&[1usize, 2, 3, 4]);
+    for (k, b) in id[4 - n..].iter().enumerate() {
+        if let Some(x) = cid.get_mut(at + k) {
+            *x = *b;
+        }
+    }
+    cid
+}
+
+/// A DTLS 1.3 unified-header record (RFC 9147 §4): every first byte 0x20..=0x3f (each C, S, L
+/// and epoch-bits combination), and often cut to a length around its header's minimum
+/// (1 + CID + 1|2 + 0|2), where `drop_cid13_truncated` starts or stops.
+fn unified(r: &mut Rng) -> Vec<u8> {
+    let first = 0x20 | r.below(32) as u8;
+    let cid = (first & 0x10 != 0).then(|| cid_with_node_id(r));
+    let (seq16, with_len) = (first & 0x08 != 0, first & 0x04 != 0);
+    let body = {
+        let n = *r.pick(&[0u64, 1, 2, 16, 40]);
+        let n = r.below(n + 1) as usize;
+        r.bytes(n)
+    };
+    let mut rec = unified_record(cid.as_deref(), seq16, with_len, &body);
+    rec[0] = first;
+    if r.chance(400) {
+        let min =
+            1 + cid.map_or(0, |c| c.len()) + 1 + usize::from(seq16) + 2 * usize::from(with_len);
+        // min - 3 ..= min + 1: the configs' CID lengths differ from the record's by up to 4.
+        let cut = (min + r.below(5) as usize).saturating_sub(3);
+        rec.truncate(cut);
+    }
+    rec
+}
+
 /// A DTLS-ish UDP payload.
 fn payload(r: &mut Rng, c: &Corpus, to_server: bool) -> Vec<u8> {
     let one = |r: &mut Rng| -> Vec<u8> {
-        match r.below(8) {
+        match r.below(10) {
             0 | 1 => {
                 let src = if to_server {
                     &c.to_server
@@ -198,20 +241,8 @@ fn payload(r: &mut Rng, c: &Corpus, to_server: bool) -> Vec<u8> {
                 r.pick(src).clone()
             }
             2 | 3 => {
-                // A CID record with a node id somewhere in its first bytes (the configs put it
-                // at offset 0 or 2) and a CID of 4..8 bytes.
-                let mut cid = {
-                    let n = *r.pick(&[4usize, 6, 8]);
-                    r.bytes(n)
-                };
-                let id = node_id_bytes(r);
-                let at = *r.pick(&[0usize, 2]);
-                let n = *r.pick(&[1usize, 2, 4]);
-                for (k, b) in id[4 - n..].iter().enumerate() {
-                    if let Some(x) = cid.get_mut(at + k) {
-                        *x = *b;
-                    }
-                }
+                // A DTLS 1.2 CID record.
+                let cid = cid_with_node_id(r);
                 let body = {
                     let n = r.below(40) as usize;
                     r.bytes(n)
@@ -231,8 +262,9 @@ fn payload(r: &mut Rng, c: &Corpus, to_server: bool) -> Vec<u8> {
                 let n = r.below(4) as usize;
                 r.bytes(n)
             }
-            6 => {
-                let mut v = vec![*r.pick(&[20u8, 21, 22, 23, 25])];
+            6 | 7 => unified(r),
+            8 => {
+                let mut v = vec![*r.pick(&[20u8, 21, 22, 23, 25, 0x20, 0x30, 0x3f])];
                 v.extend({
                     let n = r.below(30) as usize;
                     r.bytes(n)

@@ -8,7 +8,7 @@ use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuVal
 use cidlb::{config::Config, datapath::Datapath, provision};
 use lb_common::{
     names, AddrKey, Counter, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
-    MAX_NODES, PORT_WORDS,
+    MAGLEV_ENTRIES, MAX_NODES, PORT_WORDS,
 };
 use lb_reference::Tables;
 
@@ -48,7 +48,7 @@ impl Kernel {
     }
 
     /// Applies a changed config in place, as `cidlb run` does on a reload (the agent's own
-    /// provisioning: NODES, rings, reverse NAT; the next-hop cache is emptied), and reads the
+    /// provisioning: NODES, rings, the Maglev table, reverse NAT; the next-hop cache is emptied), and reads the
     /// maps back.
     pub fn reload(&mut self, cfg: &Config) -> Result<Tables> {
         let ifindexes = cidlb::datapath::resolve_interfaces(&cfg.interfaces)?;
@@ -173,6 +173,18 @@ fn read_tables(dp: &Datapath, cfg: &Config) -> Result<Tables> {
             t.ring[fi as usize].push(ring.get(&(fi * MAX_NODES + pos), 0)?);
         }
     }
+    // The whole Maglev table, both halves of both families: the reference picks the half.
+    let ctl: Array<&MapData, u32> = Array::try_from(map(names::MAGLEV_CTL)?)?;
+    for fi in 0..2u32 {
+        t.maglev_ctl[fi as usize] = ctl.get(&fi, 0)?;
+    }
+    let maglev: Array<&MapData, u32> = Array::try_from(map(names::MAGLEV)?)?;
+    t.maglev = maglev.iter().collect::<Result<Vec<u32>, _>>()?;
+    anyhow::ensure!(
+        t.maglev.len() == MAGLEV_ENTRIES as usize,
+        "map MAGLEV holds {} entries, want {MAGLEV_ENTRIES}",
+        t.maglev.len()
+    );
     let devmap: DevMapHash<&MapData> = DevMapHash::try_from(map(names::DEVMAP)?)?;
     t.devmap = devmap.keys().collect::<Result<HashSet<u32>, _>>()?;
     Ok(t)

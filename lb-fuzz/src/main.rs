@@ -8,7 +8,7 @@
 //!
 //! What the reference cannot know is held still: one CPU (round-robin cursors), a fresh
 //! datapath every `--epoch` packets with a flow table four times larger (nothing evicted), a
-//! one-hour idle timeout (nothing expires), no rate limits.
+//! one-hour idle timeout (nothing expires), no rate limits (no `limits:` in any config).
 
 mod fibns;
 mod gen;
@@ -43,19 +43,23 @@ struct Cli {
     replay: Option<String>,
     #[arg(long, default_value = "fxc")]
     ingress: String,
-    /// Index of the config (0..4) for `--replay`.
+    /// Index of the config (0..5) for `--replay`.
     #[arg(long, default_value_t = 0)]
     config: usize,
 }
 
-/// The configs the epochs cycle through. Node 3 has no neighbour entry; node 4 is disabled
-/// (its CID records follow `unknown_node`); node 5 sits on the client side (one-armed, XDP_TX)
-/// and is draining; node 2 listens on another port.
-const CONFIGS: &[(&str, &str)] = &[
+/// The configs the epochs cycle through: (name, `flows.policy` or "" for the default, body).
+/// Node 3 has no neighbour entry; node 4 is disabled (its CID records follow `unknown_node`);
+/// node 5 sits on the client side (one-armed, XDP_TX) and is draining; node 2 listens on
+/// another port. Between them they cover both policies (Maglev by default and by name) and
+/// `dtls.versions` [1.2], [1.3], both and absent. None has `limits:`: new-flow rate limits are
+/// off, and their counters must stay 0 in the kernel as they do in the reference.
+const CONFIGS: &[(&str, &str, &str)] = &[
     (
-        "one-byte ids, unknown_node drop",
+        "one-byte ids, unknown_node drop, round robin, DTLS 1.2 and 1.3",
+        "round_robin",
         r#"
-dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop}
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop, versions: ["1.2", "1.3"]}
 nodes:
   - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
   - {id: 2, address: [203.0.113.12, "2001:db8:1::12"], port: 5700}
@@ -65,9 +69,10 @@ nodes:
 "#,
     ),
     (
-        "two-byte ids at offset 2, unknown_node flow",
+        "two-byte ids at offset 2, unknown_node flow, maglev, DTLS 1.2 only",
+        "maglev",
         r#"
-dtls: {cid_length: 8, node_id_offset: 2, node_id_length: 2, unknown_node: flow}
+dtls: {cid_length: 8, node_id_offset: 2, node_id_length: 2, unknown_node: flow, versions: ["1.2"]}
 nodes:
   - {id: 257, address: [203.0.113.11, "2001:db8:1::11"], weight: 3}
   - {id: 514, address: "2001:db8:1::12"}
@@ -76,9 +81,10 @@ nodes:
 "#,
     ),
     (
-        "four-byte ids, shadow mode",
+        "four-byte ids, shadow mode, maglev (default), DTLS 1.3 only",
+        "",
         r#"
-dtls: {cid_length: 4, node_id_offset: 0, node_id_length: 4, unknown_node: drop}
+dtls: {cid_length: 4, node_id_offset: 0, node_id_length: 4, unknown_node: drop, versions: ["1.3"]}
 shadow: true
 nodes:
   - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
@@ -86,7 +92,8 @@ nodes:
 "#,
     ),
     (
-        "no IPv6 node takes new flows",
+        "no IPv6 node takes new flows, maglev (default), dtls.versions absent",
+        "",
         r#"
 dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: flow}
 nodes:
@@ -94,19 +101,36 @@ nodes:
   - {id: 2, address: 203.0.113.12}
 "#,
     ),
+    (
+        "three-byte ids at offset 1, unknown_node flow, maglev, DTLS 1.3 only",
+        "maglev",
+        r#"
+dtls: {cid_length: 5, node_id_offset: 1, node_id_length: 3, unknown_node: flow, versions: ["1.3"]}
+nodes:
+  - {id: 1, address: [203.0.113.11, "2001:db8:1::11"], weight: 2}
+  - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}
+  - {id: 3, address: [203.0.113.13, "2001:db8:1::13"]}
+  - {id: 5, address: 198.51.100.50}
+"#,
+    ),
 ];
 
 fn config(k: usize) -> Result<(String, Config)> {
-    let (name, body) = CONFIGS[k % CONFIGS.len()];
-    Ok((name.to_owned(), config_text(name, body)?))
+    let (name, policy, body) = CONFIGS[k % CONFIGS.len()];
+    Ok((name.to_owned(), config_text(name, policy, body)?))
 }
 
-fn config_text(name: &str, body: &str) -> Result<Config> {
+fn config_text(name: &str, policy: &str, body: &str) -> Result<Config> {
     let mut body = body.to_owned();
     let shadow = body.contains("shadow: true\n");
     body = body.replace("shadow: true\n", "");
+    let policy = if policy.is_empty() {
+        String::new()
+    } else {
+        format!(", policy: {policy}")
+    };
     let text = format!(
-        "interfaces: [fxc, fxn]\nvips:\n  - address: {}\n    ports: [5684, \"20000-20100\"]\n  - address: \"{}\"\n    ports: [5684]\nflows: {{idle_timeout: 1h, capacity: 131072}}\n{body}",
+        "interfaces: [fxc, fxn]\nvips:\n  - address: {}\n    ports: [5684, \"20000-20100\"]\n  - address: \"{}\"\n    ports: [5684]\nflows: {{idle_timeout: 1h, capacity: 131072{policy}}}\n{body}",
         lb_lab::fib::VIP4,
         lb_lab::fib::VIP6,
     );
@@ -152,7 +176,7 @@ fn monotonic_ns() -> u64 {
 fn reloaded(k: usize) -> Option<Config> {
     let (_, cfg) = config(k).ok()?;
     let first = cfg.nodes.first()?.id;
-    let (name, body) = CONFIGS[k % CONFIGS.len()];
+    let (name, policy, body) = CONFIGS[k % CONFIGS.len()];
     let line = body
         .lines()
         .find(|l| l.contains(&format!("{{id: {first},")))?;
@@ -162,7 +186,7 @@ fn reloaded(k: usize) -> Option<Config> {
         line.replace('}', ", state: disabled}")
     };
     let text = body.replace(line, &new_line);
-    let mut c = config_text(name, &text).ok()?;
+    let mut c = config_text(name, policy, &text).ok()?;
     c.shadow = cfg.shadow;
     Some(c)
 }
@@ -354,6 +378,27 @@ mod tests {
             let node = r.nodes.iter().find(|n| n.id == first).unwrap();
             assert_eq!(format!("{:?}", node.state), "Disabled", "{name}");
             assert_eq!(r.shadow, cfg.shadow, "{name}");
+            assert!(
+                cfg.limits.is_none(),
+                "{name}: the reference models no rate limits"
+            );
+        }
+    }
+
+    #[test]
+    fn configs_cover_both_policies_and_every_dtls_versions_mask() {
+        use lb_common::{DTLS_V12, DTLS_V13, POLICY_MAGLEV, POLICY_ROUND_ROBIN};
+        let dp: Vec<_> = (0..CONFIGS.len())
+            .map(|k| config(k).unwrap().1.dp_config())
+            .collect();
+        for policy in [POLICY_MAGLEV, POLICY_ROUND_ROBIN] {
+            assert!(dp.iter().any(|c| c.policy == policy), "policy {policy}");
+        }
+        for mask in [DTLS_V12, DTLS_V13, DTLS_V12 | DTLS_V13] {
+            assert!(
+                dp.iter().any(|c| c.dtls_versions == mask),
+                "versions {mask}"
+            );
         }
     }
 

@@ -13,11 +13,11 @@
 //! - flow table below capacity and `idle_timeout` far away: no flow is evicted or expires;
 //! - the next-hop cache (`NEXTHOP`) is modelled, with the kernel's clock given by the caller
 //!   ([`State::now_ns`]), who runs no frame while an entry is about to expire;
-//! - new-flow rate limits (issue #8 §2) are absent (tested on their own).
+//! - new-flow rate limits (issue #8 §2, `limits:`) are not configured: their counters never
+//!   move here, so a datapath that limited (or counted) anything without them disagrees.
 //!
-//! Where the next features plug in: a `limits` step before `flow::pick` (new-flow rate
-//! limits), `flow::pick` by a Maglev table instead of the ring (`flows.policy: maglev`), and a
-//! second branch in `dtls::classify` (DTLS 1.3 unified headers).
+//! Where the next feature plugs in: a `limits` step before `flow::pick` (new-flow rate
+//! limits).
 
 pub mod dtls;
 pub mod fib;
@@ -60,6 +60,10 @@ pub struct Tables {
     /// because the datapath checks it against `MAX_NODES` before reading the ring.
     pub ring: [Vec<u32>; 2],
     pub ring_len: [u32; 2],
+    /// `MAGLEV`, whole: `(family index * 2 + half) * MAGLEV_SIZE + slot` → node id.
+    pub maglev: Vec<u32>,
+    /// `MAGLEV_CTL`, per family index: 0 no table, 1 half 0 active, 2 half 1 active.
+    pub maglev_ctl: [u32; 2],
     /// `DEVMAP`: the interfaces cidlb is attached to.
     pub devmap: HashSet<u32>,
 }
@@ -122,9 +126,9 @@ fn try_lb(
     if vip::is_vip_port(t, &pkt, udp.dport) {
         parse::check_udp_length(frame, &udp)?;
         let node = match dtls::classify(frame, &udp, &cfg, out)? {
-            dtls::Route::Node(id) => match t.nodes.get(&id) {
+            dtls::Route::Node(id, routed) => match t.nodes.get(&id) {
                 Some(node) => {
-                    out.count(Counter::CidRouted);
+                    out.count(routed);
                     *node
                 }
                 None if cfg.unknown_node_flow != 0 => {
