@@ -178,3 +178,50 @@ pub fn summary(out: &str) -> &str {
         .find(|l| l.starts_with("{\"summary\""))
         .expect("summary line")
 }
+
+/// Asserts that a client run succeeded; on failure shows its output and the server's log.
+#[track_caller]
+pub fn assert_client_ok(out: &Out, srv: &Server) {
+    assert!(
+        out.status.success(),
+        "client failed: {}\n{}\n{:#?}",
+        out.stdout,
+        out.stderr,
+        srv.log()
+    );
+}
+
+/// Two sequential sessions from one source port, the first without close_notify (the
+/// server sees a new ClientHello from an established session's address and must start over
+/// with a fresh CID). `dtls` selects the version on both sides. Returns the server, running.
+pub fn port_reuse_reconnects(dtls: &[&str], node_id: u64) -> Server {
+    let srv = Server::start("127.0.0.1", node_id, dtls).unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let addr = srv.addr.to_string();
+    let mut args = dtls.to_vec();
+    args.extend([
+        "--server",
+        &addr,
+        "--sessions",
+        "2",
+        "--messages",
+        "3",
+        "--parallel",
+        "1",
+        "--bind",
+        &bind,
+        "--no-close-notify",
+        "--json",
+    ]);
+    let out = client(&args, Duration::from_secs(60));
+    assert_client_ok(&out, &srv);
+    let s = session_lines(&out.stdout);
+    assert_ne!(field(s[0], "server_cid"), field(s[1], "server_cid"));
+    assert_eq!(srv.count("session reconnect"), 1, "{:#?}", srv.log());
+    srv
+}
