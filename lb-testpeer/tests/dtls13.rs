@@ -503,46 +503,7 @@ fn dtls13_lossy_link_retransmits() {
     // recover nearly every echo. (10%, not the 1.2 test's 15%: wolfSSL's timer counts whole
     // seconds, doubling, so at 15% about one handshake in a thousand ran out of its 30 s when
     // the same flight was lost three or four times.)
-    let mut srv =
-        Server::start("127.0.0.1", 9, &["--dtls", "1.3", "--drop-permille", "100"]).unwrap();
-    let addr = srv.addr.to_string();
-    let out = client13(
-        &addr,
-        &[
-            "--sessions",
-            "4",
-            "--messages",
-            "20",
-            "--rebind-every",
-            "4",
-            "--timeout-ms",
-            "300",
-            "--drop-permille",
-            "100",
-            "--json",
-        ],
-        Duration::from_secs(120),
-    );
-    let sessions = session_lines(&out.stdout);
-    assert_eq!(sessions.len(), 4, "{}\n{}", out.stdout, out.stderr);
-    for s in &sessions {
-        assert!(
-            field(s, "server_cid").unwrap().starts_with("09"),
-            "handshake done: {s}\n{:#?}",
-            srv.log()
-        );
-        assert_eq!(field(s, "error"), Some("null"), "{s}");
-    }
-    let sum = summary(&out.stdout);
-    let ok: u32 = field(sum, "messages_ok").unwrap().parse().unwrap();
-    let retries: u32 = field(sum, "retries").unwrap().parse().unwrap();
-    assert!(ok >= 76, "{sum}");
-    assert!(
-        retries > 0,
-        "loss was simulated, so retries happened: {sum}"
-    );
-    assert!(srv.count("peer moved") >= 4, "{:#?}", srv.log());
-    srv.stop();
+    support::lossy_link(&["--dtls", "1.3"], "100");
 }
 
 #[test]

@@ -225,51 +225,7 @@ fn lossy_link_retransmits() {
     // Server and client each drop 15% of received datagrams. Mbed TLS's handshake timers
     // must complete every handshake, and message retries must recover nearly every echo
     // (a message fails only if all 4 attempts lose a datagram: ~0.6%, so allow a few).
-    let mut srv = Server::start("127.0.0.1", 9, &["--drop-permille", "150"]).unwrap();
-    let addr = srv.addr.to_string();
-    let out = client(
-        &[
-            "--server",
-            &addr,
-            "--sessions",
-            "4",
-            "--messages",
-            "20",
-            "--rebind-every",
-            "4",
-            "--timeout-ms",
-            "300",
-            "--drop-permille",
-            "150",
-            "--json",
-        ],
-        Duration::from_secs(120),
-    );
-    let sessions = session_lines(&out.stdout);
-    assert_eq!(sessions.len(), 4, "{}\n{}", out.stdout, out.stderr);
-    for s in &sessions {
-        assert!(
-            field(s, "server_cid").unwrap().starts_with("09"),
-            "handshake done: {s}"
-        );
-        assert_eq!(field(s, "node"), Some("9"), "{s}");
-        assert_eq!(field(s, "error"), Some("null"), "{s}");
-    }
-    let sum = summary(&out.stdout);
-    let ok: u32 = field(sum, "messages_ok").unwrap().parse().unwrap();
-    let retries: u32 = field(sum, "retries").unwrap().parse().unwrap();
-    assert!(ok >= 76, "{sum}");
-    assert!(
-        retries > 0,
-        "loss was simulated, so some retries must have happened: {sum}"
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(if ok == 80 { 0 } else { 1 }),
-        "{sum}"
-    );
-    assert!(srv.count("peer moved") >= 4, "{:#?}", srv.log());
-    srv.stop();
+    support::lossy_link(&[], "150");
 }
 
 #[test]
