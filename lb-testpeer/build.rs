@@ -27,6 +27,7 @@ const MBEDTLS_VERSION: &str = "3.6.5";
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/shim.c");
+    println!("cargo:rerun-if-changed=csrc/dgram.h");
     println!("cargo:rerun-if-changed=mbedtls-src/Cargo.toml");
     println!("cargo:rerun-if-changed=mbedtls-src/Cargo.lock");
     println!("cargo:rerun-if-env-changed=LB_TESTPEER_MBEDTLS_DIR");
