@@ -269,20 +269,17 @@ impl Sess {
         unsafe { cidlb_sess_set_drop_permille(self.raw, p) }
     }
     pub fn set_peer(&mut self, addr: SocketAddr) {
-        let r = match addr {
-            SocketAddr::V4(a) => unsafe {
-                cidlb_sess_set_peer(self.raw, 4, a.ip().octets().as_ptr(), a.port(), 0, 0)
-            },
-            SocketAddr::V6(a) => unsafe {
-                cidlb_sess_set_peer(
-                    self.raw,
-                    6,
-                    a.ip().octets().as_ptr(),
-                    a.port(),
-                    a.flowinfo(),
-                    a.scope_id(),
-                )
-            },
+        let p = crate::util::peer_addr(addr);
+        // SAFETY: valid session, lock held; the address bytes live for the call (copied).
+        let r = unsafe {
+            cidlb_sess_set_peer(
+                self.raw,
+                p.family,
+                p.ip.as_ptr(),
+                p.port,
+                p.flowinfo,
+                p.scope_id,
+            )
         };
         debug_assert_eq!(r, 0);
     }

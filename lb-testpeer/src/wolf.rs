@@ -195,22 +195,17 @@ impl Sess {
     }
     /// Where replies go (server); also binds the HelloRetryRequest cookie to it.
     pub fn set_peer(&mut self, addr: SocketAddr) -> i32 {
-        match addr {
-            // SAFETY: valid session; the address bytes live for the call.
-            SocketAddr::V4(a) => unsafe {
-                cidlb13_sess_set_peer(self.raw, 4, a.ip().octets().as_ptr(), a.port(), 0, 0)
-            },
-            // SAFETY: as above.
-            SocketAddr::V6(a) => unsafe {
-                cidlb13_sess_set_peer(
-                    self.raw,
-                    6,
-                    a.ip().octets().as_ptr(),
-                    a.port(),
-                    a.flowinfo(),
-                    a.scope_id(),
-                )
-            },
+        let p = crate::util::peer_addr(addr);
+        // SAFETY: valid session; the address bytes live for the call (the shim copies them).
+        unsafe {
+            cidlb13_sess_set_peer(
+                self.raw,
+                p.family,
+                p.ip.as_ptr(),
+                p.port,
+                p.flowinfo,
+                p.scope_id,
+            )
         }
     }
     pub fn feed(&mut self, dgram: &[u8]) -> i32 {
