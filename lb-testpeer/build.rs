@@ -27,6 +27,7 @@ const MBEDTLS_VERSION: &str = "3.6.5";
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/shim.c");
+    println!("cargo:rerun-if-changed=csrc/dgram.h");
     println!("cargo:rerun-if-changed=mbedtls-src/Cargo.toml");
     println!("cargo:rerun-if-changed=mbedtls-src/Cargo.lock");
     println!("cargo:rerun-if-env-changed=LB_TESTPEER_MBEDTLS_DIR");
@@ -44,15 +45,7 @@ fn main() {
     let library = root.join("library");
 
     // Our shim first: GNU ld resolves static archives left to right.
-    cc::Build::new()
-        .file("csrc/shim.c")
-        .include(&include)
-        .opt_level(2)
-        .debug(false)
-        .flag_if_supported("-Wall")
-        .flag_if_supported("-Wextra")
-        .flag_if_supported("-Wno-unused-parameter")
-        .compile("cidlb_shim");
+    compile_shim("csrc/shim.c", &include, "cidlb_shim");
 
     let mut files: Vec<PathBuf> = std::fs::read_dir(&library)
         .expect("read mbedtls/library")
@@ -237,4 +230,18 @@ fn via_registry_scan(
         "{name} neither in {0}/registry/src nor {0}/registry/cache",
         home.display()
     ))
+}
+
+/// Compiles one C shim (csrc/, with csrc/dgram.h) against a library's headers in `include`,
+/// as the static library `name`. Call it before the library's own archives are linked.
+fn compile_shim(file: &str, include: &std::path::Path, name: &str) {
+    cc::Build::new()
+        .file(file)
+        .include(include)
+        .opt_level(2)
+        .debug(false)
+        .flag_if_supported("-Wall")
+        .flag_if_supported("-Wextra")
+        .flag_if_supported("-Wno-unused-parameter")
+        .compile(name);
 }

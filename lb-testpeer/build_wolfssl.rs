@@ -92,15 +92,7 @@ pub fn build() {
     }
 
     // The shim first: GNU ld resolves static archives left to right.
-    cc::Build::new()
-        .file("csrc/wolf_shim.c")
-        .include(&include)
-        .opt_level(2)
-        .debug(false)
-        .flag_if_supported("-Wall")
-        .flag_if_supported("-Wextra")
-        .flag_if_supported("-Wno-unused-parameter")
-        .compile("cidlb_wolf_shim");
+    crate::compile_shim("csrc/wolf_shim.c", &include, "cidlb_wolf_shim");
     println!(
         "cargo:rustc-link-search=native={}",
         prefix.join("lib").display()

@@ -20,6 +20,8 @@
 #include <netinet/in.h>
 #include <arpa/inet.h>
 
+#include "dgram.h"
+
 #include "mbedtls/build_info.h"
 #include "mbedtls/ctr_drbg.h"
 #include "mbedtls/debug.h"
@@ -224,85 +226,24 @@ fail:
 
 /* ---------------------------------------------------------------- session */
 
-#define CIDLB_MAX_DGRAM 65536
-
 typedef struct cidlb_sess {
     mbedtls_ssl_context ssl;
     mbedtls_timing_delay_context timer;
-    int fd;
-    int recv_from_fd; /* client: read the (connected) socket; server: only fed datagrams */
-    struct sockaddr_storage peer;
-    socklen_t peer_len; /* 0: send() on a connected socket */
-    unsigned char *in;  /* one queued datagram (server) */
-    size_t in_len;
-    int in_full;
-    unsigned drop_permille; /* test aid: drop this share of received datagrams */
-    uint64_t tx_dgrams, rx_dgrams, tx_errors, sim_drops;
+    cidlb_dgram io;
 } cidlb_sess;
 
 static int bio_send(void *ctx, const unsigned char *buf, size_t len)
 {
     cidlb_sess *s = ctx;
-    ssize_t n;
-    if (s->peer_len > 0) {
-        n = sendto(s->fd, buf, len, 0, (const struct sockaddr *) &s->peer, s->peer_len);
-    } else {
-        n = send(s->fd, buf, len, 0);
-    }
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            return MBEDTLS_ERR_SSL_WANT_WRITE;
-        }
-        /* Treat as loss (e.g. ECONNREFUSED from an earlier ICMP); DTLS timers recover. */
-        s->tx_errors++;
-        return (int) len;
-    }
-    s->tx_dgrams++;
-    return (int) n;
-}
-
-static int sim_drop(cidlb_sess *s)
-{
-    if (s->drop_permille == 0) {
-        return 0;
-    }
-    unsigned char r[2];
-    if (mbedtls_ctr_drbg_random(&g_drbg, r, 2) != 0) {
-        return 0;
-    }
-    if (((unsigned) r[0] << 8 | r[1]) % 1000 < s->drop_permille) {
-        s->sim_drops++;
-        return 1;
-    }
-    return 0;
+    int n = dgram_send(&s->io, buf, len);
+    return n == CIDLB_DGRAM_WANT ? MBEDTLS_ERR_SSL_WANT_WRITE : n;
 }
 
 static int bio_recv(void *ctx, unsigned char *buf, size_t len)
 {
     cidlb_sess *s = ctx;
-    if (s->recv_from_fd) {
-        for (int i = 0; i < 64; i++) {
-            ssize_t n = recv(s->fd, buf, len, MSG_DONTWAIT);
-            if (n < 0) {
-                /* EAGAIN, or ECONNREFUSED/other transient errors: nothing to read now. */
-                return MBEDTLS_ERR_SSL_WANT_READ;
-            }
-            if (sim_drop(s)) {
-                continue;
-            }
-            s->rx_dgrams++;
-            return (int) n;
-        }
-        return MBEDTLS_ERR_SSL_WANT_READ;
-    }
-    if (!s->in_full) {
-        return MBEDTLS_ERR_SSL_WANT_READ;
-    }
-    size_t n = s->in_len < len ? s->in_len : len;
-    memcpy(buf, s->in, n);
-    s->in_full = 0;
-    s->rx_dgrams++;
-    return (int) n;
+    int n = dgram_recv(&s->io, buf, len);
+    return n == CIDLB_DGRAM_WANT ? MBEDTLS_ERR_SSL_WANT_READ : n;
 }
 
 void cidlb_sess_free(cidlb_sess *s)
@@ -311,7 +252,7 @@ void cidlb_sess_free(cidlb_sess *s)
         return;
     }
     mbedtls_ssl_free(&s->ssl);
-    free(s->in);
+    dgram_free(&s->io);
     free(s);
 }
 
@@ -323,8 +264,7 @@ cidlb_sess *cidlb_sess_new(cidlb_conf *c, int fd, int recv_from_fd, int *err)
         return NULL;
     }
     mbedtls_ssl_init(&s->ssl);
-    s->fd = fd;
-    s->recv_from_fd = recv_from_fd;
+    dgram_init(&s->io, fd, recv_from_fd, cidlb_random);
     int ret = mbedtls_ssl_setup(&s->ssl, &c->conf);
     if (ret != 0) {
         *err = ret;
@@ -340,37 +280,19 @@ cidlb_sess *cidlb_sess_new(cidlb_conf *c, int fd, int recv_from_fd, int *err)
 
 void cidlb_sess_set_fd(cidlb_sess *s, int fd)
 {
-    s->fd = fd;
+    s->io.fd = fd;
 }
 
 void cidlb_sess_set_drop_permille(cidlb_sess *s, unsigned p)
 {
-    s->drop_permille = p > 1000 ? 1000 : p;
+    dgram_set_drop_permille(&s->io, p);
 }
 
-/* family 4 or 6; ip is 4 or 16 bytes; port host order. */
+/* See dgram_set_peer. */
 int cidlb_sess_set_peer(cidlb_sess *s, int family, const unsigned char *ip, uint16_t port,
                         uint32_t flowinfo, uint32_t scope_id)
 {
-    memset(&s->peer, 0, sizeof(s->peer));
-    if (family == 4) {
-        struct sockaddr_in *a = (struct sockaddr_in *) &s->peer;
-        a->sin_family = AF_INET;
-        a->sin_port = htons(port);
-        memcpy(&a->sin_addr, ip, 4);
-        s->peer_len = sizeof(*a);
-    } else if (family == 6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *) &s->peer;
-        a->sin6_family = AF_INET6;
-        a->sin6_port = htons(port);
-        a->sin6_flowinfo = htonl(flowinfo);
-        memcpy(&a->sin6_addr, ip, 16);
-        a->sin6_scope_id = scope_id;
-        s->peer_len = sizeof(*a);
-    } else {
-        return -1;
-    }
-    return 0;
+    return dgram_set_peer(&s->io, family, ip, port, flowinfo, scope_id);
 }
 
 int cidlb_sess_set_transport_id(cidlb_sess *s, const unsigned char *id, size_t len)
@@ -381,19 +303,7 @@ int cidlb_sess_set_transport_id(cidlb_sess *s, const unsigned char *id, size_t l
 /* Queue one received datagram for the next bio_recv (replaces an unconsumed one). */
 int cidlb_sess_feed(cidlb_sess *s, const unsigned char *data, size_t len)
 {
-    if (len > CIDLB_MAX_DGRAM) {
-        return -1;
-    }
-    if (s->in == NULL) {
-        s->in = malloc(CIDLB_MAX_DGRAM);
-        if (s->in == NULL) {
-            return -1;
-        }
-    }
-    memcpy(s->in, data, len);
-    s->in_len = len;
-    s->in_full = 1;
-    return 0;
+    return dgram_feed(&s->io, data, len);
 }
 
 int cidlb_sess_set_cid(cidlb_sess *s, int enable, const unsigned char *cid, size_t len)
@@ -463,8 +373,5 @@ const char *cidlb_sess_ciphersuite(cidlb_sess *s)
 
 void cidlb_sess_stats(cidlb_sess *s, uint64_t out[4])
 {
-    out[0] = s->tx_dgrams;
-    out[1] = s->rx_dgrams;
-    out[2] = s->tx_errors;
-    out[3] = s->sim_drops;
+    dgram_stats(&s->io, out);
 }

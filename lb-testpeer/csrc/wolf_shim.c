@@ -20,6 +20,8 @@
 #include <sys/types.h>
 #include <netinet/in.h>
 
+#include "dgram.h"
+
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
 #include <wolfssl/wolfcrypt/random.h>
@@ -99,15 +101,7 @@ typedef struct cidlb13_conf {
 typedef struct cidlb13_sess {
     WOLFSSL *ssl;
     cidlb13_conf *conf;
-    int fd;
-    int recv_from_fd; /* client: read the (connected) socket; server: only fed datagrams */
-    struct sockaddr_storage peer;
-    socklen_t peer_len; /* 0: send() on a connected socket */
-    unsigned char *in;  /* one queued datagram (server) */
-    size_t in_len;
-    int in_full;
-    unsigned drop_permille;
-    uint64_t tx_dgrams, rx_dgrams, tx_errors, sim_drops;
+    cidlb_dgram io;
 } cidlb13_sess;
 
 /* The one TLS 1.3 suite both sides use; CCM is offered by the client too. */
@@ -207,74 +201,21 @@ fail:
 
 /* ---------------------------------------------------------------- session */
 
-#define CIDLB13_MAX_DGRAM 65536
-
-static int sim_drop(cidlb13_sess *s)
-{
-    if (s->drop_permille == 0) {
-        return 0;
-    }
-    unsigned char r[2];
-    if (cidlb13_random(r, 2) != 0) {
-        return 0;
-    }
-    if (((unsigned) r[0] << 8 | r[1]) % 1000 < s->drop_permille) {
-        s->sim_drops++;
-        return 1;
-    }
-    return 0;
-}
-
 /* wolfSSL asks for one datagram per call (DTLS); it never wants a partial one. */
 static int io_recv(WOLFSSL *ssl, char *buf, int sz, void *ctx)
 {
     (void) ssl;
     cidlb13_sess *s = ctx;
-    if (s->recv_from_fd) {
-        for (int i = 0; i < 64; i++) {
-            ssize_t n = recv(s->fd, buf, (size_t) sz, MSG_DONTWAIT);
-            if (n < 0) {
-                /* EAGAIN, or ECONNREFUSED/other transient errors: nothing to read now. */
-                return WOLFSSL_CBIO_ERR_WANT_READ;
-            }
-            if (sim_drop(s)) {
-                continue;
-            }
-            s->rx_dgrams++;
-            return (int) n;
-        }
-        return WOLFSSL_CBIO_ERR_WANT_READ;
-    }
-    if (!s->in_full) {
-        return WOLFSSL_CBIO_ERR_WANT_READ;
-    }
-    size_t n = s->in_len < (size_t) sz ? s->in_len : (size_t) sz;
-    memcpy(buf, s->in, n);
-    s->in_full = 0;
-    s->rx_dgrams++;
-    return (int) n;
+    int n = dgram_recv(&s->io, buf, (size_t) sz);
+    return n == CIDLB_DGRAM_WANT ? WOLFSSL_CBIO_ERR_WANT_READ : n;
 }
 
 static int io_send(WOLFSSL *ssl, char *buf, int sz, void *ctx)
 {
     (void) ssl;
     cidlb13_sess *s = ctx;
-    ssize_t n;
-    if (s->peer_len > 0) {
-        n = sendto(s->fd, buf, (size_t) sz, 0, (const struct sockaddr *) &s->peer, s->peer_len);
-    } else {
-        n = send(s->fd, buf, (size_t) sz, 0);
-    }
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            return WOLFSSL_CBIO_ERR_WANT_WRITE;
-        }
-        /* Treat as loss (e.g. ECONNREFUSED from an earlier ICMP); DTLS timers recover. */
-        s->tx_errors++;
-        return sz;
-    }
-    s->tx_dgrams++;
-    return (int) n;
+    int n = dgram_send(&s->io, buf, (size_t) sz);
+    return n == CIDLB_DGRAM_WANT ? WOLFSSL_CBIO_ERR_WANT_WRITE : n;
 }
 
 void cidlb13_sess_free(cidlb13_sess *s)
@@ -283,7 +224,7 @@ void cidlb13_sess_free(cidlb13_sess *s)
         return;
     }
     wolfSSL_free(s->ssl);
-    free(s->in);
+    dgram_free(&s->io);
     free(s);
 }
 
@@ -295,8 +236,7 @@ cidlb13_sess *cidlb13_sess_new(cidlb13_conf *c, int fd, int recv_from_fd, int *e
         return NULL;
     }
     s->conf = c;
-    s->fd = fd;
-    s->recv_from_fd = recv_from_fd;
+    dgram_init(&s->io, fd, recv_from_fd, cidlb13_random);
     s->ssl = wolfSSL_new(c->ctx);
     if (s->ssl == NULL) {
         *err = MEMORY_E;
@@ -315,12 +255,12 @@ cidlb13_sess *cidlb13_sess_new(cidlb13_conf *c, int fd, int recv_from_fd, int *e
 
 void cidlb13_sess_set_fd(cidlb13_sess *s, int fd)
 {
-    s->fd = fd;
+    s->io.fd = fd;
 }
 
 void cidlb13_sess_set_drop_permille(cidlb13_sess *s, unsigned p)
 {
-    s->drop_permille = p > 1000 ? 1000 : p;
+    dgram_set_drop_permille(&s->io, p);
 }
 
 /*
@@ -331,26 +271,12 @@ void cidlb13_sess_set_drop_permille(cidlb13_sess *s, unsigned p)
 int cidlb13_sess_set_peer(cidlb13_sess *s, int family, const unsigned char *ip, uint16_t port,
                           uint32_t flowinfo, uint32_t scope_id)
 {
-    memset(&s->peer, 0, sizeof(s->peer));
-    if (family == 4) {
-        struct sockaddr_in *a = (struct sockaddr_in *) &s->peer;
-        a->sin_family = AF_INET;
-        a->sin_port = htons(port);
-        memcpy(&a->sin_addr, ip, 4);
-        s->peer_len = sizeof(*a);
-    } else if (family == 6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *) &s->peer;
-        a->sin6_family = AF_INET6;
-        a->sin6_port = htons(port);
-        a->sin6_flowinfo = htonl(flowinfo);
-        memcpy(&a->sin6_addr, ip, 16);
-        a->sin6_scope_id = scope_id;
-        s->peer_len = sizeof(*a);
-    } else {
+    if (dgram_set_peer(&s->io, family, ip, port, flowinfo, scope_id) != 0) {
         return -1;
     }
     if (s->conf->is_server &&
-        wolfSSL_dtls_set_peer(s->ssl, &s->peer, (unsigned int) s->peer_len) != WOLFSSL_SUCCESS) {
+        wolfSSL_dtls_set_peer(s->ssl, &s->io.peer, (unsigned int) s->io.peer_len) !=
+            WOLFSSL_SUCCESS) {
         return -1;
     }
     return 0;
@@ -359,19 +285,7 @@ int cidlb13_sess_set_peer(cidlb13_sess *s, int family, const unsigned char *ip, 
 /* Queue one received datagram for the next io_recv (replaces an unconsumed one). */
 int cidlb13_sess_feed(cidlb13_sess *s, const unsigned char *data, size_t len)
 {
-    if (len > CIDLB13_MAX_DGRAM) {
-        return -1;
-    }
-    if (s->in == NULL) {
-        s->in = malloc(CIDLB13_MAX_DGRAM);
-        if (s->in == NULL) {
-            return -1;
-        }
-    }
-    memcpy(s->in, data, len);
-    s->in_len = len;
-    s->in_full = 1;
-    return 0;
+    return dgram_feed(&s->io, data, len);
 }
 
 /*
@@ -479,8 +393,5 @@ const char *cidlb13_sess_ciphersuite(cidlb13_sess *s)
 /* [tx datagrams, rx datagrams, tx errors, simulated drops] */
 void cidlb13_sess_stats(cidlb13_sess *s, uint64_t out[4])
 {
-    out[0] = s->tx_dgrams;
-    out[1] = s->rx_dgrams;
-    out[2] = s->tx_errors;
-    out[3] = s->sim_drops;
+    dgram_stats(&s->io, out);
 }

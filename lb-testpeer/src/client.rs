@@ -1,17 +1,17 @@
-//! DTLS 1.2 client sessions: handshake (requesting a CID; our own CID is zero-length), then
+//! DTLS client sessions (1.2 and 1.3): handshake (requesting a CID; our own CID is zero-length), then
 //! N echoed messages, optionally moving to a new UDP source port every K messages while
 //! keeping the same DTLS session (what a NAT rebinding looks like to the server).
 //!
-//! Sessions run on `parallel` worker threads. Mbed TLS calls are serialised by the global
-//! lock (ffi::lock); waiting for datagrams happens outside it (peek with a read timeout).
+//! Sessions run on `parallel` worker threads; the DTLS library sits behind [`ClientSess`]
+//! (ffi.rs: Mbed TLS, DTLS 1.2; wolf.rs: wolfSSL, DTLS 1.3). Waiting for datagrams happens
+//! outside the library (peek with a read timeout), so Mbed TLS's global lock is not held then.
 
-use crate::ffi::{self, Codes, Conf, ConfParams, Sess};
 use crate::util::{hex, json_str};
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ macro_rules! errln {
 }
 
 /// Retries of the same message after a timeout (so up to 1 + RETRIES attempts).
-pub(crate) const RETRIES: u32 = 3;
+const RETRIES: u32 = 3;
 /// Longest single wait slice, so Mbed TLS retransmission timers get serviced.
 pub(crate) const SLICE: Duration = Duration::from_millis(25);
 
@@ -142,26 +142,42 @@ impl Report {
     }
 }
 
-pub fn run(o: Opts) -> anyhow::Result<bool> {
-    let conf = {
-        let _g = ffi::lock();
-        Conf::new(&ConfParams {
-            is_server: false,
-            psk: &o.psk,
-            identity: &o.psk_identity,
-            use_cid: !o.no_cid,
-            cid_len: 0,
-            // Retransmission timer: initial T/4 (100..1000 ms), doubling up to 2T (1..8 s).
-            hs_timeout_ms: hs_timer(o.timeout),
-            debug_level: o.mbedtls_debug,
-        })?
-    };
-    run_sessions(o, conf, session_inner)
+/// What the session loop below needs from one DTLS library (Mbed TLS for 1.2 in ffi.rs,
+/// wolfSSL for 1.3 in wolf.rs). Errors are the session's error text, e.g. `read failed: …`.
+pub(crate) trait ClientSess: Sized {
+    /// Shared configuration (PSK, CID use), built once, used by every worker thread.
+    type Conf: Send + Sync + 'static;
+    /// Lower bound of the handshake deadline (the deadline is max(5 × --timeout-ms, this)).
+    const MIN_HANDSHAKE: Duration;
+    fn conf(o: &Opts) -> anyhow::Result<Self::Conf>;
+    /// A session on socket `fd`, with --drop-permille set and a CID requested unless --no-cid.
+    fn open(conf: &Self::Conf, fd: RawFd, o: &Opts) -> Result<Self, String>;
+    /// One handshake step: Ok(true) once done, Ok(false) while waiting for the server.
+    fn handshake(&mut self) -> Result<bool, String>;
+    /// While the handshake waits at `now`: the longest wait before the next step, or None
+    /// after a retransmission (step again at once).
+    fn handshake_wait(&mut self, now: Instant) -> Result<Option<Duration>, String>;
+    /// The server's CID and the cipher suite, after the handshake.
+    fn negotiated(&mut self) -> (Option<Vec<u8>>, String);
+    fn set_fd(&mut self, fd: RawFd);
+    fn random(&mut self, buf: &mut [u8]) -> Result<(), String>;
+    /// Ok(true) if written, Ok(false) if it has to be tried again.
+    fn write(&mut self, msg: &[u8]) -> Result<bool, String>;
+    /// Ok(Some(n)): n bytes of application data; Ok(None): nothing yet.
+    fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, String>;
+    /// Ends the session (with close_notify if `notify`).
+    fn finish(self, notify: bool);
 }
 
-/// Runs `o.sessions` sessions of `session` on `o.parallel` threads, then prints the reports
-/// (also used by the DTLS 1.3 client, with its own `C` and `session`). True if all succeeded.
-pub(crate) fn run_sessions<C: Send + Sync + 'static>(
+/// Runs the client on backend `S`. True if all sessions succeeded.
+pub(crate) fn run<S: ClientSess>(o: Opts) -> anyhow::Result<bool> {
+    let conf = S::conf(&o)?;
+    run_sessions(o, conf, session::<S>)
+}
+
+/// Runs `o.sessions` sessions of `session` on `o.parallel` threads, then prints the reports.
+/// True if all succeeded.
+fn run_sessions<C: Send + Sync + 'static>(
     o: Opts,
     conf: C,
     session: fn(&Opts, &C, &mut Report) -> Result<(), String>,
@@ -266,16 +282,8 @@ fn print_reports(o: &Opts, reports: &[Report]) -> bool {
     failed_sessions == 0
 }
 
-fn hs_timer(t: Duration) -> (u32, u32) {
-    let t = t.as_millis().min(60_000) as u32;
-    ((t / 4).clamp(100, 1000), (t * 2).clamp(1000, 8000))
-}
-
 /// A connected UDP socket on `bind` or a fresh ephemeral port, same family as the server.
-pub(crate) fn new_socket(
-    server: SocketAddr,
-    bind: Option<SocketAddr>,
-) -> std::io::Result<UdpSocket> {
+fn new_socket(server: SocketAddr, bind: Option<SocketAddr>) -> std::io::Result<UdpSocket> {
     let bind: SocketAddr = bind.unwrap_or_else(|| {
         if server.is_ipv4() {
             "0.0.0.0:0".parse().unwrap()
@@ -289,7 +297,7 @@ pub(crate) fn new_socket(
 }
 
 /// Blocks (outside the Mbed TLS lock) until a datagram is readable or `d` passed.
-pub(crate) fn wait_readable(sock: &UdpSocket, d: Duration) {
+fn wait_readable(sock: &UdpSocket, d: Duration) {
     let d = d.max(Duration::from_millis(1));
     if sock.set_read_timeout(Some(d)).is_err() {
         std::thread::sleep(d);
@@ -323,52 +331,26 @@ fn run_session<C>(
     rep
 }
 
-fn session_inner(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> {
-    let c: Codes = ffi::codes();
+fn session<S: ClientSess>(o: &Opts, conf: &S::Conf, rep: &mut Report) -> Result<(), String> {
     let mut sock = new_socket(o.server, o.bind).map_err(|e| format!("socket: {e}"))?;
     rep.local_ports
         .push(sock.local_addr().map(|a| a.port()).unwrap_or(0));
-    let mut sess = {
-        let _g = ffi::lock();
-        let mut s = Sess::new(conf, sock.as_raw_fd(), true)
-            .map_err(|e| format!("ssl setup: {}", ffi::strerror(e)))?;
-        s.set_drop_permille(o.drop_permille);
-        if !o.no_cid {
-            // Request CID use; ours is zero-length (server sends to us without a CID).
-            let r = s.set_cid(true, &[]);
-            if r != 0 {
-                return Err(format!("set_cid: {}", ffi::strerror(r)));
-            }
-        }
-        s
-    };
+    let mut sess = S::open(conf, sock.as_raw_fd(), o)?;
 
-    // Handshake, bounded in time (Mbed TLS retransmits on its own timer).
+    // Handshake, bounded in time.
     let start = Instant::now();
-    let hs_deadline = start + (o.timeout * 5).max(Duration::from_secs(10));
-    loop {
-        let r = {
-            let _g = ffi::lock();
-            sess.handshake()
-        };
-        if r == 0 {
-            break;
-        }
-        if r != c.want_read && r != c.want_write {
-            return Err(format!("handshake failed: {}", ffi::strerror(r)));
-        }
+    let hs_deadline = start + (o.timeout * 5).max(S::MIN_HANDSHAKE);
+    while !sess.handshake()? {
         let now = Instant::now();
         if now >= hs_deadline {
             return Err("handshake timeout".into());
         }
-        wait_readable(&sock, (hs_deadline - now).min(SLICE));
+        if let Some(wait) = sess.handshake_wait(now)? {
+            wait_readable(&sock, (hs_deadline - now).min(wait).min(SLICE));
+        }
     }
     rep.handshake_ms = start.elapsed().as_millis();
-    {
-        let _g = ffi::lock();
-        rep.server_cid = sess.peer_cid();
-        rep.suite = sess.ciphersuite();
-    }
+    (rep.server_cid, rep.suite) = sess.negotiated();
     if o.debug {
         errln!(
             "session {} handshake done cid={} suite={}",
@@ -388,20 +370,14 @@ fn session_inner(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> 
             if m > 0 && m % k == 0 {
                 // New source port, same DTLS session: a NAT rebinding as the server sees it.
                 let ns = new_socket(o.server, None).map_err(|e| format!("rebind socket: {e}"))?;
-                {
-                    let _g = ffi::lock();
-                    sess.set_fd(ns.as_raw_fd());
-                }
+                sess.set_fd(ns.as_raw_fd());
                 sock = ns; // old socket closed here
                 rep.rebinds += 1;
                 rep.local_ports
                     .push(sock.local_addr().map(|a| a.port()).unwrap_or(0));
             }
         }
-        {
-            let _g = ffi::lock();
-            let _ = ffi::random(&mut tag);
-        }
+        sess.random(&mut tag)?;
         let msg = message(rep.session, m, &tag, o.payload_len);
         let mut done = false;
         'attempts: for attempt in 0..=RETRIES {
@@ -411,16 +387,9 @@ fn session_inner(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> 
             // Write (bounded retries on WANT_WRITE).
             let mut written = false;
             for _ in 0..100 {
-                let w = {
-                    let _g = ffi::lock();
-                    sess.write(&msg)
-                };
-                if w >= 0 {
+                if sess.write(&msg)? {
                     written = true;
                     break;
-                }
-                if w != c.want_write && w != c.want_read {
-                    return fail_rest(rep, o, m, format!("write failed: {}", ffi::strerror(w)));
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -429,13 +398,8 @@ fn session_inner(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> 
             }
             let deadline = Instant::now() + o.timeout;
             loop {
-                let r = {
-                    let _g = ffi::lock();
-                    sess.read(&mut buf)
-                };
-                if r > 0 {
-                    let data = &buf[..r as usize];
-                    match parse_echo(data) {
+                if let Some(n) = sess.read(&mut buf)? {
+                    match parse_echo(&buf[..n]) {
                         Some((node, payload)) if payload == msg.as_slice() => {
                             rep.nodes.insert(node);
                             done = true;
@@ -457,12 +421,6 @@ fn session_inner(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> 
                     }
                     continue;
                 }
-                if r == c.peer_close_notify {
-                    return fail_rest(rep, o, m, "server sent close_notify".into());
-                }
-                if r != c.want_read && r != c.want_write && r != 0 && r != c.timeout {
-                    return fail_rest(rep, o, m, format!("read failed: {}", ffi::strerror(r)));
-                }
                 let now = Instant::now();
                 if now >= deadline {
                     if o.debug {
@@ -483,30 +441,16 @@ fn session_inner(o: &Opts, conf: &Conf, rep: &mut Report) -> Result<(), String> 
         } else {
             rep.failed += 1;
             if o.give_up_after.is_some_and(|k| rep.failed >= k) {
-                return fail_rest(
-                    rep,
-                    o,
-                    m,
-                    format!("gave up after {} failed messages", rep.failed),
-                );
+                return Err(format!("gave up after {} failed messages", rep.failed));
             }
         }
     }
-    let _g = ffi::lock();
-    if !o.no_close_notify {
-        sess.close_notify();
-    }
-    drop(sess);
+    sess.finish(!o.no_close_notify);
     Ok(())
 }
 
-/// Aborts the session at message `m` (run_session counts it and the rest as failed).
-fn fail_rest(_rep: &mut Report, _o: &Opts, _m: u32, e: String) -> Result<(), String> {
-    Err(e)
-}
-
 /// Message `m` of `session`: `s<session>-m<m>-<tag hex>`, padded with dots to `payload_len`.
-pub(crate) fn message(session: u32, m: u32, tag: &[u8], payload_len: usize) -> Vec<u8> {
+fn message(session: u32, m: u32, tag: &[u8], payload_len: usize) -> Vec<u8> {
     let mut msg = format!("s{session}-m{m}-{}", hex(tag)).into_bytes();
     while msg.len() < payload_len {
         msg.push(b'.');
@@ -515,7 +459,7 @@ pub(crate) fn message(session: u32, m: u32, tag: &[u8], payload_len: usize) -> V
 }
 
 /// `node=<id> <payload>` -> (id, payload)
-pub(crate) fn parse_echo(d: &[u8]) -> Option<(String, &[u8])> {
+fn parse_echo(d: &[u8]) -> Option<(String, &[u8])> {
     let rest = d.strip_prefix(b"node=")?;
     let sp = rest.iter().position(|&b| b == b' ')?;
     let id = std::str::from_utf8(&rest[..sp]).ok()?;

@@ -8,6 +8,7 @@ use std::ffi::{c_char, c_int, c_uint, CStr};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 #[repr(C)]
 pub struct RawConf {
@@ -268,20 +269,17 @@ impl Sess {
         unsafe { cidlb_sess_set_drop_permille(self.raw, p) }
     }
     pub fn set_peer(&mut self, addr: SocketAddr) {
-        let r = match addr {
-            SocketAddr::V4(a) => unsafe {
-                cidlb_sess_set_peer(self.raw, 4, a.ip().octets().as_ptr(), a.port(), 0, 0)
-            },
-            SocketAddr::V6(a) => unsafe {
-                cidlb_sess_set_peer(
-                    self.raw,
-                    6,
-                    a.ip().octets().as_ptr(),
-                    a.port(),
-                    a.flowinfo(),
-                    a.scope_id(),
-                )
-            },
+        let p = crate::util::peer_addr(addr);
+        // SAFETY: valid session, lock held; the address bytes live for the call (copied).
+        let r = unsafe {
+            cidlb_sess_set_peer(
+                self.raw,
+                p.family,
+                p.ip.as_ptr(),
+                p.port,
+                p.flowinfo,
+                p.scope_id,
+            )
         };
         debug_assert_eq!(r, 0);
     }
@@ -340,5 +338,237 @@ impl Sess {
 impl Drop for Sess {
     fn drop(&mut self) {
         with_lock(|| unsafe { cidlb_sess_free(self.raw) })
+    }
+}
+
+/// The DTLS 1.2 client backend: every Mbed TLS call under the global lock, taken per call so
+/// that waiting for datagrams (in client.rs) happens outside it.
+pub struct Client {
+    sess: Sess,
+    c: Codes,
+}
+
+impl crate::client::ClientSess for Client {
+    type Conf = Conf;
+    const MIN_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn conf(o: &crate::client::Opts) -> anyhow::Result<Conf> {
+        // Retransmission timer: initial T/4 (100..1000 ms), doubling up to 2T (1..8 s).
+        let t = o.timeout.as_millis().min(60_000) as u32;
+        let _g = lock();
+        Conf::new(&ConfParams {
+            is_server: false,
+            psk: &o.psk,
+            identity: &o.psk_identity,
+            use_cid: !o.no_cid,
+            cid_len: 0,
+            hs_timeout_ms: ((t / 4).clamp(100, 1000), (t * 2).clamp(1000, 8000)),
+            debug_level: o.mbedtls_debug,
+        })
+    }
+
+    fn open(conf: &Conf, fd: RawFd, o: &crate::client::Opts) -> Result<Self, String> {
+        let _g = lock();
+        let mut sess =
+            Sess::new(conf, fd, true).map_err(|e| format!("ssl setup: {}", strerror(e)))?;
+        sess.set_drop_permille(o.drop_permille);
+        if !o.no_cid {
+            // Request CID use; ours is zero-length (server sends to us without a CID).
+            let r = sess.set_cid(true, &[]);
+            if r != 0 {
+                return Err(format!("set_cid: {}", strerror(r)));
+            }
+        }
+        Ok(Client { sess, c: codes() })
+    }
+
+    fn handshake(&mut self) -> Result<bool, String> {
+        let r = with_lock(|| self.sess.handshake());
+        if r == 0 {
+            return Ok(true);
+        }
+        if r != self.c.want_read && r != self.c.want_write {
+            return Err(format!("handshake failed: {}", strerror(r)));
+        }
+        Ok(false)
+    }
+
+    fn handshake_wait(&mut self, _now: Instant) -> Result<Option<Duration>, String> {
+        // Mbed TLS retransmits on its own timer (checked at every handshake step).
+        Ok(Some(Duration::MAX))
+    }
+
+    fn negotiated(&mut self) -> (Option<Vec<u8>>, String) {
+        let _g = lock();
+        (self.sess.peer_cid(), self.sess.ciphersuite())
+    }
+
+    fn set_fd(&mut self, fd: RawFd) {
+        with_lock(|| self.sess.set_fd(fd))
+    }
+
+    fn random(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        with_lock(|| random(buf)).map_err(|e| e.to_string())
+    }
+
+    fn write(&mut self, msg: &[u8]) -> Result<bool, String> {
+        let w = with_lock(|| self.sess.write(msg));
+        if w >= 0 {
+            return Ok(true);
+        }
+        if w != self.c.want_write && w != self.c.want_read {
+            return Err(format!("write failed: {}", strerror(w)));
+        }
+        Ok(false)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, String> {
+        let c = self.c;
+        let r = with_lock(|| self.sess.read(buf));
+        if r > 0 {
+            Ok(Some(r as usize))
+        } else if r == c.peer_close_notify {
+            Err("server sent close_notify".into())
+        } else if r != c.want_read && r != c.want_write && r != 0 && r != c.timeout {
+            Err(format!("read failed: {}", strerror(r)))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn finish(mut self, notify: bool) {
+        let _g = lock();
+        if notify {
+            self.sess.close_notify();
+        }
+        drop(self.sess);
+    }
+}
+
+/// The DTLS 1.2 server backend (the server is single-threaded and holds the lock throughout).
+pub struct Server {
+    sess: Sess,
+    c: Codes,
+}
+
+impl crate::server::ServerSess for Server {
+    type Conf = Conf;
+    type Guard = Guard;
+    const MIN_DATAGRAM: usize = crate::server::PLAINTEXT_HEADER;
+    const NEW_SESSION_ON_CLIENT_HELLO: bool = false;
+
+    fn setup(o: &crate::server::Opts) -> anyhow::Result<(Guard, Conf)> {
+        let guard = lock();
+        let conf = Conf::new(&ConfParams {
+            is_server: true,
+            psk: &o.psk,
+            identity: &o.psk_identity,
+            use_cid: !o.no_cid,
+            cid_len: o.cid_len,
+            hs_timeout_ms: (500, 4000),
+            debug_level: o.mbedtls_debug,
+        })?;
+        Ok((guard, conf))
+    }
+
+    fn library() -> String {
+        format!("mbedtls={}", version())
+    }
+
+    /// RFC 9146 record: type 25, version FE FD, epoch and sequence (8 bytes), then the CID
+    /// and the length (2 bytes).
+    fn record_cid(d: &[u8], l: usize) -> Option<&[u8]> {
+        const CT_TLS12_CID: u8 = 25;
+        (d.len() >= 11 + l + 2 && d[0] == CT_TLS12_CID && d[1] == 0xfe && d[2] == 0xfd)
+            .then(|| &d[11..11 + l])
+    }
+
+    fn random(buf: &mut [u8]) -> bool {
+        random(buf).is_ok()
+    }
+
+    fn open(conf: &Conf, fd: RawFd, peer: SocketAddr, cid: &[u8]) -> Result<Self, String> {
+        let mut sess = Sess::new(conf, fd, false).map_err(|e| format!("setup {}", strerror(e)))?;
+        sess.set_peer(peer);
+        sess.set_drop_permille(0); // server-side drops are simulated in server.rs
+        let r = sess.set_transport_id(&crate::util::addr_bytes(&peer));
+        if r != 0 {
+            return Err(format!("transport_id {}", strerror(r)));
+        }
+        if !cid.is_empty() {
+            let r = sess.set_cid(true, cid);
+            if r != 0 {
+                return Err(format!("set_cid {}", strerror(r)));
+            }
+        }
+        Ok(Server { sess, c: codes() })
+    }
+
+    fn feed(&mut self, d: &[u8]) -> bool {
+        self.sess.feed(d) == 0
+    }
+
+    fn handshake(&mut self) -> crate::server::Hs {
+        use crate::server::Hs;
+        let r = self.sess.handshake();
+        if r == 0 {
+            Hs::Done
+        } else if r == self.c.want_read || r == self.c.want_write {
+            // Past the cookie check (else HELLO_VERIFY_REQUIRED): a real session.
+            Hs::Pending { stateful: true }
+        } else if r == self.c.hello_verify_required {
+            Hs::Stateless
+        } else {
+            Hs::Failed(format!("handshake failed: {}", strerror(r)))
+        }
+    }
+
+    fn ciphersuite(&mut self) -> String {
+        self.sess.ciphersuite()
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> crate::server::Rd {
+        use crate::server::Rd;
+        let c = self.c;
+        let r = self.sess.read(buf);
+        if r > 0 {
+            Rd::Data(r as usize)
+        } else if r == c.want_read || r == c.want_write || r == 0 {
+            Rd::Again
+        } else if r == c.client_reconnect {
+            Rd::Reconnect
+        } else if r == c.peer_close_notify {
+            Rd::Closed
+        } else {
+            Rd::Failed(format!("read failed: {}", strerror(r)))
+        }
+    }
+
+    fn write(&mut self, d: &[u8]) -> (i32, Option<String>) {
+        let w = self.sess.write(d);
+        let err =
+            (w < 0 && w != self.c.want_write).then(|| format!("write failed: {}", strerror(w)));
+        (w, err)
+    }
+
+    fn set_peer(&mut self, peer: SocketAddr) -> Result<(), String> {
+        self.sess.set_peer(peer);
+        Ok(())
+    }
+
+    fn set_cid(&mut self, cid: &[u8]) -> Result<(), String> {
+        match self.sess.set_cid(true, cid) {
+            0 => Ok(()),
+            r => Err(format!("set_cid: {}", strerror(r))),
+        }
+    }
+
+    fn close_notify(&mut self) {
+        self.sess.close_notify();
+    }
+
+    fn retransmit_due(&mut self, _now: Instant) -> Option<String> {
+        // 2: the final timer expired; the next handshake step resends the flight.
+        (self.sess.timer_state() == 2).then(String::new)
     }
 }

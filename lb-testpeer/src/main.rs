@@ -7,10 +7,8 @@
 //!   optionally moving each session to a new UDP source port every K messages.
 
 mod client;
-mod client13;
 mod ffi;
 mod server;
-mod server13;
 mod util;
 mod wolf;
 
@@ -207,9 +205,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 drop_permille: common.drop_permille,
             };
             if v13 {
-                server13::run(o)?;
+                server::run::<wolf::Server>(o)?;
             } else {
-                server::run(o)?;
+                server::run::<ffi::Server>(o)?;
             }
             Ok(0)
         }
@@ -270,9 +268,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 give_up_after: give_up_after.filter(|k| *k > 0),
             };
             let all_ok = if v13 {
-                client13::run(o)?
+                client::run::<wolf::Client>(o)?
             } else {
-                client::run(o)?
+                client::run::<ffi::Client>(o)?
             };
             Ok(if all_ok { 0 } else { 1 })
         }

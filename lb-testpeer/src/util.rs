@@ -2,6 +2,40 @@
 
 use std::net::SocketAddr;
 
+/// A socket address as the shims' `set_peer` functions take it (see csrc/dgram.h).
+pub struct PeerAddr {
+    /// 4 or 6.
+    pub family: std::ffi::c_int,
+    /// The first 4 (IPv4) or all 16 (IPv6) bytes are the address.
+    pub ip: [u8; 16],
+    pub port: u16,
+    pub flowinfo: u32,
+    pub scope_id: u32,
+}
+
+pub fn peer_addr(addr: SocketAddr) -> PeerAddr {
+    match addr {
+        SocketAddr::V4(a) => {
+            let mut ip = [0u8; 16];
+            ip[..4].copy_from_slice(&a.ip().octets());
+            PeerAddr {
+                family: 4,
+                ip,
+                port: a.port(),
+                flowinfo: 0,
+                scope_id: 0,
+            }
+        }
+        SocketAddr::V6(a) => PeerAddr {
+            family: 6,
+            ip: a.ip().octets(),
+            port: a.port(),
+            flowinfo: a.flowinfo(),
+            scope_id: a.scope_id(),
+        },
+    }
+}
+
 pub fn hex(b: &[u8]) -> String {
     const D: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(b.len() * 2);

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use support::{client, field, session_lines, summary, Server};
+use support::{assert_client_ok, client, field, session_lines, summary, Server};
 
 /// RFC 8446 §4.1.3: a ServerHello whose random is SHA-256("HelloRetryRequest") is a
 /// HelloRetryRequest.
@@ -141,6 +141,13 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+/// `cidlb-testpeer client --dtls 1.3 --server <server> <args>`, within `limit`.
+fn client13(server: &str, args: &[&str], limit: Duration) -> support::Out {
+    let mut a = vec!["--dtls", "1.3", "--server", server];
+    a.extend_from_slice(args);
+    client(&a, limit)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -282,12 +289,9 @@ fn dtls13_rebind_case(ip: &str, node: u64) {
     let mut srv = Server::start(ip, node, &["--dtls", "1.3"]).expect("server start");
     let mut relay = Relay::start(ip, srv.addr);
     let addr = relay.addr.to_string();
-    let out = client(
+    let out = client13(
+        &addr,
         &[
-            "--dtls",
-            "1.3",
-            "--server",
-            &addr,
             "--sessions",
             &SESSIONS.to_string(),
             "--messages",
@@ -298,13 +302,7 @@ fn dtls13_rebind_case(ip: &str, node: u64) {
         ],
         Duration::from_secs(120),
     );
-    assert!(
-        out.status.success(),
-        "client failed: {}\n{}\n{:#?}",
-        out.stdout,
-        out.stderr,
-        srv.log()
-    );
+    assert_client_ok(&out, &srv);
     let seen = relay.finish();
     let sessions = session_lines(&out.stdout);
     assert_eq!(sessions.len(), SESSIONS, "{}", out.stdout);
@@ -389,16 +387,9 @@ fn dtls13_custom_cid_layout() {
     )
     .expect("server start");
     let addr = srv.addr.to_string();
-    let out = client(
-        &[
-            "--dtls",
-            "1.3",
-            "--server",
-            &addr,
-            "--messages",
-            "2",
-            "--json",
-        ],
+    let out = client13(
+        &addr,
+        &["--messages", "2", "--json"],
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
@@ -416,17 +407,9 @@ fn dtls13_no_cid() {
     let mut srv = Server::start("127.0.0.1", 3, &["--dtls", "1.3", "--no-cid"]).unwrap();
     let mut relay = Relay::start("127.0.0.1", srv.addr);
     let addr = relay.addr.to_string();
-    let out = client(
-        &[
-            "--dtls",
-            "1.3",
-            "--server",
-            &addr,
-            "--messages",
-            "5",
-            "--no-cid",
-            "--json",
-        ],
+    let out = client13(
+        &addr,
+        &["--messages", "5", "--no-cid", "--json"],
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
@@ -491,12 +474,9 @@ fn dtls13_server_rejects_dtls12_and_wrong_psk() {
         replies.iter().map(|r| hex(r)).collect::<Vec<_>>()
     );
     // A DTLS 1.3 client with the wrong key.
-    let out = client(
+    let out = client13(
+        &addr,
         &[
-            "--dtls",
-            "1.3",
-            "--server",
-            &addr,
             "--messages",
             "1",
             "--psk",
@@ -510,10 +490,7 @@ fn dtls13_server_rejects_dtls12_and_wrong_psk() {
     assert_eq!(out.status.code(), Some(1), "{}\n{}", out.stdout, out.stderr);
     assert_eq!(srv.count("handshake done"), 0, "{:#?}", srv.log());
     // The server still serves a good client.
-    let out = client(
-        &["--dtls", "1.3", "--server", &addr, "--messages", "2"],
-        Duration::from_secs(60),
-    );
+    let out = client13(&addr, &["--messages", "2"], Duration::from_secs(60));
     assert!(out.status.success(), "{}\n{:#?}", out.stdout, srv.log());
     assert_eq!(srv.count("handshake done"), 1, "{:#?}", srv.log());
     assert!(srv.stop().unwrap().success());
@@ -526,92 +503,14 @@ fn dtls13_lossy_link_retransmits() {
     // recover nearly every echo. (10%, not the 1.2 test's 15%: wolfSSL's timer counts whole
     // seconds, doubling, so at 15% about one handshake in a thousand ran out of its 30 s when
     // the same flight was lost three or four times.)
-    let mut srv =
-        Server::start("127.0.0.1", 9, &["--dtls", "1.3", "--drop-permille", "100"]).unwrap();
-    let addr = srv.addr.to_string();
-    let out = client(
-        &[
-            "--dtls",
-            "1.3",
-            "--server",
-            &addr,
-            "--sessions",
-            "4",
-            "--messages",
-            "20",
-            "--rebind-every",
-            "4",
-            "--timeout-ms",
-            "300",
-            "--drop-permille",
-            "100",
-            "--json",
-        ],
-        Duration::from_secs(120),
-    );
-    let sessions = session_lines(&out.stdout);
-    assert_eq!(sessions.len(), 4, "{}\n{}", out.stdout, out.stderr);
-    for s in &sessions {
-        assert!(
-            field(s, "server_cid").unwrap().starts_with("09"),
-            "handshake done: {s}\n{:#?}",
-            srv.log()
-        );
-        assert_eq!(field(s, "error"), Some("null"), "{s}");
-    }
-    let sum = summary(&out.stdout);
-    let ok: u32 = field(sum, "messages_ok").unwrap().parse().unwrap();
-    let retries: u32 = field(sum, "retries").unwrap().parse().unwrap();
-    assert!(ok >= 76, "{sum}");
-    assert!(
-        retries > 0,
-        "loss was simulated, so retries happened: {sum}"
-    );
-    assert!(srv.count("peer moved") >= 4, "{:#?}", srv.log());
-    srv.stop();
+    support::lossy_link(&["--dtls", "1.3"], "100");
 }
 
 #[test]
 fn dtls13_client_port_reuse_reconnects() {
-    // Two sequential sessions from one source port, the first without close_notify: the
-    // server sees a ClientHello on an established session's address and starts over.
-    let mut srv = Server::start("127.0.0.1", 6, &["--dtls", "1.3"]).unwrap();
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let bind = format!("127.0.0.1:{port}");
-    let addr = srv.addr.to_string();
-    let out = client(
-        &[
-            "--dtls",
-            "1.3",
-            "--server",
-            &addr,
-            "--sessions",
-            "2",
-            "--messages",
-            "3",
-            "--parallel",
-            "1",
-            "--bind",
-            &bind,
-            "--no-close-notify",
-            "--json",
-        ],
-        Duration::from_secs(60),
-    );
-    assert!(
-        out.status.success(),
-        "{}\n{}\n{:#?}",
-        out.stdout,
-        out.stderr,
-        srv.log()
-    );
-    let s = session_lines(&out.stdout);
-    assert_ne!(field(s[0], "server_cid"), field(s[1], "server_cid"));
-    assert_eq!(srv.count("session reconnect"), 1, "{:#?}", srv.log());
+    // wolfSSL: the server sees a ClientHello on an established session's address and starts
+    // a new session.
+    let mut srv = support::port_reuse_reconnects(&["--dtls", "1.3"], 6);
     assert_eq!(srv.count("handshake done"), 2, "{:#?}", srv.log());
     srv.stop();
 }
@@ -624,18 +523,9 @@ fn dtls13_server_survives_garbage_and_forged_cid_records() {
     let mut srv = Server::start("127.0.0.1", 12, &["--dtls", "1.3"]).unwrap();
     let addr = srv.addr.to_string();
     let client_thread = std::thread::spawn(move || {
-        client(
-            &[
-                "--dtls",
-                "1.3",
-                "--server",
-                &addr,
-                "--messages",
-                "30",
-                "--interval-ms",
-                "30",
-                "--json",
-            ],
+        client13(
+            &addr,
+            &["--messages", "30", "--interval-ms", "30", "--json"],
             Duration::from_secs(60),
         )
     });
@@ -689,13 +579,7 @@ fn dtls13_server_survives_garbage_and_forged_cid_records() {
         std::thread::sleep(Duration::from_micros(500));
     }
     let out = client_thread.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}\n{:#?}",
-        out.stdout,
-        out.stderr,
-        srv.log()
-    );
+    assert_client_ok(&out, &srv);
     let s = session_lines(&out.stdout)[0];
     assert_eq!(field(s, "ok"), Some("30"), "{s}");
     assert_eq!(srv.count("peer moved"), 0, "{:#?}", srv.log());
@@ -719,26 +603,13 @@ fn dtls13_lost_hello_retry_request_is_resent() {
     let mut srv = Server::start("127.0.0.1", 8, &["--dtls", "1.3"]).unwrap();
     let mut relay = Relay::start_losing("127.0.0.1", srv.addr, Lose::First);
     let addr = relay.addr.to_string();
-    let out = client(
-        &[
-            "--dtls",
-            "1.3",
-            "--server",
-            &addr,
-            "--messages",
-            "2",
-            "--json",
-        ],
+    let out = client13(
+        &addr,
+        &["--messages", "2", "--json"],
         Duration::from_secs(60),
     );
     let seen = relay.finish();
-    assert!(
-        out.status.success(),
-        "{}\n{}\n{:#?}",
-        out.stdout,
-        out.stderr,
-        srv.log()
-    );
+    assert_client_ok(&out, &srv);
     let first_hellos = seen
         .iter()
         .filter(|s| {
@@ -774,26 +645,13 @@ fn dtls13_lost_ack_of_client_finished_is_resent() {
     let mut srv = Server::start("127.0.0.1", 10, &["--dtls", "1.3"]).unwrap();
     let mut relay = Relay::start_losing("127.0.0.1", srv.addr, Lose::FirstAfterClient(0x3e));
     let addr = relay.addr.to_string();
-    let out = client(
-        &[
-            "--dtls",
-            "1.3",
-            "--server",
-            &addr,
-            "--messages",
-            "3",
-            "--json",
-        ],
+    let out = client13(
+        &addr,
+        &["--messages", "3", "--json"],
         Duration::from_secs(60),
     );
     let seen = relay.finish();
-    assert!(
-        out.status.success(),
-        "{}\n{}\n{:#?}",
-        out.stdout,
-        out.stderr,
-        srv.log()
-    );
+    assert_client_ok(&out, &srv);
     let finished = seen
         .iter()
         .filter(|s| s.to_server && s.data[0] == 0x3e)

@@ -178,3 +178,104 @@ pub fn summary(out: &str) -> &str {
         .find(|l| l.starts_with("{\"summary\""))
         .expect("summary line")
 }
+
+/// Asserts that a client run succeeded; on failure shows its output and the server's log.
+#[track_caller]
+pub fn assert_client_ok(out: &Out, srv: &Server) {
+    assert!(
+        out.status.success(),
+        "client failed: {}\n{}\n{:#?}",
+        out.stdout,
+        out.stderr,
+        srv.log()
+    );
+}
+
+/// Two sequential sessions from one source port, the first without close_notify (the
+/// server sees a new ClientHello from an established session's address and must start over
+/// with a fresh CID). `dtls` selects the version on both sides. Returns the server, running.
+pub fn port_reuse_reconnects(dtls: &[&str], node_id: u64) -> Server {
+    let srv = Server::start("127.0.0.1", node_id, dtls).unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let addr = srv.addr.to_string();
+    let mut args = dtls.to_vec();
+    args.extend([
+        "--server",
+        &addr,
+        "--sessions",
+        "2",
+        "--messages",
+        "3",
+        "--parallel",
+        "1",
+        "--bind",
+        &bind,
+        "--no-close-notify",
+        "--json",
+    ]);
+    let out = client(&args, Duration::from_secs(60));
+    assert_client_ok(&out, &srv);
+    let s = session_lines(&out.stdout);
+    assert_ne!(field(s[0], "server_cid"), field(s[1], "server_cid"));
+    assert_eq!(srv.count("session reconnect"), 1, "{:#?}", srv.log());
+    srv
+}
+
+/// Server and client each drop `permille`/1000 of the datagrams they receive: the library's
+/// handshake timers must complete every handshake (server node 9, 4 sessions), and message
+/// retries must recover nearly every echo (a message fails only if all 4 attempts lose a
+/// datagram, so allow a few). `dtls` selects the version on both sides.
+pub fn lossy_link(dtls: &[&str], permille: &str) {
+    let mut srv_args = dtls.to_vec();
+    srv_args.extend(["--drop-permille", permille]);
+    let mut srv = Server::start("127.0.0.1", 9, &srv_args).unwrap();
+    let addr = srv.addr.to_string();
+    let mut args = dtls.to_vec();
+    args.extend([
+        "--server",
+        &addr,
+        "--sessions",
+        "4",
+        "--messages",
+        "20",
+        "--rebind-every",
+        "4",
+        "--timeout-ms",
+        "300",
+        "--drop-permille",
+        permille,
+        "--json",
+    ]);
+    let out = client(&args, Duration::from_secs(120));
+    let sessions = session_lines(&out.stdout);
+    assert_eq!(sessions.len(), 4, "{}\n{}", out.stdout, out.stderr);
+    for s in &sessions {
+        assert!(
+            field(s, "server_cid").unwrap().starts_with("09"),
+            "handshake done: {s}\n{:#?}",
+            srv.log()
+        );
+        assert_eq!(field(s, "node"), Some("9"), "{s}");
+        assert_eq!(field(s, "error"), Some("null"), "{s}");
+    }
+    let sum = summary(&out.stdout);
+    let ok: u32 = field(sum, "messages_ok").unwrap().parse().unwrap();
+    let retries: u32 = field(sum, "retries").unwrap().parse().unwrap();
+    assert!(ok >= 76, "{sum}");
+    assert!(
+        retries > 0,
+        "loss was simulated, so some retries must have happened: {sum}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(if ok == 80 { 0 } else { 1 }),
+        "{sum}"
+    );
+    assert!(srv.count("peer moved") >= 4, "{:#?}", srv.log());
+    srv.stop();
+}
