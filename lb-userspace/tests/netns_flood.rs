@@ -18,21 +18,6 @@ use lb_lab::{
     ChildGuard, Lab, NetNs,
 };
 
-fn testpeer() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>")
-        .join("cidlb-testpeer");
-    assert!(
-        p.exists(),
-        "{} is missing: run through `cargo xtask test` (or `cargo build -p lb-testpeer`)",
-        p.display()
-    );
-    p
-}
-
 /// Flood shape: at least 100,000 distinct sources at at least 50,000 per second.
 /// The fast flood: trafgen's TX_RING batches, 900,000 packets from random sources, at least
 /// 50,000 per second (asked for 70,000; it sends faster).
@@ -119,7 +104,8 @@ fn up(tag: &str, extra_config: &str) -> Flood {
         .enumerate()
         .map(|(i, n)| {
             count_new_flows(n);
-            peer::server(&testpeer(), n, i as u32 + 1, &[], None).unwrap_or_else(|e| panic!("{e}"))
+            peer::server(&common::testpeer(), n, i as u32 + 1, &[], None)
+                .unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();
     let pins = PinGuard::new(tag);
@@ -174,7 +160,7 @@ impl Flood {
     fn client(&self, name: &str, args: &[&str]) -> (ChildGuard, PathBuf) {
         let out = self.tmp.0.join(format!("{name}.json"));
         let g = peer::spawn_client(
-            &testpeer(),
+            &common::testpeer(),
             &self.lab.client,
             &lb_lab::VIP4_SOCKET.to_string(),
             args,
