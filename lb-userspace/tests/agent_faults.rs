@@ -192,6 +192,21 @@ fn run_expecting_failure(lab: &Lab, cfg: &Path) -> (Option<i32>, String) {
     (code, std::fs::read_to_string(&err).unwrap_or_default())
 }
 
+/// A refused `cidlb run` left the running datapath alone: the same programs on the links,
+/// still forwarding CID traffic.
+fn assert_still_running(lab: &Lab, running: &BTreeMap<String, u32>) {
+    assert_eq!(
+        &xdp_prog_ids(lab),
+        running,
+        "the running datapath was touched"
+    );
+    assert_eq!(
+        cid_traffic(lab, 20),
+        20,
+        "the running datapath must keep forwarding"
+    );
+}
+
 #[test]
 fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
     let bed = Bed::up("ly", 1);
@@ -236,16 +251,7 @@ fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
     ] {
         assert!(err.contains(&want), "lacks {want:?}:\n{err}");
     }
-    assert_eq!(
-        xdp_prog_ids(lab),
-        running,
-        "the running datapath was touched"
-    );
-    assert_eq!(
-        cid_traffic(lab, 20),
-        20,
-        "the running datapath must keep forwarding"
-    );
+    assert_still_running(lab, &running);
 
     // No LAYOUT beside a pinned STATS: what cidlb pinned before it had one (layout 0).
     std::fs::remove_file(pins.0.join("LAYOUT")).unwrap();
@@ -257,16 +263,7 @@ fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
         lb_common::LAYOUT_VERSION
     );
     assert!(err.contains(&want), "lacks {want:?}:\n{err}");
-    assert_eq!(
-        xdp_prog_ids(lab),
-        running,
-        "the running datapath was touched"
-    );
-    assert_eq!(
-        cid_traffic(lab, 20),
-        20,
-        "the running datapath must keep forwarding"
-    );
+    assert_still_running(lab, &running);
     // `cidlb stats` refuses to misread it too.
     let o = Command::new(env!("CARGO_BIN_EXE_cidlb"))
         .args(["stats", "--config", &c])

@@ -99,4 +99,13 @@ impl Bed {
             lab,
         }
     }
+
+    /// Writes the lab's config ([`Lab::cidlb_config`]) with this bed's pins and `extra` to
+    /// [`Bed::cfg`].
+    pub fn write_config(&self, extra: &str) {
+        let text = self
+            .lab
+            .cidlb_config(&self.pins.0.display().to_string(), extra);
+        std::fs::write(&self.cfg, text).unwrap();
+    }
 }
