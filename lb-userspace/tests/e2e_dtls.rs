@@ -9,7 +9,7 @@ mod common;
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use common::agent::{cidlb, json_counter, AgentProc, PinGuard};
+use common::agent::{cidlb, json_counter, lab_up, write_lab_config, AgentProc, PinGuard};
 use lb_lab::{
     peer::{self, ClientRun},
     ChildGuard, Lab, NetNs,
@@ -119,8 +119,7 @@ fn setup_ids(tag: &str, ids: &[u32], extra_config: &str) -> Setup {
 
 /// As [`setup_ids`], the servers started with `server_args` (e.g. [`DTLS13`]).
 fn setup_peers(tag: &str, ids: &[u32], extra_config: &str, server_args: &[&str]) -> Setup {
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix(tag), ids.len()).unwrap_or_else(|e| panic!("{e}"));
+    let lab = lab_up(tag, ids.len());
     let servers = lab
         .nodes
         .iter()
@@ -129,11 +128,7 @@ fn setup_peers(tag: &str, ids: &[u32], extra_config: &str, server_args: &[&str])
         .collect();
     let pins = PinGuard::new(tag);
     let cfg = std::env::temp_dir().join(format!("cidlb-e2e-{tag}-{}.yaml", std::process::id()));
-    std::fs::write(
-        &cfg,
-        lab.cidlb_config(&pins.0.display().to_string(), extra_config),
-    )
-    .unwrap();
+    write_lab_config(&lab, &pins, &cfg, extra_config);
     let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(1200));
     Setup {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::agent::{cidlb, json_counter, AgentProc, PinGuard};
+use common::agent::{cidlb, json_counter, lab_up, write_lab_config, AgentProc, PinGuard};
 use lb_lab::{
     peer::{self, ClientRun},
     trafgen::{self, Trafgen},
@@ -94,8 +94,7 @@ fn read_counters(ns: &NetNs) -> (u64, u64) {
 }
 
 fn up(tag: &str, extra_config: &str) -> Flood {
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix(tag), 2).unwrap_or_else(|e| panic!("{e}"));
+    let lab = lab_up(tag, 2);
     let dir = std::env::temp_dir().join(format!("cidlb-flood-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let servers = lab
@@ -110,11 +109,7 @@ fn up(tag: &str, extra_config: &str) -> Flood {
         .collect();
     let pins = PinGuard::new(tag);
     let cfg = dir.join("cidlb.yaml");
-    std::fs::write(
-        &cfg,
-        lab.cidlb_config(&pins.0.display().to_string(), extra_config),
-    )
-    .unwrap();
+    write_lab_config(&lab, &pins, &cfg, extra_config);
     let t0 = Instant::now();
     let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(1200));
