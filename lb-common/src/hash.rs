@@ -83,6 +83,7 @@ mod tests {
 
     use super::*;
     use crate::maps::{FAMILY_V4, FAMILY_V6};
+    use crate::splitmix::SplitMix64;
 
     /// A second, independent MurmurHash3_x86_32: byte-oriented, with the tail handling the
     /// words-only functions above never need, written from the algorithm's description.
@@ -230,7 +231,7 @@ mod tests {
     /// byte-oriented reference.
     #[test]
     fn flow_hash_matches_reference_on_random_keys() {
-        let mut rng = SplitMix(1);
+        let mut rng = SplitMix64(1);
         for i in 0..10_000 {
             let v6 = i % 2 == 1;
             let n = if v6 { 16 } else { 4 };
@@ -259,7 +260,7 @@ mod tests {
     /// without `fmix32` fails this by a wide margin).
     #[test]
     fn avalanche() {
-        let mut rng = SplitMix(7);
+        let mut rng = SplitMix64(7);
         const TRIALS: u32 = 2000;
         let mut worst: f64 = 0.0;
         // Meaningful bits: src, dst (256), ports (32), family (8).
@@ -329,7 +330,7 @@ mod tests {
         assert!(slots.iter().all(|&c| c > 0), "an empty slot among {SIZE}");
     }
 
-    fn random_key(rng: &mut SplitMix) -> FlowKey {
+    fn random_key(rng: &mut SplitMix64) -> FlowKey {
         let mut k = FlowKey {
             family: if rng.next() & 1 == 0 {
                 FAMILY_V4
@@ -354,18 +355,6 @@ mod tests {
             8 if b < 16 => k.sport ^= 1 << b,
             8 => k.dport ^= 1 << (b - 16),
             _ => k.family ^= 1 << b,
-        }
-    }
-
-    /// splitmix64 (Steele, Lea, Flood 2014): a small fixed-seed generator for test inputs.
-    struct SplitMix(u64);
-    impl SplitMix {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49ea_3312_eb13);
-            z ^ (z >> 31)
         }
     }
 }

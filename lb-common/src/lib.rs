@@ -11,6 +11,7 @@ pub mod csum;
 pub mod hash;
 pub mod limits;
 pub mod maps;
+pub mod splitmix;
 
 pub use counters::Counter;
 pub use maps::*;

@@ -25,7 +25,7 @@ use std::{
     process::Stdio,
 };
 
-use crate::{node4, node6, peer_offloads, ChildGuard, NetNs, CLIENT4, CLIENT6};
+use crate::{addr_up, node4, node6, peer_offloads, wire_client, ChildGuard, NetNs};
 
 pub const BALANCERS: usize = 2;
 pub const NODES: usize = 3;
@@ -86,20 +86,8 @@ impl Fleet {
     }
 
     fn wire(&self) -> Result<(), String> {
-        let (c, r) = (&self.client, &self.router);
-        r.ip(&format!(
-            "link add rc type veth peer name c0 netns {}",
-            c.name
-        ))?;
-        r.ip("addr add 198.51.100.1/24 dev rc")?;
-        r.ip("addr add 2001:db8:c::1/64 dev rc nodad")?;
-        r.ip("link set rc up")?;
-        c.ip(&format!("addr add {CLIENT4}/24 dev c0"))?;
-        c.ip(&format!("addr add {CLIENT6}/64 dev c0 nodad"))?;
-        c.ip("link set c0 up")?;
-        c.ip("route add default via 198.51.100.1")?;
-        c.ip("-6 route add default via 2001:db8:c::1")?;
-        peer_offloads(c, "c0")?;
+        let r = &self.router;
+        wire_client(r, "rc", &self.client)?;
         for k in [
             "net.ipv4.ip_forward=1",
             "net.ipv6.conf.all.forwarding=1",
@@ -116,13 +104,14 @@ impl Fleet {
                 "link add rb{i} type veth peer name uplink netns {}",
                 b.name
             ))?;
-            r.ip(&format!("addr add {r4}/30 dev rb{i}"))?;
-            r.ip(&format!("addr add {r6}/64 dev rb{i} nodad"))?;
-            r.ip(&format!("link set rb{i} up"))?;
+            addr_up(
+                r,
+                &format!("rb{i}"),
+                &format!("{r4}/30"),
+                &format!("{r6}/64"),
+            )?;
             peer_offloads(r, &format!("rb{i}"))?;
-            b.ip(&format!("addr add {b4}/30 dev uplink"))?;
-            b.ip(&format!("addr add {b6}/64 dev uplink nodad"))?;
-            b.ip("link set uplink up")?;
+            addr_up(b, "uplink", &format!("{b4}/30"), &format!("{b6}/64"))?;
             b.ip(&format!("route add default via {r4}"))?;
             b.ip(&format!("-6 route add default via {r6}"))?;
             b.sysctl("net.ipv4.ip_forward=1")?;
@@ -134,14 +123,20 @@ impl Fleet {
                     "link add n{k} type veth peer name b{i} netns {}",
                     n.name
                 ))?;
-                b.ip(&format!("addr add {bl4}/30 dev n{k}"))?;
-                b.ip(&format!("addr add {bl6}/64 dev n{k} nodad"))?;
-                b.ip(&format!("link set n{k} up"))?;
+                addr_up(
+                    b,
+                    &format!("n{k}"),
+                    &format!("{bl4}/30"),
+                    &format!("{bl6}/64"),
+                )?;
                 b.ip(&format!("route add {}/32 via {nl4} dev n{k}", node4(k)))?;
                 b.ip(&format!("-6 route add {}/128 via {nl6} dev n{k}", node6(k)))?;
-                n.ip(&format!("addr add {nl4}/30 dev b{i}"))?;
-                n.ip(&format!("addr add {nl6}/64 dev b{i} nodad"))?;
-                n.ip(&format!("link set b{i} up"))?;
+                addr_up(
+                    n,
+                    &format!("b{i}"),
+                    &format!("{nl4}/30"),
+                    &format!("{nl6}/64"),
+                )?;
                 peer_offloads(n, &format!("b{i}"))?;
             }
         }

@@ -79,20 +79,8 @@ impl Lab {
     }
 
     fn wire(&self) -> Result<(), String> {
-        let (c, b) = (&self.client, &self.balancer);
-        b.ip(&format!(
-            "link add lbc type veth peer name c0 netns {}",
-            c.name
-        ))?;
-        b.ip("addr add 198.51.100.1/24 dev lbc")?;
-        b.ip("addr add 2001:db8:c::1/64 dev lbc nodad")?;
-        b.ip("link set lbc up")?;
-        c.ip(&format!("addr add {CLIENT4}/24 dev c0"))?;
-        c.ip(&format!("addr add {CLIENT6}/64 dev c0 nodad"))?;
-        c.ip("link set c0 up")?;
-        c.ip("route add default via 198.51.100.1")?;
-        c.ip("-6 route add default via 2001:db8:c::1")?;
-        peer_offloads(c, "c0")?;
+        let b = &self.balancer;
+        wire_client(b, "lbc", &self.client)?;
         for (i, n) in self.nodes.iter().enumerate() {
             let k = i + 1;
             let dev = node_iface(k);
@@ -101,12 +89,18 @@ impl Lab {
                 "link add {dev} type veth peer name n0 netns {}",
                 n.name
             ))?;
-            b.ip(&format!("addr add {gw4}/28 dev {dev}"))?;
-            b.ip(&format!("addr add 2001:db8:{k:x}::1/64 dev {dev} nodad"))?;
-            b.ip(&format!("link set {dev} up"))?;
-            n.ip(&format!("addr add {}/28 dev n0", node4(k)))?;
-            n.ip(&format!("addr add {}/64 dev n0 nodad", node6(k)))?;
-            n.ip("link set n0 up")?;
+            addr_up(
+                b,
+                &dev,
+                &format!("{gw4}/28"),
+                &format!("2001:db8:{k:x}::1/64"),
+            )?;
+            addr_up(
+                n,
+                "n0",
+                &format!("{}/28", node4(k)),
+                &format!("{}/64", node6(k)),
+            )?;
             n.ip(&format!("route add default via {gw4}"))?;
             n.ip(&format!("-6 route add default via 2001:db8:{k:x}::1"))?;
             peer_offloads(n, "n0")?;
@@ -209,6 +203,35 @@ impl Lab {
         }
         n
     }
+}
+
+/// Gives `dev` in `ns` an IPv4 and an IPv6 address (`addr/len`; no DAD, the lab's addresses
+/// are unique by construction, and a tentative address would fail the first sends) and brings
+/// it up.
+fn addr_up(ns: &NetNs, dev: &str, v4: &str, v6: &str) -> Result<(), String> {
+    ns.ip(&format!("addr add {v4} dev {dev}"))?;
+    ns.ip(&format!("addr add {v6} dev {dev} nodad"))?;
+    ns.ip(&format!("link set {dev} up"))
+}
+
+/// The client's link, shared by [`Lab`] and [`fleet::Fleet`]: veth `gw_dev` in `gw` (the
+/// client's gateway, 198.51.100.1 and 2001:db8:c::1) to `c0` in `client` ([`CLIENT4`],
+/// [`CLIENT6`]), with the client's default routes through `gw`.
+fn wire_client(gw: &NetNs, gw_dev: &str, client: &NetNs) -> Result<(), String> {
+    gw.ip(&format!(
+        "link add {gw_dev} type veth peer name c0 netns {}",
+        client.name
+    ))?;
+    addr_up(gw, gw_dev, "198.51.100.1/24", "2001:db8:c::1/64")?;
+    addr_up(
+        client,
+        "c0",
+        &format!("{CLIENT4}/24"),
+        &format!("{CLIENT6}/64"),
+    )?;
+    client.ip("route add default via 198.51.100.1")?;
+    client.ip("-6 route add default via 2001:db8:c::1")?;
+    peer_offloads(client, "c0")
 }
 
 /// A veth peer facing an XDP interface: full checksums on send (no offload that leaves a

@@ -6,7 +6,7 @@ use std::{collections::HashSet, fmt, net::IpAddr, time::Duration};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, MapData, PerCpuArray, PerCpuValues,
     },
     Ebpf,
 };
@@ -18,6 +18,7 @@ use serde::{de, Deserialize, Deserializer};
 use crate::{
     config::{duration_field, parse_duration},
     datapath::DatapathError,
+    provision::{map, merr},
 };
 
 /// `"20/1s"`: `count` new flows per `per`.
@@ -274,23 +275,6 @@ pub fn limit_config(limits: Option<&Limits>, ncpus: u64) -> LimitConfig {
         c.global_unknown_tolerance_ns = c.global_interval_ns.saturating_mul(share - reserve);
     }
     c
-}
-
-fn merr(name: &'static str) -> impl Fn(MapError) -> DatapathError {
-    move |e| DatapathError::Map {
-        name,
-        message: e.to_string(),
-    }
-}
-
-fn map<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut aya::maps::Map, DatapathError> {
-    ebpf.map_mut(name).ok_or(DatapathError::Map {
-        name,
-        message: "not in the eBPF object".into(),
-    })
 }
 
 /// Writes `LIMIT_CFG` and `LIMIT_EXEMPT` from the config. When the limits change, the buckets

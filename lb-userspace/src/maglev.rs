@@ -278,26 +278,12 @@ pub fn step_past_down(table: &[u32], up: impl Fn(u32) -> bool) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::splitmix::SplitMix64;
+
     use super::*;
 
-    /// splitmix64 (Steele, Lea, Flood 2014): fixed-seed test inputs, so failures reproduce.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49ea_3312_eb13);
-            z ^ (z >> 31)
-        }
-        /// Uniform in lo..=hi.
-        fn range(&mut self, lo: u32, hi: u32) -> u32 {
-            lo + (self.next() % (u64::from(hi - lo) + 1)) as u32
-        }
-    }
-
     /// `n` distinct random ids in 0..=max_id with weights in 1..=100.
-    fn random_nodes(rng: &mut Rng, n: usize, max_id: u32) -> Vec<(u32, u32)> {
+    fn random_nodes(rng: &mut SplitMix64, n: usize, max_id: u32) -> Vec<(u32, u32)> {
         let mut ids = std::collections::BTreeSet::new();
         while ids.len() < n {
             ids.insert(rng.range(0, max_id));
@@ -329,7 +315,7 @@ mod tests {
     /// no slot names anything else.
     #[test]
     fn shares_follow_weights_over_1000_random_sets() {
-        let mut rng = Rng(1);
+        let mut rng = SplitMix64(1);
         let (mut worst_pp, mut worst_slots) = (0.0f64, 0.0f64);
         for round in 0..1000 {
             // Mostly small tables to keep the debug build's run short; every 50th at the
@@ -424,7 +410,7 @@ mod tests {
     /// Two builds from the same config in different file order are identical.
     #[test]
     fn same_config_in_any_order_gives_the_same_table() {
-        let mut rng = Rng(3);
+        let mut rng = SplitMix64(3);
         for _ in 0..20 {
             let n = rng.range(2, 127) as usize;
             let mut nodes = random_nodes(&mut rng, n, 1_000_000);
@@ -442,7 +428,7 @@ mod tests {
     /// the default size, REMOVAL_BOUND_ANY at smaller ones.
     #[test]
     fn removing_a_node_moves_its_slots_and_few_others() {
-        let mut rng = Rng(4);
+        let mut rng = SplitMix64(4);
         let (mut worst_default, mut worst_any) = (0.0f64, 0.0f64);
         for round in 0..80 {
             let (n, size) = match round % 4 {
@@ -492,7 +478,7 @@ mod tests {
     /// spread over the up nodes by weight.
     #[test]
     fn step_past_down_moves_only_down_slots() {
-        let mut rng = Rng(5);
+        let mut rng = SplitMix64(5);
         for _ in 0..50 {
             let n = rng.range(2, 127);
             let nodes = random_nodes(&mut rng, n as usize, u32::MAX);
@@ -547,7 +533,7 @@ mod tests {
     /// first to a node of D2 \ D1.
     #[test]
     fn nested_down_sets_disagree_only_where_they_must() {
-        let mut rng = Rng(6);
+        let mut rng = SplitMix64(6);
         for _ in 0..50 {
             let n = rng.range(3, 127);
             let nodes = random_nodes(&mut rng, n as usize, 1 << 20);

@@ -46,7 +46,8 @@ pub fn port_wire(port: u16) -> u16 {
     port.to_be()
 }
 
-fn merr(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+/// Turns an aya map error on map `name` into the agent's error naming that map.
+pub(crate) fn merr(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |e| DatapathError::Map {
         name,
         message: e.to_string(),
@@ -494,7 +495,8 @@ fn stable_indices<K: Ord + Copy>(
     out
 }
 
-fn map<'a>(
+/// The map `name` of the loaded object, or an error naming it.
+pub(crate) fn map<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut aya::maps::Map, DatapathError> {

@@ -63,16 +63,23 @@ fn no_xdp_within_2s(lab: &Lab) {
     }
 }
 
+/// A one-node bed whose agent attached, carried traffic and stopped cleanly, leaving its
+/// pinned datapath running without an agent.
+fn agent_came_and_went(tag: &str) -> Bed {
+    let bed = Bed::up(tag, 1);
+    bed.write_config("");
+    let agent = AgentProc::start(&bed.lab, &bed.cfg, &[]);
+    std::thread::sleep(Duration::from_millis(1000));
+    warm_up(&bed.lab.client.name, 1);
+    assert!(agent.terminate().expect("exits").success());
+    bed
+}
+
 #[test]
 fn stats_and_detach_take_the_config_file() {
-    let bed = Bed::up("cf", 1);
+    let bed = agent_came_and_went("cf");
     let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
-    write(&cfg, &lab.cidlb_config(pins.0.to_str().unwrap(), ""));
-    let agent = AgentProc::start(lab, &cfg, &[]);
-    std::thread::sleep(Duration::from_millis(1000));
-    warm_up(&lab.client.name, 1);
-    // The agent stops; the pinned datapath keeps forwarding and counting.
-    assert!(agent.terminate().expect("exits").success());
+    // The agent stopped; the pinned datapath keeps forwarding and counting.
     let echoed = cid_traffic(lab, 20);
     assert_eq!(echoed, 20);
 
@@ -192,15 +199,25 @@ fn run_expecting_failure(lab: &Lab, cfg: &Path) -> (Option<i32>, String) {
     (code, std::fs::read_to_string(&err).unwrap_or_default())
 }
 
+/// A refused `cidlb run` left the running datapath alone: the same programs on the links,
+/// still forwarding CID traffic.
+fn assert_still_running(lab: &Lab, running: &BTreeMap<String, u32>) {
+    assert_eq!(
+        &xdp_prog_ids(lab),
+        running,
+        "the running datapath was touched"
+    );
+    assert_eq!(
+        cid_traffic(lab, 20),
+        20,
+        "the running datapath must keep forwarding"
+    );
+}
+
 #[test]
 fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
-    let bed = Bed::up("ly", 1);
+    let bed = agent_came_and_went("ly");
     let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
-    write(&cfg, &lab.cidlb_config(pins.0.to_str().unwrap(), ""));
-    let agent = AgentProc::start(lab, &cfg, &[]);
-    std::thread::sleep(Duration::from_millis(1000));
-    warm_up(&lab.client.name, 1);
-    assert!(agent.terminate().expect("exits").success());
     let running = xdp_prog_ids(lab);
     assert_eq!(running.len(), 2, "{running:?}");
     let c = cfg.display().to_string();
@@ -236,16 +253,7 @@ fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
     ] {
         assert!(err.contains(&want), "lacks {want:?}:\n{err}");
     }
-    assert_eq!(
-        xdp_prog_ids(lab),
-        running,
-        "the running datapath was touched"
-    );
-    assert_eq!(
-        cid_traffic(lab, 20),
-        20,
-        "the running datapath must keep forwarding"
-    );
+    assert_still_running(lab, &running);
 
     // No LAYOUT beside a pinned STATS: what cidlb pinned before it had one (layout 0).
     std::fs::remove_file(pins.0.join("LAYOUT")).unwrap();
@@ -257,16 +265,7 @@ fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
         lb_common::LAYOUT_VERSION
     );
     assert!(err.contains(&want), "lacks {want:?}:\n{err}");
-    assert_eq!(
-        xdp_prog_ids(lab),
-        running,
-        "the running datapath was touched"
-    );
-    assert_eq!(
-        cid_traffic(lab, 20),
-        20,
-        "the running datapath must keep forwarding"
-    );
+    assert_still_running(lab, &running);
     // `cidlb stats` refuses to misread it too.
     let o = Command::new(env!("CARGO_BIN_EXE_cidlb"))
         .args(["stats", "--config", &c])

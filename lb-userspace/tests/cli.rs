@@ -145,18 +145,22 @@ fn explain_loads_a_tiny_flow_table_and_rejects_bad_hex() {
             .replace("cidlbnosuch0", "lo")
             .replace("pin_dir", "flows: {capacity: 4194304}\npin_dir"),
     );
+    // One client datagram to the IPv4 VIP, its UDP payload in hex.
+    let explain = |payload: &str| {
+        cidlb(&[
+            "explain",
+            "--config",
+            p.to_str().unwrap(),
+            "--src",
+            "198.51.100.7:40000",
+            "--dst",
+            "192.0.2.10:5684",
+            "--payload",
+            payload,
+        ])
+    };
     let t0 = std::time::Instant::now();
-    let o = cidlb(&[
-        "explain",
-        "--config",
-        p.to_str().unwrap(),
-        "--src",
-        "198.51.100.7:40000",
-        "--dst",
-        "192.0.2.10:5684",
-        "--payload",
-        "19fefd000100000000000101a1a2a3a4a50000",
-    ]);
+    let o = explain("19fefd000100000000000101a1a2a3a4a50000");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", stderr(&o));
     // The size as the kernel reports it for the loaded map.
@@ -170,17 +174,7 @@ fn explain_loads_a_tiny_flow_table_and_rejects_bad_hex() {
 
     // A DTLS 1.3 unified header with a CID naming node 1 (issue #12): routed by its CID, and
     // the format says which header matched.
-    let o = cidlb(&[
-        "explain",
-        "--config",
-        p.to_str().unwrap(),
-        "--src",
-        "198.51.100.7:40000",
-        "--dst",
-        "192.0.2.10:5684",
-        "--payload",
-        "3f01a1a2a3a4a55a170004abcdabcd",
-    ]);
+    let o = explain("3f01a1a2a3a4a55a170004abcdabcd");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(

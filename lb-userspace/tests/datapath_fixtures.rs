@@ -189,6 +189,11 @@ fn fwd(ingress: &'static str, input: &Frame, output: &Frame, action: u32) -> Ste
     }
 }
 
+/// A client frame arriving on fxc and redirected out of fxn to `node` (MAC `mac`).
+fn redirect(input: &Frame, node: &str, mac: Mac) -> Step {
+    fwd("fxc", input, &to_node(input, node, mac), XDP_REDIRECT)
+}
+
 fn unchanged(ingress: &'static str, input: Vec<u8>, action: u32) -> Step {
     Step {
         pause_ms: 0,
@@ -207,6 +212,26 @@ fn cid(node: u8) -> Vec<u8> {
     )
 }
 
+/// A CID record from the client naming no configured node (`p`, to the IPv4 VIP): dropped
+/// under `unknown_node: drop`, routed by flow to node 1 under `unknown_node: flow`. `label`
+/// prefixes the case names.
+fn unknown_node_cases(label: &str, p: &Frame) -> [Case; 2] {
+    [
+        case(
+            format!("{label}unknown node, unknown_node: drop"),
+            vec![unchanged("fxc", p.bytes(), XDP_DROP)],
+            &[(DropCidUnknownNode, 1)],
+        ),
+        case(
+            format!("{label}unknown node, unknown_node: flow"),
+            vec![redirect(p, NODE1_4, NODE1_MAC)],
+            &[(CidUnknownNodeFlow, 1), (FlowNew, 1), (FwdRedirect, 1)],
+        )
+        .config("unknown_node: drop", "unknown_node: flow")
+        .nodes(&[(1, 1)]),
+    ]
+}
+
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     let hello = handshake_record(b"ClientHello with cookie");
@@ -216,12 +241,7 @@ fn cases() -> Vec<Case> {
     v.push(
         case(
             "cid to node 1 (IPv4)",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE1_4, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE1_4, NODE1_MAC)],
             &[(CidRouted, 1), (FwdRedirect, 1)],
         )
         .nodes(&[(1, 1)]),
@@ -230,12 +250,7 @@ fn cases() -> Vec<Case> {
     v.push(
         case(
             "cid to node 2 (IPv4)",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE2_4, NODE2_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE2_4, NODE2_MAC)],
             &[(CidRouted, 1), (FwdRedirect, 1)],
         )
         .nodes(&[(2, 1)]),
@@ -244,12 +259,7 @@ fn cases() -> Vec<Case> {
     v.push(
         case(
             "cid to node 2 (IPv6)",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE2_6, NODE2_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE2_6, NODE2_MAC)],
             &[(CidRouted, 1), (FwdRedirect, 1)],
         )
         .nodes(&[(2, 1)]),
@@ -258,12 +268,7 @@ fn cases() -> Vec<Case> {
     v.push(
         case(
             "cid to node 1 (IPv6)",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE1_6, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE1_6, NODE1_MAC)],
             &[(CidRouted, 1), (FwdRedirect, 1)],
         )
         .nodes(&[(1, 1)]),
@@ -279,12 +284,7 @@ fn cases() -> Vec<Case> {
         v.push(
             case(
                 format!("cid to node 1 with IHL {ihl}"),
-                vec![fwd(
-                    "fxc",
-                    &p,
-                    &to_node(&p, NODE1_4, NODE1_MAC),
-                    XDP_REDIRECT,
-                )],
+                vec![redirect(&p, NODE1_4, NODE1_MAC)],
                 &[(CidRouted, 1), (FwdRedirect, 1)],
             )
             .nodes(&[(1, 1)]),
@@ -303,12 +303,7 @@ fn cases() -> Vec<Case> {
     v.push(
         case(
             "node id at offset 2, 2 bytes (0x0102)",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE2_4, NODE2_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE2_4, NODE2_MAC)],
             &[(CidRouted, 1), (FwdRedirect, 1)],
         )
         .config(cfg_from, cfg_to)
@@ -318,25 +313,7 @@ fn cases() -> Vec<Case> {
 
     // Unknown node id.
     let p = client(VIP4, 5684, &cid(9));
-    v.push(case(
-        "unknown node, unknown_node: drop",
-        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
-        &[(DropCidUnknownNode, 1)],
-    ));
-    v.push(
-        case(
-            "unknown node, unknown_node: flow",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE1_4, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
-            &[(CidUnknownNodeFlow, 1), (FlowNew, 1), (FwdRedirect, 1)],
-        )
-        .config("unknown_node: drop", "unknown_node: flow")
-        .nodes(&[(1, 1)]),
-    );
+    v.extend(unknown_node_cases("", &p));
 
     // DTLS header truncated at every boundary. Shorter than type+version: not a CID record,
     // routed by flow. From type+version up to one byte short of 13 + cid_length: dropped.
@@ -346,12 +323,7 @@ fn cases() -> Vec<Case> {
         let c = if len < 3 {
             case(
                 format!("DTLS payload of {len} bytes: by flow"),
-                vec![fwd(
-                    "fxc",
-                    &p,
-                    &to_node(&p, NODE1_4, NODE1_MAC),
-                    XDP_REDIRECT,
-                )],
+                vec![redirect(&p, NODE1_4, NODE1_MAC)],
                 &[(FlowNew, 1), (FwdRedirect, 1)],
             )
             .nodes(&[(1, 1)])
@@ -364,12 +336,7 @@ fn cases() -> Vec<Case> {
         } else {
             case(
                 format!("tls12_cid record of exactly {len} bytes (empty content): routed"),
-                vec![fwd(
-                    "fxc",
-                    &p,
-                    &to_node(&p, NODE1_4, NODE1_MAC),
-                    XDP_REDIRECT,
-                )],
+                vec![redirect(&p, NODE1_4, NODE1_MAC)],
                 &[(CidRouted, 1), (FwdRedirect, 1)],
             )
             .nodes(&[(1, 1)])
@@ -391,12 +358,7 @@ fn cases() -> Vec<Case> {
     v.push(
         case(
             "type 25 with version FE FF: by flow",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE1_4, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE1_4, NODE1_MAC)],
             &[(CidBadVersion, 1), (FlowNew, 1), (FwdRedirect, 1)],
         )
         .nodes(&[(1, 1)]),
@@ -408,12 +370,7 @@ fn cases() -> Vec<Case> {
         v.push(
             case(
                 format!("port range edge {port} balanced"),
-                vec![fwd(
-                    "fxc",
-                    &p,
-                    &to_node(&p, NODE2_4, NODE2_MAC),
-                    XDP_REDIRECT,
-                )],
+                vec![redirect(&p, NODE2_4, NODE2_MAC)],
                 &[(CidRouted, 1), (FwdRedirect, 1)],
             )
             .nodes(&[(2, 1)]),
@@ -537,12 +494,7 @@ fn cases() -> Vec<Case> {
     v.push(
         case(
             "non-zero checksum, non-DTLS payload",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE1_4, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE1_4, NODE1_MAC)],
             &[(FlowNew, 1), (FwdRedirect, 1)],
         )
         .nodes(&[(1, 1)]),
@@ -611,10 +563,10 @@ fn cases() -> Vec<Case> {
         case(
             "a flow's second packet reaches its first packet's node",
             vec![
-                fwd("fxc", &a, &to_node(&a, NODE1_4, NODE1_MAC), XDP_REDIRECT),
-                fwd("fxc", &b, &to_node(&b, NODE2_4, NODE2_MAC), XDP_REDIRECT),
-                fwd("fxc", &a, &to_node(&a, NODE1_4, NODE1_MAC), XDP_REDIRECT),
-                fwd("fxc", &b, &to_node(&b, NODE2_4, NODE2_MAC), XDP_REDIRECT),
+                redirect(&a, NODE1_4, NODE1_MAC),
+                redirect(&b, NODE2_4, NODE2_MAC),
+                redirect(&a, NODE1_4, NODE1_MAC),
+                redirect(&b, NODE2_4, NODE2_MAC),
             ],
             &[(FlowNew, 2), (FlowHit, 2), (FwdRedirect, 4)],
         )
@@ -629,7 +581,7 @@ fn cases() -> Vec<Case> {
             } else {
                 (NODE2_4, NODE2_MAC)
             };
-            fwd("fxc", &p, &to_node(&p, n, m), XDP_REDIRECT)
+            redirect(&p, n, m)
         })
         .collect();
     v.push(
@@ -645,8 +597,8 @@ fn cases() -> Vec<Case> {
         case(
             "IPv6 flow is sticky",
             vec![
-                fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
-                fwd("fxc", &a, &to_node(&a, NODE1_6, NODE1_MAC), XDP_REDIRECT),
+                redirect(&a, NODE1_6, NODE1_MAC),
+                redirect(&a, NODE1_6, NODE1_MAC),
             ],
             &[(FlowNew, 1), (FlowHit, 1), (FwdRedirect, 2)],
         )
@@ -833,7 +785,7 @@ fn dtls13_cases(v: &mut Vec<Case>) {
                         "1.3 unified header C=1 S={} L={} to node 2 ({vip})",
                         s as u8, l as u8
                     ),
-                    vec![fwd("fxc", &p, &to_node(&p, node, NODE2_MAC), XDP_REDIRECT)],
+                    vec![redirect(&p, node, NODE2_MAC)],
                     &[(Cid13Routed, 1), (FwdRedirect, 1)],
                 )
                 .nodes(&[(2, 1)]),
@@ -849,12 +801,7 @@ fn dtls13_cases(v: &mut Vec<Case>) {
     v.push(
         case(
             "1.3 unified header without CID: by flow",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE1_4, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE1_4, NODE1_MAC)],
             &[(FlowNew, 1), (FwdRedirect, 1)],
         )
         .nodes(&[(1, 1)]),
@@ -885,12 +832,7 @@ fn dtls13_cases(v: &mut Vec<Case>) {
                     "1.3 C=1 S={} L={} header only ({min} bytes): routed",
                     s as u8, l as u8
                 ),
-                vec![fwd(
-                    "fxc",
-                    &p,
-                    &to_node(&p, NODE2_4, NODE2_MAC),
-                    XDP_REDIRECT,
-                )],
+                vec![redirect(&p, NODE2_4, NODE2_MAC)],
                 &[(Cid13Routed, 1), (FwdRedirect, 1)],
             )
             .nodes(&[(2, 1)]),
@@ -918,12 +860,7 @@ fn dtls13_cases(v: &mut Vec<Case>) {
     v.push(
         case(
             "1.3 node id at offset 2, 2 bytes (0x0102)",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE2_6, NODE2_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE2_6, NODE2_MAC)],
             &[(Cid13Routed, 1), (FwdRedirect, 1)],
         )
         .config(
@@ -935,25 +872,7 @@ fn dtls13_cases(v: &mut Vec<Case>) {
     );
     // Unknown node: same rules and counters as a tls12_cid record.
     let p = client(VIP4, 5684, &cid13(9, true, true));
-    v.push(case(
-        "1.3 unknown node, unknown_node: drop",
-        vec![unchanged("fxc", p.bytes(), XDP_DROP)],
-        &[(DropCidUnknownNode, 1)],
-    ));
-    v.push(
-        case(
-            "1.3 unknown node, unknown_node: flow",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE1_4, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
-            &[(CidUnknownNodeFlow, 1), (FlowNew, 1), (FwdRedirect, 1)],
-        )
-        .config("unknown_node: drop", "unknown_node: flow")
-        .nodes(&[(1, 1)]),
-    );
+    v.extend(unknown_node_cases("1.3 ", &p));
     // Disabled node: its CIDs follow unknown_node.
     let p = client(VIP4, 5684, &cid13(2, true, true));
     v.push(
@@ -974,18 +893,8 @@ fn dtls13_cases(v: &mut Vec<Case>) {
         case(
             "1.2 and 1.3 records in one config",
             vec![
-                fwd(
-                    "fxc",
-                    &p12,
-                    &to_node(&p12, NODE2_4, NODE2_MAC),
-                    XDP_REDIRECT,
-                ),
-                fwd(
-                    "fxc",
-                    &p13,
-                    &to_node(&p13, NODE1_6, NODE1_MAC),
-                    XDP_REDIRECT,
-                ),
+                redirect(&p12, NODE2_4, NODE2_MAC),
+                redirect(&p13, NODE1_6, NODE1_MAC),
             ],
             &[(CidRouted, 1), (Cid13Routed, 1), (FwdRedirect, 2)],
         )
@@ -997,18 +906,8 @@ fn dtls13_cases(v: &mut Vec<Case>) {
         case(
             "dtls.versions [1.2]: 1.3 record by flow, 1.2 record by CID",
             vec![
-                fwd(
-                    "fxc",
-                    &p13,
-                    &to_node(&p13, NODE1_6, NODE1_MAC),
-                    XDP_REDIRECT,
-                ),
-                fwd(
-                    "fxc",
-                    &p12,
-                    &to_node(&p12, NODE2_4, NODE2_MAC),
-                    XDP_REDIRECT,
-                ),
+                redirect(&p13, NODE1_6, NODE1_MAC),
+                redirect(&p12, NODE2_4, NODE2_MAC),
             ],
             &[(FlowNew, 1), (CidRouted, 1), (FwdRedirect, 2)],
         )
@@ -1019,12 +918,7 @@ fn dtls13_cases(v: &mut Vec<Case>) {
     v.push(
         case(
             "dtls.versions [1.2]: 1.3 record naming node 2 by flow",
-            vec![fwd(
-                "fxc",
-                &p13,
-                &to_node(&p13, NODE1_4, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p13, NODE1_4, NODE1_MAC)],
             &[(FlowNew, 1), (FwdRedirect, 1)],
         )
         .config(dtls, &with_versions("[\"1.2\"]"))
@@ -1034,12 +928,7 @@ fn dtls13_cases(v: &mut Vec<Case>) {
     v.push(
         case(
             "dtls.versions [1.3]: tls12_cid record by flow",
-            vec![fwd(
-                "fxc",
-                &p12,
-                &to_node(&p12, NODE1_4, NODE1_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p12, NODE1_4, NODE1_MAC)],
             &[(FlowNew, 1), (FwdRedirect, 1)],
         )
         .config(dtls, &with_versions("[1.3]"))
@@ -1051,12 +940,7 @@ fn dtls13_cases(v: &mut Vec<Case>) {
     v.push(
         case(
             "1.3 record then 1.2 record in one datagram: the first decides",
-            vec![fwd(
-                "fxc",
-                &p,
-                &to_node(&p, NODE2_4, NODE2_MAC),
-                XDP_REDIRECT,
-            )],
+            vec![redirect(&p, NODE2_4, NODE2_MAC)],
             &[(Cid13Routed, 1), (FwdRedirect, 1)],
         )
         .nodes(&[(2, 1)]),
@@ -1097,19 +981,14 @@ fn defect_cases(v: &mut Vec<Case>) {
     // idle > 450ms since last_seen. Packets every 120ms keep it for 720ms (before the fix
     // last_seen was refreshed only after 1s, so the flow expired at 480ms while busy).
     let a = client(VIP4, 5684, &handshake_record(b"ClientHello"));
-    let mut steps = vec![fwd(
-        "fxc",
-        &a,
-        &to_node(&a, NODE1_4, NODE1_MAC),
-        XDP_REDIRECT,
-    )];
+    let mut steps = vec![redirect(&a, NODE1_4, NODE1_MAC)];
     for _ in 0..6 {
-        let mut s = fwd("fxc", &a, &to_node(&a, NODE1_4, NODE1_MAC), XDP_REDIRECT);
+        let mut s = redirect(&a, NODE1_4, NODE1_MAC);
         s.pause_ms = 120;
         steps.push(s);
     }
     // Idle past timeout + refresh: re-pinned by round robin (node 2).
-    let mut s = fwd("fxc", &a, &to_node(&a, NODE2_4, NODE2_MAC), XDP_REDIRECT);
+    let mut s = redirect(&a, NODE2_4, NODE2_MAC);
     s.pause_ms = 700;
     steps.push(s);
     v.push(
@@ -1139,12 +1018,7 @@ fn defect_cases(v: &mut Vec<Case>) {
                 format!("node-side MTU 1280: oversized to {node} passed, cached or not"),
                 vec![
                     fwd("fxc", &big, &big_out, XDP_PASS),
-                    fwd(
-                        "fxc",
-                        &small,
-                        &to_node(&small, node, NODE1_MAC),
-                        XDP_REDIRECT,
-                    ),
+                    redirect(&small, node, NODE1_MAC),
                     fwd("fxc", &big, &big_out, XDP_PASS),
                 ],
                 &[(CidRouted, 3), (FwdKernelMtu, 2), (FwdRedirect, 1)],
@@ -1243,7 +1117,7 @@ fn defect_cases(v: &mut Vec<Case>) {
         case(
             "net.ipv6.conf.fxn.forwarding=0, next hop cached: reply passed untouched",
             vec![
-                fwd("fxc", &p, &to_node(&p, NODE1_6, NODE1_MAC), XDP_REDIRECT),
+                redirect(&p, NODE1_6, NODE1_MAC),
                 unchanged("fxn", r.bytes(), XDP_PASS),
             ],
             &[(CidRouted, 1), (FwdRedirect, 1), (PassFwdDisabled, 1)],
@@ -1397,7 +1271,7 @@ fn relay_cases(v: &mut Vec<Case>) {
         case(
             "cached next hop: genuine reply un-NATed, forged one dropped",
             vec![
-                fwd("fxc", &p, &to_node(&p, NODE1_4, NODE1_MAC), XDP_REDIRECT),
+                redirect(&p, NODE1_4, NODE1_MAC),
                 fwd("fxn", &r, &unnat(&r, VIP4, 5684), XDP_REDIRECT),
                 unchanged("fxc", f.bytes(), XDP_DROP),
             ],

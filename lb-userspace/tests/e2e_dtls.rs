@@ -9,7 +9,7 @@ mod common;
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use common::agent::{cidlb, json_counter, AgentProc, PinGuard};
+use common::agent::{cidlb, json_counter, lab_up, write_lab_config, AgentProc, PinGuard};
 use lb_lab::{
     peer::{self, ClientRun},
     ChildGuard, Lab, NetNs,
@@ -26,6 +26,49 @@ fn server(ns: &NetNs, id: u32, extra: &[&str]) -> ChildGuard {
 
 fn client(lab: &Lab, vip: &str, args: &[&str]) -> ClientRun {
     peer::client(&testpeer(), &lab.client, vip, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A control that must be able to fail: through `lab` (client args `proto` first), 4 sessions
+/// without rebinding work (`steady_msg` if not), so the control differs only in the
+/// rebinding; 6 sessions rebinding every 3 records mostly fail (`survived_msg` if all pass),
+/// at least 3 of them.
+fn assert_control_fails_only_when_rebinding(
+    lab: &Lab,
+    proto: &[&str],
+    steady_msg: &str,
+    survived_msg: &str,
+) {
+    let steady = client(
+        lab,
+        &v4(),
+        &[proto, &["--sessions", "4", "--messages", "6"]].concat(),
+    );
+    assert!(steady.ok, "{steady_msg}: {:#}", steady.summary);
+    let run = client(
+        lab,
+        &v4(),
+        &[
+            proto,
+            &[
+                "--sessions",
+                "6",
+                "--messages",
+                "12",
+                "--rebind-every",
+                "3",
+                "--timeout-ms",
+                "300",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!run.ok, "{survived_msg}");
+    let failed = run.summary["failed"].as_u64().unwrap();
+    assert!(
+        failed >= 3,
+        "only {failed} of 6 rebinding sessions failed: {:#}",
+        run.summary
+    );
 }
 
 /// Every session ok, answered by exactly the node its server CID names, with `rebinds` rebinds.
@@ -76,8 +119,7 @@ fn setup_ids(tag: &str, ids: &[u32], extra_config: &str) -> Setup {
 
 /// As [`setup_ids`], the servers started with `server_args` (e.g. [`DTLS13`]).
 fn setup_peers(tag: &str, ids: &[u32], extra_config: &str, server_args: &[&str]) -> Setup {
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix(tag), ids.len()).unwrap_or_else(|e| panic!("{e}"));
+    let lab = lab_up(tag, ids.len());
     let servers = lab
         .nodes
         .iter()
@@ -86,11 +128,7 @@ fn setup_peers(tag: &str, ids: &[u32], extra_config: &str, server_args: &[&str])
         .collect();
     let pins = PinGuard::new(tag);
     let cfg = std::env::temp_dir().join(format!("cidlb-e2e-{tag}-{}.yaml", std::process::id()));
-    std::fs::write(
-        &cfg,
-        lab.cidlb_config(&pins.0.display().to_string(), extra_config),
-    )
-    .unwrap();
+    write_lab_config(&lab, &pins, &cfg, extra_config);
     let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(1200));
     Setup {
@@ -226,36 +264,11 @@ fn control_rebinding_fails_through_a_five_tuple_balancer() {
     let lab = Lab::up(&lb_lab::unique_prefix("ec"), 2).unwrap_or_else(|e| panic!("{e}"));
     let _servers = [server(&lab.nodes[0], 1, &[]), server(&lab.nodes[1], 2, &[])];
     lab.seed_iptables(false).unwrap_or_else(|e| panic!("{e}"));
-    // Without rebinding the same sessions work: the control differs only in the rebinding.
-    let steady = client(&lab, &v4(), &["--sessions", "4", "--messages", "6"]);
-    assert!(
-        steady.ok,
-        "without rebinding the 5-tuple balancer must work: {:#}",
-        steady.summary
-    );
-    let run = client(
+    assert_control_fails_only_when_rebinding(
         &lab,
-        &v4(),
-        &[
-            "--sessions",
-            "6",
-            "--messages",
-            "12",
-            "--rebind-every",
-            "3",
-            "--timeout-ms",
-            "300",
-        ],
-    );
-    assert!(
-        !run.ok,
-        "rebinding sessions survived a 5-tuple balancer: the e2e tests could not fail"
-    );
-    let failed = run.summary["failed"].as_u64().unwrap();
-    assert!(
-        failed >= 3,
-        "only {failed} of 6 rebinding sessions failed: {:#}",
-        run.summary
+        &[],
+        "without rebinding the 5-tuple balancer must work",
+        "rebinding sessions survived a 5-tuple balancer: the e2e tests could not fail",
     );
 }
 
@@ -360,44 +373,11 @@ fn control_dtls13_rebinding_fails_with_only_dtls12_routed_by_cid() {
     // rebinding client's new 5-tuple is a new flow, round robin sends it to the other node half
     // of the time, and that node has no session: the 1.3 test above can fail.
     let s = setup_peers("e13c", &[1, 2], "dtls: {versions: [\"1.2\"]}\n", DTLS13);
-    // Without rebinding the same sessions work: the control differs only in the rebinding.
-    let steady = client(
+    assert_control_fails_only_when_rebinding(
         &s.lab,
-        &v4(),
-        &[DTLS13, &["--sessions", "4", "--messages", "6"]].concat(),
-    );
-    assert!(
-        steady.ok,
-        "without rebinding 1.3 sessions must work by flow: {:#}",
-        steady.summary
-    );
-    let run = client(
-        &s.lab,
-        &v4(),
-        &[
-            DTLS13,
-            &[
-                "--sessions",
-                "6",
-                "--messages",
-                "12",
-                "--rebind-every",
-                "3",
-                "--timeout-ms",
-                "300",
-            ],
-        ]
-        .concat(),
-    );
-    assert!(
-        !run.ok,
-        "rebinding 1.3 sessions survived flow routing: the 1.3 e2e test could not fail"
-    );
-    let failed = run.summary["failed"].as_u64().unwrap();
-    assert!(
-        failed >= 3,
-        "only {failed} of 6 rebinding sessions failed: {:#}",
-        run.summary
+        DTLS13,
+        "without rebinding 1.3 sessions must work by flow",
+        "rebinding 1.3 sessions survived flow routing: the 1.3 e2e test could not fail",
     );
     let json = cidlb(&["stats", "--json", "--pin-dir", s.pins.0.to_str().unwrap()]);
     assert_eq!(json_counter(&json, "cid13_routed"), 0, "{json}");

@@ -11,27 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::agent::{cidlb, json_counter, AgentProc, PinGuard};
+use common::agent::{cidlb, json_counter, lab_up, write_lab_config, AgentProc, PinGuard};
 use lb_lab::{
     peer::{self, ClientRun},
     trafgen::{self, Trafgen},
     ChildGuard, Lab, NetNs,
 };
-
-fn testpeer() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>")
-        .join("cidlb-testpeer");
-    assert!(
-        p.exists(),
-        "{} is missing: run through `cargo xtask test` (or `cargo build -p lb-testpeer`)",
-        p.display()
-    );
-    p
-}
 
 /// Flood shape: at least 100,000 distinct sources at at least 50,000 per second.
 /// The fast flood: trafgen's TX_RING batches, 900,000 packets from random sources, at least
@@ -109,8 +94,7 @@ fn read_counters(ns: &NetNs) -> (u64, u64) {
 }
 
 fn up(tag: &str, extra_config: &str) -> Flood {
-    common::require_root();
-    let lab = Lab::up(&lb_lab::unique_prefix(tag), 2).unwrap_or_else(|e| panic!("{e}"));
+    let lab = lab_up(tag, 2);
     let dir = std::env::temp_dir().join(format!("cidlb-flood-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let servers = lab
@@ -119,16 +103,13 @@ fn up(tag: &str, extra_config: &str) -> Flood {
         .enumerate()
         .map(|(i, n)| {
             count_new_flows(n);
-            peer::server(&testpeer(), n, i as u32 + 1, &[], None).unwrap_or_else(|e| panic!("{e}"))
+            peer::server(&common::testpeer(), n, i as u32 + 1, &[], None)
+                .unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();
     let pins = PinGuard::new(tag);
     let cfg = dir.join("cidlb.yaml");
-    std::fs::write(
-        &cfg,
-        lab.cidlb_config(&pins.0.display().to_string(), extra_config),
-    )
-    .unwrap();
+    write_lab_config(&lab, &pins, &cfg, extra_config);
     let t0 = Instant::now();
     let agent = AgentProc::start(&lab, &cfg, &["--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(1200));
@@ -174,7 +155,7 @@ impl Flood {
     fn client(&self, name: &str, args: &[&str]) -> (ChildGuard, PathBuf) {
         let out = self.tmp.0.join(format!("{name}.json"));
         let g = peer::spawn_client(
-            &testpeer(),
+            &common::testpeer(),
             &self.lab.client,
             &lb_lab::VIP4_SOCKET.to_string(),
             args,

@@ -48,11 +48,7 @@ fn ask(sock: &UdpSocket, vip: SocketAddr, payload: &[u8]) -> Option<(u32, Socket
 fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     let mut bed = Bed::up("nf", 2);
     let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
-    std::fs::write(
-        &cfg,
-        lab.cidlb_config(&pins.0.display().to_string(), "flows: {capacity: 4096}\n"),
-    )
-    .unwrap();
+    bed.write_config("flows: {capacity: 4096}\n");
     let agent = AgentProc::start(lab, &cfg, &["--detach-on-exit"]);
     // Ready means attached: the file appeared only once XDP was on every interface.
     let ready = agent.ready_file.clone();

@@ -141,11 +141,7 @@ fn exchange(sock: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<SocketAd
 fn forged_node_replies_are_dropped_and_genuine_ones_still_work() {
     let mut bed = Bed::up("nr", 2);
     let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
-    std::fs::write(
-        &cfg,
-        lab.cidlb_config(&pins.0.display().to_string(), "flows: {capacity: 4096}\n"),
-    )
-    .unwrap();
+    bed.write_config("flows: {capacity: 4096}\n");
     let agent = AgentProc::start(lab, &cfg, &[]);
     // veth needs a moment after XDP attach before it forwards.
     thread::sleep(Duration::from_millis(1500));

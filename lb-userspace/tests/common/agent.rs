@@ -71,6 +71,18 @@ pub fn json_counter(json: &str, name: &str) -> u64 {
     lb_lab::agent::counter(&v, name).unwrap_or_else(|| panic!("{name} missing in {json}"))
 }
 
+/// A lab with `nodes` nodes, its namespace names unique to this test (`tag`); needs root.
+pub fn lab_up(tag: &str, nodes: usize) -> Lab {
+    crate::common::require_root();
+    Lab::up(&lb_lab::unique_prefix(tag), nodes).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Writes `lab`'s config ([`Lab::cidlb_config`]) with pins under `pins` and `extra` to `cfg`.
+pub fn write_lab_config(lab: &Lab, pins: &PinGuard, cfg: &Path, extra: &str) {
+    let text = lab.cidlb_config(&pins.0.display().to_string(), extra);
+    std::fs::write(cfg, text).unwrap();
+}
+
 /// One test's lab: an echo server on every node, a pin directory and a config path. Fields
 /// drop in order: servers, pins, then the namespaces.
 pub struct Bed {
@@ -82,8 +94,7 @@ pub struct Bed {
 
 impl Bed {
     pub fn up(tag: &str, nodes: usize) -> Self {
-        crate::common::require_root();
-        let lab = Lab::up(&lb_lab::unique_prefix(tag), nodes).unwrap_or_else(|e| panic!("{e}"));
+        let lab = lab_up(tag, nodes);
         let dir = std::env::temp_dir().join(format!("cidlb-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let echo = lab
@@ -98,5 +109,11 @@ impl Bed {
             cfg: dir.join("cidlb.yaml"),
             lab,
         }
+    }
+
+    /// Writes the lab's config ([`Lab::cidlb_config`]) with this bed's pins and `extra` to
+    /// [`Bed::cfg`].
+    pub fn write_config(&self, extra: &str) {
+        write_lab_config(&self.lab, &self.pins, &self.cfg, extra);
     }
 }
