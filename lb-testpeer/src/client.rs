@@ -50,6 +50,9 @@ macro_rules! errln {
     ($($arg:tt)*) => {{ let _ = writeln!(std::io::stderr(), $($arg)*); }};
 }
 
+/// The error a handshake ends with when it ran out of time (the library's timer or ours).
+pub(crate) const HANDSHAKE_TIMEOUT: &str = "handshake timeout";
+
 /// Retries of the same message after a timeout (so up to 1 + RETRIES attempts).
 const RETRIES: u32 = 3;
 /// Longest single wait slice, so Mbed TLS retransmission timers get serviced.
@@ -337,13 +340,31 @@ fn session<S: ClientSess>(o: &Opts, conf: &S::Conf, rep: &mut Report) -> Result<
         .push(sock.local_addr().map(|a| a.port()).unwrap_or(0));
     let mut sess = S::open(conf, sock.as_raw_fd(), o)?;
 
-    // Handshake, bounded in time.
+    // Handshake, bounded in time. A library that gives up on a flight (its retransmission
+    // timer at its maximum) starts over from a new port while time is left, as real clients
+    // retry a handshake.
     let start = Instant::now();
     let hs_deadline = start + (o.timeout * 5).max(S::MIN_HANDSHAKE);
-    while !sess.handshake()? {
+    loop {
+        match sess.handshake() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) if e.starts_with(HANDSHAKE_TIMEOUT) && o.bind.is_none() => {
+                if Instant::now() >= hs_deadline {
+                    return Err(e);
+                }
+                drop(sess);
+                sock = new_socket(o.server, o.bind).map_err(|e| format!("socket: {e}"))?;
+                rep.local_ports
+                    .push(sock.local_addr().map(|a| a.port()).unwrap_or(0));
+                sess = S::open(conf, sock.as_raw_fd(), o)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         let now = Instant::now();
         if now >= hs_deadline {
-            return Err("handshake timeout".into());
+            return Err(HANDSHAKE_TIMEOUT.into());
         }
         if let Some(wait) = sess.handshake_wait(now)? {
             wait_readable(&sock, (hs_deadline - now).min(wait).min(SLICE));

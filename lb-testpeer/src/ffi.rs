@@ -387,6 +387,15 @@ impl crate::client::ClientSess for Client {
         if r == 0 {
             return Ok(true);
         }
+        if r == self.c.timeout {
+            // Mbed TLS gave up after its retransmission timer reached its maximum (every
+            // copy of one flight lost): the caller may start over on a new port.
+            return Err(format!(
+                "{}: {}",
+                crate::client::HANDSHAKE_TIMEOUT,
+                strerror(r)
+            ));
+        }
         if r != self.c.want_read && r != self.c.want_write {
             return Err(format!("handshake failed: {}", strerror(r)));
         }
