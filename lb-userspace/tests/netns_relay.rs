@@ -361,7 +361,15 @@ fn forged_node_replies_during_real_dtls_sessions() {
         "forged frames reached node 2: {:?}",
         at_node2.first()
     );
-    assert_eq!(json_counter(&json, "drop_forged_reply"), forged, "{json}");
+    // Frames forged before the balancer has resolved node 1's neighbour entry (the sessions
+    // are only starting) cannot have their MAC checked and are dropped as
+    // drop_reply_no_neigh (fail closed); every other one as drop_forged_reply.
+    let (forged_drops, no_neigh) = (
+        json_counter(&json, "drop_forged_reply"),
+        json_counter(&json, "drop_reply_no_neigh"),
+    );
+    assert_eq!(forged_drops + no_neigh, forged, "{json}");
+    assert!(forged_drops >= forged / 2, "{json}");
     assert!(json_counter(&json, "cid_routed") >= 2 * 12 * 40, "{json}");
     let _ = std::fs::remove_file(&cfg);
 }
