@@ -2,11 +2,10 @@
 //!
 //! The kernel runs a program `repeat` times on the same buffer without restoring it. A packet
 //! the program rewrites would take another path from the second run on, so the forwarding
-//! paths (CID routed, new flow, known flow, reply) are measured in shadow mode: parsing, VIP
-//! and port lookup, CID decoding, flow table, node lookup and bpf_fib_lookup all run, but the
-//! header writes (addresses, ports, checksums, TTL, MACs) and the redirect do not. Pass and
-//! drop paths change nothing and run as they are. "New flow" uses a 1 ns idle timeout, so
-//! every run re-pins its flow: a lookup, a round-robin pick and a table update.
+//! paths (CID routed, known flow, reply) are measured in shadow mode: parsing, VIP and port
+//! lookup, CID decoding, flow table, node lookup and bpf_fib_lookup all run, but the header
+//! writes (addresses, ports, checksums, TTL, MACs) and the redirect do not. Pass and drop paths
+//! change nothing and run as they are.
 //!
 //! One frame repeated hits one hot hash bucket and one hot cache line per map, which hides
 //! what many clients cost. The growth series therefore also ROTATE over many distinct frames
@@ -15,8 +14,13 @@
 //! run_time_ns / run_cnt, the same figure the lab reads for cidlb and the bare redirect). The
 //! floor is rotated over the same frames, in the same rounds, so both carry the accounting's
 //! own overhead (two sched_clock reads) alike.
+//!
+//! A new flow is only measured rotating: every pass takes clients no earlier pass sent, so
+//! each frame finds no flow and pins one (one frame repeated is one flow, known from its
+//! second run on; the datapath's clock is the coarse one, so not even a 1 ns idle timeout
+//! expires it between runs).
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{cell::Cell, net::IpAddr, path::Path};
 
 use anyhow::{anyhow, bail, Result};
 use aya::maps::HashMap;
@@ -61,12 +65,9 @@ fn config_with(nodes: u32, capacity: u32, extra: &str) -> Result<Config> {
 }
 
 /// A loaded, provisioned datapath in one of the measuring modes.
-fn datapath(cfg: &Config, shadow: bool, always_new: bool, ifindexes: &[u32]) -> Result<Datapath> {
+fn datapath(cfg: &Config, shadow: bool, ifindexes: &[u32]) -> Result<Datapath> {
     let mut cfg = cfg.clone();
     cfg.shadow = shadow;
-    if always_new {
-        cfg.flows.idle_timeout = Duration::from_nanos(1);
-    }
     let mut dp = Datapath::load(&cfg)?;
     provision::provision(&mut dp.ebpf, &cfg, ifindexes, &|_| true)?;
     Ok(dp)
@@ -76,6 +77,8 @@ struct Frames {
     cid: Vec<u8>,
     cid13: Vec<u8>,
     hello: Vec<u8>,
+    /// The same client's hello from another source port.
+    hello_other: Vec<u8>,
     reply: Vec<u8>,
     other_port: Vec<u8>,
     malformed: Vec<u8>,
@@ -102,6 +105,16 @@ fn frames() -> Frames {
             &unified_record(Some(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4]), true, true, &body),
         ),
         hello: client(PORT, &handshake_record(&body)),
+        hello_other: Frame::udp(
+            CLIENT_MAC,
+            FXC_MAC,
+            ip(CLIENT4),
+            40001,
+            ip(VIP4),
+            PORT,
+            &handshake_record(&body),
+        )
+        .bytes(),
         // From node 1's own MAC (its neighbour entry in `add_nodes`): the datapath un-NATs
         // only replies that arrive from the node's next hop.
         reply: Frame::udp(
@@ -119,9 +132,12 @@ fn frames() -> Frames {
     }
 }
 
-/// Adds the bench nodes' subnet and a permanent neighbour for each, so FIB lookups succeed.
+/// Adds the bench nodes' subnet and a permanent neighbour for each, so FIB lookups succeed,
+/// and a route to the rotating clients (10.0.0.0/8, see [`clients`]) via the client router.
 fn add_nodes(ns: &NetNs, nodes: u32) -> Result<()> {
     ns.ip("addr add 198.18.255.254/16 dev fxn")
+        .map_err(|e| anyhow!(e))?;
+    ns.ip(&format!("route add 10.0.0.0/8 via {CLIENT4} dev fxc"))
         .map_err(|e| anyhow!(e))?;
     let mut batch = String::new();
     for k in 1..=nodes {
@@ -207,15 +223,10 @@ const CID13_ROUTED: Expect = Expect {
         Counter::ShadowPass,
     ],
 };
-/// 1 ns idle timeout: the flow is there but expired, so it is re-pinned.
+/// A client no earlier pass sent: no flow yet, so one is pinned.
 const NEW_FLOW: Expect = Expect {
     action: XDP_PASS,
-    counters: &[
-        Counter::PacketsSeen,
-        Counter::FlowNew,
-        Counter::FlowExpired,
-        Counter::ShadowPass,
-    ],
+    counters: &[Counter::PacketsSeen, Counter::FlowNew, Counter::ShadowPass],
 };
 const KNOWN_FLOW: Expect = Expect {
     action: XDP_PASS,
@@ -366,9 +377,57 @@ struct Rotation<'a> {
     ebpf: &'a Ebpf,
     program: &'static str,
     frames: &'a [Vec<u8>],
+    /// `Some(n)`: every pass takes the next `n` frames, never sent before (new flows);
+    /// `None`: every pass sends all of `frames`.
+    fresh: Option<usize>,
+    passes: Cell<usize>,
     ingress: u32,
     expect: Expect,
     samples: Vec<f64>,
+}
+
+impl<'a> Rotation<'a> {
+    fn new(
+        path: &'static str,
+        (ebpf, program): (&'a Ebpf, &'static str),
+        frames: &'a [Vec<u8>],
+        ingress: u32,
+        expect: Expect,
+    ) -> Self {
+        Rotation {
+            path,
+            ebpf,
+            program,
+            frames,
+            fresh: None,
+            passes: Cell::new(0),
+            ingress,
+            expect,
+            samples: Vec::new(),
+        }
+    }
+
+    /// Each pass sends `n` frames none of the earlier passes sent.
+    fn fresh(mut self, n: usize) -> Self {
+        self.fresh = Some(n);
+        self
+    }
+
+    /// The frames of the next pass.
+    fn next_frames(&self) -> Result<&'a [Vec<u8>]> {
+        let k = self.passes.get();
+        self.passes.set(k + 1);
+        match self.fresh {
+            None => Ok(self.frames),
+            Some(n) => self.frames.get(k * n..(k + 1) * n).ok_or_else(|| {
+                anyhow!(
+                    "rotating {:?}: no unsent frames left for pass {}",
+                    self.path,
+                    k + 1
+                )
+            }),
+        }
+    }
 }
 
 /// The program's run time and run count so far (BPF_OBJ_GET_INFO_BY_FD; counted while
@@ -387,8 +446,9 @@ impl Rotation<'_> {
     /// kernel did not count exactly one run per frame (accounting off, or another user of
     /// the program) or a frame took another action.
     fn pass(&self) -> Result<f64> {
+        let frames = self.next_frames()?;
         let (t0, n0) = prog_stats(self.ebpf, self.program)?;
-        for frame in self.frames {
+        for frame in frames {
             let r = testrun::run_program(self.ebpf, self.program, frame, self.ingress, 1)?;
             if r.action != self.expect.action {
                 bail!(
@@ -401,12 +461,12 @@ impl Rotation<'_> {
         }
         let (t1, n1) = prog_stats(self.ebpf, self.program)?;
         let runs = n1.wrapping_sub(n0);
-        if runs != self.frames.len() as u64 {
+        if runs != frames.len() as u64 {
             bail!(
                 "rotating {:?}: the kernel counted {runs} runs for {} frames (is \
                  kernel.bpf_stats_enabled accounting on?)",
                 self.path,
-                self.frames.len()
+                frames.len()
             );
         }
         Ok(t1.wrapping_sub(t0) as f64 / runs as f64)
@@ -425,7 +485,7 @@ impl Rotation<'_> {
         let before = snap()?;
         self.pass()?;
         let after = snap()?;
-        let n = self.frames.len() as u64;
+        let n = self.fresh.unwrap_or(self.frames.len()) as u64;
         for &c in Counter::ALL {
             let moved = match (&before, &after) {
                 (Some(b), Some(a)) => a.get(c).wrapping_sub(b.get(c)),
@@ -463,16 +523,25 @@ fn measure_rotating(cases: &mut [Rotation<'_>], effort: Effort) -> Result<()> {
     Ok(())
 }
 
+/// Rotating client `i`'s address, in 10.0.0.0/8.
+fn client_addr(i: u64) -> IpAddr {
+    IpAddr::from([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8])
+}
+
+/// Rotating client `i`'s source port.
+fn client_port(i: u64) -> u16 {
+    1024 + (i % 60000) as u16
+}
+
 /// `n` distinct clients (source address and port) sending `payload(i)` to the VIP.
 fn clients(n: u64, payload: impl Fn(u64) -> Vec<u8>) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
-            let src = IpAddr::from([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8]);
             Frame::udp(
                 CLIENT_MAC,
                 FXC_MAC,
-                src,
-                1024 + (i % 60000) as u16,
+                client_addr(i),
+                client_port(i),
                 ip(VIP4),
                 PORT,
                 &payload(i),
@@ -509,7 +578,7 @@ fn rotation_records(
             let (med, min, max) = stats(&c.samples);
             json!({
                 "part": "prog", "series": series, "path": c.path, "how": "rotating, bpf_stats",
-                "nodes": nodes, "flows": flows, "frames": c.frames.len(),
+                "nodes": nodes, "flows": flows, "frames": c.fresh.unwrap_or(c.frames.len()),
                 "median_ns": med, "min_ns": min, "max_ns": max,
                 "ratio_to_floor": if floor > 0.0 { med / floor } else { 0.0 },
                 "rounds": effort.rounds,
@@ -519,54 +588,41 @@ fn rotation_records(
 }
 
 /// The growth series, rotating over distinct frames and timed by the kernel's accounting.
+/// The cidlb program of a loaded datapath, for [`Rotation::new`].
+fn prog(dp: &Datapath) -> (&Ebpf, &'static str) {
+    (&dp.ebpf, names::PROGRAM)
+}
+
 fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()> {
-    let fxc = ifs[0];
+    let (fxc, fxn) = (ifs[0], ifs[1]);
     // Held for the whole part: the kernel accounts run time while this fd is open.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| anyhow!("BPF_ENABLE_STATS (run time accounting): {e}"))?;
     let floor_object = testrun::load_floor()?;
+    let floor = (&floor_object, names::FLOOR);
+    const CLIENTS: usize = 4096;
+    // New flows: a settling and a checked pass, then one pass per round, each of clients no
+    // pass sent before (the flow tables below hold them all).
+    let new = clients(((effort.rounds + 2) * CLIENTS) as u64, hello);
     // Nodes: CID records naming every node in turn, and new flows from as many clients.
     for nodes in [2u32, 16, 64, 256] {
         let cfg = config(nodes, 65536)?;
-        let shadow = datapath(&cfg, true, false, ifs)?;
-        let fresh = datapath(&cfg, true, true, ifs)?;
-        let cid = clients(4096, cid_for(nodes));
-        let new = clients(4096, hello);
+        let shadow = datapath(&cfg, true, ifs)?;
+        let limited = datapath(&config_with(nodes, 65536, LIMITS_OPEN)?, true, ifs)?;
+        let cid = clients(CLIENTS as u64, cid_for(nodes));
         let mut cases = vec![
-            Rotation {
-                path: "empty program (floor)",
-                ebpf: &floor_object,
-                program: names::FLOOR,
-                frames: &cid,
-                ingress: fxc,
-                expect: FLOOR,
-                samples: Vec::new(),
-            },
-            Rotation {
-                path: "CID record routed",
-                ebpf: &shadow.ebpf,
-                program: names::PROGRAM,
-                frames: &cid,
-                ingress: fxc,
-                expect: CID_ROUTED,
-                samples: Vec::new(),
-            },
-            Rotation {
-                path: "new flow",
-                ebpf: &fresh.ebpf,
-                program: names::PROGRAM,
-                frames: &new,
-                ingress: fxc,
-                expect: NEW_FLOW,
-                samples: Vec::new(),
-            },
+            Rotation::new("empty program (floor)", floor, &cid, fxc, FLOOR),
+            Rotation::new("CID record routed", prog(&shadow), &cid, fxc, CID_ROUTED),
+            Rotation::new("new flow", prog(&shadow), &new, fxc, NEW_FLOW).fresh(CLIENTS),
+            Rotation::new("new flow, limits on", prog(&limited), &new, fxc, NEW_FLOW)
+                .fresh(CLIENTS),
         ];
         measure_rotating(&mut cases, effort)?;
         out.extend(rotation_records(
             &cases,
             "rotate_nodes",
             nodes,
-            4096,
+            CLIENTS as u64,
             effort,
         ));
         eprintln!("  rotating, {nodes} nodes done");
@@ -578,8 +634,8 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
     }
     for flows in sizes {
         let cfg = config(2, (2 * flows).max(4096) as u32)?;
-        let shadow = datapath(&cfg, true, false, ifs)?;
-        let plain = datapath(&cfg, false, false, ifs)?;
+        let shadow = datapath(&cfg, true, ifs)?;
+        let plain = datapath(&cfg, false, ifs)?;
         let known = clients(flows, hello);
         // Not ours: the same clients to a port the VIP does not serve.
         let other: Vec<Vec<u8>> = (0..flows)
@@ -587,8 +643,8 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
                 Frame::udp(
                     CLIENT_MAC,
                     FXC_MAC,
-                    IpAddr::from([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8]),
-                    1024 + (i % 60000) as u16,
+                    client_addr(i),
+                    client_port(i),
                     ip(VIP4),
                     9999,
                     &[0xab; 64],
@@ -597,43 +653,27 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
             })
             .collect();
         let cid = clients(flows, cid_for(2));
+        // Node 1 answering each of those clients, from its own MAC.
+        let replies: Vec<Vec<u8>> = (0..flows)
+            .map(|i| {
+                Frame::udp(
+                    [2, 0, 0, 1, 0, 1],
+                    FXN_MAC,
+                    ip(&node_addr(1)),
+                    PORT,
+                    client_addr(i),
+                    client_port(i),
+                    &[0xab; 64],
+                )
+                .bytes()
+            })
+            .collect();
         let mut cases = vec![
-            Rotation {
-                path: "empty program (floor)",
-                ebpf: &floor_object,
-                program: names::FLOOR,
-                frames: &cid,
-                ingress: fxc,
-                expect: FLOOR,
-                samples: Vec::new(),
-            },
-            Rotation {
-                path: "known flow",
-                ebpf: &shadow.ebpf,
-                program: names::PROGRAM,
-                frames: &known,
-                ingress: fxc,
-                expect: KNOWN_FLOW,
-                samples: Vec::new(),
-            },
-            Rotation {
-                path: "CID record routed",
-                ebpf: &shadow.ebpf,
-                program: names::PROGRAM,
-                frames: &cid,
-                ingress: fxc,
-                expect: CID_ROUTED,
-                samples: Vec::new(),
-            },
-            Rotation {
-                path: "non-VIP port, passed",
-                ebpf: &plain.ebpf,
-                program: names::PROGRAM,
-                frames: &other,
-                ingress: fxc,
-                expect: NOT_VIP,
-                samples: Vec::new(),
-            },
+            Rotation::new("empty program (floor)", floor, &cid, fxc, FLOOR),
+            Rotation::new("known flow", prog(&shadow), &known, fxc, KNOWN_FLOW),
+            Rotation::new("reply un-NAT", prog(&shadow), &replies, fxn, REPLY),
+            Rotation::new("CID record routed", prog(&shadow), &cid, fxc, CID_ROUTED),
+            Rotation::new("non-VIP port, passed", prog(&plain), &other, fxc, NOT_VIP),
         ];
         measure_rotating(&mut cases, effort)?;
         out.extend(rotation_records(&cases, "rotate_flows", 2, flows, effort));
@@ -666,14 +706,15 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
 
     // The main table: every path at 2 nodes, one flow.
     let cfg = config(2, 4096)?;
-    let plain = datapath(&cfg, false, false, &ifs)?;
+    let plain = datapath(&cfg, false, &ifs)?;
     let floor_object = testrun::load_floor()?;
-    let shadow = datapath(&cfg, true, false, &ifs)?;
-    let fresh = datapath(&cfg, true, true, &ifs)?;
+    let shadow = datapath(&cfg, true, &ifs)?;
     let open = config_with(2, 4096, LIMITS_OPEN)?;
-    let shadow_limited = datapath(&open, true, false, &ifs)?;
-    let fresh_limited = datapath(&open, true, true, &ifs)?;
-    let shut = datapath(&config_with(2, 4096, LIMITS_SHUT)?, true, true, &ifs)?;
+    let shadow_limited = datapath(&open, true, &ifs)?;
+    let shut = datapath(&config_with(2, 4096, LIMITS_SHUT)?, true, &ifs)?;
+    // The client's one token goes to another of its ports: the timed frame is over the limit
+    // from its first run, so it never pins a flow.
+    testrun::run_program(&shut.ebpf, names::PROGRAM, &f.hello_other, fxc, 1)?;
     let (prog, floor) = (names::PROGRAM, names::FLOOR);
     let mut cases = vec![
         Case::new(
@@ -698,26 +739,8 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
             fxc,
         ),
         Case::new(
-            ("new flow", "shadow, re-pinned every run", NEW_FLOW),
-            &fresh.ebpf,
-            prog,
-            &f.hello,
-            fxc,
-        ),
-        Case::new(
             ("known flow", "shadow", KNOWN_FLOW),
             &shadow.ebpf,
-            prog,
-            &f.hello,
-            fxc,
-        ),
-        Case::new(
-            (
-                "new flow, limits on",
-                "shadow, re-pinned every run, admitted",
-                NEW_FLOW,
-            ),
-            &fresh_limited.ebpf,
             prog,
             &f.hello,
             fxc,
@@ -732,7 +755,7 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         Case::new(
             (
                 "new flow over the limit, dropped",
-                "shadow (dropped before it)",
+                "as is (dropped before the flow table)",
                 OVER_LIMIT,
             ),
             &shut.ebpf,
@@ -772,24 +795,14 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
     // Growth with the number of nodes.
     for nodes in [2u32, 16, 64, 256] {
         let cfg = config(nodes, 4096)?;
-        let shadow = datapath(&cfg, true, false, &ifs)?;
-        let fresh = datapath(&cfg, true, true, &ifs)?;
-        let mut cases = vec![
-            Case::new(
-                ("CID record routed", "shadow", CID_ROUTED),
-                &shadow.ebpf,
-                prog,
-                &f.cid,
-                fxc,
-            ),
-            Case::new(
-                ("new flow", "shadow, re-pinned every run", NEW_FLOW),
-                &fresh.ebpf,
-                prog,
-                &f.hello,
-                fxc,
-            ),
-        ];
+        let shadow = datapath(&cfg, true, &ifs)?;
+        let mut cases = vec![Case::new(
+            ("CID record routed", "shadow", CID_ROUTED),
+            &shadow.ebpf,
+            prog,
+            &f.cid,
+            fxc,
+        )];
         measure(&mut cases, effort)?;
         for c in &cases {
             let mut r = record(c, floor_ns, nodes, 1, effort);
@@ -806,7 +819,7 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
     }
     for flows in sizes {
         let cfg = config(2, (2 * flows).max(4096) as u32)?;
-        let mut shadow = datapath(&cfg, true, false, &ifs)?;
+        let mut shadow = datapath(&cfg, true, &ifs)?;
         prefill(&mut shadow, flows.saturating_sub(1))?;
         let mut cases = vec![
             Case::new(
@@ -832,7 +845,6 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         }
         eprintln!("  {flows} flows done");
     }
-    let _ = fxn;
     run_rotating(&ifs, effort, &mut out)?;
     Ok(out)
 }

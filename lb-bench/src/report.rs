@@ -290,7 +290,18 @@ fn targets(records: &[Value]) -> String {
             let (rmin, rmax) = range(&ratios);
             let (nmin, nmax) = range(&ns);
             let flat = ns.is_empty() || nmax <= FLAT * nmin;
-            let ok = hot <= limit && (ratios.is_empty() || rmax <= limit) && flat;
+            // A path with no hot figure (a new flow cannot be repeated) is judged rotating.
+            let hot_ok = if hot.is_nan() {
+                !ratios.is_empty()
+            } else {
+                hot <= limit
+            };
+            let ok = hot_ok && (ratios.is_empty() || rmax <= limit) && flat;
+            let hot_cell = if hot.is_nan() {
+                "–".to_owned()
+            } else {
+                format!("{hot:.2}×")
+            };
             let rot_cell = if ratios.is_empty() {
                 "not rotated".to_owned()
             } else {
@@ -303,7 +314,7 @@ fn targets(records: &[Value]) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {path} | ≤ {limit}× | {hot:.2}× | {rot_cell} | {ns_cell} | {} | {} |",
+                "| {path} | ≤ {limit}× | {hot_cell} | {rot_cell} | {ns_cell} | {} | {} |",
                 if ns.is_empty() {
                     "–"
                 } else if flat {

@@ -200,7 +200,7 @@ pub struct FlowKey {
 pub struct Flow {
     pub node_id: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last packet.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC at tick resolution) of the last packet.
     pub last_seen_ns: u64,
 }
 
@@ -274,7 +274,7 @@ pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
-    /// `bpf_ktime_get_ns()` after which the entry is stale; 0 = empty.
+    /// `bpf_ktime_get_coarse_ns()` after which the entry is stale; 0 = empty.
     pub expires_ns: u64,
     pub ifindex: u32,
     pub smac: [u8; 6],

@@ -140,12 +140,12 @@ fn config_text(name: &str, policy: &str, body: &str) -> Result<Config> {
     Ok(cfg)
 }
 
-/// The kernel's clock (bpf_ktime_get_ns is CLOCK_MONOTONIC) before a frame runs. The kernel
-/// reads it a little later, inside the run, and fills `NEXTHOP` entries a little later than the
-/// reference thinks: while any entry is within `MARGIN` of expiring, wait, so that entry is
-/// plainly fresh or plainly stale for both.
+/// The kernel's clock (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC_COARSE, tick resolution)
+/// before a frame runs. The kernel reads it a little later, inside the run, and may see the
+/// next tick: while any entry is within `MARGIN` (more than a tick at HZ 100) of expiring,
+/// wait, so that entry is plainly fresh or plainly stale for both.
 fn steady_now(state: &State) -> u64 {
-    const MARGIN: u64 = 5_000_000;
+    const MARGIN: u64 = 25_000_000;
     loop {
         let now = monotonic_ns();
         let near = state
@@ -166,8 +166,8 @@ fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: clock_gettime writes the timespec it is given; the clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

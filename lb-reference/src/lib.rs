@@ -83,7 +83,7 @@ pub struct State {
     pub flows: HashMap<FlowKey, u32>,
     /// `NEXTHOP`: node slot * 2 + family index → cached next hop.
     pub nexthop: HashMap<u32, forward::CachedHop>,
-    /// The kernel's clock (CLOCK_MONOTONIC) when the frame runs, for `NEXTHOP`'s expiry. The
+    /// The kernel's coarse clock (CLOCK_MONOTONIC_COARSE) when the frame runs, for `NEXTHOP`'s expiry. The
     /// caller sets it, and runs no frame while a cached entry is about to expire.
     pub now_ns: u64,
 }
