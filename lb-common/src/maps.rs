@@ -26,13 +26,17 @@ pub const fn family_index(family: u8) -> u32 {
 /// to adopt pins of another layout (see `lb-userspace/src/layout.rs`). Version 0 is what cidlb
 /// pinned before it had a `LAYOUT` map. Version 2 is the first that landed: the `LAYOUT`,
 /// `NODE_ADDRS`, new-flow limit (`limits.rs`) and Maglev maps (version 1 never left development).
-pub const LAYOUT_VERSION: u32 = 2;
+/// Version 3 adds `NODE_IDS`.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
 pub const STATS_SLOTS: u32 = 128;
 
 /// Most nodes the datapath can hold (node slots, per-node counters, round-robin ring per family).
 pub const MAX_NODES: u32 = 1024;
+/// `NODE_IDS` slots: node ids below this are found by array index, larger ones (3- and 4-byte
+/// node ids) in the `NODES` hash.
+pub const NODE_ID_SLOTS: u32 = 65536;
 /// Most VIP addresses.
 pub const MAX_VIPS: u32 = 64;
 /// u64 words of one VIP's port bitmap (65536 ports / 64).
@@ -78,6 +82,8 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const NODE_STATS: &str = "NODE_STATS";
     pub const NODES: &str = "NODES";
+    /// Node id → node for ids below [`super::NODE_ID_SLOTS`]: what the datapath reads.
+    pub const NODE_IDS: &str = "NODE_IDS";
     pub const RING: &str = "RING";
     pub const RING_LEN: &str = "RING_LEN";
     pub const RR: &str = "RR";

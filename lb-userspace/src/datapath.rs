@@ -43,6 +43,7 @@ pub const MAP_NAMES: &[&str] = &[
     names::DEVMAP,
     names::NEXTHOP,
     names::NODE_ADDRS,
+    names::NODE_IDS,
     names::LAYOUT,
     lb_common::limits::LIMIT_CFG,
     lb_common::limits::SRC_BUCKETS,

@@ -20,7 +20,7 @@ use aya::{
 use lb_common::{
     family_index, names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, FAMILY_V4,
     FAMILY_V6, LAYOUT_VERSION, MAGLEV_CTL_EMPTY, MAGLEV_CTL_HALF0, MAGLEV_SIZE, MAX_NODES,
-    MAX_VIPS, NODE_F_V4, NODE_F_V6, PORT_WORDS,
+    MAX_VIPS, NODE_F_V4, NODE_F_V6, NODE_ID_SLOTS, PORT_WORDS,
 };
 
 use crate::{
@@ -244,6 +244,7 @@ pub fn nodes_and_rings(
             .max(),
     )?;
     let stale_nodes = insert_all(ebpf, names::NODES, &nodes)?;
+    node_ids(ebpf, nodes.iter().copied())?;
 
     {
         let [ring, len] = ebpf.maps_disjoint_mut([names::RING, names::RING_LEN]);
@@ -279,8 +280,23 @@ pub fn nodes_and_rings(
             write_maglev(ebpf, fi as u32, &table)?;
         }
     }
+    node_ids(ebpf, stale_nodes.iter().map(|&id| (id, Node::default())))?;
     remove_all::<u32, Node>(ebpf, names::NODES, stale_nodes)?;
     Ok(slots)
+}
+
+/// Mirrors `NODES` entries into `NODE_IDS` (ids below `NODE_ID_SLOTS`); a default `Node` (no
+/// family flag) there is no node.
+fn node_ids(
+    ebpf: &mut Ebpf,
+    nodes: impl Iterator<Item = (u32, Node)>,
+) -> Result<(), DatapathError> {
+    let mut ids: Array<_, Node> =
+        Array::try_from(map(ebpf, names::NODE_IDS)?).map_err(merr(names::NODE_IDS))?;
+    for (id, node) in nodes.filter(|&(id, _)| id < NODE_ID_SLOTS) {
+        ids.set(id, node, 0).map_err(merr(names::NODE_IDS))?;
+    }
+    Ok(())
 }
 
 /// The Maglev table new flows of one family use: built from `nodes` (the family's active
