@@ -371,6 +371,10 @@ fn record(c: &Case<'_>, floor: f64, nodes: u32, flows: u64, effort: Effort) -> V
     })
 }
 
+/// Fewest runs in one rotating pass: a series point with a single client still averages over
+/// this many runs.
+const MIN_RUNS: usize = 4096;
+
 /// A path measured by rotating over `frames`, timed by the kernel's run-time accounting.
 struct Rotation<'a> {
     path: &'static str,
@@ -413,7 +417,8 @@ impl<'a> Rotation<'a> {
         self
     }
 
-    /// The frames of the next pass.
+    /// The frames of the next pass (a pass runs at least [`MIN_RUNS`] frames: fewer distinct
+    /// ones are sent round and round).
     fn next_frames(&self) -> Result<&'a [Vec<u8>]> {
         let k = self.passes.get();
         self.passes.set(k + 1);
@@ -446,9 +451,11 @@ impl Rotation<'_> {
     /// kernel did not count exactly one run per frame (accounting off, or another user of
     /// the program) or a frame took another action.
     fn pass(&self) -> Result<f64> {
-        let frames = self.next_frames()?;
+        let distinct = self.next_frames()?;
+        let runs_wanted = distinct.len().max(MIN_RUNS);
+        let frames = || distinct.iter().cycle().take(runs_wanted);
         let (t0, n0) = prog_stats(self.ebpf, self.program)?;
-        for frame in frames {
+        for frame in frames() {
             let r = testrun::run_program(self.ebpf, self.program, frame, self.ingress, 1)?;
             if r.action != self.expect.action {
                 bail!(
@@ -461,12 +468,11 @@ impl Rotation<'_> {
         }
         let (t1, n1) = prog_stats(self.ebpf, self.program)?;
         let runs = n1.wrapping_sub(n0);
-        if runs != frames.len() as u64 {
+        if runs != runs_wanted as u64 {
             bail!(
-                "rotating {:?}: the kernel counted {runs} runs for {} frames (is \
+                "rotating {:?}: the kernel counted {runs} runs for {runs_wanted} frames (is \
                  kernel.bpf_stats_enabled accounting on?)",
                 self.path,
-                frames.len()
             );
         }
         Ok(t1.wrapping_sub(t0) as f64 / runs as f64)
@@ -485,7 +491,7 @@ impl Rotation<'_> {
         let before = snap()?;
         self.pass()?;
         let after = snap()?;
-        let n = self.fresh.unwrap_or(self.frames.len()) as u64;
+        let n = self.fresh.unwrap_or(self.frames.len()).max(MIN_RUNS) as u64;
         for &c in Counter::ALL {
             let moved = match (&before, &after) {
                 (Some(b), Some(a)) => a.get(c).wrapping_sub(b.get(c)),

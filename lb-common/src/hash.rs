@@ -14,7 +14,7 @@
 //! two shifts and an or). The one division the hot path needs is the caller's
 //! `flow_hash(..) % table_size`.
 
-use crate::maps::FlowKey;
+use crate::maps::{FlowKey, NODE_FILTER_BITS_LOG2, VIP_TABLE_SLOTS_LOG2};
 
 /// Seed of [`flow_hash`]. Fixed: changing it moves every new flow to another Maglev slot and
 /// makes balancers of different versions disagree, so treat it as part of the wire contract.
@@ -49,6 +49,31 @@ pub const fn fmix32(mut h: u32) -> u32 {
 #[inline(always)]
 pub const fn hash_u32(x: u32, seed: u32) -> u32 {
     fmix32(round(seed, x) ^ 4)
+}
+
+/// An address's hash (wire words, `FAMILY_V4`/`FAMILY_V6`): Murmur3's finalizer over the
+/// words folded with rotations. Its top bits index the datapath's address tables.
+#[inline(always)]
+pub const fn addr_hash(addr: &[u32; 4], family: u8) -> u32 {
+    let folded = addr[0]
+        ^ addr[1].rotate_left(8)
+        ^ addr[2].rotate_left(16)
+        ^ addr[3].rotate_left(24)
+        ^ family as u32;
+    fmix32(folded)
+}
+
+/// The `NODE_FILTER` bit of an address: the top [`NODE_FILTER_BITS_LOG2`] bits of its hash.
+#[inline(always)]
+pub const fn addr_filter_bit(addr: &[u32; 4], family: u8) -> u32 {
+    addr_hash(addr, family) >> (32 - NODE_FILTER_BITS_LOG2)
+}
+
+/// The `VIP_TABLE` slot where an address's probe sequence starts: the top
+/// [`VIP_TABLE_SLOTS_LOG2`] bits of its hash.
+#[inline(always)]
+pub const fn vip_slot(addr: &[u32; 4], family: u8) -> u32 {
+    addr_hash(addr, family) >> (32 - VIP_TABLE_SLOTS_LOG2)
 }
 
 /// The flow hash: MurmurHash3_x86_32 with [`FLOW_SEED`] over the 40 bytes of `key` as laid out

@@ -26,7 +26,7 @@ pub const fn family_index(family: u8) -> u32 {
 /// to adopt pins of another layout (see `lb-userspace/src/layout.rs`). Version 0 is what cidlb
 /// pinned before it had a `LAYOUT` map. Version 2 is the first that landed: the `LAYOUT`,
 /// `NODE_ADDRS`, new-flow limit (`limits.rs`) and Maglev maps (version 1 never left development).
-/// Version 3 adds `NODE_IDS`.
+/// Version 3 adds `NODE_IDS`, `NODE_FILTER` and `VIP_TABLE`.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
@@ -37,8 +37,24 @@ pub const MAX_NODES: u32 = 1024;
 /// `NODE_IDS` slots: node ids below this are found by array index, larger ones (3- and 4-byte
 /// node ids) in the `NODES` hash.
 pub const NODE_ID_SLOTS: u32 = 65536;
+/// `NODE_FILTER` holds 2^this bits (32 KiB): one set for every node address
+/// (`hash::addr_filter_bit`), so that most packets from elsewhere need no `REVERSE` lookup.
+pub const NODE_FILTER_BITS_LOG2: u32 = 18;
+/// u64 words of `NODE_FILTER`.
+pub const NODE_FILTER_WORDS: u32 = 1 << (NODE_FILTER_BITS_LOG2 - 6);
 /// Most VIP addresses.
 pub const MAX_VIPS: u32 = 64;
+/// `VIP_TABLE` has 2^this slots (4 per VIP at most).
+pub const VIP_TABLE_SLOTS_LOG2: u32 = 8;
+/// Slots of `VIP_TABLE`.
+pub const VIP_TABLE_SLOTS: u32 = 1 << VIP_TABLE_SLOTS_LOG2;
+/// Slots the datapath probes in `VIP_TABLE` (linear probing from `hash::vip_slot`) before it
+/// looks the address up in `VIPS`.
+pub const VIP_PROBES: u32 = 4;
+/// `VipSlot::family` of a slot no VIP ever used: a probe that reaches it stops.
+pub const VIP_SLOT_EMPTY: u8 = 0;
+/// `VipSlot::family` of a slot whose VIP was removed: probes go on past it.
+pub const VIP_SLOT_REMOVED: u8 = 0xff;
 /// u64 words of one VIP's port bitmap (65536 ports / 64).
 pub const PORT_WORDS: u32 = 1024;
 /// Most reverse-NAT entries (node address+port pairs).
@@ -82,6 +98,10 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const NODE_STATS: &str = "NODE_STATS";
     pub const NODES: &str = "NODES";
+    /// VIP addresses by hash, open addressing (see [`super::VipSlot`]).
+    pub const VIP_TABLE: &str = "VIP_TABLE";
+    /// A bit per node address (see [`super::NODE_FILTER_BITS_LOG2`]).
+    pub const NODE_FILTER: &str = "NODE_FILTER";
     /// Node id → node for ids below [`super::NODE_ID_SLOTS`]: what the datapath reads.
     pub const NODE_IDS: &str = "NODE_IDS";
     pub const RING: &str = "RING";
@@ -219,6 +239,21 @@ pub struct AddrKey {
     pub _pad: [u8; 3],
 }
 
+/// `VIP_TABLE` value: a VIP address and its port bitmap index, at the first free slot of its
+/// probe sequence (`hash::vip_slot`, then the next ones, wrapping). Slots are never emptied
+/// (a removed VIP leaves [`VIP_SLOT_REMOVED`]), and a VIP that finds no free slot within
+/// [`VIP_PROBES`] is only in `VIPS`, where the datapath looks after that many occupied slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipSlot {
+    pub addr: [u32; 4],
+    /// `FAMILY_V4`, `FAMILY_V6`, [`VIP_SLOT_EMPTY`] or [`VIP_SLOT_REMOVED`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// As `Vip::index`.
+    pub index: u32,
+}
+
 /// `VIPS` value: which port bitmap in `VIP_PORTS` belongs to the address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -301,6 +336,7 @@ const _: () = {
     assert!(size_of::<Flow>() == 16);
     assert!(size_of::<AddrKey>() == 20);
     assert!(size_of::<Vip>() == 4);
+    assert!(size_of::<VipSlot>() == 24);
     assert!(size_of::<NodeAddr>() == 4);
     assert!(size_of::<ReverseKey>() == 20);
     assert!(size_of::<Reverse>() == 24);
@@ -317,6 +353,7 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::Vip {}
+    unsafe impl aya::Pod for super::VipSlot {}
     unsafe impl aya::Pod for super::NodeAddr {}
     unsafe impl aya::Pod for super::ReverseKey {}
     unsafe impl aya::Pod for super::Reverse {}

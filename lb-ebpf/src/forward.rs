@@ -35,8 +35,12 @@ const IPPROTO_UDP: u8 = 17;
 
 /// The next hop for a packet's (planned) addressing.
 pub struct NextHop {
-    fib: FibParams,
+    /// The FIB's answer (`BPF_FIB_LKUP_RET_*`); a cache hit is `SUCCESS`.
     rc: u32,
+    /// Egress interface and MACs (valid when [`NextHop::resolved`]).
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
     ingress: u32,
     ttl: u8,
     /// The packet is larger than the cached path MTU (only set on a cache hit or fill).
@@ -72,7 +76,7 @@ impl NextHop {
     /// The interface the next hop is on (valid when [`NextHop::resolved`]).
     #[inline(always)]
     pub fn egress(&self) -> u32 {
-        self.fib.ifindex
+        self.ifindex
     }
 
     /// The interface the packet came in on.
@@ -84,7 +88,58 @@ impl NextHop {
     /// The next hop's MAC (valid when [`NextHop::resolved`]).
     #[inline(always)]
     pub fn dmac(&self) -> [u8; 6] {
-        self.fib.dmac
+        self.dmac
+    }
+
+    #[inline(always)]
+    fn from_fib(fib: &FibParams, rc: u32, ingress: u32, ttl: u8, too_big: bool) -> Self {
+        NextHop {
+            rc,
+            ifindex: fib.ifindex,
+            smac: fib.smac,
+            dmac: fib.dmac,
+            ingress,
+            ttl,
+            too_big,
+        }
+    }
+}
+
+/// What the FIB parameters and the forwarding checks need of the IP header, read before
+/// anything is written.
+struct L3 {
+    ttl: u8,
+    /// The L3 length the kernel compares with the MTU.
+    len: u16,
+    /// IPv4 TOS, or the IPv6 flow label and traffic class (wire bytes).
+    tos: u8,
+    flowinfo: u32,
+}
+
+#[inline(always)]
+fn l3(ctx: &XdpContext, pkt: &Packet) -> Result<L3, Counter> {
+    if pkt.family == FAMILY_V4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            Ok(L3 {
+                ttl: (*ip).ttl,
+                len: u16::from_be_bytes((*ip).tot_len),
+                tos: (*ip).tos,
+                flowinfo: 0,
+            })
+        }
+    } else {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            Ok(L3 {
+                ttl: (*ip).hop_limit,
+                len: u16::from_be_bytes((*ip).payload_len).saturating_add(Ipv6Hdr::LEN as u16),
+                tos: 0,
+                flowinfo: u32::from_ne_bytes((*ip).vcf) & 0x0fff_ffff_u32.to_be(),
+            })
+        }
     }
 }
 
@@ -92,7 +147,8 @@ impl NextHop {
 /// successful result is cached for `NEXTHOP_TTL_NS`. Failed lookups (no neighbour yet, ...)
 /// are not cached, so the kernel keeps resolving them. The result depends only on the node's
 /// address (`to.dst`), not on how the packet arrived, so tagged frames and node replies (whose
-/// origin is checked against it, see `reply.rs`) share the cache with client traffic.
+/// origin is checked against it, see `reply.rs`) share the cache with client traffic. A hit
+/// builds no FIB parameters at all.
 ///
 /// The cache also holds the path MTU, learned when it is filled, because a cache hit skips the
 /// MTU check `bpf_fib_lookup` makes: a packet larger than it is marked `too_big` and goes to
@@ -110,24 +166,24 @@ pub fn lookup_node(
     // more than tick resolution.
     // SAFETY: the helper takes no arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let (mut fib, ttl, len) = params(ctx, pkt, to)?;
+    let l3 = l3(ctx, pkt)?;
     let ingress = ctx.ingress_ifindex() as u32;
     if let Some(c) = maps::NEXTHOP.get_ptr(idx) {
         // SAFETY: per-CPU slot, copied out.
         let c = unsafe { *c };
         if c.expires_ns > now {
-            fib.ifindex = c.ifindex;
-            fib.smac = c.smac;
-            fib.dmac = c.dmac;
             return Ok(NextHop {
-                fib,
                 rc: BPF_FIB_LKUP_RET_SUCCESS,
+                ifindex: c.ifindex,
+                smac: c.smac,
+                dmac: c.dmac,
                 ingress,
-                ttl,
-                too_big: c.mtu != 0 && len > c.mtu,
+                ttl: l3.ttl,
+                too_big: c.mtu != 0 && l3.len > c.mtu,
             });
         }
     }
+    let mut fib = params(ctx, pkt, to, &l3);
     // The MTU lookup below needs the parameters as they are now: a lookup overwrites
     // ifindex, the MACs and (for a gateway route) the destination address.
     let mut probe = fib;
@@ -148,7 +204,7 @@ pub fn lookup_node(
         } else {
             0
         };
-        too_big = mtu != 0 && len > mtu;
+        too_big = mtu != 0 && l3.len > mtu;
         if let Some(c) = maps::NEXTHOP.get_ptr_mut(idx) {
             // SAFETY: per-CPU slot.
             unsafe {
@@ -163,54 +219,31 @@ pub fn lookup_node(
             };
         }
     }
-    Ok(NextHop {
-        fib,
-        rc,
-        ingress,
-        ttl,
-        too_big,
-    })
+    Ok(NextHop::from_fib(&fib, rc, ingress, l3.ttl, too_big))
 }
 
-/// The FIB parameters for the packet's (planned) addressing, its TTL / hop limit and its L3
-/// length (what the kernel compares with the MTU), read before anything is written.
+/// The FIB parameters for the packet's (planned) addressing.
 #[inline(always)]
-fn params(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    to: &Addressing,
-) -> Result<(FibParams, u8, u16), Counter> {
+fn params(ctx: &XdpContext, pkt: &Packet, to: &Addressing, l3: &L3) -> FibParams {
     // SAFETY: plain-old-data struct of integers; all-zero is a valid starting value.
     let mut fib: FibParams = unsafe { zeroed() };
     fib.l4_protocol = IPPROTO_UDP;
     fib.sport = to.sport;
     fib.dport = to.dport;
     fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_1.tot_len = l3.len;
     if pkt.family == FAMILY_V4 {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
-        // SAFETY: bounds checked by ptr_at; the bindings' unions are plain integers.
-        unsafe {
-            let len = u16::from_be_bytes((*ip).tot_len);
-            fib.family = AF_INET;
-            fib.__bindgen_anon_1.tot_len = len;
-            fib.__bindgen_anon_2.tos = (*ip).tos;
-            fib.__bindgen_anon_3.ipv4_src = to.src[0];
-            fib.__bindgen_anon_4.ipv4_dst = to.dst[0];
-            Ok((fib, (*ip).ttl, len))
-        }
+        fib.family = AF_INET;
+        fib.__bindgen_anon_2.tos = l3.tos;
+        fib.__bindgen_anon_3.ipv4_src = to.src[0];
+        fib.__bindgen_anon_4.ipv4_dst = to.dst[0];
     } else {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
-        // SAFETY: as above.
-        unsafe {
-            let len = u16::from_be_bytes((*ip).payload_len).saturating_add(Ipv6Hdr::LEN as u16);
-            fib.family = AF_INET6;
-            fib.__bindgen_anon_1.tot_len = len;
-            fib.__bindgen_anon_2.flowinfo = u32::from_ne_bytes((*ip).vcf) & 0x0fff_ffff_u32.to_be();
-            fib.__bindgen_anon_3.ipv6_src = to.src;
-            fib.__bindgen_anon_4.ipv6_dst = to.dst;
-            Ok((fib, (*ip).hop_limit, len))
-        }
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_2.flowinfo = l3.flowinfo;
+        fib.__bindgen_anon_3.ipv6_src = to.src;
+        fib.__bindgen_anon_4.ipv6_dst = to.dst;
     }
+    fib
 }
 
 #[inline(always)]
@@ -225,15 +258,16 @@ fn fib_lookup(ctx: &XdpContext, fib: &mut FibParams) -> u32 {
 /// whichever device the tag belongs to.
 #[inline(always)]
 pub fn lookup(ctx: &XdpContext, pkt: &Packet, to: &Addressing) -> Result<NextHop, Counter> {
-    let (mut fib, ttl, _) = params(ctx, pkt, to)?;
+    let l3 = l3(ctx, pkt)?;
+    let mut fib = params(ctx, pkt, to, &l3);
     let rc = fib_lookup(ctx, &mut fib);
-    Ok(NextHop {
-        fib,
+    Ok(NextHop::from_fib(
+        &fib,
         rc,
-        ingress: ctx.ingress_ifindex() as u32,
-        ttl,
-        too_big: false,
-    })
+        ctx.ingress_ifindex() as u32,
+        l3.ttl,
+        false,
+    ))
 }
 
 /// Sends an already rewritten packet to its next hop, or hands it to the kernel (counted).
@@ -255,7 +289,7 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Result<u32, Counte
         // Blackhole, unreachable, forwarding disabled, ...: the kernel decides (and signals).
         _ => return Err(Counter::FwdKernelFib),
     }
-    let egress = hop.fib.ifindex;
+    let egress = hop.ifindex;
     if egress != hop.ingress && maps::DEVMAP.get_ifindex(egress).is_none() {
         return Err(Counter::FwdKernelIface);
     }
@@ -267,8 +301,8 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Result<u32, Counte
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassTruncated)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        (*eth).dst_addr = hop.fib.dmac;
-        (*eth).src_addr = hop.fib.smac;
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
     }
 
     if egress == hop.ingress {

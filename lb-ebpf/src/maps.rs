@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
-    AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
+    AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot,
     DEFAULT_FLOW_CAPACITY, MAGLEV_ENTRIES, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
-    NODE_ID_SLOTS, PORT_WORDS, STATS_SLOTS,
+    NODE_FILTER_WORDS, NODE_ID_SLOTS, PORT_WORDS, STATS_SLOTS, VIP_TABLE_SLOTS,
 };
 
 /// Per-CPU counters indexed by [`lb_common::Counter`] (`STATS_SLOTS` ≥ the number of counters, so
@@ -64,9 +64,15 @@ pub static MAGLEV_CTL: Array<u32> = Array::with_max_entries(2, 0);
 pub static FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 
-/// VIP address → index of its port bitmap.
+/// VIP address → index of its port bitmap. The datapath reads it only for a VIP that found no
+/// slot in `VIP_TABLE` (see `vip.rs`).
 #[map]
 pub static VIPS: HashMap<AddrKey, Vip> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// The VIPs again, by hash with open addressing (`lb_common::VipSlot`): a few array reads and
+/// compares instead of hashing a 20-byte key and walking a bucket on every packet.
+#[map]
+pub static VIP_TABLE: Array<VipSlot> = Array::with_max_entries(VIP_TABLE_SLOTS, 0);
 
 /// One 65536-bit port bitmap per VIP: bit p set = UDP port p of that VIP is balanced.
 #[map]
@@ -80,6 +86,13 @@ pub static REVERSE: HashMap<ReverseKey, Reverse> = HashMap::with_max_entries(MAX
 /// ports (fragments, extension headers).
 #[map]
 pub static NODE_ADDRS: HashMap<AddrKey, NodeAddr> = HashMap::with_max_entries(2 * MAX_NODES, 0);
+
+/// A bit per node address (`lb_common::hash::addr_filter_bit`): clear means the source is no
+/// node's, so neither `REVERSE` nor `NODE_ADDRS` is looked up (false positives only cost that
+/// lookup). Their hash buckets are spread over 1 MiB and 32 KiB, and a packet from a client that
+/// is not ours would otherwise miss the cache on them when many clients send.
+#[map]
+pub static NODE_FILTER: Array<u64> = Array::with_max_entries(NODE_FILTER_WORDS, 0);
 
 /// ifindex → ifindex of the interfaces cidlb is attached to (redirect targets).
 #[map]

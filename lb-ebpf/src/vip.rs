@@ -1,11 +1,28 @@
 //! Which UDP packets are ours: to a VIP port (balance) or from a node (reply to un-NAT).
 
-use lb_common::{AddrKey, Counter, Reverse, ReverseKey, PORT_WORDS};
+use lb_common::{
+    hash::{addr_filter_bit, vip_slot},
+    AddrKey, Counter, Reverse, ReverseKey, PORT_WORDS, VIP_PROBES, VIP_SLOT_EMPTY, VIP_TABLE_SLOTS,
+};
 
 use crate::{maps, parse::Packet};
 
+/// The port bitmap index of the packet's destination, if it is a VIP: probed in `VIP_TABLE`
+/// (an empty slot ends the probe: no VIP), then, after `VIP_PROBES` occupied slots, in `VIPS`.
 #[inline(always)]
 fn vip_index(pkt: &Packet) -> Option<u32> {
+    let start = vip_slot(&pkt.dst, pkt.family);
+    let mut i = 0;
+    while i < VIP_PROBES {
+        let slot = maps::VIP_TABLE.get((start + i) % VIP_TABLE_SLOTS)?;
+        if slot.family == VIP_SLOT_EMPTY {
+            return None;
+        }
+        if slot.family == pkt.family && slot.addr == pkt.dst {
+            return Some(slot.index);
+        }
+        i += 1;
+    }
     let key = AddrKey {
         addr: pkt.dst,
         family: pkt.family,
@@ -53,9 +70,23 @@ pub fn ext_header_verdict(pkt: &Packet) -> Counter {
     }
 }
 
+/// Could the source address be a node's? `NODE_FILTER` has the bit of every node address set
+/// (false positives happen, false negatives do not): the fast exit for traffic that is not ours.
+#[inline(always)]
+fn maybe_node_addr(pkt: &Packet) -> bool {
+    let bit = addr_filter_bit(&pkt.src, pkt.family);
+    match maps::NODE_FILTER.get(bit / 64) {
+        Some(word) => (*word >> (bit % 64)) & 1 == 1,
+        None => true,
+    }
+}
+
 /// Is the source address one of a node's (any port)?
 #[inline(always)]
 fn from_node_addr(pkt: &Packet) -> bool {
+    if !maybe_node_addr(pkt) {
+        return false;
+    }
     let key = AddrKey {
         addr: pkt.src,
         family: pkt.family,
@@ -69,6 +100,9 @@ fn from_node_addr(pkt: &Packet) -> bool {
 /// node's serving address and port.
 #[inline(always)]
 pub fn reverse(pkt: &Packet, sport: u16) -> Option<Reverse> {
+    if !maybe_node_addr(pkt) {
+        return None;
+    }
     let key = ReverseKey {
         addr: pkt.src,
         port: sport,

@@ -44,6 +44,8 @@ pub const MAP_NAMES: &[&str] = &[
     names::NEXTHOP,
     names::NODE_ADDRS,
     names::NODE_IDS,
+    names::NODE_FILTER,
+    names::VIP_TABLE,
     names::LAYOUT,
     lb_common::limits::LIMIT_CFG,
     lb_common::limits::SRC_BUCKETS,

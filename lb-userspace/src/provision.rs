@@ -18,9 +18,12 @@ use aya::{
     Ebpf, Pod,
 };
 use lb_common::{
-    family_index, names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, FAMILY_V4,
+    family_index,
+    hash::{addr_filter_bit, vip_slot},
+    names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot, FAMILY_V4,
     FAMILY_V6, LAYOUT_VERSION, MAGLEV_CTL_EMPTY, MAGLEV_CTL_HALF0, MAGLEV_SIZE, MAX_NODES,
-    MAX_VIPS, NODE_F_V4, NODE_F_V6, NODE_ID_SLOTS, PORT_WORDS,
+    MAX_VIPS, NODE_FILTER_WORDS, NODE_F_V4, NODE_F_V6, NODE_ID_SLOTS, PORT_WORDS, VIP_PROBES,
+    VIP_SLOT_EMPTY, VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
 };
 
 use crate::{
@@ -389,7 +392,79 @@ fn vips(ebpf: &mut Ebpf, cfg: &Config) -> Result<(), DatapathError> {
     }
     let vips: Vec<(AddrKey, Vip)> = keys.iter().map(|k| (*k, Vip { index: index[k] })).collect();
     let stale = insert_all(ebpf, names::VIPS, &vips)?;
+    write_vip_table(ebpf, &index)?;
     remove_all::<AddrKey, Vip>(ebpf, names::VIPS, stale)
+}
+
+/// `VIP_TABLE` once `want` (VIP → bitmap index) is placed in `table`: a VIP keeps its slot
+/// (with its index updated), a slot whose VIP is gone becomes `VIP_SLOT_REMOVED`, and a new
+/// VIP takes the first empty or removed slot of its probe sequence, or, when the first
+/// `VIP_PROBES` are all taken, none (the datapath then finds it in `VIPS`).
+pub fn vip_table(table: &[VipSlot], want: &BTreeMap<AddrKey, u32>) -> Vec<VipSlot> {
+    let key = |s: &VipSlot| AddrKey {
+        addr: s.addr,
+        family: s.family,
+        _pad: [0; 3],
+    };
+    let live = |s: &VipSlot| s.family != VIP_SLOT_EMPTY && s.family != VIP_SLOT_REMOVED;
+    let mut out: Vec<VipSlot> = table
+        .iter()
+        .map(|s| match want.get(&key(s)) {
+            Some(&index) if live(s) => VipSlot { index, ..*s },
+            _ if live(s) => VipSlot {
+                family: VIP_SLOT_REMOVED,
+                ..*s
+            },
+            _ => *s,
+        })
+        .collect();
+    for (k, &index) in want {
+        if out.iter().any(|s| live(s) && key(s) == *k) {
+            continue;
+        }
+        let start = vip_slot(&k.addr, k.family);
+        let free = (0..VIP_PROBES)
+            .map(|i| ((start + i) % VIP_TABLE_SLOTS) as usize)
+            .find(|&i| !live(&out[i]));
+        if let Some(i) = free {
+            out[i] = VipSlot {
+                addr: k.addr,
+                family: k.family,
+                _pad: [0; 3],
+                index,
+            };
+        }
+    }
+    out
+}
+
+/// Writes `VIP_TABLE`'s changed slots so that no reader sees half a slot: a slot that takes a
+/// VIP is first written whole as removed (a probe goes past it), then only its family changes.
+fn write_vip_table(ebpf: &mut Ebpf, want: &BTreeMap<AddrKey, u32>) -> Result<(), DatapathError> {
+    let mut table: Array<_, VipSlot> =
+        Array::try_from(map(ebpf, names::VIP_TABLE)?).map_err(merr(names::VIP_TABLE))?;
+    let now: Vec<VipSlot> = (0..VIP_TABLE_SLOTS)
+        .map(|i| table.get(&i, 0).map_err(merr(names::VIP_TABLE)))
+        .collect::<Result<_, _>>()?;
+    let next = vip_table(&now, want);
+    for (i, (old, new)) in now.iter().zip(&next).enumerate() {
+        if old == new {
+            continue;
+        }
+        if new.family != VIP_SLOT_REMOVED {
+            let hidden = VipSlot {
+                family: VIP_SLOT_REMOVED,
+                ..*new
+            };
+            table
+                .set(i as u32, hidden, 0)
+                .map_err(merr(names::VIP_TABLE))?;
+        }
+        table
+            .set(i as u32, new, 0)
+            .map_err(merr(names::VIP_TABLE))?;
+    }
+    Ok(())
 }
 
 fn reverse(ebpf: &mut Ebpf, cfg: &Config, slots: &BTreeMap<u32, u32>) -> Result<(), DatapathError> {
@@ -415,6 +490,31 @@ fn reverse(ebpf: &mut Ebpf, cfg: &Config, slots: &BTreeMap<u32, u32>) -> Result<
             ))
         })
         .collect();
+    let nodes_addrs: Vec<AddrKey> = cfg
+        .nodes
+        .iter()
+        .filter(|n| slots.contains_key(&n.id))
+        .flat_map(|n| n.addresses.iter())
+        .map(|ip| {
+            let (addr, family) = addr_words(*ip);
+            AddrKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            }
+        })
+        .collect();
+    // The filter gains the new addresses' bits before any entry needs them, and loses the
+    // old ones' only after their entries are gone.
+    let filter_now = read_filter(ebpf)?;
+    let filter_new = filter_words(&nodes_addrs);
+    let union: Vec<u64> = filter_now
+        .iter()
+        .zip(&filter_new)
+        .map(|(a, b)| a | b)
+        .collect();
+    write_filter(ebpf, &filter_now, &union)?;
+
     let stale = insert_all(ebpf, names::REVERSE, &reverse)?;
     remove_all::<ReverseKey, Reverse>(ebpf, names::REVERSE, stale)?;
 
@@ -437,7 +537,40 @@ fn reverse(ebpf: &mut Ebpf, cfg: &Config, slots: &BTreeMap<u32, u32>) -> Result<
         }
     }
     let stale = insert_all(ebpf, names::NODE_ADDRS, &addrs)?;
-    remove_all::<AddrKey, NodeAddr>(ebpf, names::NODE_ADDRS, stale)
+    remove_all::<AddrKey, NodeAddr>(ebpf, names::NODE_ADDRS, stale)?;
+    write_filter(ebpf, &union, &filter_new)
+}
+
+/// `NODE_FILTER`'s words with the bit of each address in `addrs` set.
+pub fn filter_words(addrs: &[AddrKey]) -> Vec<u64> {
+    let mut words = vec![0u64; NODE_FILTER_WORDS as usize];
+    for a in addrs {
+        let bit = addr_filter_bit(&a.addr, a.family);
+        words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+    words
+}
+
+fn read_filter(ebpf: &mut Ebpf) -> Result<Vec<u64>, DatapathError> {
+    let filter: Array<_, u64> =
+        Array::try_from(map(ebpf, names::NODE_FILTER)?).map_err(merr(names::NODE_FILTER))?;
+    (0..NODE_FILTER_WORDS)
+        .map(|i| filter.get(&i, 0).map_err(merr(names::NODE_FILTER)))
+        .collect()
+}
+
+/// Writes the words of `new` that differ from `old`.
+fn write_filter(ebpf: &mut Ebpf, old: &[u64], new: &[u64]) -> Result<(), DatapathError> {
+    let mut filter: Array<_, u64> =
+        Array::try_from(map(ebpf, names::NODE_FILTER)?).map_err(merr(names::NODE_FILTER))?;
+    for (i, (a, b)) in old.iter().zip(new).enumerate() {
+        if a != b {
+            filter
+                .set(i as u32, b, 0)
+                .map_err(merr(names::NODE_FILTER))?;
+        }
+    }
+    Ok(())
 }
 
 fn devmap(ebpf: &mut Ebpf, ifindexes: &[u32]) -> Result<(), DatapathError> {
@@ -599,6 +732,106 @@ mod tests {
         assert_eq!(r.iter().filter(|&&x| x == 7).count(), 3);
         assert_eq!(r.len(), 5);
         assert!(weighted_ring(&[]).is_empty());
+    }
+
+    /// The datapath's probe (`lb-ebpf/src/vip.rs`): `Some(Some(index))` found in the table,
+    /// `Some(None)` ended at an empty slot, `None` fell through to `VIPS`.
+    fn probe(table: &[VipSlot], k: &AddrKey) -> Option<Option<u32>> {
+        let start = vip_slot(&k.addr, k.family);
+        for i in 0..VIP_PROBES {
+            let s = &table[((start + i) % VIP_TABLE_SLOTS) as usize];
+            if s.family == VIP_SLOT_EMPTY {
+                return Some(None);
+            }
+            if s.family == k.family && s.addr == k.addr {
+                return Some(Some(s.index));
+            }
+        }
+        None
+    }
+
+    fn v4(a: u32) -> AddrKey {
+        AddrKey {
+            addr: [a.to_be(), 0, 0, 0],
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn vip_table_finds_every_vip_and_no_other_address() {
+        let empty = vec![VipSlot::default(); VIP_TABLE_SLOTS as usize];
+        // Six addresses that start their probe at the same slot, and some others.
+        let start = vip_slot(&v4(0x0a00_0000).addr, FAMILY_V4);
+        let same: Vec<AddrKey> = (0x0a00_0000u32..)
+            .map(v4)
+            .filter(|k| vip_slot(&k.addr, k.family) == start)
+            .take(6)
+            .collect();
+        let mut want: BTreeMap<AddrKey, u32> = same
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (*k, i as u32))
+            .collect();
+        want.insert(v4(0xc000_0201), 40);
+        want.insert(v4(0xc000_0202), 41);
+        let table = vip_table(&empty, &want);
+        for (k, &index) in &want {
+            match probe(&table, k) {
+                Some(Some(i)) => assert_eq!(i, index, "{k:?}"),
+                Some(None) => panic!("{k:?} ends at an empty slot: the datapath would miss it"),
+                None => assert!(same.contains(k), "{k:?} falls through without a collision"),
+            }
+        }
+        // At most VIP_PROBES of the colliding six fit; the rest are looked up in VIPS.
+        let in_table = same
+            .iter()
+            .filter(|k| matches!(probe(&table, k), Some(Some(_))))
+            .count();
+        assert!(
+            in_table >= 1 && in_table <= VIP_PROBES as usize,
+            "{in_table}"
+        );
+        // An address that is no VIP is never found with an index.
+        for a in 0x0b00_0000u32..0x0b00_4000 {
+            assert!(!matches!(probe(&table, &v4(a)), Some(Some(_))));
+        }
+
+        // Removing a colliding VIP: the VIPs after its slot are still found, and its slot,
+        // if it had one, goes to one that fell through.
+        let gone = same[0];
+        want.remove(&gone);
+        let table = vip_table(&table, &want);
+        assert!(!matches!(probe(&table, &gone), Some(Some(_))));
+        for (k, &index) in &want {
+            match probe(&table, k) {
+                Some(Some(i)) => assert_eq!(i, index),
+                Some(None) => panic!("{k:?} lost after a removal"),
+                None => assert!(same.contains(k)),
+            }
+        }
+        let placed = same
+            .iter()
+            .filter(|k| matches!(probe(&table, k), Some(Some(_))))
+            .count();
+        assert_eq!(placed, in_table);
+
+        // Three colliding VIPs fill three slots in a row; the first one's removal leaves its
+        // slot taken (removed), so a probe for the other two does not stop there.
+        let three: BTreeMap<AddrKey, u32> = same[..3]
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (*k, i as u32))
+            .collect();
+        let first = *three.keys().next().expect("three keys");
+        let table = vip_table(&empty, &three);
+        let mut two = three.clone();
+        two.remove(&first);
+        let table = vip_table(&table, &two);
+        for (k, &index) in &two {
+            assert_eq!(probe(&table, k), Some(Some(index)), "{k:?} after a removal");
+        }
+        assert_eq!(probe(&table, &first).and_then(|i| i), None);
     }
 
     #[test]
