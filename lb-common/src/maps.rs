@@ -323,7 +323,11 @@ pub struct NextHop {
     /// Path MTU towards the next hop (route or device MTU), for the check `bpf_fib_lookup`
     /// would make; 0 = unknown (no check).
     pub mtu: u16,
-    pub _pad: [u8; 6],
+    /// 1: `ifindex` was in `DEVMAP` when the entry was filled, so a packet leaving through it
+    /// needs no `DEVMAP` lookup before its headers are written (the agent empties the cache
+    /// whenever it removes an interface from `DEVMAP`).
+    pub in_devmap: u8,
+    pub _pad: [u8; 5],
 }
 
 const _: () = {

@@ -45,6 +45,8 @@ pub struct NextHop {
     ttl: u8,
     /// The packet is larger than the cached path MTU (only set on a cache hit or fill).
     too_big: bool,
+    /// `ifindex` is in `DEVMAP` (checked when the cache entry was filled).
+    in_devmap: bool,
 }
 
 impl NextHop {
@@ -101,6 +103,7 @@ impl NextHop {
             ingress,
             ttl,
             too_big,
+            in_devmap: false,
         }
     }
 }
@@ -180,6 +183,7 @@ pub fn lookup_node(
                 ingress,
                 ttl: l3.ttl,
                 too_big: c.mtu != 0 && l3.len > c.mtu,
+                in_devmap: c.in_devmap != 0,
             });
         }
     }
@@ -214,7 +218,8 @@ pub fn lookup_node(
                     smac: fib.smac,
                     dmac: fib.dmac,
                     mtu,
-                    _pad: [0; 6],
+                    in_devmap: maps::DEVMAP.get_ifindex(fib.ifindex).is_some() as u8,
+                    _pad: [0; 5],
                 }
             };
         }
@@ -290,7 +295,7 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Result<u32, Counte
         _ => return Err(Counter::FwdKernelFib),
     }
     let egress = hop.ifindex;
-    if egress != hop.ingress && maps::DEVMAP.get_ifindex(egress).is_none() {
+    if egress != hop.ingress && !hop.in_devmap && maps::DEVMAP.get_ifindex(egress).is_none() {
         return Err(Counter::FwdKernelIface);
     }
     // Like any router: a packet that would expire goes to the kernel for its ICMP error.

@@ -588,8 +588,13 @@ fn devmap(ebpf: &mut Ebpf, ifindexes: &[u32]) -> Result<(), DatapathError> {
         .filter_map(Result::ok)
         .filter(|k| !ifindexes.contains(k))
         .collect();
+    let removed = !stale.is_empty();
     for k in stale {
         devmap.remove(k).map_err(merr(names::DEVMAP))?;
+    }
+    if removed {
+        // Cached next hops may say an interface is in DEVMAP that no longer is.
+        clear_nexthops(ebpf, Some(MAX_NODES - 1))?;
     }
     Ok(())
 }
