@@ -754,7 +754,82 @@ fn cases() -> Vec<Case> {
     defect_cases(&mut v);
     limits::limit_cases(&mut v);
     dtls13_cases(&mut v);
+    lookup_table_cases(&mut v);
     v
+}
+
+/// The datapath's fast lookup tables (issue #11): `VIP_TABLE` with its fallback to `VIPS`, and
+/// `NODE_FILTER` in front of `REVERSE`.
+fn lookup_table_cases(v: &mut Vec<Case>) {
+    use lb_common::{hash::vip_slot, AddrKey, VipSlot, FAMILY_V4, VIP_PROBES, VIP_TABLE_SLOTS};
+    let key = |a: IpAddr| {
+        let (addr, family) = provision::addr_words(a);
+        AddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    };
+    // VIP_PROBES addresses whose probe starts where VIP4's does and which the agent places
+    // first (they sort before it), so VIP4 finds no slot and only VIPS has it.
+    let vip4 = key(ip(VIP4));
+    let start = vip_slot(&vip4.addr, FAMILY_V4);
+    let taken: Vec<IpAddr> = (0u32..65536)
+        .map(|i| IpAddr::from([198, 18, (i >> 8) as u8, i as u8]))
+        .filter(|a| {
+            let k = key(*a);
+            vip_slot(&k.addr, k.family) == start && k < vip4
+        })
+        .take(VIP_PROBES as usize)
+        .collect();
+    assert_eq!(taken.len(), VIP_PROBES as usize);
+    let want: std::collections::BTreeMap<AddrKey, u32> = taken
+        .iter()
+        .map(|a| key(*a))
+        .chain([vip4])
+        .enumerate()
+        .map(|(i, k)| (k, i as u32))
+        .collect();
+    let table = provision::vip_table(&vec![VipSlot::default(); VIP_TABLE_SLOTS as usize], &want);
+    assert!(
+        !table
+            .iter()
+            .any(|s| s.family == FAMILY_V4 && s.addr == vip4.addr),
+        "VIP4 must fall through to VIPS for this case"
+    );
+    // Ports of their own: two VIPs of one family may not share a node port.
+    let extra: String = taken
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("  - address: {a}\n    ports: [{}]\n", 6000 + i))
+        .collect();
+    let p = client(VIP4, 5684, &cid(1));
+    v.push(
+        case(
+            "a VIP with no VIP_TABLE slot (4 taken before it) is found in VIPS",
+            vec![redirect(&p, NODE1_4, NODE1_MAC)],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        )
+        .config("vips:\n", &format!("vips:\n{extra}"))
+        .nodes(&[(1, 1)]),
+    );
+    // Not a VIP, though its probe starts at the same slot: passed.
+    let other = (0u32..65536)
+        .map(|i| IpAddr::from([198, 19, (i >> 8) as u8, i as u8]))
+        .find(|a| {
+            let k = key(*a);
+            vip_slot(&k.addr, k.family) == start
+        })
+        .expect("an address with the same probe start");
+    let q = client(&other.to_string(), 5684, &cid(1));
+    v.push(
+        case(
+            "an address that is no VIP, probing past 4 taken slots, passes",
+            vec![unchanged("fxc", q.bytes(), XDP_PASS)],
+            &[(PassNotVip, 1)],
+        )
+        .config("vips:\n", &format!("vips:\n{extra}")),
+    );
 }
 
 /// A DTLS 1.3 unified-header record whose 6-byte CID names `node`.
