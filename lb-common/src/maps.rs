@@ -26,7 +26,7 @@ pub const fn family_index(family: u8) -> u32 {
 /// to adopt pins of another layout (see `lb-userspace/src/layout.rs`). Version 0 is what cidlb
 /// pinned before it had a `LAYOUT` map. Version 2 is the first that landed: the `LAYOUT`,
 /// `NODE_ADDRS`, new-flow limit (`limits.rs`) and Maglev maps (version 1 never left development).
-/// Version 3 adds `NODE_IDS`, `NODE_FILTER` and `VIP_TABLE`.
+/// Version 3 adds `NODE_FILTER` and `VIP_TABLE`.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
@@ -34,9 +34,6 @@ pub const STATS_SLOTS: u32 = 128;
 
 /// Most nodes the datapath can hold (node slots, per-node counters, round-robin ring per family).
 pub const MAX_NODES: u32 = 1024;
-/// `NODE_IDS` slots: node ids below this are found by array index, larger ones (3- and 4-byte
-/// node ids) in the `NODES` hash.
-pub const NODE_ID_SLOTS: u32 = 65536;
 /// `NODE_FILTER` holds 2^this bits (32 KiB): one set for every node address
 /// (`hash::addr_filter_bit`), so that most packets from elsewhere need no `REVERSE` lookup.
 pub const NODE_FILTER_BITS_LOG2: u32 = 18;
@@ -102,8 +99,6 @@ pub mod names {
     pub const VIP_TABLE: &str = "VIP_TABLE";
     /// A bit per node address (see [`super::NODE_FILTER_BITS_LOG2`]).
     pub const NODE_FILTER: &str = "NODE_FILTER";
-    /// Node id → node for ids below [`super::NODE_ID_SLOTS`]: what the datapath reads.
-    pub const NODE_IDS: &str = "NODE_IDS";
     pub const RING: &str = "RING";
     pub const RING_LEN: &str = "RING_LEN";
     pub const RR: &str = "RR";
@@ -323,11 +318,7 @@ pub struct NextHop {
     /// Path MTU towards the next hop (route or device MTU), for the check `bpf_fib_lookup`
     /// would make; 0 = unknown (no check).
     pub mtu: u16,
-    /// 1: `ifindex` was in `DEVMAP` when the entry was filled, so a packet leaving through it
-    /// needs no `DEVMAP` lookup before its headers are written (the agent empties the cache
-    /// whenever it removes an interface from `DEVMAP`).
-    pub in_devmap: u8,
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 6],
 }
 
 const _: () = {

@@ -52,7 +52,7 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
     }
 
     // Over a new-flow limit: dropped before anything is inserted.
-    crate::limit::admit(pkt, now)?;
+    crate::limit::admit(pkt)?;
     // CONFIG is a read-only global: the verifier sees the policy as a constant and drops the
     // other branch.
     let (node_id, node) = if cfg.policy == POLICY_MAGLEV {

@@ -45,8 +45,6 @@ pub struct NextHop {
     ttl: u8,
     /// The packet is larger than the cached path MTU (only set on a cache hit or fill).
     too_big: bool,
-    /// `ifindex` is in `DEVMAP` (checked when the cache entry was filled).
-    in_devmap: bool,
 }
 
 impl NextHop {
@@ -103,7 +101,6 @@ impl NextHop {
             ingress,
             ttl,
             too_big,
-            in_devmap: false,
         }
     }
 }
@@ -183,7 +180,6 @@ pub fn lookup_node(
                 ingress,
                 ttl: l3.ttl,
                 too_big: c.mtu != 0 && l3.len > c.mtu,
-                in_devmap: c.in_devmap != 0,
             });
         }
     }
@@ -218,8 +214,7 @@ pub fn lookup_node(
                     smac: fib.smac,
                     dmac: fib.dmac,
                     mtu,
-                    in_devmap: maps::DEVMAP.get_ifindex(fib.ifindex).is_some() as u8,
-                    _pad: [0; 5],
+                    _pad: [0; 6],
                 }
             };
         }
@@ -295,10 +290,19 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Result<u32, Counte
         _ => return Err(Counter::FwdKernelFib),
     }
     let egress = hop.ifindex;
-    if egress != hop.ingress && !hop.in_devmap && maps::DEVMAP.get_ifindex(egress).is_none() {
-        return Err(Counter::FwdKernelIface);
-    }
-    // Like any router: a packet that would expire goes to the kernel for its ICMP error.
+    // The redirect helper only records the target (the kernel redirects once the program
+    // returns XDP_REDIRECT), and fails for an interface not in DEVMAP: so it runs before any
+    // header is written, and a failure hands the packet to the kernel with its L2 untouched.
+    let redirect = if egress == hop.ingress {
+        None
+    } else {
+        match maps::DEVMAP.redirect(egress, 0) {
+            Ok(action) => Some(action),
+            Err(_) => return Err(Counter::FwdKernelIface),
+        }
+    };
+    // Like any router: a packet that would expire goes to the kernel for its ICMP error (a
+    // recorded redirect target is ignored when the program returns XDP_PASS).
     if hop.ttl <= 1 {
         return Err(Counter::FwdKernelTtl);
     }
@@ -309,18 +313,15 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Result<u32, Counte
         (*eth).dst_addr = hop.dmac;
         (*eth).src_addr = hop.smac;
     }
-
-    if egress == hop.ingress {
-        count(Counter::FwdTx);
-        return Ok(xdp_action::XDP_TX);
-    }
-    match maps::DEVMAP.redirect(egress, 0) {
-        Ok(action) => {
+    match redirect {
+        None => {
+            count(Counter::FwdTx);
+            Ok(xdp_action::XDP_TX)
+        }
+        Some(action) => {
             count(Counter::FwdRedirect);
             Ok(action)
         }
-        // Not reachable: the entry was looked up above within the same RCU section.
-        Err(_) => Err(Counter::FwdKernelIface),
     }
 }
 

@@ -14,7 +14,7 @@
 //! sources may only take global tokens while the bucket holds more than the reserve, so under a
 //! flood the reserve and its refill go to known sources.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
     limits::{LimitConfig, SrcKey, LIMIT_F_GLOBAL, LIMIT_F_SOURCE},
     Counter, FAMILY_V6,
@@ -84,10 +84,15 @@ fn known(src: &SrcKey, now: u64, known_ns: u64) -> bool {
 
 /// May this packet create a flow? `Err` names the limit it is over (the packet is dropped).
 #[inline(always)]
-pub fn admit(pkt: &Packet, now: u64) -> Result<(), Counter> {
+pub fn admit(pkt: &Packet) -> Result<(), Counter> {
     let Some(cfg) = config() else {
         return Ok(());
     };
+    // The precise clock, not the coarse one the flow table uses: within one tick (up to 10 ms)
+    // the coarse clock stands still, and a bucket whose burst * interval is shorter than that
+    // would admit only `burst` flows per tick. Only new flows with limits on pay for it.
+    // SAFETY: the helper takes no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let src = src_key(pkt);
     let mut src_next = None;
     if cfg.flags & LIMIT_F_SOURCE != 0 {
@@ -136,6 +141,7 @@ pub fn admit(pkt: &Packet, now: u64) -> Result<(), Counter> {
 }
 
 /// A packet of an established flow: its source is known (goes first for global tokens).
+/// `now` is the flow table's coarse clock: known sources are remembered for seconds.
 #[inline(always)]
 pub fn established(pkt: &Packet, now: u64) {
     if config().is_none() {

@@ -9,7 +9,7 @@ use lb_common::{
     limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
     AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot,
     DEFAULT_FLOW_CAPACITY, MAGLEV_ENTRIES, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
-    NODE_FILTER_WORDS, NODE_ID_SLOTS, PORT_WORDS, STATS_SLOTS, VIP_TABLE_SLOTS,
+    NODE_FILTER_WORDS, PORT_WORDS, STATS_SLOTS, VIP_TABLE_SLOTS,
 };
 
 /// Per-CPU counters indexed by [`lb_common::Counter`] (`STATS_SLOTS` ≥ the number of counters, so
@@ -26,16 +26,11 @@ pub static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static NODE_STATS: PerCpuArray<NodeStats> = PerCpuArray::with_max_entries(MAX_NODES, 0);
 
-/// Node id (as decoded from a CID) → where the node is. Every node is here; the datapath reads
-/// only those whose id is at least `NODE_ID_SLOTS` here (see [`node`]).
+/// Node id (as decoded from a CID) → where the node is. A hash map, not an array by id: the
+/// agent replaces a changed node's entry whole, where an array element is overwritten in place
+/// and a packet reading it meanwhile could see half the old address and half the new one.
 #[map]
 pub static NODES: HashMap<u32, Node> = HashMap::with_max_entries(MAX_NODES, 0);
-
-/// The same nodes indexed by id, for ids below `NODE_ID_SLOTS` (a node id of one or two bytes):
-/// an array lookup is a bounds check and an add, where a hash lookup hashes the key and walks
-/// a bucket. An entry with no family flag is no node.
-#[map]
-pub static NODE_IDS: Array<Node> = Array::with_max_entries(NODE_ID_SLOTS, 0);
 
 /// Round-robin rings of node ids for new flows: family index * MAX_NODES + position.
 /// Only nodes that take new flows and have an address of that family are in a ring.
@@ -125,9 +120,6 @@ pub static LIMIT_EXEMPT: LpmTrie<ExemptKey, u8> = LpmTrie::with_max_entries(MAX_
 /// The node with this id, if configured.
 #[inline(always)]
 pub fn node(id: u32) -> Option<Node> {
-    if id < NODE_ID_SLOTS {
-        return NODE_IDS.get(id).copied().filter(|n| n.flags != 0);
-    }
     // SAFETY: the value is copied out while the RCU read lock of the program run holds.
     unsafe { NODES.get(id).copied() }
 }

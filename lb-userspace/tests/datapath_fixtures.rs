@@ -758,8 +758,8 @@ fn cases() -> Vec<Case> {
     v
 }
 
-/// The datapath's fast lookup tables (issue #11): `VIP_TABLE` with its fallback to `VIPS`, and
-/// `NODE_FILTER` in front of `REVERSE`.
+/// `VIP_TABLE` (issue #11) with its fallback to `VIPS`. (`NODE_FILTER`, in front of `REVERSE`,
+/// is covered by every reply case: without a node's bit its replies pass as not ours.)
 fn lookup_table_cases(v: &mut Vec<Case>) {
     use lb_common::{hash::vip_slot, AddrKey, VipSlot, FAMILY_V4, VIP_PROBES, VIP_TABLE_SLOTS};
     let key = |a: IpAddr| {
