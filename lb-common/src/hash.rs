@@ -14,7 +14,7 @@
 //! two shifts and an or). The one division the hot path needs is the caller's
 //! `flow_hash(..) % table_size`.
 
-use crate::maps::{FlowKey, NODE_FILTER_BITS_LOG2, VIP_TABLE_SLOTS_LOG2};
+use crate::maps::{FlowKey, Node, NODE_FILTER_BITS_LOG2, VIP_TABLE_SLOTS_LOG2};
 
 /// Seed of [`flow_hash`]. Fixed: changing it moves every new flow to another Maglev slot and
 /// makes balancers of different versions disagree, so treat it as part of the wire contract.
@@ -74,6 +74,24 @@ pub const fn addr_filter_bit(addr: &[u32; 4], family: u8) -> u32 {
 #[inline(always)]
 pub const fn vip_slot(addr: &[u32; 4], family: u8) -> u32 {
     addr_hash(addr, family) >> (32 - VIP_TABLE_SLOTS_LOG2)
+}
+
+/// The check word of a node (`Node::check`): the node's fields as four 64-bit words (the copy
+/// that can tear moves whole words or bytes), each multiplied by its own odd constant, xored,
+/// folded to 32 bits. The multiplies are independent, so the datapath pays one multiply's
+/// latency, not four. A read made of old and new parts matches the old or the new check only
+/// by a 32-bit coincidence.
+#[inline(always)]
+pub const fn node_check(n: &Node) -> u32 {
+    let q0 = n.addr6[0] as u64 | (n.addr6[1] as u64) << 32;
+    let q1 = n.addr6[2] as u64 | (n.addr6[3] as u64) << 32;
+    let q2 = n.addr4 as u64 | (n.port as u64) << 32 | (n.flags as u64) << 48;
+    let q3 = n.slot as u64;
+    let h = q0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ q1.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        ^ q2.wrapping_mul(0x1656_67b1_9e37_79f9)
+        ^ q3.wrapping_mul(0x85eb_ca77_c2b2_ae63);
+    (h ^ (h >> 32)) as u32
 }
 
 /// The flow hash: MurmurHash3_x86_32 with [`FLOW_SEED`] over the 40 bytes of `key` as laid out
@@ -353,6 +371,66 @@ mod tests {
             "chi-square over 64 buckets: {c_buckets}"
         );
         assert!(slots.iter().all(|&c| c > 0), "an empty slot among {SIZE}");
+    }
+
+    fn random_node(rng: &mut SplitMix64) -> Node {
+        let w = |rng: &mut SplitMix64| rng.next() as u32;
+        Node {
+            addr6: [w(rng), w(rng), w(rng), w(rng)],
+            addr4: w(rng),
+            port: rng.next() as u16,
+            flags: 1 + (rng.next() % 3) as u16,
+            slot: rng.range(0, 1024),
+            check: 0,
+        }
+        .sealed()
+    }
+
+    /// A node read while the agent overwrites it with another: each byte from one or the other.
+    fn torn(old: &Node, new: &Node, mask: u32) -> Node {
+        // SAFETY: Node is repr(C) plain integers without padding (32 bytes, asserted in maps.rs).
+        let (a, b): ([u8; 32], [u8; 32]) =
+            unsafe { (core::mem::transmute(*old), core::mem::transmute(*new)) };
+        let mut out = [0u8; 32];
+        for i in 0..32 {
+            out[i] = if mask >> i & 1 == 1 { b[i] } else { a[i] };
+        }
+        // SAFETY: as above; every bit pattern is a valid Node.
+        unsafe { core::mem::transmute(out) }
+    }
+
+    #[test]
+    fn node_check_catches_torn_reads() {
+        let mut rng = SplitMix64(0x6e6f_6465);
+        let mut torn_seen = 0;
+        for _ in 0..2_000 {
+            let old = random_node(&mut rng);
+            let mut new = random_node(&mut rng);
+            new.slot = old.slot;
+            let new = new.sealed();
+            // Torn at 8-byte words (how memcpy moves them) and at random bytes.
+            let masks = (1..15u32)
+                .map(|q| {
+                    (0..4).fold(0, |m, i| {
+                        if q >> i & 1 == 1 {
+                            m | 0xff << (8 * i)
+                        } else {
+                            m
+                        }
+                    })
+                })
+                .chain((0..16).map(|_| rng.next() as u32));
+            for mask in masks {
+                let t = torn(&old, &new, mask);
+                if t == old || t == new {
+                    continue;
+                }
+                torn_seen += 1;
+                assert_ne!(t.check, node_check(&t), "{old:?} / {new:?} mask {mask:#x}");
+            }
+            assert_eq!(old.check, node_check(&old));
+        }
+        assert!(torn_seen > 10_000, "{torn_seen}");
     }
 
     fn random_key(rng: &mut SplitMix64) -> FlowKey {

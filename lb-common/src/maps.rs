@@ -26,7 +26,7 @@ pub const fn family_index(family: u8) -> u32 {
 /// to adopt pins of another layout (see `lb-userspace/src/layout.rs`). Version 0 is what cidlb
 /// pinned before it had a `LAYOUT` map. Version 2 is the first that landed: the `LAYOUT`,
 /// `NODE_ADDRS`, new-flow limit (`limits.rs`) and Maglev maps (version 1 never left development).
-/// Version 3 adds `NODE_FILTER` and `VIP_TABLE`.
+/// Version 3 adds `NODE_IDS`, `NODE_FILTER` and `VIP_TABLE`, and `Node::check`.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
@@ -39,6 +39,9 @@ pub const MAX_NODES: u32 = 1024;
 pub const NODE_FILTER_BITS_LOG2: u32 = 18;
 /// u64 words of `NODE_FILTER`.
 pub const NODE_FILTER_WORDS: u32 = 1 << (NODE_FILTER_BITS_LOG2 - 6);
+/// `NODE_IDS` slots: node ids below this (one- and two-byte node ids) are found by array index,
+/// larger ones in the `NODES` hash.
+pub const NODE_ID_SLOTS: u32 = 65536;
 /// Most VIP addresses.
 pub const MAX_VIPS: u32 = 64;
 /// `VIP_TABLE` has 2^this slots (4 per VIP at most).
@@ -95,6 +98,8 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const NODE_STATS: &str = "NODE_STATS";
     pub const NODES: &str = "NODES";
+    /// Node id → node for ids below [`super::NODE_ID_SLOTS`] (see [`super::Node::check`]).
+    pub const NODE_IDS: &str = "NODE_IDS";
     /// VIP addresses by hash, open addressing (see [`super::VipSlot`]).
     pub const VIP_TABLE: &str = "VIP_TABLE";
     /// A bit per node address (see [`super::NODE_FILTER_BITS_LOG2`]).
@@ -186,7 +191,19 @@ pub struct Node {
     pub flags: u16,
     /// Index into `NODE_STATS`.
     pub slot: u32,
-    pub _pad: u32,
+    /// [`crate::hash::node_check`] of the fields above ([`Node::sealed`]). The agent updates a
+    /// `NODE_IDS` element in place, so a packet reading it meanwhile may see part of the old
+    /// node and part of the new one; the datapath then finds the check wrong and reads the
+    /// node from `NODES`, whose entries are replaced whole.
+    pub check: u32,
+}
+
+impl Node {
+    /// The node with its [`Node::check`] set.
+    pub const fn sealed(mut self) -> Self {
+        self.check = crate::hash::node_check(&self);
+        self
+    }
 }
 
 /// Per-node traffic, a `NODE_STATS` per-CPU value indexed by [`Node::slot`].

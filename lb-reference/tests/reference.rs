@@ -57,7 +57,7 @@ fn setup() -> (Tables, StaticFib) {
             port: 0,
             flags: NODE_F_V4,
             slot: 0,
-            _pad: 0,
+            check: 0,
         },
     );
     t.node_addrs.insert(

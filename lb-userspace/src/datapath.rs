@@ -43,6 +43,7 @@ pub const MAP_NAMES: &[&str] = &[
     names::DEVMAP,
     names::NEXTHOP,
     names::NODE_ADDRS,
+    names::NODE_IDS,
     names::NODE_FILTER,
     names::VIP_TABLE,
     names::LAYOUT,

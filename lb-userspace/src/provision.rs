@@ -22,8 +22,8 @@ use lb_common::{
     hash::{addr_filter_bit, vip_slot},
     names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot, FAMILY_V4,
     FAMILY_V6, LAYOUT_VERSION, MAGLEV_CTL_EMPTY, MAGLEV_CTL_HALF0, MAGLEV_SIZE, MAX_NODES,
-    MAX_VIPS, NODE_FILTER_WORDS, NODE_F_V4, NODE_F_V6, PORT_WORDS, VIP_PROBES, VIP_SLOT_EMPTY,
-    VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
+    MAX_VIPS, NODE_FILTER_WORDS, NODE_F_V4, NODE_F_V6, NODE_ID_SLOTS, PORT_WORDS, VIP_PROBES,
+    VIP_SLOT_EMPTY, VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
 };
 
 use crate::{
@@ -234,7 +234,7 @@ pub fn nodes_and_rings(
                 takers[family_index(FAMILY_V6) as usize].push((n.id, n.weight));
             }
         }
-        nodes.push((n.id, node));
+        nodes.push((n.id, node.sealed()));
     }
     // Cached next hops belong to a slot's previous owner (or its old address): forget them
     // before the new node entries can be read.
@@ -247,6 +247,7 @@ pub fn nodes_and_rings(
             .max(),
     )?;
     let stale_nodes = insert_all(ebpf, names::NODES, &nodes)?;
+    node_ids(ebpf, nodes.iter().copied())?;
 
     {
         let [ring, len] = ebpf.maps_disjoint_mut([names::RING, names::RING_LEN]);
@@ -282,8 +283,24 @@ pub fn nodes_and_rings(
             write_maglev(ebpf, fi as u32, &table)?;
         }
     }
+    node_ids(ebpf, stale_nodes.iter().map(|&id| (id, Node::default())))?;
     remove_all::<u32, Node>(ebpf, names::NODES, stale_nodes)?;
     Ok(slots)
+}
+
+/// Mirrors `NODES` entries into `NODE_IDS` (ids below `NODE_ID_SLOTS`), after `NODES` has them:
+/// a packet that reads a `NODE_IDS` element while it is written falls back to `NODES`. A
+/// default `Node` (no family flag) is no node.
+fn node_ids(
+    ebpf: &mut Ebpf,
+    nodes: impl Iterator<Item = (u32, Node)>,
+) -> Result<(), DatapathError> {
+    let mut ids: Array<_, Node> =
+        Array::try_from(map(ebpf, names::NODE_IDS)?).map_err(merr(names::NODE_IDS))?;
+    for (id, node) in nodes.filter(|&(id, _)| id < NODE_ID_SLOTS) {
+        ids.set(id, node, 0).map_err(merr(names::NODE_IDS))?;
+    }
+    Ok(())
 }
 
 /// The Maglev table new flows of one family use: built from `nodes` (the family's active

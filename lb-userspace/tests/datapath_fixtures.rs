@@ -755,7 +755,31 @@ fn cases() -> Vec<Case> {
     limits::limit_cases(&mut v);
     dtls13_cases(&mut v);
     lookup_table_cases(&mut v);
+    let p = client(VIP4, 5684, &cid(1));
+    let mut torn = redirect(&p, NODE1_4, NODE1_MAC);
+    torn.poke = Some(tear_node1);
+    v.push(
+        case(
+            "a NODE_IDS element read torn (check word wrong): the node comes from NODES",
+            vec![torn],
+            &[(CidRouted, 1), (FwdRedirect, 1)],
+        )
+        .nodes(&[(1, 1)]),
+    );
     v
+}
+
+/// Overwrites node 1's `NODE_IDS` element with another address but its old check word: what
+/// a packet may read while the agent rewrites the element.
+fn tear_node1(ebpf: &mut aya::Ebpf) {
+    use aya::maps::Array;
+    let mut ids: Array<_, lb_common::Node> =
+        Array::try_from(ebpf.map_mut(lb_common::names::NODE_IDS).expect("NODE_IDS"))
+            .expect("NODE_IDS is an array");
+    let mut n = ids.get(&1, 0).expect("node 1");
+    assert_ne!(n.flags, 0, "node 1 is in NODE_IDS");
+    n.addr4 = u32::from_ne_bytes([198, 51, 100, 99]);
+    ids.set(1, n, 0).expect("write NODE_IDS");
 }
 
 /// `VIP_TABLE` (issue #11) with its fallback to `VIPS`. (`NODE_FILTER`, in front of `REVERSE`,
