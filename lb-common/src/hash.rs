@@ -389,14 +389,18 @@ mod tests {
     /// A node read while the agent overwrites it with another: each byte from one or the other.
     fn torn(old: &Node, new: &Node, mask: u32) -> Node {
         // SAFETY: Node is repr(C) plain integers without padding (32 bytes, asserted in maps.rs).
-        let (a, b): ([u8; 32], [u8; 32]) =
-            unsafe { (core::mem::transmute(*old), core::mem::transmute(*new)) };
+        let (a, b) = unsafe {
+            (
+                core::mem::transmute::<Node, [u8; 32]>(*old),
+                core::mem::transmute::<Node, [u8; 32]>(*new),
+            )
+        };
         let mut out = [0u8; 32];
         for i in 0..32 {
             out[i] = if mask >> i & 1 == 1 { b[i] } else { a[i] };
         }
         // SAFETY: as above; every bit pattern is a valid Node.
-        unsafe { core::mem::transmute(out) }
+        unsafe { core::mem::transmute::<[u8; 32], Node>(out) }
     }
 
     #[test]
