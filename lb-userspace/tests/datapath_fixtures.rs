@@ -845,7 +845,14 @@ fn lookup_table_cases(v: &mut Vec<Case>) {
             vip_slot(&k.addr, k.family) == start
         })
         .expect("an address with the same probe start");
-    let q = client(&other.to_string(), 5684, &cid(1));
+    // To the port of the VIP in the first slot it probes: only a probe that matches on less
+    // than the whole address would take it for that VIP.
+    let (first, _) = taken
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, a)| key(**a))
+        .expect("taken VIPs");
+    let q = client(&other.to_string(), 6000 + first as u16, &cid(1));
     v.push(
         case(
             "an address that is no VIP, probing past 4 taken slots, passes",
