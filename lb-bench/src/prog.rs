@@ -339,23 +339,54 @@ impl<'a> Case<'a> {
     }
 }
 
-/// Checks every case's path, then times them interleaved.
-fn measure(cases: &mut [Case<'_>], effort: Effort) -> Result<()> {
+/// A path the bench times: checked once, then sampled round after round.
+trait Timed {
+    /// Fails unless the path takes its action and moves exactly its counters.
+    fn verify(&self) -> Result<()>;
+    /// One timing sample, in ns per packet.
+    fn sample(&self, effort: Effort) -> Result<f64>;
+    fn samples(&mut self) -> &mut Vec<f64>;
+}
+
+impl Timed for Case<'_> {
+    fn verify(&self) -> Result<()> {
+        Case::verify(self)
+    }
+
+    fn sample(&self, effort: Effort) -> Result<f64> {
+        let r = testrun::run_program(
+            self.ebpf,
+            self.program,
+            self.frame,
+            self.ingress,
+            effort.repeat,
+        )?;
+        if r.action != self.expect.action {
+            bail!(
+                "path {:?}: action {} while timing, {} when checked",
+                self.path,
+                r.action,
+                self.expect.action
+            );
+        }
+        Ok(r.per_run.as_nanos() as f64)
+    }
+
+    fn samples(&mut self) -> &mut Vec<f64> {
+        &mut self.samples
+    }
+}
+
+/// Checks every case's path, then times them interleaved, `effort.rounds` samples each, so
+/// drift hits all of them alike.
+fn measure<T: Timed>(cases: &mut [T], effort: Effort) -> Result<()> {
     for c in cases.iter() {
         c.verify()?;
     }
     for _ in 0..effort.rounds {
         for c in cases.iter_mut() {
-            let r = testrun::run_program(c.ebpf, c.program, c.frame, c.ingress, effort.repeat)?;
-            if r.action != c.expect.action {
-                bail!(
-                    "path {:?}: action {} while timing, {} when checked",
-                    c.path,
-                    r.action,
-                    c.expect.action
-                );
-            }
-            c.samples.push(r.per_run.as_nanos() as f64);
+            let ns = c.sample(effort)?;
+            c.samples().push(ns);
         }
     }
     Ok(())
@@ -515,18 +546,18 @@ impl Rotation<'_> {
     }
 }
 
-/// Checks every rotation's path, then times them interleaved, `effort.rounds` passes each.
-fn measure_rotating(cases: &mut [Rotation<'_>], effort: Effort) -> Result<()> {
-    for c in cases.iter() {
-        c.verify()?;
+impl Timed for Rotation<'_> {
+    fn verify(&self) -> Result<()> {
+        Rotation::verify(self)
     }
-    for _ in 0..effort.rounds {
-        for c in cases.iter_mut() {
-            let ns = c.pass()?;
-            c.samples.push(ns);
-        }
+
+    fn sample(&self, _: Effort) -> Result<f64> {
+        self.pass()
     }
-    Ok(())
+
+    fn samples(&mut self) -> &mut Vec<f64> {
+        &mut self.samples
+    }
 }
 
 /// Rotating client `i`'s address, in 10.0.0.0/8.
@@ -623,7 +654,7 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
             Rotation::new("new flow, limits on", prog(&limited), &new, fxc, NEW_FLOW)
                 .fresh(CLIENTS),
         ];
-        measure_rotating(&mut cases, effort)?;
+        measure(&mut cases, effort)?;
         out.extend(rotation_records(
             &cases,
             "rotate_nodes",
@@ -681,7 +712,7 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
             Rotation::new("CID record routed", prog(&shadow), &cid, fxc, CID_ROUTED),
             Rotation::new("non-VIP port, passed", prog(&plain), &other, fxc, NOT_VIP),
         ];
-        measure_rotating(&mut cases, effort)?;
+        measure(&mut cases, effort)?;
         out.extend(rotation_records(&cases, "rotate_flows", 2, flows, effort));
         eprintln!("  rotating, {flows} flows done");
     }

@@ -494,34 +494,6 @@ fn reverse(ebpf: &mut Ebpf, cfg: &Config, slots: &BTreeMap<u32, u32>) -> Result<
             ))
         })
         .collect();
-    let nodes_addrs: Vec<AddrKey> = cfg
-        .nodes
-        .iter()
-        .filter(|n| slots.contains_key(&n.id))
-        .flat_map(|n| n.addresses.iter())
-        .map(|ip| {
-            let (addr, family) = addr_words(*ip);
-            AddrKey {
-                addr,
-                family,
-                _pad: [0; 3],
-            }
-        })
-        .collect();
-    // The filter gains the new addresses' bits before any entry needs them, and loses the
-    // old ones' only after their entries are gone.
-    let filter_now = read_filter(ebpf)?;
-    let filter_new = filter_words(&nodes_addrs);
-    let union: Vec<u64> = filter_now
-        .iter()
-        .zip(&filter_new)
-        .map(|(a, b)| a | b)
-        .collect();
-    write_filter(ebpf, &filter_now, &union)?;
-
-    let stale = insert_all(ebpf, names::REVERSE, &reverse)?;
-    remove_all::<ReverseKey, Reverse>(ebpf, names::REVERSE, stale)?;
-
     // Every address of every node in NODES, whatever its port.
     let mut addrs: Vec<(AddrKey, NodeAddr)> = Vec::new();
     for n in &cfg.nodes {
@@ -540,13 +512,27 @@ fn reverse(ebpf: &mut Ebpf, cfg: &Config, slots: &BTreeMap<u32, u32>) -> Result<
             ));
         }
     }
+    // The filter gains the new addresses' bits before any entry needs them, and loses the
+    // old ones' only after their entries are gone.
+    let filter_now = read_filter(ebpf)?;
+    let filter_new = filter_words(addrs.iter().map(|(k, _)| k));
+    let union: Vec<u64> = filter_now
+        .iter()
+        .zip(&filter_new)
+        .map(|(a, b)| a | b)
+        .collect();
+    write_filter(ebpf, &filter_now, &union)?;
+
+    let stale = insert_all(ebpf, names::REVERSE, &reverse)?;
+    remove_all::<ReverseKey, Reverse>(ebpf, names::REVERSE, stale)?;
+
     let stale = insert_all(ebpf, names::NODE_ADDRS, &addrs)?;
     remove_all::<AddrKey, NodeAddr>(ebpf, names::NODE_ADDRS, stale)?;
     write_filter(ebpf, &union, &filter_new)
 }
 
 /// `NODE_FILTER`'s words with the bit of each address in `addrs` set.
-pub fn filter_words(addrs: &[AddrKey]) -> Vec<u64> {
+fn filter_words<'a>(addrs: impl Iterator<Item = &'a AddrKey>) -> Vec<u64> {
     let mut words = vec![0u64; NODE_FILTER_WORDS as usize];
     for a in addrs {
         let bit = addr_filter_bit(&a.addr, a.family);
