@@ -21,6 +21,34 @@ pub const fn family_index(family: u8) -> u32 {
     }
 }
 
+/// An address in the form the maps hold it (see the module doc): wire bytes in u32 words, and
+/// its family tag.
+pub fn addr_words(ip: core::net::IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        core::net::IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], FAMILY_V4),
+        core::net::IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], FAMILY_V6)
+        }
+    }
+}
+
+/// A port in the form the maps hold it: the wire bytes read as a native u16.
+pub const fn port_wire(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// [`AddrKey`] of an address.
+pub fn addr_key(ip: core::net::IpAddr) -> AddrKey {
+    let (addr, family) = addr_words(ip);
+    AddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
+}
+
 /// Version of the pinned datapath's layout: which maps exist, their key and value types and
 /// sizes, and what their values mean. Bump it whenever any of that changes; `cidlb run` refuses
 /// to adopt pins of another layout (see `lb-userspace/src/layout.rs`). Version 0 is what cidlb
@@ -371,4 +399,21 @@ mod pod {
     unsafe impl aya::Pod for super::Reverse {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::FwdTarget {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_forms() {
+        let (w, f) = addr_words("192.0.2.10".parse().unwrap());
+        assert_eq!(f, FAMILY_V4);
+        assert_eq!(w[0].to_ne_bytes(), [192, 0, 2, 10]);
+        let (w, f) = addr_words("2001:db8::1".parse().unwrap());
+        assert_eq!(f, FAMILY_V6);
+        assert_eq!(w[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 1]);
+        assert_eq!(port_wire(5684).to_ne_bytes(), 5684u16.to_be_bytes());
+    }
 }

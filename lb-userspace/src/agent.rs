@@ -22,11 +22,12 @@ use tracing::{error, info, warn};
 use crate::{
     announce,
     config::{Config, NodeState, Probe},
-    datapath::{self, Datapath, DatapathError},
+    datapath::{self, Datapath},
+    ebpf::DatapathError,
     health::{self, Tracker},
     layout,
     metrics::{self, View},
-    provision,
+    plan, provision,
     ready::Ready,
 };
 
@@ -49,7 +50,7 @@ pub struct Agent {
 
 fn load_config(path: &Path, shadow: bool) -> anyhow::Result<Config> {
     let mut cfg = Config::load(path)?;
-    for w in provision::reverse_entries(&cfg)
+    for w in plan::reverse::reverse_entries(&cfg)
         .1
         .into_iter()
         .chain(cfg.warnings())

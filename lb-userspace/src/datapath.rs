@@ -18,99 +18,20 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
         ProgramError, Xdp, XdpMode,
     },
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 use lb_common::names;
 use tracing::{info, warn};
 
-use crate::config::{Config, XdpModeCfg};
-
-/// The datapath object built by build.rs (aya-build), embedded in the binary.
-pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
-
-/// Every map the datapath has, as pinned.
-pub const MAP_NAMES: &[&str] = &[
-    names::STATS,
-    names::NODE_STATS,
-    names::NODES,
-    names::RING,
-    names::RING_LEN,
-    names::RR,
-    names::FLOWS,
-    names::VIPS,
-    names::VIP_PORTS,
-    names::REVERSE,
-    names::DEVMAP,
-    names::NEXTHOP,
-    names::NODE_ADDRS,
-    names::NODE_IDS,
-    names::NODE_FILTER,
-    names::VIP_TABLE,
-    names::LAYOUT,
-    lb_common::limits::LIMIT_CFG,
-    lb_common::limits::SRC_BUCKETS,
-    lb_common::limits::GLOBAL_BUCKET,
-    lb_common::limits::KNOWN_SRCS,
-    lb_common::limits::LIMIT_EXEMPT,
-    names::MAGLEV,
-    names::MAGLEV_CTL,
-];
+use crate::{
+    config::{Config, XdpModeCfg},
+    ebpf::{program_mut, DatapathError, EBPF_OBJECT, MAP_NAMES},
+};
 
 /// The program's pin (for bpftool); the links hold the program anyway.
 pub const PROG_PIN: &str = "prog";
 /// Directory of the per-interface link pins.
 pub const LINKS_DIR: &str = "links";
-
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    #[error(
-        "this cidlb was built with AYA_BUILD_SKIP=1 and holds no XDP program; rebuild without it"
-    )]
-    NoObject,
-    #[error("loading the eBPF object failed: {0}")]
-    Object(#[source] EbpfError),
-    #[error(
-        "the kernel verifier rejected the XDP program: {io_error}\n--- verifier log ---\n{log}"
-    )]
-    Verifier {
-        io_error: std::io::Error,
-        log: String,
-    },
-    #[error("{0} needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it with sudo or as root")]
-    NotRoot(&'static str),
-    #[error("interfaces[{index}]: no interface named {name:?} on this host (see `ip link`)")]
-    NoInterface { index: usize, name: String },
-    #[error("attaching XDP to {iface} in {mode} mode failed: {source}")]
-    Attach {
-        iface: String,
-        mode: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("{0} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` (or set pin_dir)")]
-    NoBpffs(PathBuf),
-    #[error("map {name}: {message}")]
-    Map { name: &'static str, message: String },
-    #[error("pinning under {dir}: {message}")]
-    Pin { dir: PathBuf, message: String },
-    #[error("program: {0}")]
-    Program(#[source] ProgramError),
-    #[error("{source}; rolled back: {state}, newly attached interfaces detached again")]
-    RolledBack {
-        #[source]
-        source: Box<DatapathError>,
-        state: String,
-    },
-    #[error(
-        "{source}; ROLLBACK FAILED, these links now run the NEW program: {state}. Run `cidlb run` \
-         again with a config that works, or `cidlb detach`"
-    )]
-    RollbackFailed {
-        #[source]
-        source: Box<DatapathError>,
-        state: String,
-    },
-}
 
 /// Fails with a clear message unless running as root.
 pub fn require_root(what: &'static str) -> Result<(), DatapathError> {
@@ -419,13 +340,6 @@ pub fn detach(dir: &Path) -> usize {
     }
     let _ = fs::remove_dir(dir);
     n
-}
-
-pub(crate) fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
-    ebpf.program_mut(names::PROGRAM)
-        .ok_or(DatapathError::Program(ProgramError::NotLoaded))?
-        .try_into()
-        .map_err(DatapathError::Program)
 }
 
 /// Is `path` on a bpf filesystem?

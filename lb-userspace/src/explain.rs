@@ -11,7 +11,7 @@ use aya::maps::Map;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use lb_common::{names, Counter};
 
-use crate::{config::Config, datapath, datapath::Datapath, provision, stats::Snapshot};
+use crate::{config::Config, datapath, datapath::Datapath, stats::Snapshot};
 
 /// Entries of the private flow table a packet is explained with.
 pub const EXPLAIN_FLOWS: u32 = 16;
@@ -147,15 +147,13 @@ fn describe(frame: &[u8]) -> String {
 /// Runs `frame` as if received on `ingress` and returns a report.
 pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<String> {
     datapath::require_root("cidlb explain")?;
-    let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
     let ifindex = datapath::resolve_interfaces(&[ingress.to_owned()])?[0];
     // One packet needs a tiny flow table, not the configured one the kernel would preallocate
     // (up to 1.9 GiB at the largest `flows.capacity`).
     let mut cfg = cfg.clone();
     cfg.flows.capacity = EXPLAIN_FLOWS;
     let cfg = &cfg;
-    let mut dp = Datapath::load(cfg)?;
-    provision::provision(&mut dp.ebpf, cfg, &ifindexes, &|_| true)?;
+    let dp = Datapath::private(cfg)?;
     let flow_entries = match dp.ebpf.map(names::FLOWS) {
         Some(Map::LruHashMap(m)) => m.info().ok().map(|i| i.max_entries()),
         _ => None,

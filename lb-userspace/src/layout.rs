@@ -19,7 +19,7 @@ use std::{
 use aya::maps::{Array, Map, MapData, MapError};
 use lb_common::{names, LAYOUT_VERSION};
 
-use crate::datapath::{EBPF_OBJECT, MAP_NAMES};
+use crate::ebpf::{EBPF_OBJECT, MAP_NAMES};
 
 /// What an operator does about a refused pin directory.
 fn what_to_do(dir: &Path, config: Option<&Path>) -> String {

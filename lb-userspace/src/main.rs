@@ -196,7 +196,7 @@ fn init_logging(json: bool) {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    for w in cidlb::provision::reverse_entries(&cfg)
+    for w in cidlb::plan::reverse::reverse_entries(&cfg)
         .1
         .into_iter()
         .chain(cfg.warnings())

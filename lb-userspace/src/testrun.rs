@@ -1,5 +1,6 @@
-//! BPF_PROG_TEST_RUN over a loaded datapath: the fixtures, `cidlb explain` and the bench run
-//! single frames through the real program in the kernel. Not used by `cidlb run`.
+//! A private datapath and BPF_PROG_TEST_RUN over it: `cidlb explain`, the fixtures, the fuzzer
+//! and the bench load the real program with maps of their own, provision it with the agent's
+//! code, and run single frames through it in the kernel. Not used by `cidlb run`.
 
 use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp},
@@ -7,7 +8,12 @@ use aya::{
 };
 use lb_common::names;
 
-use crate::datapath::{Datapath, DatapathError};
+use crate::{
+    config::Config,
+    datapath::{resolve_interfaces, Datapath},
+    ebpf::DatapathError,
+    provision::provision,
+};
 
 /// The bench's reference programs (`cidlb_floor`, `cidlb_sink`, `cidlb_fwd`) and their maps
 /// (`SINK`, `FWD`, a `DEVMAP` of their own): an object apart from the datapath's, so
@@ -50,6 +56,30 @@ pub fn load_floor() -> Result<Ebpf, DatapathError> {
 }
 
 impl Datapath {
+    /// The datapath with maps of its own (nothing pinned, nothing attached), provisioned from
+    /// `cfg` by the agent's own code with every node up; `cfg.interfaces` are the redirect
+    /// targets.
+    pub fn private(cfg: &Config) -> Result<Self, DatapathError> {
+        Self::private_with(cfg, &|_| true)
+    }
+
+    /// [`Datapath::private`] with each node's health given by `up(id)`.
+    pub fn private_with(cfg: &Config, up: &dyn Fn(u32) -> bool) -> Result<Self, DatapathError> {
+        let mut dp = Self::load(cfg)?;
+        dp.reprovision(cfg, up)?;
+        Ok(dp)
+    }
+
+    /// Applies `cfg` to the maps in place, as `cidlb run` does on a reload or a health change.
+    pub fn reprovision(
+        &mut self,
+        cfg: &Config,
+        up: &dyn Fn(u32) -> bool,
+    ) -> Result<(), DatapathError> {
+        let ifindexes = resolve_interfaces(&cfg.interfaces)?;
+        provision(&mut self.ebpf, cfg, &ifindexes, up)
+    }
+
     /// The XDP program.
     pub fn program(&self) -> Result<&Xdp, DatapathError> {
         self.ebpf
@@ -125,7 +155,6 @@ mod tests {
     use std::{collections::BTreeSet, path::Path};
 
     use super::*;
-    use crate::config::Config;
 
     fn names<'a>(it: impl Iterator<Item = &'a str>) -> BTreeSet<String> {
         it.map(str::to_owned).collect()

@@ -1,17 +1,47 @@
 //! Validation of a parsed config: what serde's types cannot check. Ranges, uniqueness, and
 //! whether the datapath can represent the config (stateless reverse NAT needs every node
-//! address+port to map back to one VIP). Errors are `(key, problem)`; `Config::parse` adds the
-//! file.
+//! address+port to map back to one VIP). Errors are `(key, problem)`; `Config::parse`, here
+//! because it validates, adds the file.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, path::Path, time::Duration};
 
-use lb_common::{MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS};
+use lb_common::{
+    limits::MAX_EXEMPT, MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
+};
 
-use crate::config::{Config, Vip};
+use crate::{
+    config::{limits::Limits, Config, ConfigError, Vip},
+    plan::limits::exempt_key,
+};
 
-pub(crate) fn validate(cfg: &Config) -> Result<(), (String, String)> {
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `file` is only used in messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        validate(&cfg).map_err(|(key, problem)| ConfigError::Invalid {
+            file: file.to_owned(),
+            key,
+            problem,
+        })?;
+        Ok(cfg)
+    }
+}
+
+fn validate(cfg: &Config) -> Result<(), (String, String)> {
     if let Some(l) = &cfg.limits {
-        crate::limits::validate(l)?;
+        limits(l)?;
     }
     let err = |k: &str, p: String| Err((k.to_owned(), p));
     if cfg.interfaces.is_empty() {
@@ -267,6 +297,84 @@ pub(crate) fn validate(cfg: &Config) -> Result<(), (String, String)> {
 }
 
 /// A VIP's distinct ports as a 65536-bit set (ranges may overlap).
+/// Upper bound on counts and bursts: keeps `burst × interval` far from u64 overflow.
+const MAX_COUNT: u64 = 1 << 32;
+
+/// What `limits:` cannot express.
+fn limits(l: &Limits) -> Result<(), (String, String)> {
+    let err = |k: &str, p: String| Err((format!("limits.{k}"), p));
+    if l.new_flows_per_source.is_none() && l.new_flows.is_none() {
+        return err(
+            "new_flows",
+            "set new_flows_per_source, new_flows or both (or remove `limits`)".into(),
+        );
+    }
+    for (key, rate) in [
+        ("new_flows_per_source", l.new_flows_per_source),
+        ("new_flows", l.new_flows),
+    ] {
+        if let Some(r) = rate {
+            if !(1..=MAX_COUNT).contains(&r.count) {
+                return err(key, format!("count {} is outside 1..{MAX_COUNT}", r.count));
+            }
+            if r.per.is_zero() || r.per > Duration::from_secs(86_400) {
+                return err(key, format!("{r}: the duration must be within 1ms..24h"));
+            }
+        }
+    }
+    for (key, burst, rate) in [
+        ("burst", l.burst, l.new_flows_per_source),
+        ("global_burst", l.global_burst, l.new_flows),
+    ] {
+        match (burst, rate) {
+            (Some(_), None) => {
+                let of = if key == "burst" {
+                    "new_flows_per_source"
+                } else {
+                    "new_flows"
+                };
+                return err(
+                    key,
+                    format!("is set without {of}, which it is the burst of"),
+                );
+            }
+            (Some(b), Some(_)) if !(1..=MAX_COUNT).contains(&b) => {
+                return err(key, format!("{b} is outside 1..{MAX_COUNT}"));
+            }
+            _ => {}
+        }
+    }
+    if l.known_reserve > 90 {
+        return err(
+            "known_reserve",
+            format!(
+                "{}% is above 90%: new sources would hardly ever get a flow",
+                l.known_reserve
+            ),
+        );
+    }
+    if l.known_for.is_zero() {
+        return err("known_for", "must be longer than 0".into());
+    }
+    if !l.exempt.is_empty() && l.new_flows_per_source.is_none() {
+        return err(
+            "exempt",
+            "only skips new_flows_per_source, which is not set".into(),
+        );
+    }
+    if l.exempt.len() > MAX_EXEMPT as usize {
+        return err("exempt", format!("at most {MAX_EXEMPT} prefixes"));
+    }
+    let mut seen = HashSet::new();
+    for (i, p) in l.exempt.iter().enumerate() {
+        let k = exempt_key(*p);
+        if !seen.insert((k.prefix_len(), k.data())) {
+            return err(&format!("exempt[{i}]"), format!("{p} is listed twice"));
+        }
+    }
+    Ok(())
+}
+
 fn port_set(vip: &Vip) -> Vec<u64> {
     let mut words = vec![0u64; 1024];
     for range in &vip.ports {
@@ -289,7 +397,7 @@ fn common_port(a: &[u64], b: &[u64]) -> Option<u16> {
 /// Stateless reverse NAT: `REVERSE` is keyed by node address and port alone, so each such
 /// pair can carry one VIP as the replies' source. Two VIPs of one family that map onto the
 /// same node address+port would leave the clients of one of them dropping every reply: refused.
-/// (Several ports of ONE VIP onto one node port only warn: see `provision::reverse_entries`.)
+/// (Several ports of ONE VIP onto one node port only warn: see `plan::reverse::reverse_entries`.)
 /// Then the entries are counted, by arithmetic, before anything enumerates them.
 fn reverse_nat(cfg: &Config) -> Result<(), (String, String)> {
     let sets: Vec<Vec<u64>> = cfg.vips.iter().map(port_set).collect();
@@ -363,7 +471,7 @@ fn reverse_nat(cfg: &Config) -> Result<(), (String, String)> {
 mod tests {
     use std::time::Instant;
 
-    use crate::config::tests::{parse, with};
+    use crate::config::tests::{parse, with, SEED};
 
     #[test]
     fn errors_name_file_key_and_problem() {
@@ -545,5 +653,66 @@ mod tests {
         );
         // Enumerating 13 million entries first takes many seconds.
         assert!(t0.elapsed().as_millis() < 1000, "took {:?}", t0.elapsed());
+    }
+
+    fn with_limits(l: &str) -> Result<super::Config, String> {
+        parse(&format!("{SEED}limits:\n{l}"))
+    }
+
+    #[test]
+    fn limits_errors_name_file_key_and_problem() {
+        let cases: &[(&str, &[&str])] = &[
+            ("  burst: 3\n", &["test.yaml", "limits.new_flows", "set"]),
+            (
+                "  new_flows: \"20000/1s\"\n  burst: 3\n",
+                &["limits.burst", "without new_flows_per_source"],
+            ),
+            (
+                "  new_flows_per_source: \"20 per second\"\n",
+                &[
+                    "test.yaml",
+                    "new_flows_per_source",
+                    "20 per second",
+                    "not a rate",
+                ],
+            ),
+            ("  new_flows: \"0/1s\"\n", &["limits.new_flows", "count 0"]),
+            ("  new_flows: \"5/0s\"\n", &["limits.new_flows", "duration"]),
+            (
+                "  new_flows_per_source: \"20/1s\"\n  burst: 0\n",
+                &["limits.burst", "0 is outside"],
+            ),
+            (
+                "  new_flows: \"20/1s\"\n  known_reserve: 95\n",
+                &["limits.known_reserve", "95%"],
+            ),
+            (
+                "  new_flows: \"20/1s\"\n  exempt: [10.0.0.0/8]\n",
+                &["limits.exempt", "new_flows_per_source"],
+            ),
+            (
+                "  new_flows_per_source: \"20/1s\"\n  exempt: [10.0.0.0/33]\n",
+                &["exempt", "10.0.0.0/33", "outside 0..32"],
+            ),
+            (
+                "  new_flows_per_source: \"20/1s\"\n  exempt: [10.0.0.0/8, 10.9.0.0/8]\n",
+                &["limits.exempt[1]", "twice"],
+            ),
+            (
+                "  new_flows: \"20/1s\"\n  known_for: soon\n",
+                &["limits", "known_for", "soon"],
+            ),
+            (
+                "  new_flows: \"20/1s\"\n  rate: 5\n",
+                &["unknown field", "rate"],
+            ),
+        ];
+        for (l, want) in cases {
+            let e = with_limits(l).expect_err(&format!("{l:?} should be rejected"));
+            for w in *want {
+                assert!(e.contains(w), "error for {l:?} lacks {w:?}: {e}");
+            }
+        }
+        assert!(parse(SEED).unwrap().limits.is_none());
     }
 }

@@ -13,7 +13,7 @@ mod limits;
 
 use std::net::IpAddr;
 
-use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot};
+use cidlb::{config::Config, datapath::Datapath, plan, stats::Snapshot};
 use lb_common::Counter::{self, *};
 use lb_lab::{
     fib::*,
@@ -787,7 +787,7 @@ fn tear_node1(ebpf: &mut aya::Ebpf) {
 fn lookup_table_cases(v: &mut Vec<Case>) {
     use lb_common::{hash::vip_slot, AddrKey, VipSlot, FAMILY_V4, VIP_PROBES, VIP_TABLE_SLOTS};
     let key = |a: IpAddr| {
-        let (addr, family) = provision::addr_words(a);
+        let (addr, family) = lb_common::addr_words(a);
         AddrKey {
             addr,
             family,
@@ -814,7 +814,7 @@ fn lookup_table_cases(v: &mut Vec<Case>) {
         .enumerate()
         .map(|(i, k)| (k, i as u32))
         .collect();
-    let table = provision::vip_table(&vec![VipSlot::default(); VIP_TABLE_SLOTS as usize], &want);
+    let table = plan::vips::vip_table(&vec![VipSlot::default(); VIP_TABLE_SLOTS as usize], &want);
     assert!(
         !table
             .iter()
@@ -1492,11 +1492,7 @@ fn run_steps(c: &Case) -> Result<(), Failure> {
     let mut cfg = Config::parse(&c.config, std::path::Path::new("fixture.yaml"))
         .map_err(|e| fail(e.to_string()))?;
     cfg.shadow = c.shadow;
-    let ifindexes =
-        cidlb::datapath::resolve_interfaces(&cfg.interfaces).map_err(|e| fail(e.to_string()))?;
-    let mut dp = Datapath::load(&cfg).map_err(|e| fail(e.to_string()))?;
-    provision::provision(&mut dp.ebpf, &cfg, &ifindexes, &|_| true)
-        .map_err(|e| fail(e.to_string()))?;
+    let mut dp = Datapath::private(&cfg).map_err(|e| fail(e.to_string()))?;
     for (i, s) in c.steps.iter().enumerate() {
         std::thread::sleep(std::time::Duration::from_millis(s.pause_ms));
         if let Some(poke) = s.poke {

@@ -14,13 +14,9 @@ mod common;
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use cidlb::{
-    config::Config,
-    datapath::Datapath,
-    provision::{self, addr_words, port_wire},
-};
+use cidlb::{config::Config, datapath::Datapath, plan::maglev};
 use etherparse::{NetSlice, SlicedPacket};
-use lb_common::{hash::flow_hash, FlowKey, MAGLEV_SIZE};
+use lb_common::{addr_words, hash::flow_hash, port_wire, FlowKey, MAGLEV_SIZE};
 use lb_lab::{
     fib::*,
     packet::{handshake_record, Frame},
@@ -55,10 +51,7 @@ fn config(order: &[usize]) -> Config {
 
 /// A loaded, provisioned program with maps of its own.
 fn load(cfg: &Config, up: &dyn Fn(u32) -> bool) -> Datapath {
-    let ifindexes = cidlb::datapath::resolve_interfaces(&cfg.interfaces).expect("fxc, fxn");
-    let mut dp = Datapath::load(cfg).unwrap_or_else(|e| panic!("load: {e}"));
-    provision::provision(&mut dp.ebpf, cfg, &ifindexes, up).unwrap_or_else(|e| panic!("{e}"));
-    dp
+    Datapath::private_with(cfg, up).unwrap_or_else(|e| panic!("load: {e}"))
 }
 
 /// The test's new flows: client port `sport` to the VIP of the family, a DTLS handshake record
@@ -113,7 +106,7 @@ fn picked(dp: &Datapath, fxc: u32, f: &Frame) -> u32 {
 /// The userspace table for the family, all nodes up but those `down`.
 fn expected_table(down: &[u32]) -> Vec<u32> {
     let nodes: Vec<(u32, u32)> = NODES.iter().map(|n| (n.0, n.3)).collect();
-    provision::maglev_table(&nodes, &|id| !down.contains(&id)).expect("table")
+    maglev::family_table(&nodes, &|id| !down.contains(&id)).expect("table")
 }
 
 const FLOWS_PER_FAMILY: u16 = 700;
@@ -215,14 +208,11 @@ fn check(_ns: &NetNs) {
 
     // Program a pinned every flow: with node 3 now down there too, established flows keep
     // their node (the flow table pins them), and a new flow of node 3's takes the second choice.
-    let ifindexes = cidlb::datapath::resolve_interfaces(&["fxc".into(), "fxn".into()]).unwrap();
     let mut a = a;
     // What a health change costs the agent: both families' tables built and written.
     let t = std::time::Instant::now();
-    provision::provision(&mut a.ebpf, &config(&[0, 1, 2, 3]), &ifindexes, &|id| {
-        id != 3
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    a.reprovision(&config(&[0, 1, 2, 3]), &|id| id != 3)
+        .unwrap_or_else(|e| panic!("{e}"));
     println!(
         "provision with the Maglev tables (2 x 65537 slots): {:?}",
         t.elapsed()

@@ -8,7 +8,7 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(cfg) = cidlb::config::Config::parse(text, std::path::Path::new("fuzz.yaml")) {
             // What `cidlb run` derives from a config must not panic either.
             let _ = cfg.dp_config();
-            let _ = cidlb::provision::reverse_entries(&cfg);
+            let _ = cidlb::plan::reverse::reverse_entries(&cfg);
         }
     }
 });

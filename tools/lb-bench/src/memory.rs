@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use cidlb::datapath::MAP_NAMES;
+use cidlb::ebpf::MAP_NAMES;
 use lb_common::{names, DEFAULT_FLOW_CAPACITY, MAX_FLOW_CAPACITY};
 use lb_lab::{
     agent::{Agent, LogTo},

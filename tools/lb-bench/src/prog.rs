@@ -26,7 +26,7 @@ use anyhow::{anyhow, bail, Result};
 use aya::maps::HashMap;
 use aya::programs::Xdp;
 use aya::Ebpf;
-use cidlb::{config::Config, datapath::Datapath, provision, stats::Snapshot, testrun};
+use cidlb::{config::Config, datapath::Datapath, stats::Snapshot, testrun};
 use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
 use lb_lab::{
     fib::{CLIENT4, CLIENT_MAC, FXC_MAC, FXN_MAC, VIP4},
@@ -65,12 +65,10 @@ fn config_with(nodes: u32, capacity: u32, extra: &str) -> Result<Config> {
 }
 
 /// A loaded, provisioned datapath in one of the measuring modes.
-fn datapath(cfg: &Config, shadow: bool, ifindexes: &[u32]) -> Result<Datapath> {
+fn datapath(cfg: &Config, shadow: bool) -> Result<Datapath> {
     let mut cfg = cfg.clone();
     cfg.shadow = shadow;
-    let mut dp = Datapath::load(&cfg)?;
-    provision::provision(&mut dp.ebpf, &cfg, ifindexes, &|_| true)?;
-    Ok(dp)
+    Ok(Datapath::private(&cfg)?)
 }
 
 struct Frames {
@@ -644,8 +642,8 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
     // Nodes: CID records naming every node in turn, and new flows from as many clients.
     for nodes in [2u32, 16, 64, 256] {
         let cfg = config(nodes, 65536)?;
-        let shadow = datapath(&cfg, true, ifs)?;
-        let limited = datapath(&config_with(nodes, 65536, LIMITS_OPEN)?, true, ifs)?;
+        let shadow = datapath(&cfg, true)?;
+        let limited = datapath(&config_with(nodes, 65536, LIMITS_OPEN)?, true)?;
         let cid = clients(CLIENTS as u64, cid_for(nodes));
         let mut cases = vec![
             Rotation::new("empty program (floor)", floor, &cid, fxc, FLOOR),
@@ -671,8 +669,8 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
     }
     for flows in sizes {
         let cfg = config(2, (2 * flows).max(4096) as u32)?;
-        let shadow = datapath(&cfg, true, ifs)?;
-        let plain = datapath(&cfg, false, ifs)?;
+        let shadow = datapath(&cfg, true)?;
+        let plain = datapath(&cfg, false)?;
         let known = clients(flows, hello);
         // Not ours: the same clients to a port the VIP does not serve.
         let other: Vec<Vec<u8>> = (0..flows)
@@ -743,12 +741,12 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
 
     // The main table: every path at 2 nodes, one flow.
     let cfg = config(2, 4096)?;
-    let plain = datapath(&cfg, false, &ifs)?;
+    let plain = datapath(&cfg, false)?;
     let floor_object = testrun::load_floor()?;
-    let shadow = datapath(&cfg, true, &ifs)?;
+    let shadow = datapath(&cfg, true)?;
     let open = config_with(2, 4096, LIMITS_OPEN)?;
-    let shadow_limited = datapath(&open, true, &ifs)?;
-    let shut = datapath(&config_with(2, 4096, LIMITS_SHUT)?, true, &ifs)?;
+    let shadow_limited = datapath(&open, true)?;
+    let shut = datapath(&config_with(2, 4096, LIMITS_SHUT)?, true)?;
     // The client's one token goes to another of its ports: the timed frame is over the limit
     // from its first run, so it never pins a flow.
     testrun::run_program(&shut.ebpf, names::PROGRAM, &f.hello_other, fxc, 1)?;
@@ -832,7 +830,7 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
     // Growth with the number of nodes.
     for nodes in [2u32, 16, 64, 256] {
         let cfg = config(nodes, 4096)?;
-        let shadow = datapath(&cfg, true, &ifs)?;
+        let shadow = datapath(&cfg, true)?;
         let mut cases = vec![Case::new(
             ("CID record routed", "shadow", CID_ROUTED),
             &shadow.ebpf,
@@ -856,7 +854,7 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
     }
     for flows in sizes {
         let cfg = config(2, (2 * flows).max(4096) as u32)?;
-        let mut shadow = datapath(&cfg, true, &ifs)?;
+        let mut shadow = datapath(&cfg, true)?;
         prefill(&mut shadow, flows.saturating_sub(1))?;
         let mut cases = vec![
             Case::new(

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues};
-use cidlb::{config::Config, datapath::Datapath, provision};
+use cidlb::{config::Config, datapath::Datapath};
 use lb_common::{
     names, AddrKey, Counter, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
     MAGLEV_ENTRIES, MAX_NODES, PORT_WORDS,
@@ -32,9 +32,7 @@ pub struct Run {
 
 impl Kernel {
     pub fn load(cfg: &Config) -> Result<(Self, Tables)> {
-        let ifindexes = cidlb::datapath::resolve_interfaces(&cfg.interfaces)?;
-        let mut dp = Datapath::load(cfg)?;
-        provision::provision(&mut dp.ebpf, cfg, &ifindexes, &|_| true)?;
+        let dp = Datapath::private(cfg)?;
         let tables = read_tables(&dp, cfg)?;
         let slots = tables.nodes.values().map(|n| n.slot).collect();
         let mut k = Kernel {
@@ -51,8 +49,7 @@ impl Kernel {
     /// provisioning: NODES, rings, the Maglev table, reverse NAT; the next-hop cache is emptied), and reads the
     /// maps back.
     pub fn reload(&mut self, cfg: &Config) -> Result<Tables> {
-        let ifindexes = cidlb::datapath::resolve_interfaces(&cfg.interfaces)?;
-        provision::provision(&mut self.dp.ebpf, cfg, &ifindexes, &|_| true)?;
+        self.dp.reprovision(cfg, &|_| true)?;
         let tables = read_tables(&self.dp, cfg)?;
         self.slots = tables.nodes.values().map(|n| n.slot).collect();
         (self.last, self.last_nodes) = self.counters()?;

@@ -276,6 +276,17 @@ pub fn step_past_down(table: &[u32], up: impl Fn(u32) -> bool) -> Vec<u32> {
     out
 }
 
+/// The Maglev table new flows of one family use: built from `nodes` (the family's active
+/// nodes, `(id, weight)`, in any order) at `MAGLEV_SIZE`, then each slot of a down node given
+/// to its next up preference ([`step_past_down`]). Empty: no node takes new flows.
+pub fn family_table(
+    nodes: &[(u32, u32)],
+    up: &dyn Fn(u32) -> bool,
+) -> Result<Vec<u32>, MaglevError> {
+    let table = table(nodes, lb_common::MAGLEV_SIZE)?;
+    Ok(step_past_down(&table, up))
+}
+
 #[cfg(test)]
 mod tests {
     use lb_common::splitmix::SplitMix64;

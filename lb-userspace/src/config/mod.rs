@@ -1,7 +1,10 @@
-//! The YAML schema (a contract: every key is documented in README.md) and its parsing.
+//! The YAML schema (a contract: every key is documented in README.md), as serde types.
 //!
 //! Parsing goes through serde (which names the key and line of a type error); `validate.rs`
-//! then checks what types cannot.
+//! checks what types cannot, and holds `Config::load` and `Config::parse`, which do both.
+
+pub mod duration;
+pub mod limits;
 
 use std::{
     fmt,
@@ -12,6 +15,8 @@ use std::{
 
 use lb_common::DpConfig;
 use serde::{de, Deserialize, Deserializer};
+
+use self::{duration::duration_field, limits::Limits};
 
 /// A configuration problem: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -127,44 +132,6 @@ impl<'de> Deserialize<'de> for PortRange {
                 Ok(PortRange { lo, hi })
             }
         }
-    }
-}
-
-/// Parses "30s", "500ms", "5m", "1h", or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let d = match unit.trim() {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n.checked_mul(60)?),
-        "h" => Duration::from_secs(n.checked_mul(3600)?),
-        _ => return None,
-    };
-    Some(d)
-}
-
-/// A duration field; serde_yaml reports errors raised here at the enclosing map, so the message
-/// names the key itself.
-pub(crate) fn duration_field<'de, D: Deserializer<'de>>(
-    d: D,
-    key: &str,
-) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Num(u64),
-        Str(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Num(n) => Ok(Duration::from_secs(n)),
-        Raw::Str(s) => parse_duration(&s).ok_or_else(|| {
-            de::Error::custom(format!(
-                "{key}: {s:?} is not a duration like \"30s\", \"500ms\", \"5m\""
-            ))
-        }),
     }
 }
 
@@ -486,9 +453,9 @@ pub struct Config {
     pub health: Health,
     #[serde(default)]
     pub stats: Stats,
-    /// New-flow rate limits (`limits.rs`); absent: none.
+    /// New-flow rate limits (`config/limits.rs`); absent: none.
     #[serde(default)]
-    pub limits: Option<crate::limits::Limits>,
+    pub limits: Option<Limits>,
     /// Present when this balancer runs `cidlb announce` (several balancers behind ECMP);
     /// without it the agent writes no heartbeat.
     #[serde(default)]
@@ -501,29 +468,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
-    }
-
-    /// Parses and validates config text; `file` is only used in messages.
-    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
-        let cfg: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.to_owned(),
-            message: e.to_string(),
-        })?;
-        crate::validate::validate(&cfg).map_err(|(key, problem)| ConfigError::Invalid {
-            file: file.to_owned(),
-            key,
-            problem,
-        })?;
-        Ok(cfg)
-    }
-
     /// The UDP port health probes go to on `node`: its own port, else the first VIP port of
     /// the node's family.
     pub fn probe_port(&self, node: &Node) -> u16 {
@@ -682,16 +626,6 @@ pin_dir: /sys/fs/bpf/cidlb
             let e = parse(&text).expect_err(list);
             assert!(e.contains(want) && e.contains("test.yaml"), "{list}: {e}");
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("10"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("x"), None);
-        assert_eq!(parse_duration("5 parsecs"), None);
     }
 
     #[test]

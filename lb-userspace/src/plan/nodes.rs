@@ -1,0 +1,150 @@
+//! Nodes as the datapath holds them: `NODES` entries with stable slots, the weighted rings of
+//! `flows.policy: round_robin`, and the Maglev tables of `flows.policy: maglev`.
+
+use std::collections::BTreeMap;
+
+use lb_common::{
+    addr_words, family_index, port_wire, Node, FAMILY_V4, FAMILY_V6, MAX_NODES, NODE_F_V4,
+    NODE_F_V6,
+};
+
+use crate::{
+    config::{Config, FlowPolicy, NodeState},
+    plan::{indices::stable_indices, maglev},
+};
+
+/// What `NODES`, `RING`/`RING_LEN` and `MAGLEV` should hold for a config and the nodes' health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePlan {
+    /// Node id → slot (per-node counters, next-hop cache), for every node in `NODES`.
+    pub slots: BTreeMap<u32, u32>,
+    /// Slots that a node takes for the first time: their counters start from zero.
+    pub new_slots: Vec<u32>,
+    /// `NODES` entries (sealed), in config order: every node but disabled ones (a disabled
+    /// node's CIDs follow `dtls.unknown_node`).
+    pub nodes: Vec<(u32, Node)>,
+    /// Per family (`family_index`): node ids in round-robin order over the nodes that take
+    /// new flows.
+    pub rings: [Vec<u32>; 2],
+    /// With `flows.policy: maglev`, per family: the Maglev table (empty: no node takes new
+    /// flows); `None` with round robin.
+    pub maglev: Option<[Vec<u32>; 2]>,
+}
+
+/// Plans the nodes of `cfg`. `old_slots`: the slots `NODES` holds now (a node keeps its own);
+/// `up(id)`: the node's health (always true without health checks).
+pub fn plan(
+    cfg: &Config,
+    up: &dyn Fn(u32) -> bool,
+    old_slots: &BTreeMap<u32, u32>,
+) -> Result<NodePlan, maglev::MaglevError> {
+    let present: Vec<_> = cfg
+        .nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Disabled)
+        .collect();
+    let slots = stable_indices(present.iter().map(|n| n.id), old_slots, MAX_NODES);
+    let new_slots = present
+        .iter()
+        .filter(|n| !old_slots.contains_key(&n.id))
+        .map(|n| slots[&n.id])
+        .collect();
+
+    let mut nodes = Vec::new();
+    let mut takers: [Vec<(u32, u32)>; 2] = [Vec::new(), Vec::new()];
+    // Maglev: every active node of the family, up or not (health is applied by stepping past
+    // down nodes, so a health change moves only a down node's slots).
+    let mut active: [Vec<(u32, u32)>; 2] = [Vec::new(), Vec::new()];
+    for n in &present {
+        let mut node = Node {
+            port: n.port.map(port_wire).unwrap_or(0),
+            slot: slots[&n.id],
+            ..Node::default()
+        };
+        let takes_new = n.state == NodeState::Active && up(n.id);
+        for (fi, has) in [(0, n.v4().is_some()), (1, n.v6().is_some())] {
+            if has && n.state == NodeState::Active {
+                active[fi].push((n.id, n.weight));
+            }
+        }
+        if let Some(a) = n.v4() {
+            node.addr4 = addr_words(a).0[0];
+            node.flags |= NODE_F_V4;
+            if takes_new {
+                takers[family_index(FAMILY_V4) as usize].push((n.id, n.weight));
+            }
+        }
+        if let Some(a) = n.v6() {
+            node.addr6 = addr_words(a).0;
+            node.flags |= NODE_F_V6;
+            if takes_new {
+                takers[family_index(FAMILY_V6) as usize].push((n.id, n.weight));
+            }
+        }
+        nodes.push((n.id, node.sealed()));
+    }
+    let maglev = match cfg.flows.policy {
+        FlowPolicy::Maglev => Some([
+            maglev::family_table(&active[0], up)?,
+            maglev::family_table(&active[1], up)?,
+        ]),
+        FlowPolicy::RoundRobin => None,
+    };
+    Ok(NodePlan {
+        slots,
+        new_slots,
+        nodes,
+        rings: [weighted_ring(&takers[0]), weighted_ring(&takers[1])],
+        maglev,
+    })
+}
+
+/// Node ids in round-robin order for new flows: smooth weighted round robin (each node appears
+/// `weight` times, spread out), over the nodes that take new flows.
+pub fn weighted_ring(nodes: &[(u32, u32)]) -> Vec<u32> {
+    let total: i64 = nodes.iter().map(|(_, w)| i64::from(*w)).sum();
+    let mut current: Vec<i64> = vec![0; nodes.len()];
+    let mut ring = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        for (c, (_, w)) in current.iter_mut().zip(nodes) {
+            *c += i64::from(*w);
+        }
+        let best = (0..nodes.len())
+            .max_by_key(|&i| (current[i], std::cmp::Reverse(i)))
+            .expect("non-empty");
+        current[best] -= total;
+        ring.push(nodes[best].0);
+    }
+    ring
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{parse, with};
+
+    #[test]
+    fn weighted_ring_is_spread_and_proportional() {
+        assert_eq!(weighted_ring(&[(1, 1), (2, 1)]), [1, 2]);
+        assert_eq!(
+            weighted_ring(&[(1, 5), (2, 1), (3, 1)]),
+            [1, 1, 2, 1, 3, 1, 1]
+        );
+        let r = weighted_ring(&[(7, 3), (9, 2)]);
+        assert_eq!(r.iter().filter(|&&x| x == 7).count(), 3);
+        assert_eq!(r.len(), 5);
+        assert!(weighted_ring(&[]).is_empty());
+    }
+
+    #[test]
+    fn disabled_nodes_have_no_slot_and_kept_slots_stay() {
+        let c = parse(&with("  - id: 2\n", "  - id: 2\n    state: disabled\n"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let p = plan(&c, &|_| true, &[(1, 7)].into()).expect("plan");
+        assert_eq!(p.slots, [(1, 7)].into());
+        assert!(p.new_slots.is_empty());
+        assert_eq!(p.nodes.len(), 1);
+        assert_eq!(p.rings, [vec![1], vec![]]);
+        assert_eq!(p.maglev, None, "the seed config is round robin");
+    }
+}

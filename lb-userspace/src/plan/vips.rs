@@ -1,0 +1,171 @@
+//! VIPs as the datapath holds them: `VIPS` (address → port bitmap index), `VIP_PORTS` (the
+//! bitmaps) and `VIP_TABLE` (the open-addressing table the datapath probes first).
+
+use std::collections::BTreeMap;
+
+use lb_common::{
+    addr_key, hash::vip_slot, AddrKey, VipSlot, PORT_WORDS, VIP_PROBES, VIP_SLOT_EMPTY,
+    VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
+};
+
+use crate::config::{Config, Vip};
+
+/// The `VIPS` key of each VIP, in config order.
+pub fn keys(cfg: &Config) -> Vec<AddrKey> {
+    cfg.vips.iter().map(|v| addr_key(v.address)).collect()
+}
+
+/// A VIP's `VIP_PORTS` bitmap: bit `p` set for each port `p` it balances.
+pub fn port_words(vip: &Vip) -> Vec<u64> {
+    let mut words = vec![0u64; PORT_WORDS as usize];
+    for range in &vip.ports {
+        for p in range.ports() {
+            words[p as usize / 64] |= 1 << (p % 64);
+        }
+    }
+    words
+}
+
+/// `VIP_TABLE` once `want` (VIP → bitmap index) is placed in `table`: a VIP keeps its slot
+/// (with its index updated), a slot whose VIP is gone becomes `VIP_SLOT_REMOVED`, and a new
+/// VIP takes the first empty or removed slot of its probe sequence, or, when the first
+/// `VIP_PROBES` are all taken, none (the datapath then finds it in `VIPS`).
+pub fn vip_table(table: &[VipSlot], want: &BTreeMap<AddrKey, u32>) -> Vec<VipSlot> {
+    let key = |s: &VipSlot| AddrKey {
+        addr: s.addr,
+        family: s.family,
+        _pad: [0; 3],
+    };
+    let live = |s: &VipSlot| s.family != VIP_SLOT_EMPTY && s.family != VIP_SLOT_REMOVED;
+    let mut out: Vec<VipSlot> = table
+        .iter()
+        .map(|s| match want.get(&key(s)) {
+            Some(&index) if live(s) => VipSlot { index, ..*s },
+            _ if live(s) => VipSlot {
+                family: VIP_SLOT_REMOVED,
+                ..*s
+            },
+            _ => *s,
+        })
+        .collect();
+    for (k, &index) in want {
+        if out.iter().any(|s| live(s) && key(s) == *k) {
+            continue;
+        }
+        let start = vip_slot(&k.addr, k.family);
+        let free = (0..VIP_PROBES)
+            .map(|i| ((start + i) % VIP_TABLE_SLOTS) as usize)
+            .find(|&i| !live(&out[i]));
+        if let Some(i) = free {
+            out[i] = VipSlot {
+                addr: k.addr,
+                family: k.family,
+                _pad: [0; 3],
+                index,
+            };
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::FAMILY_V4;
+
+    /// The datapath's probe (`lb-ebpf/src/vip.rs`): `Some(Some(index))` found in the table,
+    /// `Some(None)` ended at an empty slot, `None` fell through to `VIPS`.
+    fn probe(table: &[VipSlot], k: &AddrKey) -> Option<Option<u32>> {
+        let start = vip_slot(&k.addr, k.family);
+        for i in 0..VIP_PROBES {
+            let s = &table[((start + i) % VIP_TABLE_SLOTS) as usize];
+            if s.family == VIP_SLOT_EMPTY {
+                return Some(None);
+            }
+            if s.family == k.family && s.addr == k.addr {
+                return Some(Some(s.index));
+            }
+        }
+        None
+    }
+
+    fn v4(a: u32) -> AddrKey {
+        AddrKey {
+            addr: [a.to_be(), 0, 0, 0],
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn vip_table_finds_every_vip_and_no_other_address() {
+        let empty = vec![VipSlot::default(); VIP_TABLE_SLOTS as usize];
+        // Six addresses that start their probe at the same slot, and some others.
+        let start = vip_slot(&v4(0x0a00_0000).addr, FAMILY_V4);
+        let same: Vec<AddrKey> = (0x0a00_0000u32..)
+            .map(v4)
+            .filter(|k| vip_slot(&k.addr, k.family) == start)
+            .take(6)
+            .collect();
+        let mut want: BTreeMap<AddrKey, u32> = same
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (*k, i as u32))
+            .collect();
+        want.insert(v4(0xc000_0201), 40);
+        want.insert(v4(0xc000_0202), 41);
+        let table = vip_table(&empty, &want);
+        for (k, &index) in &want {
+            match probe(&table, k) {
+                Some(Some(i)) => assert_eq!(i, index, "{k:?}"),
+                Some(None) => panic!("{k:?} ends at an empty slot: the datapath would miss it"),
+                None => assert!(same.contains(k), "{k:?} falls through without a collision"),
+            }
+        }
+        // At most VIP_PROBES of the colliding six fit; the rest are looked up in VIPS.
+        let in_table = same
+            .iter()
+            .filter(|k| matches!(probe(&table, k), Some(Some(_))))
+            .count();
+        assert!(
+            in_table >= 1 && in_table <= VIP_PROBES as usize,
+            "{in_table}"
+        );
+
+        // Removing a colliding VIP: the VIPs after its slot are still found, and its slot,
+        // if it had one, goes to one that fell through.
+        let gone = same[0];
+        want.remove(&gone);
+        let table = vip_table(&table, &want);
+        assert!(!matches!(probe(&table, &gone), Some(Some(_))));
+        for (k, &index) in &want {
+            match probe(&table, k) {
+                Some(Some(i)) => assert_eq!(i, index),
+                Some(None) => panic!("{k:?} lost after a removal"),
+                None => assert!(same.contains(k)),
+            }
+        }
+        let placed = same
+            .iter()
+            .filter(|k| matches!(probe(&table, k), Some(Some(_))))
+            .count();
+        assert_eq!(placed, in_table);
+
+        // Three colliding VIPs fill three slots in a row; the first one's removal leaves its
+        // slot taken (removed), so a probe for the other two does not stop there.
+        let three: BTreeMap<AddrKey, u32> = same[..3]
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (*k, i as u32))
+            .collect();
+        let first = *three.keys().next().expect("three keys");
+        let table = vip_table(&empty, &three);
+        let mut two = three.clone();
+        two.remove(&first);
+        let table = vip_table(&table, &two);
+        for (k, &index) in &two {
+            assert_eq!(probe(&table, k), Some(Some(index)), "{k:?} after a removal");
+        }
+        assert_eq!(probe(&table, &first).and_then(|i| i), None);
+    }
+}
