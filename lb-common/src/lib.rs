@@ -12,6 +12,7 @@ pub mod hash;
 pub mod limits;
 pub mod maps;
 pub mod splitmix;
+pub mod xdp;
 
 pub use counters::Counter;
 pub use maps::*;

@@ -9,7 +9,7 @@ use std::{fmt::Write as _, net::SocketAddr};
 use anyhow::{bail, Context as _};
 use aya::maps::Map;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use lb_common::{names, Counter};
+use lb_common::{names, xdp, Counter};
 
 use crate::{config::Config, datapath, datapath::Datapath, stats::Snapshot};
 
@@ -163,14 +163,14 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
         .context("BPF_PROG_TEST_RUN")?;
     let out = r.output;
     let snap = Snapshot::from_ebpf(&dp.ebpf)?;
-    let action = match r.action {
-        0 => "XDP_ABORTED",
-        1 => "XDP_DROP (dropped)",
-        2 => "XDP_PASS (to the kernel)",
-        3 => "XDP_TX (out of the interface it came in on)",
-        4 => "XDP_REDIRECT (out of another attached interface)",
-        _ => "unknown",
+    let what = match r.action {
+        xdp::XDP_DROP => " (dropped)",
+        xdp::XDP_PASS => " (to the kernel)",
+        xdp::XDP_TX => " (out of the interface it came in on)",
+        xdp::XDP_REDIRECT => " (out of another attached interface)",
+        _ => "",
     };
+    let action = format!("{}{what}", xdp::name(r.action).unwrap_or("unknown"));
     let mut s = String::new();
     let _ = writeln!(s, "action:   {action}");
     let fired: Vec<&str> = snap

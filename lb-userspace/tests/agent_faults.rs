@@ -19,13 +19,6 @@ use common::{
 };
 use lb_lab::{packet::cid_record, ChildGuard, Lab, PORT, VIP4};
 
-fn write(path: &Path, text: &str) {
-    // Write then rename: the agent never reads a half-written file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// `n` CID records for node 1 from one client socket; returns how many were echoed.
 fn cid_traffic(lab: &Lab, n: u64) -> u64 {
     let s = Stream::start(
@@ -291,7 +284,7 @@ fn failed_first_start_leaves_nothing_behind() {
     let text = lab.cidlb_config(pins.0.to_str().unwrap(), "");
     let ifs = format!("interfaces: [{}]", lab.interfaces().join(", "));
     assert!(text.contains(&ifs) && text.contains("xdp_mode: native"));
-    write(
+    lb_lab::write_then_rename(
         &cfg,
         &text.replace(
             &ifs,
@@ -319,7 +312,7 @@ fn failed_reload_keeps_the_old_program_and_maps() {
     let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
     let dummy = add_dummy(lab);
     let good = lab.cidlb_config(pins.0.to_str().unwrap(), "");
-    write(&cfg, &good);
+    lb_lab::write_then_rename(&cfg, &good);
     let agent = AgentProc::start(lab, &cfg, &["--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(1000));
     warm_up(&lab.client.name, 1);
@@ -338,7 +331,7 @@ fn failed_reload_keeps_the_old_program_and_maps() {
         .replace("\"]}\n", "\"], weight: 3}\n")
         + "dtls: {cid_length: 8}\n";
     assert!(bad.contains("weight: 3"), "{bad}");
-    write(&cfg, &bad);
+    lb_lab::write_then_rename(&cfg, &bad);
     agent.signal(libc::SIGHUP);
     let line = agent
         .wait_for("reload rejected", Duration::from_secs(10))
@@ -354,7 +347,7 @@ fn failed_reload_keeps_the_old_program_and_maps() {
     assert_eq!(cid_traffic(lab, 20), 20, "traffic must keep flowing");
 
     // The agent still applies a good config.
-    write(&cfg, &good.replace("\"]}\n", "\"], weight: 3}\n"));
+    lb_lab::write_then_rename(&cfg, &good.replace("\"]}\n", "\"], weight: 3}\n"));
     agent.signal(libc::SIGHUP);
     agent
         .wait_for("config reloaded", Duration::from_secs(10))
@@ -385,7 +378,7 @@ fn failed_reload_keeps_the_old_program_and_maps() {
         ],
     )
     .unwrap();
-    write(
+    lb_lab::write_then_rename(
         &cfg,
         &(good.replace(
             &ifs,
@@ -435,7 +428,7 @@ fn metrics_survive_a_flood_of_idle_connections() {
         pins.0.to_str().unwrap(),
         &format!("stats: {{prometheus: \"{ADDR}\"}}\n"),
     );
-    write(&cfg, &text);
+    lb_lab::write_then_rename(&cfg, &text);
     let agent = AgentProc::start(lab, &cfg, &["--detach-on-exit"]);
     // The agent as systemd starts it: a soft limit of 1024 descriptors.
     let limit = libc::rlimit {

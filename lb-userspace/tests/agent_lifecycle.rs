@@ -41,13 +41,6 @@ fn config(lab: &Lab, pin_dir: &Path, nodes: &[(usize, &str)], extra: &str) -> St
     s
 }
 
-fn write(path: &Path, text: &str) {
-    // Write then rename: the agent never reads a half-written file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 fn cid_to(node: u8) -> impl Fn(u64) -> Vec<u8> + Send + 'static {
     move |seq| {
         cid_record(
@@ -97,7 +90,7 @@ fn new_flow_nodes(lab: &Lab, n: usize) -> BTreeMap<u32, usize> {
 fn restart_reload_and_drain_lose_no_packet() {
     let bed = Bed::up("lc", 3);
     let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
-    write(&cfg, &config(lab, &pins.0, &[(1, ""), (2, "")], ""));
+    lb_lab::write_then_rename(&cfg, &config(lab, &pins.0, &[(1, ""), (2, "")], ""));
     let agent = AgentProc::start(lab, &cfg, &[]);
     assert!(agent.saw("datapath created"));
     std::thread::sleep(Duration::from_millis(1000));
@@ -126,7 +119,7 @@ fn restart_reload_and_drain_lose_no_packet() {
     std::thread::sleep(Duration::from_millis(800));
 
     // Node 3 added, by SIGHUP.
-    write(
+    lb_lab::write_then_rename(
         &cfg,
         &config(lab, &pins.0, &[(1, ""), (2, ""), (3, "")], ""),
     );
@@ -137,7 +130,7 @@ fn restart_reload_and_drain_lose_no_packet() {
     std::thread::sleep(Duration::from_millis(500));
 
     // Node 2 drained, by editing the file (the agent watches it).
-    write(
+    lb_lab::write_then_rename(
         &cfg,
         &config(
             lab,
@@ -161,7 +154,7 @@ fn restart_reload_and_drain_lose_no_packet() {
     );
 
     // A bad config is rejected with key and problem; nothing changes.
-    write(
+    lb_lab::write_then_rename(
         &cfg,
         &config(
             lab,
@@ -234,7 +227,7 @@ fn health_checks_and_metrics() {
     let mut bed = Bed::up("hc", 2);
     let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
     let (interval, fall, rise) = (Duration::from_millis(500), 2u32, 2u32);
-    write(
+    lb_lab::write_then_rename(
         &cfg,
         &config(
             lab,
@@ -451,7 +444,7 @@ fn validate_prometheus(text: &str) -> HashSet<String> {
 fn explain_and_shadow_mode() {
     let bed = Bed::up("sh", 2);
     let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
-    write(&cfg, &config(lab, &pins.0, &[(1, ""), (2, "")], ""));
+    lb_lab::write_then_rename(&cfg, &config(lab, &pins.0, &[(1, ""), (2, "")], ""));
 
     // explain: a CID record for node 2, through a private copy of the program.
     let out = lab

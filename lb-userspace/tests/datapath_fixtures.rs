@@ -21,10 +21,7 @@ use lb_lab::{
     pin_to_cpu, NetNs,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
+use lb_common::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
 
 const BASE: &str = r#"
 interfaces: [fxc, fxn]
@@ -39,10 +36,6 @@ nodes:
   - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
   - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}
 "#;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// One packet through the program.
 struct Step {
@@ -117,14 +110,26 @@ impl Case {
 
 /// From the client to a VIP port, as it arrives on fxc.
 fn client(vip: &str, dport: u16, payload: &[u8]) -> Frame {
-    let src = if ip(vip).is_ipv4() { CLIENT4 } else { CLIENT6 };
-    Frame::udp(CLIENT_MAC, FXC_MAC, ip(src), 40000, ip(vip), dport, payload)
+    let src = if lb_lab::ip(vip).is_ipv4() {
+        CLIENT4
+    } else {
+        CLIENT6
+    };
+    Frame::udp(
+        CLIENT_MAC,
+        FXC_MAC,
+        lb_lab::ip(src),
+        40000,
+        lb_lab::ip(vip),
+        dport,
+        payload,
+    )
 }
 
 /// The frame as forwarded to a node out of fxn: new destination, TTL - 1, MACs from the FIB.
 fn to_node(f: &Frame, node: &str, mac: Mac) -> Frame {
     let mut g = f.clone();
-    g.dst = ip(node);
+    g.dst = lb_lab::ip(node);
     g.ttl -= 1;
     g.src_mac = FXN_MAC;
     g.dst_mac = mac;
@@ -138,13 +143,21 @@ fn reply(node: &str, sport: u16, client: &str, payload: &[u8]) -> Frame {
     } else {
         NODE1_MAC
     };
-    Frame::udp(mac, FXN_MAC, ip(node), sport, ip(client), 40000, payload)
+    Frame::udp(
+        mac,
+        FXN_MAC,
+        lb_lab::ip(node),
+        sport,
+        lb_lab::ip(client),
+        40000,
+        payload,
+    )
 }
 
 /// A reply as un-NATed towards the client on fxc: source VIP:port, TTL - 1, MACs from the FIB.
 fn unnat(r: &Frame, vip: &str, vip_port: u16) -> Frame {
     let mut q = r.clone();
-    q.src = ip(vip);
+    q.src = lb_lab::ip(vip);
     q.sport = vip_port;
     q.ttl -= 1;
     q.src_mac = FXC_MAC;
@@ -456,7 +469,7 @@ fn cases() -> Vec<Case> {
     let mut p = client(VIP4, 5684, &cid(2));
     p.vlans = vec![(0x8100, 100)];
     let mut q = p.clone();
-    q.dst = ip(NODE2_4);
+    q.dst = lb_lab::ip(NODE2_4);
     v.push(
         case(
             "one VLAN tag: rewritten, passed to the kernel",
@@ -468,7 +481,7 @@ fn cases() -> Vec<Case> {
     let mut p = client(VIP6, 5684, &cid(1));
     p.vlans = vec![(0x88a8, 10), (0x8100, 200)];
     let mut q = p.clone();
-    q.dst = ip(NODE1_6);
+    q.dst = lb_lab::ip(NODE1_6);
     v.push(
         case(
             "two VLAN tags (802.1ad + 802.1Q), IPv6",
@@ -532,7 +545,7 @@ fn cases() -> Vec<Case> {
     q.dport = 6000;
     let r = reply(NODE1_4, 6000, CLIENT4, b"hi");
     let mut rq = r.clone();
-    rq.src = ip(VIP4);
+    rq.src = lb_lab::ip(VIP4);
     rq.sport = 5684;
     rq.ttl -= 1;
     rq.src_mac = FXC_MAC;
@@ -642,7 +655,7 @@ fn cases() -> Vec<Case> {
     );
     let p = client(VIP4, 5684, &cid(3));
     let mut q = p.clone();
-    q.dst = ip("203.0.113.13");
+    q.dst = lb_lab::ip("203.0.113.13");
     v.push(
         case(
             "no neighbour entry: rewritten, passed to resolve",
@@ -654,7 +667,7 @@ fn cases() -> Vec<Case> {
     );
     let p = client(VIP4, 5684, &cid(3));
     let mut q = p.clone();
-    q.dst = ip("100.64.0.9");
+    q.dst = lb_lab::ip("100.64.0.9");
     v.push(
         case(
             "next hop on an interface cidlb is not on: passed",
@@ -667,7 +680,7 @@ fn cases() -> Vec<Case> {
     let mut p = client(VIP4, 5684, &cid(1));
     p.ttl = 1;
     let mut q = p.clone();
-    q.dst = ip(NODE1_4);
+    q.dst = lb_lab::ip(NODE1_4);
     v.push(
         case(
             "TTL 1: rewritten, passed for the ICMP error",
@@ -796,7 +809,7 @@ fn lookup_table_cases(v: &mut Vec<Case>) {
     };
     // VIP_PROBES addresses whose probe starts where VIP4's does and which the agent places
     // first (they sort before it), so VIP4 finds no slot and only VIPS has it.
-    let vip4 = key(ip(VIP4));
+    let vip4 = key(lb_lab::ip(VIP4));
     let start = vip_slot(&vip4.addr, FAMILY_V4);
     let taken: Vec<IpAddr> = (0u32..65536)
         .map(|i| IpAddr::from([198, 18, (i >> 8) as u8, i as u8]))
@@ -1118,7 +1131,7 @@ fn defect_cases(v: &mut Vec<Case>) {
         let small = client(vip, 5684, &cid(1));
         let big = client(vip, 5684, &cid_record(&[1, 2, 3, 4, 5, 6], &[0x5a; 1300]));
         let mut big_out = big.clone();
-        big_out.dst = ip(node);
+        big_out.dst = lb_lab::ip(node);
         v.push(
             case(
                 format!("node-side MTU 1280: oversized to {node} passed, cached or not"),
@@ -1136,7 +1149,7 @@ fn defect_cases(v: &mut Vec<Case>) {
     // An uncached lookup's FRAG_NEEDED (the reply path) is the same outcome.
     let r = reply(NODE1_4, 5684, CLIENT4, &[0x5a; 1300]);
     let mut q = r.clone();
-    q.src = ip(VIP4);
+    q.src = lb_lab::ip(VIP4);
     v.push(
         case(
             "client-side MTU 1280: oversized reply passed rewritten",
@@ -1159,7 +1172,7 @@ fn defect_cases(v: &mut Vec<Case>) {
     let mut r = reply(NODE2_6, 5684, CLIENT6, b"reply");
     r.vlans = vec![(0x8100, 100)];
     let mut q = r.clone();
-    q.src = ip(VIP6);
+    q.src = lb_lab::ip(VIP6);
     v.push(
         case(
             "tagged node reply to a client: un-NATed, passed to the kernel",
@@ -1171,9 +1184,9 @@ fn defect_cases(v: &mut Vec<Case>) {
     let mut f = Frame::udp(
         CLIENT_MAC,
         FXC_MAC,
-        ip(NODE1_4),
+        lb_lab::ip(NODE1_4),
         5684,
-        ip(NODE2_4),
+        lb_lab::ip(NODE2_4),
         9999,
         b"forged",
     );
@@ -1289,9 +1302,9 @@ fn relay_cases(v: &mut Vec<Case>) {
         let f = Frame::udp(
             CLIENT_MAC,
             FXC_MAC,
-            ip(node),
+            lb_lab::ip(node),
             5684,
-            ip(target),
+            lb_lab::ip(target),
             9999,
             b"forged",
         );
@@ -1323,9 +1336,9 @@ fn relay_cases(v: &mut Vec<Case>) {
     let f = Frame::udp(
         CLIENT_MAC,
         FXC_MAC,
-        ip(NODE1_4),
+        lb_lab::ip(NODE1_4),
         5684,
-        ip("198.51.100.1"),
+        lb_lab::ip("198.51.100.1"),
         9999,
         b"HelloVerifyRequest",
     );
@@ -1352,9 +1365,9 @@ fn relay_cases(v: &mut Vec<Case>) {
     let r = Frame::udp(
         NODE2_MAC,
         FXN_MAC,
-        ip(NODE2_4),
+        lb_lab::ip(NODE2_4),
         5684,
-        ip(CLIENT4),
+        lb_lab::ip(CLIENT4),
         7001,
         b"notify",
     );
@@ -1396,9 +1409,9 @@ fn relay_cases(v: &mut Vec<Case>) {
     let r = Frame::udp(
         NODE1_MAC,
         FXN_MAC,
-        ip("203.0.113.13"),
+        lb_lab::ip("203.0.113.13"),
         5684,
-        ip(CLIENT4),
+        lb_lab::ip(CLIENT4),
         40000,
         b"r",
     );
@@ -1416,9 +1429,9 @@ fn relay_cases(v: &mut Vec<Case>) {
         let r = Frame::udp(
             ONEARM_MAC,
             FXC_MAC,
-            ip(node),
+            lb_lab::ip(node),
             5684,
-            ip(client_addr),
+            lb_lab::ip(client_addr),
             40000,
             b"r",
         );
@@ -1442,9 +1455,9 @@ fn relay_cases(v: &mut Vec<Case>) {
         let mut f = Frame::udp(
             CLIENT_MAC,
             FXC_MAC,
-            ip(node),
+            lb_lab::ip(node),
             5684,
-            ip(if vip == VIP4 { NODE2_4 } else { NODE2_6 }),
+            lb_lab::ip(if vip == VIP4 { NODE2_4 } else { NODE2_6 }),
             9999,
             b"relay?",
         );
@@ -1514,8 +1527,8 @@ fn run_steps(c: &Case) -> Result<(), Failure> {
         if &out != want {
             return Err(fail(format!(
                 "step {i}: output differs\n got  {}\n want {}",
-                hex(&out),
-                hex(want)
+                lb_lab::hex(&out),
+                lb_lab::hex(want)
             )));
         }
         if s.output.is_some() {
@@ -1557,10 +1570,6 @@ fn run_steps(c: &Case) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[test]

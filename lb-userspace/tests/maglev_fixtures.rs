@@ -23,8 +23,7 @@ use lb_lab::{
     pin_to_cpu, NetNs,
 };
 
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
+use lb_common::xdp::{XDP_REDIRECT, XDP_TX};
 
 /// Four dual-stack nodes, weights 1, 2, 1, 3. Nodes 3 and 4 get neighbour entries in the test's
 /// own namespace (the shared FIB netns has only nodes 1 and 2).

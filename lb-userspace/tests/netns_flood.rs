@@ -51,18 +51,6 @@ impl Drop for TempDir {
     }
 }
 
-fn mac(ns: &NetNs, dev: &str) -> [u8; 6] {
-    let s = ns
-        .must(&["cat", &format!("/sys/class/net/{dev}/address")])
-        .unwrap_or_else(|e| panic!("{e}"));
-    let v: Vec<u8> = s
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).expect("MAC"))
-        .collect();
-    v.try_into().expect("6-byte MAC")
-}
-
 /// Counters of new UDP flows to the DTLS port in a node namespace (iptables rules matching
 /// conntrack state NEW): all of them, and those from the flood's 10.0.0.0/8.
 fn count_new_flows(ns: &NetNs) {
@@ -129,8 +117,11 @@ impl Flood {
     fn flood(&self, packets: u64, pace: &[&str]) -> (Trafgen, Instant) {
         let hello = cidlb::health::client_hello([0x5a; 32]);
         let conf = trafgen::spoofed_udp_flood(
-            mac(&self.lab.balancer, "lbc"),
-            mac(&self.lab.client, "c0"),
+            self.lab
+                .balancer
+                .mac("lbc")
+                .unwrap_or_else(|e| panic!("{e}")),
+            self.lab.client.mac("c0").unwrap_or_else(|e| panic!("{e}")),
             lb_lab::VIP4,
             lb_lab::PORT,
             &hello,

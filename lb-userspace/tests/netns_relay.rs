@@ -98,18 +98,6 @@ impl Drop for RawSender {
 }
 
 /// An interface's MAC address, read inside its namespace.
-fn mac(ns: &lb_lab::NetNs, dev: &str) -> [u8; 6] {
-    let text = ns
-        .must(&["cat", &format!("/sys/class/net/{dev}/address")])
-        .unwrap();
-    let v: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect();
-    v.try_into().expect("6-byte MAC")
-}
-
 /// Everything `sock` receives until it stays quiet for its read timeout.
 fn drain(sock: &UdpSocket) -> Vec<(SocketAddr, Vec<u8>)> {
     let mut got = Vec::new();
@@ -167,8 +155,8 @@ fn forged_node_replies_are_dropped_and_genuine_ones_still_work() {
     // address (a listener there) and to the balancer's own client-side address.
     let node2_listener = socket_in(&lab.nodes[1].name, &format!("[::]:{TARGET_PORT}"));
     let balancer_listener = socket_in(&lab.balancer.name, &format!("[::]:{TARGET_PORT}"));
-    let client_mac = mac(&lab.client, "c0");
-    let lbc_mac = mac(&lab.balancer, "lbc");
+    let client_mac = lab.client.mac("c0").unwrap_or_else(|e| panic!("{e}"));
+    let lbc_mac = lab.balancer.mac("lbc").unwrap_or_else(|e| panic!("{e}"));
     let raw = RawSender::open(&client_ns, "c0");
     let targets: [(IpAddr, IpAddr); 4] = [
         (node4(1).into(), node4(2).into()),
@@ -309,8 +297,8 @@ fn forged_node_replies_during_real_dtls_sessions() {
     // Meanwhile, forged frames from the client side: src = node 1's serving address and port,
     // to node 2 (a listener counts what arrives) and to the balancer.
     let node2_listener = socket_in(&lab.nodes[1].name, &format!("[::]:{TARGET_PORT}"));
-    let client_mac = mac(&lab.client, "c0");
-    let lbc_mac = mac(&lab.balancer, "lbc");
+    let client_mac = lab.client.mac("c0").unwrap_or_else(|e| panic!("{e}"));
+    let lbc_mac = lab.balancer.mac("lbc").unwrap_or_else(|e| panic!("{e}"));
     let raw = RawSender::open(&lab.client.name, "c0");
     let mut forged = 0u64;
     for round in 0..50 {

@@ -37,10 +37,6 @@ use serde_json::{json, Value};
 
 use crate::{stats, Effort};
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("literal address")
-}
-
 /// Node `k`'s address in the bench's 198.18.0.0/16 (RFC 2544 benchmarking range).
 fn node_addr(k: u32) -> String {
     format!("198.18.{}.{}", k / 256, k % 256)
@@ -87,9 +83,9 @@ fn frames() -> Frames {
         Frame::udp(
             CLIENT_MAC,
             FXC_MAC,
-            ip(CLIENT4),
+            lb_lab::ip(CLIENT4),
             40000,
-            ip(VIP4),
+            lb_lab::ip(VIP4),
             dport,
             payload,
         )
@@ -106,9 +102,9 @@ fn frames() -> Frames {
         hello_other: Frame::udp(
             CLIENT_MAC,
             FXC_MAC,
-            ip(CLIENT4),
+            lb_lab::ip(CLIENT4),
             40001,
-            ip(VIP4),
+            lb_lab::ip(VIP4),
             PORT,
             &handshake_record(&body),
         )
@@ -118,9 +114,9 @@ fn frames() -> Frames {
         reply: Frame::udp(
             [2, 0, 0, 1, 0, 1],
             FXN_MAC,
-            ip(&node_addr(1)),
+            lb_lab::ip(&node_addr(1)),
             PORT,
-            ip(CLIENT4),
+            lb_lab::ip(CLIENT4),
             40000,
             &body,
         )
@@ -187,9 +183,7 @@ fn prefill(dp: &mut Datapath, n: u64) -> Result<()> {
     Ok(())
 }
 
-/// XDP actions as BPF_PROG_TEST_RUN returns them.
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
+use lb_common::xdp::{XDP_DROP, XDP_PASS};
 
 /// What a path must do, checked before it is timed: its action, and exactly which counters one
 /// packet moves (each by one). A frame that took another path fails the bench instead of
@@ -577,7 +571,7 @@ fn clients(n: u64, payload: impl Fn(u64) -> Vec<u8>) -> Vec<Vec<u8>> {
                 FXC_MAC,
                 client_addr(i),
                 client_port(i),
-                ip(VIP4),
+                lb_lab::ip(VIP4),
                 PORT,
                 &payload(i),
             )
@@ -680,7 +674,7 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
                     FXC_MAC,
                     client_addr(i),
                     client_port(i),
-                    ip(VIP4),
+                    lb_lab::ip(VIP4),
                     9999,
                     &[0xab; 64],
                 )
@@ -694,7 +688,7 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
                 Frame::udp(
                     [2, 0, 0, 1, 0, 1],
                     FXN_MAC,
-                    ip(&node_addr(1)),
+                    lb_lab::ip(&node_addr(1)),
                     PORT,
                     client_addr(i),
                     client_port(i),

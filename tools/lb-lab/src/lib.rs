@@ -36,6 +36,25 @@ pub const VIP6_SOCKET: SocketAddr = SocketAddr::V6(SocketAddrV6::new(VIP6, PORT,
 pub const MAX_NODES: usize = 15;
 
 /// Node `k`'s (1-based) IPv4 address.
+/// An address literal (a test's own constant; panics naming it if it is not one).
+pub fn ip(s: &str) -> std::net::IpAddr {
+    s.parse()
+        .unwrap_or_else(|_| panic!("{s:?} is not an IP address"))
+}
+
+/// Bytes as lowercase hex, two digits each (frames in messages, `cidlb explain --hex`).
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes `text` to a temporary name beside `path`, then renames it over `path`: a reader (the
+/// agent watching its config) sees the old file or the new one, never half of one.
+pub fn write_then_rename(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
+}
+
 pub fn node4(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(203, 0, 113, (16 * (k - 1) + 11) as u8)
 }

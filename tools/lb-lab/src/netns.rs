@@ -87,6 +87,20 @@ impl NetNs {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The MAC address of interface `dev` in the namespace.
+    pub fn mac(&self, dev: &str) -> Result<[u8; 6], String> {
+        let text = self.must(&["cat", &format!("/sys/class/net/{dev}/address")])?;
+        let bytes: Result<Vec<u8>, _> = text
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect();
+        bytes
+            .ok()
+            .and_then(|v| <[u8; 6]>::try_from(v).ok())
+            .ok_or_else(|| format!("in netns {}: {dev} has no MAC address: {text:?}", self.name))
+    }
+
     pub fn sysctl(&self, kv: &str) -> Result<(), String> {
         self.must(&["sysctl", "-q", "-w", kv]).map(|_| ())
     }
