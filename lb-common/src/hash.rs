@@ -9,10 +9,11 @@
 //! probability close to 1/2 (the unit tests measure it).
 //!
 //! Datapath constraints, kept by every function here: no loops (the flow hash is ten unrolled
-//! rounds, straight-line code for the verifier), no division, no allocation, only 32-bit
-//! multiplies, xors and rotates (BPF has no rotate instruction; LLVM lowers `rotate_left` to
-//! two shifts and an or). The one division the hot path needs is the caller's
-//! `flow_hash(..) % table_size`.
+//! rounds, straight-line code for the verifier), no division, no allocation; multiplies, xors,
+//! shifts and rotates only (BPF has no rotate instruction; LLVM lowers `rotate_left` to two
+//! shifts and an or). Everything multiplies 32-bit words except `node_check`, which
+//! multiplies 64-bit words (BPF multiplies 64-bit registers natively).
+//! The one division the hot path needs is the caller's `flow_hash(..) % table_size`.
 
 use crate::maps::{FlowKey, Node, NODE_FILTER_BITS_LOG2, VIP_TABLE_SLOTS_LOG2};
 

@@ -1,4 +1,5 @@
-//! Where a flow is pinned: every balanced packet that is not a routable tls12_cid record
+//! Where a flow is pinned: every balanced packet that is not routed by CID (a tls12_cid
+//! record or DTLS 1.3 unified header of an enabled version naming a node; see `dtls.rs`)
 //! (ClientHello, the cookie exchange, the rest of the handshake, non-CID sessions) goes to the
 //! node recorded for its 5-tuple; a new or idle-expired flow takes its Maglev pick
 //! (`maglev.rs`, `flows.policy: maglev`) or the next node in the family's round-robin ring.

@@ -133,7 +133,8 @@ impl PinDir {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    let log_json = cli.log_json;
+    init_logging(log_json);
     let result = match cli.cmd {
         Cmd::Check { config } => check(&config),
         Cmd::Run {
@@ -171,8 +172,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        // Said once: a JSON log line for log collectors, else a plain line for a person.
+        Err(e) if log_json => {
             error!("{e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
             eprintln!("cidlb: {e:#}");
             ExitCode::FAILURE
         }

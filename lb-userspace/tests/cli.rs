@@ -71,6 +71,8 @@ fn check_names_file_key_and_problem() {
     let o = cidlb(&["check", "--config", p.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
+    // Said once, as a plain line (with --log-json: one JSON line, below).
+    assert_eq!(e.matches("nodes[0].id").count(), 1, "{e}");
     assert!(
         e.contains(p.to_str().unwrap()) && e.contains("nodes[0].id") && e.contains("does not fit"),
         "{e}"
@@ -132,6 +134,12 @@ fn log_json_gives_json_lines() {
     assert!(
         line.contains("\"level\":\"ERROR\"") && line.contains("nodes[0].id"),
         "{line}"
+    );
+    assert_eq!(
+        stderr(&o).matches("nodes[0].id").count(),
+        1,
+        "{}",
+        stderr(&o)
     );
 }
 

@@ -407,7 +407,7 @@ fn summary(clients: &[Client], stats: &Value) -> Result<()> {
         );
     }
     println!(
-        "  sessions per node (round-robin handshakes): {}",
+        "  sessions per node (handshakes placed by Maglev, the default flows.policy): {}",
         handshakes
             .iter()
             .map(|(k, v)| format!("node {k}: {v}"))

@@ -62,7 +62,7 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
         let _ = writeln!(
             s,
             "### Per-packet cost in the kernel\n\nBPF_PROG_TEST_RUN, {} runs per sample, median of {} samples (min–max), 2 nodes, \
-             1 flow. Forwarding paths run in shadow mode (every lookup, no header writes; see lb-bench/src/prog.rs).\n",
+             1 flow. Forwarding paths run in shadow mode (every lookup, no header writes; see tools/lb-bench/src/prog.rs).\n",
             effort.repeat, effort.rounds
         );
         let _ = writeln!(
@@ -147,7 +147,7 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
              \"balancer CPU\" is the share of a CPU the balancer's own threaded-NAPI thread (`lbc`) used, the sinks' NAPI running in \
              threads of their own; \"per CPU-s\" is delivered packets per second of that thread; \"balancer ns/pkt\" is its CPU time per \
              delivered packet; \"XDP prog ns/run\" is the kernel's \
-             run-time accounting of the program on the balancer (see lb-bench/src/throughput.rs); \
+             run-time accounting of the program on the balancer (see tools/lb-bench/src/throughput.rs); \
              \"misrouted\" is the share of CID records that reached another \
              node than their CID names (the minimal forwarder sends everything to node 1 by design). Each node's records come from their own \
              source ports, as real sessions do.\n",

@@ -1,4 +1,5 @@
-//! Everything balanced that is not a routable tls12_cid record is pinned per 5-tuple: a known
+//! Everything balanced that is not routed by CID (`dtls.rs`: a tls12_cid record or a DTLS 1.3
+//! unified header of an enabled version) is pinned per 5-tuple: a known
 //! flow goes to its node, a new one takes its slot's node in its family's Maglev table
 //! (`flows.policy: maglev`) or the next node of its family's round-robin ring.
 //! No flow is evicted or expires here: the caller keeps the table below capacity and the idle

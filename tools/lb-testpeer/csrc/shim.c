@@ -10,7 +10,6 @@
  * every call into this file with one global mutex.
  */
 #include <errno.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,7 +46,6 @@
 static int g_init_done = 0;
 static mbedtls_entropy_context g_entropy;
 static mbedtls_ctr_drbg_context g_drbg;
-static volatile sig_atomic_t g_stop = 0;
 
 int cidlb_global_init(void)
 {
@@ -97,30 +95,6 @@ int cidlb_err_code(int which)
         case 5: return MBEDTLS_ERR_SSL_TIMEOUT;
         default: return 0;
     }
-}
-
-static void on_signal(int sig)
-{
-    (void) sig;
-    g_stop = 1;
-}
-
-int cidlb_install_signal_handlers(void)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = 0; /* no SA_RESTART: blocking recv returns EINTR */
-    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0) {
-        return -1;
-    }
-    return 0;
-}
-
-int cidlb_stop_requested(void)
-{
-    return g_stop != 0;
 }
 
 static void debug_cb(void *ctx, int level, const char *file, int line, const char *str)

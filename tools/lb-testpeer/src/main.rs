@@ -7,7 +7,7 @@
 //!   optionally moving each session to a new UDP source port every K messages.
 
 mod client;
-mod ffi;
+mod mbedtls;
 mod server;
 mod util;
 mod wolf;
@@ -161,7 +161,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    ffi::global_init()?;
+    mbedtls::global_init()?;
     let common = match &cli.cmd {
         Cmd::Server { common, .. } | Cmd::Client { common, .. } => common,
     };
@@ -207,7 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if v13 {
                 server::run::<wolf::Server>(o)?;
             } else {
-                server::run::<ffi::Server>(o)?;
+                server::run::<mbedtls::Server>(o)?;
             }
             Ok(0)
         }
@@ -270,7 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let all_ok = if v13 {
                 client::run::<wolf::Client>(o)?
             } else {
-                client::run::<ffi::Client>(o)?
+                client::run::<mbedtls::Client>(o)?
             };
             Ok(if all_ok { 0 } else { 1 })
         }

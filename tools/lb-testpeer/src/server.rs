@@ -15,7 +15,7 @@
 //! A session's peer address follows the client: whenever a datagram from a different address
 //! yields authenticated application data, replies go to the new address ("peer moved").
 
-use crate::ffi;
+use crate::util;
 use crate::util::hex;
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -150,7 +150,7 @@ macro_rules! log {
 
 pub(crate) fn run<S: ServerSess>(o: Opts) -> anyhow::Result<()> {
     let (_guard, conf) = S::setup(&o)?;
-    ffi::install_signal_handlers()?;
+    util::install_stop_handlers()?;
     let sock = UdpSocket::bind(o.listen).map_err(|e| anyhow::anyhow!("bind {}: {e}", o.listen))?;
     sock.set_read_timeout(Some(TICK))?;
     let mut srv = Server::<S> {
@@ -191,7 +191,7 @@ impl<S: ServerSess> Server<S> {
     fn serve(&mut self) {
         let mut dgram = vec![0u8; 65536];
         let mut next_tick = Instant::now() + TICK;
-        while !ffi::stop_requested() {
+        while !util::stop_requested() {
             match self.sock.recv_from(&mut dgram) {
                 Ok((n, from)) => {
                     if self.o.drop_permille > 0 && self.sim_drop() {

@@ -87,6 +87,38 @@ pub fn addr_bytes(a: &SocketAddr) -> Vec<u8> {
     v
 }
 
+/// Set by SIGINT/SIGTERM once [`install_stop_handlers`] ran: the server finishes its loop and
+/// writes its report, whichever DTLS library it runs on.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_sig: std::ffi::c_int) {
+    // Async-signal-safe: one atomic store.
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM set the stop flag. Without SA_RESTART, so a blocking receive returns
+/// EINTR and the loop sees the flag at once.
+pub fn install_stop_handlers() -> anyhow::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_stop_signal as extern "C" fn(std::ffi::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            anyhow::bail!("sigaction({sig}): {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Has SIGINT or SIGTERM arrived since [`install_stop_handlers`]?
+pub fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,5 @@
-//! Declarations of the C shim (csrc/shim.c) and thin safe wrappers.
+//! The Mbed TLS 3.6 backend (DTLS 1.2 with RFC 9146 CIDs): declarations of the C shim
+//! (csrc/shim.c) and thin safe wrappers.
 //!
 //! The shim and Mbed TLS are not thread-safe (default config, no MBEDTLS_THREADING_C): every
 //! call must happen while holding [`lock`]. The server is single-threaded; the client's session
@@ -26,8 +27,6 @@ extern "C" {
     fn cidlb_strerror(err: c_int, buf: *mut c_char, len: usize);
     fn cidlb_version() -> *const c_char;
     fn cidlb_err_code(which: c_int) -> c_int;
-    fn cidlb_install_signal_handlers() -> c_int;
-    fn cidlb_stop_requested() -> c_int;
 
     fn cidlb_conf_new(
         is_server: c_int,
@@ -174,19 +173,6 @@ pub fn random(buf: &mut [u8]) -> anyhow::Result<()> {
         anyhow::bail!("ctr_drbg: {}", strerror(r));
     }
     Ok(())
-}
-
-pub fn install_signal_handlers() -> anyhow::Result<()> {
-    // SAFETY: installs async-signal-safe handlers that only set a flag.
-    if unsafe { cidlb_install_signal_handlers() } != 0 {
-        anyhow::bail!("sigaction failed");
-    }
-    Ok(())
-}
-
-pub fn stop_requested() -> bool {
-    // SAFETY: reads a sig_atomic_t.
-    unsafe { cidlb_stop_requested() != 0 }
 }
 
 pub struct ConfParams<'a> {
