@@ -6,9 +6,13 @@
 //! counter and every per-node counter must agree. On the first disagreement it prints the frame
 //! (hex), both results, and exits 1.
 //!
-//! What the reference cannot know is held still: one CPU (round-robin cursors), a fresh
-//! datapath every `--epoch` packets with a flow table four times larger (nothing evicted), a
-//! one-hour idle timeout (nothing expires), no rate limits (no `limits:` in any config).
+//! What the reference cannot know is held still: one CPU (round-robin cursors, the global
+//! limit bucket's share), a fresh datapath every `--epoch` packets with a flow table four times
+//! larger and limit maps (`SRC_BUCKETS`, `KNOWN_SRCS`) at least twice as large (nothing
+//! evicted), a one-hour idle timeout and `known_for` (nothing expires). The precise clock the
+//! limits read is known as a window around each run, and the kernel's limit verdict and
+//! buckets must fit an instant inside it. The reference builds the Maglev tables and derives
+//! `LIMIT_CFG` itself; both are compared with the agent's after every load and reload.
 
 mod fibns;
 mod gen;
