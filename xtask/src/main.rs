@@ -123,7 +123,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { full } => bench(full),
         Cmd::Fuzz { packets, seed } => {
             setup::run()?;
-            fuzz("--release", packets, seed)
+            fuzz("--release", packets, seed, None)
         }
         Cmd::Lab { cmd } => {
             setup::run()?;
@@ -243,16 +243,18 @@ fn test(no_lint: bool, filter: Option<String>) -> Result<()> {
     }
     t.args(["--", "--test-threads=1"]);
     sh(&mut t)?;
-    // A short differential fuzz with a fixed seed (the test profile's build is warm).
+    // A short differential fuzz with a fixed seed (the test profile's build is warm): short
+    // epochs, so every config runs once, the limits configs with their reloads among them.
     if filter.as_deref().is_none_or(|f| "fuzz".contains(f)) {
-        fuzz("--profile=dev", 5_000, 1)?;
+        fuzz("--profile=dev", 14_000, 1, Some(2_000))?;
     }
     Ok(())
 }
 
-/// `cidlb-fuzz --packets N --seed S` (lb-fuzz), built with `profile`.
-fn fuzz(profile: &str, packets: u64, seed: u64) -> Result<()> {
-    sh(cargo().args([
+/// `cidlb-fuzz --packets N --seed S [--epoch E]` (lb-fuzz), built with `profile`.
+fn fuzz(profile: &str, packets: u64, seed: u64, epoch: Option<u64>) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
         "run",
         profile,
         "-p",
@@ -264,5 +266,9 @@ fn fuzz(profile: &str, packets: u64, seed: u64) -> Result<()> {
         &packets.to_string(),
         "--seed",
         &seed.to_string(),
-    ]))
+    ]);
+    if let Some(e) = epoch {
+        cmd.args(["--epoch", &e.to_string()]);
+    }
+    sh(&mut cmd)
 }

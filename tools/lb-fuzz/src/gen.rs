@@ -432,9 +432,69 @@ fn mutate(r: &mut Rng, mut p: Packet) -> Packet {
     p
 }
 
+/// Sources of the limits configs' clients (`Stream::with_limits`): few enough that their
+/// buckets run dry. Some in the configs' exempt prefixes (100.64.0.0/10, 2001:db8:cafe::/48),
+/// two in one IPv6 /64 (one bucket), and an IPv4-mapped IPv6 address inside an exempt IPv4
+/// prefix (the exempt trie holds IPv4 prefixes as IPv4-mapped IPv6).
+const LIMIT_SOURCES: &[&str] = &[
+    CLIENT4,
+    "198.51.100.8",
+    "198.51.100.9",
+    "203.0.113.77",
+    "10.9.9.9",
+    "100.64.0.9",
+    "100.127.255.254",
+    "100.128.0.1",
+    CLIENT6,
+    "2001:db8:c::8",
+    "2001:db8:c:1::9",
+    "2001:db8:cafe::1",
+    "2001:db8:caff::1",
+    "::ffff:100.64.0.10",
+];
+
+/// A client of a limits config: a source from [`LIMIT_SOURCES`] (or, now and then, one never
+/// seen before) to a VIP port, from a handful of source ports (flows that repeat: their
+/// sources become known) or from any (a new flow nearly every time).
+fn limited_client(r: &mut Rng, c: &Corpus) -> Packet {
+    let src = if r.chance(950) {
+        ip(r.pick::<&str>(LIMIT_SOURCES))
+    } else {
+        let v4 = r.chance(600);
+        addr(r, v4)
+    };
+    let v4 = src.is_ipv4();
+    // 192.0.2.11: the VIP the churn reloads add and remove (ports 5685 and 30000; VIPs of one
+    // family share no port).
+    let (dst, dport) = match (v4, r.below(10)) {
+        (true, 0..=6) => (VIP4, *r.pick(&[5684u16, 5684, 20000, 20100])),
+        (true, _) => ("192.0.2.11", *r.pick(&[5685u16, 30000, 5684])),
+        (false, _) => (VIP6, 5684),
+    };
+    let dst = ip(dst);
+    let sport = if r.chance(400) {
+        *r.pick(&[40000u16, 40001, 40002])
+    } else {
+        r.next() as u16
+    };
+    let p = if r.chance(500) {
+        r.pick(&c.to_server).clone()
+    } else {
+        payload(r, c, true)
+    };
+    let f = Frame::udp(CLIENT_MAC, FXC_MAC, src, sport, dst, dport, &p);
+    Packet {
+        frame: f.bytes(),
+        ingress: "fxc",
+        kind: "limited client",
+    }
+}
+
 /// The packet stream: `next` yields frames until the caller stops.
 pub struct Stream<'a> {
     rng: Rng,
+    /// Half the frames from [`limited_client`] (the limits configs' stream).
+    limits: bool,
     corpus: &'a Corpus,
     /// A frame being swept through every truncation: (frame, ingress, next length).
     sweep: Option<(Vec<u8>, &'static str, usize)>,
@@ -459,11 +519,20 @@ impl<'a> Stream<'a> {
         }
         Self {
             rng: Rng::new(seed),
+            limits: false,
             corpus,
             sweep: None,
             valid,
             next_valid: 0,
         }
+    }
+
+    /// The limits configs' stream: its own sequence for the seed (so the other configs'
+    /// frames stay what they were), half of it clients from few sources.
+    pub fn with_limits(seed: u64, corpus: &'a Corpus) -> Self {
+        let mut s = Self::new(seed ^ 0x4c49_4d49_5453_0000, corpus);
+        s.limits = true;
+        s
     }
 
     /// (sweeps of recorded-datagram frames started, how many such frames there are).
@@ -485,6 +554,9 @@ impl<'a> Stream<'a> {
             return p;
         }
         let r = &mut self.rng;
+        if self.limits && r.chance(500) {
+            return limited_client(r, self.corpus);
+        }
         match r.below(100) {
             0..=4 => {
                 let n = r.below(120) as usize;

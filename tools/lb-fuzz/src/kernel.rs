@@ -1,11 +1,14 @@
 //! The real program: loaded and provisioned by the agent's own code, its maps read back into
-//! the reference's [`Tables`], frames run with BPF_PROG_TEST_RUN, counters read after each.
+//! the reference's [`Tables`] (all but the Maglev tables, which the reference builds and
+//! [`Kernel::maglev`] reads for comparison), frames run with BPF_PROG_TEST_RUN between two
+//! reads of the precise clock, counters read after each; the new-flow limits' maps on demand.
 
 use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use cidlb::{config::Config, datapath::Datapath};
+use lb_common::limits::{self, LimitConfig, SrcKey};
 use lb_common::{
     names, AddrKey, Counter, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
     MAGLEV_ENTRIES, MAX_NODES, PORT_WORDS,
@@ -28,6 +31,9 @@ pub struct Run {
     pub counters: Vec<u64>,
     /// Per-slot deltas (slots that moved).
     pub nodes: BTreeMap<u32, NodeStats>,
+    /// CLOCK_MONOTONIC (the clock `bpf_ktime_get_ns` reads) just before and just after the
+    /// BPF_PROG_TEST_RUN call: the program read the precise clock in between.
+    pub clock: (u64, u64),
 }
 
 impl Kernel {
@@ -99,7 +105,9 @@ impl Kernel {
     }
 
     pub fn run(&mut self, frame: &[u8], ifindex: u32) -> Result<Run> {
+        let before = monotonic_ns();
         let r = self.dp.run_packet(frame, ifindex, 1)?;
+        let after = monotonic_ns();
         let (now, nodes) = self.counters()?;
         let counters = now.iter().zip(&self.last).map(|(a, b)| a - b).collect();
         let mut delta = BTreeMap::new();
@@ -122,8 +130,83 @@ impl Kernel {
             output: r.output,
             counters,
             nodes: delta,
+            clock: (before, after),
         })
     }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.dp
+            .ebpf
+            .map(name)
+            .with_context(|| format!("map {name}"))
+    }
+
+    /// `MAGLEV` (both halves of both families, one lookup per entry) and `MAGLEV_CTL`.
+    pub fn maglev(&self) -> Result<(Vec<u32>, [u32; 2])> {
+        let ctl: Array<&MapData, u32> = Array::try_from(self.map(names::MAGLEV_CTL)?)?;
+        let ctl = [ctl.get(&0, 0)?, ctl.get(&1, 0)?];
+        let maglev: Array<&MapData, u32> = Array::try_from(self.map(names::MAGLEV)?)?;
+        let t = maglev.iter().collect::<Result<Vec<u32>, _>>()?;
+        anyhow::ensure!(
+            t.len() == MAGLEV_ENTRIES as usize,
+            "map MAGLEV holds {} entries, want {MAGLEV_ENTRIES}",
+            t.len()
+        );
+        Ok((t, ctl))
+    }
+
+    /// `LIMIT_CFG` as the agent wrote it.
+    pub fn limit_config(&self) -> Result<LimitConfig> {
+        let cfg: Array<&MapData, LimitConfig> = Array::try_from(self.map(limits::LIMIT_CFG)?)?;
+        Ok(cfg.get(&0, 0)?)
+    }
+
+    /// `SRC_BUCKETS[key]` (None: no entry).
+    pub fn src_bucket(&self, key: &SrcKey) -> Result<Option<u64>> {
+        let m: HashMap<&MapData, SrcKey, u64> = HashMap::try_from(self.map(limits::SRC_BUCKETS)?)?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("SRC_BUCKETS lookup"),
+        }
+    }
+
+    /// `GLOBAL_BUCKET` of CPU `cpu`.
+    pub fn global_bucket(&self, cpu: usize) -> Result<u64> {
+        let m: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(limits::GLOBAL_BUCKET)?)?;
+        let v = m.get(&0, 0)?;
+        v.get(cpu)
+            .copied()
+            .with_context(|| format!("GLOBAL_BUCKET has no value for CPU {cpu}"))
+    }
+
+    /// Every `SRC_BUCKETS` entry.
+    pub fn src_buckets(&self) -> Result<std::collections::HashMap<SrcKey, u64>> {
+        let m: HashMap<&MapData, SrcKey, u64> = HashMap::try_from(self.map(limits::SRC_BUCKETS)?)?;
+        m.iter()
+            .collect::<Result<_, _>>()
+            .context("reading SRC_BUCKETS")
+    }
+
+    /// Every source in `KNOWN_SRCS`.
+    pub fn known_srcs(&self) -> Result<HashSet<SrcKey>> {
+        let m: HashMap<&MapData, SrcKey, u64> = HashMap::try_from(self.map(limits::KNOWN_SRCS)?)?;
+        m.keys()
+            .collect::<Result<_, _>>()
+            .context("reading KNOWN_SRCS")
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; the clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The maps as provisioned, read back through the kernel (not recomputed from the config).
@@ -170,18 +253,8 @@ fn read_tables(dp: &Datapath, cfg: &Config) -> Result<Tables> {
             t.ring[fi as usize].push(ring.get(&(fi * MAX_NODES + pos), 0)?);
         }
     }
-    // The whole Maglev table, both halves of both families: the reference picks the half.
-    let ctl: Array<&MapData, u32> = Array::try_from(map(names::MAGLEV_CTL)?)?;
-    for fi in 0..2u32 {
-        t.maglev_ctl[fi as usize] = ctl.get(&fi, 0)?;
-    }
-    let maglev: Array<&MapData, u32> = Array::try_from(map(names::MAGLEV)?)?;
-    t.maglev = maglev.iter().collect::<Result<Vec<u32>, _>>()?;
-    anyhow::ensure!(
-        t.maglev.len() == MAGLEV_ENTRIES as usize,
-        "map MAGLEV holds {} entries, want {MAGLEV_ENTRIES}",
-        t.maglev.len()
-    );
+    // Not MAGLEV / MAGLEV_CTL (the reference builds its own; `Kernel::maglev` reads them to
+    // compare) nor the limits (the reference derives them from the config).
     let devmap: DevMapHash<&MapData> = DevMapHash::try_from(map(names::DEVMAP)?)?;
     t.devmap = devmap.keys().collect::<Result<HashSet<u32>, _>>()?;
     Ok(t)

@@ -6,9 +6,13 @@
 //! counter and every per-node counter must agree. On the first disagreement it prints the frame
 //! (hex), both results, and exits 1.
 //!
-//! What the reference cannot know is held still: one CPU (round-robin cursors), a fresh
-//! datapath every `--epoch` packets with a flow table four times larger (nothing evicted), a
-//! one-hour idle timeout (nothing expires), no rate limits (no `limits:` in any config).
+//! What the reference cannot know is held still: one CPU (round-robin cursors, the global
+//! limit bucket's share), a fresh datapath every `--epoch` packets with a flow table four times
+//! larger and limit maps (`SRC_BUCKETS`, `KNOWN_SRCS`) at least twice as large (nothing
+//! evicted), a one-hour idle timeout and `known_for` (nothing expires). The precise clock the
+//! limits read is known as a window around each run, and the kernel's limit verdict and
+//! buckets must fit an instant inside it. The reference builds the Maglev tables and derives
+//! `LIMIT_CFG` itself; both are compared with the agent's after every load and reload.
 
 mod fibns;
 mod gen;
@@ -20,7 +24,8 @@ use anyhow::{Context as _, Result};
 use cidlb::config::Config;
 use clap::Parser;
 use lb_common::Counter;
-use lb_reference::{Outcome, State};
+use lb_reference::{limit, maglev, Outcome, State};
+use std::collections::HashSet;
 
 #[derive(Parser)]
 #[command(
@@ -48,17 +53,50 @@ struct Cli {
     config: usize,
 }
 
-/// The configs the epochs cycle through: (name, `flows.policy` or "" for the default, body).
-/// Node 3 has no neighbour entry; node 4 is disabled (its CID records follow `unknown_node`);
-/// node 5 sits on the client side (one-armed, XDP_TX) and is draining; node 2 listens on
-/// another port. Between them they cover both policies (Maglev by default and by name) and
-/// `dtls.versions` [1.2], [1.3], both and absent. None has `limits:`: new-flow rate limits are
-/// off, and their counters must stay 0 in the kernel as they do in the reference.
-const CONFIGS: &[(&str, &str, &str)] = &[
-    (
-        "one-byte ids, unknown_node drop, round robin, DTLS 1.2 and 1.3",
-        "round_robin",
-        r#"
+/// A reload in the middle of a limits config's epoch (node and VIP churn): the `vips:`, body
+/// and `limits:` it changes to.
+struct Churn {
+    what: &'static str,
+    vips: &'static str,
+    body: &'static str,
+    limits: &'static str,
+}
+
+/// One config the epochs cycle through. Without `churn`, a reload half-way disables its first
+/// node ([`reloaded`]); with it, the reloads are spread evenly over the epoch.
+struct FuzzConfig {
+    name: &'static str,
+    /// `flows.policy`, or "" for the default.
+    policy: &'static str,
+    /// `vips:` entries, or "" for the two default VIPs.
+    vips: &'static str,
+    body: &'static str,
+    /// `limits:` (a flow mapping), or "" for none.
+    limits: &'static str,
+    churn: &'static [Churn],
+}
+
+const DEFAULT_VIPS: &str = "  - {address: 192.0.2.10, ports: [5684, \"20000-20100\"]}\n  - {address: \"2001:db8:ffff::10\", ports: [5684]}\n";
+const CHURN_VIPS_ADDED: &str = "  - {address: 192.0.2.10, ports: [5684, \"20000-20100\"]}\n  - {address: \"2001:db8:ffff::10\", ports: [5684]}\n  - {address: 192.0.2.11, ports: [5685, 30000]}\n";
+const CHURN_VIPS_V6_GONE: &str = "  - {address: 192.0.2.10, ports: [5684, \"20000-20100\"]}\n  - {address: 192.0.2.11, ports: [5685, 30000]}\n";
+
+const LIMITS_BOTH: &str = r#"{new_flows_per_source: "50/1s", burst: 4, new_flows: "4000/1s", global_burst: 40, known_reserve: 50, known_for: 1h, exempt: [100.64.0.0/10, "2001:db8:cafe::/48"]}"#;
+const LIMITS_GLOBAL: &str =
+    r#"{new_flows: "2000/1s", global_burst: 20, known_reserve: 80, known_for: 1h}"#;
+
+/// The configs the epochs cycle through. Node 3 has no neighbour entry; node 4 is disabled
+/// (its CID records follow `unknown_node`); node 5 sits on the client side (one-armed, XDP_TX)
+/// and is draining; node 2 listens on another port. Between them they cover both policies
+/// (Maglev by default and by name) and `dtls.versions` [1.2], [1.3], both and absent. The
+/// last two have `limits:` (tight buckets, exempt prefixes some generated sources fall in) and
+/// node and VIP churn; their frames come from a stream of their own (`Stream::with_limits`), so
+/// the other configs see the frames they saw before the limits configs existed.
+const CONFIGS: &[FuzzConfig] = &[
+    FuzzConfig {
+        name: "one-byte ids, unknown_node drop, round robin, DTLS 1.2 and 1.3",
+        policy: "round_robin",
+        vips: "",
+        body: r#"
 dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop, versions: ["1.2", "1.3"]}
 nodes:
   - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
@@ -67,11 +105,14 @@ nodes:
   - {id: 4, address: 203.0.113.14, state: disabled}
   - {id: 5, address: 198.51.100.50, state: draining}
 "#,
-    ),
-    (
-        "two-byte ids at offset 2, unknown_node flow, maglev, DTLS 1.2 only",
-        "maglev",
-        r#"
+        limits: "",
+        churn: &[],
+    },
+    FuzzConfig {
+        name: "two-byte ids at offset 2, unknown_node flow, maglev, DTLS 1.2 only",
+        policy: "maglev",
+        vips: "",
+        body: r#"
 dtls: {cid_length: 8, node_id_offset: 2, node_id_length: 2, unknown_node: flow, versions: ["1.2"]}
 nodes:
   - {id: 257, address: [203.0.113.11, "2001:db8:1::11"], weight: 3}
@@ -79,32 +120,41 @@ nodes:
   - {id: 771, address: 198.51.100.50}
   - {id: 1028, address: 203.0.113.14, state: disabled}
 "#,
-    ),
-    (
-        "four-byte ids, shadow mode, maglev (default), DTLS 1.3 only",
-        "",
-        r#"
+        limits: "",
+        churn: &[],
+    },
+    FuzzConfig {
+        name: "four-byte ids, shadow mode, maglev (default), DTLS 1.3 only",
+        policy: "",
+        vips: "",
+        body: r#"
 dtls: {cid_length: 4, node_id_offset: 0, node_id_length: 4, unknown_node: drop, versions: ["1.3"]}
 shadow: true
 nodes:
   - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
   - {id: 16909060, address: [203.0.113.12, "2001:db8:1::12"]}
 "#,
-    ),
-    (
-        "no IPv6 node takes new flows, maglev (default), dtls.versions absent",
-        "",
-        r#"
+        limits: "",
+        churn: &[],
+    },
+    FuzzConfig {
+        name: "no IPv6 node takes new flows, maglev (default), dtls.versions absent",
+        policy: "",
+        vips: "",
+        body: r#"
 dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: flow}
 nodes:
   - {id: 1, address: [203.0.113.11, "2001:db8:1::11"], state: draining}
   - {id: 2, address: 203.0.113.12}
 "#,
-    ),
-    (
-        "three-byte ids at offset 1, unknown_node flow, maglev, DTLS 1.3 only",
-        "maglev",
-        r#"
+        limits: "",
+        churn: &[],
+    },
+    FuzzConfig {
+        name: "three-byte ids at offset 1, unknown_node flow, maglev, DTLS 1.3 only",
+        policy: "maglev",
+        vips: "",
+        body: r#"
 dtls: {cid_length: 5, node_id_offset: 1, node_id_length: 3, unknown_node: flow, versions: ["1.3"]}
 nodes:
   - {id: 1, address: [203.0.113.11, "2001:db8:1::11"], weight: 2}
@@ -112,15 +162,116 @@ nodes:
   - {id: 3, address: [203.0.113.13, "2001:db8:1::13"]}
   - {id: 5, address: 198.51.100.50}
 "#,
-    ),
+        limits: "",
+        churn: &[],
+    },
+    FuzzConfig {
+        name: "limits per source (exempt prefixes) and global, maglev, node and VIP churn",
+        policy: "maglev",
+        vips: "",
+        body: LIMITED_NODES,
+        limits: LIMITS_BOTH,
+        churn: &[
+            Churn {
+                what: "node 6 and VIP 192.0.2.11 added",
+                vips: CHURN_VIPS_ADDED,
+                body: r#"
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: flow, versions: ["1.2", "1.3"]}
+nodes:
+  - {id: 1, address: [203.0.113.11, "2001:db8:1::11"], weight: 2}
+  - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}
+  - {id: 3, address: 203.0.113.13, weight: 3}
+  - {id: 6, address: [203.0.113.16, "2001:db8:1::16"]}
+"#,
+                limits: LIMITS_BOTH,
+            },
+            Churn {
+                what: "node 1 and the IPv6 VIP removed",
+                vips: CHURN_VIPS_V6_GONE,
+                body: r#"
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: flow, versions: ["1.2", "1.3"]}
+nodes:
+  - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}
+  - {id: 3, address: 203.0.113.13, weight: 3}
+  - {id: 6, address: [203.0.113.16, "2001:db8:1::16"]}
+"#,
+                limits: LIMITS_BOTH,
+            },
+            Churn {
+                what: "back to the start with burst 6 (the buckets start full)",
+                vips: "",
+                body: LIMITED_NODES,
+                limits: r#"{new_flows_per_source: "50/1s", burst: 6, new_flows: "4000/1s", global_burst: 40, known_reserve: 50, known_for: 1h, exempt: [100.64.0.0/10, "2001:db8:cafe::/48"]}"#,
+            },
+        ],
+    },
+    FuzzConfig {
+        name: "limits global only (known_reserve 80), round robin, node and VIP churn",
+        policy: "round_robin",
+        vips: "",
+        body: GLOBAL_NODES,
+        limits: LIMITS_GLOBAL,
+        churn: &[
+            Churn {
+                what: "node 7 and VIP 192.0.2.11 added",
+                vips: CHURN_VIPS_ADDED,
+                body: r#"
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop, versions: ["1.2"]}
+nodes:
+  - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
+  - {id: 2, address: [203.0.113.12, "2001:db8:1::12"], weight: 2}
+  - {id: 5, address: 198.51.100.50}
+  - {id: 7, address: "2001:db8:1::17"}
+"#,
+                limits: LIMITS_GLOBAL,
+            },
+            Churn {
+                what: "node 2 and the IPv6 VIP removed",
+                vips: CHURN_VIPS_V6_GONE,
+                body: r#"
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop, versions: ["1.2"]}
+nodes:
+  - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
+  - {id: 5, address: 198.51.100.50}
+  - {id: 7, address: "2001:db8:1::17"}
+"#,
+                limits: LIMITS_GLOBAL,
+            },
+            Churn {
+                what: "back to the start with global_burst 30 (the buckets start full)",
+                vips: "",
+                body: GLOBAL_NODES,
+                limits: r#"{new_flows: "2000/1s", global_burst: 30, known_reserve: 80, known_for: 1h}"#,
+            },
+        ],
+    },
 ];
 
+const LIMITED_NODES: &str = r#"
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: flow, versions: ["1.2", "1.3"]}
+nodes:
+  - {id: 1, address: [203.0.113.11, "2001:db8:1::11"], weight: 2}
+  - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}
+  - {id: 3, address: 203.0.113.13, weight: 3}
+"#;
+
+const GLOBAL_NODES: &str = r#"
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop, versions: ["1.2"]}
+nodes:
+  - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
+  - {id: 2, address: [203.0.113.12, "2001:db8:1::12"], weight: 2}
+  - {id: 5, address: 198.51.100.50}
+"#;
+
 fn config(k: usize) -> Result<(String, Config)> {
-    let (name, policy, body) = CONFIGS[k % CONFIGS.len()];
-    Ok((name.to_owned(), config_text(name, policy, body)?))
+    let c = &CONFIGS[k % CONFIGS.len()];
+    Ok((
+        c.name.to_owned(),
+        config_text(c.name, c.policy, c.vips, c.body, c.limits)?,
+    ))
 }
 
-fn config_text(name: &str, policy: &str, body: &str) -> Result<Config> {
+fn config_text(name: &str, policy: &str, vips: &str, body: &str, limits: &str) -> Result<Config> {
     let mut body = body.to_owned();
     let shadow = body.contains("shadow: true\n");
     body = body.replace("shadow: true\n", "");
@@ -129,15 +280,37 @@ fn config_text(name: &str, policy: &str, body: &str) -> Result<Config> {
     } else {
         format!(", policy: {policy}")
     };
+    let vips = if vips.is_empty() { DEFAULT_VIPS } else { vips };
+    let limits = if limits.is_empty() {
+        String::new()
+    } else {
+        format!("limits: {limits}\n")
+    };
     let text = format!(
-        "interfaces: [fxc, fxn]\nvips:\n  - address: {}\n    ports: [5684, \"20000-20100\"]\n  - address: \"{}\"\n    ports: [5684]\nflows: {{idle_timeout: 1h, capacity: 131072{policy}}}\n{body}",
-        lb_lab::fib::VIP4,
-        lb_lab::fib::VIP6,
+        "interfaces: [fxc, fxn]\nvips:\n{vips}flows: {{idle_timeout: 1h, capacity: 131072{policy}}}\n{body}{limits}",
     );
     let mut cfg = Config::parse(&text, std::path::Path::new(name))
         .with_context(|| format!("fuzz config {name:?}"))?;
     cfg.shadow = shadow;
     Ok(cfg)
+}
+
+/// The reloads of epoch `k`'s config, in order: (what changes, the new config).
+fn reloads(k: usize) -> Result<Vec<(String, Config)>> {
+    let c = &CONFIGS[k % CONFIGS.len()];
+    if c.churn.is_empty() {
+        return Ok(reloaded(k)
+            .map(|r| vec![("first node disabled".to_owned(), r)])
+            .unwrap_or_default());
+    }
+    c.churn
+        .iter()
+        .map(|ch| {
+            let r = config_text(c.name, c.policy, ch.vips, ch.body, ch.limits)
+                .with_context(|| format!("reload {:?}", ch.what))?;
+            Ok((ch.what.to_owned(), r))
+        })
+        .collect()
 }
 
 /// The kernel's clock (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC_COARSE, tick resolution)
@@ -176,7 +349,8 @@ fn monotonic_ns() -> u64 {
 fn reloaded(k: usize) -> Option<Config> {
     let (_, cfg) = config(k).ok()?;
     let first = cfg.nodes.first()?.id;
-    let (name, policy, body) = CONFIGS[k % CONFIGS.len()];
+    let c = &CONFIGS[k % CONFIGS.len()];
+    let body = c.body;
     let line = body
         .lines()
         .find(|l| l.contains(&format!("{{id: {first},")))?;
@@ -186,9 +360,9 @@ fn reloaded(k: usize) -> Option<Config> {
         line.replace('}', ", state: disabled}")
     };
     let text = body.replace(line, &new_line);
-    let mut c = config_text(name, policy, &text).ok()?;
-    c.shadow = cfg.shadow;
-    Some(c)
+    let mut r = config_text(c.name, c.policy, c.vips, &text, c.limits).ok()?;
+    r.shadow = cfg.shadow;
+    Some(r)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -220,6 +394,169 @@ fn main() -> ExitCode {
     }
 }
 
+/// The CPU the fuzz thread (and so every BPF_PROG_TEST_RUN) is pinned to: its share of
+/// `GLOBAL_BUCKET` is the reference's global bucket.
+const CPU: usize = 0;
+
+/// How far the program's read of the precise clock may lie outside the two reads around the
+/// run: the vDSO's CLOCK_MONOTONIC and the kernel's NMI-safe copy (`ktime_get_mono_fast_ns`)
+/// can differ by a little. Far below every bucket interval here (≥ 500 µs).
+const CLOCK_SLACK_NS: u64 = 2_000;
+
+/// `limits:` as the reference takes them (README keys).
+fn settings(cfg: &Config) -> Option<limit::Settings> {
+    let l = cfg.limits.as_ref()?;
+    let rate = |r: cidlb::config::limits::Rate| limit::Rate {
+        count: r.count,
+        per_ns: u64::try_from(r.per.as_nanos()).unwrap_or(u64::MAX),
+    };
+    Some(limit::Settings {
+        new_flows_per_source: l.new_flows_per_source.map(rate),
+        burst: l.burst,
+        new_flows: l.new_flows.map(rate),
+        global_burst: l.global_burst,
+        known_reserve: l.known_reserve,
+        known_for_ns: u64::try_from(l.known_for.as_nanos()).unwrap_or(u64::MAX),
+        exempt: l.exempt.iter().map(|p| (p.addr, p.len)).collect(),
+    })
+}
+
+/// The config's nodes as the reference's Maglev builder takes them.
+fn members(cfg: &Config) -> Vec<maglev::Member> {
+    cfg.nodes
+        .iter()
+        .map(|n| maglev::Member {
+            id: n.id,
+            weight: n.weight,
+            families: [n.v4().is_some(), n.v6().is_some()],
+            active: format!("{:?}", n.state) == "Active",
+        })
+        .collect()
+}
+
+/// After the agent provisioned `cfg` (a load or a reload): the reference derives the limits
+/// and builds the Maglev tables itself, and both must equal what the agent wrote into the
+/// kernel. Err(message): a disagreement.
+fn provisioned(
+    kernel: &kernel::Kernel,
+    cfg: &Config,
+    ncpus: u64,
+    tables: &mut lb_reference::Tables,
+    mg: &mut maglev::Maglev,
+    state: &mut State,
+) -> Result<std::result::Result<(), String>> {
+    let limits = settings(cfg).and_then(|s| limit::Limits::new(&s, ncpus));
+    let want = limits
+        .as_ref()
+        .map(limit::Limits::limit_config)
+        .unwrap_or_default();
+    let got = kernel.limit_config()?;
+    if got != want {
+        return Ok(Err(format!(
+            "LIMIT_CFG: the agent wrote {got:?}, the reference derives {want:?}"
+        )));
+    }
+    // A reload that changes the limits starts every bucket full.
+    if tables.limits.as_ref().map(limit::Limits::limit_config) != Some(want) {
+        state.limits.refill();
+    }
+    tables.limits = limits;
+    if cfg.flows.policy == cidlb::config::FlowPolicy::Maglev {
+        mg.provision(&members(cfg));
+    }
+    let (k, ctl) = kernel.maglev()?;
+    if let Err(e) = mg.compare(&k, ctl) {
+        return Ok(Err(e));
+    }
+    tables.maglev.clone_from(&mg.entries);
+    tables.maglev_ctl = mg.ctl;
+    Ok(Ok(()))
+}
+
+fn counter_index(c: Counter) -> usize {
+    Counter::ALL.iter().position(|&x| x == c).unwrap_or(0)
+}
+
+/// The precise clock's window for a frame that just ran, and (limits on) what the kernel's
+/// limit step left behind for the frame's source, for `lb_reference::limit`.
+fn precise(
+    kernel: &kernel::Kernel,
+    k: &kernel::Run,
+    frame: &[u8],
+    tables: &lb_reference::Tables,
+) -> Result<limit::Precise> {
+    let mut p = limit::Precise {
+        lo: k.clock.0.saturating_sub(CLOCK_SLACK_NS),
+        hi: k.clock.1.saturating_add(CLOCK_SLACK_NS),
+        kernel: None,
+    };
+    if tables.limits.is_none() {
+        return Ok(p);
+    }
+    // The source the limit step would key on, if the frame gets that far (the reference's own
+    // parse: a frame it cannot parse never reaches the limits).
+    let Ok(pkt) = lb_reference::parse::parse(frame, tables) else {
+        return Ok(p);
+    };
+    let key = limit::src_key(&pkt);
+    let c = |x| k.counters[counter_index(x)];
+    p.kernel = Some(limit::Observed {
+        src_tat: kernel.src_bucket(&key)?,
+        global_tat: kernel.global_bucket(CPU)?,
+        counters: [
+            c(Counter::LimitExempt),
+            c(Counter::LimitKnownReserve),
+            c(Counter::DropLimitSource),
+            c(Counter::DropLimitGlobal),
+        ],
+    });
+    Ok(p)
+}
+
+/// Every source bucket, this CPU's global bucket and the set of known sources, kernel against
+/// reference. Err(message): a disagreement.
+fn limit_state(kernel: &kernel::Kernel, state: &State) -> Result<std::result::Result<(), String>> {
+    let global = kernel.global_bucket(CPU)?;
+    if global != state.limits.global {
+        return Ok(Err(format!(
+            "GLOBAL_BUCKET (CPU {CPU}): kernel {global}, reference {}",
+            state.limits.global
+        )));
+    }
+    let src = kernel.src_buckets()?;
+    if src != state.limits.src {
+        let only_k = src.iter().find(|(k, v)| state.limits.src.get(k) != Some(v));
+        let only_r = state.limits.src.iter().find(|(k, v)| src.get(k) != Some(v));
+        return Ok(Err(format!(
+            "SRC_BUCKETS: {} entries in the kernel, {} in the reference; first kernel entry the \
+             reference lacks: {only_k:?}; first reference entry the kernel lacks: {only_r:?}",
+            src.len(),
+            state.limits.src.len()
+        )));
+    }
+    let known = kernel.known_srcs()?;
+    let want: HashSet<_> = state.limits.known.keys().copied().collect();
+    if known != want {
+        return Ok(Err(format!(
+            "KNOWN_SRCS: kernel {} sources, reference {}; kernel only: {:?}; reference only: {:?}",
+            known.len(),
+            want.len(),
+            known.difference(&want).next(),
+            want.difference(&known).next()
+        )));
+    }
+    Ok(Ok(()))
+}
+
+/// Frames, reloads and counters of one config over the run.
+#[derive(Default)]
+struct PerConfig {
+    epochs: u64,
+    frames: u64,
+    reloads: u64,
+    hits: Vec<u64>,
+}
+
 /// Ok(true): no disagreement.
 fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
     anyhow::ensure!(
@@ -227,6 +564,14 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
         "--epoch {} is too large: the flow table (131072) must stay far from full",
         cli.epoch
     );
+    // No LRU map of the limits may evict within an epoch (each frame adds at most one source).
+    anyhow::ensure!(
+        cli.epoch <= u64::from(lb_common::limits::MAX_KNOWN_SRCS) / 2,
+        "--epoch {} is too large: KNOWN_SRCS ({}) must stay far from full",
+        cli.epoch,
+        lb_common::limits::MAX_KNOWN_SRCS
+    );
+    let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))? as u64;
     let corpus =
         gen::Corpus::parse(include_str!("../corpus/dtls12.txt")).map_err(anyhow::Error::msg)?;
     // Forwarding off on the interface cidlb is not attached to: frames arriving there get
@@ -253,14 +598,24 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
             .iter()
             .find(|n| **n == cli.ingress)
             .context("--ingress: fxc, fxn or fxo")?;
-        let ifindex = ifindexes.iter().find(|(n, _)| n == ingress).unwrap().1;
+        let ifindex = ifindexes
+            .iter()
+            .find(|(n, _)| n == ingress)
+            .context("--ingress: no such interface")?
+            .1;
         let (name, cfg) = config(cli.config)?;
-        let (mut kernel, tables) = kernel::Kernel::load(&cfg)?;
+        let (mut kernel, mut tables) = kernel::Kernel::load(&cfg)?;
         let mut state = State {
             now_ns: monotonic_ns(),
             ..Default::default()
         };
+        let mut mg = maglev::Maglev::default();
+        if let Err(e) = provisioned(&kernel, &cfg, ncpus, &mut tables, &mut mg, &mut state)? {
+            println!("DISAGREEMENT at the load (config {name:?}): {e}");
+            return Ok(false);
+        }
         let k = kernel.run(&frame, ifindex)?;
+        state.precise = precise(&kernel, &k, &frame, &tables)?;
         let want = lb_reference::classify(&frame, ifindex, &tables, &mut state, &fib);
         let p = gen::Packet {
             frame,
@@ -271,21 +626,66 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
         return Ok(true);
     }
     let mut stream = gen::Stream::new(cli.seed, &corpus);
+    let mut limited = gen::Stream::with_limits(cli.seed, &corpus);
     let started = Instant::now();
     let mut hits = vec![0u64; Counter::ALL.len()];
+    let mut per: Vec<PerConfig> = (0..CONFIGS.len())
+        .map(|_| PerConfig {
+            hits: vec![0; Counter::ALL.len()],
+            ..Default::default()
+        })
+        .collect();
     let (mut done, mut skipped, mut epoch) = (0u64, 0u64, 0usize);
     while done < cli.packets {
+        let ci = epoch % CONFIGS.len();
         let (name, cfg) = config(epoch)?;
         let (mut kernel, mut tables) = kernel::Kernel::load(&cfg)?;
         let mut state = State::default();
+        let mut mg = maglev::Maglev::default();
+        if let Err(e) = provisioned(&kernel, &cfg, ncpus, &mut tables, &mut mg, &mut state)? {
+            println!(
+                "DISAGREEMENT at the load before frame {} (config {name:?}): {e}",
+                done + 1
+            );
+            return Ok(false);
+        }
+        let limits_on = cfg.limits.is_some();
+        let stream = if CONFIGS[ci].churn.is_empty() {
+            &mut stream
+        } else {
+            &mut limited
+        };
+        per[ci].epochs += 1;
         let end = (done + cli.epoch).min(cli.packets);
-        let mut reload = reloaded(epoch).map(|c| (done + cli.epoch / 2, c));
+        // Reloads spread evenly over the epoch (one, half-way, for configs without churn).
+        let mut pending = reloads(epoch)?;
+        let n = pending.len() as u64;
+        let mut schedule: Vec<(u64, String, Config)> = pending
+            .drain(..)
+            .enumerate()
+            .map(|(i, (what, c))| (done + cli.epoch * (i as u64 + 1) / (n + 1), what, c))
+            .collect();
+        schedule.reverse();
         while done < end {
-            if let Some((at, c)) = &reload {
-                if done >= *at {
-                    tables = kernel.reload(c)?;
-                    state.nexthop.clear();
-                    reload = None;
+            if schedule.last().is_some_and(|(at, _, _)| done >= *at) {
+                let (_, what, c) = schedule.pop().context("reload schedule")?;
+                if limits_on {
+                    if let Err(e) = limit_state(&kernel, &state)? {
+                        println!("DISAGREEMENT before the reload ({what}) at frame {done} (config {name:?}): {e}");
+                        return Ok(false);
+                    }
+                }
+                let fresh = kernel.reload(&c)?;
+                tables = lb_reference::Tables {
+                    maglev: std::mem::take(&mut tables.maglev),
+                    limits: tables.limits.take(),
+                    ..fresh
+                };
+                state.nexthop.clear();
+                per[ci].reloads += 1;
+                if let Err(e) = provisioned(&kernel, &c, ncpus, &mut tables, &mut mg, &mut state)? {
+                    println!("DISAGREEMENT at the reload ({what}) before frame {} (config {name:?}): {e}", done + 1);
+                    return Ok(false);
                 }
             }
             let p = stream.next_packet();
@@ -296,27 +696,52 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
                 continue;
             }
             done += 1;
-            let ifindex = ifindexes.iter().find(|(n, _)| *n == p.ingress).unwrap().1;
+            per[ci].frames += 1;
+            let ifindex = ifindexes
+                .iter()
+                .find(|(n, _)| *n == p.ingress)
+                .context("generated frame on an unknown interface")?
+                .1;
             // Every 1,000 frames (far less than the cache's second), the next-hop cache is
             // emptied in both, so the same seed gives the same counts.
             if done % 1000 == 0 {
                 kernel.clear_nexthop()?;
                 state.nexthop.clear();
+                if limits_on && done % 5000 == 0 {
+                    if let Err(e) = limit_state(&kernel, &state)? {
+                        println!(
+                            "DISAGREEMENT after frame {} (config {name:?}): {e}",
+                            done - 1
+                        );
+                        return Ok(false);
+                    }
+                }
             }
             state.now_ns = steady_now(&state);
             let k = kernel.run(&p.frame, ifindex)?;
+            state.precise = precise(&kernel, &k, &p.frame, &tables)?;
             let want = lb_reference::classify(&p.frame, ifindex, &tables, &mut state, &fib);
             let mut counters_agree = true;
             for (i, &c) in Counter::ALL.iter().enumerate() {
                 hits[i] += k.counters[i];
+                per[ci].hits[i] += k.counters[i];
                 counters_agree &= k.counters[i] == want.delta(c);
             }
             if k.action != want.action
                 || k.output != want.frame
                 || !counters_agree
                 || k.nodes != want.nodes
+                || want.misfit.is_some()
             {
                 report(&name, done, &p, &k, &want);
+                return Ok(false);
+            }
+        }
+        if limits_on {
+            if let Err(e) = limit_state(&kernel, &state)? {
+                println!(
+                    "DISAGREEMENT at the end of the epoch, frame {done} (config {name:?}): {e}"
+                );
                 return Ok(false);
             }
         }
@@ -332,6 +757,22 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
         "every truncation of a recorded-datagram frame: {swept} sweeps over the {valid} such frames ({} full rounds)",
         swept / valid.max(1)
     );
+    println!("per config (epochs, frames, reloads; new flows and limit counters):");
+    for (i, pc) in per.iter().enumerate() {
+        let h = |c| pc.hits[counter_index(c)];
+        println!(
+            "  [{i}] {}: {} epochs, {} frames, {} reloads; flow_new {}, drop_limit_source {}, drop_limit_global {}, limit_known_reserve {}, limit_exempt {}",
+            CONFIGS[i].name,
+            pc.epochs,
+            pc.frames,
+            pc.reloads,
+            h(Counter::FlowNew),
+            h(Counter::DropLimitSource),
+            h(Counter::DropLimitGlobal),
+            h(Counter::LimitKnownReserve),
+            h(Counter::LimitExempt),
+        );
+    }
     println!("counters hit (kernel == reference):");
     for (i, c) in Counter::ALL.iter().enumerate() {
         println!("  {:<24} {}", c.name(), hits[i]);
@@ -363,6 +804,9 @@ fn report(config: &str, n: u64, p: &gen::Packet, k: &kernel::Run, want: &Outcome
         "per-node (slot: kernel / reference): {:?} / {:?}",
         k.nodes, want.nodes
     );
+    if let Some(m) = &want.misfit {
+        println!("{m}");
+    }
 }
 
 #[cfg(test)]
@@ -370,19 +814,88 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_config_parses_and_has_a_reload_that_disables_its_first_node() {
-        for k in 0..CONFIGS.len() {
+    fn every_config_parses_and_its_reloads_disable_a_node_or_churn() {
+        for (k, fc) in CONFIGS.iter().enumerate() {
             let (name, cfg) = config(k).unwrap();
-            let r = reloaded(k).unwrap_or_else(|| panic!("{name}: no valid reload"));
-            let first = cfg.nodes[0].id;
-            let node = r.nodes.iter().find(|n| n.id == first).unwrap();
-            assert_eq!(format!("{:?}", node.state), "Disabled", "{name}");
-            assert_eq!(r.shadow, cfg.shadow, "{name}");
+            let r = reloads(k).unwrap();
+            assert!(!r.is_empty(), "{name}: no reload");
+            for (_, c) in &r {
+                assert_eq!(c.shadow, cfg.shadow, "{name}");
+            }
+            if fc.churn.is_empty() {
+                let first = cfg.nodes[0].id;
+                let node = r[0].1.nodes.iter().find(|n| n.id == first).unwrap();
+                assert_eq!(format!("{:?}", node.state), "Disabled", "{name}");
+                continue;
+            }
+            // Churn: some reload adds a node and a VIP, some removes one of each, and the
+            // limits stay on throughout.
+            let ids = |c: &Config| c.nodes.iter().map(|n| n.id).collect::<HashSet<_>>();
+            let vips = |c: &Config| {
+                c.vips
+                    .iter()
+                    .map(|v| format!("{v:?}"))
+                    .collect::<HashSet<_>>()
+            };
+            let mut prev = cfg.clone();
+            let (mut node_added, mut node_removed, mut vip_added, mut vip_removed) =
+                (false, false, false, false);
+            for (what, c) in &r {
+                assert!(c.limits.is_some(), "{name}: {what}: limits off");
+                node_added |= !ids(c).is_subset(&ids(&prev));
+                node_removed |= !ids(&prev).is_subset(&ids(c));
+                vip_added |= !vips(c).is_subset(&vips(&prev));
+                vip_removed |= !vips(&prev).is_subset(&vips(c));
+                prev = c.clone();
+            }
             assert!(
-                cfg.limits.is_none(),
-                "{name}: the reference models no rate limits"
+                node_added && node_removed && vip_added && vip_removed,
+                "{name}: churn must add and remove a node and a VIP"
             );
         }
+    }
+
+    /// The limits configs (replacing "no fuzz config has limits"): between them a per-source
+    /// and a global bucket, exempt prefixes that generated sources fall in, both policies.
+    #[test]
+    fn limits_configs_cover_both_buckets_and_exempt_prefixes() {
+        let with: Vec<Config> = (0..CONFIGS.len())
+            .map(|k| config(k).unwrap().1)
+            .filter(|c| c.limits.is_some())
+            .collect();
+        assert!(with.len() >= 2);
+        let l = |c: &Config| c.limits.clone().unwrap();
+        assert!(with.iter().any(|c| l(c).new_flows_per_source.is_some()));
+        assert!(with.iter().any(|c| l(c).new_flows.is_some()));
+        assert!(with
+            .iter()
+            .any(|c| l(c).new_flows.is_some() && l(c).new_flows_per_source.is_none()));
+        for policy in ["Maglev", "RoundRobin"] {
+            assert!(
+                with.iter()
+                    .any(|c| format!("{:?}", c.flows.policy) == policy),
+                "{policy}"
+            );
+        }
+        // Some of the generated sources fall in an exempt prefix (IPv4 and IPv6).
+        let s = settings(with.iter().find(|c| !l(c).exempt.is_empty()).unwrap()).unwrap();
+        let lim = limit::Limits::new(&s, 2).unwrap();
+        let mut fam = HashSet::new();
+        for src in ["100.64.0.9", "2001:db8:cafe::1"] {
+            let a: std::net::IpAddr = src.parse().unwrap();
+            fam.insert(a.is_ipv4());
+            assert!(
+                lim.exempt.iter().any(|&(p, len)| {
+                    let v = match a {
+                        std::net::IpAddr::V4(x) => u128::from_be_bytes(x.to_ipv6_mapped().octets()),
+                        std::net::IpAddr::V6(x) => u128::from_be_bytes(x.octets()),
+                    };
+                    (v >> (128 - len)) == (p >> (128 - len))
+                }),
+                "{src} is not exempt"
+            );
+        }
+        assert_eq!(fam.len(), 2);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! unified header of an enabled version) is pinned per 5-tuple: a known
 //! flow goes to its node, a new one takes its slot's node in its family's Maglev table
 //! (`flows.policy: maglev`) or the next node of its family's round-robin ring.
+//! A new flow must first pass the new-flow limits (`limit.rs`); a hit marks its source known.
 //! No flow is evicted or expires here: the caller keeps the table below capacity and the idle
 //! timeout far away.
 
@@ -10,6 +11,7 @@ use lb_common::{
 };
 
 use crate::{
+    limit,
     parse::{Packet, Udp},
     stats::Outcome,
     State, Tables,
@@ -48,10 +50,13 @@ pub fn route(
         // A flow whose node is gone (or lost the family) is re-pinned.
         if let Some(node) = t.nodes.get(id).filter(|n| has_family(n, pkt.family)) {
             out.count(Counter::FlowHit);
+            limit::established(t, state, pkt);
             return Ok(*node);
         }
         expired = true;
     }
+    // Over a new-flow limit: dropped before a node is picked or anything is inserted.
+    limit::admit(t, state, pkt, out)?;
     let (id, node) = if t.config().policy == POLICY_MAGLEV {
         maglev(t, &key)?
     } else {

@@ -13,16 +13,20 @@
 //! - flow table below capacity and `idle_timeout` far away: no flow is evicted or expires;
 //! - the next-hop cache (`NEXTHOP`) is modelled, with the kernel's clock given by the caller
 //!   ([`State::now_ns`]), who runs no frame while an entry is about to expire;
-//! - new-flow rate limits (issue #8 §2, `limits:`) are not configured: their counters never
-//!   move here, so a datapath that limited (or counted) anything without them disagrees.
+//! - new-flow rate limits (`limit.rs`) read the precise clock, which the caller knows only as
+//!   a window around the run ([`State::precise`]); the source buckets and known sources are
+//!   never evicted (the caller keeps their LRU maps far from full) and no source stops being
+//!   known during a run (`known_for` far longer).
 //!
-//! Where the next feature plugs in: a `limits` step before `flow::pick` (new-flow rate
-//! limits).
+//! The Maglev tables are built here too (`maglev.rs`, from the node ids and weights of the
+//! config), not read from the kernel: the caller compares them with what the agent wrote.
 
 pub mod dtls;
 pub mod fib;
 pub mod flow;
 pub mod forward;
+pub mod limit;
+pub mod maglev;
 pub mod nat;
 pub mod parse;
 pub mod reply;
@@ -60,10 +64,13 @@ pub struct Tables {
     /// because the datapath checks it against `MAX_NODES` before reading the ring.
     pub ring: [Vec<u32>; 2],
     pub ring_len: [u32; 2],
-    /// `MAGLEV`, whole: `(family index * 2 + half) * MAGLEV_SIZE + slot` → node id.
+    /// `MAGLEV`, whole: `(family index * 2 + half) * MAGLEV_SIZE + slot` → node id, as
+    /// [`maglev::Maglev`] builds it.
     pub maglev: Vec<u32>,
     /// `MAGLEV_CTL`, per family index: 0 no table, 1 half 0 active, 2 half 1 active.
     pub maglev_ctl: [u32; 2],
+    /// `limits:` as the datapath applies them on the CPU the frames run on; `None`: no limits.
+    pub limits: Option<limit::Limits>,
     /// `DEVMAP`: the interfaces cidlb is attached to.
     pub devmap: HashSet<u32>,
 }
@@ -86,6 +93,11 @@ pub struct State {
     /// The kernel's coarse clock (CLOCK_MONOTONIC_COARSE) when the frame runs, for `NEXTHOP`'s expiry. The
     /// caller sets it, and runs no frame while a cached entry is about to expire.
     pub now_ns: u64,
+    /// The precise clock (`bpf_ktime_get_ns`) for the frame about to run, and what the kernel's
+    /// limit step did with it if the caller knows: see `limit.rs`.
+    pub precise: limit::Precise,
+    /// The new-flow limits' buckets and known sources.
+    pub limits: limit::Buckets,
 }
 
 /// Runs one frame received on `ingress` through the reference.

@@ -14,6 +14,9 @@ pub struct Outcome {
     pub counters: Vec<Counter>,
     /// Per-node traffic by `NODE_STATS` slot.
     pub nodes: NodeDeltas,
+    /// A step whose input the caller observed in the kernel (the limits' buckets) found no way
+    /// to agree with it: why. A disagreement even when everything else matches.
+    pub misfit: Option<String>,
 }
 
 impl Outcome {
@@ -23,6 +26,7 @@ impl Outcome {
             frame: frame.to_vec(),
             counters: Vec::new(),
             nodes: NodeDeltas::new(),
+            misfit: None,
         }
     }
 
