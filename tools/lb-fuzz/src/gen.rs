@@ -8,24 +8,22 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use lb_common::splitmix::SplitMix64;
 use lb_lab::{
     fib::*,
     packet::{cid_record, unified_record, Frame, Mac},
 };
 
-/// splitmix64: small, fast, and the same sequence for a seed on every machine.
-pub struct Rng(u64);
+/// `lb_common::splitmix` with the helpers the generator needs: the same sequence for a seed
+/// on every machine.
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x5eed_c1d1_b000_0000)
+        Self(SplitMix64(seed ^ 0x5eed_c1d1_b000_0000))
     }
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next()
     }
     /// 0..n
     pub fn below(&mut self, n: u64) -> u64 {

@@ -7,18 +7,18 @@ use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues};
-use cidlb::{config::Config, datapath::Datapath};
+use cidlb::{config::Config, datapath::Datapath, stats::Snapshot};
 use lb_common::limits::{self, LimitConfig, SrcKey};
 use lb_common::{
-    names, AddrKey, Counter, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip,
-    MAGLEV_ENTRIES, MAX_NODES, PORT_WORDS,
+    names, AddrKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, MAGLEV_ENTRIES,
+    MAX_NODES, PORT_WORDS,
 };
 use lb_reference::Tables;
 
 pub struct Kernel {
     pub dp: Datapath,
-    /// Node slots to read per packet.
-    slots: Vec<u32>,
+    /// Node id → slot, for every node in `NODES`.
+    slot_of: BTreeMap<u32, u32>,
     last: Vec<u64>,
     last_nodes: BTreeMap<u32, NodeStats>,
 }
@@ -40,10 +40,10 @@ impl Kernel {
     pub fn load(cfg: &Config) -> Result<(Self, Tables)> {
         let dp = Datapath::private(cfg)?;
         let tables = read_tables(&dp, cfg)?;
-        let slots = tables.nodes.values().map(|n| n.slot).collect();
+        let slot_of = tables.nodes.iter().map(|(&id, n)| (id, n.slot)).collect();
         let mut k = Kernel {
             dp,
-            slots,
+            slot_of,
             last: Vec::new(),
             last_nodes: BTreeMap::new(),
         };
@@ -57,7 +57,7 @@ impl Kernel {
     pub fn reload(&mut self, cfg: &Config) -> Result<Tables> {
         self.dp.reprovision(cfg, &|_| true)?;
         let tables = read_tables(&self.dp, cfg)?;
-        self.slots = tables.nodes.values().map(|n| n.slot).collect();
+        self.slot_of = tables.nodes.iter().map(|(&id, n)| (id, n.slot)).collect();
         (self.last, self.last_nodes) = self.counters()?;
         Ok(tables)
     }
@@ -68,7 +68,7 @@ impl Kernel {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let mut cache: PerCpuArray<&mut MapData, NextHop> =
             PerCpuArray::try_from(self.dp.ebpf.map_mut(names::NEXTHOP).context("NEXTHOP")?)?;
-        for &slot in &self.slots {
+        for &slot in self.slot_of.values() {
             for idx in [slot * 2, slot * 2 + 1] {
                 cache.set(
                     idx,
@@ -80,27 +80,16 @@ impl Kernel {
         Ok(())
     }
 
+    /// Every counter (in `Counter::ALL` order) and each node slot's traffic, summed over CPUs
+    /// by the agent's own reader (`cidlb stats`).
     fn counters(&self) -> Result<(Vec<u64>, BTreeMap<u32, NodeStats>)> {
-        let ebpf = &self.dp.ebpf;
-        let stats: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(ebpf.map(names::STATS).context("STATS")?)?;
-        let node_stats: PerCpuArray<&MapData, NodeStats> =
-            PerCpuArray::try_from(ebpf.map(names::NODE_STATS).context("NODE_STATS")?)?;
-        let mut c = Vec::with_capacity(Counter::ALL.len());
-        for &k in Counter::ALL {
-            c.push(stats.get(&(k as u32), 0)?.iter().sum());
-        }
-        let mut n = BTreeMap::new();
-        for &slot in &self.slots {
-            let mut s = NodeStats::default();
-            for v in node_stats.get(&slot, 0)?.iter() {
-                s.to_node_packets += v.to_node_packets;
-                s.to_node_bytes += v.to_node_bytes;
-                s.from_node_packets += v.from_node_packets;
-                s.from_node_bytes += v.from_node_bytes;
-            }
-            n.insert(slot, s);
-        }
+        let snap = Snapshot::from_ebpf(&self.dp.ebpf)?;
+        let c = snap.counters.iter().map(|&(_, v)| v).collect();
+        let n = snap
+            .nodes
+            .iter()
+            .filter_map(|(id, s)| Some((self.slot_of.get(id).copied()?, *s)))
+            .collect();
         Ok((c, n))
     }
 

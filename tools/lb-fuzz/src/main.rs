@@ -365,10 +365,6 @@ fn reloaded(k: usize) -> Option<Config> {
     Some(r)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     lb_lab::require_root();
@@ -785,12 +781,16 @@ fn report(config: &str, n: u64, p: &gen::Packet, k: &kernel::Run, want: &Outcome
         "DISAGREEMENT at frame {n} ({} frame, config {config:?}, ingress {})",
         p.kind, p.ingress
     );
-    println!("frame  {}", hex(&p.frame));
-    println!("kernel:    action {}  output {}", k.action, hex(&k.output));
+    println!("frame  {}", lb_lab::hex(&p.frame));
+    println!(
+        "kernel:    action {}  output {}",
+        k.action,
+        lb_lab::hex(&k.output)
+    );
     println!(
         "reference: action {}  output {}",
         want.action,
-        hex(&want.frame)
+        lb_lab::hex(&want.frame)
     );
     println!("counters (kernel / reference), where either moved:");
     for (i, &c) in Counter::ALL.iter().enumerate() {

@@ -41,10 +41,7 @@ pub use fib::{Fib, FibAnswer, FibRc};
 pub use stats::Outcome;
 
 /// XDP actions (uapi `enum xdp_action`).
-pub const XDP_DROP: u32 = 1;
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
-pub const XDP_REDIRECT: u32 = 4;
+pub use lb_common::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
 
 /// What the datapath's maps hold (read back after provisioning) and its load-time constants.
 #[derive(Clone, Debug, Default)]
