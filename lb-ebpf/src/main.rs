@@ -5,8 +5,8 @@
 //! - `vip.rs`     is it for a VIP port, or a reply from a node?
 //! - `reply.rs`   is a node's reply genuine (the way the balancer reaches the node)?
 //! - `dtls.rs`    the DTLS record header: a tls12_cid record or a DTLS 1.3 unified header yields the node id in its CID
-//! - `flow.rs`    everything else is pinned to a node per 5-tuple (LRU table); a new flow's node
-//!                from `maglev.rs` (`flows.policy: maglev`) or the round-robin ring
+//! - `flow.rs`    everything else is pinned to a node per 5-tuple (LRU table)
+//! - `maglev.rs`  a new flow's node with `flows.policy: maglev` (else the round-robin ring)
 //! - `limit.rs`   new-flow rate limits (per source, global, known sources first)
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel

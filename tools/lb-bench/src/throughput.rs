@@ -70,23 +70,8 @@ impl Mode {
     }
 }
 
-fn mac(ns: &NetNs, dev: &str) -> Result<String> {
-    let out = ns
-        .must(&["ip", "-j", "link", "show", "dev", dev])
-        .map_err(|e| anyhow!(e))?;
-    let v: Value = serde_json::from_str(&out)?;
-    v[0]["address"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no MAC for {dev}"))
-}
-
-fn mac_bytes(s: &str) -> [u8; 6] {
-    let mut m = [0u8; 6];
-    for (i, p) in s.split(':').enumerate().take(6) {
-        m[i] = u8::from_str_radix(p, 16).unwrap_or(0);
-    }
-    m
+fn mac(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
+    ns.mac(dev).map_err(|e| anyhow!(e))
 }
 
 /// Runs `f` on a thread inside namespace `ns` and returns its result.
@@ -205,10 +190,10 @@ struct Bed {
 }
 
 struct Macs {
-    c0: String,
-    lbc: String,
-    lbn1: String,
-    node1: String,
+    c0: [u8; 6],
+    lbc: [u8; 6],
+    lbn1: [u8; 6],
+    node1: [u8; 6],
 }
 
 fn trafgen_conf(bed: &Bed, mode: Mode, payload: usize, flows: u32) -> Result<PathBuf> {
@@ -236,8 +221,8 @@ fn trafgen_conf(bed: &Bed, mode: Mode, payload: usize, flows: u32) -> Result<Pat
         s.push_str(&format!(
             "{{\n  eth(da={}, sa={}),\n  ipv4(saddr={}, daddr={dst}, ttl=64),\n  udp(sp={sport}, dp={}),\n  \
              {},\n  fill(0xab, {fill})\n}}\n",
-            bed.macs.lbc,
-            bed.macs.c0,
+            lb_lab::fib::mac_str(bed.macs.lbc),
+            lb_lab::fib::mac_str(bed.macs.c0),
             lb_lab::CLIENT4,
             lb_lab::PORT,
             header.join(", "),
@@ -309,8 +294,8 @@ fn enter(bed: &Bed, mode: Mode) -> Result<Active> {
                         0,
                         FwdTarget {
                             ifindex: ifs[0],
-                            dmac: mac_bytes(&macs.node1),
-                            smac: mac_bytes(&macs.lbn1),
+                            dmac: macs.node1,
+                            smac: macs.lbn1,
                         },
                         0,
                     )?;

@@ -150,10 +150,6 @@ fn client13(server: &str, args: &[&str], limit: Duration) -> support::Out {
     client(&a, limit)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// RFC 9147 §4: unified header `0 0 1 C S L E E`.
 fn is_unified(b: u8) -> bool {
     b & 0xe0 == 0x20
@@ -198,7 +194,7 @@ fn check_wire(seen: &[Seen], ports: &[u16], cid: &[u8], messages: u32) -> Wire {
     assert!(
         first.to_server && is_plaintext_handshake(&first.data) && first.data[HS_TYPE] == 1,
         "the session starts with a ClientHello: {}",
-        hex(&first.data)
+        lb_lab::hex(&first.data)
     );
     assert_eq!(first.client.port(), ports[0]);
     let reply = mine.iter().find(|s| !s.to_server).expect("server answered");
@@ -207,7 +203,7 @@ fn check_wire(seen: &[Seen], ports: &[u16], cid: &[u8], messages: u32) -> Wire {
             && reply.data[HS_TYPE] == 2
             && reply.data.get(HELLO_RANDOM..HELLO_RANDOM + 32) == Some(&HRR_RANDOM[..]),
         "the server answers the first ClientHello with a HelloRetryRequest: {}",
-        hex(&reply.data)
+        lb_lab::hex(&reply.data)
     );
     let mut handshake_over = false;
     for s in &mine {
@@ -219,7 +215,7 @@ fn check_wire(seen: &[Seen], ports: &[u16], cid: &[u8], messages: u32) -> Wire {
                 assert!(
                     is_unified(d[0]) && !has_cid(d[0]),
                     "server records after the hellos: unified header without CID: {}",
-                    hex(d)
+                    lb_lab::hex(d)
                 );
             }
             continue;
@@ -243,13 +239,13 @@ fn check_wire(seen: &[Seen], ports: &[u16], cid: &[u8], messages: u32) -> Wire {
              from port {}: {}",
             d[0],
             s.client.port(),
-            hex(d)
+            lb_lab::hex(d)
         );
         assert_eq!(
             d.get(1..1 + cid.len()),
             Some(cid),
             "the server's CID at offset 1: {}",
-            hex(d)
+            lb_lab::hex(d)
         );
         if d[0] == 0x3e {
             assert_eq!(
@@ -475,7 +471,7 @@ fn dtls13_server_rejects_dtls12_and_wrong_psk() {
             && replies[0][HS_TYPE] == 3
             && replies.last().unwrap()[0] == 21,
         "HelloVerifyRequest (handshake type 3), then an alert (type 21): {:02x?}",
-        replies.iter().map(|r| hex(r)).collect::<Vec<_>>()
+        replies.iter().map(|r| lb_lab::hex(r)).collect::<Vec<_>>()
     );
     // A DTLS 1.3 client with the wrong key.
     let out = client13(
