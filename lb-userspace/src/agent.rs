@@ -120,6 +120,8 @@ impl Agent {
             flow_capacity: cfg.flows.capacity,
             ready: Vec::new(),
             families: Vec::new(),
+            panic: [false; 2],
+            panic_entered: [0; 2],
         }));
         let mut agent = Agent {
             path: path.to_owned(),
@@ -158,7 +160,36 @@ impl Agent {
             .unwrap_or_default();
         provision::provision(&mut self.dp.ebpf, &self.cfg, ifindexes, &|id| {
             health.is_up(id)
-        })
+        })?;
+        self.note_panic(&health);
+        Ok(())
+    }
+
+    /// Logs and counts a family entering or leaving panic mode (`plan::nodes::panic`), as the
+    /// maps just written have it.
+    fn note_panic(&self, health: &Tracker) {
+        let now = plan::nodes::panic(&self.cfg, &|id| health.is_up(id));
+        let Ok(mut v) = self.view.lock() else {
+            return;
+        };
+        for (fi, family) in ["IPv4", "IPv6"].into_iter().enumerate() {
+            match (v.panic[fi], now[fi]) {
+                (false, true) => {
+                    v.panic_entered[fi] += 1;
+                    warn!(
+                        family,
+                        threshold = ?self.cfg.health.panic_threshold,
+                        "panic mode: too few nodes pass their health checks; health is ignored \
+                         for this family's new flows until enough are up again"
+                    );
+                }
+                (true, false) => {
+                    info!(family, "panic mode over: health applies to new flows again")
+                }
+                _ => {}
+            }
+        }
+        v.panic = now;
     }
 
     fn publish(&self) {
@@ -272,7 +303,9 @@ impl Agent {
             .lock()
             .map(|v| v.health.clone())
             .unwrap_or_default();
-        provision::nodes_and_rings(&mut self.dp.ebpf, &self.cfg, &|id| health.is_up(id)).map(|_| ())
+        provision::nodes_and_rings(&mut self.dp.ebpf, &self.cfg, &|id| health.is_up(id))?;
+        self.note_panic(&health);
+        Ok(())
     }
 
     /// Writes the heartbeat `cidlb announce` follows and the per-VIP readiness `/metrics`
