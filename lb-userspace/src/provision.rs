@@ -60,7 +60,9 @@ pub fn nodes_and_rings(
     cfg: &Config,
     up: &dyn Fn(u32) -> bool,
 ) -> Result<BTreeMap<u32, u32>, DatapathError> {
-    let old_slots: BTreeMap<u32, u32> = {
+    // A node's slot: its `NODES` entry's, or for a node not in `NODES` (disabled), the one
+    // its addresses' `NODE_ADDRS` entries hold.
+    let mut old_slots: BTreeMap<u32, u32> = {
         let m: HashMap<_, u32, Node> =
             HashMap::try_from(map(ebpf, names::NODES)?).map_err(merr(names::NODES))?;
         m.iter()
@@ -68,6 +70,22 @@ pub fn nodes_and_rings(
             .map(|(id, n)| (id, n.slot))
             .collect()
     };
+    {
+        let addrs: HashMap<_, AddrKey, NodeAddr> =
+            HashMap::try_from(map(ebpf, names::NODE_ADDRS)?).map_err(merr(names::NODE_ADDRS))?;
+        let found: Vec<(u32, u32)> = cfg
+            .nodes
+            .iter()
+            .filter(|n| !old_slots.contains_key(&n.id))
+            .filter_map(|n| {
+                n.addresses
+                    .iter()
+                    .find_map(|&ip| addrs.get(&lb_common::addr_key(ip), 0).ok())
+                    .map(|a| (n.id, a.slot))
+            })
+            .collect();
+        old_slots.extend(found);
+    }
     let plan = plan::nodes::plan(cfg, up, &old_slots).map_err(|e| DatapathError::Map {
         name: names::MAGLEV,
         message: e.to_string(),

@@ -16,7 +16,9 @@ use crate::{
 /// What `NODES`, `RING`/`RING_LEN` and `MAGLEV` should hold for a config and the nodes' health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodePlan {
-    /// Node id → slot (per-node counters, next-hop cache), for every node in `NODES`.
+    /// Node id → slot (per-node counters, next-hop cache), for every configured node: a
+    /// disabled one too, which is not in `NODES` but keeps its reverse NAT (`plan/reverse.rs`),
+    /// so the replies it still sends leave with the VIP's address, not its own.
     pub slots: BTreeMap<u32, u32>,
     /// Slots that a node takes for the first time: their counters start from zero.
     pub new_slots: Vec<u32>,
@@ -65,8 +67,8 @@ pub fn panic(cfg: &Config, up: &dyn Fn(u32) -> bool) -> [bool; 2] {
     out
 }
 
-/// Plans the nodes of `cfg`. `old_slots`: the slots `NODES` holds now (a node keeps its own);
-/// `up(id)`: the node's health (always true without health checks).
+/// Plans the nodes of `cfg`. `old_slots`: the slots the maps hold now, by node id (a node keeps
+/// its own); `up(id)`: the node's health (always true without health checks).
 pub fn plan(
     cfg: &Config,
     up: &dyn Fn(u32) -> bool,
@@ -80,8 +82,9 @@ pub fn plan(
         .iter()
         .filter(|n| n.state != NodeState::Disabled)
         .collect();
-    let slots = stable_indices(present.iter().map(|n| n.id), old_slots, MAX_NODES);
-    let new_slots = present
+    let slots = stable_indices(cfg.nodes.iter().map(|n| n.id), old_slots, MAX_NODES);
+    let new_slots = cfg
+        .nodes
         .iter()
         .filter(|n| !old_slots.contains_key(&n.id))
         .map(|n| slots[&n.id])
@@ -177,13 +180,15 @@ mod tests {
     }
 
     #[test]
-    fn disabled_nodes_have_no_slot_and_kept_slots_stay() {
+    fn disabled_nodes_are_not_in_nodes_but_keep_a_slot() {
         let c = parse(&with("  - id: 2\n", "  - id: 2\n    state: disabled\n"))
             .unwrap_or_else(|e| panic!("{e}"));
         let p = plan(&c, &|_| true, &[(1, 7)].into()).expect("plan");
-        assert_eq!(p.slots, [(1, 7)].into());
-        assert!(p.new_slots.is_empty());
-        assert_eq!(p.nodes.len(), 1);
+        // Node 2 has a slot (for its reverse NAT), new, so its counters start from zero.
+        assert_eq!(p.slots, [(1, 7), (2, 0)].into());
+        assert_eq!(p.new_slots, [0]);
+        assert_eq!(p.nodes.len(), 1, "a disabled node is not in NODES");
+        assert_eq!(p.nodes[0].0, 1);
         assert_eq!(p.rings, [vec![1], vec![]]);
         assert_eq!(p.maglev, None, "the seed config is round robin");
     }
