@@ -157,14 +157,10 @@ impl Kernel {
         }
     }
 
-    /// `GLOBAL_BUCKET` of CPU `cpu`.
-    pub fn global_bucket(&self, cpu: usize) -> Result<u64> {
-        let m: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.map(limits::GLOBAL_BUCKET)?)?;
-        let v = m.get(&0, 0)?;
-        v.get(cpu)
-            .copied()
-            .with_context(|| format!("GLOBAL_BUCKET has no value for CPU {cpu}"))
+    /// `GLOBAL_BUCKET`, the balancer's one global bucket.
+    pub fn global_bucket(&self) -> Result<u64> {
+        let m: Array<&MapData, u64> = Array::try_from(self.map(limits::GLOBAL_BUCKET)?)?;
+        Ok(m.get(&0, 0)?)
     }
 
     /// Every `SRC_BUCKETS` entry.
