@@ -29,6 +29,7 @@ use crate::{
     metrics::{self, View},
     plan, provision,
     ready::Ready,
+    upgrade,
 };
 
 /// How `cidlb run` ends.
@@ -70,11 +71,22 @@ impl Agent {
         let cfg = load_config(path, opts.shadow)?;
         datapath::require_root("cidlb run")?;
         let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
-        layout::check(&cfg.pin_dir, Some(path))?;
+        if let Some(what) = upgrade::recover(&cfg.pin_dir)? {
+            warn!(pin_dir = %cfg.pin_dir.display(), "{what}");
+        }
+        let from_layout = layout::pinned_version(&cfg.pin_dir)?;
+        let upgrading = upgrade::needed(&cfg.pin_dir, Some(path))?;
         let adopting = datapath::is_pinned(&cfg.pin_dir);
         let pin_dir = cfg.pin_dir.clone();
-        match Self::bring_up(path, opts, cfg, &ifindexes, adopting) {
+        match Self::bring_up(path, opts, cfg, &ifindexes, adopting, upgrading) {
             Ok(agent) => Ok(agent),
+            Err((e, _)) if upgrading => Err(e.context(format!(
+                "upgrading the datapath pinned under {} from layout {} to {} failed; it keeps \
+                 forwarding (see above for which program its links run)",
+                pin_dir.display(),
+                from_layout.unwrap_or(0),
+                lb_common::LAYOUT_VERSION,
+            ))),
             // The Datapath is dropped by now, which detached the links it had not pinned.
             Err((e, _)) if !adopting => {
                 datapath::detach(&pin_dir);
@@ -104,8 +116,23 @@ impl Agent {
         cfg: Config,
         ifindexes: &[u32],
         adopting: bool,
+        upgrading: bool,
     ) -> Result<Self, (anyhow::Error, bool)> {
-        let dp = Datapath::load_pinned(&cfg).map_err(|e| (e.into(), false))?;
+        let pin_dir = cfg.pin_dir.clone();
+        // Before any link runs the new program, a failed upgrade removes its own maps and
+        // leaves the old datapath as it was.
+        let abandon = |e: anyhow::Error| {
+            if upgrading {
+                upgrade::abandon(&pin_dir);
+            }
+            (e, false)
+        };
+        let dp = if upgrading {
+            Datapath::load_pinned_in(&cfg, &upgrade::staging(&cfg.pin_dir))
+        } else {
+            Datapath::load_pinned(&cfg)
+        }
+        .map_err(|e| abandon(e.into()))?;
         let mut health = Tracker::new(cfg.health.fall, cfg.health.rise);
         health.retain(
             &cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
@@ -131,22 +158,61 @@ impl Agent {
             view,
         };
         agent.check_capacity();
+        let old_flows = pin_dir.join(names::FLOWS);
+        if upgrading {
+            let n = upgrade::copy_flows(&old_flows, &mut agent.dp.ebpf, true)
+                .map_err(|e| abandon(e.into()))?;
+            info!(flows = n, "upgrade: flows copied to the new layout's table");
+        }
         // New interfaces first: if one cannot take the program, nothing else was touched.
         let pending = agent
             .dp
             .attach_new(&agent.cfg)
-            .map_err(|e| (e.into(), false))?;
-        agent.apply(ifindexes).map_err(|e| (e.into(), true))?;
-        agent
-            .dp
-            .commit(&agent.cfg, pending)
-            .map_err(|e| (e.into(), true))?;
+            .map_err(|e| abandon(e.into()))?;
+        agent.apply(ifindexes).map_err(|e| {
+            if upgrading {
+                abandon(e.into())
+            } else {
+                (e.into(), true)
+            }
+        })?;
+        if upgrading {
+            upgrade::begin_swap(&pin_dir).map_err(|e| abandon(e.into()))?;
+        }
+        match agent.dp.commit(&agent.cfg, pending) {
+            Ok(()) => {}
+            // Every link runs the old program again: nothing of the upgrade remains.
+            Err(e @ DatapathError::RolledBack { .. }) if upgrading => {
+                return Err(abandon(e.into()))
+            }
+            Err(e) => return Err((e.into(), true)),
+        }
+        if upgrading {
+            // The flows the old program made while the links were swapped; then the new maps'
+            // pins replace the old ones. A failure here is finished by the next `cidlb run`.
+            let n = upgrade::copy_flows(&old_flows, &mut agent.dp.ebpf, false)
+                .map_err(|e| (e.into(), true))?;
+            upgrade::finish(&pin_dir).map_err(|e| (e.into(), true))?;
+            info!(
+                flows = n,
+                layout = lb_common::LAYOUT_VERSION,
+                "upgrade: every link runs this program; flows made meanwhile copied; the old \
+                 layout's pins replaced"
+            );
+        }
         agent.publish();
         info!(
             pin_dir = %agent.cfg.pin_dir.display(),
             adopted = adopting,
             shadow = opts.shadow,
-            "datapath {}", if adopting { "adopted: flows and counters kept" } else { "created" }
+            "datapath {}",
+            if upgrading {
+                "upgraded from another layout: flows kept, counters start fresh"
+            } else if adopting {
+                "adopted: flows and counters kept"
+            } else {
+                "created"
+            }
         );
         Ok(agent)
     }

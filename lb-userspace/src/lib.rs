@@ -18,4 +18,5 @@ pub mod provision;
 pub mod ready;
 pub mod stats;
 pub mod testrun;
+pub mod upgrade;
 pub mod validate;
