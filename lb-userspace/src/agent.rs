@@ -188,6 +188,7 @@ impl Agent {
             Err(e) => return Err((e.into(), true)),
         }
         if upgrading {
+            upgrade::failpoint("after-swap");
             // The flows the old program made while the links were swapped; then the new maps'
             // pins replace the old ones. A failure here is finished by the next `cidlb run`.
             let n = upgrade::copy_flows(&old_flows, &mut agent.dp.ebpf, false)

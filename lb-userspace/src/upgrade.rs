@@ -110,6 +110,16 @@ pub fn recover(dir: &Path) -> Result<Option<&'static str>, DatapathError> {
     ))
 }
 
+/// Crash-recovery tests stop the agent dead at a named point of the upgrade: the environment
+/// variable `CIDLB_UPGRADE_FAILPOINT` names it, and the agent aborts there (as a kill -9 or a
+/// power cut would). Unset in production.
+pub fn failpoint(name: &str) {
+    if std::env::var_os("CIDLB_UPGRADE_FAILPOINT").is_some_and(|v| v == name) {
+        warn!(failpoint = name, "upgrade failpoint: aborting");
+        std::process::abort();
+    }
+}
+
 /// Step 3's marker: from here on, [`recover`] goes forward.
 pub fn begin_swap(dir: &Path) -> Result<(), DatapathError> {
     let m = staging(dir).join(SWAPPING);
