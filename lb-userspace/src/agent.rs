@@ -162,7 +162,7 @@ impl Agent {
         if upgrading {
             let n = upgrade::copy_flows(&old_flows, &mut agent.dp.ebpf, true)
                 .map_err(|e| abandon(e.into()))?;
-            info!(flows = n, "upgrade: flows copied to the new layout's table");
+            info!(flows = ?n, "upgrade: flows copied to the new layout's table");
         }
         // New interfaces first: if one cannot take the program, nothing else was touched.
         let pending = agent
@@ -195,7 +195,7 @@ impl Agent {
                 .map_err(|e| (e.into(), true))?;
             upgrade::finish(&pin_dir).map_err(|e| (e.into(), true))?;
             info!(
-                flows = n,
+                flows = ?n,
                 layout = lb_common::LAYOUT_VERSION,
                 "upgrade: every link runs this program; flows made meanwhile copied; the old \
                  layout's pins replaced"

@@ -28,8 +28,9 @@ fn what_to_do(dir: &Path, config: Option<&Path>) -> String {
         None => format!("cidlb detach --pin-dir {}", dir.display()),
     };
     format!(
-        "run `{detach}` and start again (flows are lost, CID sessions continue), or go back to \
-         the cidlb that pinned it"
+        "`cidlb run` of this cidlb upgrades it in place while links attach it; otherwise run \
+         `{detach}` and start again (flows are lost, CID sessions continue), or go back to the \
+         cidlb that pinned it"
     )
 }
 

@@ -99,8 +99,9 @@ pub fn recover(dir: &Path) -> Result<Option<&'static str>, DatapathError> {
     if from.exists() && to.exists() {
         let mut new = open_flows(&to)?;
         match copy_flows_into(&from, &mut new, false) {
-            Ok(n) => info!(flows = n, "flows the previous program created copied"),
-            Err(e) => warn!(error = %e, "flows of the previous program not copied"),
+            Ok(Ok(n)) => info!(flows = n, "flows the previous program created copied"),
+            Ok(Err(e)) => warn!(error = %e, "flows of the previous program not copied"),
+            Err(Incompatible(m)) => warn!("{m}"),
         }
     }
     finish(dir)?;
@@ -160,35 +161,56 @@ fn open_flows(path: &Path) -> Result<HashMap<MapData, FlowKey, Flow>, DatapathEr
 }
 
 /// Copies the flows pinned at `from` (an old layout's `FLOWS`) into `ebpf`'s `FLOWS`;
-/// `overwrite: false` keeps entries the new table has. Returns how many were written. The
-/// key and value types have not changed since layout 2; a table whose sizes differ is not
-/// copied (an error says so, and its flows are lost: CID sessions continue, handshakes in
-/// flight start over).
-pub fn copy_flows(from: &Path, ebpf: &mut Ebpf, overwrite: bool) -> Result<u64, DatapathError> {
+/// `overwrite: false` keeps entries the new table has. Returns how many were written, or
+/// `None` when the old table's key or value size is not this layout's: the key and value
+/// types have not changed since layout 2, so only an older or a damaged table is left behind
+/// (logged; its flows are lost: CID sessions continue, handshakes in flight start over).
+pub fn copy_flows(
+    from: &Path,
+    ebpf: &mut Ebpf,
+    overwrite: bool,
+) -> Result<Option<u64>, DatapathError> {
     let mut to: HashMap<&mut MapData, FlowKey, Flow> =
         HashMap::try_from(map(ebpf, names::FLOWS)?).map_err(merr(names::FLOWS))?;
-    copy_flows_into(from, &mut to, overwrite)
+    match copy_flows_into(from, &mut to, overwrite) {
+        Err(Incompatible(message)) => {
+            warn!("{message}");
+            Ok(None)
+        }
+        Ok(r) => r.map(Some),
+    }
 }
+
+/// A flow table of other key or value sizes: not copied.
+struct Incompatible(String);
 
 fn copy_flows_into<T: std::borrow::BorrowMut<MapData>>(
     from: &Path,
     to: &mut HashMap<T, FlowKey, Flow>,
     overwrite: bool,
-) -> Result<u64, DatapathError> {
-    let data = MapData::from_pin(from).map_err(merr(names::FLOWS))?;
-    let info = data.info().map_err(merr(names::FLOWS))?;
+) -> Result<Result<u64, DatapathError>, Incompatible> {
+    let opened = MapData::from_pin(from).and_then(|d| d.info().map(|i| (d, i)));
+    let (data, info) = match opened {
+        Ok(x) => x,
+        Err(e) => return Ok(Err(merr(names::FLOWS)(e))),
+    };
     let (k, v) = (size_of::<FlowKey>() as u32, size_of::<Flow>() as u32);
     if info.key_size() != k || info.value_size() != v {
-        return Err(DatapathError::Map {
-            name: names::FLOWS,
-            message: format!(
-                "the pinned flow table has key/value sizes {}/{}, this cidlb {k}/{v}: its flows \
-                 are not carried over",
-                info.key_size(),
-                info.value_size()
-            ),
-        });
+        return Err(Incompatible(format!(
+            "the pinned flow table has key/value sizes {}/{}, this cidlb {k}/{v}: its flows are \
+             not carried over (CID sessions continue; handshakes in flight start over)",
+            info.key_size(),
+            info.value_size()
+        )));
     }
+    Ok(copy_entries(data, to, overwrite))
+}
+
+fn copy_entries<T: std::borrow::BorrowMut<MapData>>(
+    data: MapData,
+    to: &mut HashMap<T, FlowKey, Flow>,
+    overwrite: bool,
+) -> Result<u64, DatapathError> {
     let old: HashMap<MapData, FlowKey, Flow> =
         HashMap::try_from(Map::LruHashMap(data)).map_err(merr(names::FLOWS))?;
     // BPF_NOEXIST: an entry the new program already made is newer than the old one.

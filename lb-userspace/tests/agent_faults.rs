@@ -192,80 +192,101 @@ fn run_expecting_failure(lab: &Lab, cfg: &Path) -> (Option<i32>, String) {
     (code, std::fs::read_to_string(&err).unwrap_or_default())
 }
 
-/// A refused `cidlb run` left the running datapath alone: the same programs on the links,
-/// still forwarding CID traffic.
-fn assert_still_running(lab: &Lab, running: &BTreeMap<String, u32>) {
-    assert_eq!(
-        &xdp_prog_ids(lab),
-        running,
-        "the running datapath was touched"
-    );
-    assert_eq!(
-        cid_traffic(lab, 20),
-        20,
-        "the running datapath must keep forwarding"
-    );
-}
-
-#[test]
-fn run_refuses_pins_of_another_layout_and_leaves_them_running() {
-    let bed = agent_came_and_went("ly");
-    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
-    let running = xdp_prog_ids(lab);
-    assert_eq!(running.len(), 2, "{running:?}");
-    let c = cfg.display().to_string();
-
-    // NODES as a binary with a 24-byte node value would have pinned it (this one's is 32).
-    let nodes = pins.0.join("NODES");
-    std::fs::remove_file(&nodes).unwrap();
-    lb_lab::run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            nodes.to_str().unwrap(),
-            "type",
-            "hash",
-            "key",
-            "4",
-            "value",
-            "24",
-            "entries",
-            "1024",
-            "name",
-            "NODES",
-        ],
-    )
-    .unwrap();
-    let (code, err) = run_expecting_failure(lab, &cfg);
-    assert_eq!(code, Some(1), "cidlb run must refuse: {err}");
-    for want in [
-        format!("pinned map {} is map type 1, key size 4, value size 24, max_entries 1024", nodes.display()),
-        "defines map type 1, key size 4, value size 32, max_entries 1024".to_owned(),
-        format!("run `cidlb detach --config {c}` and start again (flows are lost, CID sessions continue)"),
-    ] {
-        assert!(err.contains(&want), "lacks {want:?}:\n{err}");
-    }
-    assert_still_running(lab, &running);
-
-    // No LAYOUT beside a pinned STATS: what cidlb pinned before it had one (layout 0).
-    std::fs::remove_file(pins.0.join("LAYOUT")).unwrap();
-    let (code, err) = run_expecting_failure(lab, &cfg);
-    assert_eq!(code, Some(1), "cidlb run must refuse: {err}");
-    let want = format!(
-        "pinned datapath under {} has layout 0, this cidlb expects {}: run `cidlb detach --config {c}`",
-        pins.0.display(),
-        lb_common::LAYOUT_VERSION
-    );
-    assert!(err.contains(&want), "lacks {want:?}:\n{err}");
-    assert_still_running(lab, &running);
-    // `cidlb stats` refuses to misread it too.
+/// `cidlb stats` refuses pins of another layout (it would misread them), naming the map and
+/// what to do.
+fn assert_stats_refuses(cfg: &str, want: &[String]) {
     let o = Command::new(env!("CARGO_BIN_EXE_cidlb"))
-        .args(["stats", "--config", &c])
+        .args(["stats", "--config", cfg])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("has layout 0"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for w in want {
+        assert!(err.contains(w.as_str()), "lacks {w:?}:\n{err}");
+    }
+}
+
+/// Pins of another layout: `cidlb stats` refuses them; `cidlb run` upgrades them in place
+/// while they forward (`src/upgrade.rs`; `tests/upgrade.rs` does it from a real release under
+/// traffic); pins of another layout that nothing attaches are refused.
+#[test]
+fn pins_of_another_layout_are_upgraded_by_run_and_refused_by_stats() {
+    let bed = agent_came_and_went("ly");
+    let (lab, pins, cfg) = (&bed.lab, &bed.pins, bed.cfg.clone());
+    let c = cfg.display().to_string();
+    let todo = "and start again (flows are lost, CID sessions continue)";
+
+    // NODES as a binary with a 24-byte node value would have pinned it (this one's is 32).
+    let nodes = pins.0.join("NODES");
+    let wrong_nodes = || {
+        std::fs::remove_file(&nodes).unwrap();
+        lb_lab::run(
+            "bpftool",
+            &[
+                "map",
+                "create",
+                nodes.to_str().unwrap(),
+                "type",
+                "hash",
+                "key",
+                "4",
+                "value",
+                "24",
+                "entries",
+                "1024",
+                "name",
+                "NODES",
+            ],
+        )
+        .unwrap();
+    };
+    wrong_nodes();
+    assert_stats_refuses(
+        &c,
+        &[
+            format!(
+                "pinned map {} is map type 1, key size 4, value size 24, max_entries 1024",
+                nodes.display()
+            ),
+            "defines map type 1, key size 4, value size 32, max_entries 1024".to_owned(),
+            "`cidlb run` of this cidlb upgrades it in place".to_owned(),
+            todo.to_owned(),
+        ],
+    );
+    let agent = AgentProc::start(lab, &cfg, &[]);
+    assert!(agent.saw("datapath upgraded from another layout"));
+    assert_eq!(cid_traffic(lab, 20), 20, "forwarding after the upgrade");
+    cidlb::layout::check(&pins.0, None).expect("this layout's pins now");
+    assert!(agent.terminate().expect("exits").success());
+
+    // No LAYOUT beside a pinned STATS: what cidlb pinned before it had one (layout 0).
+    std::fs::remove_file(pins.0.join("LAYOUT")).unwrap();
+    assert_stats_refuses(
+        &c,
+        &[format!(
+            "pinned datapath under {} has layout 0, this cidlb expects {}: `cidlb run` of this cidlb upgrades it in place",
+            pins.0.display(),
+            lb_common::LAYOUT_VERSION
+        )],
+    );
+    let agent = AgentProc::start(lab, &cfg, &[]);
+    assert!(agent.saw("datapath upgraded from another layout"));
+    assert_eq!(cid_traffic(lab, 20), 20, "forwarding after the upgrade");
+    assert!(agent.terminate().expect("exits").success());
+
+    // Another layout's pins that no link attaches (links removed: nothing runs them) are not
+    // a datapath to take over: refused, with what to do.
+    for e in std::fs::read_dir(pins.0.join("links")).unwrap().flatten() {
+        std::fs::remove_file(e.path()).unwrap();
+    }
+    wrong_nodes();
+    let (code, err) = run_expecting_failure(lab, &cfg);
+    assert_eq!(code, Some(1), "cidlb run must refuse: {err}");
+    assert!(
+        err.contains("value size 24")
+            && err.contains(&format!("run `cidlb detach --config {c}` {todo}")),
+        "{err}"
+    );
 }
 
 /// An interface without native XDP in the balancer namespace: a bridge (this kernel has no

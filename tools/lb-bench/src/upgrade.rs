@@ -68,7 +68,7 @@ pub fn run() -> Result<Vec<Value>> {
         let copy_secs = t.elapsed().as_secs_f64();
         let rss_after = rss_kib();
         let _ = std::fs::remove_file(&pin);
-        let copied = copied?;
+        let copied = copied?.context("the two tables have the same types")?;
         eprintln!(
             "upgrade: {flows} flows: filled in {fill_secs:.1} s; copied {copied} in {copy_secs:.1} s \
              ({:.2} us per flow); the copying process's RSS {rss_before} -> {rss_after} KiB",
