@@ -113,7 +113,8 @@ fn up(tag: &str, extra_config: &str) -> Flood {
 
 impl Flood {
     /// Starts the flood of spoofed ClientHellos from the client namespace: one trafgen per CPU
-    /// in `cpus`, `packets` in all (see [`hello_flood`] for where it runs).
+    /// in `cpus`, each sending `packets` at the same pace, so the flood lasts as long on two
+    /// CPUs as on one (see [`hello_flood`] for where it runs).
     fn flood(&self, packets: u64, pace: &[&str], cpus: &[usize]) -> (Vec<Trafgen>, Instant) {
         let hello = cidlb::health::client_hello([0x5a; 32]);
         let conf = trafgen::spoofed_udp_flood(
@@ -129,7 +130,7 @@ impl Flood {
         let conf_path = self.tmp.0.join("flood.cfg");
         std::fs::write(&conf_path, conf).unwrap();
         let shim = trafgen::build_shim(&self.tmp.0).unwrap_or_else(|e| panic!("{e}"));
-        let n = (packets / cpus.len() as u64).to_string();
+        let n = packets.to_string();
         let tgs = cpus
             .iter()
             .map(|&cpu| {
@@ -342,7 +343,10 @@ fn hello_flood(tag: &str, packets: u64, pace: &[&str], min_pps: f64, flood_cpus:
         d("limit_known_reserve"),
         node_new as f64 / flood_secs,
     );
-    assert!(ok, "trafgen did not send its {packets} packets: {err}");
+    assert!(
+        ok,
+        "trafgen did not send its {packets} packets (per CPU): {err}"
+    );
     assert!(
         pps >= min_pps,
         "the flood ran at {pps:.0}/s, below {min_pps}"
@@ -356,12 +360,13 @@ fn hello_flood(tag: &str, packets: u64, pace: &[&str], min_pps: f64, flood_cpus:
     );
     assert!(json_counter(&stats, "flow_new") <= bound, "{stats}");
     // ... and no fewer than it allows either, wherever the flood ran: the limit was saturated
-    // for the whole flood, so at least 80% of rate x time went through.
-    let floor = (0.8 * RATE as f64 * flood_secs) as u64;
+    // for the whole flood, so at least 70% of rate x time went through (a bucket per CPU gave
+    // about 50% with the flood on one of two CPUs).
+    let floor = (0.7 * RATE as f64 * flood_secs) as u64;
     assert!(
         node_new >= floor,
         "nodes saw {node_new} new flows in {flood_secs:.1} s of flood on CPUs {flood_cpus:?}, \
-         below 80% of the configured {RATE}/s ({floor})"
+         below 70% of the configured {RATE}/s ({floor})"
     );
     assert!(
         node_flood >= 1000,
