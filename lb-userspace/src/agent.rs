@@ -27,6 +27,7 @@ use crate::{
     health::{self, Tracker},
     layout,
     metrics::{self, View},
+    pinlock::PinLock,
     plan, provision,
     ready::Ready,
 };
@@ -369,11 +370,16 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// `ready_file` (`--ready-file`) is written once the datapath is up and removed on a clean exit
 /// (see `ready.rs`).
 pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    // One agent per pin_dir, decided before anything is touched (the ready file, the
+    // heartbeat, the maps): a second one refuses, naming the holder (pinlock.rs).
+    let first = Config::load(path)?;
+    datapath::require_root("cidlb run")?;
+    let lock = PinLock::acquire(&first.pin_dir)?;
     let mut ready = Ready::new(ready_file)?;
     // Before anything is attached: a heartbeat that says "first probe round not done", so a
     // previous agent's heartbeat (still within announce.grace after a restart) cannot get the
     // VIPs announced before this agent has probed its nodes.
-    if let Some(a) = Config::load(path).ok().and_then(|c| c.announce) {
+    if let Some(a) = first.announce {
         if let Err(e) = announce::write_heartbeat(&a.state_dir, false) {
             warn!("{e}");
         }
@@ -478,6 +484,7 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
         } else {
             info!(pin_dir = %pin_dir.display(), "exiting; the datapath keeps forwarding (cidlb detach removes it)");
         }
+        drop(lock);
         anyhow::Ok(())
     })
 }

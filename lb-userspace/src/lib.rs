@@ -13,6 +13,7 @@ pub mod explain;
 pub mod health;
 pub mod layout;
 pub mod metrics;
+pub mod pinlock;
 pub mod plan;
 pub mod provision;
 pub mod ready;
