@@ -30,6 +30,7 @@ use crate::{
     pinlock::PinLock,
     plan, provision,
     ready::Ready,
+    statedir::StateDir,
 };
 
 /// How `cidlb run` ends.
@@ -375,6 +376,10 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
     let first = Config::load(path)?;
     datapath::require_root("cidlb run")?;
     let lock = PinLock::acquire(&first.pin_dir)?;
+    // A state directory others can write is refused (statedir.rs), not warned about.
+    if let Some(a) = &first.announce {
+        StateDir::open(&a.state_dir)?;
+    }
     let mut ready = Ready::new(ready_file)?;
     // Before anything is attached: a heartbeat that says "first probe round not done", so a
     // previous agent's heartbeat (still within announce.grace after a restart) cannot get the

@@ -26,9 +26,8 @@
 
 use std::{
     fmt::Write as _,
-    io,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -36,6 +35,7 @@ use std::{
 use crate::{
     config::{Announce, Config},
     datapath::LINKS_DIR,
+    statedir::{StateDir, StateDirError},
 };
 
 /// The agent's heartbeat file under `announce.state_dir`.
@@ -47,24 +47,14 @@ pub const READY_DIR: &str = "ready";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
-    #[error("{path}: cannot {what}: {source} (announce.state_dir must be a writable directory)")]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    State(#[from] StateDirError),
     #[error("`ip {args}` failed: {message} (announce.table {table}: is iproute2 installed and are we root?)")]
     Route {
         args: String,
         table: u32,
         message: String,
     },
-}
-
-fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> AnnounceError {
-    let path = path.to_owned();
-    move |source| AnnounceError::Io { path, what, source }
 }
 
 /// What `cidlb run` writes every second.
@@ -82,9 +72,9 @@ fn now_ms(now: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Writes the heartbeat (atomically: temporary file, then rename).
+/// Writes the heartbeat (atomically, never through a symlink: `statedir.rs`).
 pub fn write_heartbeat(state_dir: &Path, probed: bool) -> Result<(), AnnounceError> {
-    std::fs::create_dir_all(state_dir).map_err(io_err(state_dir, "create it"))?;
+    let dir = StateDir::open(state_dir)?;
     let hb = Heartbeat {
         unix_ms: now_ms(SystemTime::now()),
         pid: std::process::id(),
@@ -96,10 +86,7 @@ pub fn write_heartbeat(state_dir: &Path, probed: bool) -> Result<(), AnnounceErr
         hb.pid,
         u8::from(hb.probed)
     );
-    let path = state_dir.join(HEARTBEAT);
-    let tmp = state_dir.join(format!(".{HEARTBEAT}.{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(io_err(&path, "write the heartbeat"))?;
-    std::fs::rename(&tmp, &path).map_err(io_err(&path, "rename the heartbeat into place"))
+    Ok(dir.write(HEARTBEAT, text.as_bytes())?)
 }
 
 /// The heartbeat, if there is a readable one.
@@ -124,18 +111,13 @@ pub fn in_maintenance(state_dir: &Path) -> bool {
 
 /// Turns maintenance on (creates the switch file) or off (removes it).
 pub fn set_maintenance(state_dir: &Path, on: bool) -> Result<(), AnnounceError> {
-    let path = state_dir.join(MAINTENANCE);
+    let dir = StateDir::open(state_dir)?;
     if on {
-        std::fs::create_dir_all(state_dir).map_err(io_err(state_dir, "create it"))?;
-        std::fs::write(&path, b"on\n").map_err(io_err(&path, "write the maintenance switch"))
+        dir.write(MAINTENANCE, b"on\n")?;
     } else {
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(io_err(&path, "remove the maintenance switch")(e))
-            }
-            _ => Ok(()),
-        }
+        dir.remove(MAINTENANCE)?;
     }
+    Ok(())
 }
 
 /// One readiness verdict, with each condition, so a "not ready" says why.
@@ -265,18 +247,11 @@ fn ip(table: u32, args: &[&str]) -> Result<(), AnnounceError> {
 /// Announces (`ready`) or withdraws one VIP: its route in `announce.table` (if set) and its
 /// file `state_dir/ready/<vip>`.
 pub fn apply(a: &Announce, vip: IpAddr, ready: bool) -> Result<(), AnnounceError> {
-    let dir = a.state_dir.join(READY_DIR);
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir, "create it"))?;
-    let file = dir.join(vip.to_string());
+    let dir = StateDir::open(&a.state_dir)?.subdir(READY_DIR)?;
     if ready {
-        std::fs::write(&file, b"ready\n").map_err(io_err(&file, "write the VIP's ready file"))?;
+        dir.write(&vip.to_string(), b"ready\n")?;
     } else {
-        match std::fs::remove_file(&file) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(io_err(&file, "remove the VIP's ready file")(e))
-            }
-            _ => {}
-        }
+        dir.remove(&vip.to_string())?;
     }
     let t = a.table;
     if t == 0 {
@@ -336,6 +311,8 @@ pub fn run(path: &Path, every: Duration) -> anyhow::Result<()> {
             path.display()
         )
     })?;
+    // Refuse a state directory others can write before announcing anything from it.
+    StateDir::open(&a.state_dir)?;
     let vips: Vec<IpAddr> = cfg.vips.iter().map(|v| v.address).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -17,6 +17,7 @@ pub mod pinlock;
 pub mod plan;
 pub mod provision;
 pub mod ready;
+pub mod statedir;
 pub mod stats;
 pub mod testrun;
 pub mod validate;
