@@ -41,6 +41,7 @@ use std::{
 use crate::{
     config::{Announce, Config},
     datapath::LINKS_DIR,
+    linkinfo,
     statedir::{StateDir, StateDirError},
 };
 
@@ -256,10 +257,23 @@ impl Readiness {
     }
 }
 
-/// Is every configured interface's link pinned (the datapath attached)?
-pub fn attached(cfg: &Config) -> bool {
+/// Is the datapath attached: for every configured interface a pinned link that the kernel
+/// says is attached to that interface (`linkinfo.rs`), not only a pin file? `Err` names the
+/// first that is not.
+pub fn attachment(cfg: &Config) -> Result<(), String> {
     let links = cfg.pin_dir.join(LINKS_DIR);
-    cfg.interfaces.iter().all(|i| links.join(i).exists())
+    cfg.interfaces.iter().try_for_each(|i| {
+        let pin = links.join(i);
+        if !pin.exists() {
+            return Err(format!("no link pinned for {i} ({})", pin.display()));
+        }
+        linkinfo::check(&pin, i)
+    })
+}
+
+/// [`attachment`] as a yes or no.
+pub fn attached(cfg: &Config) -> bool {
+    attachment(cfg).is_ok()
 }
 
 /// Is every configured interface up and running, in this process's network namespace? (Read
@@ -508,6 +522,8 @@ pub fn run(path: &Path, every: Duration) -> anyhow::Result<()> {
                     if last != state && !failed {
                         if ready {
                             info!("{}", describe(&vips, &r));
+                        } else if let Err(why) = attachment(&cfg) {
+                            warn!("{}: {why}", describe(&vips, &r));
                         } else {
                             warn!("{}", describe(&vips, &r));
                         }
