@@ -14,7 +14,8 @@ use core::mem::size_of;
 pub const LIMIT_CFG: &str = "LIMIT_CFG";
 /// `SRC_BUCKETS` (LRU hash): per-source bucket, [`SrcKey`] → `tat` (u64).
 pub const SRC_BUCKETS: &str = "SRC_BUCKETS";
-/// `GLOBAL_BUCKET` (per-CPU array, one slot): each CPU's share of the global bucket, `tat`.
+/// `GLOBAL_BUCKET` (array, one slot): the global bucket's `tat`, shared by every CPU
+/// (compare-and-swap in the datapath).
 pub const GLOBAL_BUCKET: &str = "GLOBAL_BUCKET";
 /// `KNOWN_SRCS` (LRU hash): sources with an established flow, [`SrcKey`] → last seen (ns).
 pub const KNOWN_SRCS: &str = "KNOWN_SRCS";
@@ -45,12 +46,12 @@ pub struct LimitConfig {
     pub src_interval_ns: u64,
     /// Per source: `burst * src_interval_ns`.
     pub src_tolerance_ns: u64,
-    /// Global, per CPU: nanoseconds per new flow (the configured interval × the CPU count).
+    /// Global: nanoseconds per new flow.
     pub global_interval_ns: u64,
-    /// Global, per CPU: tolerance for known sources (the CPU's whole share of the burst).
+    /// Global: tolerance for known sources (`global_burst * global_interval_ns`).
     pub global_tolerance_ns: u64,
-    /// Global, per CPU: tolerance for other sources, the whole share minus the reserve
-    /// (`known_reserve`) that only known sources may take.
+    /// Global: tolerance for other sources, the burst minus the reserve (`known_reserve`)
+    /// that only known sources may take.
     pub global_unknown_tolerance_ns: u64,
     /// A source stays known this long after its last established-flow packet.
     pub known_ns: u64,

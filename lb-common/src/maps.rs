@@ -54,8 +54,9 @@ pub fn addr_key(ip: core::net::IpAddr) -> AddrKey {
 /// to adopt pins of another layout (see `lb-userspace/src/layout.rs`). Version 0 is what cidlb
 /// pinned before it had a `LAYOUT` map. Version 2 is the first that landed: the `LAYOUT`,
 /// `NODE_ADDRS`, new-flow limit (`limits.rs`) and Maglev maps (version 1 never left development).
-/// Version 3 adds `NODE_IDS`, `NODE_FILTER` and `VIP_TABLE`, and `Node::check`.
-pub const LAYOUT_VERSION: u32 = 3;
+/// Version 3 adds `NODE_IDS`, `NODE_FILTER` and `VIP_TABLE`, and `Node::check`. Version 4 makes
+/// `GLOBAL_BUCKET` one bucket shared by every CPU (an array, not a per-CPU array).
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
 pub const STATS_SLOTS: u32 = 128;

@@ -5,9 +5,11 @@
 //! - per source (IPv4 address, IPv6 /64) in the `SRC_BUCKETS` LRU, skipped for `LIMIT_EXEMPT`
 //!   prefixes. Shared by all CPUs and written without atomics: two CPUs racing on one source
 //!   can each admit a flow on the same token (at most one extra per CPU per race).
-//! - global, one bucket per CPU in `GLOBAL_BUCKET` (each holds 1/ncpus of the rate and burst),
-//!   so there is no race and no shared cache line under a flood: the nodes get at most the
-//!   configured limit from this balancer, exactly.
+//! - global, one bucket for the whole balancer in `GLOBAL_BUCKET`, updated with a
+//!   compare-and-swap, so the configured rate and burst hold whichever CPUs the NIC's queues
+//!   steer new flows to (a bucket per CPU holding 1/ncpus of the rate would admit 1/ncpus of
+//!   it when one queue takes the whole flood). Only new flows touch it; a CPU that loses the
+//!   race [`GLOBAL_TRIES`] times in a row counts the flow as over the limit.
 //!
 //! Known sources go first: a source with an established flow (a flow that saw a second packet,
 //! which a spoofed source never sends unless its first was admitted) is in `KNOWN_SRCS`. Other
@@ -24,6 +26,11 @@ use crate::{maps, parse::Packet, stats::count};
 
 /// How often a known source's `KNOWN_SRCS` entry is rewritten at most (not on every packet).
 const KNOWN_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Compare-and-swap attempts on the global bucket before a new flow is refused. A retry
+/// happens only when another CPU admitted a flow in between, so each retry means the bucket
+/// moved on; four keep the loop short for the verifier and the flood cheap.
+const GLOBAL_TRIES: usize = 4;
 
 #[inline(always)]
 fn config() -> Option<LimitConfig> {
@@ -82,6 +89,28 @@ fn known(src: &SrcKey, now: u64, known_ns: u64) -> bool {
     }
 }
 
+/// BPF_ATOMIC | BPF_CMPXCHG on a 64-bit word (kernel 5.12+): writes `new` at `ptr` if it holds
+/// `old`, and returns what it held. Rust's `AtomicU64::compare_exchange` is not offered for
+/// the BPF target, so the one instruction is written out.
+///
+/// # Safety
+/// `ptr` is valid for reads and writes and 8-byte aligned.
+#[inline(always)]
+unsafe fn cmpxchg(ptr: *mut u64, old: u64, new: u64) -> u64 {
+    let mut r0 = old;
+    // SAFETY: the caller's; the instruction touches only *ptr and r0.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({p} + 0, r0, {n})",
+            p = in(reg) ptr,
+            n = in(reg) new,
+            inout("r0") r0,
+            options(nostack),
+        );
+    }
+    r0
+}
+
 /// May this packet create a flow? `Err` names the limit it is over (the packet is dropped).
 #[inline(always)]
 pub fn admit(pkt: &Packet) -> Result<(), Counter> {
@@ -111,26 +140,36 @@ pub fn admit(pkt: &Packet) -> Result<(), Counter> {
         let slot = maps::GLOBAL_BUCKET
             .get_ptr_mut(0)
             .ok_or(Counter::DropLimitGlobal)?;
-        // SAFETY: this CPU's slot; a program run is not preempted on its CPU (XDP runs in
-        // softirq context), so nothing else writes it between this read and the write below.
-        let tat = unsafe { *slot };
-        let next = match gcra(
-            tat,
-            now,
-            cfg.global_interval_ns,
-            cfg.global_unknown_tolerance_ns,
-        ) {
-            Some(next) => next,
-            None if known(&src, now, cfg.known_ns) => {
-                let next = gcra(tat, now, cfg.global_interval_ns, cfg.global_tolerance_ns)
-                    .ok_or(Counter::DropLimitGlobal)?;
-                count(Counter::LimitKnownReserve);
-                next
+        let known = known(&src, now, cfg.known_ns);
+        // SAFETY: an array map's value lives as long as the map and is 8-byte aligned.
+        let mut tat = unsafe { core::ptr::read_volatile(slot) };
+        let mut admitted = None;
+        for _ in 0..GLOBAL_TRIES {
+            let (next, reserve) = match gcra(
+                tat,
+                now,
+                cfg.global_interval_ns,
+                cfg.global_unknown_tolerance_ns,
+            ) {
+                Some(next) => (next, false),
+                None if known => (
+                    gcra(tat, now, cfg.global_interval_ns, cfg.global_tolerance_ns)
+                        .ok_or(Counter::DropLimitGlobal)?,
+                    true,
+                ),
+                None => return Err(Counter::DropLimitGlobal),
+            };
+            // SAFETY: as above.
+            let seen = unsafe { cmpxchg(slot, tat, next) };
+            if seen == tat {
+                admitted = Some(reserve);
+                break;
             }
-            None => return Err(Counter::DropLimitGlobal),
-        };
-        // SAFETY: as above.
-        unsafe { *slot = next };
+            tat = seen;
+        }
+        if admitted.ok_or(Counter::DropLimitGlobal)? {
+            count(Counter::LimitKnownReserve);
+        }
     }
     if let Some(next) = src_next {
         // A failed insert (cannot happen for an LRU with preallocated entries) leaves the

@@ -12,6 +12,8 @@
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
 //! - `stats.rs`   per-CPU counters; `maps.rs` every map
 #![no_std]
+// `core::arch::asm!` for the one BPF_CMPXCHG in limit.rs (the eBPF crate builds on nightly).
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 mod dtls;

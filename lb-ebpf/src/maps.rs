@@ -112,9 +112,9 @@ pub static LIMIT_CFG: Array<LimitConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static SRC_BUCKETS: LruHashMap<SrcKey, u64> = LruHashMap::with_max_entries(MAX_SRC_BUCKETS, 0);
 
-/// Each CPU's share of the global new-flow bucket (`tat`).
+/// The global new-flow bucket (`tat`), shared by every CPU (compare-and-swap).
 #[map]
-pub static GLOBAL_BUCKET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static GLOBAL_BUCKET: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Sources with a recent established flow → when it was last seen.
 #[map]

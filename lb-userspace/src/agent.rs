@@ -31,6 +31,7 @@ use crate::{
     plan, provision,
     ready::Ready,
     statedir::StateDir,
+    upgrade,
 };
 
 /// How `cidlb run` ends.
@@ -75,11 +76,30 @@ impl Agent {
         let cfg = load_config(path, opts.shadow)?;
         datapath::require_root("cidlb run")?;
         let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
-        layout::check(&cfg.pin_dir, Some(path))?;
+        if let Some(what) = upgrade::recover(&cfg.pin_dir)? {
+            warn!(pin_dir = %cfg.pin_dir.display(), "{what}");
+        }
+        let from_layout = layout::pinned_version(&cfg.pin_dir)?;
+        let upgrading = upgrade::needed(&cfg.pin_dir, Some(path))?;
         let adopting = datapath::is_pinned(&cfg.pin_dir);
         let pin_dir = cfg.pin_dir.clone();
-        match Self::bring_up(path, opts, cfg, &ifindexes, adopting, carried_down) {
+        match Self::bring_up(
+            path,
+            opts,
+            cfg,
+            &ifindexes,
+            adopting,
+            upgrading,
+            carried_down,
+        ) {
             Ok(agent) => Ok(agent),
+            Err((e, _)) if upgrading => Err(e.context(format!(
+                "upgrading the datapath pinned under {} from layout {} to {} failed; it keeps \
+                 forwarding (see above for which program its links run)",
+                pin_dir.display(),
+                from_layout.unwrap_or(0),
+                lb_common::LAYOUT_VERSION,
+            ))),
             // The Datapath is dropped by now, which detached the links it had not pinned.
             Err((e, _)) if !adopting => {
                 datapath::detach(&pin_dir);
@@ -109,9 +129,24 @@ impl Agent {
         cfg: Config,
         ifindexes: &[u32],
         adopting: bool,
+        upgrading: bool,
         carried_down: &[u32],
     ) -> Result<Self, (anyhow::Error, bool)> {
-        let dp = Datapath::load_pinned(&cfg).map_err(|e| (e.into(), false))?;
+        let pin_dir = cfg.pin_dir.clone();
+        // Before any link runs the new program, a failed upgrade removes its own maps and
+        // leaves the old datapath as it was.
+        let abandon = |e: anyhow::Error| {
+            if upgrading {
+                upgrade::abandon(&pin_dir);
+            }
+            (e, false)
+        };
+        let dp = if upgrading {
+            Datapath::load_pinned_in(&cfg, &upgrade::staging(&cfg.pin_dir))
+        } else {
+            Datapath::load_pinned(&cfg)
+        }
+        .map_err(|e| abandon(e.into()))?;
         let mut health = Tracker::new(cfg.health.fall, cfg.health.rise);
         health.retain(
             &cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
@@ -131,6 +166,8 @@ impl Agent {
             flow_capacity: cfg.flows.capacity,
             ready: Vec::new(),
             families: Vec::new(),
+            panic: [false; 2],
+            panic_entered: [0; 2],
         }));
         let mut agent = Agent {
             path: path.to_owned(),
@@ -140,22 +177,62 @@ impl Agent {
             view,
         };
         agent.check_capacity();
+        let old_flows = pin_dir.join(names::FLOWS);
+        if upgrading {
+            let n = upgrade::copy_flows(&old_flows, &mut agent.dp.ebpf, true)
+                .map_err(|e| abandon(e.into()))?;
+            info!(flows = n, "upgrade: flows copied to the new layout's table");
+        }
         // New interfaces first: if one cannot take the program, nothing else was touched.
         let pending = agent
             .dp
             .attach_new(&agent.cfg)
-            .map_err(|e| (e.into(), false))?;
-        agent.apply(ifindexes).map_err(|e| (e.into(), true))?;
-        agent
-            .dp
-            .commit(&agent.cfg, pending)
-            .map_err(|e| (e.into(), true))?;
+            .map_err(|e| abandon(e.into()))?;
+        agent.apply(ifindexes).map_err(|e| {
+            if upgrading {
+                abandon(e.into())
+            } else {
+                (e.into(), true)
+            }
+        })?;
+        if upgrading {
+            upgrade::begin_swap(&pin_dir).map_err(|e| abandon(e.into()))?;
+        }
+        match agent.dp.commit(&agent.cfg, pending) {
+            Ok(()) => {}
+            // Every link runs the old program again: nothing of the upgrade remains.
+            Err(e @ DatapathError::RolledBack { .. }) if upgrading => {
+                return Err(abandon(e.into()))
+            }
+            Err(e) => return Err((e.into(), true)),
+        }
+        if upgrading {
+            upgrade::failpoint("after-swap");
+            // The flows the old program made while the links were swapped; then the new maps'
+            // pins replace the old ones. A failure here is finished by the next `cidlb run`.
+            let n = upgrade::copy_flows(&old_flows, &mut agent.dp.ebpf, false)
+                .map_err(|e| (e.into(), true))?;
+            upgrade::finish(&pin_dir).map_err(|e| (e.into(), true))?;
+            info!(
+                flows = n,
+                layout = lb_common::LAYOUT_VERSION,
+                "upgrade: every link runs this program; flows made meanwhile copied; the old \
+                 layout's pins replaced"
+            );
+        }
         agent.publish();
         info!(
             pin_dir = %agent.cfg.pin_dir.display(),
             adopted = adopting,
             shadow = opts.shadow,
-            "datapath {}", if adopting { "adopted: flows and counters kept" } else { "created" }
+            "datapath {}",
+            if upgrading {
+                "upgraded from another layout: flows kept, counters start fresh"
+            } else if adopting {
+                "adopted: flows and counters kept"
+            } else {
+                "created"
+            }
         );
         Ok(agent)
     }
@@ -169,7 +246,36 @@ impl Agent {
             .unwrap_or_default();
         provision::provision(&mut self.dp.ebpf, &self.cfg, ifindexes, &|id| {
             health.is_up(id)
-        })
+        })?;
+        self.note_panic(&health);
+        Ok(())
+    }
+
+    /// Logs and counts a family entering or leaving panic mode (`plan::nodes::panic`), as the
+    /// maps just written have it.
+    fn note_panic(&self, health: &Tracker) {
+        let now = plan::nodes::panic(&self.cfg, &|id| health.is_up(id));
+        let Ok(mut v) = self.view.lock() else {
+            return;
+        };
+        for (fi, family) in ["IPv4", "IPv6"].into_iter().enumerate() {
+            match (v.panic[fi], now[fi]) {
+                (false, true) => {
+                    v.panic_entered[fi] += 1;
+                    warn!(
+                        family,
+                        threshold = ?self.cfg.health.panic_threshold,
+                        "panic mode: too few nodes pass their health checks; health is ignored \
+                         for this family's new flows until enough are up again"
+                    );
+                }
+                (true, false) => {
+                    info!(family, "panic mode over: health applies to new flows again")
+                }
+                _ => {}
+            }
+        }
+        v.panic = now;
     }
 
     fn publish(&self) {
@@ -283,7 +389,9 @@ impl Agent {
             .lock()
             .map(|v| v.health.clone())
             .unwrap_or_default();
-        provision::nodes_and_rings(&mut self.dp.ebpf, &self.cfg, &|id| health.is_up(id)).map(|_| ())
+        provision::nodes_and_rings(&mut self.dp.ebpf, &self.cfg, &|id| health.is_up(id))?;
+        self.note_panic(&health);
+        Ok(())
     }
 
     /// Writes the heartbeat `cidlb announce` follows (with the running config's VIPs and the

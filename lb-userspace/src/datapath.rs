@@ -33,6 +33,8 @@ use crate::{
 pub const PROG_PIN: &str = "prog";
 /// Directory of the per-interface link pins.
 pub const LINKS_DIR: &str = "links";
+/// Directory of a new layout's maps while an upgrade moves over to them (`upgrade.rs`).
+pub const UPGRADE_DIR: &str = "upgrade";
 
 /// Fails with a clear message unless running as root.
 pub fn require_root(what: &'static str) -> Result<(), DatapathError> {
@@ -78,13 +80,18 @@ impl Datapath {
     /// (flows, counters and node tables survive restarts, upgrades and reloads), missing ones
     /// are created and pinned.
     pub fn load_pinned(cfg: &Config) -> Result<Self, DatapathError> {
-        let dir = &cfg.pin_dir;
+        Self::load_pinned_in(cfg, &cfg.pin_dir)
+    }
+
+    /// [`Datapath::load_pinned`] with the maps pinned under `dir` instead of `cfg.pin_dir`
+    /// (an upgrade builds the new layout's maps beside the old ones: `upgrade.rs`).
+    pub fn load_pinned_in(cfg: &Config, dir: &Path) -> Result<Self, DatapathError> {
         let parent = dir.parent().unwrap_or(dir);
         if !is_bpffs(parent) && !is_bpffs(dir) {
             return Err(DatapathError::NoBpffs(parent.to_owned()));
         }
         fs::create_dir_all(dir).map_err(|e| DatapathError::Pin {
-            dir: dir.clone(),
+            dir: dir.to_owned(),
             message: e.to_string(),
         })?;
         Self::load_with(cfg, Some(dir))
@@ -350,6 +357,7 @@ pub fn detach(dir: &Path) -> usize {
         }
     }
     let _ = fs::remove_dir(dir.join(LINKS_DIR));
+    let _ = fs::remove_dir_all(dir.join(UPGRADE_DIR));
     let _ = fs::remove_file(dir.join(PROG_PIN));
     for name in MAP_NAMES {
         let _ = fs::remove_file(dir.join(name));

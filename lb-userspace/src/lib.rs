@@ -21,4 +21,5 @@ pub mod ready;
 pub mod statedir;
 pub mod stats;
 pub mod testrun;
+pub mod upgrade;
 pub mod validate;

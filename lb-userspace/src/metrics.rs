@@ -39,6 +39,10 @@ pub struct View {
     pub ready: Vec<(std::net::IpAddr, bool)>,
     /// Per node id: has an IPv4 address, has an IPv6 address.
     pub families: Vec<(u32, bool, bool)>,
+    /// Per family (IPv4, IPv6): in panic mode now (`plan::nodes::panic`), and how often it
+    /// entered it since the agent started.
+    pub panic: [bool; 2],
+    pub panic_entered: [u64; 2],
 }
 
 /// Renders the text exposition format (version 0.0.4).
@@ -188,6 +192,32 @@ pub fn render(view: &View, snap: &Snapshot, flows: Option<(u64, Duration)>) -> S
             serving.len()
         );
         let _ = writeln!(out, "cidlb_family_nodes_up{{family=\"{name}\"}} {up}");
+    }
+    fam(
+        &mut out,
+        "cidlb_panic_mode",
+        "gauge",
+        "1 while the family is in panic mode: fewer of its active nodes are up than health.panic_threshold (default: none), so health is ignored for its new flows.",
+    );
+    for (fi, name) in ["ipv4", "ipv6"].into_iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "cidlb_panic_mode{{family=\"{name}\"}} {}",
+            u8::from(view.panic[fi])
+        );
+    }
+    fam(
+        &mut out,
+        "cidlb_panic_mode_entered_total",
+        "counter",
+        "Times the family entered panic mode since the agent started.",
+    );
+    for (fi, name) in ["ipv4", "ipv6"].into_iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "cidlb_panic_mode_entered_total{{family=\"{name}\"}} {}",
+            view.panic_entered[fi]
+        );
     }
     if view.probe != Probe::None {
         fam(
@@ -404,6 +434,8 @@ mod tests {
             flow_capacity: 1024,
             ready: vec![("192.0.2.10".parse().unwrap(), true)],
             families: vec![(1, true, false)],
+            panic: [true, false],
+            panic_entered: [2, 0],
         };
         let text = render(&view, &snap, Some((3, Duration::from_millis(2500))));
         assert!(text.contains("# TYPE cidlb_packets_total counter\n"));
@@ -414,6 +446,9 @@ mod tests {
         assert!(text.contains("cidlb_ready{vip=\"192.0.2.10\"} 1\n"));
         assert!(text.contains("cidlb_family_nodes{family=\"ipv4\"} 1\n"));
         assert!(text.contains("cidlb_family_nodes{family=\"ipv6\"} 0\n"));
+        assert!(text.contains("cidlb_panic_mode{family=\"ipv4\"} 1\n"));
+        assert!(text.contains("cidlb_panic_mode{family=\"ipv6\"} 0\n"));
+        assert!(text.contains("cidlb_panic_mode_entered_total{family=\"ipv4\"} 2\n"));
         assert!(text.contains("cidlb_flows 3\n"));
         assert!(text.contains("cidlb_flows_age_seconds 2.500\n"));
         // Every sample line belongs to a family declared before it.

@@ -60,7 +60,9 @@ pub fn nodes_and_rings(
     cfg: &Config,
     up: &dyn Fn(u32) -> bool,
 ) -> Result<BTreeMap<u32, u32>, DatapathError> {
-    let old_slots: BTreeMap<u32, u32> = {
+    // A node's slot: its `NODES` entry's, or for a node not in `NODES` (disabled), the one
+    // its addresses' `NODE_ADDRS` entries hold.
+    let mut old_slots: BTreeMap<u32, u32> = {
         let m: HashMap<_, u32, Node> =
             HashMap::try_from(map(ebpf, names::NODES)?).map_err(merr(names::NODES))?;
         m.iter()
@@ -68,6 +70,22 @@ pub fn nodes_and_rings(
             .map(|(id, n)| (id, n.slot))
             .collect()
     };
+    {
+        let addrs: HashMap<_, AddrKey, NodeAddr> =
+            HashMap::try_from(map(ebpf, names::NODE_ADDRS)?).map_err(merr(names::NODE_ADDRS))?;
+        let found: Vec<(u32, u32)> = cfg
+            .nodes
+            .iter()
+            .filter(|n| !old_slots.contains_key(&n.id))
+            .filter_map(|n| {
+                n.addresses
+                    .iter()
+                    .find_map(|&ip| addrs.get(&lb_common::addr_key(ip), 0).ok())
+                    .map(|a| (n.id, a.slot))
+            })
+            .collect();
+        old_slots.extend(found);
+    }
     let plan = plan::nodes::plan(cfg, up, &old_slots).map_err(|e| DatapathError::Map {
         name: names::MAGLEV,
         message: e.to_string(),
@@ -341,11 +359,7 @@ fn clear_nexthops(ebpf: &mut Ebpf, max_slot: Option<u32>) -> Result<(), Datapath
 /// start full again (a bucket filled at an old, slower rate would otherwise hold new flows back
 /// for up to the old burst's time).
 fn limits(ebpf: &mut Ebpf, limits: Option<&Limits>) -> Result<(), DatapathError> {
-    let ncpus = aya::util::nr_cpus().map_err(|(what, e)| DatapathError::Map {
-        name: lim::GLOBAL_BUCKET,
-        message: format!("{what}: {e}"),
-    })?;
-    let want = plan::limits::limit_config(limits, ncpus as u64);
+    let want = plan::limits::limit_config(limits);
 
     // Exempt prefixes first: a new prefix is in place before a limit that needs it.
     {
@@ -377,13 +391,9 @@ fn limits(ebpf: &mut Ebpf, limits: Option<&Limits>) -> Result<(), DatapathError>
     }
     cfg.set(0, want, 0).map_err(merr(lim::LIMIT_CFG))?;
 
-    let mut global: PerCpuArray<&mut MapData, u64> =
-        PerCpuArray::try_from(map(ebpf, lim::GLOBAL_BUCKET)?).map_err(merr(lim::GLOBAL_BUCKET))?;
-    let zero = PerCpuValues::try_from(vec![0u64; ncpus]).map_err(|e| DatapathError::Map {
-        name: lim::GLOBAL_BUCKET,
-        message: e.to_string(),
-    })?;
-    global.set(0, zero, 0).map_err(merr(lim::GLOBAL_BUCKET))?;
+    let mut global: Array<&mut MapData, u64> =
+        Array::try_from(map(ebpf, lim::GLOBAL_BUCKET)?).map_err(merr(lim::GLOBAL_BUCKET))?;
+    global.set(0, 0, 0).map_err(merr(lim::GLOBAL_BUCKET))?;
     let mut src: HashMap<&mut MapData, SrcKey, u64> =
         HashMap::try_from(map(ebpf, lim::SRC_BUCKETS)?).map_err(merr(lim::SRC_BUCKETS))?;
     let keys: Vec<SrcKey> = src.keys().filter_map(Result::ok).collect();

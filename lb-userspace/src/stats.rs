@@ -67,18 +67,43 @@ impl Snapshot {
         }
         for entry in nodes.iter() {
             let (id, node) = entry?;
-            let mut sum = NodeStats::default();
-            for s in node_stats.get(&node.slot, 0)?.iter() {
-                sum.to_node_packets += s.to_node_packets;
-                sum.to_node_bytes += s.to_node_bytes;
-                sum.from_node_packets += s.from_node_packets;
-                sum.from_node_bytes += s.from_node_bytes;
-            }
-            snap.nodes.insert(id, sum);
+            snap.nodes.insert(id, slot_sum(node_stats, node.slot)?);
         }
         Ok(snap)
     }
 
+    /// Per-node counters by slot (a disabled node has a slot but no `NODES` entry), from a
+    /// datapath loaded in this process.
+    pub fn slots_of_ebpf(
+        ebpf: &aya::Ebpf,
+        slots: impl Iterator<Item = u32>,
+    ) -> anyhow::Result<BTreeMap<u32, NodeStats>> {
+        let map = ebpf
+            .map(names::NODE_STATS)
+            .ok_or_else(|| anyhow::anyhow!("no map {}", names::NODE_STATS))?;
+        let node_stats = PerCpuArray::try_from(map)?;
+        slots
+            .map(|slot| Ok((slot, slot_sum(&node_stats, slot)?)))
+            .collect()
+    }
+}
+
+/// One slot's `NODE_STATS`, summed over CPUs.
+fn slot_sum<T: std::borrow::Borrow<MapData>>(
+    node_stats: &PerCpuArray<T, NodeStats>,
+    slot: u32,
+) -> anyhow::Result<NodeStats> {
+    let mut sum = NodeStats::default();
+    for s in node_stats.get(&slot, 0)?.iter() {
+        sum.to_node_packets += s.to_node_packets;
+        sum.to_node_bytes += s.to_node_bytes;
+        sum.from_node_packets += s.from_node_packets;
+        sum.from_node_bytes += s.from_node_bytes;
+    }
+    Ok(sum)
+}
+
+impl Snapshot {
     /// A table for people: non-zero counters (all with `all`), then per-node traffic. With an
     /// earlier snapshot and the seconds since, a per-second rate column.
     pub fn render_text(&self, all: bool, since: Option<(&Snapshot, f64)>) -> String {

@@ -270,6 +270,12 @@ fn validate(cfg: &Config) -> Result<(), (String, String)> {
     if h.fall == 0 || h.rise == 0 {
         return err("health", "fall and rise must be at least 1".into());
     }
+    if let Some(t) = h.panic_threshold.filter(|&t| t > 100) {
+        return err(
+            "health.panic_threshold",
+            format!("{t} is a percent of the family's active nodes: 0..100 (0: never panic)"),
+        );
+    }
     let Some(a) = &cfg.announce else {
         return reverse_nat(cfg);
     };

@@ -63,6 +63,8 @@ fn exported() -> (BTreeSet<String>, BTreeSet<String>) {
         flow_capacity: 1024,
         ready: vec![("192.0.2.10".parse().unwrap(), true)],
         families: vec![(1, true, true)],
+        panic: [false; 2],
+        panic_entered: [0; 2],
     };
     let text = render(&view, &snap, Some((1, Duration::from_secs(1))));
     let families = text

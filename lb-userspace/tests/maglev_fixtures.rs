@@ -23,7 +23,7 @@ use lb_lab::{
     pin_to_cpu, NetNs,
 };
 
-use lb_common::xdp::{XDP_REDIRECT, XDP_TX};
+use lb_common::xdp::{XDP_DROP, XDP_REDIRECT, XDP_TX};
 
 /// Four dual-stack nodes, weights 1, 2, 1, 3. Nodes 3 and 4 get neighbour entries in the test's
 /// own namespace (the shared FIB netns has only nodes 1 and 2).
@@ -231,4 +231,28 @@ fn check(_ns: &NetNs) {
         .expect("some new flow hashes to node 3");
     let slot = (flow_hash(&key(&fresh)) % MAGLEV_SIZE) as usize;
     assert_eq!(picked(&a, fxc, &fresh), stepped[slot]);
+
+    // Panic mode: with every node down, health is ignored for new flows (the default
+    // health.panic_threshold), so each flow goes where the all-up table sends it; with
+    // panic_threshold 0 the same flows are dropped (drop_no_node).
+    let none_up = |_: u32| false;
+    let panicking = load(&config(&[0, 1, 2, 3]), &none_up);
+    let mut strict = config(&[0, 1, 2, 3]);
+    strict.health.panic_threshold = Some(0);
+    let strict = load(&strict, &none_up);
+    for f in flows.iter().take(50) {
+        let slot = (flow_hash(&key(f)) % MAGLEV_SIZE) as usize;
+        assert_eq!(
+            picked(&panicking, fxc, f),
+            table[slot],
+            "port {}: in panic mode a new flow takes the all-up table's node",
+            f.sport
+        );
+        let r = strict.run_packet(&f.bytes(), fxc, 1).expect("test_run");
+        assert_eq!(
+            r.action, XDP_DROP,
+            "port {}: no panic, no node: dropped",
+            f.sport
+        );
+    }
 }

@@ -8,6 +8,7 @@
 
 mod demo;
 mod lab;
+mod old;
 mod package;
 mod setup;
 
@@ -256,7 +257,10 @@ fn test(no_lint: bool, filter: Option<String>) -> Result<()> {
     }
     // Unit tests need nothing; the fixture and netns tests need root and share kernel state,
     // so they run one at a time.
+    // The release the upgrade test starts from (built from git once, then kept).
+    let layout2 = old::layout2_cidlb()?;
     let mut t = cargo();
+    t.env(old::ENV, &layout2);
     t.args(["test", "--workspace"]);
     if let Some(f) = &filter {
         t.arg(f);

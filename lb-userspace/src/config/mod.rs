@@ -333,6 +333,10 @@ pub struct Health {
     pub fall: u32,
     /// Good probes in a row that mark a down node up again.
     pub rise: u32,
+    /// Panic mode: when fewer than this percent of a family's active nodes are up, health is
+    /// ignored for that family's new flows (every active node takes them). Absent: only when
+    /// none is up. 0: never.
+    pub panic_threshold: Option<u32>,
 }
 
 impl Default for Health {
@@ -343,6 +347,7 @@ impl Default for Health {
             timeout: Duration::from_secs(1),
             fall: 3,
             rise: 2,
+            panic_threshold: None,
         }
     }
 }

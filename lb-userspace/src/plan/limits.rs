@@ -36,9 +36,9 @@ pub fn exempt_keys(limits: Option<&Limits>) -> Vec<Key<ExemptKey>> {
         .unwrap_or_default()
 }
 
-/// The `LIMIT_CFG` value for `limits` on a machine with `ncpus` possible CPUs (the global
-/// bucket is split evenly over per-CPU buckets). `None`: all zero, no limits.
-pub fn limit_config(limits: Option<&Limits>, ncpus: u64) -> LimitConfig {
+/// The `LIMIT_CFG` value for `limits` (one global bucket shared by every CPU). `None`: all
+/// zero, no limits.
+pub fn limit_config(limits: Option<&Limits>) -> LimitConfig {
     let Some(l) = limits else {
         return LimitConfig::default();
     };
@@ -52,15 +52,12 @@ pub fn limit_config(limits: Option<&Limits>, ncpus: u64) -> LimitConfig {
         c.src_tolerance_ns = c.src_interval_ns.saturating_mul(l.burst.unwrap_or(r.count));
     }
     if let Some(r) = l.new_flows {
-        let ncpus = ncpus.max(1);
         c.flags |= LIMIT_F_GLOBAL;
-        c.global_interval_ns = interval_ns(r, ncpus);
-        // Each CPU's share of the burst, at least one flow (so the bound is
-        // rate × time + max(burst, CPUs)).
-        let share = (l.global_burst.unwrap_or(r.count) / ncpus).max(1);
-        let reserve = share * l.known_reserve / 100;
-        c.global_tolerance_ns = c.global_interval_ns.saturating_mul(share);
-        c.global_unknown_tolerance_ns = c.global_interval_ns.saturating_mul(share - reserve);
+        c.global_interval_ns = interval_ns(r, 1);
+        let burst = l.global_burst.unwrap_or(r.count).max(1);
+        let reserve = burst * l.known_reserve / 100;
+        c.global_tolerance_ns = c.global_interval_ns.saturating_mul(burst);
+        c.global_unknown_tolerance_ns = c.global_interval_ns.saturating_mul(burst - reserve);
     }
     c
 }
@@ -76,16 +73,16 @@ mod tests {
             "{SEED}limits:\n  new_flows_per_source: \"20/1s\"\n  burst: 40\n  new_flows: \"20000/1s\"\n  exempt: [100.64.0.0/10, \"2001:db8::/32\"]\n"
         ))
         .unwrap_or_else(|e| panic!("{e}"));
-        let l = limit_config(c.limits.as_ref(), 2);
+        let l = limit_config(c.limits.as_ref());
         assert_eq!(l.flags, LIMIT_F_SOURCE | LIMIT_F_GLOBAL);
         assert_eq!(l.src_interval_ns, 50_000_000);
         assert_eq!(l.src_tolerance_ns, 40 * 50_000_000);
-        // Two CPUs: 10,000/s each, burst 10,000 each, half of it reserved.
-        assert_eq!(l.global_interval_ns, 100_000);
-        assert_eq!(l.global_tolerance_ns, 10_000 * 100_000);
-        assert_eq!(l.global_unknown_tolerance_ns, 5_000 * 100_000);
+        // One bucket for the balancer: 20,000/s, burst 20,000, half of it reserved.
+        assert_eq!(l.global_interval_ns, 50_000);
+        assert_eq!(l.global_tolerance_ns, 20_000 * 50_000);
+        assert_eq!(l.global_unknown_tolerance_ns, 10_000 * 50_000);
         assert_eq!(l.known_ns, 600_000_000_000);
-        assert_eq!(limit_config(None, 2), LimitConfig::default());
+        assert_eq!(limit_config(None), LimitConfig::default());
         let p = exempt_key(Prefix::parse("100.64.0.0/10").unwrap());
         assert_eq!(p.prefix_len(), 106);
         assert_eq!(p.data()[10..13], [0xff, 0xff, 100]);

@@ -53,9 +53,11 @@ pub fn vip_table(table: &[VipSlot], want: &BTreeMap<AddrKey, u32>) -> Vec<VipSlo
             continue;
         }
         let start = vip_slot(&k.addr, k.family);
+        // Not a slot whose VIP this pass removes: a reader may be comparing against that
+        // VIP right now, and would see half of each (the slot is free again next pass).
         let free = (0..VIP_PROBES)
             .map(|i| ((start + i) % VIP_TABLE_SLOTS) as usize)
-            .find(|&i| !live(&out[i]));
+            .find(|&i| !live(&out[i]) && !live(&table[i]));
         if let Some(i) = free {
             out[i] = VipSlot {
                 addr: k.addr,
@@ -133,7 +135,8 @@ mod tests {
         );
 
         // Removing a colliding VIP: the VIPs after its slot are still found, and its slot,
-        // if it had one, goes to one that fell through.
+        // if it had one, goes to one that fell through, but only on the pass after (a reader
+        // may still be comparing against the removed VIP in this one).
         let gone = same[0];
         want.remove(&gone);
         let table = vip_table(&table, &want);
@@ -145,11 +148,16 @@ mod tests {
                 None => assert!(same.contains(k)),
             }
         }
-        let placed = same
-            .iter()
-            .filter(|k| matches!(probe(&table, k), Some(Some(_))))
-            .count();
-        assert_eq!(placed, in_table);
+        let placed = |table: &[VipSlot]| {
+            same.iter()
+                .filter(|k| matches!(probe(table, k), Some(Some(_))))
+                .count()
+        };
+        // The removed VIP's slot stays empty for this pass (one fewer placed at most) ...
+        assert!(placed(&table) + 1 >= in_table && placed(&table) <= in_table);
+        // ... and the next pass fills it again.
+        let table = vip_table(&table, &want);
+        assert_eq!(placed(&table), in_table);
 
         // Three colliding VIPs fill three slots in a row; the first one's removal leaves its
         // slot taken (removed), so a probe for the other two does not stop there.
@@ -167,5 +175,34 @@ mod tests {
             assert_eq!(probe(&table, k), Some(Some(index)), "{k:?} after a removal");
         }
         assert_eq!(probe(&table, &first).and_then(|i| i), None);
+    }
+
+    #[test]
+    fn a_slot_is_not_reused_in_the_pass_that_frees_it() {
+        let empty = vec![VipSlot::default(); VIP_TABLE_SLOTS as usize];
+        let start = vip_slot(&v4(0x0a00_0000).addr, FAMILY_V4);
+        let two: Vec<AddrKey> = (0x0a00_0000u32..)
+            .map(v4)
+            .filter(|k| vip_slot(&k.addr, k.family) == start)
+            .take(2)
+            .collect();
+        let (x, y) = (two[0], two[1]);
+        let table = vip_table(&empty, &[(x, 0)].into());
+        assert_eq!(probe(&table, &x), Some(Some(0)));
+        let s = start as usize;
+        assert_eq!((table[s].addr, table[s].family), (x.addr, x.family));
+        // X goes and Y, whose probe starts at the same slot, comes in one pass: Y must not
+        // take X's slot while a reader may still be comparing against X there.
+        let table = vip_table(&table, &[(y, 0)].into());
+        assert_eq!(
+            table[s].family, VIP_SLOT_REMOVED,
+            "X's slot is marked removed"
+        );
+        assert_eq!(
+            probe(&table, &y),
+            Some(Some(0)),
+            "Y is found, past X's slot"
+        );
+        assert_eq!(probe(&table, &x), Some(None));
     }
 }

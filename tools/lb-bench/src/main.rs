@@ -15,6 +15,7 @@ mod memory;
 mod prog;
 mod report;
 mod throughput;
+mod upgrade;
 
 use std::path::PathBuf;
 
@@ -102,6 +103,9 @@ fn main() -> Result<()> {
     if cli.parts.iter().any(|p| p == "throughput") {
         eprintln!("throughput: trafgen through the netns lab");
         records.extend(throughput::run(effort)?);
+    }
+    if cli.parts.iter().any(|p| p == "upgrade") {
+        records.extend(upgrade::run()?);
     }
     if cli.parts.iter().any(|p| p == "memory") {
         eprintln!("memory: agent RSS and map memory");

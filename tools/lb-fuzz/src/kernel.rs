@@ -3,7 +3,7 @@
 //! [`Kernel::maglev`] reads for comparison), frames run with BPF_PROG_TEST_RUN between two
 //! reads of the precise clock, counters read after each; the new-flow limits' maps on demand.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues};
@@ -17,8 +17,9 @@ use lb_reference::Tables;
 
 pub struct Kernel {
     pub dp: Datapath,
-    /// Node id → slot, for every node in `NODES`.
-    slot_of: BTreeMap<u32, u32>,
+    /// Node slots to read per frame: those of `NODES` and of `NODE_ADDRS` (a disabled node
+    /// has a slot for its replies but no `NODES` entry).
+    slots: BTreeSet<u32>,
     last: Vec<u64>,
     last_nodes: BTreeMap<u32, NodeStats>,
 }
@@ -40,10 +41,10 @@ impl Kernel {
     pub fn load(cfg: &Config) -> Result<(Self, Tables)> {
         let dp = Datapath::private(cfg)?;
         let tables = read_tables(&dp, cfg)?;
-        let slot_of = tables.nodes.iter().map(|(&id, n)| (id, n.slot)).collect();
+        let slots = slots_of(&tables);
         let mut k = Kernel {
             dp,
-            slot_of,
+            slots,
             last: Vec::new(),
             last_nodes: BTreeMap::new(),
         };
@@ -57,7 +58,7 @@ impl Kernel {
     pub fn reload(&mut self, cfg: &Config) -> Result<Tables> {
         self.dp.reprovision(cfg, &|_| true)?;
         let tables = read_tables(&self.dp, cfg)?;
-        self.slot_of = tables.nodes.iter().map(|(&id, n)| (id, n.slot)).collect();
+        self.slots = slots_of(&tables);
         (self.last, self.last_nodes) = self.counters()?;
         Ok(tables)
     }
@@ -68,7 +69,7 @@ impl Kernel {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let mut cache: PerCpuArray<&mut MapData, NextHop> =
             PerCpuArray::try_from(self.dp.ebpf.map_mut(names::NEXTHOP).context("NEXTHOP")?)?;
-        for &slot in self.slot_of.values() {
+        for &slot in &self.slots {
             for idx in [slot * 2, slot * 2 + 1] {
                 cache.set(
                     idx,
@@ -85,11 +86,7 @@ impl Kernel {
     fn counters(&self) -> Result<(Vec<u64>, BTreeMap<u32, NodeStats>)> {
         let snap = Snapshot::from_ebpf(&self.dp.ebpf)?;
         let c = snap.counters.iter().map(|&(_, v)| v).collect();
-        let n = snap
-            .nodes
-            .iter()
-            .filter_map(|(id, s)| Some((self.slot_of.get(id).copied()?, *s)))
-            .collect();
+        let n = Snapshot::slots_of_ebpf(&self.dp.ebpf, self.slots.iter().copied())?;
         Ok((c, n))
     }
 
@@ -160,14 +157,10 @@ impl Kernel {
         }
     }
 
-    /// `GLOBAL_BUCKET` of CPU `cpu`.
-    pub fn global_bucket(&self, cpu: usize) -> Result<u64> {
-        let m: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.map(limits::GLOBAL_BUCKET)?)?;
-        let v = m.get(&0, 0)?;
-        v.get(cpu)
-            .copied()
-            .with_context(|| format!("GLOBAL_BUCKET has no value for CPU {cpu}"))
+    /// `GLOBAL_BUCKET`, the balancer's one global bucket.
+    pub fn global_bucket(&self) -> Result<u64> {
+        let m: Array<&MapData, u64> = Array::try_from(self.map(limits::GLOBAL_BUCKET)?)?;
+        Ok(m.get(&0, 0)?)
     }
 
     /// Every `SRC_BUCKETS` entry.
@@ -247,4 +240,13 @@ fn read_tables(dp: &Datapath, cfg: &Config) -> Result<Tables> {
     let devmap: DevMapHash<&MapData> = DevMapHash::try_from(map(names::DEVMAP)?)?;
     t.devmap = devmap.keys().collect::<Result<HashSet<u32>, _>>()?;
     Ok(t)
+}
+
+/// Every node slot the maps name.
+fn slots_of(t: &Tables) -> BTreeSet<u32> {
+    t.nodes
+        .values()
+        .map(|n| n.slot)
+        .chain(t.node_addrs.values().map(|a| a.slot))
+        .collect()
 }

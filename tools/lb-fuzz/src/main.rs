@@ -390,10 +390,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The CPU the fuzz thread (and so every BPF_PROG_TEST_RUN) is pinned to: its share of
-/// `GLOBAL_BUCKET` is the reference's global bucket.
-const CPU: usize = 0;
-
 /// How far the program's read of the precise clock may lie outside the two reads around the
 /// run: the vDSO's CLOCK_MONOTONIC and the kernel's NMI-safe copy (`ktime_get_mono_fast_ns`)
 /// can differ by a little. Far below every bucket interval here (≥ 500 µs).
@@ -436,12 +432,11 @@ fn members(cfg: &Config) -> Vec<maglev::Member> {
 fn provisioned(
     kernel: &kernel::Kernel,
     cfg: &Config,
-    ncpus: u64,
     tables: &mut lb_reference::Tables,
     mg: &mut maglev::Maglev,
     state: &mut State,
 ) -> Result<std::result::Result<(), String>> {
-    let limits = settings(cfg).and_then(|s| limit::Limits::new(&s, ncpus));
+    let limits = settings(cfg).and_then(|s| limit::Limits::new(&s));
     let want = limits
         .as_ref()
         .map(limit::Limits::limit_config)
@@ -498,7 +493,7 @@ fn precise(
     let c = |x| k.counters[counter_index(x)];
     p.kernel = Some(limit::Observed {
         src_tat: kernel.src_bucket(&key)?,
-        global_tat: kernel.global_bucket(CPU)?,
+        global_tat: kernel.global_bucket()?,
         counters: [
             c(Counter::LimitExempt),
             c(Counter::LimitKnownReserve),
@@ -509,13 +504,13 @@ fn precise(
     Ok(p)
 }
 
-/// Every source bucket, this CPU's global bucket and the set of known sources, kernel against
+/// Every source bucket, the global bucket and the set of known sources, kernel against
 /// reference. Err(message): a disagreement.
 fn limit_state(kernel: &kernel::Kernel, state: &State) -> Result<std::result::Result<(), String>> {
-    let global = kernel.global_bucket(CPU)?;
+    let global = kernel.global_bucket()?;
     if global != state.limits.global {
         return Ok(Err(format!(
-            "GLOBAL_BUCKET (CPU {CPU}): kernel {global}, reference {}",
+            "GLOBAL_BUCKET: kernel {global}, reference {}",
             state.limits.global
         )));
     }
@@ -567,7 +562,6 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
         cli.epoch,
         lb_common::limits::MAX_KNOWN_SRCS
     );
-    let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))? as u64;
     let corpus =
         gen::Corpus::parse(include_str!("../corpus/dtls12.txt")).map_err(anyhow::Error::msg)?;
     // Forwarding off on the interface cidlb is not attached to: frames arriving there get
@@ -606,7 +600,7 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
             ..Default::default()
         };
         let mut mg = maglev::Maglev::default();
-        if let Err(e) = provisioned(&kernel, &cfg, ncpus, &mut tables, &mut mg, &mut state)? {
+        if let Err(e) = provisioned(&kernel, &cfg, &mut tables, &mut mg, &mut state)? {
             println!("DISAGREEMENT at the load (config {name:?}): {e}");
             return Ok(false);
         }
@@ -638,7 +632,7 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
         let (mut kernel, mut tables) = kernel::Kernel::load(&cfg)?;
         let mut state = State::default();
         let mut mg = maglev::Maglev::default();
-        if let Err(e) = provisioned(&kernel, &cfg, ncpus, &mut tables, &mut mg, &mut state)? {
+        if let Err(e) = provisioned(&kernel, &cfg, &mut tables, &mut mg, &mut state)? {
             println!(
                 "DISAGREEMENT at the load before frame {} (config {name:?}): {e}",
                 done + 1
@@ -679,7 +673,7 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
                 };
                 state.nexthop.clear();
                 per[ci].reloads += 1;
-                if let Err(e) = provisioned(&kernel, &c, ncpus, &mut tables, &mut mg, &mut state)? {
+                if let Err(e) = provisioned(&kernel, &c, &mut tables, &mut mg, &mut state)? {
                     println!("DISAGREEMENT at the reload ({what}) before frame {} (config {name:?}): {e}", done + 1);
                     return Ok(false);
                 }
@@ -879,7 +873,7 @@ mod tests {
         }
         // Some of the generated sources fall in an exempt prefix (IPv4 and IPv6).
         let s = settings(with.iter().find(|c| !l(c).exempt.is_empty()).unwrap()).unwrap();
-        let lim = limit::Limits::new(&s, 2).unwrap();
+        let lim = limit::Limits::new(&s).unwrap();
         let mut fam = HashSet::new();
         for src in ["100.64.0.9", "2001:db8:cafe::1"] {
             let a: std::net::IpAddr = src.parse().unwrap();

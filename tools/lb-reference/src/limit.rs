@@ -4,9 +4,9 @@
 //! Written from the README and `lb_common::limits`, not from the datapath:
 //! - per source (an IPv4 address, an IPv6 /64), a token bucket of `new_flows_per_source`
 //!   and `burst`, skipped for sources in an `exempt` prefix (counted `limit_exempt`);
-//! - global, `new_flows` and `global_burst` split evenly over the machine's CPUs, one bucket
-//!   per CPU (the program runs on one CPU here: [`Buckets::global`] is that CPU's);
-//! - `known_reserve` percent of a CPU's share is for known sources only ([`known`]);
+//! - global, one bucket of `new_flows` and `global_burst` for the balancer, whichever CPUs
+//!   the program runs on ([`Buckets::global`]);
+//! - `known_reserve` percent of the global burst is for known sources only ([`known`]);
 //! - both buckets are checked before either is charged; a packet over one is dropped
 //!   (`drop_limit_source`, `drop_limit_global`) and creates no flow.
 //!
@@ -58,13 +58,13 @@ pub struct Gcra {
     pub tolerance_ns: u64,
 }
 
-/// The limits as the datapath applies them on one CPU of a machine with `ncpus` CPUs.
+/// The limits as the datapath applies them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub source: Option<Gcra>,
-    /// The CPU's share: `tolerance_ns` for known sources.
+    /// The global bucket: `tolerance_ns` for known sources.
     pub global: Option<Gcra>,
-    /// The CPU's share minus the known-only reserve, for other sources.
+    /// The global burst minus the known-only reserve, for other sources.
     pub global_unknown_tolerance_ns: u64,
     pub known_ns: u64,
     /// Exempt prefixes as 128-bit values (IPv4 as `::ffff:a.b.c.d`, length + 96, as
@@ -72,10 +72,9 @@ pub struct Limits {
     pub exempt: Vec<(u128, u32)>,
 }
 
-/// Nanoseconds per flow for `share` CPUs splitting `rate`, rounded up: never faster than
-/// configured.
-fn interval(rate: Rate, share: u64) -> u64 {
-    let ns = u128::from(rate.per_ns) * u128::from(share);
+/// Nanoseconds per flow of `rate`, rounded up: never faster than configured.
+fn interval(rate: Rate) -> u64 {
+    let ns = u128::from(rate.per_ns);
     u64::try_from(ns.div_ceil(u128::from(rate.count.max(1)))).unwrap_or(u64::MAX)
 }
 
@@ -96,29 +95,27 @@ fn prefix_mask(len: u32) -> u128 {
 
 impl Limits {
     /// From the configured keys; `None` when neither rate is set (no limits).
-    pub fn new(s: &Settings, ncpus: u64) -> Option<Self> {
+    pub fn new(s: &Settings) -> Option<Self> {
         if s.new_flows_per_source.is_none() && s.new_flows.is_none() {
             return None;
         }
         let source = s.new_flows_per_source.map(|r| {
-            let interval_ns = interval(r, 1);
+            let interval_ns = interval(r);
             Gcra {
                 interval_ns,
                 tolerance_ns: interval_ns.saturating_mul(s.burst.unwrap_or(r.count)),
             }
         });
-        let ncpus = ncpus.max(1);
         let (mut global, mut unknown) = (None, 0);
         if let Some(r) = s.new_flows {
-            let interval_ns = interval(r, ncpus);
-            // Each CPU's share of the burst, at least one flow (README: at least one per CPU).
-            let share = (s.global_burst.unwrap_or(r.count) / ncpus).max(1);
-            let reserve = share * s.known_reserve / 100;
+            let interval_ns = interval(r);
+            let burst = s.global_burst.unwrap_or(r.count).max(1);
+            let reserve = burst * s.known_reserve / 100;
             global = Some(Gcra {
                 interval_ns,
-                tolerance_ns: interval_ns.saturating_mul(share),
+                tolerance_ns: interval_ns.saturating_mul(burst),
             });
-            unknown = interval_ns.saturating_mul(share - reserve);
+            unknown = interval_ns.saturating_mul(burst - reserve);
         }
         let exempt = s
             .exempt
@@ -194,7 +191,7 @@ pub fn src_key(pkt: &Packet) -> SrcKey {
     }
 }
 
-/// What the limits remember between packets (`SRC_BUCKETS`, this CPU's `GLOBAL_BUCKET`,
+/// What the limits remember between packets (`SRC_BUCKETS`, `GLOBAL_BUCKET`,
 /// `KNOWN_SRCS`). Nothing is evicted here: the caller keeps the tables far from full.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Buckets {
@@ -227,7 +224,7 @@ pub struct Precise {
 pub struct Observed {
     /// `SRC_BUCKETS[src_key]` after the frame (None: no entry).
     pub src_tat: Option<u64>,
-    /// This CPU's `GLOBAL_BUCKET` after the frame.
+    /// `GLOBAL_BUCKET` after the frame.
     pub global_tat: u64,
     /// `limit_exempt`, `limit_known_reserve`, `drop_limit_source`, `drop_limit_global`.
     pub counters: [u64; 4],
@@ -470,20 +467,20 @@ mod tests {
     }
 
     #[test]
-    fn derived_config_splits_the_global_bucket_per_cpu() {
-        let l = Limits::new(&settings(), 2).unwrap();
+    fn derived_config_is_one_global_bucket() {
+        let l = Limits::new(&settings()).unwrap();
         assert_eq!(l.source.unwrap().interval_ns, 100_000_000);
         assert_eq!(l.source.unwrap().tolerance_ns, 300_000_000);
-        // 1000/s over 2 CPUs: 500/s each, 2 ms apart; 20 of the 40 each, 10 for anyone.
-        assert_eq!(l.global.unwrap().interval_ns, 2_000_000);
+        // 1000/s for the balancer: 1 ms apart; all 40 for known sources, 20 for anyone.
+        assert_eq!(l.global.unwrap().interval_ns, 1_000_000);
         assert_eq!(l.global.unwrap().tolerance_ns, 40_000_000);
         assert_eq!(l.global_unknown_tolerance_ns, 20_000_000);
-        assert!(Limits::new(&Settings::default(), 2).is_none());
+        assert!(Limits::new(&Settings::default()).is_none());
     }
 
     #[test]
     fn a_source_gets_its_burst_then_its_rate_and_exempt_ones_skip_it() {
-        let l = Limits::new(&settings(), 2).unwrap();
+        let l = Limits::new(&settings()).unwrap();
         let t = Tables {
             limits: Some(l),
             ..Default::default()
@@ -520,15 +517,15 @@ mod tests {
         s.burst = None;
         s.exempt.clear();
         let t = Tables {
-            limits: Limits::new(&s, 2),
+            limits: Limits::new(&s),
             ..Default::default()
         };
         let mut st = State::default();
         st.precise.lo = 10_000_000_000;
         let (a, b) = (pkt([198, 51, 100, 7]), pkt([198, 51, 100, 8]));
         let mut out = Outcome::new(&[]);
-        // 10 tokens for anyone, then only known sources get the other 10.
-        for _ in 0..10 {
+        // 20 tokens for anyone, then only known sources get the other 20.
+        for _ in 0..20 {
             assert_eq!(admit(&t, &mut st, &a, &mut out), Ok(()));
         }
         assert_eq!(
@@ -536,10 +533,10 @@ mod tests {
             Err(Counter::DropLimitGlobal)
         );
         established(&t, &mut st, &b);
-        for _ in 0..10 {
+        for _ in 0..20 {
             assert_eq!(admit(&t, &mut st, &b, &mut out), Ok(()));
         }
-        assert_eq!(out.delta(Counter::LimitKnownReserve), 10);
+        assert_eq!(out.delta(Counter::LimitKnownReserve), 20);
         assert_eq!(
             admit(&t, &mut st, &b, &mut out),
             Err(Counter::DropLimitGlobal)
@@ -549,7 +546,7 @@ mod tests {
     #[test]
     fn a_kernel_result_that_fits_no_instant_is_a_misfit() {
         let t = Tables {
-            limits: Limits::new(&settings(), 2),
+            limits: Limits::new(&settings()),
             ..Default::default()
         };
         let mut st = State::default();
@@ -561,19 +558,19 @@ mod tests {
             hi: now + 1000,
             kernel: Some(Observed {
                 src_tat: Some(now + 500 + 100_000_000),
-                global_tat: now + 500 + 2_000_000,
+                global_tat: now + 500 + 1_000_000,
                 counters: [0; 4],
             }),
         };
         let mut out = Outcome::new(&[]);
         assert_eq!(admit(&t, &mut st, &p, &mut out), Ok(()));
         assert_eq!(out.misfit, None);
-        assert_eq!(st.limits.global, now + 500 + 2_000_000);
+        assert_eq!(st.limits.global, now + 500 + 1_000_000);
         // A source bucket that did not refill (tat from the epoch, not from now).
         let q = pkt([198, 51, 100, 8]);
         st.precise.kernel = Some(Observed {
             src_tat: Some(100_000_000),
-            global_tat: now + 500 + 4_000_000,
+            global_tat: now + 500 + 2_000_000,
             counters: [0; 4],
         });
         let _ = admit(&t, &mut st, &q, &mut out);
