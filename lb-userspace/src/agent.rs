@@ -20,15 +20,17 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    announce,
+    announce::{self, Heartbeat},
     config::{Config, NodeState, Probe},
     datapath::{self, Datapath},
     ebpf::DatapathError,
     health::{self, Tracker},
     layout,
     metrics::{self, View},
+    pinlock::PinLock,
     plan, provision,
     ready::Ready,
+    statedir::StateDir,
     upgrade,
 };
 
@@ -67,7 +69,10 @@ impl Agent {
     /// under `pin_dir` if a datapath is there (after checking it has this binary's layout),
     /// creating them otherwise. A failed first start leaves nothing pinned or attached; a failed
     /// adoption leaves the pinned datapath running its previous program.
-    pub fn start(path: &Path, opts: RunOptions) -> anyhow::Result<Self> {
+    ///
+    /// `carried_down`: nodes the previous agent's health checks held down (a restart within
+    /// `announce.grace`): they start down instead of up.
+    pub fn start(path: &Path, opts: RunOptions, carried_down: &[u32]) -> anyhow::Result<Self> {
         let cfg = load_config(path, opts.shadow)?;
         datapath::require_root("cidlb run")?;
         let ifindexes = datapath::resolve_interfaces(&cfg.interfaces)?;
@@ -78,7 +83,15 @@ impl Agent {
         let upgrading = upgrade::needed(&cfg.pin_dir, Some(path))?;
         let adopting = datapath::is_pinned(&cfg.pin_dir);
         let pin_dir = cfg.pin_dir.clone();
-        match Self::bring_up(path, opts, cfg, &ifindexes, adopting, upgrading) {
+        match Self::bring_up(
+            path,
+            opts,
+            cfg,
+            &ifindexes,
+            adopting,
+            upgrading,
+            carried_down,
+        ) {
             Ok(agent) => Ok(agent),
             Err((e, _)) if upgrading => Err(e.context(format!(
                 "upgrading the datapath pinned under {} from layout {} to {} failed; it keeps \
@@ -117,6 +130,7 @@ impl Agent {
         ifindexes: &[u32],
         adopting: bool,
         upgrading: bool,
+        carried_down: &[u32],
     ) -> Result<Self, (anyhow::Error, bool)> {
         let pin_dir = cfg.pin_dir.clone();
         // Before any link runs the new program, a failed upgrade removes its own maps and
@@ -139,6 +153,11 @@ impl Agent {
             cfg.health.fall,
             cfg.health.rise,
         );
+        for id in carried_down {
+            if let Some(h) = health.nodes.get_mut(id) {
+                h.up = false;
+            }
+        }
         let view = Arc::new(Mutex::new(View {
             pin_dir: cfg.pin_dir.clone(),
             nodes: Vec::new(),
@@ -375,17 +394,42 @@ impl Agent {
         Ok(())
     }
 
-    /// Writes the heartbeat `cidlb announce` follows and the per-VIP readiness `/metrics`
-    /// shows. `probed`: nodes with a probe result since start. A failing write is logged once
-    /// (and its end), not every second.
-    fn heartbeat(&self, probed: &std::collections::HashSet<u32>, failing: &mut bool) {
-        let round_done = self.cfg.health.probe == Probe::None
-            || self
-                .probe_targets()
-                .iter()
-                .all(|(id, _)| probed.contains(id));
+    /// Writes the heartbeat `cidlb announce` follows (with the running config's VIPs and the
+    /// nodes held down) and the per-VIP readiness `/metrics` shows. `probed`: nodes with a
+    /// probe result since start. `round_done` latches: once every node was probed (or the
+    /// round was carried over from the previous agent), a node added by a reload does not
+    /// gate readiness again. A failing write is logged once (and its end), not every second.
+    fn heartbeat(
+        &self,
+        probed: &std::collections::HashSet<u32>,
+        round_done: &mut bool,
+        failing: &mut bool,
+    ) {
+        if !*round_done {
+            *round_done = self.cfg.health.probe == Probe::None
+                || self
+                    .probe_targets()
+                    .iter()
+                    .all(|(id, _)| probed.contains(id));
+        }
+        let round_done = *round_done;
+        let down: Vec<u32> = self
+            .view
+            .lock()
+            .map(|v| {
+                v.health
+                    .nodes
+                    .iter()
+                    .filter(|(_, h)| !h.up)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let vips = self.cfg.vips.iter().map(|v| v.address).collect();
         let written = match &self.cfg.announce {
-            Some(a) => announce::write_heartbeat(&a.state_dir, round_done),
+            Some(a) => {
+                announce::write_heartbeat(&a.state_dir, &Heartbeat::now(round_done, vips, down))
+            }
             None => Ok(()),
         };
         match written {
@@ -469,12 +513,38 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// `ready_file` (`--ready-file`) is written once the datapath is up and removed on a clean exit
 /// (see `ready.rs`).
 pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    // One agent per pin_dir, decided before anything is touched (the ready file, the
+    // heartbeat, the maps): a second one refuses, naming the holder (pinlock.rs).
+    let first = Config::load(path)?;
+    datapath::require_root("cidlb run")?;
+    let lock = PinLock::acquire(&first.pin_dir)?;
+    // A state directory others can write is refused (statedir.rs), not warned about.
+    if let Some(a) = &first.announce {
+        StateDir::open(&a.state_dir)?;
+    }
     let mut ready = Ready::new(ready_file)?;
-    // Before anything is attached: a heartbeat that says "first probe round not done", so a
-    // previous agent's heartbeat (still within announce.grace after a restart) cannot get the
-    // VIPs announced before this agent has probed its nodes.
-    if let Some(a) = Config::load(path).ok().and_then(|c| c.announce) {
-        if let Err(e) = announce::write_heartbeat(&a.state_dir, false) {
+    // A restart (a datapath is pinned, and the previous agent's heartbeat is at most
+    // announce.grace old and says its probe round was done) carries the round and the nodes
+    // held down over: the VIPs stay announced throughout. A first start, or one after the
+    // previous agent was dead longer than the grace, writes a heartbeat that says "first
+    // probe round not done" before anything is attached, so a previous agent's heartbeat
+    // cannot get the VIPs announced before this agent has probed its nodes.
+    let carried: Option<Vec<u32>> = first.announce.as_ref().and_then(|a| {
+        let hb = announce::read_heartbeat(&a.state_dir)?;
+        let age = hb.age()?;
+        (datapath::is_pinned(&first.pin_dir) && hb.probed && age <= a.grace).then(|| {
+            info!(
+                previous_pid = hb.pid,
+                heartbeat_age_ms = age.as_millis() as u64,
+                down = ?hb.down,
+                "restart: probe round and node health carried over from the previous agent"
+            );
+            hb.down
+        })
+    });
+    if let (Some(a), None) = (&first.announce, &carried) {
+        let hb = Heartbeat::now(false, Vec::new(), Vec::new());
+        if let Err(e) = announce::write_heartbeat(&a.state_dir, &hb) {
             warn!("{e}");
         }
     }
@@ -483,7 +553,7 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
-        let mut agent = Agent::start(path, opts)?;
+        let mut agent = Agent::start(path, opts, carried.as_deref().unwrap_or_default())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -498,8 +568,9 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
         // after a full round (see announce.rs). The first heartbeat is written before the
         // ready file, so a reader of one finds the other.
         let mut probed_ids = std::collections::HashSet::new();
+        let mut round_done = carried.is_some();
         let mut heartbeat_failing = false;
-        agent.heartbeat(&probed_ids, &mut heartbeat_failing);
+        agent.heartbeat(&probed_ids, &mut round_done, &mut heartbeat_failing);
         ready.signal(&agent.cfg.pin_dir)?;
         loop {
             let reload = tokio::select! {
@@ -508,7 +579,7 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
                     true
                 }
                 _ = tick.tick() => {
-                    agent.heartbeat(&probed_ids, &mut heartbeat_failing);
+                    agent.heartbeat(&probed_ids, &mut round_done, &mut heartbeat_failing);
                     let now = mtime(path);
                     if now != seen {
                         seen = now;
@@ -578,6 +649,7 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
         } else {
             info!(pin_dir = %pin_dir.display(), "exiting; the datapath keeps forwarding (cidlb detach removes it)");
         }
+        drop(lock);
         anyhow::Ok(())
     })
 }

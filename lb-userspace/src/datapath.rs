@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::{
     config::{Config, XdpModeCfg},
     ebpf::{program_mut, DatapathError, EBPF_OBJECT, MAP_NAMES},
+    linkinfo,
 };
 
 /// The program's pin (for bpftool); the links hold the program anyway.
@@ -142,8 +143,21 @@ impl Datapath {
         let prog = program_mut(&mut self.ebpf)?;
         let mut fresh = Vec::new();
         for iface in &cfg.interfaces {
-            if links_dir.join(iface).exists() {
-                continue;
+            let pin = links_dir.join(iface);
+            if pin.exists() {
+                // A pinned link whose device was deleted (ifindex 0) or recreated under the
+                // same name (another ifindex) forwards nothing: attach afresh; `commit`
+                // replaces the pin. Unreadable: keep it, as before.
+                match (linkinfo::xdp_ifindex(&pin), linkinfo::ifindex(iface)) {
+                    (Ok(have), Some(want)) if have != want => warn!(
+                        interface = %iface,
+                        link_ifindex = have,
+                        ifindex = want,
+                        "the pinned link is not attached to this interface any more (device \
+                         deleted or recreated): attaching afresh"
+                    ),
+                    _ => continue,
+                }
             }
             match attach_one(prog, iface, cfg.xdp_mode) {
                 Ok(id) => fresh.push((iface.clone(), id)),
@@ -189,6 +203,8 @@ impl Datapath {
             }
             while let Some((iface, id)) = fresh.pop() {
                 let path = links_dir.join(&iface);
+                // A pin here is a defunct link's (see `attach_new`): replaced.
+                let _ = fs::remove_file(&path);
                 // Taken from the program: if pinning fails, dropping `fd` detaches it.
                 let link = prog.take_link(id).map_err(DatapathError::Program)?;
                 let fd = FdLink::try_from(link)

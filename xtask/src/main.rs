@@ -4,10 +4,12 @@
 //! - `cargo xtask run -- --config FILE`  builds and runs `cidlb run --config FILE`.
 //! - `cargo xtask fuzz [--packets N] [--seed S]`  the datapath against lb-reference.
 //! - `cargo xtask setup`  only the installation step; `cargo xtask build` a release build.
+//! - `cargo xtask package`  the Debian package, `target/debian/cidlb_<version>_amd64.deb`.
 
 mod demo;
 mod lab;
 mod old;
+mod package;
 mod setup;
 
 use std::{
@@ -31,6 +33,13 @@ enum Cmd {
     Setup,
     /// Release build of `cidlb` (with the embedded XDP program).
     Build,
+    /// The Debian package (cargo-deb): target/debian/cidlb_<version>_amd64.deb.
+    Package {
+        /// Then what `cargo xtask test` does with it: install, check, verify the units, one
+        /// netns test against /usr/bin/cidlb, purge, and nothing left behind.
+        #[arg(long)]
+        test: bool,
+    },
     /// Build, then run `cidlb run` with the given arguments (as root).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -95,6 +104,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Build => {
             setup::run()?;
             build_release()
+        }
+        Cmd::Package { test } => {
+            setup::run()?;
+            if test {
+                package::test()
+            } else {
+                package::build().map(|_| ())
+            }
         }
         Cmd::Run { args } => {
             setup::run()?;
@@ -166,7 +183,7 @@ fn describe(cmd: &Command) -> String {
     s
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
@@ -197,7 +214,10 @@ fn bench(full: bool) -> Result<()> {
 }
 
 fn build_release() -> Result<()> {
-    sh(cargo().args(["build", "--release", "-p", "lb-userspace"]))
+    // A release build never embeds an empty object (lb-userspace/build.rs).
+    sh(cargo()
+        .args(["build", "--release", "-p", "lb-userspace"])
+        .env("CIDLB_REQUIRE_EBPF", "1"))
 }
 
 fn test(no_lint: bool, filter: Option<String>) -> Result<()> {
@@ -251,6 +271,11 @@ fn test(no_lint: bool, filter: Option<String>) -> Result<()> {
     // epochs, so every config runs once, the limits configs with their reloads among them.
     if filter.as_deref().is_none_or(|f| "fuzz".contains(f)) {
         fuzz("--profile=dev", 14_000, 1, Some(2_000))?;
+    }
+    // The Debian package: built, installed, checked, one netns test against /usr/bin/cidlb,
+    // purged (always, even on failure), nothing left behind.
+    if filter.as_deref().is_none_or(|f| "package".contains(f)) {
+        package::test()?;
     }
     Ok(())
 }

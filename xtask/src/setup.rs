@@ -10,6 +10,11 @@ use crate::sh;
 /// 0.13 wants a system LLVM this machine does not have (see ../shared/TOOLCHAIN.md).
 const BPF_LINKER: &str = "bpf-linker@0.10.4";
 
+/// cargo-deb for `cargo xtask package`; 3.8.0 builds with the stable toolchain (rust-version
+/// 1.85). Its systemd defaults (enable and start on install) are turned off in
+/// lb-userspace/Cargo.toml.
+const CARGO_DEB: &str = "3.8.0";
+
 /// Debian packages and the command each provides.
 const APT: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -32,6 +37,7 @@ const APT: &[(&str, &str)] = &[
 pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
+    cargo_deb()?;
     apt()?;
     bpffs()?;
     Ok(())
@@ -85,6 +91,21 @@ fn bpf_linker() -> Result<()> {
         return Ok(());
     }
     sh(Command::new("cargo").args(["+stable", "install", BPF_LINKER, "--locked"]))
+}
+
+fn cargo_deb() -> Result<()> {
+    let have = output(Command::new("cargo").args(["deb", "--version"]));
+    if have.split_whitespace().any(|w| w == CARGO_DEB) {
+        return Ok(());
+    }
+    sh(Command::new("cargo").args([
+        "+stable",
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        CARGO_DEB,
+    ]))
 }
 
 fn apt() -> Result<()> {

@@ -14,9 +14,15 @@ use lb_lab::{
 
 pub use lb_lab::agent::PinGuard;
 
-/// This test build's `cidlb`.
+/// The `cidlb` under test: this test build's, or `CIDLB_BIN` when set (`cargo xtask test`
+/// runs `netns_forwarding` once more against the installed package's `/usr/bin/cidlb`).
 pub fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_cidlb"))
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var_os("CIDLB_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cidlb")))
+    })
 }
 
 /// A running `cidlb run` (see [`lb_lab::agent::Agent`], which it derefs to).
