@@ -21,6 +21,8 @@ mod limits;
 mod lookup;
 #[path = "fixtures/parse.rs"]
 mod parse;
+#[path = "fixtures/records.rs"]
+mod records;
 #[path = "fixtures/regressions.rs"]
 mod regressions;
 #[path = "fixtures/reply.rs"]
@@ -430,6 +432,14 @@ fn dtls13_fixtures() {
 #[test]
 fn lookup_fixtures() {
     run("VIP_TABLE and NODE_IDS", lookup::cases());
+}
+
+#[test]
+fn record_fixtures() {
+    run(
+        "every record of a datagram names the node",
+        records::cases(),
+    );
 }
 
 #[test]

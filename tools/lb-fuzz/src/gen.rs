@@ -275,10 +275,50 @@ fn payload(r: &mut Rng, c: &Corpus, to_server: bool) -> Vec<u8> {
             }
         }
     };
+    if r.chance(120) {
+        return same_node_records(r);
+    }
     let mut p = one(r);
     // Several records in one datagram (the last flight of a handshake, coalesced records).
     while r.chance(200) {
         p.extend(one(r));
+    }
+    p
+}
+
+/// Several CID records naming one node (DTLS 1.2 and 1.3 with a length field, the last 1.3
+/// one at times without), 1 to 10 of them (the datapath walks 8), at times with a length
+/// field off by a few bytes or a foreign record (a handshake, a CID naming another node)
+/// among them: `cid_mixed_datagram` against routing by CID.
+fn same_node_records(r: &mut Rng) -> Vec<u8> {
+    let cid = cid_with_node_id(r);
+    let n = 1 + r.below(10) as usize;
+    let mut p = Vec::new();
+    for i in 0..n {
+        let body = {
+            let len = r.below(24) as usize;
+            r.bytes(len)
+        };
+        let mut rec = match r.below(12) {
+            0..=5 => cid_record(&cid, &body),
+            6..=9 => unified_record(Some(&cid), r.chance(500), true, &body),
+            10 if i + 1 == n => unified_record(Some(&cid), r.chance(500), false, &body),
+            10 => lb_lab::packet::handshake_record(&body),
+            _ => cid_record(&cid_with_node_id(r), &body),
+        };
+        if r.chance(80) {
+            // A length field that lies (by a byte or a few, or wildly).
+            let at = rec.len() - body.len() - 2;
+            let len = u16::from_be_bytes([rec[at], rec[at + 1]]);
+            let lie = len.wrapping_add(*r.pick(&[1u16, 2, 0xffff, 0xfffe, 300]));
+            rec[at..at + 2].copy_from_slice(&lie.to_be_bytes());
+        }
+        p.extend(rec);
+    }
+    if r.chance(50) {
+        // Trailing bytes too few for a record header.
+        let n = 1 + r.below(6) as usize;
+        p.extend(r.bytes(n));
     }
     p
 }
