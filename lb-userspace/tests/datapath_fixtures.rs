@@ -27,6 +27,8 @@ mod records;
 mod regressions;
 #[path = "fixtures/reply.rs"]
 mod reply;
+#[path = "fixtures/vlan.rs"]
+mod vlan;
 
 use std::net::IpAddr;
 
@@ -440,6 +442,11 @@ fn record_fixtures() {
         "every record of a datagram names the node",
         records::cases(),
     );
+}
+
+#[test]
+fn vlan_fixtures() {
+    run("the origin check of VLAN-tagged replies", vlan::cases());
 }
 
 #[test]

@@ -35,7 +35,9 @@ pub mod vip;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use lb_common::{AddrKey, Counter, DpConfig, FlowKey, Node, NodeAddr, Reverse, ReverseKey, Vip};
+use lb_common::{
+    AddrKey, Counter, DpConfig, FlowKey, Node, NodeAddr, Reverse, ReverseKey, Vip, VlanKey,
+};
 
 pub use fib::{Fib, FibAnswer, FibRc};
 pub use stats::Outcome;
@@ -70,6 +72,8 @@ pub struct Tables {
     pub limits: Option<limit::Limits>,
     /// `DEVMAP`: the interfaces cidlb is attached to.
     pub devmap: HashSet<u32>,
+    /// `VLAN_IFACES`: (parent ifindex, VLAN id) → VLAN device ifindex.
+    pub vlan_ifaces: HashMap<VlanKey, u32>,
 }
 
 impl Tables {
@@ -163,7 +167,7 @@ fn try_lb(
     }
 
     if let Some(rev) = vip::reverse(t, &pkt, udp.sport) {
-        reply::check_origin(fib, state, frame, &pkt, ingress, rev.node_slot)?;
+        reply::check_origin(t, fib, state, frame, &pkt, ingress, rev.node_slot)?;
         let rw = nat::Rewrite::to_client(&rev);
         let hop = forward::lookup(fib, frame, &pkt, (&rev.vip, &pkt.dst), ingress);
         if hop.rc == FibRc::NotFwded {
