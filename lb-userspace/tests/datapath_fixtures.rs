@@ -27,6 +27,8 @@ mod records;
 mod regressions;
 #[path = "fixtures/reply.rs"]
 mod reply;
+#[path = "fixtures/vip_edge.rs"]
+mod vip_edge;
 #[path = "fixtures/vlan.rs"]
 mod vlan;
 
@@ -434,6 +436,14 @@ fn dtls13_fixtures() {
 #[test]
 fn lookup_fixtures() {
     run("VIP_TABLE and NODE_IDS", lookup::cases());
+}
+
+#[test]
+fn vip_edge_fixtures() {
+    run(
+        "traffic to a VIP that is not balanced (no loop)",
+        vip_edge::cases(),
+    );
 }
 
 #[test]

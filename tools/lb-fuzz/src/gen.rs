@@ -435,6 +435,24 @@ fn structured(r: &mut Rng, c: &Corpus) -> Packet {
             frame[l3 + 4..l3 + 6].copy_from_slice(&pl.to_be_bytes());
         }
     }
+    let hdr_chain = !v4 && (f.v6_hop_by_hop || f.v6_fragment);
+    if r.chance(70) && !hdr_chain && frame.len() > l3 + 40 {
+        // Not UDP: TCP, ICMP (errors, echo, neighbour discovery; the type in the first byte of
+        // what was the UDP header), or another protocol. To a VIP only ICMP errors and neighbour
+        // discovery pass; the rest is dropped (`drop_vip_other_proto`).
+        let proto = *r.pick(&[6u8, 1, 58, 1, 58, 47, 132]);
+        frame[if v4 { l3 + 9 } else { l3 + 6 }] = proto;
+        let l4 = if v4 {
+            l3 + 20 + f.ipv4_options.len()
+        } else {
+            l3 + 40
+        };
+        if l4 < frame.len() {
+            frame[l4] = *r.pick(&[
+                0u8, 3, 4, 5, 8, 11, 12, 13, 1, 2, 127, 128, 129, 133, 135, 136, 137, 138, 200,
+            ]);
+        }
+    }
     if r.chance(50) {
         // A wrong UDP checksum (the datapath keeps it exactly as wrong).
         let at = frame.len() - p.len() - 2;

@@ -116,6 +116,11 @@ pub fn classify(
         Err(reason) => {
             out.count(reason);
             out.action = stats::action_for(reason);
+            // Shadow mode passes what the edge would refuse (README, "Hostile input").
+            if vip::refused_at_edge(reason) && tables.config().shadow != 0 {
+                out.count(Counter::ShadowPass);
+                out.action = XDP_PASS;
+            }
         }
     }
     out
@@ -132,11 +137,15 @@ fn try_lb(
 ) -> Result<u32, Counter> {
     let pkt = parse::parse(frame, t)?;
     let Some(udp) = pkt.udp else {
-        return Err(Counter::PassNotUdp);
+        return Err(vip::not_udp_verdict(t, frame, &pkt));
     };
     let cfg = t.config();
 
-    if vip::is_vip_port(t, &pkt, udp.dport) {
+    let to_vip = vip::to_vip(t, &pkt);
+    if to_vip && !vip::is_vip_port(t, &pkt, udp.dport) {
+        return Err(Counter::DropVipOtherPort);
+    }
+    if to_vip {
         parse::check_udp_length(frame, &udp)?;
         let node = match dtls::classify(frame, &udp, &cfg, out)? {
             dtls::Route::Node(id, routed) => match t.nodes.get(&id) {
