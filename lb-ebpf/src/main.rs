@@ -74,6 +74,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
         return Err(Counter::DropVipOtherPort);
     }
     if let vip::Dest::Balanced = dest {
+        vip::check_source(&pkt)?;
         udp.check_length(ctx)?;
         let node = match dtls::classify(ctx, &udp, &cfg)? {
             dtls::Route::Node(id, format) => match maps::node(id) {

@@ -11,7 +11,7 @@
 //! speak for the nodes (no echo reply, RST or port unreachable to reflect or amplify).
 
 use lb_common::{
-    hash::{addr_filter_bit, vip_slot},
+    hash::{addr_filter_bit, src_filter_bit, vip_slot},
     AddrKey, Counter, Reverse, ReverseKey, FAMILY_V4, PORT_WORDS, VIP_PROBES, VIP_SLOT_EMPTY,
     VIP_TABLE_SLOTS,
 };
@@ -104,6 +104,37 @@ pub fn not_udp_verdict(ctx: &XdpContext, pkt: &Packet) -> Counter {
         }
     }
     Counter::DropVipOtherProto
+}
+
+/// A packet to a VIP port whose source no client can have: a VIP (its node's reply would be
+/// un-NATed to the VIP and loop), a node's address (one node answered by another through the
+/// balancer), or an address of the balancer itself. XDP runs before rp_filter, so this is the
+/// only place to refuse them. `SRC_FILTER` has the bit of each such address: the clean case
+/// costs one array read.
+#[inline(always)]
+pub fn check_source(pkt: &Packet) -> Result<(), Counter> {
+    let bit = src_filter_bit(&pkt.src, pkt.family);
+    match maps::SRC_FILTER.get(bit / 64) {
+        Some(word) if (*word >> (bit % 64)) & 1 == 0 => return Ok(()),
+        _ => {}
+    }
+    if vip_index_of(&pkt.src, pkt.family).is_some() {
+        return Err(Counter::DropSrcVip);
+    }
+    let key = AddrKey {
+        addr: pkt.src,
+        family: pkt.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: only presence is read, under the program's RCU read lock.
+    if unsafe { maps::NODE_ADDRS.get(key).is_some() } {
+        return Err(Counter::DropSrcNode);
+    }
+    // SAFETY: as above.
+    if unsafe { maps::LOCAL_ADDRS.get(key).is_some() } {
+        return Err(Counter::DropSrcLocal);
+    }
+    Ok(())
 }
 
 /// A fragment cannot be balanced per packet (only the first holds ports): drop those addressed

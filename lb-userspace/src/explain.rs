@@ -189,6 +189,15 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
             "records:  not every record is a CID record naming that node (or more than 8, or one runs past the end): by flow"
         );
     }
+    for c in [
+        Counter::DropSrcVip,
+        Counter::DropSrcNode,
+        Counter::DropSrcLocal,
+    ] {
+        if fired.contains(&c.name()) {
+            let _ = writeln!(s, "source:   {}", c.help().trim());
+        }
+    }
     for (id, n) in &snap.nodes {
         if n.to_node_packets > 0 {
             let _ = writeln!(s, "node:     {id} (sent to it)");

@@ -27,6 +27,8 @@ mod records;
 mod regressions;
 #[path = "fixtures/reply.rs"]
 mod reply;
+#[path = "fixtures/sources.rs"]
+mod sources;
 #[path = "fixtures/vip_edge.rs"]
 mod vip_edge;
 #[path = "fixtures/vlan.rs"]
@@ -452,6 +454,11 @@ fn record_fixtures() {
         "every record of a datagram names the node",
         records::cases(),
     );
+}
+
+#[test]
+fn source_fixtures() {
+    run("sources that cannot be real", sources::cases());
 }
 
 #[test]

@@ -246,6 +246,8 @@ fn read_tables(dp: &Datapath, cfg: &Config) -> Result<Tables> {
     // compare) nor the limits (the reference derives them from the config).
     let devmap: DevMapHash<&MapData> = DevMapHash::try_from(map(names::DEVMAP)?)?;
     t.devmap = devmap.keys().collect::<Result<HashSet<u32>, _>>()?;
+    let local: HashMap<&MapData, AddrKey, u8> = HashMap::try_from(map(names::LOCAL_ADDRS)?)?;
+    t.local_addrs = local.keys().collect::<Result<HashSet<AddrKey>, _>>()?;
     let vlans: HashMap<&MapData, VlanKey, u32> = HashMap::try_from(map(names::VLAN_IFACES)?)?;
     for e in vlans.iter() {
         let (k, v) = e?;

@@ -72,6 +72,8 @@ pub struct Tables {
     pub limits: Option<limit::Limits>,
     /// `DEVMAP`: the interfaces cidlb is attached to.
     pub devmap: HashSet<u32>,
+    /// `LOCAL_ADDRS`: the balancer's own addresses.
+    pub local_addrs: HashSet<AddrKey>,
     /// `VLAN_IFACES`: (parent ifindex, VLAN id) → VLAN device ifindex.
     pub vlan_ifaces: HashMap<VlanKey, u32>,
 }
@@ -146,6 +148,7 @@ fn try_lb(
         return Err(Counter::DropVipOtherPort);
     }
     if to_vip {
+        vip::check_source(t, &pkt)?;
         parse::check_udp_length(frame, &udp)?;
         let node = match dtls::classify(frame, &udp, &cfg, out)? {
             dtls::Route::Node(id, routed) => match t.nodes.get(&id) {

@@ -53,6 +53,20 @@ pub fn not_udp_verdict(t: &Tables, f: &[u8], pkt: &Packet) -> Counter {
     }
 }
 
+/// A datagram to a VIP port from a VIP, a node's address or the balancer's own: refused.
+pub fn check_source(t: &Tables, pkt: &Packet) -> Result<(), Counter> {
+    let k = key(pkt.src, pkt.family);
+    if t.vips.contains_key(&k) {
+        Err(Counter::DropSrcVip)
+    } else if t.node_addrs.contains_key(&k) {
+        Err(Counter::DropSrcNode)
+    } else if t.local_addrs.contains(&k) {
+        Err(Counter::DropSrcLocal)
+    } else {
+        Ok(())
+    }
+}
+
 /// Is (destination, `dport` in wire order) a balanced VIP port?
 pub fn is_vip_port(t: &Tables, pkt: &Packet, dport: u16) -> bool {
     let Some(vip) = t.vips.get(&key(pkt.dst, pkt.family)) else {
