@@ -140,6 +140,34 @@ counters! {
     Cid13Routed = "cid13_routed",
     /// DTLS 1.3 unified-header record with C set, shorter than 1 + cid_length + sequence number (1 or 2) + length field (0 or 2): dropped (the 1.3 twin of drop_cid_truncated).
     DropCid13Truncated = "drop_cid13_truncated",
+    /// UDP to a VIP address on a port no VIP balances: dropped (the kernel would route it back to the upstream router, a loop).
+    DropVipOtherPort = "drop_vip_other_port",
+    /// To a VIP address but not UDP (TCP, ICMP echo and every ICMP that is not an error or IPv6 neighbour discovery, other protocols), or UDP behind IPv6 extension headers: dropped (the kernel would route it back to the upstream router, a loop).
+    DropVipOtherProto = "drop_vip_other_proto",
+    /// A datagram whose first record is a CID record, but which holds a record that is not a CID record naming the same node, more records than the datapath walks (8), or a record running past its end: routed by flow (with the new-flow limits), not by CID.
+    CidMixedDatagram = "cid_mixed_datagram",
+    /// To a VIP port from a VIP address (spoofed: the node's reply would be un-NATed to the VIP and loop): dropped.
+    DropSrcVip = "drop_src_vip",
+    /// To a VIP port from a node's address (spoofed, or a node using the VIP: one node would answer another through the balancer): dropped.
+    DropSrcNode = "drop_src_node",
+    /// To a VIP port from one of the balancer's own addresses (spoofed; `LOCAL_ADDRS`, kept current by the agent): dropped.
+    DropSrcLocal = "drop_src_local",
+}
+
+impl Counter {
+    /// A refusal at the edge (traffic to a VIP that cannot be balanced, or from a source that
+    /// cannot be real): in shadow mode the packet is counted under this counter and
+    /// `shadow_pass`, and passed, as shadow mode passes everything it would forward.
+    pub const fn shadow_passes(self) -> bool {
+        matches!(
+            self,
+            Counter::DropVipOtherPort
+                | Counter::DropVipOtherProto
+                | Counter::DropSrcVip
+                | Counter::DropSrcNode
+                | Counter::DropSrcLocal
+        )
+    }
 }
 
 // Appending a counter must not change the pinned STATS map's size (the layout version).

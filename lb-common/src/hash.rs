@@ -15,7 +15,9 @@
 //! multiplies 64-bit words (BPF multiplies 64-bit registers natively).
 //! The one division the hot path needs is the caller's `flow_hash(..) % table_size`.
 
-use crate::maps::{FlowKey, Node, NODE_FILTER_BITS_LOG2, VIP_TABLE_SLOTS_LOG2};
+use crate::maps::{
+    FlowKey, Node, NODE_FILTER_BITS_LOG2, SRC_FILTER_BITS_LOG2, VIP_TABLE_SLOTS_LOG2,
+};
 
 /// Seed of [`flow_hash`]. Fixed: changing it moves every new flow to another Maglev slot and
 /// makes balancers of different versions disagree, so treat it as part of the wire contract.
@@ -68,6 +70,19 @@ pub const fn addr_hash(addr: &[u32; 4], family: u8) -> u32 {
 #[inline(always)]
 pub const fn addr_filter_bit(addr: &[u32; 4], family: u8) -> u32 {
     addr_hash(addr, family) >> (32 - NODE_FILTER_BITS_LOG2)
+}
+
+/// The `SRC_FILTER` bit of an address: the top [`SRC_FILTER_BITS_LOG2`] bits of the folded
+/// words times a golden-ratio constant (Fibonacci hashing: one multiply, on every packet to a
+/// VIP port; the few addresses a filter holds need no full avalanche).
+#[inline(always)]
+pub const fn src_filter_bit(addr: &[u32; 4], family: u8) -> u32 {
+    let folded = addr[0]
+        ^ addr[1].rotate_left(8)
+        ^ addr[2].rotate_left(16)
+        ^ addr[3].rotate_left(24)
+        ^ family as u32;
+    folded.wrapping_mul(0x9e37_79b1) >> (32 - SRC_FILTER_BITS_LOG2)
 }
 
 /// The `VIP_TABLE` slot where an address's probe sequence starts: the top

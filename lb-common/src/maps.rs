@@ -55,7 +55,9 @@ pub fn addr_key(ip: core::net::IpAddr) -> AddrKey {
 /// pinned before it had a `LAYOUT` map. Version 2 is the first that landed: the `LAYOUT`,
 /// `NODE_ADDRS`, new-flow limit (`limits.rs`) and Maglev maps (version 1 never left development).
 /// Version 3 adds `NODE_IDS`, `NODE_FILTER` and `VIP_TABLE`, and `Node::check`. Version 4 makes
-/// `GLOBAL_BUCKET` one bucket shared by every CPU (an array, not a per-CPU array).
+/// `GLOBAL_BUCKET` one bucket shared by every CPU (an array, not a per-CPU array), and adds
+/// `SRC_FILTER`, `LOCAL_ADDRS` (impossible sources) and `VLAN_IFACES` (the origin check of
+/// tagged replies).
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
@@ -68,6 +70,16 @@ pub const MAX_NODES: u32 = 1024;
 pub const NODE_FILTER_BITS_LOG2: u32 = 18;
 /// u64 words of `NODE_FILTER`.
 pub const NODE_FILTER_WORDS: u32 = 1 << (NODE_FILTER_BITS_LOG2 - 6);
+/// `SRC_FILTER` holds 2^this bits (8 KiB): one set for every address no client can have (VIPs,
+/// node addresses, the balancer's own; `hash::src_filter_bit`), so a clean source costs one
+/// array read on the way to a VIP.
+pub const SRC_FILTER_BITS_LOG2: u32 = 16;
+/// u64 words of `SRC_FILTER`.
+pub const SRC_FILTER_WORDS: u32 = 1 << (SRC_FILTER_BITS_LOG2 - 6);
+/// Most balancer addresses in `LOCAL_ADDRS`.
+pub const MAX_LOCAL_ADDRS: u32 = 1024;
+/// Most VLAN devices in `VLAN_IFACES`.
+pub const MAX_VLAN_IFACES: u32 = 4096;
 /// `NODE_IDS` slots: node ids below this (one- and two-byte node ids) are found by array index,
 /// larger ones in the `NODES` hash.
 pub const NODE_ID_SLOTS: u32 = 65536;
@@ -147,6 +159,12 @@ pub mod names {
     pub const MAGLEV: &str = "MAGLEV";
     /// Per family: which `MAGLEV` half is active (see [`super::MAGLEV_CTL_EMPTY`]).
     pub const MAGLEV_CTL: &str = "MAGLEV_CTL";
+    /// A bit per impossible source address (see [`super::SRC_FILTER_BITS_LOG2`]).
+    pub const SRC_FILTER: &str = "SRC_FILTER";
+    /// The balancer's own addresses (`AddrKey` → 1), kept current by the agent.
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    /// (parent ifindex, VLAN id) → VLAN device ifindex (see [`super::VlanKey`]).
+    pub const VLAN_IFACES: &str = "VLAN_IFACES";
     /// One-entry array holding [`super::LAYOUT_VERSION`] of the pinned datapath.
     pub const LAYOUT: &str = "LAYOUT";
     /// Read-only global holding [`super::DpConfig`].
@@ -333,6 +351,19 @@ pub struct Reverse {
     pub node_slot: u32,
 }
 
+/// `VLAN_IFACES` key: a VLAN device by its parent device and VLAN id, as a tagged frame shows
+/// them (XDP runs on the parent; the FIB names the VLAN device). A device stacked on another
+/// VLAN device (802.1ad + 802.1Q) has that device as its parent. Value: the VLAN device's
+/// ifindex (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VlanKey {
+    pub parent: u32,
+    /// The 12-bit VLAN id (host order).
+    pub vid: u16,
+    pub _pad: u16,
+}
+
 /// `SINK` slots of the bench's node sink.
 pub const SINK_PACKETS: u32 = 0;
 pub const SINK_BYTES: u32 = 1;
@@ -381,6 +412,7 @@ const _: () = {
     assert!(size_of::<NodeAddr>() == 4);
     assert!(size_of::<ReverseKey>() == 20);
     assert!(size_of::<Reverse>() == 24);
+    assert!(size_of::<VlanKey>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -400,6 +432,7 @@ mod pod {
     unsafe impl aya::Pod for super::Reverse {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::FwdTarget {}
+    unsafe impl aya::Pod for super::VlanKey {}
 }
 
 #[cfg(test)]

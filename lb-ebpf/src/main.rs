@@ -51,6 +51,11 @@ pub fn cidlb(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
+            // Shadow mode passes what it would refuse at the edge, counted as both.
+            if reason.shadow_passes() && CONFIG.load().shadow != 0 {
+                count(Counter::ShadowPass);
+                return aya_ebpf::bindings::xdp_action::XDP_PASS;
+            }
             stats::action_for(reason)
         }
     }
@@ -62,11 +67,16 @@ pub fn cidlb(ctx: XdpContext) -> u32 {
 fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
     let pkt = parse::parse(ctx)?;
     let L4::Udp(udp) = pkt.l4 else {
-        return Err(Counter::PassNotUdp);
+        return Err(vip::not_udp_verdict(ctx, &pkt));
     };
     let cfg = CONFIG.load();
 
-    if vip::is_vip_port(&pkt, udp.dport) {
+    let dest = vip::dest(&pkt, udp.dport);
+    if let vip::Dest::OtherPort = dest {
+        return Err(Counter::DropVipOtherPort);
+    }
+    if let vip::Dest::Balanced = dest {
+        vip::check_source(&pkt)?;
         udp.check_length(ctx)?;
         let node = match dtls::classify(ctx, &udp, &cfg)? {
             dtls::Route::Node(id, format) => match maps::node(id) {

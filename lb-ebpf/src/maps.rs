@@ -9,8 +9,9 @@ use lb_common::{
     hash::node_check,
     limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
     AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot,
-    DEFAULT_FLOW_CAPACITY, MAGLEV_ENTRIES, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
-    NODE_FILTER_WORDS, NODE_ID_SLOTS, PORT_WORDS, STATS_SLOTS, VIP_TABLE_SLOTS,
+    VlanKey, DEFAULT_FLOW_CAPACITY, MAGLEV_ENTRIES, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_NODES,
+    MAX_REVERSE, MAX_VIPS, MAX_VLAN_IFACES, NODE_FILTER_WORDS, NODE_ID_SLOTS, PORT_WORDS,
+    SRC_FILTER_WORDS, STATS_SLOTS, VIP_TABLE_SLOTS,
 };
 
 /// Per-CPU counters indexed by [`lb_common::Counter`] (`STATS_SLOTS` ≥ the number of counters, so
@@ -95,6 +96,22 @@ pub static NODE_ADDRS: HashMap<AddrKey, NodeAddr> = HashMap::with_max_entries(2 
 /// is not ours would otherwise miss the cache on them when many clients send.
 #[map]
 pub static NODE_FILTER: Array<u64> = Array::with_max_entries(NODE_FILTER_WORDS, 0);
+
+/// A bit per address no client can have: every VIP, node address and address of the balancer
+/// itself (`lb_common::hash::src_filter_bit`). Clear means the source of a packet to a VIP port
+/// is none of those, with one array read; set, `VIP_TABLE`, `NODE_ADDRS` and `LOCAL_ADDRS` say
+/// which (false positives only cost those lookups). See `vip::check_source`.
+#[map]
+pub static SRC_FILTER: Array<u64> = Array::with_max_entries(SRC_FILTER_WORDS, 0);
+
+/// The balancer's own addresses (any interface, any scope), kept current by the agent.
+#[map]
+pub static LOCAL_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// (parent ifindex, VLAN id) → the VLAN device's ifindex, for every VLAN device on (or stacked
+/// on) an attached interface; filled by the agent. See `reply::check_origin`.
+#[map]
+pub static VLAN_IFACES: HashMap<VlanKey, u32> = HashMap::with_max_entries(MAX_VLAN_IFACES, 0);
 
 /// ifindex → ifindex of the interfaces cidlb is attached to (redirect targets).
 #[map]

@@ -15,6 +15,8 @@ use network_types::{
 };
 
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 /// IPv6 Fragment header (RFC 8200 §4.5).
 const IPV6_FRAGMENT: u8 = 44;
 
@@ -33,6 +35,9 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 #[derive(Clone, Copy)]
 pub enum L4 {
     Udp(Udp),
+    /// ICMP (IPv4, not a later fragment) or ICMPv6 right after the IPv6 header: the offset of
+    /// its header (not checked against the frame yet).
+    Icmp(usize),
     Other,
 }
 
@@ -156,6 +161,9 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
         dst: [dst, 0, 0, 0],
         l4: L4::Other,
     };
+    if proto == IPPROTO_ICMP && frags & 0x1fff == 0 {
+        pkt.l4 = L4::Icmp(l3 + ihl * 4);
+    }
     if proto != IPPROTO_UDP {
         return Ok(pkt);
     }
@@ -192,10 +200,15 @@ fn parse_v6(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
             pkt.l4 = parse_udp(ctx, l3 + Ipv6Hdr::LEN)?;
             Ok(pkt)
         }
+        IPPROTO_ICMPV6 => {
+            pkt.l4 = L4::Icmp(l3 + Ipv6Hdr::LEN);
+            Ok(pkt)
+        }
         IPV6_FRAGMENT => Err(crate::vip::fragment_verdict(&pkt)),
         // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6, experimental:
         // the UDP header sits behind them; not walked here (RFC 8200 §4).
-        // From a node's address such a packet is dropped (it cannot be un-NATed).
+        // From a node's address such a packet is dropped (it cannot be un-NATed), and so is one
+        // to a VIP (the kernel would route it back upstream: a loop).
         0 | 43 | 51 | 60 | 135 | 139 | 140 | 253 | 254 => Err(crate::vip::ext_header_verdict(&pkt)),
         _ => Ok(pkt),
     }

@@ -8,8 +8,10 @@
 //!
 //! A reply is genuine when it arrives the way the balancer itself reaches the node: the FIB
 //! next hop towards the node's address (the packet's source) is
-//! - on the interface the frame came in on (not checked for VLAN-tagged frames: XDP sees the
-//!   parent device, the FIB names the VLAN device), and
+//! - on the interface the frame came in on (for a VLAN-tagged frame, XDP sees the parent
+//!   device and the FIB names the VLAN device: the frame's (parent, VLAN id), and for a second
+//!   tag (that VLAN device, inner id), must lead through `VLAN_IFACES` to that device; a tag
+//!   with no entry is forged), and
 //! - the neighbour whose MAC is the frame's Ethernet source.
 //!
 //! This keeps no per-client state: a reply from a node to a client this balancer never saw
@@ -20,8 +22,8 @@
 //! clients, a client whose frames carry that router's MAC.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Counter, Reverse};
-use network_types::eth::EthHdr;
+use lb_common::{Counter, Reverse, VlanKey};
+use network_types::{eth::EthHdr, vlan::VlanHdr};
 
 use crate::{
     forward,
@@ -60,7 +62,7 @@ pub fn check_origin(
     if !hop.resolved() {
         return Err(Counter::DropForgedReply);
     }
-    if pkt.vlans == 0 && hop.egress() != hop.ingress() {
+    if arrived_on(ctx, pkt, hop.ingress()) != Some(hop.egress()) {
         return Err(Counter::DropForgedReply);
     }
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassTruncated)?;
@@ -70,4 +72,30 @@ pub fn check_origin(
         return Err(Counter::DropForgedReply);
     }
     Ok(())
+}
+
+/// The device a frame arrived on as the kernel names it: the XDP interface for an untagged
+/// frame, else the VLAN device of its tags (`VLAN_IFACES`, filled by the agent); `None` for a
+/// tag no VLAN device of the balancer carries.
+#[inline(always)]
+fn arrived_on(ctx: &XdpContext, pkt: &Packet, ingress: u32) -> Option<u32> {
+    let mut dev = ingress;
+    let mut i = 0;
+    while i < 2 {
+        if i >= pkt.vlans as usize {
+            break;
+        }
+        let tag: *const VlanHdr = ptr_at(ctx, EthHdr::LEN + i * VlanHdr::LEN)?;
+        // SAFETY: bounds checked by ptr_at.
+        let tci = unsafe { (*tag).tci };
+        let key = VlanKey {
+            parent: dev,
+            vid: u16::from_be_bytes(tci) & 0x0fff,
+            _pad: 0,
+        };
+        // SAFETY: copied out under the program's RCU read lock.
+        dev = unsafe { *crate::maps::VLAN_IFACES.get(key)? };
+        i += 1;
+    }
+    Some(dev)
 }

@@ -25,6 +25,7 @@ use crate::{
     datapath::{self, Datapath},
     ebpf::DatapathError,
     health::{self, Tracker},
+    host::Host,
     layout,
     metrics::{self, View},
     pinlock::PinLock,
@@ -49,6 +50,8 @@ pub struct Agent {
     pub cfg: Config,
     dp: Datapath,
     pub view: Arc<Mutex<View>>,
+    /// The host's addresses and VLAN devices as last written (see `host.rs`).
+    host: Host,
 }
 
 fn load_config(path: &Path, shadow: bool) -> anyhow::Result<Config> {
@@ -175,6 +178,7 @@ impl Agent {
             cfg,
             dp,
             view,
+            host: Host::default(),
         };
         agent.check_capacity();
         let old_flows = pin_dir.join(names::FLOWS);
@@ -276,6 +280,26 @@ impl Agent {
             }
         }
         v.panic = now;
+    }
+
+    /// Rewrites `LOCAL_ADDRS`, `SRC_FILTER` and `VLAN_IFACES` if the host's addresses or VLAN
+    /// devices changed since the last look (called every second).
+    fn refresh_host(&mut self) {
+        let now = Host::read();
+        if now == self.host {
+            return;
+        }
+        match provision::host(&mut self.dp.ebpf, &self.cfg, &now) {
+            Ok(()) => {
+                info!(
+                    addresses = now.addrs.len(),
+                    vlans = now.vlans.len(),
+                    "host addresses or VLAN devices changed: maps updated"
+                );
+                self.host = now;
+            }
+            Err(e) => error!("updating the host's addresses and VLAN devices: {e}"),
+        }
     }
 
     fn publish(&self) {
@@ -580,6 +604,7 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
                 }
                 _ = tick.tick() => {
                     agent.heartbeat(&probed_ids, &mut round_done, &mut heartbeat_failing);
+                    agent.refresh_host();
                     let now = mtime(path);
                     if now != seen {
                         seen = now;

@@ -40,6 +40,9 @@ pub const MAP_NAMES: &[&str] = &[
     lb_common::limits::LIMIT_EXEMPT,
     names::MAGLEV,
     names::MAGLEV_CTL,
+    names::SRC_FILTER,
+    names::LOCAL_ADDRS,
+    names::VLAN_IFACES,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -183,6 +183,21 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
     if let Some(p) = udp_payload(frame) {
         let _ = writeln!(s, "format:   {}", record_format(cfg, p));
     }
+    if fired.contains(&Counter::CidMixedDatagram.name()) {
+        let _ = writeln!(
+            s,
+            "records:  not every record is a CID record naming that node (or more than 8, or one runs past the end): by flow"
+        );
+    }
+    for c in [
+        Counter::DropSrcVip,
+        Counter::DropSrcNode,
+        Counter::DropSrcLocal,
+    ] {
+        if fired.contains(&c.name()) {
+            let _ = writeln!(s, "source:   {}", c.help().trim());
+        }
+    }
     for (id, n) in &snap.nodes {
         if n.to_node_packets > 0 {
             let _ = writeln!(s, "node:     {id} (sent to it)");

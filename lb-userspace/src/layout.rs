@@ -213,6 +213,18 @@ mod tests {
         assert!(Counter::ALL.len() as u32 <= STATS_SLOTS);
         assert_eq!(shapes[names::NODES].value_size as usize, size_of::<Node>());
         assert_eq!(shapes[names::LAYOUT].max_entries, 1);
+        assert_eq!(
+            shapes[names::SRC_FILTER].max_entries,
+            lb_common::SRC_FILTER_WORDS
+        );
+        assert_eq!(
+            shapes[names::LOCAL_ADDRS].key_size as usize,
+            size_of::<lb_common::AddrKey>()
+        );
+        assert_eq!(
+            shapes[names::VLAN_IFACES].key_size as usize,
+            size_of::<lb_common::VlanKey>()
+        );
     }
 
     #[test]

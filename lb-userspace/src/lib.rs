@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod explain;
 pub mod health;
+pub mod host;
 pub mod layout;
 pub mod linkinfo;
 pub mod metrics;

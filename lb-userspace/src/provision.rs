@@ -19,14 +19,15 @@ use aya::{
 };
 use lb_common::{
     limits::{self as lim, ExemptKey, LimitConfig, SrcKey},
-    names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot, LAYOUT_VERSION,
-    MAGLEV_CTL_EMPTY, MAGLEV_CTL_HALF0, MAGLEV_SIZE, MAX_NODES, MAX_VIPS, NODE_FILTER_WORDS,
-    NODE_ID_SLOTS, VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
+    names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot, VlanKey,
+    LAYOUT_VERSION, MAGLEV_CTL_EMPTY, MAGLEV_CTL_HALF0, MAGLEV_SIZE, MAX_NODES, MAX_VIPS,
+    NODE_FILTER_WORDS, NODE_ID_SLOTS, VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
 };
 
 use crate::{
     config::{limits::Limits, Config},
     ebpf::{insert_all, map, merr, remove_all, DatapathError},
+    host::Host,
     plan::{self, indices::stable_indices},
 };
 
@@ -50,7 +51,37 @@ pub fn provision(
     vips(ebpf, cfg)?;
     reverse(ebpf, cfg, &slots)?;
     limits(ebpf, cfg.limits.as_ref())?;
+    host(ebpf, cfg, &Host::read())?;
     devmap(ebpf, ifindexes)
+}
+
+/// Writes what depends on the host as well as on `cfg`: `LOCAL_ADDRS`, `SRC_FILTER` (VIPs,
+/// nodes and the host's addresses) and `VLAN_IFACES`. The agent calls it again whenever the
+/// host's addresses or VLAN devices change. A new address's entry and bit are written before
+/// the stale ones go; while it runs a packet may see a source refused a moment early or late.
+pub fn host(ebpf: &mut Ebpf, cfg: &Config, host: &Host) -> Result<(), DatapathError> {
+    let local = plan::sources::local_keys(&host.addrs);
+    let entries: Vec<(AddrKey, u8)> = local.iter().map(|k| (*k, 1)).collect();
+    let stale = insert_all(ebpf, names::LOCAL_ADDRS, &entries)?;
+    let words = plan::sources::src_filter(cfg, &local);
+    {
+        let mut filter: Array<_, u64> =
+            Array::try_from(map(ebpf, names::SRC_FILTER)?).map_err(merr(names::SRC_FILTER))?;
+        for (i, w) in words.iter().enumerate() {
+            if filter
+                .get(&(i as u32), 0)
+                .map_err(merr(names::SRC_FILTER))?
+                != *w
+            {
+                filter
+                    .set(i as u32, w, 0)
+                    .map_err(merr(names::SRC_FILTER))?;
+            }
+        }
+    }
+    remove_all::<AddrKey, u8>(ebpf, names::LOCAL_ADDRS, stale)?;
+    let stale = insert_all(ebpf, names::VLAN_IFACES, &host.vlans)?;
+    remove_all::<VlanKey, u32>(ebpf, names::VLAN_IFACES, stale)
 }
 
 /// Writes `NODES`, `RING` and `RING_LEN`, and with `flows.policy: maglev` the `MAGLEV`

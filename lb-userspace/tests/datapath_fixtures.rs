@@ -21,10 +21,18 @@ mod limits;
 mod lookup;
 #[path = "fixtures/parse.rs"]
 mod parse;
+#[path = "fixtures/records.rs"]
+mod records;
 #[path = "fixtures/regressions.rs"]
 mod regressions;
 #[path = "fixtures/reply.rs"]
 mod reply;
+#[path = "fixtures/sources.rs"]
+mod sources;
+#[path = "fixtures/vip_edge.rs"]
+mod vip_edge;
+#[path = "fixtures/vlan.rs"]
+mod vlan;
 
 use std::net::IpAddr;
 
@@ -430,6 +438,32 @@ fn dtls13_fixtures() {
 #[test]
 fn lookup_fixtures() {
     run("VIP_TABLE and NODE_IDS", lookup::cases());
+}
+
+#[test]
+fn vip_edge_fixtures() {
+    run(
+        "traffic to a VIP that is not balanced (no loop)",
+        vip_edge::cases(),
+    );
+}
+
+#[test]
+fn record_fixtures() {
+    run(
+        "every record of a datagram names the node",
+        records::cases(),
+    );
+}
+
+#[test]
+fn source_fixtures() {
+    run("sources that cannot be real", sources::cases());
+}
+
+#[test]
+fn vlan_fixtures() {
+    run("the origin check of VLAN-tagged replies", vlan::cases());
 }
 
 #[test]

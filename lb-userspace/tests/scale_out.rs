@@ -179,7 +179,18 @@ struct Outcome {
     changed: usize,
 }
 
-fn scenario(policy: &str, tag: &str) -> Outcome {
+/// The fleet with its nodes' DTLS servers, the router's BIRD and both balancers (cidlb,
+/// `cidlb announce`, BIRD), announced. Fields drop in order: balancers first, namespaces last.
+struct Lab {
+    bs: Vec<Balancer>,
+    _router_bird: Bird,
+    _servers: Vec<ChildGuard>,
+    dir: PathBuf,
+    testpeer: PathBuf,
+    f: Fleet,
+}
+
+fn lab_up(policy: &str, tag: &str) -> Lab {
     common::require_root();
     let prefix = lb_lab::unique_prefix(tag);
     let f = Fleet::up(&prefix).unwrap_or_else(|e| panic!("{e}"));
@@ -222,7 +233,7 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
         Bird::start(&f.router, &dir, "router", &router_conf).unwrap_or_else(|e| panic!("{e}"));
 
     // Balancers: the same cidlb config (but pin and state directories), their own BIRD.
-    let mut bs: Vec<Balancer> = (1..=BALANCERS)
+    let bs: Vec<Balancer> = (1..=BALANCERS)
         .map(|i| {
             let ns = &f.balancers[i - 1];
             let pins = PinGuard::new(&format!("{tag}{i}"));
@@ -264,6 +275,25 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
         .collect();
     wait_hops(&f, 2, Duration::from_secs(20), "both balancers announced");
     std::thread::sleep(Duration::from_millis(1000));
+    Lab {
+        bs,
+        _router_bird,
+        _servers,
+        dir,
+        testpeer,
+        f,
+    }
+}
+
+fn scenario(policy: &str, tag: &str) -> Outcome {
+    let Lab {
+        f,
+        testpeer,
+        dir,
+        _servers,
+        _router_bird,
+        mut bs,
+    } = lab_up(policy, tag);
 
     // Traffic, both families: long non-CID sessions (routed by flow for their whole life),
     // rebinding CID sessions, and a stream of short handshakes.
@@ -459,4 +489,158 @@ fn control_round_robin_breaks_sessions_that_change_balancer() {
         failed > 0,
         "round robin: no long non-CID session broke, though flows changed balancer"
     );
+}
+
+/// What a VIP receives that no VIP port takes (a ping, UDP to an unbalanced port, a TCP SYN,
+/// UDP behind an IPv6 destination-options header) must not loop: the kernel of a balancer
+/// routes it back to the router (its default route; the VIP is only in `announce.table`),
+/// which sends it to a balancer again until the TTL runs out. Each frame carries a unique id;
+/// the router must forward it exactly once towards a balancer and never see it come back.
+#[test]
+fn vip_traffic_no_vip_port_takes_does_not_loop() {
+    use etherparse::PacketBuilder;
+    let lab = lab_up("maglev", "sol");
+    let (f, dir) = (&lab.f, &lab.dir);
+    let cmac = f.client.mac("c0").unwrap();
+    let rmac = f.router.mac("rc").unwrap();
+    let (c4, c6) = (lb_lab::CLIENT4.octets(), lb_lab::CLIENT6.octets());
+    let (v4, v6) = match (VIP4_SOCKET.ip(), VIP6_SOCKET.ip()) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V6(b)) => (a.octets(), b.octets()),
+        _ => unreachable!(),
+    };
+    let mut frames: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut add = |what: &str, build: &dyn Fn(&[u8]) -> Vec<u8>| {
+        // Unique per frame and run, so nothing else on the wire matches it.
+        let id = format!("cidlb-loop-{}-{what}", std::process::id());
+        frames.push((id.clone(), build(id.as_bytes())));
+    };
+    let eth = || PacketBuilder::ethernet2(cmac, rmac);
+    let write = |b: &dyn Fn(&mut Vec<u8>)| {
+        let mut out = Vec::new();
+        b(&mut out);
+        out
+    };
+    add("ping4", &|id| {
+        write(&|o| {
+            eth()
+                .ipv4(c4, v4, 64)
+                .icmpv4_echo_request(7, 1)
+                .write(o, id)
+                .unwrap()
+        })
+    });
+    add("udp4", &|id| {
+        write(&|o| {
+            eth()
+                .ipv4(c4, v4, 64)
+                .udp(40001, 5700)
+                .write(o, id)
+                .unwrap()
+        })
+    });
+    add("syn4", &|id| {
+        write(&|o| {
+            eth()
+                .ipv4(c4, v4, 64)
+                .tcp(40002, VIP4_SOCKET.port(), 1, 64240)
+                .syn()
+                .write(o, id)
+                .unwrap()
+        })
+    });
+    add("ping6", &|id| {
+        write(&|o| {
+            eth()
+                .ipv6(c6, v6, 64)
+                .icmpv6_echo_request(7, 1)
+                .write(o, id)
+                .unwrap()
+        })
+    });
+    add("udp6", &|id| {
+        write(&|o| {
+            eth()
+                .ipv6(c6, v6, 64)
+                .udp(40001, 5700)
+                .write(o, id)
+                .unwrap()
+        })
+    });
+    add("syn6", &|id| {
+        write(&|o| {
+            eth()
+                .ipv6(c6, v6, 64)
+                .tcp(40002, VIP6_SOCKET.port(), 1, 64240)
+                .syn()
+                .write(o, id)
+                .unwrap()
+        })
+    });
+    add("dstopts6", &|id| {
+        // UDP to the balanced port behind a destination-options header (PadN): the header
+        // goes in after the IPv6 header; the UDP checksum does not cover it.
+        let mut fr = write(&|o| {
+            eth()
+                .ipv6(c6, v6, 64)
+                .udp(40003, VIP6_SOCKET.port())
+                .write(o, id)
+                .unwrap()
+        });
+        let l3 = 14;
+        let plen = u16::from_be_bytes([fr[l3 + 4], fr[l3 + 5]]) + 8;
+        fr[l3 + 4..l3 + 6].copy_from_slice(&plen.to_be_bytes());
+        fr[l3 + 6] = 60;
+        fr.splice(l3 + 40..l3 + 40, [17, 0, 1, 4, 0, 0, 0, 0]);
+        fr
+    });
+    let wires: Vec<Vec<u8>> = frames.iter().map(|(_, fr)| fr.clone()).collect();
+    // The router's interfaces towards the balancers.
+    let towards: Vec<u32> = (1..=BALANCERS)
+        .map(|i| {
+            let out = f
+                .router
+                .must(&["cat", &format!("/sys/class/net/rb{i}/ifindex")]);
+            out.unwrap().trim().parse().unwrap()
+        })
+        .collect();
+    let ((), seen) = lb_lab::sniff::capture(&f.router, Duration::from_secs(4), || {
+        std::thread::sleep(Duration::from_millis(200));
+        lb_lab::sniff::send(&f.client, "c0", &wires);
+    });
+    let mut bad = Vec::new();
+    for (id, _) in &frames {
+        let hits = |outgoing: bool| {
+            seen.iter()
+                .filter(|s| s.outgoing == outgoing && towards.contains(&s.ifindex))
+                .filter(|s| lb_lab::sniff::contains(&s.frame, id.as_bytes()))
+                .count()
+        };
+        let (out, back) = (hits(true), hits(false));
+        println!("{id}: forwarded towards a balancer {out} time(s), came back {back} time(s)");
+        if out != 1 || back != 0 {
+            bad.push(format!(
+                "{id}: forwarded {out}, came back {back} (want 1 and 0)"
+            ));
+        }
+    }
+    // What the balancers counted (one balancer got each frame, by the router's hash).
+    let mut dropped = 0;
+    for (i, b) in lab.bs.iter().enumerate() {
+        let st = lb_lab::agent::stats(common::agent::bin(), &b.pins.0).unwrap();
+        let n = |c: &str| lb_lab::agent::counter(&st, c).unwrap_or(0);
+        let (port, proto) = (n("drop_vip_other_port"), n("drop_vip_other_proto"));
+        println!(
+            "balancer {}: drop_vip_other_port {port}, drop_vip_other_proto {proto}",
+            i + 1
+        );
+        dropped += port + proto;
+    }
+    if dropped != frames.len() as u64 {
+        bad.push(format!(
+            "the balancers dropped {dropped} of the {} frames",
+            frames.len()
+        ));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(bad.is_empty(), "VIP traffic looped:\n{}", bad.join("\n"));
 }

@@ -7,4 +7,5 @@ pub mod limits;
 pub mod maglev;
 pub mod nodes;
 pub mod reverse;
+pub mod sources;
 pub mod vips;

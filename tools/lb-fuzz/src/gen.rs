@@ -275,10 +275,50 @@ fn payload(r: &mut Rng, c: &Corpus, to_server: bool) -> Vec<u8> {
             }
         }
     };
+    if r.chance(120) {
+        return same_node_records(r);
+    }
     let mut p = one(r);
     // Several records in one datagram (the last flight of a handshake, coalesced records).
     while r.chance(200) {
         p.extend(one(r));
+    }
+    p
+}
+
+/// Several CID records naming one node (DTLS 1.2 and 1.3 with a length field, the last 1.3
+/// one at times without), 1 to 10 of them (the datapath walks 8), at times with a length
+/// field off by a few bytes or a foreign record (a handshake, a CID naming another node)
+/// among them: `cid_mixed_datagram` against routing by CID.
+fn same_node_records(r: &mut Rng) -> Vec<u8> {
+    let cid = cid_with_node_id(r);
+    let n = 1 + r.below(10) as usize;
+    let mut p = Vec::new();
+    for i in 0..n {
+        let body = {
+            let len = r.below(24) as usize;
+            r.bytes(len)
+        };
+        let mut rec = match r.below(12) {
+            0..=5 => cid_record(&cid, &body),
+            6..=9 => unified_record(Some(&cid), r.chance(500), true, &body),
+            10 if i + 1 == n => unified_record(Some(&cid), r.chance(500), false, &body),
+            10 => lb_lab::packet::handshake_record(&body),
+            _ => cid_record(&cid_with_node_id(r), &body),
+        };
+        if r.chance(80) {
+            // A length field that lies (by a byte or a few, or wildly).
+            let at = rec.len() - body.len() - 2;
+            let len = u16::from_be_bytes([rec[at], rec[at + 1]]);
+            let lie = len.wrapping_add(*r.pick(&[1u16, 2, 0xffff, 0xfffe, 300]));
+            rec[at..at + 2].copy_from_slice(&lie.to_be_bytes());
+        }
+        p.extend(rec);
+    }
+    if r.chance(50) {
+        // Trailing bytes too few for a record header.
+        let n = 1 + r.below(6) as usize;
+        p.extend(r.bytes(n));
     }
     p
 }
@@ -393,6 +433,24 @@ fn structured(r: &mut Rng, c: &Corpus) -> Packet {
         if r.chance(40) {
             let pl = *r.pick(&[1461u16, 9000, 65535, 0]);
             frame[l3 + 4..l3 + 6].copy_from_slice(&pl.to_be_bytes());
+        }
+    }
+    let hdr_chain = !v4 && (f.v6_hop_by_hop || f.v6_fragment);
+    if r.chance(70) && !hdr_chain && frame.len() > l3 + 40 {
+        // Not UDP: TCP, ICMP (errors, echo, neighbour discovery; the type in the first byte of
+        // what was the UDP header), or another protocol. To a VIP only ICMP errors and neighbour
+        // discovery pass; the rest is dropped (`drop_vip_other_proto`).
+        let proto = *r.pick(&[6u8, 1, 58, 1, 58, 47, 132]);
+        frame[if v4 { l3 + 9 } else { l3 + 6 }] = proto;
+        let l4 = if v4 {
+            l3 + 20 + f.ipv4_options.len()
+        } else {
+            l3 + 40
+        };
+        if l4 < frame.len() {
+            frame[l4] = *r.pick(&[
+                0u8, 3, 4, 5, 8, 11, 12, 13, 1, 2, 127, 128, 129, 133, 135, 136, 137, 138, 200,
+            ]);
         }
     }
     if r.chance(50) {

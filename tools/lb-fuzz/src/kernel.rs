@@ -10,8 +10,8 @@ use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuVal
 use cidlb::{config::Config, datapath::Datapath, stats::Snapshot};
 use lb_common::limits::{self, LimitConfig, SrcKey};
 use lb_common::{
-    names, AddrKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, MAGLEV_ENTRIES,
-    MAX_NODES, PORT_WORDS,
+    names, AddrKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VlanKey,
+    MAGLEV_ENTRIES, MAX_NODES, PORT_WORDS,
 };
 use lb_reference::Tables;
 
@@ -239,6 +239,13 @@ fn read_tables(dp: &Datapath, cfg: &Config) -> Result<Tables> {
     // compare) nor the limits (the reference derives them from the config).
     let devmap: DevMapHash<&MapData> = DevMapHash::try_from(map(names::DEVMAP)?)?;
     t.devmap = devmap.keys().collect::<Result<HashSet<u32>, _>>()?;
+    let local: HashMap<&MapData, AddrKey, u8> = HashMap::try_from(map(names::LOCAL_ADDRS)?)?;
+    t.local_addrs = local.keys().collect::<Result<HashSet<AddrKey>, _>>()?;
+    let vlans: HashMap<&MapData, VlanKey, u32> = HashMap::try_from(map(names::VLAN_IFACES)?)?;
+    for e in vlans.iter() {
+        let (k, v) = e?;
+        t.vlan_ifaces.insert(k, v);
+    }
     Ok(t)
 }
 

@@ -17,6 +17,7 @@ pub mod fleet;
 mod netns;
 pub mod packet;
 pub mod peer;
+pub mod sniff;
 pub mod trafgen;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};

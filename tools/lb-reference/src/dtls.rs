@@ -1,4 +1,6 @@
-//! How a balanced datagram picks its node: the first record of the datagram decides.
+//! How a balanced datagram picks its node: by CID when its first record is a CID record and
+//! every record of the datagram (at most eight) is a CID record naming the same node; a
+//! datagram that starts with a CID record and fails that goes by flow (`cid_mixed_datagram`).
 //!
 //! RFC 9146 §4: a DTLS 1.2 record of type tls12_cid (25), version FE FD, then epoch (2),
 //! sequence number (6), the CID (`cid_length` bytes) and the length (2).
@@ -22,42 +24,90 @@ pub enum Route {
     Flow,
 }
 
-/// How a balanced datagram (length already checked against the frame) picks its node.
-pub fn classify(f: &[u8], udp: &Udp, cfg: &DpConfig, out: &mut Outcome) -> Result<Route, Counter> {
-    let p = &f[udp.payload_off()..udp.off + udp.len as usize];
+/// Records the datapath walks at most in one datagram.
+pub const MAX_RECORDS: usize = 8;
+
+/// One record at the start of `p` (the rest of the payload).
+enum Record {
+    /// A CID record of a routed format: node id, counter when routed, size in bytes.
+    Cid(u32, Counter, usize),
+    /// Too short for its CID header: the drop counter of a first record.
+    Short(Counter),
+    BadVersion,
+    Other,
+}
+
+fn record(p: &[u8], cfg: &DpConfig) -> Record {
     let Some(&first) = p.first() else {
-        return Ok(Route::Flow);
+        return Record::Other;
     };
-    let (cid_at, routed) = if first == 25 && cfg.dtls_versions & DTLS_V12 != 0 {
+    let cid_len = cfg.cid_len as usize;
+    let (cid_at, routed, size) = if first == 25 && cfg.dtls_versions & DTLS_V12 != 0 {
         if p.len() < 3 {
-            return Ok(Route::Flow);
+            return Record::Other;
         }
         if p[1..3] != [0xfe, 0xfd] {
-            out.count(Counter::CidBadVersion);
-            return Ok(Route::Flow);
+            return Record::BadVersion;
         }
         // type, version, epoch, sequence, CID, length.
-        if p.len() < 1 + 2 + 2 + 6 + cfg.cid_len as usize + 2 {
-            return Err(Counter::DropCidTruncated);
+        let header = 1 + 2 + 2 + 6 + cid_len + 2;
+        if p.len() < header {
+            return Record::Short(Counter::DropCidTruncated);
         }
-        (11, Counter::CidRouted)
+        let len = u16::from_be_bytes([p[header - 2], p[header - 1]]) as usize;
+        (11, Counter::CidRouted, header + len)
     } else if (0x20..=0x3f).contains(&first)
         && first & 0x10 != 0
         && cfg.dtls_versions & DTLS_V13 != 0
     {
         let seq = if first & 0x08 != 0 { 2 } else { 1 };
-        let len = if first & 0x04 != 0 { 2 } else { 0 };
+        let with_len = first & 0x04 != 0;
         // first byte, CID, sequence number, length.
-        if p.len() < 1 + cfg.cid_len as usize + seq + len {
-            return Err(Counter::DropCid13Truncated);
+        let header = 1 + cid_len + seq;
+        if p.len() < header + if with_len { 2 } else { 0 } {
+            return Record::Short(Counter::DropCid13Truncated);
         }
-        (1, Counter::Cid13Routed)
+        // Without a length field the record runs to the datagram's end.
+        let size = if with_len {
+            header + 2 + u16::from_be_bytes([p[header], p[header + 1]]) as usize
+        } else {
+            p.len()
+        };
+        (1, Counter::Cid13Routed, size)
     } else {
-        return Ok(Route::Flow);
+        return Record::Other;
     };
     let at = cid_at + cfg.node_id_offset as usize;
     let id = p[at..at + cfg.node_id_len as usize]
         .iter()
         .fold(0u32, |id, &b| (id << 8) | b as u32);
-    Ok(Route::Node(id, routed))
+    Record::Cid(id, routed, size)
+}
+
+/// How a balanced datagram (length already checked against the frame) picks its node.
+pub fn classify(f: &[u8], udp: &Udp, cfg: &DpConfig, out: &mut Outcome) -> Result<Route, Counter> {
+    let p = &f[udp.payload_off()..udp.off + udp.len as usize];
+    let (id, routed, mut off) = match record(p, cfg) {
+        Record::Cid(id, routed, size) => (id, routed, size),
+        Record::Short(c) => return Err(c),
+        Record::BadVersion => {
+            out.count(Counter::CidBadVersion);
+            return Ok(Route::Flow);
+        }
+        Record::Other => return Ok(Route::Flow),
+    };
+    let mut records = 1;
+    while off < p.len() && records < MAX_RECORDS {
+        match record(&p[off..], cfg) {
+            Record::Cid(next, _, size) if next == id => off += size,
+            _ => break,
+        }
+        records += 1;
+    }
+    if off == p.len() {
+        Ok(Route::Node(id, routed))
+    } else {
+        out.count(Counter::CidMixedDatagram);
+        Ok(Route::Flow)
+    }
 }

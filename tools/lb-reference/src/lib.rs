@@ -35,7 +35,9 @@ pub mod vip;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use lb_common::{AddrKey, Counter, DpConfig, FlowKey, Node, NodeAddr, Reverse, ReverseKey, Vip};
+use lb_common::{
+    AddrKey, Counter, DpConfig, FlowKey, Node, NodeAddr, Reverse, ReverseKey, Vip, VlanKey,
+};
 
 pub use fib::{Fib, FibAnswer, FibRc};
 pub use stats::Outcome;
@@ -70,6 +72,10 @@ pub struct Tables {
     pub limits: Option<limit::Limits>,
     /// `DEVMAP`: the interfaces cidlb is attached to.
     pub devmap: HashSet<u32>,
+    /// `LOCAL_ADDRS`: the balancer's own addresses.
+    pub local_addrs: HashSet<AddrKey>,
+    /// `VLAN_IFACES`: (parent ifindex, VLAN id) → VLAN device ifindex.
+    pub vlan_ifaces: HashMap<VlanKey, u32>,
 }
 
 impl Tables {
@@ -112,6 +118,11 @@ pub fn classify(
         Err(reason) => {
             out.count(reason);
             out.action = stats::action_for(reason);
+            // Shadow mode passes what the edge would refuse (README, "Hostile input").
+            if vip::refused_at_edge(reason) && tables.config().shadow != 0 {
+                out.count(Counter::ShadowPass);
+                out.action = XDP_PASS;
+            }
         }
     }
     out
@@ -128,11 +139,16 @@ fn try_lb(
 ) -> Result<u32, Counter> {
     let pkt = parse::parse(frame, t)?;
     let Some(udp) = pkt.udp else {
-        return Err(Counter::PassNotUdp);
+        return Err(vip::not_udp_verdict(t, frame, &pkt));
     };
     let cfg = t.config();
 
-    if vip::is_vip_port(t, &pkt, udp.dport) {
+    let to_vip = vip::to_vip(t, &pkt);
+    if to_vip && !vip::is_vip_port(t, &pkt, udp.dport) {
+        return Err(Counter::DropVipOtherPort);
+    }
+    if to_vip {
+        vip::check_source(t, &pkt)?;
         parse::check_udp_length(frame, &udp)?;
         let node = match dtls::classify(frame, &udp, &cfg, out)? {
             dtls::Route::Node(id, routed) => match t.nodes.get(&id) {
@@ -163,7 +179,7 @@ fn try_lb(
     }
 
     if let Some(rev) = vip::reverse(t, &pkt, udp.sport) {
-        reply::check_origin(fib, state, frame, &pkt, ingress, rev.node_slot)?;
+        reply::check_origin(t, fib, state, frame, &pkt, ingress, rev.node_slot)?;
         let rw = nat::Rewrite::to_client(&rev);
         let hop = forward::lookup(fib, frame, &pkt, (&rev.vip, &pkt.dst), ingress);
         if hop.rc == FibRc::NotFwded {

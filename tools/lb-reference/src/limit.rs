@@ -445,6 +445,7 @@ mod tests {
             src: [u32::from_ne_bytes(v4), 0, 0, 0],
             dst: [0; 4],
             udp: None,
+            icmp: None,
         }
     }
 

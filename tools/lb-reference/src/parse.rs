@@ -35,6 +35,9 @@ pub struct Packet {
     pub src: [u32; 4],
     pub dst: [u32; 4],
     pub udp: Option<Udp>,
+    /// Where the ICMP header starts: IPv4 protocol 1 (not a later fragment) or IPv6 next
+    /// header 58.
+    pub icmp: Option<usize>,
 }
 
 fn be16(f: &[u8], off: usize) -> u16 {
@@ -82,7 +85,12 @@ fn parse_v4(f: &[u8], t: &Tables, l3: usize, vlans: u8) -> Result<Packet, Counte
         src: [word(f, l3 + 12), 0, 0, 0],
         dst: [word(f, l3 + 16), 0, 0, 0],
         udp: None,
+        icmp: None,
     };
+    // ICMP, unless a later fragment (offset not zero): those carry no ICMP header.
+    if f[l3 + 9] == 1 && be16(f, l3 + 6) & 0x1fff == 0 {
+        pkt.icmp = Some(l3 + ihl * 4);
+    }
     if f[l3 + 9] != 17 {
         return Ok(pkt);
     }
@@ -111,8 +119,13 @@ fn parse_v6(f: &[u8], t: &Tables, l3: usize, vlans: u8) -> Result<Packet, Counte
         src,
         dst,
         udp: None,
+        icmp: None,
     };
     match f[l3 + 6] {
+        58 => {
+            pkt.icmp = Some(l3 + IPV6_LEN);
+            Ok(pkt)
+        }
         17 => {
             pkt.udp = Some(parse_udp(f, l3 + IPV6_LEN)?);
             Ok(pkt)

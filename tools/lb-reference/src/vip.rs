@@ -1,4 +1,6 @@
-//! Which UDP packets are the balancer's: to a VIP port, or from a node's serving port.
+//! Which UDP packets are the balancer's: to a VIP port, or from a node's serving port; what
+//! becomes of the rest of a VIP's traffic, and of sources no client can have (README, "What
+//! the datapath does", step 1, and "Hostile input").
 
 use lb_common::{AddrKey, Counter, Reverse, ReverseKey};
 
@@ -9,6 +11,59 @@ fn key(addr: [u32; 4], family: u8) -> AddrKey {
         addr,
         family,
         _pad: [0; 3],
+    }
+}
+
+/// Is the destination a VIP address?
+pub fn to_vip(t: &Tables, pkt: &Packet) -> bool {
+    t.vips.contains_key(&key(pkt.dst, pkt.family))
+}
+
+/// The counters of refusals that shadow mode passes instead.
+pub fn refused_at_edge(c: Counter) -> bool {
+    matches!(
+        c,
+        Counter::DropVipOtherPort
+            | Counter::DropVipOtherProto
+            | Counter::DropSrcVip
+            | Counter::DropSrcNode
+            | Counter::DropSrcLocal
+    )
+}
+
+/// Not UDP. To a VIP: an ICMP error (IPv4 types 3, 4, 5, 11, 12; ICMPv6 below 128) or IPv6
+/// neighbour discovery (133..=137) passes as any other non-UDP packet; the rest (TCP, echo,
+/// other protocols, an ICMP header cut off) is dropped, since the kernel would send it back
+/// upstream.
+pub fn not_udp_verdict(t: &Tables, f: &[u8], pkt: &Packet) -> Counter {
+    if !to_vip(t, pkt) {
+        return Counter::PassNotUdp;
+    }
+    // Its type, if the frame holds the type and code bytes.
+    let icmp_type = pkt.icmp.and_then(|off| f.get(off..off + 2)).map(|tc| tc[0]);
+    let error = match icmp_type {
+        Some(ty) if pkt.family == lb_common::FAMILY_V4 => [3, 4, 5, 11, 12].contains(&ty),
+        Some(ty) => ty < 128 || (133..=137).contains(&ty),
+        None => false,
+    };
+    if error {
+        Counter::PassNotUdp
+    } else {
+        Counter::DropVipOtherProto
+    }
+}
+
+/// A datagram to a VIP port from a VIP, a node's address or the balancer's own: refused.
+pub fn check_source(t: &Tables, pkt: &Packet) -> Result<(), Counter> {
+    let k = key(pkt.src, pkt.family);
+    if t.vips.contains_key(&k) {
+        Err(Counter::DropSrcVip)
+    } else if t.node_addrs.contains_key(&k) {
+        Err(Counter::DropSrcNode)
+    } else if t.local_addrs.contains(&k) {
+        Err(Counter::DropSrcLocal)
+    } else {
+        Ok(())
     }
 }
 
@@ -39,6 +94,8 @@ pub fn fragment_verdict(t: &Tables, pkt: &Packet) -> Counter {
 pub fn ext_header_verdict(t: &Tables, pkt: &Packet) -> Counter {
     if t.node_addrs.contains_key(&key(pkt.src, pkt.family)) {
         Counter::DropNodeFragment
+    } else if to_vip(t, pkt) {
+        Counter::DropVipOtherProto
     } else {
         Counter::PassIpv6ExtHdr
     }
