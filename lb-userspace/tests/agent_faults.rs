@@ -15,7 +15,7 @@ use std::{
 
 use common::{
     agent::{cidlb, json_counter, AgentProc, Bed},
-    traffic::{warm_up, Stream},
+    traffic::{body, warm_up, Stream},
 };
 use lb_lab::{packet::cid_record, ChildGuard, Lab, PORT, VIP4};
 
@@ -29,7 +29,7 @@ fn cid_traffic(lab: &Lab, n: u64) -> u64 {
         |seq| {
             cid_record(
                 &[1, 0xfa, 0x17, 0, (seq >> 8) as u8, seq as u8],
-                b"fault test",
+                &body(b"fault test", seq),
             )
         },
     );

@@ -14,7 +14,7 @@ use std::{
 
 use common::{
     agent::{cidlb, json_counter, AgentProc, Bed},
-    traffic::{warm_up, Echo, Stream},
+    traffic::{body, warm_up, Echo, Stream},
 };
 use lb_lab::{
     node4, node6,
@@ -45,7 +45,7 @@ fn cid_to(node: u8) -> impl Fn(u64) -> Vec<u8> + Send + 'static {
     move |seq| {
         cid_record(
             &[node, 0xca, 0xfe, (seq >> 8) as u8, seq as u8, 0],
-            b"steady application data",
+            &body(b"steady application data", seq),
         )
     }
 }
@@ -103,8 +103,8 @@ fn restart_reload_and_drain_lose_no_packet() {
     let s1 = Stream::start(&lab.client.name, vip4, every, max, cid_to(1));
     let s2 = Stream::start(&lab.client.name, vip4, every, max, cid_to(2));
     let s6 = Stream::start(&lab.client.name, vip6, every, max, cid_to(1));
-    let sf = Stream::start(&lab.client.name, vip4, every, max, |_| {
-        handshake_record(b"non-CID session record")
+    let sf = Stream::start(&lab.client.name, vip4, every, max, |seq| {
+        handshake_record(&body(b"non-CID session record", seq))
     });
     std::thread::sleep(Duration::from_millis(800));
 

@@ -13,7 +13,7 @@ use std::{
 
 use common::{
     agent::{cidlb, AgentProc, Bed},
-    traffic::{warm_up, Stream},
+    traffic::{body, warm_up, Stream},
 };
 use lb_lab::{packet::cid_record, ChildGuard, Lab, PORT, VIP4};
 
@@ -70,7 +70,12 @@ fn cid_traffic(lab: &Lab, n: u64) -> u64 {
         SocketAddr::from((VIP4, PORT)),
         Duration::from_millis(5),
         n,
-        |seq| cid_record(&[1, 0xab, 0, 0, (seq >> 8) as u8, seq as u8], b"announce"),
+        |seq| {
+            cid_record(
+                &[1, 0xab, 0, 0, (seq >> 8) as u8, seq as u8],
+                &body(b"announce", seq),
+            )
+        },
     );
     std::thread::sleep(Duration::from_millis(5 * n + 300));
     s.finish().received

@@ -18,7 +18,7 @@ use std::{
 
 use common::{
     agent::{bin, AgentProc, Bed},
-    traffic::Stream,
+    traffic::{body, Stream},
 };
 use lb_lab::{packet::cid_record, write_then_rename, ChildGuard, Lab, PORT, VIP4, VIP6};
 
@@ -133,7 +133,7 @@ fn restarts_kills_and_reloads_never_withdraw_a_vip() {
         |seq| {
             cid_record(
                 &[1, 0x4a, (seq >> 16) as u8, 0, (seq >> 8) as u8, seq as u8],
-                b"hitless",
+                &body(b"hitless", seq),
             )
         },
     );

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::traffic::{Echo, Stream};
+use common::traffic::{body, Echo, Stream};
 use lb_lab::{
     agent::{Agent, LogTo, PinGuard},
     fleet::{self, bird_config, Bird, Fleet, BALANCERS, NODES, TABLE},
@@ -212,7 +212,7 @@ fn the_router_keeps_the_vip_through_restarts_kills_and_reloads() {
         |seq| {
             cid_record(
                 &[1, 0x5f, (seq >> 16) as u8, 0, (seq >> 8) as u8, seq as u8],
-                b"fleet",
+                &body(b"fleet", seq),
             )
         },
     );

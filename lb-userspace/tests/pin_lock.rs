@@ -9,7 +9,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use common::{
     agent::{bin, cidlb, json_counter, AgentProc, Bed},
-    traffic::Stream,
+    traffic::{body, Stream},
 };
 use lb_lab::{packet::cid_record, PORT, VIP4};
 
@@ -20,7 +20,12 @@ fn echoed(bed: &Bed, n: u64) -> u64 {
         SocketAddr::from((VIP4, PORT)),
         Duration::from_millis(5),
         n,
-        |seq| cid_record(&[1, 0x10, 0xc4, 0, (seq >> 8) as u8, seq as u8], b"lock"),
+        |seq| {
+            cid_record(
+                &[1, 0x10, 0xc4, 0, (seq >> 8) as u8, seq as u8],
+                &body(b"lock", seq),
+            )
+        },
     );
     std::thread::sleep(Duration::from_millis(5 * n + 300));
     s.finish().received

@@ -13,7 +13,7 @@ use std::{
 
 use common::{
     agent::{cidlb, json_counter, AgentProc, Bed},
-    traffic::{warm_up, Stream},
+    traffic::{body, warm_up, Stream},
 };
 use lb_lab::{
     agent::{Agent, LogTo},
@@ -43,7 +43,7 @@ fn cid_to(node: u8) -> impl Fn(u64) -> Vec<u8> + Send + 'static {
     move |seq| {
         cid_record(
             &[node, 0x0d, 0x1e, (seq >> 8) as u8, seq as u8, 0],
-            b"application data across the upgrade",
+            &body(b"application data across the upgrade", seq),
         )
     }
 }
@@ -94,8 +94,8 @@ impl Upgrading {
             ),
             (
                 "non-CID flow",
-                Stream::start(ns, vip4, every, max, |_| {
-                    handshake_record(b"non-CID session record")
+                Stream::start(ns, vip4, every, max, |seq| {
+                    handshake_record(&body(b"non-CID session record", seq))
                 }),
                 None,
             ),

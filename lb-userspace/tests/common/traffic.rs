@@ -77,6 +77,14 @@ pub struct StreamReport {
 
 /// Sends `make(seq)` every `interval` from one socket in the client namespace and collects
 /// echoes, until stopped. Bounded: at most `max` packets.
+/// A record body for a [`Stream`] datagram: `text`, then the sequence number (8 bytes, big
+/// endian), which the stream reads back from the end of the node's echo. It goes inside the
+/// record, so the datagram is one whole record: cidlb routes by CID only a datagram whose
+/// records all name one node, and bytes after a record are not one.
+pub fn body(text: &[u8], seq: u64) -> Vec<u8> {
+    [text, &seq.to_be_bytes()].concat()
+}
+
 pub struct Stream {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<StreamReport>>,
@@ -140,8 +148,8 @@ impl Stream {
             });
             let mut sent = 0u64;
             while !flag.load(Ordering::Relaxed) && sent < max {
-                let mut p = make(sent);
-                p.extend_from_slice(&sent.to_be_bytes());
+                let p = make(sent);
+                debug_assert!(p.ends_with(&sent.to_be_bytes()), "see `body`");
                 let _ = s.send_to(&p, vip);
                 sent += 1;
                 thread::sleep(interval);
