@@ -10,7 +10,7 @@ mod common;
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -26,12 +26,6 @@ use lb_lab::{
 };
 
 const VIP_ADDED: &str = "192.0.2.20";
-
-fn deploy(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/bird")
-        .join(file)
-}
 
 /// The balancers' config: nodes 1..=`nodes`, and the third VIP if `more_vips`.
 fn config(pins: &Path, state: &Path, nodes: usize, more_vips: bool) -> String {
@@ -108,27 +102,8 @@ fn the_router_keeps_the_vip_through_restarts_kills_and_reloads() {
         .map(|(i, n)| Echo::start(&n.name, i + 1, VIP4_SOCKET.port()))
         .collect();
 
-    let (b1_4, r1_4) = fleet::uplink4(1);
-    let (b2_4, r2_4) = fleet::uplink4(2);
-    let (b1_6, r1_6) = fleet::uplink6(1);
-    let (b2_6, r2_6) = fleet::uplink6(2);
-    let router_conf = bird_config(
-        &deploy("router.conf"),
-        &[
-            ("ROUTER_ID", r1_4.clone()),
-            ("B1_LOCAL4", r1_4),
-            ("B1_PEER4", b1_4),
-            ("B1_LOCAL6", r1_6),
-            ("B1_PEER6", b1_6),
-            ("B2_LOCAL4", r2_4),
-            ("B2_PEER4", b2_4),
-            ("B2_LOCAL6", r2_6),
-            ("B2_PEER6", b2_6),
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let _router_bird =
-        Bird::start(&f.router, &dir, "router", &router_conf).unwrap_or_else(|e| panic!("{e}"));
+    let _router_bird = fleet::start_router_bird(&f, &dir, &common::deploy_bird("router.conf"))
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // Each balancer: cidlb run, cidlb announce and BIRD; nodes 1 and 2 at first.
     let mut pins = Vec::new();
@@ -144,7 +119,7 @@ fn the_router_keeps_the_vip_through_restarts_kills_and_reloads() {
         write_then_rename(&cfg, &config(&pin.0, &state, NODES - 1, false));
         let ((l4, p4), (l6, p6)) = (fleet::uplink4(i), fleet::uplink6(i));
         let conf = bird_config(
-            &deploy("balancer.conf"),
+            &common::deploy_bird("balancer.conf"),
             &[
                 ("ROUTER_ID", l4.clone()),
                 ("LOCAL4", l4),

@@ -29,12 +29,6 @@ use lb_lab::{
     ChildGuard, NetNs, VIP4_SOCKET, VIP6_SOCKET,
 };
 
-fn deploy(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/bird")
-        .join(file)
-}
-
 /// One balancer: cidlb, cidlb announce and BIRD in its namespace. Fields drop in order.
 struct Balancer {
     agent: Option<Agent>,
@@ -210,27 +204,8 @@ fn lab_up(policy: &str, tag: &str) -> Lab {
         .collect();
 
     // The router's BIRD, from deploy/bird/router.conf.
-    let (b1_4, r1_4) = fleet::uplink4(1);
-    let (b2_4, r2_4) = fleet::uplink4(2);
-    let (b1_6, r1_6) = fleet::uplink6(1);
-    let (b2_6, r2_6) = fleet::uplink6(2);
-    let router_conf = bird_config(
-        &deploy("router.conf"),
-        &[
-            ("ROUTER_ID", r1_4.clone()),
-            ("B1_LOCAL4", r1_4),
-            ("B1_PEER4", b1_4),
-            ("B1_LOCAL6", r1_6),
-            ("B1_PEER6", b1_6),
-            ("B2_LOCAL4", r2_4),
-            ("B2_PEER4", b2_4),
-            ("B2_LOCAL6", r2_6),
-            ("B2_PEER6", b2_6),
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let _router_bird =
-        Bird::start(&f.router, &dir, "router", &router_conf).unwrap_or_else(|e| panic!("{e}"));
+    let _router_bird = fleet::start_router_bird(&f, &dir, &common::deploy_bird("router.conf"))
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // Balancers: the same cidlb config (but pin and state directories), their own BIRD.
     let bs: Vec<Balancer> = (1..=BALANCERS)
@@ -242,7 +217,7 @@ fn lab_up(policy: &str, tag: &str) -> Lab {
             std::fs::write(&cfg, cidlb_config(policy, &pins.0, &state)).unwrap();
             let ((l4, p4), (l6, p6)) = (fleet::uplink4(i), fleet::uplink6(i));
             let conf = bird_config(
-                &deploy("balancer.conf"),
+                &common::deploy_bird("balancer.conf"),
                 &[
                     ("ROUTER_ID", l4.clone()),
                     ("LOCAL4", l4),

@@ -231,6 +231,30 @@ pub fn bird_config(template: &Path, values: &[(&str, String)]) -> Result<String,
 
 /// BIRD 2 in the foreground in `ns` with `config` (written to `dir`), its control socket in
 /// `dir`; killed when the guard drops.
+/// The router's BIRD, from `template` (`deploy/bird/router.conf`) with its `define` lines set
+/// to this fleet's addresses: both balancers' uplinks, IPv4 and IPv6.
+pub fn start_router_bird(f: &Fleet, dir: &Path, template: &Path) -> Result<Bird, String> {
+    let (b1_4, r1_4) = uplink4(1);
+    let (b2_4, r2_4) = uplink4(2);
+    let (b1_6, r1_6) = uplink6(1);
+    let (b2_6, r2_6) = uplink6(2);
+    let conf = bird_config(
+        template,
+        &[
+            ("ROUTER_ID", r1_4.clone()),
+            ("B1_LOCAL4", r1_4),
+            ("B1_PEER4", b1_4),
+            ("B1_LOCAL6", r1_6),
+            ("B1_PEER6", b1_6),
+            ("B2_LOCAL4", r2_4),
+            ("B2_PEER4", b2_4),
+            ("B2_LOCAL6", r2_6),
+            ("B2_PEER6", b2_6),
+        ],
+    )?;
+    Bird::start(&f.router, dir, "router", &conf)
+}
+
 pub struct Bird {
     pub child: ChildGuard,
     pub socket: PathBuf,
