@@ -375,22 +375,6 @@ fn limits(l: &Limits) -> Result<(), (String, String)> {
             format!("{} is outside 1..{MAX_COOKIE_CAPACITY}", l.cookie_capacity),
         );
     }
-    if let Some(r) = l.new_flows {
-        // Every admitted ClientHello draws a cookie; one held for less than a second may be
-        // gone before its client's next ClientHello echoes it.
-        let per_s = (r.count as f64 / r.per.as_secs_f64()).ceil() as u64;
-        if u64::from(l.cookie_capacity) < per_s {
-            return err(
-                "cookie_capacity",
-                format!(
-                    "{} entries hold fewer cookies than new_flows ({r}) admits in a second \
-                     ({per_s}); every admitted ClientHello draws a cookie, which must last a \
-                     handshake round trip: set at least {per_s}",
-                    l.cookie_capacity
-                ),
-            );
-        }
-    }
     if l.exempt.len() > MAX_EXEMPT as usize {
         return err("exempt", format!("at most {MAX_EXEMPT} prefixes"));
     }
@@ -734,10 +718,6 @@ mod tests {
             (
                 "  new_flows: \"20/1s\"\n  cookie_capacity: 0\n",
                 &["limits.cookie_capacity", "0 is outside"],
-            ),
-            (
-                "  new_flows: \"200000/1s\"\n  cookie_capacity: 1000\n",
-                &["limits.cookie_capacity", "set at least 200000"],
             ),
             (
                 "  new_flows: \"20/1s\"\n  rate: 5\n",
