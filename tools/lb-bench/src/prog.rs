@@ -98,6 +98,20 @@ fn frames() -> Frames {
         )
         .bytes()
     };
+    // From node 1's own MAC (its neighbour entry in `add_nodes`): the datapath un-NATs only
+    // replies that arrive from the node's next hop.
+    let node1_reply = |payload: &[u8]| {
+        Frame::udp(
+            [2, 0, 0, 1, 0, 1],
+            FXN_MAC,
+            lb_lab::ip(&node_addr(1)),
+            PORT,
+            lb_lab::ip(CLIENT4),
+            40000,
+            payload,
+        )
+        .bytes()
+    };
     let body = [0xabu8; 64];
     Frames {
         cid: client(PORT, &cid_record(&[0, 1, 0xa1, 0xa2, 0xa3, 0xa4], &body)),
@@ -116,28 +130,8 @@ fn frames() -> Frames {
             &handshake_record(&body),
         )
         .bytes(),
-        // From node 1's own MAC (its neighbour entry in `add_nodes`): the datapath un-NATs
-        // only replies that arrive from the node's next hop.
-        reply: Frame::udp(
-            [2, 0, 0, 1, 0, 1],
-            FXN_MAC,
-            lb_lab::ip(&node_addr(1)),
-            PORT,
-            lb_lab::ip(CLIENT4),
-            40000,
-            &body,
-        )
-        .bytes(),
-        reply_hvr: Frame::udp(
-            [2, 0, 0, 1, 0, 1],
-            FXN_MAC,
-            lb_lab::ip(&node_addr(1)),
-            PORT,
-            lb_lab::ip(CLIENT4),
-            40000,
-            &hello_verify_request([0xfe, 0xfd], &COOKIE).record(),
-        )
-        .bytes(),
+        reply: node1_reply(&body),
+        reply_hvr: node1_reply(&hello_verify_request([0xfe, 0xfd], &COOKIE).record()),
         hello_cookie: client(
             PORT,
             &client_hello(&[], &COOKIE, &client_extensions(32)).record(),
