@@ -158,6 +158,18 @@ counters! {
     KnownSrcProven = "known_src_proven",
     /// A ClientHello whose cookie matches none recorded for its address and port (forged, from another address or port, learned by another balancer, or evicted): its source is not made known.
     CookieUnproven = "cookie_unproven",
+    /// To a node of a tunnel VIP (`forwarding: tunnel`), encapsulated IP in IP (RFC 2003 / RFC 2473).
+    TunnelEncapIpip = "tunnel_encap_ipip",
+    /// To a node of a tunnel VIP, encapsulated in UDP (GUE variant 1).
+    TunnelEncapGue = "tunnel_encap_gue",
+    /// To a node of a tunnel VIP without a neighbour entry for its next hop: dropped (the kernel cannot take the packet in place: unencapsulated it would route it back to the VIP, encapsulated it would see its own source). The agent's health probes keep nodes' neighbours resolved.
+    DropTunnelNoNeigh = "drop_tunnel_no_neigh",
+    /// To a node of a tunnel VIP with no direct next hop on an attached interface (no route, blackhole, unreachable, another interface): dropped.
+    DropTunnelFib = "drop_tunnel_fib",
+    /// To a tunnel VIP, VLAN-tagged: dropped (the datapath encapsulates untagged frames only).
+    DropTunnelVlan = "drop_tunnel_vlan",
+    /// To a node of a tunnel VIP, larger than the path MTU once encapsulated: dropped (the underlay must carry the client's MTU plus the encapsulation).
+    DropTunnelTooBig = "drop_tunnel_too_big",
 }
 
 impl Counter {

@@ -13,6 +13,7 @@ pub mod hash;
 pub mod limits;
 pub mod maps;
 pub mod splitmix;
+pub mod tunnel;
 pub mod xdp;
 
 pub use counters::Counter;

@@ -10,7 +10,7 @@
 //!   or port, hashes elsewhere.
 //!
 //! Both run in [`after`], a BPF function of its own that `main.rs` calls once `balance` has
-//! decided, for the packets `try_lb` marked (`Hello`).
+//! decided, for the packets `try_lb` marked (`Then::Prove`, `Then::Learn`).
 //!
 //! The handshake formats, after the 13-byte DTLSPlaintext record header (type 22, version,
 //! epoch 0, sequence number, length) and the 12-byte handshake header (msg_type, length,
@@ -286,7 +286,6 @@ fn hash(
 /// Which cookie step a packet needs, as `try_lb` found it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Hello {
-    None,
     /// A handshake record to a VIP port on the flow path: [`prove`].
     Client,
     /// A genuine reply from a node starting with a handshake record: [`learn`].
@@ -318,7 +317,6 @@ pub fn after(ctx: &XdpContext, hello: Hello) {
         Hello::Node => {
             let _ = learn(ctx, s, &pkt, &udp);
         }
-        Hello::None => {}
     }
 }
 

@@ -12,9 +12,9 @@ use lb_common::{
 
 use crate::{maglev, maps, parse::Packet, parse::Udp, stats::count};
 
-/// The node for this packet's flow, pinning a new flow if needed.
+/// The node (id and entry) for this packet's flow, pinning a new flow if needed.
 #[inline(always)]
-pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
+pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<(u32, Node), Counter> {
     let key = FlowKey {
         src: pkt.src,
         dst: pkt.dst,
@@ -45,7 +45,7 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 count(Counter::FlowHit);
-                return Ok(node);
+                return Ok((node_id, node));
             }
         }
         expired = true;
@@ -72,7 +72,7 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
     if expired {
         count(Counter::FlowExpired);
     }
-    Ok(node)
+    Ok((node_id, node))
 }
 
 #[inline(always)]

@@ -43,8 +43,10 @@ pub struct NextHop {
     dmac: [u8; 6],
     ingress: u32,
     ttl: u8,
-    /// The packet is larger than the cached path MTU (only set on a cache hit or fill).
-    too_big: bool,
+    /// The path MTU as cached (0: unknown, or no lookup that learns it) and the packet's L3
+    /// length: see [`NextHop::fits`].
+    mtu: u16,
+    len: u16,
 }
 
 impl NextHop {
@@ -91,16 +93,23 @@ impl NextHop {
         self.dmac
     }
 
+    /// Does the packet, `extra` bytes larger (an encapsulation), fit the path MTU?
     #[inline(always)]
-    fn from_fib(fib: &FibParams, rc: u32, ingress: u32, ttl: u8, too_big: bool) -> Self {
+    pub fn fits(&self, extra: u32) -> bool {
+        self.mtu == 0 || self.len as u32 + extra <= self.mtu as u32
+    }
+
+    #[inline(always)]
+    fn from_fib(fib: &FibParams, rc: u32, ingress: u32, l3: &L3, mtu: u16) -> Self {
         NextHop {
             rc,
             ifindex: fib.ifindex,
             smac: fib.smac,
             dmac: fib.dmac,
             ingress,
-            ttl,
-            too_big,
+            ttl: l3.ttl,
+            mtu,
+            len: l3.len,
         }
     }
 }
@@ -179,7 +188,8 @@ pub fn lookup_node(
                 dmac: c.dmac,
                 ingress,
                 ttl: l3.ttl,
-                too_big: c.mtu != 0 && l3.len > c.mtu,
+                mtu: c.mtu,
+                len: l3.len,
             });
         }
     }
@@ -196,7 +206,7 @@ pub fn lookup_node(
     // packet's own length is compared with the MTU learned below.
     fib.__bindgen_anon_1.tot_len = 0;
     let rc = fib_lookup(ctx, fib);
-    let mut too_big = false;
+    let mut mtu = 0;
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         // The kernel's MTU check (net/core/filter.c, bpf_ipv{4,6}_fib_lookup with check_mtu)
         // runs before the neighbour lookup: with tot_len 0xffff it returns FRAG_NEEDED and
@@ -204,12 +214,11 @@ pub fn lookup_node(
         // else (an MTU of 65535) leaves 0: no check.
         probe.__bindgen_anon_1.tot_len = u16::MAX;
         // SAFETY: reading the union field the kernel writes on FRAG_NEEDED.
-        let mtu = if fib_lookup(ctx, probe) == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        mtu = if fib_lookup(ctx, probe) == BPF_FIB_LKUP_RET_FRAG_NEEDED {
             unsafe { probe.__bindgen_anon_1.mtu_result }
         } else {
             0
         };
-        too_big = mtu != 0 && l3.len > mtu;
         if let Some(c) = maps::NEXTHOP.get_ptr_mut(idx) {
             // SAFETY: per-CPU slot.
             unsafe {
@@ -224,7 +233,7 @@ pub fn lookup_node(
             };
         }
     }
-    Ok(NextHop::from_fib(fib, rc, ingress, l3.ttl, too_big))
+    Ok(NextHop::from_fib(fib, rc, ingress, &l3, mtu))
 }
 
 /// Writes the FIB parameters for the packet's (planned) addressing into `fib`.
@@ -274,29 +283,65 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, to: &Addressing) -> Result<NextHop
         fib,
         rc,
         ctx.ingress_ifindex() as u32,
-        l3.ttl,
-        false,
+        &l3,
+        0,
     ))
 }
 
-/// Sends an already rewritten packet to its next hop, or hands it to the kernel (counted).
+/// What [`send`] does with a packet it cannot forward itself: each a counter whose name
+/// says pass (to the kernel) or drop.
+pub struct Fallbacks {
+    pub vlan: Counter,
+    pub mtu: Counter,
+    pub no_neigh: Counter,
+    pub fib: Counter,
+    pub iface: Counter,
+}
+
+/// NAT mode: the rewritten packet is the kernel's to forward, signal or fragment.
+pub const TO_KERNEL: Fallbacks = Fallbacks {
+    vlan: Counter::FwdKernelVlan,
+    mtu: Counter::FwdKernelMtu,
+    no_neigh: Counter::FwdKernelNoNeigh,
+    fib: Counter::FwdKernelFib,
+    iface: Counter::FwdKernelIface,
+};
+
+/// Tunnel mode: the kernel cannot take the packet (unencapsulated it would route it back to
+/// the VIP, encapsulated it would see a source of its own), so it is dropped and counted.
+pub const TUNNEL: Fallbacks = Fallbacks {
+    vlan: Counter::DropTunnelVlan,
+    mtu: Counter::DropTunnelTooBig,
+    no_neigh: Counter::DropTunnelNoNeigh,
+    fib: Counter::DropTunnelFib,
+    iface: Counter::DropTunnelFib,
+};
+
+/// Sends an already rewritten packet (`extra` bytes larger once encapsulated) to its next
+/// hop, or hands it to `or` (counted).
 #[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Result<u32, Counter> {
+pub fn send(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    hop: &NextHop,
+    or: &Fallbacks,
+    extra: u32,
+) -> Result<u32, Counter> {
     // The kernel owns the mapping from VLAN devices to tags; let it route tagged frames
     // (the rewrite is done, so it forwards them to the node or the client).
     if pkt.vlans != 0 {
-        return Err(Counter::FwdKernelVlan);
+        return Err(or.vlan);
     }
     match hop.rc {
-        BPF_FIB_LKUP_RET_SUCCESS if hop.too_big => return Err(Counter::FwdKernelMtu),
+        BPF_FIB_LKUP_RET_SUCCESS if !hop.fits(extra) => return Err(or.mtu),
         BPF_FIB_LKUP_RET_SUCCESS => {}
         // Larger than the path MTU: the kernel fragments it (IPv4 without DF) or answers with
         // ICMP "fragmentation needed" / "packet too big"; a redirect would be dropped silently.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::FwdKernelMtu),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(or.mtu),
         // The kernel resolves the neighbour (ARP/ND) and forwards this packet itself.
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::FwdKernelNoNeigh),
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(or.no_neigh),
         // Blackhole, unreachable, forwarding disabled, ...: the kernel decides (and signals).
-        _ => return Err(Counter::FwdKernelFib),
+        _ => return Err(or.fib),
     }
     let egress = hop.ifindex;
     // The redirect helper only records the target (the kernel redirects once the program
@@ -307,7 +352,7 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Result<u32, Counte
     } else {
         match maps::DEVMAP.redirect(egress, 0) {
             Ok(action) => Some(action),
-            Err(_) => return Err(Counter::FwdKernelIface),
+            Err(_) => return Err(or.iface),
         }
     };
     // Like any router: a packet that would expire goes to the kernel for its ICMP error (a

@@ -10,6 +10,7 @@
 //! - `limit.rs`   new-flow rate limits (per source, global, known sources first)
 //! - `cookie.rs`  known sources: a node's cookie learned from its reply, matched in the ClientHello
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
+//! - `tunnel.rs`  or, for a tunnel VIP, the packet encapsulated to its node (IPIP or GUE)
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
 //! - `stats.rs`   per-CPU counters; `maps.rs` every map
 #![no_std]
@@ -28,6 +29,7 @@ mod nat;
 mod parse;
 mod reply;
 mod stats;
+mod tunnel;
 mod vip;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext, Global};
@@ -46,46 +48,129 @@ use crate::{
 #[no_mangle]
 pub static CONFIG: Global<DpConfig> = Global::new(DpConfig::DEFAULT);
 
-/// The program: [`balance`] decides and sends (or drops, or passes); a handshake packet it
-/// marks then goes through `cookie::after`. Two BPF functions, each with its own stack frame:
-/// `balance` takes almost all of the 512 bytes a program and the functions it calls may use
-/// together, so the cookie step cannot run inside it.
+/// The program: [`balance`] decides and sends (or drops, or passes); then the step it asked
+/// for, if any: the cookie step for a handshake packet (`cookie::after`), the encapsulation
+/// for a tunnel VIP's packet (`tunnel::encap`). Each is a BPF function with its own stack
+/// frame: `balance` takes almost all of the 512 bytes a program and the functions it calls
+/// may use together, so these cannot run inside it.
 #[xdp]
 pub fn cidlb(ctx: XdpContext) -> u32 {
-    let (action, hello) = balance(&ctx);
-    if hello != cookie::Hello::None {
-        cookie::after(&ctx, hello);
+    let verdict = Verdict(balance(&ctx));
+    match verdict.then() {
+        Then::Nothing => verdict.action(),
+        Then::Prove => {
+            cookie::after(&ctx, cookie::Hello::Client);
+            verdict.action()
+        }
+        Then::Learn => {
+            cookie::after(&ctx, cookie::Hello::Node);
+            verdict.action()
+        }
+        Then::Encap => match tunnel::encap(&ctx, verdict.vip(), verdict.node()) {
+            Ok(()) => verdict.action(),
+            Err(reason) => {
+                count(reason);
+                stats::action_for(reason)
+            }
+        },
     }
-    action
 }
 
-/// The action for the packet, and which cookie step it needs.
+/// What `balance` asks the entry to do after it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    Nothing,
+    /// A handshake record to a VIP port on the flow path: a ClientHello may echo a cookie.
+    Prove,
+    /// A genuine reply from a node starting with a handshake record: a cookie request.
+    Learn,
+    /// Encapsulate to the node (a tunnel VIP; the packet is otherwise forwarded already).
+    Encap,
+}
+
+/// `balance`'s answer in one register (a BPF function returns one): the XDP action in bits
+/// 0..8, [`Then`] in 8..16, the VIP's index in 16..32 and the node id in 32..64 (for `Encap`).
+#[derive(Clone, Copy)]
+struct Verdict(u64);
+
+impl Verdict {
+    #[inline(always)]
+    fn pack(action: u32, then: Then, vip: u32, node: u32) -> u64 {
+        u64::from(action & 0xff)
+            | (then as u64) << 8
+            | u64::from(vip & 0xffff) << 16
+            | u64::from(node) << 32
+    }
+
+    #[inline(always)]
+    fn action(self) -> u32 {
+        (self.0 & 0xff) as u32
+    }
+
+    #[inline(always)]
+    fn then(self) -> Then {
+        match (self.0 >> 8) & 0xff {
+            1 => Then::Prove,
+            2 => Then::Learn,
+            3 => Then::Encap,
+            _ => Then::Nothing,
+        }
+    }
+
+    #[inline(always)]
+    fn vip(self) -> u32 {
+        ((self.0 >> 16) & 0xffff) as u32
+    }
+
+    #[inline(always)]
+    fn node(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+/// What follows `balance` for this packet, as `try_lb` finds it.
+struct Next {
+    then: Then,
+    vip: u32,
+    node: u32,
+}
+
+/// The action for the packet, and the step after it ([`Verdict`]).
 #[inline(never)]
-fn balance(ctx: &XdpContext) -> (u32, cookie::Hello) {
+fn balance(ctx: &XdpContext) -> u64 {
     count(Counter::PacketsSeen);
-    let mut hello = cookie::Hello::None;
-    let action = match try_lb(ctx, &mut hello) {
+    let mut next = Next {
+        then: Then::Nothing,
+        vip: 0,
+        node: 0,
+    };
+    let action = match try_lb(ctx, &mut next) {
         Ok(action) => action,
         Err(reason) => {
+            // Only a forwarded packet is encapsulated.
+            if next.then == Then::Encap {
+                next.then = Then::Nothing;
+            }
             count(reason);
             // Shadow mode passes what it would refuse at the edge, counted as both.
             if reason.shadow_passes() && CONFIG.load().shadow != 0 {
                 count(Counter::ShadowPass);
-                return (aya_ebpf::bindings::xdp_action::XDP_PASS, hello);
+                aya_ebpf::bindings::xdp_action::XDP_PASS
+            } else {
+                stats::action_for(reason)
             }
-            stats::action_for(reason)
         }
     };
-    (action, hello)
+    Verdict::pack(action, next.then, next.vip, next.node)
 }
 
 /// `Ok(action)`: forwarded, counters already bumped.
 /// `Err(counter)`: the counter says what happened and decides the action (pass or drop).
-/// `hello`: set for a handshake packet on the flow path (a ClientHello may echo a cookie),
-/// whatever its verdict, and for a genuine reply from a node that starts with a handshake
-/// record (a cookie request); see `cookie.rs`.
+/// `next`: `Prove` for a handshake packet on the flow path (a ClientHello may echo a
+/// cookie), whatever its verdict; `Learn` for a genuine reply from a node that starts with a
+/// handshake record (a cookie request), see `cookie.rs`; `Encap` for a tunnel VIP's packet.
 #[inline(always)]
-fn try_lb(ctx: &XdpContext, hello: &mut cookie::Hello) -> Result<u32, Counter> {
+fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
     let pkt = parse::parse(ctx)?;
     let L4::Udp(udp) = pkt.l4 else {
         return Err(vip::not_udp_verdict(ctx, &pkt));
@@ -96,14 +181,14 @@ fn try_lb(ctx: &XdpContext, hello: &mut cookie::Hello) -> Result<u32, Counter> {
     if let vip::Dest::OtherPort = dest {
         return Err(Counter::DropVipOtherPort);
     }
-    if let vip::Dest::Balanced = dest {
+    if let vip::Dest::Balanced(vip) = dest {
         vip::check_source(&pkt)?;
         udp.check_length(ctx)?;
-        let node = match dtls::classify(ctx, &udp, &cfg)? {
+        let (id, node) = match dtls::classify(ctx, &udp, &cfg)? {
             dtls::Route::Node(id, format) => match maps::node(id) {
                 Some(node) => {
                     count(format.routed());
-                    node
+                    (id, node)
                 }
                 None if cfg.unknown_node_flow != 0 => {
                     count(Counter::CidUnknownNodeFlow);
@@ -113,11 +198,25 @@ fn try_lb(ctx: &XdpContext, hello: &mut cookie::Hello) -> Result<u32, Counter> {
             },
             dtls::Route::Flow => {
                 if cookie::starts_handshake(ctx, &udp) {
-                    *hello = cookie::Hello::Client;
+                    next.then = Then::Prove;
                 }
                 flow::route(&pkt, &udp, &cfg)?
             }
         };
+        if let Some(t) = tunnel::of_vip(vip) {
+            let to = tunnel::addressing(&pkt, &udp, &node, t)?;
+            let hop = forward::lookup_node(ctx, &pkt, &to, node.slot)?;
+            stats::to_node(ctx, node.slot);
+            if cfg.shadow != 0 {
+                return Err(Counter::ShadowPass);
+            }
+            *next = Next {
+                then: Then::Encap,
+                vip,
+                node: id,
+            };
+            return forward::send(ctx, &pkt, &hop, &forward::TUNNEL, tunnel::overhead(t, &pkt));
+        }
         let rw = Rewrite::to_node(&pkt, &udp, &node)?;
         let hop = forward::lookup_node(ctx, &pkt, &rw.addressing(&pkt, &udp), node.slot)?;
         stats::to_node(ctx, node.slot);
@@ -140,7 +239,7 @@ fn try_lb(ctx: &XdpContext, hello: &mut cookie::Hello) -> Result<u32, Counter> {
             return Err(Counter::PassFwdDisabled);
         }
         if cookie::starts_handshake(ctx, &udp) {
-            *hello = cookie::Hello::Node;
+            next.then = Then::Learn;
         }
         count(Counter::ReplyUnnat);
         stats::from_node(ctx, rev.node_slot);
@@ -164,7 +263,7 @@ fn finish(
         return Err(Counter::ShadowPass);
     }
     rw.apply(ctx, pkt, udp)?;
-    forward::send(ctx, pkt, hop)
+    forward::send(ctx, pkt, hop, &forward::TO_KERNEL, 0)
 }
 
 #[cfg(not(test))]

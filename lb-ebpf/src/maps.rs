@@ -10,6 +10,7 @@ use lb_common::{
     cookie::{CookieInput, CookieKey, DEFAULT_COOKIE_CAPACITY},
     hash::node_check,
     limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
+    tunnel::Tunnel,
     AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot,
     VlanKey, DEFAULT_FLOW_CAPACITY, MAGLEV_ENTRIES, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_NODES,
     MAX_REVERSE, MAX_VIPS, MAX_VLAN_IFACES, NODE_FILTER_WORDS, NODE_ID_SLOTS, PORT_WORDS,
@@ -78,6 +79,11 @@ pub static VIPS: HashMap<AddrKey, Vip> = HashMap::with_max_entries(MAX_VIPS, 0);
 /// compares instead of hashing a 20-byte key and walking a bucket on every packet.
 #[map]
 pub static VIP_TABLE: Array<VipSlot> = Array::with_max_entries(VIP_TABLE_SLOTS, 0);
+
+/// Per VIP (by its `VIP_PORTS` index): its encapsulation in tunnel mode, all zero in NAT mode
+/// (`lb_common::tunnel`).
+#[map]
+pub static VIP_TUNNEL: Array<Tunnel> = Array::with_max_entries(MAX_VIPS, 0);
 
 /// One 65536-bit port bitmap per VIP: bit p set = UDP port p of that VIP is balanced.
 #[map]

@@ -24,8 +24,8 @@ use aya_ebpf::programs::XdpContext;
 
 /// What a packet's destination is to the balancer.
 pub enum Dest {
-    /// A VIP address and a port it balances.
-    Balanced,
+    /// A VIP address and a port it balances: the VIP's index (`VIP_PORTS`, `VIP_TUNNEL`).
+    Balanced(u32),
     /// A VIP address, another port.
     OtherPort,
     /// No VIP.
@@ -72,7 +72,7 @@ pub fn dest(pkt: &Packet, dport: u16) -> Dest {
     };
     let port = u16::from_be(dport) as u32;
     match maps::VIP_PORTS.get(index * PORT_WORDS + port / 64) {
-        Some(word) if (*word >> (port % 64)) & 1 == 1 => Dest::Balanced,
+        Some(word) if (*word >> (port % 64)) & 1 == 1 => Dest::Balanced(index),
         _ => Dest::OtherPort,
     }
 }

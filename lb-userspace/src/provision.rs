@@ -19,9 +19,11 @@ use aya::{
 };
 use lb_common::{
     limits::{self as lim, ExemptKey, LimitConfig, SrcKey},
-    names, AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot, VlanKey,
-    LAYOUT_VERSION, MAGLEV_CTL_EMPTY, MAGLEV_CTL_HALF0, MAGLEV_SIZE, MAX_NODES, MAX_VIPS,
-    NODE_FILTER_WORDS, NODE_ID_SLOTS, VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
+    names,
+    tunnel::VIP_TUNNEL,
+    AddrKey, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot, VlanKey, LAYOUT_VERSION,
+    MAGLEV_CTL_EMPTY, MAGLEV_CTL_HALF0, MAGLEV_SIZE, MAX_NODES, MAX_VIPS, NODE_FILTER_WORDS,
+    NODE_ID_SLOTS, VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
 };
 
 use crate::{
@@ -262,6 +264,14 @@ fn vips(ebpf: &mut Ebpf, cfg: &Config) -> Result<(), DatapathError> {
                 bits.set(base + i as u32, w, 0)
                     .map_err(merr(names::VIP_PORTS))?;
             }
+        }
+        // The forwarding mode, at the same index, also before anything points there.
+        let mut tunnels: Array<_, lb_common::tunnel::Tunnel> =
+            Array::try_from(map(ebpf, VIP_TUNNEL)?).map_err(merr(VIP_TUNNEL))?;
+        for (vip, key) in cfg.vips.iter().zip(&keys) {
+            tunnels
+                .set(index[key], plan::vips::tunnel(vip), 0)
+                .map_err(merr(VIP_TUNNEL))?;
         }
     }
     let vips: Vec<(AddrKey, Vip)> = keys.iter().map(|k| (*k, Vip { index: index[k] })).collect();

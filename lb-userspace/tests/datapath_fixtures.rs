@@ -31,6 +31,8 @@ mod regressions;
 mod reply;
 #[path = "fixtures/sources.rs"]
 mod sources;
+#[path = "fixtures/tunnel.rs"]
+mod tunnel;
 #[path = "fixtures/vip_edge.rs"]
 mod vip_edge;
 #[path = "fixtures/vlan.rs"]
@@ -430,6 +432,11 @@ fn flow_fixtures() {
 #[test]
 fn limit_fixtures() {
     run("new-flow limits", limits::cases());
+}
+
+#[test]
+fn tunnel_fixtures() {
+    run("tunnel mode", tunnel::cases());
 }
 
 #[test]

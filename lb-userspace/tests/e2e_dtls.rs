@@ -155,7 +155,10 @@ const OPEN_LIMITS: &str = "limits: {new_flows: \"100000/1s\"}\n";
 /// session proved its source, and no cookie failed to match.
 fn assert_every_handshake_proven(json: &str, handshakes: u64) {
     assert!(json_counter(json, "cookie_learned") >= handshakes, "{json}");
-    assert!(json_counter(json, "known_src_proven") >= handshakes, "{json}");
+    assert!(
+        json_counter(json, "known_src_proven") >= handshakes,
+        "{json}"
+    );
     assert_eq!(json_counter(json, "cookie_unproven"), 0, "{json}");
 }
 

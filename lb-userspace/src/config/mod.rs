@@ -162,6 +162,58 @@ fn de_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error
 pub struct Vip {
     pub address: IpAddr,
     pub ports: Vec<PortRange>,
+    /// How a packet reaches its node: `nat` (destination rewritten; replies come back through
+    /// the balancer) or `tunnel` (encapsulated; the node answers the client directly).
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// The encapsulation of a `forwarding: tunnel` VIP.
+    #[serde(default)]
+    pub tunnel: Option<Tunnel>,
+}
+
+impl Vip {
+    /// The tunnel settings if this VIP is in tunnel mode.
+    pub fn tunnel(&self) -> Option<&Tunnel> {
+        match self.forwarding {
+            Forwarding::Tunnel => self.tunnel.as_ref(),
+            Forwarding::Nat => None,
+        }
+    }
+}
+
+/// `vips[].forwarding`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Forwarding {
+    #[default]
+    Nat,
+    Tunnel,
+}
+
+/// `vips[].tunnel.encap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encap {
+    /// IP in IP (RFC 2003 / RFC 2473).
+    Ipip,
+    /// IP in UDP, GUE variant 1.
+    Gue,
+}
+
+/// `vips[].tunnel`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tunnel {
+    pub encap: Encap,
+    /// The outer IPv4 source: an address, or a prefix whose host bits follow the flow.
+    #[serde(default)]
+    pub source4: Option<limits::Prefix>,
+    /// The outer IPv6 source, likewise.
+    #[serde(default)]
+    pub source6: Option<limits::Prefix>,
+    /// The UDP port the nodes decapsulate GUE on (`encap: gue`).
+    #[serde(default)]
+    pub gue_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -28,7 +28,8 @@ pub struct ReverseEntry {
 pub fn reverse_entries(cfg: &Config) -> (Vec<ReverseEntry>, Vec<String>) {
     let mut seen: BTreeMap<(IpAddr, u16), (ReverseEntry, usize)> = BTreeMap::new();
     for (ni, node) in cfg.nodes.iter().enumerate() {
-        for vip in &cfg.vips {
+        // A tunnel VIP's replies leave the node from the VIP: nothing to un-NAT.
+        for vip in cfg.vips.iter().filter(|v| v.tunnel().is_none()) {
             let Some(node_addr) = node.address_for(vip.address) else {
                 continue;
             };

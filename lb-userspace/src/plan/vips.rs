@@ -4,11 +4,14 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    addr_key, hash::vip_slot, AddrKey, VipSlot, PORT_WORDS, VIP_PROBES, VIP_SLOT_EMPTY,
-    VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
+    addr_key, addr_words,
+    hash::vip_slot,
+    port_wire,
+    tunnel::{Tunnel, ENCAP_GUE, ENCAP_IPIP},
+    AddrKey, VipSlot, PORT_WORDS, VIP_PROBES, VIP_SLOT_EMPTY, VIP_SLOT_REMOVED, VIP_TABLE_SLOTS,
 };
 
-use crate::config::{Config, Vip};
+use crate::config::{Config, Encap, Vip};
 
 /// The `VIPS` key of each VIP, in config order.
 pub fn keys(cfg: &Config) -> Vec<AddrKey> {
@@ -24,6 +27,30 @@ pub fn port_words(vip: &Vip) -> Vec<u64> {
         }
     }
     words
+}
+
+/// A VIP's `VIP_TUNNEL` entry: all zero in NAT mode.
+pub fn tunnel(vip: &Vip) -> Tunnel {
+    let Some(t) = vip.tunnel() else {
+        return Tunnel::default();
+    };
+    let mut out = Tunnel {
+        encap: match t.encap {
+            Encap::Ipip => ENCAP_IPIP,
+            Encap::Gue => ENCAP_GUE,
+        },
+        gue_port: port_wire(t.gue_port.unwrap_or(0)),
+        ..Tunnel::default()
+    };
+    if let Some(p) = t.source4 {
+        out.src4 = addr_words(p.addr).0[0];
+        out.src4_bits = 32 - p.len;
+    }
+    if let Some(p) = t.source6 {
+        out.src6 = addr_words(p.addr).0;
+        out.src6_bits = 128 - p.len;
+    }
+    out
 }
 
 /// `VIP_TABLE` once `want` (VIP → bitmap index) is placed in `table`: a VIP keeps its slot

@@ -854,14 +854,22 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
         ),
         // Before the ClientHello below: its cookie is learned here.
         Case::new(
-            ("reply un-NAT, HelloVerifyRequest learned", "shadow", REPLY_HVR),
+            (
+                "reply un-NAT, HelloVerifyRequest learned",
+                "shadow",
+                REPLY_HVR,
+            ),
             &shadow_limited.ebpf,
             prog,
             &f.reply_hvr,
             fxn,
         ),
         Case::new(
-            ("known flow, ClientHello echoing a cookie", "shadow", HELLO_COOKIE),
+            (
+                "known flow, ClientHello echoing a cookie",
+                "shadow",
+                HELLO_COOKIE,
+            ),
             &shadow_limited.ebpf,
             prog,
             &f.hello_cookie,

@@ -248,3 +248,91 @@ pub fn assert_checksums(frame: &[u8], what: &str) {
         _ => {}
     }
 }
+
+/// How a tunnel VIP's packet is wrapped (see `lb_common::tunnel`).
+#[derive(Clone, Copy, Debug)]
+pub enum Encap {
+    /// IP in IP.
+    Ipip,
+    /// GUE variant 1: UDP from `sport` to `dport`, then the inner packet.
+    Gue { sport: u16, dport: u16 },
+}
+
+/// The frame a balancer sends to a tunnel node: Ethernet (`src_mac` → `dst_mac`), the outer
+/// IP header from `src` to `dst` (TTL 64; for IPv4 the identification `ident`, and the inner
+/// packet's TOS and DF; for IPv6 the flow label `ident` and the inner traffic class), the
+/// UDP header for GUE (checksum 0 over IPv4, computed over IPv6), then `inner` without its
+/// Ethernet header. Built with etherparse, checksums from scratch.
+pub fn tunnel_frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: IpAddr,
+    dst: IpAddr,
+    ident: u32,
+    encap: Encap,
+    inner: &Frame,
+) -> Vec<u8> {
+    let inner_bytes = inner.bytes()[14..].to_vec();
+    let mut out = Vec::new();
+    let (v6, proto) = match (src, encap) {
+        (IpAddr::V4(_), Encap::Ipip) => (false, IpNumber::IPV4),
+        (IpAddr::V6(_), Encap::Ipip) => (true, IpNumber::IPV6),
+        (IpAddr::V4(_), Encap::Gue { .. }) => (false, IpNumber::UDP),
+        (IpAddr::V6(_), Encap::Gue { .. }) => (true, IpNumber::UDP),
+    };
+    Ethernet2Header {
+        source: src_mac,
+        destination: dst_mac,
+        ether_type: if v6 { EtherType::IPV6 } else { EtherType::IPV4 },
+    }
+    .write(&mut out)
+    .unwrap();
+    let udp_len = 8 + inner_bytes.len();
+    let ip_payload = match encap {
+        Encap::Ipip => inner_bytes.len(),
+        Encap::Gue { .. } => udp_len,
+    };
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip =
+                Ipv4Header::new(ip_payload as u16, 64, proto, s.octets(), d.octets()).unwrap();
+            ip.identification = ident as u16;
+            ip.dscp = etherparse::Ipv4Dscp::try_new(inner_bytes[1] >> 2).unwrap();
+            ip.ecn = etherparse::Ipv4Ecn::try_new(inner_bytes[1] & 3).unwrap();
+            ip.dont_fragment = inner_bytes[6] & 0x40 != 0;
+            ip.header_checksum = ip.calc_header_checksum();
+            ip.write(&mut out).unwrap();
+            if let Encap::Gue { sport, dport } = encap {
+                let udp = UdpHeader {
+                    source_port: sport,
+                    destination_port: dport,
+                    length: udp_len as u16,
+                    checksum: 0,
+                };
+                udp.write(&mut out).unwrap();
+            }
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let tc = (inner_bytes[0] << 4) | (inner_bytes[1] >> 4);
+            let ip = Ipv6Header {
+                traffic_class: tc,
+                flow_label: etherparse::Ipv6FlowLabel::try_new(ident & 0xf_ffff).unwrap(),
+                payload_length: ip_payload as u16,
+                next_header: proto,
+                hop_limit: 64,
+                source: s.octets(),
+                destination: d.octets(),
+            };
+            ip.write(&mut out).unwrap();
+            if let Encap::Gue { sport, dport } = encap {
+                UdpHeader::with_ipv6_checksum(sport, dport, &ip, &inner_bytes)
+                    .unwrap()
+                    .write(&mut out)
+                    .unwrap();
+            }
+        }
+        _ => panic!("mixed address families"),
+    }
+    out.extend_from_slice(&inner_bytes);
+    out
+}

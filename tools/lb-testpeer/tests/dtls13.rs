@@ -189,13 +189,7 @@ struct Wire {
 /// when it rebound to a later session (seen once in about fifteen runs): records carrying
 /// another session's CID (`others`) are that session's, and so is anything on the port
 /// before this session's first ClientHello.
-fn check_wire(
-    seen: &[Seen],
-    ports: &[u16],
-    cid: &[u8],
-    others: &[Vec<u8>],
-    messages: u32,
-) -> Wire {
+fn check_wire(seen: &[Seen], ports: &[u16], cid: &[u8], others: &[Vec<u8>], messages: u32) -> Wire {
     let another_sessions = |s: &Seen| {
         s.to_server
             && is_unified(s.data[0])

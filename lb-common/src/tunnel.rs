@@ -1,0 +1,136 @@
+//! Tunnel mode (direct server return): a VIP's encapsulation, as the agent writes it into
+//! `VIP_TUNNEL` and the datapath (`lb-ebpf/src/tunnel.rs`) applies it.
+//!
+//! The node is chosen as in NAT mode; instead of rewriting the destination, the balancer puts
+//! the client's packet, as it arrived (IPv4 options included, VLAN tags not: they belong to the
+//! ingress link), inside an outer header to the node's address:
+//! - `ipip`: IPv4 in IPv4 (RFC 2003, protocol 4) or IPv6 in IPv6 (RFC 2473, next header 41);
+//! - `gue`: the same inner packet in UDP to the VIP's GUE port, GUE variant 1 (direct IP
+//!   encapsulation: the payload starts with the inner IP header, whose version nibble 4 or 6
+//!   makes the GUE variant bits 01), which Linux's `fou`/`gue` decapsulates.
+//!
+//! The outer source is a configured address, or, for a prefix, that prefix with its host bits
+//! taken from the flow's hash, so a node's NIC spreads `ipip` flows over its queues (RSS
+//! hashes the outer header); the GUE source port always follows the flow.
+
+use core::mem::size_of;
+
+/// `VIP_TUNNEL` (array, one [`Tunnel`] per VIP bitmap index, `MAX_VIPS`).
+pub const VIP_TUNNEL: &str = "VIP_TUNNEL";
+
+/// [`Tunnel::encap`]: NAT mode (no encapsulation).
+pub const ENCAP_NONE: u8 = 0;
+/// IP in IP (RFC 2003 / RFC 2473).
+pub const ENCAP_IPIP: u8 = 1;
+/// GUE variant 1 (IP in UDP).
+pub const ENCAP_GUE: u8 = 2;
+
+/// IP protocol numbers of the outer header.
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Host bits of an outer source prefix that the flow hash may fill, at most.
+pub const MAX_SOURCE_BITS: u8 = 16;
+
+/// GUE source ports: 49152 + the flow hash's low 14 bits (the dynamic range, RFC 6335).
+#[inline(always)]
+pub const fn gue_source_port(flow_hash: u32) -> u16 {
+    0xc000 | (flow_hash & 0x3fff) as u16
+}
+
+/// Bytes the encapsulation adds in front of the inner IP packet.
+#[inline(always)]
+pub const fn overhead(encap: u8, ipv6: bool) -> usize {
+    let ip = if ipv6 { 40 } else { 20 };
+    if encap == ENCAP_GUE {
+        ip + 8
+    } else {
+        ip
+    }
+}
+
+/// `VIP_TUNNEL` value. All zero: NAT mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tunnel {
+    /// IPv6 outer source (wire bytes), for IPv6 VIPs.
+    pub src6: [u32; 4],
+    /// IPv4 outer source (wire bytes), for IPv4 VIPs.
+    pub src4: u32,
+    /// GUE destination port (wire bytes).
+    pub gue_port: u16,
+    /// `ENCAP_*`.
+    pub encap: u8,
+    /// Low bits of `src4` / `src6` replaced by the flow hash (0: the address as it is).
+    pub src4_bits: u8,
+    pub src6_bits: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Tunnel {
+    /// The IPv4 outer source for a flow: `src4` with its low `src4_bits` bits from the hash.
+    #[inline(always)]
+    pub fn source4(&self, flow_hash: u32) -> u32 {
+        let base = u32::from_be(self.src4);
+        let mask = low_mask(self.src4_bits);
+        ((base & !mask) | (flow_hash & mask)).to_be()
+    }
+
+    /// The IPv6 outer source for a flow: `src6` with its low `src6_bits` bits from the hash.
+    #[inline(always)]
+    pub fn source6(&self, flow_hash: u32) -> [u32; 4] {
+        let mut a = self.src6;
+        let base = u32::from_be(a[3]);
+        let mask = low_mask(self.src6_bits);
+        a[3] = ((base & !mask) | (flow_hash & mask)).to_be();
+        a
+    }
+}
+
+/// The low `bits` bits set (`bits` ≤ [`MAX_SOURCE_BITS`]).
+#[inline(always)]
+const fn low_mask(bits: u8) -> u32 {
+    if bits == 0 {
+        0
+    } else {
+        (1u32 << (bits & 31)) - 1
+    }
+}
+
+const _: () = assert!(size_of::<Tunnel>() == 28);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)], Copy, integers only with explicit padding fields.
+    unsafe impl aya::Pod for super::Tunnel {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_take_the_flow_hash_in_their_host_bits_only() {
+        let t = Tunnel {
+            src4: u32::from_be_bytes([10, 9, 0, 0]).to_be(),
+            src4_bits: 8,
+            src6: [0x2001_0db8u32.to_be(), 0, 0, 0x0000_1000u32.to_be()],
+            src6_bits: 4,
+            ..Tunnel::default()
+        };
+        assert_eq!(
+            u32::from_be(t.source4(0xdead_beef)).to_be_bytes(),
+            [10, 9, 0, 0xef]
+        );
+        assert_eq!(u32::from_be(t.source6(0xdead_beef)[3]), 0x0000_100f);
+        let single = Tunnel {
+            src4: 0x0102_0304,
+            ..Tunnel::default()
+        };
+        assert_eq!(single.source4(0xffff_ffff), 0x0102_0304);
+        assert_eq!(gue_source_port(0x1234_5678), 0xc000 | 0x1678);
+        assert_eq!(overhead(ENCAP_GUE, true), 48);
+        assert_eq!(overhead(ENCAP_IPIP, false), 20);
+    }
+}
