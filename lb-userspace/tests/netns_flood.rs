@@ -14,7 +14,7 @@ use std::{
 use common::agent::{cidlb, json_counter, lab_up, write_lab_config, AgentProc, PinGuard};
 use lb_lab::{
     peer::{self, ClientRun},
-    trafgen::{self, Trafgen},
+    trafgen::{self, Spoofed, Trafgen},
     ChildGuard, Lab, NetNs,
 };
 
@@ -114,8 +114,18 @@ fn up(tag: &str, extra_config: &str) -> Flood {
 impl Flood {
     /// Starts the flood of spoofed ClientHellos from the client namespace: one trafgen per CPU
     /// in `cpus`, each sending `packets` at the same pace, so the flood lasts as long on two
-    /// CPUs as on one (see [`hello_flood`] for where it runs).
-    fn flood(&self, packets: u64, pace: &[&str], cpus: &[usize]) -> (Vec<Trafgen>, Instant) {
+    /// CPUs as on one (see [`hello_flood`] for where it runs), from sources as `from` says.
+    fn flood(
+        &self,
+        packets: u64,
+        pace: &[&str],
+        cpus: &[usize],
+        from: Spoofed,
+    ) -> (Vec<Trafgen>, Instant) {
+        assert!(
+            cpus.len() == 1 || from == Spoofed::Random,
+            "a pool flood runs on one CPU: two generators would send the same tuples"
+        );
         let hello = cidlb::health::client_hello([0x5a; 32]);
         let conf = trafgen::spoofed_udp_flood(
             self.lab
@@ -126,6 +136,7 @@ impl Flood {
             lb_lab::VIP4,
             lb_lab::PORT,
             &hello,
+            from,
         );
         let conf_path = self.tmp.0.join("flood.cfg");
         std::fs::write(&conf_path, conf).unwrap();
@@ -251,7 +262,7 @@ fn hello_flood(tag: &str, packets: u64, pace: &[&str], min_pps: f64, flood_cpus:
     );
     let before = f.stats();
 
-    let (mut tgs, flood_start) = f.flood(packets, pace, flood_cpus);
+    let (mut tgs, flood_start) = f.flood(packets, pace, flood_cpus, Spoofed::Random);
     // Wait (bounded) until the flood is seen at the balancer, then measure its rate over 1 s.
     // Packets the balancer saw (the flood is almost all of them).
     let flood_seen = |s: &str| json_counter(s, "packets_seen");
@@ -407,7 +418,7 @@ fn small_table_flood(tag: &str, extra_config: &str, packets: u64, pace: &[&str])
     );
     // Handshakes done, first records exchanged: the sessions are established.
     std::thread::sleep(Duration::from_millis(1500));
-    let (mut tgs, flood_start) = f.flood(packets, pace, &[0]);
+    let (mut tgs, flood_start) = f.flood(packets, pace, &[0], Spoofed::Random);
     let mut tg = tgs.pop().expect("one trafgen");
     // Poll both (bounded): when did the flood end, when did the sessions end?
     let (mut flood_end, mut legit_end) = (None, None);
