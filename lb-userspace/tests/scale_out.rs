@@ -1,6 +1,7 @@
 //! The scale-out test (issue #9): two cidlb balancers behind a router that learns the VIPs over
 //! BGP (BIRD, `deploy/bird/*.conf`) and spreads flows over them with an L4-hashed ECMP route;
-//! three nodes run the real DTLS test peer and reply through either balancer (`lb_lab::fleet`).
+//! three nodes run the real DTLS test peer and reply through the balancer that brought the
+//! request (`lb_lab::fleet`, [`Replies::SameBalancer`], as `deploy/OPERATIONS.md` sets up).
 //!
 //! While long non-CID sessions, rebinding CID sessions and a stream of short handshakes run
 //! over IPv4 and IPv6, one node's health flaps on one balancer only, one balancer goes into
@@ -23,7 +24,7 @@ use std::{
 
 use lb_lab::{
     agent::{Agent, LogTo, PinGuard},
-    fleet::{self, bird_config, Bird, Fleet, BALANCERS, NODES, TABLE},
+    fleet::{self, bird_config, Bird, Fleet, Replies, BALANCERS, NODES, TABLE},
     node4, node6,
     peer::{self, ClientRun},
     ChildGuard, NetNs, VIP4_SOCKET, VIP6_SOCKET,
@@ -184,10 +185,10 @@ struct Lab {
     f: Fleet,
 }
 
-fn lab_up(policy: &str, tag: &str) -> Lab {
+fn lab_up(policy: &str, tag: &str, replies: Replies) -> Lab {
     common::require_root();
     let prefix = lb_lab::unique_prefix(tag);
-    let f = Fleet::up(&prefix).unwrap_or_else(|e| panic!("{e}"));
+    let f = Fleet::up(&prefix, replies).unwrap_or_else(|e| panic!("{e}"));
     let dir = std::env::temp_dir().join(format!("cidlb-{prefix}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -268,7 +269,7 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
         _servers,
         _router_bird,
         mut bs,
-    } = lab_up(policy, tag);
+    } = lab_up(policy, tag, Replies::SameBalancer);
 
     // Traffic, both families: long non-CID sessions (routed by flow for their whole life),
     // rebinding CID sessions, and a stream of short handshakes.
@@ -386,10 +387,14 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
         runs.push((name, run));
     }
     changed.extend(shared_flows(&bs));
+    let paths = f.reply_paths().unwrap_or_else(|e| panic!("{e}"));
     println!(
-        "{policy}: {} flows changed balancer; wall time {:?}",
+        "{policy}: {} flows changed balancer; wall time {:?}; {} of {} node replies left \
+         through the other balancer than their connection's (while one was cut off)",
         changed.len(),
-        t0.elapsed()
+        t0.elapsed(),
+        paths.crossed,
+        paths.replies
     );
     for (name, run) in &runs {
         println!("{policy} {name}: {}", run.summary);
@@ -474,7 +479,7 @@ fn control_round_robin_breaks_sessions_that_change_balancer() {
 #[test]
 fn vip_traffic_no_vip_port_takes_does_not_loop() {
     use etherparse::PacketBuilder;
-    let lab = lab_up("maglev", "sol");
+    let lab = lab_up("maglev", "sol", Replies::SameBalancer);
     let (f, dir) = (&lab.f, &lab.dir);
     let cmac = f.client.mac("c0").unwrap();
     let rmac = f.router.mac("rc").unwrap();
@@ -618,4 +623,94 @@ fn vip_traffic_no_vip_port_takes_does_not_loop() {
     }
     let _ = std::fs::remove_dir_all(dir);
     assert!(bad.is_empty(), "VIP traffic looped:\n{}", bad.join("\n"));
+}
+
+/// Handshakes per family in [`handshake_round`].
+const ROUND_SESSIONS: u32 = 60;
+
+/// What one [`handshake_round`] did.
+struct Round {
+    /// The nodes' replies meanwhile, and how many left through the other balancer than the
+    /// one that brought their connection (iptables in the nodes, `Fleet::reply_paths`).
+    paths: fleet::ReplyPaths,
+}
+
+impl std::fmt::Display for Round {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} node replies left through the other balancer",
+            self.paths.crossed, self.paths.replies
+        )
+    }
+}
+
+/// Short DTLS 1.2 sessions (a cookie exchange each) from the client to both VIPs, each on a
+/// new source port, so the router spreads them over both balancers; every session must
+/// succeed.
+fn handshake_round(lab: &Lab, what: &str) -> Round {
+    let paths = || lab.f.reply_paths().unwrap_or_else(|e| panic!("{e}"));
+    let before = paths();
+    let n = ROUND_SESSIONS.to_string();
+    let args = ["--sessions", &n, "--parallel", "4", "--messages", "1"];
+    let runs = [("v4", VIP4_SOCKET), ("v6", VIP6_SOCKET)].map(|(fam, vip)| {
+        let out = lab.dir.join(format!("round-{what}-{fam}.json"));
+        let child = peer::spawn_client(&lab.testpeer, &lab.f.client, &vip.to_string(), &args, &out)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (fam, out, child)
+    });
+    for (fam, out, mut child) in runs {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} {fam}: client still running after 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let text = std::fs::read_to_string(&out).unwrap();
+        let run = ClientRun::parse(&text, status.success())
+            .unwrap_or_else(|e| panic!("{what} {fam}: {e}"));
+        assert!(run.ok, "{what} {fam}: {}\n{text}", run.summary);
+    }
+    let after = paths();
+    Round {
+        paths: fleet::ReplyPaths {
+            replies: after.replies - before.replies,
+            crossed: after.crossed - before.crossed,
+        },
+    }
+}
+
+/// Issue #19 item 4. Behind ECMP a node's reply (its HelloVerifyRequest among them) can leave
+/// through the other balancer than the one that brought the request; with
+/// [`Replies::SameBalancer`] every reply crosses the balancer that saw the request.
+/// Handshakes over IPv4 and IPv6, first with the nodes replying by ECMP (the control: about
+/// half cross), then, on the same fleet, through the balancer that brought the request: none.
+#[test]
+fn replies_return_through_the_balancer_that_brought_the_request() {
+    let lab = lab_up("maglev", "sop", Replies::Ecmp);
+    let ecmp = handshake_round(&lab, "ecmp");
+    lab.f
+        .reply_through_ingress()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let same = handshake_round(&lab, "same");
+    println!("nodes reply by ECMP: {ecmp}");
+    println!("nodes reply through the balancer that brought the request: {same}");
+    let _ = std::fs::remove_dir_all(&lab.dir);
+    let least = 2 * ROUND_SESSIONS as u64;
+    assert!(
+        ecmp.paths.replies >= least && same.paths.replies >= least,
+        "fewer than {least} replies: by ECMP {ecmp}; through the balancer {same}"
+    );
+    assert_eq!(same.paths.crossed, 0, "{same}");
+    // The control: 120 handshakes' replies each take either balancer by a hash independent of
+    // the request's; fewer than 10% crossing would be a 1-in-10^14 chance.
+    assert!(
+        ecmp.paths.crossed * 10 >= ecmp.paths.replies,
+        "replies by ECMP: {ecmp}; about half should have crossed"
+    );
 }
