@@ -132,7 +132,7 @@ counters! {
     DropLimitSource = "drop_limit_source",
     /// New flow over the global limit (`limits.new_flows`): dropped, not in the flow table.
     DropLimitGlobal = "drop_limit_global",
-    /// New flow from a known source (one with a recent established flow) admitted from the reserve other sources cannot take (`limits.known_reserve`).
+    /// New flow from a known source (one that recently echoed a node's cookie) admitted from the reserve other sources cannot take (`limits.known_reserve`).
     LimitKnownReserve = "limit_known_reserve",
     /// New flow from a `limits.exempt` prefix: no per-source limit (the global one still applies).
     LimitExempt = "limit_exempt",
@@ -152,6 +152,12 @@ counters! {
     DropSrcNode = "drop_src_node",
     /// To a VIP port from one of the balancer's own addresses (spoofed; `LOCAL_ADDRS`, kept current by the agent): dropped.
     DropSrcLocal = "drop_src_local",
+    /// A node's HelloVerifyRequest (DTLS 1.2) or HelloRetryRequest (DTLS 1.3) on its way to a client: its cookie recorded in `COOKIES` (with `limits.new_flows` on).
+    CookieLearned = "cookie_learned",
+    /// A ClientHello that echoed a cookie recorded for its address and port: its source (IPv4 address, IPv6 /64) is known for `limits.known_for`.
+    KnownSrcProven = "known_src_proven",
+    /// A ClientHello whose cookie matches none recorded for its address and port (forged, from another address or port, learned by another balancer, or evicted): its source is not made known.
+    CookieUnproven = "cookie_unproven",
 }
 
 impl Counter {

@@ -6,6 +6,7 @@
 //! copies them without byte swapping.
 #![no_std]
 
+pub mod cookie;
 pub mod counters;
 pub mod csum;
 pub mod hash;

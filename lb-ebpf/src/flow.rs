@@ -45,7 +45,6 @@ pub fn route(pkt: &Packet, udp: &Udp, cfg: &DpConfig) -> Result<Node, Counter> {
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 count(Counter::FlowHit);
-                crate::limit::established(pkt, now);
                 return Ok(node);
             }
         }

@@ -183,14 +183,19 @@ pub fn lookup_node(
             });
         }
     }
-    let mut fib = params(ctx, pkt, to, &l3);
+    let scratch = maps::FIB_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Counter::FwdKernelFib)?;
+    // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
+    let (fib, probe) = unsafe { (&mut (*scratch).fib, &mut (*scratch).probe) };
+    params(ctx, pkt, to, &l3, fib);
     // The MTU lookup below needs the parameters as they are now: a lookup overwrites
     // ifindex, the MACs and (for a gateway route) the destination address.
-    let mut probe = fib;
+    *probe = *fib;
     // tot_len 0 never exceeds the MTU, so a routable node always yields its MACs here; the
     // packet's own length is compared with the MTU learned below.
     fib.__bindgen_anon_1.tot_len = 0;
-    let rc = fib_lookup(ctx, &mut fib);
+    let rc = fib_lookup(ctx, fib);
     let mut too_big = false;
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         // The kernel's MTU check (net/core/filter.c, bpf_ipv{4,6}_fib_lookup with check_mtu)
@@ -199,7 +204,7 @@ pub fn lookup_node(
         // else (an MTU of 65535) leaves 0: no check.
         probe.__bindgen_anon_1.tot_len = u16::MAX;
         // SAFETY: reading the union field the kernel writes on FRAG_NEEDED.
-        let mtu = if fib_lookup(ctx, &mut probe) == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        let mtu = if fib_lookup(ctx, probe) == BPF_FIB_LKUP_RET_FRAG_NEEDED {
             unsafe { probe.__bindgen_anon_1.mtu_result }
         } else {
             0
@@ -219,14 +224,14 @@ pub fn lookup_node(
             };
         }
     }
-    Ok(NextHop::from_fib(&fib, rc, ingress, l3.ttl, too_big))
+    Ok(NextHop::from_fib(fib, rc, ingress, l3.ttl, too_big))
 }
 
-/// The FIB parameters for the packet's (planned) addressing.
+/// Writes the FIB parameters for the packet's (planned) addressing into `fib`.
 #[inline(always)]
-fn params(ctx: &XdpContext, pkt: &Packet, to: &Addressing, l3: &L3) -> FibParams {
+fn params(ctx: &XdpContext, pkt: &Packet, to: &Addressing, l3: &L3, fib: &mut FibParams) {
     // SAFETY: plain-old-data struct of integers; all-zero is a valid starting value.
-    let mut fib: FibParams = unsafe { zeroed() };
+    *fib = unsafe { zeroed() };
     fib.l4_protocol = IPPROTO_UDP;
     fib.sport = to.sport;
     fib.dport = to.dport;
@@ -243,7 +248,6 @@ fn params(ctx: &XdpContext, pkt: &Packet, to: &Addressing, l3: &L3) -> FibParams
         fib.__bindgen_anon_3.ipv6_src = to.src;
         fib.__bindgen_anon_4.ipv6_dst = to.dst;
     }
-    fib
 }
 
 #[inline(always)]
@@ -259,10 +263,15 @@ fn fib_lookup(ctx: &XdpContext, fib: &mut FibParams) -> u32 {
 #[inline(always)]
 pub fn lookup(ctx: &XdpContext, pkt: &Packet, to: &Addressing) -> Result<NextHop, Counter> {
     let l3 = l3(ctx, pkt)?;
-    let mut fib = params(ctx, pkt, to, &l3);
-    let rc = fib_lookup(ctx, &mut fib);
+    let scratch = maps::FIB_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Counter::FwdKernelFib)?;
+    // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
+    let fib = unsafe { &mut (*scratch).fib };
+    params(ctx, pkt, to, &l3, fib);
+    let rc = fib_lookup(ctx, fib);
     Ok(NextHop::from_fib(
-        &fib,
+        fib,
         rc,
         ctx.ingress_ifindex() as u32,
         l3.ttl,

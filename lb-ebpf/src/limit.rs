@@ -11,21 +11,23 @@
 //!   it when one queue takes the whole flood). Only new flows touch it; a CPU that loses the
 //!   race [`GLOBAL_TRIES`] times in a row counts the flow as over the limit.
 //!
-//! Known sources go first: a source with an established flow (a flow that saw a second packet,
-//! which a spoofed source never sends unless its first was admitted) is in `KNOWN_SRCS`. Other
-//! sources may only take global tokens while the bucket holds more than the reserve, so under a
-//! flood the reserve and its refill go to known sources.
+//! Known sources go first: a source that echoed a node's cookie in a ClientHello (`cookie.rs`:
+//! it receives what is sent to its address, which a blind spoofer does not) is in
+//! `KNOWN_SRCS` for `known_for`. Other sources may only take global tokens while the bucket
+//! holds more than the reserve, so under a flood the reserve and its refill go to known
+//! sources. A flow's second packet proves nothing (a spoofer can send every tuple twice), and
+//! neither flow hits nor CID records make or refresh a known source.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 use lb_common::{
     limits::{LimitConfig, SrcKey, LIMIT_F_GLOBAL, LIMIT_F_SOURCE},
     Counter, FAMILY_V6,
 };
 
 use crate::{maps, parse::Packet, stats::count};
-
-/// How often a known source's `KNOWN_SRCS` entry is rewritten at most (not on every packet).
-const KNOWN_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Compare-and-swap attempts on the global bucket before a new flow is refused. A retry
 /// happens only when another CPU admitted a flow in between, so each retry means the bucket
@@ -179,22 +181,18 @@ pub fn admit(pkt: &Packet) -> Result<(), Counter> {
     Ok(())
 }
 
-/// A packet of an established flow: its source is known (goes first for global tokens).
-/// `now` is the flow table's coarse clock: known sources are remembered for seconds.
+/// Is the global limit, and with it the known sources' reserve, on? Cookies are learned and
+/// matched (`cookie.rs`) only then.
 #[inline(always)]
-pub fn established(pkt: &Packet, now: u64) {
-    if config().is_none() {
-        return;
-    }
-    let src = src_key(pkt);
-    if let Some(seen) = maps::KNOWN_SRCS.get_ptr_mut(src) {
-        // SAFETY: LRU value under the RCU read lock; a racing writer stores a similar time.
-        unsafe {
-            if now.saturating_sub(*seen) > KNOWN_REFRESH_NS {
-                *seen = now;
-            }
-        }
-        return;
-    }
-    let _ = maps::KNOWN_SRCS.insert(src, now, 0);
+pub fn known_sources_on() -> bool {
+    config().is_some_and(|c| c.flags & LIMIT_F_GLOBAL != 0)
+}
+
+/// A ClientHello echoed a node's cookie: its source is known from now (the coarse clock;
+/// `known` compares with the precise one, which is never behind it).
+#[inline(always)]
+pub fn proven(pkt: &Packet) {
+    // SAFETY: the helper takes no arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let _ = maps::KNOWN_SRCS.insert(src_key(pkt), now, 0);
 }

@@ -8,6 +8,7 @@
 //! - `flow.rs`    everything else is pinned to a node per 5-tuple (LRU table)
 //! - `maglev.rs`  a new flow's node with `flows.policy: maglev` (else the round-robin ring)
 //! - `limit.rs`   new-flow rate limits (per source, global, known sources first)
+//! - `cookie.rs`  known sources: a node's cookie learned from its reply, matched in the ClientHello
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
 //! - `stats.rs`   per-CPU counters; `maps.rs` every map
@@ -16,6 +17,7 @@
 #![feature(asm_experimental_arch)]
 #![no_main]
 
+mod cookie;
 mod dtls;
 mod flow;
 mod forward;
@@ -42,29 +44,48 @@ use crate::{
 /// It lives in .rodata, which the kernel freezes, so the verifier reads these as constants
 /// and prunes the branches they rule out.
 #[no_mangle]
-static CONFIG: Global<DpConfig> = Global::new(DpConfig::DEFAULT);
+pub static CONFIG: Global<DpConfig> = Global::new(DpConfig::DEFAULT);
 
+/// The program: [`balance`] decides and sends (or drops, or passes); a handshake packet it
+/// marks then goes through `cookie::after`. Two BPF functions, each with its own stack frame:
+/// `balance` takes almost all of the 512 bytes a program and the functions it calls may use
+/// together, so the cookie step cannot run inside it.
 #[xdp]
 pub fn cidlb(ctx: XdpContext) -> u32 {
+    let (action, hello) = balance(&ctx);
+    if hello != cookie::Hello::None {
+        cookie::after(&ctx, hello);
+    }
+    action
+}
+
+/// The action for the packet, and which cookie step it needs.
+#[inline(never)]
+fn balance(ctx: &XdpContext) -> (u32, cookie::Hello) {
     count(Counter::PacketsSeen);
-    match try_lb(&ctx) {
+    let mut hello = cookie::Hello::None;
+    let action = match try_lb(ctx, &mut hello) {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
             // Shadow mode passes what it would refuse at the edge, counted as both.
             if reason.shadow_passes() && CONFIG.load().shadow != 0 {
                 count(Counter::ShadowPass);
-                return aya_ebpf::bindings::xdp_action::XDP_PASS;
+                return (aya_ebpf::bindings::xdp_action::XDP_PASS, hello);
             }
             stats::action_for(reason)
         }
-    }
+    };
+    (action, hello)
 }
 
 /// `Ok(action)`: forwarded, counters already bumped.
 /// `Err(counter)`: the counter says what happened and decides the action (pass or drop).
+/// `hello`: set for a handshake packet on the flow path (a ClientHello may echo a cookie),
+/// whatever its verdict, and for a genuine reply from a node that starts with a handshake
+/// record (a cookie request); see `cookie.rs`.
 #[inline(always)]
-fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
+fn try_lb(ctx: &XdpContext, hello: &mut cookie::Hello) -> Result<u32, Counter> {
     let pkt = parse::parse(ctx)?;
     let L4::Udp(udp) = pkt.l4 else {
         return Err(vip::not_udp_verdict(ctx, &pkt));
@@ -90,7 +111,12 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
                 }
                 None => return Err(Counter::DropCidUnknownNode),
             },
-            dtls::Route::Flow => flow::route(&pkt, &udp, &cfg)?,
+            dtls::Route::Flow => {
+                if cookie::starts_handshake(ctx, &udp) {
+                    *hello = cookie::Hello::Client;
+                }
+                flow::route(&pkt, &udp, &cfg)?
+            }
         };
         let rw = Rewrite::to_node(&pkt, &udp, &node)?;
         let hop = forward::lookup_node(ctx, &pkt, &rw.addressing(&pkt, &udp), node.slot)?;
@@ -112,6 +138,9 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Counter> {
         // probe answer still reaches the agent (the kernel drops it if it is not local).
         if hop.fwd_disabled() {
             return Err(Counter::PassFwdDisabled);
+        }
+        if cookie::starts_handshake(ctx, &udp) {
+            *hello = cookie::Hello::Node;
         }
         count(Counter::ReplyUnnat);
         stats::from_node(ctx, rev.node_slot);

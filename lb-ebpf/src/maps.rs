@@ -2,10 +2,12 @@
 //! Sizes the agent may change at load time: `FLOWS` (flows.capacity).
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
+    cookie::{CookieInput, CookieKey, DEFAULT_COOKIE_CAPACITY},
     hash::node_check,
     limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
     AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot,
@@ -121,6 +123,18 @@ pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 #[map]
 pub static NEXTHOP: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(2 * MAX_NODES, 0);
 
+/// The FIB lookup's parameter blocks (`forward.rs`), per CPU: on the stack their 128 bytes
+/// left no room in the program's 512 for anything else. Not pinned: scratch space only.
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<FibScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `FIB_SCRATCH` holds: the lookup's parameters and the MTU probe's copy of them.
+#[repr(C)]
+pub struct FibScratch {
+    pub fib: bpf_fib_lookup,
+    pub probe: bpf_fib_lookup,
+}
+
 /// New-flow limits (`limit.rs`): what is limited; all zero when `limits:` is not configured.
 #[map]
 pub static LIMIT_CFG: Array<LimitConfig> = Array::with_max_entries(1, 0);
@@ -133,9 +147,32 @@ pub static SRC_BUCKETS: LruHashMap<SrcKey, u64> = LruHashMap::with_max_entries(M
 #[map]
 pub static GLOBAL_BUCKET: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Sources with a recent established flow → when it was last seen.
+/// Sources that recently echoed a node's cookie → when (coarse clock) they last did.
 #[map]
 pub static KNOWN_SRCS: LruHashMap<SrcKey, u64> = LruHashMap::with_max_entries(MAX_KNOWN_SRCS, 0);
+
+/// Cookies of nodes' HelloVerifyRequests and HelloRetryRequests by keyed hash, and pending
+/// fragmented ClientHellos (`lb_common::cookie`, `cookie.rs`).
+#[map]
+pub static COOKIES: LruHashMap<u64, u64> = LruHashMap::with_max_entries(DEFAULT_COOKIE_CAPACITY, 0);
+
+/// The key of `COOKIES`' hash, random, written once by the agent.
+#[map]
+pub static COOKIE_KEY: Array<CookieKey> = Array::with_max_entries(1, 0);
+
+/// `cookie.rs`' buffers, per CPU (not pinned: scratch space only).
+#[map]
+pub static COOKIE_SCRATCH: PerCpuArray<CookieScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bytes of [`CookieScratch::buf`].
+pub const COOKIE_BUF: usize = 40;
+
+/// What `COOKIE_SCRATCH` holds: the hash input, and bytes read from the packet.
+#[repr(C)]
+pub struct CookieScratch {
+    pub input: CookieInput,
+    pub buf: [u8; COOKIE_BUF],
+}
 
 /// Prefixes exempt from the per-source limit (IPv4 as IPv4-mapped IPv6).
 #[map]

@@ -318,13 +318,24 @@ impl Agent {
         }
     }
 
-    /// A pinned flow table keeps its size; say so if the config asks for another.
+    /// A pinned flow table (and cookie table) keeps its size; say so if the config asks for
+    /// another.
     fn check_capacity(&mut self) {
-        let actual = match self.dp.ebpf.map(names::FLOWS) {
+        let size = |name: &str| match self.dp.ebpf.map(name) {
             Some(Map::LruHashMap(m)) => m.info().ok().map(|i| i.max_entries()),
             _ => None,
         };
-        if let Some(actual) = actual {
+        if let Some(actual) = size(lb_common::cookie::COOKIES) {
+            if actual != self.cfg.cookie_capacity() {
+                warn!(
+                    configured = self.cfg.cookie_capacity(),
+                    actual,
+                    "limits.cookie_capacity differs from the pinned cookie table's size; it \
+                     keeps its size until `cidlb detach` and a fresh start"
+                );
+            }
+        }
+        if let Some(actual) = size(names::FLOWS) {
             if actual != self.cfg.flows.capacity {
                 warn!(
                     configured = self.cfg.flows.capacity,

@@ -105,7 +105,8 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(names::CONFIG, &dp, true)
-            .map_max_entries(names::FLOWS, cfg.flows.capacity);
+            .map_max_entries(names::FLOWS, cfg.flows.capacity)
+            .map_max_entries(lb_common::cookie::COOKIES, cfg.cookie_capacity());
         if let Some(dir) = pin_dir {
             for name in MAP_NAMES {
                 loader.map_pin_path(name, dir.join(name));

@@ -43,6 +43,8 @@ pub const MAP_NAMES: &[&str] = &[
     names::SRC_FILTER,
     names::LOCAL_ADDRS,
     names::VLAN_IFACES,
+    lb_common::cookie::COOKIES,
+    lb_common::cookie::COOKIE_KEY,
 ];
 
 #[derive(Debug, thiserror::Error)]

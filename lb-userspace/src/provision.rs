@@ -51,6 +51,7 @@ pub fn provision(
     vips(ebpf, cfg)?;
     reverse(ebpf, cfg, &slots)?;
     limits(ebpf, cfg.limits.as_ref())?;
+    cookie_key(ebpf)?;
     host(ebpf, cfg, &Host::read())?;
     devmap(ebpf, ifindexes)
 }
@@ -384,6 +385,27 @@ fn clear_nexthops(ebpf: &mut Ebpf, max_slot: Option<u32>) -> Result<(), Datapath
         cache.set(idx, empty, 0).map_err(merr(names::NEXTHOP))?;
     }
     Ok(())
+}
+
+/// Gives `COOKIE_KEY` a random key, once: a pinned datapath keeps it (restarts and reloads
+/// must still match the cookies `COOKIES` holds); a new one (fresh pins, an upgrade's staged
+/// maps) gets its own.
+fn cookie_key(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    use lb_common::cookie::{CookieKey, COOKIE_KEY};
+    let mut key: Array<_, CookieKey> =
+        Array::try_from(map(ebpf, COOKIE_KEY)?).map_err(merr(COOKIE_KEY))?;
+    if key.get(&0, 0).map_err(merr(COOKIE_KEY))? != [0, 0] {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|e| DatapathError::Map {
+            name: COOKIE_KEY,
+            message: format!("reading a random key from /dev/urandom: {e}"),
+        })?;
+    let w = |i: usize| u64::from_ne_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+    key.set(0, [w(0), w(8)], 0).map_err(merr(COOKIE_KEY))
 }
 
 /// Writes `LIMIT_CFG` and `LIMIT_EXEMPT` from the config. When the limits change, the buckets

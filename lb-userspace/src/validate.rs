@@ -6,7 +6,8 @@
 use std::{collections::HashSet, path::Path, time::Duration};
 
 use lb_common::{
-    limits::MAX_EXEMPT, MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
+    cookie::MAX_COOKIE_CAPACITY, limits::MAX_EXEMPT, MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES,
+    MAX_REVERSE, MAX_VIPS,
 };
 
 use crate::{
@@ -368,6 +369,12 @@ fn limits(l: &Limits) -> Result<(), (String, String)> {
             "only skips new_flows_per_source, which is not set".into(),
         );
     }
+    if !(1..=MAX_COOKIE_CAPACITY).contains(&l.cookie_capacity) {
+        return err(
+            "cookie_capacity",
+            format!("{} is outside 1..{MAX_COOKIE_CAPACITY}", l.cookie_capacity),
+        );
+    }
     if l.exempt.len() > MAX_EXEMPT as usize {
         return err("exempt", format!("at most {MAX_EXEMPT} prefixes"));
     }
@@ -707,6 +714,10 @@ mod tests {
             (
                 "  new_flows: \"20/1s\"\n  known_for: soon\n",
                 &["limits", "known_for", "soon"],
+            ),
+            (
+                "  new_flows: \"20/1s\"\n  cookie_capacity: 0\n",
+                &["limits.cookie_capacity", "0 is outside"],
             ),
             (
                 "  new_flows: \"20/1s\"\n  rate: 5\n",

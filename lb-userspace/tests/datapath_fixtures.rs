@@ -11,6 +11,8 @@
 #[path = "fixtures/cid.rs"]
 mod cid;
 mod common;
+#[path = "fixtures/cookies.rs"]
+mod cookies;
 #[path = "fixtures/dtls13.rs"]
 mod dtls13;
 #[path = "fixtures/flows.rs"]
@@ -428,6 +430,39 @@ fn flow_fixtures() {
 #[test]
 fn limit_fixtures() {
     run("new-flow limits", limits::cases());
+}
+
+#[test]
+fn cookie_fixtures() {
+    run(
+        "known sources proven by the node's cookie",
+        cookies::cases(),
+    );
+}
+
+/// `COOKIES` has the size `limits.cookie_capacity` asks for, and the default without it.
+#[test]
+fn cookie_table_follows_the_config() {
+    use aya::maps::Map;
+    let size = |limits: &str| {
+        let base = BASE.replace("interfaces: [fxc, fxn]", "interfaces: [lo]");
+        let cfg = Config::parse(&format!("{base}{limits}"), "cookie-size.yaml".as_ref())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let dp = Datapath::private(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        match dp.ebpf.map(lb_common::cookie::COOKIES) {
+            Some(Map::LruHashMap(m)) => m.info().expect("map info").max_entries(),
+            _ => panic!("no COOKIES LRU map"),
+        }
+    };
+    assert_eq!(
+        size("limits: {new_flows: \"100/1s\", cookie_capacity: 4096}\n"),
+        4096
+    );
+    assert_eq!(
+        size("limits: {new_flows: \"100/1s\"}\n"),
+        lb_common::cookie::DEFAULT_COOKIE_CAPACITY
+    );
+    assert_eq!(size(""), lb_common::cookie::DEFAULT_COOKIE_CAPACITY);
 }
 
 #[test]

@@ -147,9 +147,21 @@ fn v6() -> String {
     lb_lab::VIP6_SOCKET.to_string()
 }
 
+/// Limits that refuse nothing but turn the cookie steps on (they run with the global limit).
+const OPEN_LIMITS: &str = "limits: {new_flows: \"100000/1s\"}\n";
+
+/// Every handshake's cookie (Mbed TLS's HelloVerifyRequest, wolfSSL's HelloRetryRequest, the
+/// second ClientHello in one datagram or two) was learned on the reply path and echoed: each
+/// session proved its source, and no cookie failed to match.
+fn assert_every_handshake_proven(json: &str, handshakes: u64) {
+    assert!(json_counter(json, "cookie_learned") >= handshakes, "{json}");
+    assert!(json_counter(json, "known_src_proven") >= handshakes, "{json}");
+    assert_eq!(json_counter(json, "cookie_unproven"), 0, "{json}");
+}
+
 #[test]
 fn twenty_rebinding_sessions_over_two_nodes_ipv4() {
-    let s = setup("e2", 2, "");
+    let s = setup("e2", 2, OPEN_LIMITS);
     // 55 messages, a rebind after every 5th: 10 rebinds per session.
     let run = client(
         &s.lab,
@@ -170,6 +182,7 @@ fn twenty_rebinding_sessions_over_two_nodes_ipv4() {
     let json = cidlb(&["stats", "--json", "--pin-dir", s.pins.0.to_str().unwrap()]);
     assert!(json_counter(&json, "cid_routed") >= 20 * 55, "{json}");
     assert_eq!(json_counter(&json, "drop_cid_unknown_node"), 0);
+    assert_every_handshake_proven(&json, 20);
 }
 
 #[test]
@@ -328,7 +341,7 @@ fn dtls13_rebinding_sessions_follow_their_cid_ipv4_and_ipv6() {
     let s = setup_peers(
         "e13",
         &[1, 2],
-        "dtls: {versions: [\"1.2\", \"1.3\"]}\n",
+        &format!("dtls: {{versions: [\"1.2\", \"1.3\"]}}\n{OPEN_LIMITS}"),
         DTLS13,
     );
     let (sessions, messages) = (10u64, 55u64);
@@ -365,6 +378,7 @@ fn dtls13_rebinding_sessions_follow_their_cid_ipv4_and_ipv6() {
     assert_eq!(json_counter(&json, "cid_routed"), 0, "{json}");
     assert_eq!(json_counter(&json, "drop_cid13_truncated"), 0, "{json}");
     assert_eq!(json_counter(&json, "drop_cid_unknown_node"), 0, "{json}");
+    assert_every_handshake_proven(&json, 2 * sessions);
 }
 
 #[test]

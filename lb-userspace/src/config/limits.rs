@@ -118,12 +118,20 @@ pub struct Limits {
     /// Percent of the global burst that only known sources may take (0..=90).
     #[serde(default = "default_reserve")]
     pub known_reserve: u64,
-    /// How long a source stays known after its last established-flow packet.
+    /// How long a source stays known after it last echoed a node's cookie.
     #[serde(default = "default_known_for", deserialize_with = "de_known_for")]
     pub known_for: Duration,
     /// Prefixes that skip the per-source limit (carrier-grade NATs, trusted networks).
     #[serde(default)]
     pub exempt: Vec<Prefix>,
+    /// Entries of `COOKIES`: nodes' cookies on their way to clients, kept until a ClientHello
+    /// echoes them (at least the new flows admitted per handshake round trip).
+    #[serde(default = "default_cookie_capacity")]
+    pub cookie_capacity: u32,
+}
+
+fn default_cookie_capacity() -> u32 {
+    lb_common::cookie::DEFAULT_COOKIE_CAPACITY
 }
 
 fn default_reserve() -> u64 {

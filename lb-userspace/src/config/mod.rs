@@ -502,6 +502,15 @@ impl Config {
     }
 
     /// The datapath's load-time constants.
+    /// `COOKIES`' size: `limits.cookie_capacity`, or the default without `limits:`.
+    pub fn cookie_capacity(&self) -> u32 {
+        self.limits
+            .as_ref()
+            .map_or(lb_common::cookie::DEFAULT_COOKIE_CAPACITY, |l| {
+                l.cookie_capacity
+            })
+    }
+
     pub fn dp_config(&self) -> DpConfig {
         DpConfig {
             cid_len: self.dtls.cid_length,

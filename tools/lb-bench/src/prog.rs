@@ -30,6 +30,7 @@ use cidlb::{config::Config, datapath::Datapath, stats::Snapshot, testrun};
 use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
 use lb_lab::{
     fib::{CLIENT4, CLIENT_MAC, FXC_MAC, FXN_MAC, VIP4},
+    hello::{client_extensions, client_hello, hello_verify_request},
     packet::{cid_record, handshake_record, unified_record, Frame},
     NetNs, PORT,
 };
@@ -74,9 +75,15 @@ struct Frames {
     /// The same client's hello from another source port.
     hello_other: Vec<u8>,
     reply: Vec<u8>,
+    /// Node 1's HelloVerifyRequest to the client, and the client's ClientHello echoing it.
+    reply_hvr: Vec<u8>,
+    hello_cookie: Vec<u8>,
     other_port: Vec<u8>,
     malformed: Vec<u8>,
 }
+
+/// A node's cookie, as long as Mbed TLS's.
+const COOKIE: [u8; 28] = [0x5c; 28];
 
 fn frames() -> Frames {
     let client = |dport: u16, payload: &[u8]| {
@@ -87,6 +94,20 @@ fn frames() -> Frames {
             40000,
             lb_lab::ip(VIP4),
             dport,
+            payload,
+        )
+        .bytes()
+    };
+    // From node 1's own MAC (its neighbour entry in `add_nodes`): the datapath un-NATs only
+    // replies that arrive from the node's next hop.
+    let node1_reply = |payload: &[u8]| {
+        Frame::udp(
+            [2, 0, 0, 1, 0, 1],
+            FXN_MAC,
+            lb_lab::ip(&node_addr(1)),
+            PORT,
+            lb_lab::ip(CLIENT4),
+            40000,
             payload,
         )
         .bytes()
@@ -109,18 +130,12 @@ fn frames() -> Frames {
             &handshake_record(&body),
         )
         .bytes(),
-        // From node 1's own MAC (its neighbour entry in `add_nodes`): the datapath un-NATs
-        // only replies that arrive from the node's next hop.
-        reply: Frame::udp(
-            [2, 0, 0, 1, 0, 1],
-            FXN_MAC,
-            lb_lab::ip(&node_addr(1)),
+        reply: node1_reply(&body),
+        reply_hvr: node1_reply(&hello_verify_request([0xfe, 0xfd], &COOKIE).record()),
+        hello_cookie: client(
             PORT,
-            lb_lab::ip(CLIENT4),
-            40000,
-            &body,
-        )
-        .bytes(),
+            &client_hello(&[], &COOKIE, &client_extensions(32)).record(),
+        ),
         // Not ours: an address no VIP has (a VIP's other ports are dropped since they would
         // loop, `drop_vip_other_port`; the path timed here is traffic passing the balancer).
         other_port: Frame::udp(
@@ -251,6 +266,26 @@ const REPLY: Expect = Expect {
         Counter::PacketsSeen,
         Counter::ReplyUnnat,
         Counter::ShadowPass,
+    ],
+};
+/// A HelloVerifyRequest's cookie learned on the way (global limit on).
+const REPLY_HVR: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::ReplyUnnat,
+        Counter::ShadowPass,
+        Counter::CookieLearned,
+    ],
+};
+/// A ClientHello of a known flow echoing a learned cookie: its source proven.
+const HELLO_COOKIE: Expect = Expect {
+    action: XDP_PASS,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::FlowHit,
+        Counter::ShadowPass,
+        Counter::KnownSrcProven,
     ],
 };
 const NOT_VIP: Expect = Expect {
@@ -809,6 +844,28 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
             prog,
             &f.reply,
             fxn,
+        ),
+        Case::new(
+            ("reply un-NAT, limits on", "shadow", REPLY),
+            &shadow_limited.ebpf,
+            prog,
+            &f.reply,
+            fxn,
+        ),
+        // Before the ClientHello below: its cookie is learned here.
+        Case::new(
+            ("reply un-NAT, HelloVerifyRequest learned", "shadow", REPLY_HVR),
+            &shadow_limited.ebpf,
+            prog,
+            &f.reply_hvr,
+            fxn,
+        ),
+        Case::new(
+            ("known flow, ClientHello echoing a cookie", "shadow", HELLO_COOKIE),
+            &shadow_limited.ebpf,
+            prog,
+            &f.hello_cookie,
+            fxc,
         ),
         Case::new(
             ("non-VIP port, passed", "as is", NOT_VIP),

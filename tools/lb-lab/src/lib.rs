@@ -14,6 +14,7 @@ pub mod agent;
 pub mod bpftool;
 pub mod fib;
 pub mod fleet;
+pub mod hello;
 mod netns;
 pub mod packet;
 pub mod peer;
