@@ -122,6 +122,17 @@ fn up(tag: &str, extra_config: &str) -> Flood {
     let mut args = vec!["iptables"];
     args.extend(sent.split(' '));
     lab.client.must(&args).unwrap_or_else(|e| panic!("{e}"));
+    // The balancer routes the flood's sources back out towards the client side, as a
+    // balancer with a default route would: the nodes' replies to spoofed ClientHellos are
+    // un-NATed and sent (the cookies their HelloVerifyRequests carry are learned, and fill
+    // the cookie table as a real flood's would), and the client's kernel drops them. Without
+    // the route the balancer has no way there and passes them to its kernel.
+    lab.balancer
+        .ip(&format!(
+            "route add {FLOOD_NET} via {} dev lbc",
+            lb_lab::CLIENT4
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
     let servers = lab
         .nodes
         .iter()
@@ -653,17 +664,6 @@ fn pooled_flood(tag: &str, repeat: usize) {
 
     // The numbers, before any verdict.
     let d = |name: &str| json_counter(&at_stop, name) - json_counter(&before, name);
-    let opt = |name: &str| -> String {
-        let v = |s: &str| {
-            serde_json::from_str::<serde_json::Value>(s)
-                .ok()
-                .and_then(|v| lb_lab::agent::counter(&v, name))
-        };
-        match (v(&at_stop), v(&before)) {
-            (Some(a), Some(b)) => (a - b).to_string(),
-            _ => "n/a".into(),
-        }
-    };
     let flood_packets = flood_seen(&at_stop) - flood_seen(&seen);
     let pps = flood_packets as f64 / flood_secs;
     let spoofed = nodes_after.flood - nodes_before.flood;
@@ -701,9 +701,9 @@ fn pooled_flood(tag: &str, repeat: usize) {
         d("drop_limit_global"),
         d("drop_limit_source"),
         d("limit_known_reserve"),
-        opt("known_src_proven"),
-        opt("cookie_learned"),
-        opt("cookie_unproven"),
+        d("known_src_proven"),
+        d("cookie_learned"),
+        d("cookie_unproven"),
     );
     eprintln!(
         "  balancer, every counter that moved: {}",
@@ -750,6 +750,16 @@ fn pooled_flood(tag: &str, repeat: usize) {
     if legit_lost > 0 {
         bad.push(format!(
             "{legit_lost} of the legitimate clients' {legit_sent} packets never reached a node"
+        ));
+    }
+    // The returning client's new handshakes each proved its source (the node's cookie,
+    // learned on the way out, came back in its second ClientHello), and no ClientHello
+    // carried a cookie nobody recorded.
+    if d("known_src_proven") < new_n as u64 || d("cookie_unproven") != 0 {
+        bad.push(format!(
+            "{new_n} new handshakes, known_src_proven {} cookie_unproven {}",
+            d("known_src_proven"),
+            d("cookie_unproven")
         ));
     }
     // Only proven sources take the reserve, and the one proven source here is the client's:
