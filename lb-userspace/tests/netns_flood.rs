@@ -551,7 +551,7 @@ fn pooled_flood_repeating_each_tuple_three_times_cannot_crowd_out_returning_clie
 fn pooled_flood(tag: &str, repeat: usize) {
     let f = up(tag, POOL_LIMITS);
     lb_lab::pin_to_cpu(0);
-    let sessions = |n: u32| -> String { n.to_string() };
+    let count = |n: u32| -> String { n.to_string() };
 
     // Before the flood: handshakes (each a cookie exchange) from the client's address.
     let (g, out) = f.client("warmup", &["--sessions", "2", "--messages", "2"]);
@@ -564,9 +564,9 @@ fn pooled_flood(tag: &str, repeat: usize) {
         "established-cid",
         &[
             "--sessions",
-            &sessions(cid_n),
+            &count(cid_n),
             "--parallel",
-            &sessions(cid_n),
+            &count(cid_n),
             "--messages",
             &est_messages,
             "--interval-ms",
@@ -580,9 +580,9 @@ fn pooled_flood(tag: &str, repeat: usize) {
         &[
             "--no-cid",
             "--sessions",
-            &sessions(plain_n),
+            &count(plain_n),
             "--parallel",
-            &sessions(plain_n),
+            &count(plain_n),
             "--messages",
             &est_messages,
             "--interval-ms",
@@ -623,7 +623,7 @@ fn pooled_flood(tag: &str, repeat: usize) {
         "new-during-flood",
         &[
             "--sessions",
-            &sessions(new_n),
+            &count(new_n),
             "--parallel",
             "2",
             "--messages",
@@ -791,7 +791,8 @@ fn pooled_flood(tag: &str, repeat: usize) {
         pps >= MIN_POOL_PPS,
         "the flood ran at {pps:.0}/s, below {MIN_POOL_PPS}"
     );
-    // Every admitted tuple's repeats are hits on the flow its first copy made.
+    // An admitted tuple's later copies are hits on the flow its first copy made (when the
+    // first copy was the one admitted: about 80% of them here).
     assert!(
         d("flow_hit") * 2 >= (repeat as u64 - 1) * spoofed,
         "flow_hit {} for {spoofed} admitted spoofed tuples sent {repeat} times: trafgen did \
@@ -802,6 +803,7 @@ fn pooled_flood(tag: &str, repeat: usize) {
         spoofed >= 1000,
         "only {spoofed} flood flows reached the nodes"
     );
+    // POOL_LIMITS' global rate and burst are RATE's.
     let bound = global_bound(RATE, RATE, f.t0.elapsed().as_secs_f64());
     assert!(
         nodes_after.all <= bound,
