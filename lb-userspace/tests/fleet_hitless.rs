@@ -19,7 +19,7 @@ use std::{
 use common::traffic::{body, Echo, Stream};
 use lb_lab::{
     agent::{Agent, LogTo, PinGuard},
-    fleet::{self, bird_config, Bird, Fleet, BALANCERS, NODES, TABLE},
+    fleet::{self, bird_config, Bird, Fleet, Replies, BALANCERS, NODES, TABLE},
     node4, node6,
     packet::cid_record,
     write_then_rename, ChildGuard, NetNs, VIP4, VIP4_SOCKET, VIP6, VIP6_SOCKET,
@@ -91,7 +91,9 @@ fn wait_hops(f: &Fleet, vip: &str, want: usize, within: Duration, what: &str) {
 fn the_router_keeps_the_vip_through_restarts_kills_and_reloads() {
     common::require_root();
     let prefix = lb_lab::unique_prefix("fh");
-    let f = Fleet::up(&prefix).unwrap_or_else(|e| panic!("{e}"));
+    // Replies by ECMP: any balancer un-NATs a node's reply (scale_out.rs runs the other
+    // layout, replies through the balancer that brought the request).
+    let f = Fleet::up(&prefix, Replies::Ecmp).unwrap_or_else(|e| panic!("{e}"));
     let dir = std::env::temp_dir().join(format!("cidlb-{prefix}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -1,6 +1,7 @@
 //! The scale-out test (issue #9): two cidlb balancers behind a router that learns the VIPs over
 //! BGP (BIRD, `deploy/bird/*.conf`) and spreads flows over them with an L4-hashed ECMP route;
-//! three nodes run the real DTLS test peer and reply through either balancer (`lb_lab::fleet`).
+//! three nodes run the real DTLS test peer and reply through the balancer that brought the
+//! request (`lb_lab::fleet`, [`Replies::SameBalancer`], as `deploy/OPERATIONS.md` sets up).
 //!
 //! While long non-CID sessions, rebinding CID sessions and a stream of short handshakes run
 //! over IPv4 and IPv6, one node's health flaps on one balancer only, one balancer goes into
@@ -23,7 +24,7 @@ use std::{
 
 use lb_lab::{
     agent::{Agent, LogTo, PinGuard},
-    fleet::{self, bird_config, Bird, Fleet, BALANCERS, NODES, TABLE},
+    fleet::{self, bird_config, Bird, Fleet, Replies, BALANCERS, NODES, TABLE},
     node4, node6,
     peer::{self, ClientRun},
     ChildGuard, NetNs, VIP4_SOCKET, VIP6_SOCKET,
@@ -52,10 +53,14 @@ fn start_agent(ns: &NetNs, cfg: &Path, dir: &Path, i: usize) -> Agent {
     .unwrap_or_else(|e| panic!("balancer {i}: {e}"))
 }
 
+/// A global new-flow limit far above the test's rate: it limits nothing, but with it on the
+/// balancers learn the nodes' cookies and count the ClientHellos that echo them (issue #19).
+const LIMITS: &str = "limits: {new_flows: \"20000/1s\", global_burst: 20000}\n";
+
 fn cidlb_config(policy: &str, pins: &Path, state: &Path) -> String {
     let ifaces = Fleet::balancer_interfaces().join(", ");
     let mut s = format!(
-        "interfaces: [{ifaces}]\nxdp_mode: native\nvips:\n  - address: {}\n    ports: [{}]\n  - address: \"{}\"\n    ports: [{}]\nflows: {{policy: {policy}, idle_timeout: 60s, capacity: 65536}}\nhealth: {{probe: udp, interval: 1s, timeout: 500ms, fall: 3, rise: 1}}\nannounce: {{state_dir: {}, table: {TABLE}, grace: 3s}}\npin_dir: {}\nnodes:\n",
+        "interfaces: [{ifaces}]\nxdp_mode: native\nvips:\n  - address: {}\n    ports: [{}]\n  - address: \"{}\"\n    ports: [{}]\nflows: {{policy: {policy}, idle_timeout: 60s, capacity: 65536}}\nhealth: {{probe: udp, interval: 1s, timeout: 500ms, fall: 3, rise: 1}}\nannounce: {{state_dir: {}, table: {TABLE}, grace: 3s}}\n{LIMITS}pin_dir: {}\nnodes:\n",
         VIP4_SOCKET.ip(),
         VIP4_SOCKET.port(),
         VIP6_SOCKET.ip(),
@@ -171,6 +176,75 @@ const HANDSHAKES: &[&str] = &[
 struct Outcome {
     runs: Vec<(String, ClientRun)>,
     changed: usize,
+    proofs: Proofs,
+}
+
+/// Cookie proofs (issue #19) summed over both balancers: ClientHellos that echoed a cookie
+/// the receiving balancer had recorded from the node's reply (`known_src_proven`), and those
+/// whose cookie it had not (`cookie_unproven`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Proofs {
+    proven: u64,
+    unproven: u64,
+}
+
+impl Proofs {
+    /// One balancer's counters.
+    fn read(b: &Balancer) -> Self {
+        let st =
+            lb_lab::agent::stats(common::agent::bin(), &b.pins.0).unwrap_or_else(|e| panic!("{e}"));
+        let n = |c: &str| {
+            lb_lab::agent::counter(&st, c).unwrap_or_else(|| panic!("no counter {c}: {st}"))
+        };
+        Self {
+            proven: n("known_src_proven"),
+            unproven: n("cookie_unproven"),
+        }
+    }
+
+    /// Both balancers' counters, summed.
+    fn read_all(bs: &[Balancer]) -> Self {
+        bs.iter().map(Self::read).fold(Self::default(), Self::plus)
+    }
+
+    fn plus(self, o: Self) -> Self {
+        Self {
+            proven: self.proven + o.proven,
+            unproven: self.unproven + o.unproven,
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            proven: self.proven - before.proven,
+            unproven: self.unproven - before.unproven,
+        }
+    }
+
+    /// ClientHellos that carried a cookie.
+    fn with_cookie(self) -> u64 {
+        self.proven + self.unproven
+    }
+
+    /// The share of them that proved their source, in percent.
+    fn share(self) -> f64 {
+        100.0 * self.proven as f64 / self.with_cookie().max(1) as f64
+    }
+}
+
+impl std::fmt::Display for Proofs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} ClientHellos with a cookie proved their source ({:.1}%; known_src_proven \
+             {}, cookie_unproven {})",
+            self.proven,
+            self.with_cookie(),
+            self.share(),
+            self.proven,
+            self.unproven
+        )
+    }
 }
 
 /// The fleet with its nodes' DTLS servers, the router's BIRD and both balancers (cidlb,
@@ -184,10 +258,10 @@ struct Lab {
     f: Fleet,
 }
 
-fn lab_up(policy: &str, tag: &str) -> Lab {
+fn lab_up(policy: &str, tag: &str, replies: Replies) -> Lab {
     common::require_root();
     let prefix = lb_lab::unique_prefix(tag);
-    let f = Fleet::up(&prefix).unwrap_or_else(|e| panic!("{e}"));
+    let f = Fleet::up(&prefix, replies).unwrap_or_else(|e| panic!("{e}"));
     let dir = std::env::temp_dir().join(format!("cidlb-{prefix}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -268,7 +342,8 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
         _servers,
         _router_bird,
         mut bs,
-    } = lab_up(policy, tag);
+    } = lab_up(policy, tag, Replies::SameBalancer);
+    let proofs_before = Proofs::read_all(&bs);
 
     // Traffic, both families: long non-CID sessions (routed by flow for their whole life),
     // rebinding CID sessions, and a stream of short handshakes.
@@ -354,6 +429,8 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
     // table; flows that come back to it are new to it.
     at(23);
     let mut changed = shared_flows(&bs);
+    // Its counters start over: what it counted so far is kept here.
+    let b1_before_restart = Proofs::read(&bs[0]);
     let agent = bs[0].agent.take().expect("running");
     agent.terminate().expect("cidlb exits on SIGTERM");
     assert!(!bs[0].pins.0.exists(), "cold restart: pins must be gone");
@@ -386,10 +463,17 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
         runs.push((name, run));
     }
     changed.extend(shared_flows(&bs));
+    let paths = f.reply_paths().unwrap_or_else(|e| panic!("{e}"));
+    let proofs = Proofs::read_all(&bs)
+        .plus(b1_before_restart)
+        .since(proofs_before);
     println!(
-        "{policy}: {} flows changed balancer; wall time {:?}",
+        "{policy}: {} flows changed balancer; wall time {:?}; {} of {} node replies left \
+         through the other balancer than their connection's; {proofs}",
         changed.len(),
-        t0.elapsed()
+        t0.elapsed(),
+        paths.crossed,
+        paths.replies
     );
     for (name, run) in &runs {
         println!("{policy} {name}: {}", run.summary);
@@ -416,6 +500,7 @@ fn scenario(policy: &str, tag: &str) -> Outcome {
     Outcome {
         runs,
         changed: changed.len(),
+        proofs,
     }
 }
 
@@ -442,7 +527,30 @@ fn maglev_sessions_survive_balancers_leaving_and_joining() {
         }
     }
     assert!(bad.is_empty(), "with maglev:\n{}", bad.join("\n"));
+    // Every handshake is a cookie exchange, and the nodes reply through the balancer that
+    // brought the request, so each ClientHello that echoes a cookie proves its source, but
+    // those whose handshake a balancer event cut in two: the first ClientHello and the
+    // node's reply through one balancer, the second through the other (maintenance, a cut),
+    // or through a balancer restarted cold in between (its cookies are gone).
+    let sessions: usize = o.runs.iter().map(|(_, r)| r.sessions.len()).sum();
+    assert!(
+        o.proofs.with_cookie() >= sessions as u64,
+        "{sessions} handshakes but only {} ClientHellos with a cookie: {}",
+        o.proofs.with_cookie(),
+        o.proofs
+    );
+    assert!(
+        o.proofs.unproven <= EVENT_UNPROVEN,
+        "replies through the balancer that brought the request: {}; more unproven than the \
+         {EVENT_UNPROVEN} the events can account for",
+        o.proofs
+    );
 }
+
+/// ClientHellos with a cookie the events of [`scenario`] may leave unproven: handshakes in
+/// flight when a balancer goes or comes back (maintenance on and off, a cut and a
+/// reconnection, a cold restart) whose second ClientHello meets the other balancer.
+const EVENT_UNPROVEN: u64 = 12;
 
 /// The control: the same events with per-box round robin break non-CID sessions, which shows
 /// the test above can fail.
@@ -474,7 +582,7 @@ fn control_round_robin_breaks_sessions_that_change_balancer() {
 #[test]
 fn vip_traffic_no_vip_port_takes_does_not_loop() {
     use etherparse::PacketBuilder;
-    let lab = lab_up("maglev", "sol");
+    let lab = lab_up("maglev", "sol", Replies::SameBalancer);
     let (f, dir) = (&lab.f, &lab.dir);
     let cmac = f.client.mac("c0").unwrap();
     let rmac = f.router.mac("rc").unwrap();
@@ -618,4 +726,103 @@ fn vip_traffic_no_vip_port_takes_does_not_loop() {
     }
     let _ = std::fs::remove_dir_all(dir);
     assert!(bad.is_empty(), "VIP traffic looped:\n{}", bad.join("\n"));
+}
+
+/// Handshakes per family in [`handshake_round`].
+const ROUND_SESSIONS: u32 = 60;
+
+/// What one [`handshake_round`] did.
+struct Round {
+    /// The nodes' replies meanwhile, and how many left through the other balancer than the
+    /// one that brought their connection (iptables in the nodes, `Fleet::reply_paths`).
+    paths: fleet::ReplyPaths,
+    /// The cookie proofs both balancers counted meanwhile.
+    proofs: Proofs,
+}
+
+impl std::fmt::Display for Round {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}; {} of {} node replies left through the other balancer",
+            self.proofs, self.paths.crossed, self.paths.replies
+        )
+    }
+}
+
+/// Short DTLS 1.2 sessions (a cookie exchange each) from the client to both VIPs, each on a
+/// new source port, so the router spreads them over both balancers; every session must
+/// succeed.
+fn handshake_round(lab: &Lab, what: &str) -> Round {
+    let paths = || lab.f.reply_paths().unwrap_or_else(|e| panic!("{e}"));
+    let before = paths();
+    let proofs_before = Proofs::read_all(&lab.bs);
+    let n = ROUND_SESSIONS.to_string();
+    let args = ["--sessions", &n, "--parallel", "4", "--messages", "1"];
+    let runs = [("v4", VIP4_SOCKET), ("v6", VIP6_SOCKET)].map(|(fam, vip)| {
+        let out = lab.dir.join(format!("round-{what}-{fam}.json"));
+        let child = peer::spawn_client(&lab.testpeer, &lab.f.client, &vip.to_string(), &args, &out)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (fam, out, child)
+    });
+    for (fam, out, mut child) in runs {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} {fam}: client still running after 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let text = std::fs::read_to_string(&out).unwrap();
+        let run = ClientRun::parse(&text, status.success())
+            .unwrap_or_else(|e| panic!("{what} {fam}: {e}"));
+        assert!(run.ok, "{what} {fam}: {}\n{text}", run.summary);
+    }
+    let after = paths();
+    Round {
+        paths: fleet::ReplyPaths {
+            replies: after.replies - before.replies,
+            crossed: after.crossed - before.crossed,
+        },
+        proofs: Proofs::read_all(&lab.bs).since(proofs_before),
+    }
+}
+
+/// Issue #19 item 4. Behind ECMP a node's HelloVerifyRequest can leave through the other
+/// balancer than the one that brought the ClientHello; the client's second ClientHello (same
+/// 5-tuple, so the same balancer as the first) then meets a balancer that never saw its
+/// cookie, and its source stays unproven. With [`Replies::SameBalancer`] every reply crosses
+/// the balancer that saw the request. Handshakes over IPv4 and IPv6, first with the nodes
+/// replying by ECMP (the control: about half cross, and as many stay unproven), then, on the
+/// same fleet, through the balancer that brought the request: none crosses, every one proven.
+#[test]
+fn cookies_prove_sources_only_when_replies_return_through_their_balancer() {
+    let lab = lab_up("maglev", "sop", Replies::Ecmp);
+    let ecmp = handshake_round(&lab, "ecmp");
+    lab.f
+        .reply_through_ingress()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let same = handshake_round(&lab, "same");
+    println!("nodes reply by ECMP: {ecmp}");
+    println!("nodes reply through the balancer that brought the request: {same}");
+    let _ = std::fs::remove_dir_all(&lab.dir);
+    let least = 2 * ROUND_SESSIONS as u64;
+    assert!(
+        ecmp.proofs.with_cookie() >= least && same.proofs.with_cookie() >= least,
+        "fewer than {least} ClientHellos with a cookie: by ECMP {ecmp}; through the balancer \
+         {same}"
+    );
+    assert_eq!(same.paths.crossed, 0, "{same}");
+    assert_eq!(same.proofs.unproven, 0, "{same}");
+    // The control: 120 handshakes' replies each take either balancer by a hash independent of
+    // the request's; fewer than 10% crossing, or proven share above 90%, would be a 1-in-10^14
+    // chance.
+    assert!(
+        ecmp.paths.crossed * 10 >= ecmp.paths.replies && ecmp.proofs.share() < 90.0,
+        "replies by ECMP: {ecmp}; about half should have crossed and stayed unproven"
+    );
 }

@@ -14,7 +14,11 @@
 //!   each balancer routes them via the node's link address.
 //! - Nodes: a default route with one next hop per balancer (ECMP, L4 hash, source = service
 //!   address); a balancer whose links go down drops out of it at once
-//!   (`ignore_routes_with_linkdown`), so replies only take live balancers.
+//!   (`ignore_routes_with_linkdown`), so replies only take live balancers. With
+//!   [`Replies::SameBalancer`] a node sends each reply back through the balancer that brought
+//!   its request instead (conntrack marks and a routing table per balancer, as
+//!   `deploy/OPERATIONS.md` shows operators), and the ECMP route serves only what no balancer
+//!   brought.
 //! - Router: forwarding, `fib_multipath_hash_policy=1` for IPv4 and IPv6; the VIP route is
 //!   whatever BIRD installs (`deploy/bird/router.conf`).
 //!
@@ -32,6 +36,38 @@ pub const NODES: usize = 3;
 
 /// The announce table both balancers' cidlb and BIRD use.
 pub const TABLE: u32 = 4242;
+
+/// How the nodes route their replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replies {
+    /// By the ECMP default route: a reply takes either balancer by its own hash, not
+    /// necessarily the one its request came through. (The nodes still mark connections by
+    /// balancer, which routes nothing here, so that [`Fleet::reply_paths`] can count.)
+    Ecmp,
+    /// Through the balancer that brought the request: every packet from balancer I's MAC
+    /// marks its connection I (`CONNMARK --set-mark`, iptables and ip6tables `mangle
+    /// PREROUTING`), the mark is copied to the replies (`CONNMARK --restore-mark` in `mangle
+    /// OUTPUT`), and `ip rule fwmark I` sends them to table [`reply_table`]`(I)`, whose default
+    /// route goes via balancer I. A balancer sees the node's cookie (HelloVerifyRequest,
+    /// HelloRetryRequest) only if the reply crosses it, and the client's next ClientHello
+    /// comes back through the balancer that brought the first: only this way can that one
+    /// prove the client's address (issue #19).
+    SameBalancer,
+}
+
+/// What [`Fleet::reply_paths`] counted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyPaths {
+    /// DTLS replies (UDP from the lab's port) to connections a balancer brought.
+    pub replies: u64,
+    /// Those that left through another balancer.
+    pub crossed: u64,
+}
+
+/// The routing table a node uses for replies to what balancer `i` (1-based) brought.
+pub fn reply_table(i: usize) -> u32 {
+    100 + i as u32
+}
 
 pub struct Fleet {
     pub client: NetNs,
@@ -61,7 +97,8 @@ fn pair6(i: usize, k: usize) -> (String, String) {
 }
 
 impl Fleet {
-    pub fn up(prefix: &str) -> Result<Self, String> {
+    /// Builds the fleet; namespace names start with `prefix`; nodes reply as `replies` says.
+    pub fn up(prefix: &str, replies: Replies) -> Result<Self, String> {
         let f = Fleet {
             client: NetNs::named(&format!("{prefix}c"))?,
             router: NetNs::named(&format!("{prefix}r"))?,
@@ -82,7 +119,138 @@ impl Fleet {
             ns.sysctl("net.ipv6.conf.all.keep_addr_on_down=1")?;
         }
         f.wire()?;
+        f.mark_by_balancer()?;
+        if replies == Replies::SameBalancer {
+            f.reply_through_ingress()?;
+        }
         Ok(f)
+    }
+
+    /// On every node, for IPv4 and IPv6: every packet from balancer I's MAC marks its
+    /// connection I (conntrack's mark only, which routes nothing by itself), and rules in
+    /// `mangle POSTROUTING` count the DTLS replies of each balancer's connections and those
+    /// of them that leave through another balancer ([`Fleet::reply_paths`]).
+    fn mark_by_balancer(&self) -> Result<(), String> {
+        let port = crate::PORT.to_string();
+        for (ki, n) in self.nodes.iter().enumerate() {
+            let k = ki + 1;
+            for tool in ["iptables", "ip6tables"] {
+                let rule = |args: &[&str]| {
+                    let mut cmd = vec![tool, "-t", "mangle", "-A"];
+                    cmd.extend(args);
+                    n.must(&cmd).map(|_| ())
+                };
+                for (bi, b) in self.balancers.iter().enumerate() {
+                    let i = bi + 1;
+                    let mac = b
+                        .mac(&format!("n{k}"))?
+                        .map(|x| format!("{x:02x}"))
+                        .join(":");
+                    let (mark, link) = (i.to_string(), format!("b{i}"));
+                    rule(&[
+                        "PREROUTING",
+                        "-m",
+                        "mac",
+                        "--mac-source",
+                        &mac,
+                        "-j",
+                        "CONNMARK",
+                        "--set-mark",
+                        &mark,
+                    ])?;
+                    let reply = [
+                        "POSTROUTING",
+                        "-p",
+                        "udp",
+                        "--sport",
+                        &port,
+                        "-m",
+                        "connmark",
+                    ];
+                    rule(&[&reply[..], &["--mark", &mark]].concat())?;
+                    rule(&[&reply[..], &["--mark", &mark, "!", "-o", &link]].concat())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// DTLS replies the nodes sent to connections a balancer brought, and how many of them
+    /// left through the other balancer, summed over nodes and both families.
+    pub fn reply_paths(&self) -> Result<ReplyPaths, String> {
+        let mut sum = ReplyPaths::default();
+        for n in &self.nodes {
+            for tool in ["iptables", "ip6tables"] {
+                let out = n.must(&[tool, "-t", "mangle", "-L", "POSTROUTING", "-nvx"])?;
+                // Two header lines, then per balancer: its replies, those that crossed.
+                let pkts: Vec<u64> = out
+                    .lines()
+                    .skip(2)
+                    .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+                    .collect();
+                if pkts.len() != 2 * BALANCERS {
+                    return Err(format!("unexpected {tool} output in {}:\n{out}", n.name));
+                }
+                for pair in pkts.chunks(2) {
+                    sum.replies += pair[0];
+                    sum.crossed += pair[1];
+                }
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Switches the nodes to [`Replies::SameBalancer`] (a fleet built with
+    /// [`Replies::Ecmp`] can be switched while running; new replies follow at once): each
+    /// reply takes its connection's mark (`CONNMARK --restore-mark` in `mangle OUTPUT`), and
+    /// `ip rule fwmark I` sends it to [`reply_table`]`(I)`.
+    pub fn reply_through_ingress(&self) -> Result<(), String> {
+        for (ki, n) in self.nodes.iter().enumerate() {
+            let k = ki + 1;
+            for tool in ["iptables", "ip6tables"] {
+                n.must(&[
+                    tool,
+                    "-t",
+                    "mangle",
+                    "-A",
+                    "OUTPUT",
+                    "-j",
+                    "CONNMARK",
+                    "--restore-mark",
+                ])?;
+            }
+            for i in 1..=BALANCERS {
+                let t = reply_table(i);
+                n.ip(&format!("rule add fwmark {i} lookup {t}"))?;
+                n.ip(&format!("-6 rule add fwmark {i} lookup {t}"))?;
+                self.reply_routes(i, k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `k`'s default routes via balancer `i` in [`reply_table`]`(i)` (both 1-based).
+    fn reply_routes(&self, i: usize, k: usize) -> Result<(), String> {
+        let n = &self.nodes[k - 1];
+        let t = reply_table(i);
+        n.ip(&format!(
+            "route replace default via {} dev b{i} src {} table {t}",
+            pair4(i, k).0,
+            node4(k)
+        ))?;
+        n.ip(&format!(
+            "-6 route replace default via {} dev b{i} src {} table {t}",
+            pair6(i, k).0,
+            node6(k)
+        ))
+    }
+
+    /// Whether the nodes reply through the balancer that brought the request (their
+    /// `ip rule`s say so).
+    fn replies_same_balancer(&self) -> bool {
+        let rules = String::from_utf8_lossy(&self.nodes[0].exec(&["ip", "rule", "show"]).stdout)
+            .into_owned();
+        rules.contains(&format!("lookup {}", reply_table(1)))
     }
 
     fn wire(&self) -> Result<(), String> {
@@ -182,11 +350,20 @@ impl Fleet {
     /// Cuts every link of balancer `i` (1-based) at the far end (`up` false: the router's and
     /// the nodes' ends go down, so the balancer sees its carrier go) or restores them. The
     /// router's BGP session to it times out (hold time), and the nodes' ECMP routes skip it.
+    ///
+    /// Taking a node's link down deletes the routes through it, and the single-hop default in
+    /// the node's [`reply_table`] does not come back with the link (the ECMP route's hop
+    /// does): with [`Replies::SameBalancer`] it is put back here, as an operator's interface
+    /// configuration would.
     pub fn set_balancer_links(&self, i: usize, up: bool) -> Result<(), String> {
         let state = if up { "up" } else { "down" };
         self.router.ip(&format!("link set rb{i} {state}"))?;
-        for n in &self.nodes {
+        let same = self.replies_same_balancer();
+        for (ki, n) in self.nodes.iter().enumerate() {
             n.ip(&format!("link set b{i} {state}"))?;
+            if up && same {
+                self.reply_routes(i, ki + 1)?;
+            }
         }
         Ok(())
     }

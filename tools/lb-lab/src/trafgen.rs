@@ -161,16 +161,48 @@ fn children_of(pid: i32) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// A trafgen packet config: IPv4 UDP frames to `dst:dport` carrying `payload`, each from a
-/// random source address in 10.0.0.0/8 (24 random bits per packet: N packets come from about
-/// N - N²/2²⁵ distinct sources) and a random source port, IP checksum computed per packet, UDP
-/// checksum 0 (none, valid for IPv4).
+/// Where a spoofed flood's packets come from (all in 10.0.0.0/8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spoofed {
+    /// A random address in 10.0.0.0/8 and a random port per packet: 24 random bits of
+    /// address, so N packets come from about N - N²/2²⁵ distinct sources, and 5-tuples (40
+    /// random bits) practically never repeat.
+    Random,
+    /// [`POOL_SOURCES`] addresses (10.0.0-7.1-125), each sending many 5-tuples, and every
+    /// 5-tuple sent `repeat` times in a row, as a blind attacker repeats a tuple to make its
+    /// flow look established. Deterministic: one trafgen run sends the same tuples in the same
+    /// order every time: run one generator with it (two would send the same tuples).
+    Pool { repeat: usize },
+}
+
+/// How many source addresses [`Spoofed::Pool`] draws from.
+pub const POOL_SOURCES: usize = 8 * 125;
+
+/// How many distinct 5-tuples [`Spoofed::Pool`] sends before its sequence starts over:
+/// lcm(8, 125, 256, 253) = 256 × 125 × 253, the periods of its four byte counters (8 divides
+/// 256; 125 = 5³, 256 = 2⁸ and 253 = 11 × 23 share no factor). Send at most this many times
+/// `repeat` packets, or tuples recur later than their repeats.
+pub const POOL_TUPLES: u64 = 256 * 125 * 253;
+
+/// A trafgen packet config: IPv4 UDP frames to `dst:dport` carrying `payload`, from spoofed
+/// sources as `from` says, IP checksum computed per packet, UDP checksum 0 (none, valid for
+/// IPv4).
+///
+/// For [`Spoofed::Pool`] the config holds `repeat` identical packet templates. trafgen sends
+/// its templates in turn, and each template steps its own `dinc` counters once per packet it
+/// sends, so identical templates stay in step and send each tuple `repeat` times in a row.
+/// Every counter steps by one per packet: address bytes 3 and 4 run through 8 and 125 values
+/// (coprime: 1,000 distinct addresses), the source port's bytes through 256 and 253 (never
+/// port 0), so a
+/// source sends a new tuple every [`POOL_SOURCES`] tuples and no tuple recurs within
+/// [`POOL_TUPLES`].
 pub fn spoofed_udp_flood(
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
     dst: std::net::Ipv4Addr,
     dport: u16,
     payload: &[u8],
+    from: Spoofed,
 ) -> String {
     let hex = |b: &[u8]| -> String {
         b.iter()
@@ -178,12 +210,20 @@ pub fn spoofed_udp_flood(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let (src, sport, templates) = match from {
+        Spoofed::Random => ("10, drnd(), drnd(), drnd()", "drnd(), drnd()", 1),
+        Spoofed::Pool { repeat } => (
+            "10, 0, dinc(0, 7), dinc(1, 125)",
+            "dinc(0, 0xff), dinc(1, 253)",
+            repeat.max(1),
+        ),
+    };
     let udp_len = (8 + payload.len()) as u16;
     let ip_len = 20 + udp_len;
     let d = dst.octets();
-    format!(
+    let template = format!(
         "{{\n  {}, {}, 0x08, 0x00,\n  0x45, 0x00, {}, 0x00, 0x00, 0x40, 0x00, 64, 17, csumip(14, 33),\n  \
-         10, drnd(), drnd(), drnd(),\n  {},\n  drnd(), drnd(), {}, {}, 0x00, 0x00,\n  {}\n}}\n",
+         {src},\n  {},\n  {sport}, {}, {}, 0x00, 0x00,\n  {}\n}}\n",
         hex(&dst_mac),
         hex(&src_mac),
         hex(&ip_len.to_be_bytes()),
@@ -191,5 +231,90 @@ pub fn spoofed_udp_flood(
         hex(&dport.to_be_bytes()),
         hex(&udp_len.to_be_bytes()),
         hex(payload),
-    )
+    );
+    template.repeat(templates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{spoofed_udp_flood, Spoofed, POOL_SOURCES, POOL_TUPLES};
+
+    fn conf(from: Spoofed) -> String {
+        spoofed_udp_flood(
+            [2; 6],
+            [4; 6],
+            crate::VIP4,
+            crate::PORT,
+            &[0x16, 0xfe],
+            from,
+        )
+    }
+
+    #[test]
+    fn a_pool_flood_repeats_one_template_so_tuples_repeat() {
+        let text = conf(Spoofed::Pool { repeat: 3 });
+        let templates: Vec<&str> = text.split_inclusive("}\n").collect();
+        assert_eq!(templates.len(), 3, "{text}");
+        assert!(templates.iter().all(|t| *t == templates[0]), "{text}");
+        // Counters only: a random byte would make the copies differ.
+        assert!(!text.contains("drnd"), "{text}");
+        assert!(templates[0].contains("10, 0, dinc(0, 7), dinc(1, 125)"));
+    }
+
+    /// The number of values each `dinc(min, max)` of a template runs through, in order.
+    fn counter_periods(template: &str) -> Vec<u64> {
+        template
+            .split("dinc(")
+            .skip(1)
+            .map(|rest| {
+                let args = &rest[..rest.find(')').expect("dinc(...)")];
+                let v: Vec<u64> = args
+                    .split(',')
+                    .map(|a| {
+                        let a = a.trim();
+                        match a.strip_prefix("0x") {
+                            Some(h) => u64::from_str_radix(h, 16).unwrap(),
+                            None => a.parse().unwrap(),
+                        }
+                    })
+                    .collect();
+                v[1] - v[0] + 1
+            })
+            .collect()
+    }
+
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+
+    /// Every counter steps once per packet, so the tuple sequence repeats after the lcm of the
+    /// counters' periods, and the addresses after the lcm of the address bytes' periods.
+    #[test]
+    fn a_pool_flood_has_its_sources_and_tuples() {
+        let p = counter_periods(&conf(Spoofed::Pool { repeat: 1 }));
+        assert_eq!(
+            p.len(),
+            4,
+            "address bytes 3 and 4, port bytes 1 and 2: {p:?}"
+        );
+        let lcm = |v: &[u64]| v.iter().fold(1, |a, &x| a / gcd(a, x) * x);
+        assert_eq!(lcm(&p[..2]), POOL_SOURCES as u64);
+        assert_eq!(
+            p[0] * p[1],
+            POOL_SOURCES as u64,
+            "address bytes not coprime: {p:?}"
+        );
+        assert_eq!(lcm(&p), POOL_TUPLES, "{p:?}");
+    }
+
+    #[test]
+    fn a_random_flood_is_one_template() {
+        let text = conf(Spoofed::Random);
+        assert_eq!(text.matches("}\n").count(), 1, "{text}");
+        assert!(text.contains("10, drnd(), drnd(), drnd()"), "{text}");
+    }
 }
