@@ -98,7 +98,7 @@ fn udp_payload(frame: &[u8]) -> Option<&[u8]> {
     }
 }
 
-fn describe(frame: &[u8]) -> String {
+fn describe(frame: &[u8], gue: bool) -> String {
     let Ok(p) = SlicedPacket::from_ethernet(frame) else {
         return format!("{} bytes, not parsable as Ethernet/IP", frame.len());
     };
@@ -112,36 +112,81 @@ fn describe(frame: &[u8]) -> String {
         };
         let _ = write!(s, "eth {} -> {}  ", mac(e.source()), mac(e.destination()));
     }
-    let ports = match &p.transport {
-        Some(TransportSlice::Udp(u)) => Some((u.source_port(), u.destination_port(), u.checksum())),
+    describe_ip(&mut s, &p, gue);
+    s
+}
+
+/// The IP header, UDP ports and checksum; an encapsulated packet (IP in IP, or with `gue`, the
+/// datapath having encapsulated it so, UDP whose payload is an IP packet) and then its inner
+/// packet.
+fn describe_ip(s: &mut String, p: &SlicedPacket<'_>, gue: bool) {
+    let udp = match &p.transport {
+        Some(TransportSlice::Udp(u)) => Some(u),
         _ => None,
     };
-    match &p.net {
+    let (sp, dp, c) = udp
+        .map(|u| (u.source_port(), u.destination_port(), u.checksum()))
+        .unwrap_or_default();
+    let inner: Option<&[u8]> = match &p.net {
         Some(NetSlice::Ipv4(ip)) => {
             let h = ip.header();
-            let (sp, dp, c) = ports.unwrap_or_default();
-            let _ = write!(
-                s,
-                "{}:{sp} -> {}:{dp}  ttl {}  udp checksum {c:#06x}",
-                h.source_addr(),
-                h.destination_addr(),
-                h.ttl()
-            );
+            if h.protocol() == etherparse::IpNumber::IPV4 {
+                let _ = write!(
+                    s,
+                    "{} -> {}  ttl {}  ipip",
+                    h.source_addr(),
+                    h.destination_addr(),
+                    h.ttl()
+                );
+                Some(ip.payload().payload)
+            } else {
+                let _ = write!(
+                    s,
+                    "{}:{sp} -> {}:{dp}  ttl {}  udp checksum {c:#06x}",
+                    h.source_addr(),
+                    h.destination_addr(),
+                    h.ttl()
+                );
+                None
+            }
         }
         Some(NetSlice::Ipv6(ip)) => {
             let h = ip.header();
-            let (sp, dp, c) = ports.unwrap_or_default();
-            let _ = write!(
-                s,
-                "[{}]:{sp} -> [{}]:{dp}  hop limit {}  udp checksum {c:#06x}",
-                h.source_addr(),
-                h.destination_addr(),
-                h.hop_limit()
-            );
+            if h.next_header() == etherparse::IpNumber::IPV6 {
+                let _ = write!(
+                    s,
+                    "[{}] -> [{}]  hop limit {}  ipip",
+                    h.source_addr(),
+                    h.destination_addr(),
+                    h.hop_limit()
+                );
+                Some(ip.payload().payload)
+            } else {
+                let _ = write!(
+                    s,
+                    "[{}]:{sp} -> [{}]:{dp}  hop limit {}  udp checksum {c:#06x}",
+                    h.source_addr(),
+                    h.destination_addr(),
+                    h.hop_limit()
+                );
+                None
+            }
         }
-        _ => s.push_str("not IP"),
+        _ => {
+            s.push_str("not IP");
+            None
+        }
+    };
+    // GUE variant 1: the UDP payload starts with an IPv4 or IPv6 header.
+    let inner = inner.or_else(|| {
+        let pl = udp.filter(|_| gue)?.payload();
+        s.push_str("  gue");
+        Some(pl)
+    });
+    if let Some(Ok(q)) = inner.map(SlicedPacket::from_ip) {
+        s.push_str("\n          inner: ");
+        describe_ip(s, &q, false);
     }
-    s
 }
 
 /// Runs `frame` as if received on `ingress` and returns a report.
@@ -212,9 +257,10 @@ pub fn explain(cfg: &Config, frame: &[u8], ingress: &str) -> anyhow::Result<Stri
             "flows:    a private, empty table of {n} entries (the live one is not touched)"
         );
     }
-    let _ = writeln!(s, "before:   {}", describe(frame));
+    let _ = writeln!(s, "before:   {}", describe(frame, false));
     if out != frame {
-        let _ = writeln!(s, "after:    {}", describe(&out));
+        let gue = fired.contains(&Counter::TunnelEncapGue.name());
+        let _ = writeln!(s, "after:    {}", describe(&out, gue));
     } else {
         let _ = writeln!(s, "after:    unchanged");
     }

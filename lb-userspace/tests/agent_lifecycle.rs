@@ -476,6 +476,65 @@ fn explain_and_shadow_mode() {
     assert!(text.contains(&format!("-> {}:5684", node4(2))), "{text}");
     assert!(!pins.0.exists(), "explain must not pin anything");
 
+    // The same record to the VIP in tunnel mode: the encapsulated frame, outer and inner. A
+    // tunnel packet is dropped while the node's neighbour is unresolved (the kernel cannot
+    // take it): a datagram from the balancer resolves it, as the node's health probes do.
+    let node2 = node4(2).to_string();
+    let _ = lab
+        .balancer
+        .must(&["bash", "-c", &format!("echo > /dev/udp/{node2}/9")]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !lab
+        .balancer
+        .must(&["ip", "neigh", "show", &node2])
+        .unwrap_or_default()
+        .contains("lladdr")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{node2} never resolved"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let tunnel_cfg = cfg.with_extension("tunnel.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        &format!("ports: [{}]}}", lb_lab::PORT),
+        &format!(
+            "ports: [{}], forwarding: tunnel, tunnel: {{encap: ipip, source4: 10.99.0.1}}}}",
+            lb_lab::PORT
+        ),
+        1,
+    );
+    std::fs::write(&tunnel_cfg, text).unwrap();
+    let out = lab
+        .balancer
+        .nsenter(env!("CARGO_BIN_EXE_cidlb"))
+        .args(["explain", "--config", tunnel_cfg.to_str().unwrap()])
+        .args(["--src", "198.51.100.7:40000", "--dst", "192.0.2.10:5684"])
+        .args([
+            "--payload",
+            "19fefd000100000000000102a1a2a3a4a50004abcdabcd",
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&tunnel_cfg);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("tunnel_encap_ipip"), "{text}");
+    assert!(
+        text.contains(&format!("after:    eth "))
+            && text.contains(&format!("10.99.0.1 -> {}  ttl 64  ipip", node4(2))),
+        "{text}"
+    );
+    assert!(
+        text.contains("inner: 198.51.100.7:40000 -> 192.0.2.10:5684"),
+        "{text}"
+    );
+
     // Shadow mode: routed and counted, but nothing is forwarded to the nodes.
     let agent = AgentProc::start(lab, &cfg, &["--shadow", "--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(1200));
