@@ -526,7 +526,7 @@ fn explain_and_shadow_mode() {
     );
     assert!(text.contains("tunnel_encap_ipip"), "{text}");
     assert!(
-        text.contains(&format!("after:    eth "))
+        text.contains("after:    eth ")
             && text.contains(&format!("10.99.0.1 -> {}  ttl 64  ipip", node4(2))),
         "{text}"
     );
