@@ -26,7 +26,12 @@ use anyhow::{anyhow, bail, Result};
 use aya::maps::HashMap;
 use aya::programs::Xdp;
 use aya::Ebpf;
-use cidlb::{config::Config, datapath::Datapath, stats::Snapshot, testrun};
+use cidlb::{
+    config::{limits::Prefix, Config, Encap, Forwarding, Tunnel},
+    datapath::Datapath,
+    stats::Snapshot,
+    testrun,
+};
 use lb_common::{names, Counter, Flow, FlowKey, FAMILY_V4};
 use lb_lab::{
     fib::{CLIENT4, CLIENT_MAC, FXC_MAC, FXN_MAC, VIP4},
@@ -59,6 +64,20 @@ fn config_with(nodes: u32, capacity: u32, extra: &str) -> Result<Config> {
     y.push_str(&format!("flows: {{capacity: {capacity}}}\n"));
     y.push_str(extra);
     Config::parse(&y, Path::new("bench.yaml")).map_err(|e| anyhow!("{e}"))
+}
+
+/// [`config`] with its VIP in tunnel mode, `encap` from the outer source 198.19.0.1.
+fn tunnel_config(nodes: u32, encap: Encap) -> Result<Config> {
+    let mut cfg = config(nodes, 65536)?;
+    let vip = &mut cfg.vips[0];
+    vip.forwarding = Forwarding::Tunnel;
+    vip.tunnel = Some(Tunnel {
+        encap,
+        source4: Some(Prefix::parse("198.19.0.1").map_err(|e| anyhow!(e))?),
+        source6: None,
+        gue_port: matches!(encap, Encap::Gue).then_some(6080),
+    });
+    Ok(cfg)
 }
 
 /// A loaded, provisioned datapath in one of the measuring modes.
@@ -209,7 +228,7 @@ fn prefill(dp: &mut Datapath, n: u64) -> Result<()> {
     Ok(())
 }
 
-use lb_common::xdp::{XDP_DROP, XDP_PASS};
+use lb_common::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 
 /// What a path must do, checked before it is timed: its action, and exactly which counters one
 /// packet moves (each by one). A frame that took another path fails the bench instead of
@@ -239,6 +258,33 @@ const CID13_ROUTED: Expect = Expect {
         Counter::PacketsSeen,
         Counter::Cid13Routed,
         Counter::ShadowPass,
+    ],
+};
+/// Rewritten and redirected for real (rotating: every run starts from the frame as sent).
+const CID_FORWARDED: Expect = Expect {
+    action: XDP_REDIRECT,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::CidRouted,
+        Counter::FwdRedirect,
+    ],
+};
+const CID_TUNNEL_IPIP: Expect = Expect {
+    action: XDP_REDIRECT,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::CidRouted,
+        Counter::FwdRedirect,
+        Counter::TunnelEncapIpip,
+    ],
+};
+const CID_TUNNEL_GUE: Expect = Expect {
+    action: XDP_REDIRECT,
+    counters: &[
+        Counter::PacketsSeen,
+        Counter::CidRouted,
+        Counter::FwdRedirect,
+        Counter::TunnelEncapGue,
     ],
 };
 /// A client no earlier pass sent: no flow yet, so one is pinned.
@@ -683,11 +729,36 @@ fn run_rotating(ifs: &[u32], effort: Effort, out: &mut Vec<Value>) -> Result<()>
     for nodes in [2u32, 16, 64, 256] {
         let cfg = config(nodes, 65536)?;
         let shadow = datapath(&cfg, true)?;
+        let nat = datapath(&cfg, false)?;
+        let ipip = datapath(&tunnel_config(nodes, Encap::Ipip)?, false)?;
+        let gue = datapath(&tunnel_config(nodes, Encap::Gue)?, false)?;
         let limited = datapath(&config_with(nodes, 65536, LIMITS_OPEN)?, true)?;
         let cid = clients(CLIENTS as u64, cid_for(nodes));
         let mut cases = vec![
             Rotation::new("empty program (floor)", floor, &cid, fxc, FLOOR),
             Rotation::new("CID record routed", prog(&shadow), &cid, fxc, CID_ROUTED),
+            // Forwarded for real, NAT and tunnel mode side by side (issue #20's ≤ 1.3×).
+            Rotation::new(
+                "CID record forwarded, NAT",
+                prog(&nat),
+                &cid,
+                fxc,
+                CID_FORWARDED,
+            ),
+            Rotation::new(
+                "CID record forwarded, tunnel ipip",
+                prog(&ipip),
+                &cid,
+                fxc,
+                CID_TUNNEL_IPIP,
+            ),
+            Rotation::new(
+                "CID record forwarded, tunnel gue",
+                prog(&gue),
+                &cid,
+                fxc,
+                CID_TUNNEL_GUE,
+            ),
             Rotation::new("new flow", prog(&shadow), &new, fxc, NEW_FLOW).fresh(CLIENTS),
             Rotation::new("new flow, limits on", prog(&limited), &new, fxc, NEW_FLOW)
                 .fresh(CLIENTS),

@@ -255,6 +255,38 @@ fn range(v: &[f64]) -> (f64, f64) {
 }
 
 /// Every target of issue #11 beside its measured value, met or not.
+/// Issue #20: a tunnel VIP's CID path, encapsulation done, against NAT mode's, rewrite done,
+/// rotating at each node count of the same run.
+const TUNNEL_TARGET: f64 = 1.3;
+
+fn tunnel_target(records: &[Value]) -> String {
+    let rot = |path: &str| -> Vec<(u64, f64)> {
+        records
+            .iter()
+            .filter(|r| r["series"] == "rotate_nodes" && r["path"] == path)
+            .map(|r| (r["nodes"].as_u64().unwrap_or(0), f(&r["median_ns"])))
+            .collect()
+    };
+    let nat = rot("CID record forwarded, NAT");
+    let mut s = String::new();
+    for encap in ["ipip", "gue"] {
+        let ratios: Vec<f64> = rot(&format!("CID record forwarded, tunnel {encap}"))
+            .iter()
+            .filter_map(|(n, t)| nat.iter().find(|(m, _)| m == n).map(|(_, a)| t / a))
+            .collect();
+        if ratios.is_empty() {
+            continue;
+        }
+        let (lo, hi) = range(&ratios);
+        let _ = writeln!(
+            s,
+            "| CID record forwarded, tunnel {encap} ÷ NAT (issue #20) | ≤ {TUNNEL_TARGET}× | – | {lo:.2}–{hi:.2}× | | rotating {} |",
+            met(hi <= TUNNEL_TARGET)
+        );
+    }
+    s
+}
+
 fn targets(records: &[Value]) -> String {
     let mut s = String::new();
     let paths = main_paths(records);
@@ -321,6 +353,7 @@ fn targets(records: &[Value]) -> String {
                 verdict.join(", ")
             );
         }
+        s.push_str(&tunnel_target(records));
     }
     let tp: Vec<&Value> = records
         .iter()
