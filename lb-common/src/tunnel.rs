@@ -33,6 +33,20 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Host bits of an outer source prefix that the flow hash may fill, at most.
 pub const MAX_SOURCE_BITS: u8 = 16;
 
+/// The flow's hash for the outer header: a prefix source's host bits, the GUE source port and
+/// the IPv6 flow label. Only spreading matters here (a node's RSS, the underlay's ECMP), not
+/// agreement between balancers, so it is a cheap multiply-xor mix of the addresses' words and
+/// the ports (wire order), not the Maglev flow hash.
+#[inline(always)]
+pub const fn tuple_hash(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16) -> u32 {
+    let a = src[0] ^ src[1] ^ src[2] ^ src[3];
+    let b = dst[0] ^ dst[1] ^ dst[2] ^ dst[3];
+    let mut h = a.wrapping_mul(0x9e37_79b1) ^ b;
+    h = h.wrapping_mul(0x85eb_ca6b) ^ (sport as u32 | (dport as u32) << 16);
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 /// GUE source ports: 49152 + the flow hash's low 14 bits (the dynamic range, RFC 6335).
 #[inline(always)]
 pub const fn gue_source_port(flow_hash: u32) -> u16 {

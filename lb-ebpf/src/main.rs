@@ -66,7 +66,7 @@ pub fn cidlb(ctx: XdpContext) -> u32 {
             cookie::after(&ctx, cookie::Hello::Node);
             verdict.action()
         }
-        Then::Encap => match tunnel::encap(&ctx, verdict.vip(), verdict.node()) {
+        Then::Encap => match tunnel::encap(&ctx, verdict.vip(), verdict.node(), verdict.l4()) {
             Ok(()) => verdict.action(),
             Err(reason) => {
                 count(reason);
@@ -89,17 +89,24 @@ pub enum Then {
 }
 
 /// `balance`'s answer in one register (a BPF function returns one): the XDP action in bits
-/// 0..8, [`Then`] in 8..16, the VIP's index in 16..32 and the node id in 32..64 (for `Encap`).
+/// 0..8, [`Then`] in 8..16, and for `Encap` the VIP's index in 16..24, the UDP header's offset
+/// in 24..32 (IPv4 or IPv6 by its value: see `tunnel::encap`) and the node id in 32..64.
 #[derive(Clone, Copy)]
 struct Verdict(u64);
 
 impl Verdict {
     #[inline(always)]
-    fn pack(action: u32, then: Then, vip: u32, node: u32) -> u64 {
+    fn pack(action: u32, next: &Next) -> u64 {
         u64::from(action & 0xff)
-            | (then as u64) << 8
-            | u64::from(vip & 0xffff) << 16
-            | u64::from(node) << 32
+            | (next.then as u64) << 8
+            | u64::from(next.vip & 0xff) << 16
+            | u64::from(next.l4 & 0xff) << 24
+            | u64::from(next.node) << 32
+    }
+
+    #[inline(always)]
+    fn l4(self) -> u32 {
+        ((self.0 >> 24) & 0xff) as u32
     }
 
     #[inline(always)]
@@ -119,7 +126,7 @@ impl Verdict {
 
     #[inline(always)]
     fn vip(self) -> u32 {
-        ((self.0 >> 16) & 0xffff) as u32
+        ((self.0 >> 16) & 0xff) as u32
     }
 
     #[inline(always)]
@@ -132,6 +139,8 @@ impl Verdict {
 struct Next {
     then: Then,
     vip: u32,
+    /// The UDP header's offset (tunnel mode: untagged frames only, so at most 14 + 60).
+    l4: u32,
     node: u32,
 }
 
@@ -142,6 +151,7 @@ fn balance(ctx: &XdpContext) -> u64 {
     let mut next = Next {
         then: Then::Nothing,
         vip: 0,
+        l4: 0,
         node: 0,
     };
     let action = match try_lb(ctx, &mut next) {
@@ -161,7 +171,7 @@ fn balance(ctx: &XdpContext) -> u64 {
             }
         }
     };
-    Verdict::pack(action, next.then, next.vip, next.node)
+    Verdict::pack(action, &next)
 }
 
 /// `Ok(action)`: forwarded, counters already bumped.
@@ -213,6 +223,7 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
             *next = Next {
                 then: Then::Encap,
                 vip,
+                l4: udp.off as u32,
                 node: id,
             };
             return forward::send(ctx, &pkt, &hop, &forward::TUNNEL, tunnel::overhead(t, &pkt));

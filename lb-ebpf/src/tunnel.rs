@@ -12,22 +12,22 @@
 //!  ipip, IPv6:  Ethernet | IPv6 (next header 41, traffic class of the inner) | client's IPv6 packet
 //!  gue:         Ethernet | outer IP (proto 17) | UDP (flow's source port, gue_port) | inner
 //! ```
-//! Outer TTL / hop limit 64; the IPv6 flow label and the IPv4 identification are the flow's
-//! hash (so the underlay's ECMP keeps a flow on one path). The GUE UDP checksum is 0 over IPv4 (none, RFC 768), and computed
+//! Outer TTL / hop limit 64; IPv4 with DF (and identification 0), the inner TOS; IPv6 with
+//! the inner traffic class and the flow's hash as its flow label (so the underlay's ECMP
+//! keeps a flow on one path). The GUE UDP checksum is 0 over IPv4 (none, RFC 768), and computed
 //! over IPv6 (RFC 8200 §8.1) without reading the payload: the inner UDP checksum already sums
 //! it (see [`inner_sum6`]).
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     csum::fold,
-    hash::flow_hash,
     tunnel::{
-        gue_source_port, overhead as encap_overhead, Tunnel, ENCAP_GUE, ENCAP_NONE, IPPROTO_IPIP,
-        IPPROTO_IPV6, IPPROTO_UDP,
+        gue_source_port, overhead as encap_overhead, tuple_hash, Tunnel, ENCAP_GUE, ENCAP_NONE,
+        IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP,
     },
-    Counter, FlowKey, Node, FAMILY_V4, FAMILY_V6,
+    Counter, Node, FAMILY_V4, FAMILY_V6,
 };
-use network_types::eth::EthHdr;
+use network_types::eth::{EthHdr, EtherType};
 
 use crate::{
     flow::node_serves,
@@ -70,45 +70,50 @@ pub fn addressing(pkt: &Packet, udp: &Udp, node: &Node, t: &Tunnel) -> Result<Ad
 }
 
 /// Puts the outer header in front of a packet `balance` has forwarded to node `node_id` of
-/// the VIP at `vip`. An error drops the packet (counted); it happens only when the node or the
-/// VIP's tunnel changed in between, or the packet has no room in front.
+/// the VIP at `vip`, whose UDP header is at `l4` (the frame is untagged: `forward::send` drops
+/// tagged ones in tunnel mode). An error drops the packet (counted); it happens only when the
+/// node or the VIP's tunnel changed in between, or the packet has no room in front.
 #[inline(never)]
-pub fn encap(ctx: &XdpContext, vip: u32, node_id: u32) -> Result<(), Counter> {
+pub fn encap(ctx: &XdpContext, vip: u32, node_id: u32, l4: u32) -> Result<(), Counter> {
     let t = maps::VIP_TUNNEL.get(vip).ok_or(Counter::DropTunnelFib)?;
     let node = maps::node(node_id).ok_or(Counter::DropTunnelFib)?;
-    let pkt = crate::parse::parse(ctx)?;
-    let crate::parse::L4::Udp(udp) = pkt.l4 else {
-        return Err(Counter::DropTunnelFib);
+    let v6 = {
+        let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassTruncated)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ether_type = unsafe { (*eth).ether_type };
+        ether_type == EtherType::Ipv6 as u16
     };
-    let v6 = pkt.family == FAMILY_V6;
-    let h = flow_hash(&FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: udp.sport,
-        dport: udp.dport,
-        family: pkt.family,
-        _pad: [0; 3],
-    });
-    // The inner packet's own length (a frame may carry Ethernet padding after it), and what
-    // the outer header copies from it.
-    let (inner_len, tos, df, sum6) = if v6 {
+    let ports: *const [u16; 3] = ptr_at(ctx, l4 as usize & 0xff).ok_or(Counter::PassTruncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    let [sport, dport, udp_len] = unsafe { *ports };
+    // The inner packet's addresses and own length (a frame may carry Ethernet padding after
+    // it), and what the outer header copies from it.
+    let (src, dst, inner_len, tos, sum6) = if v6 {
         let ip: *const [u8; 40] = ptr_at(ctx, EthHdr::LEN).ok_or(Counter::PassTruncated)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
-        let tc = (ip[0] << 4) | (ip[1] >> 4);
-        let len = 40 + u16::from_be_bytes([ip[4], ip[5]]) as usize;
-        (len, tc, 0u8, inner_sum6(ip, udp.len))
+        let w = |i: usize| u32::from_ne_bytes([ip[i], ip[i + 1], ip[i + 2], ip[i + 3]]);
+        (
+            [w(8), w(12), w(16), w(20)],
+            [w(24), w(28), w(32), w(36)],
+            40 + u16::from_be_bytes([ip[4], ip[5]]) as usize,
+            (ip[0] << 4) | (ip[1] >> 4),
+            inner_sum6(ip, u16::from_be(udp_len)),
+        )
     } else {
         let ip: *const [u8; 20] = ptr_at(ctx, EthHdr::LEN).ok_or(Counter::PassTruncated)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
+        let w = |i: usize| u32::from_ne_bytes([ip[i], ip[i + 1], ip[i + 2], ip[i + 3]]);
         (
+            [w(12), 0, 0, 0],
+            [w(16), 0, 0, 0],
             u16::from_be_bytes([ip[2], ip[3]]) as usize,
             ip[1],
-            ip[6] & 0x40,
             0,
         )
     };
+    let h = tuple_hash(&src, &dst, sport, dport);
     let over = encap_overhead(t.encap, v6);
     // SAFETY: the helper moves the packet's start; every pointer is taken again after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(over as i32)) } != 0 {
@@ -166,15 +171,16 @@ pub fn encap(ctx: &XdpContext, vip: u32, node_id: u32) -> Result<(), Counter> {
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &mut *ip };
         let total = if gue { 20 + udp_len } else { 20 + inner_len };
+        // DF, so identification 0 (RFC 6864: an atomic datagram): a tunnel packet is never
+        // fragmented on the way (one too big for the next hop is dropped here).
         *ip = [
             0x45,
             tos,
             (total >> 8) as u8,
             total as u8,
-            // Identification: the flow's, for the rare fragmented tunnel packet.
-            (h >> 8) as u8,
-            h as u8,
-            df,
+            0,
+            0,
+            0x40,
             0,
             64,
             if gue { IPPROTO_UDP } else { IPPROTO_IPIP },
@@ -191,12 +197,14 @@ pub fn encap(ctx: &XdpContext, vip: u32, node_id: u32) -> Result<(), Counter> {
         ];
         ip[12..16].copy_from_slice(&src.to_ne_bytes());
         ip[16..20].copy_from_slice(&node.addr4.to_ne_bytes());
-        let mut sum = 0u64;
-        let mut i = 0;
-        while i < 20 {
-            sum += u64::from(u16::from_ne_bytes([ip[i], ip[i + 1]]));
-            i += 2;
-        }
+        // The header checksum from the values written, not read back (16-bit words as on the
+        // wire, the addresses as two words each).
+        let sum = u64::from(u16::from_ne_bytes([0x45, tos]))
+            + u64::from((total as u16).to_be())
+            + u64::from(u16::from_ne_bytes([0x40, 0]))
+            + u64::from(u16::from_ne_bytes([64, ip[9]]))
+            + u64::from(src)
+            + u64::from(node.addr4);
         ip[10..12].copy_from_slice(&(!fold(sum)).to_ne_bytes());
         if gue {
             put_udp(

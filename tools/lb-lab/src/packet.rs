@@ -259,16 +259,16 @@ pub enum Encap {
 }
 
 /// The frame a balancer sends to a tunnel node: Ethernet (`src_mac` → `dst_mac`), the outer
-/// IP header from `src` to `dst` (TTL 64; for IPv4 the identification `ident`, and the inner
-/// packet's TOS and DF; for IPv6 the flow label `ident` and the inner traffic class), the
-/// UDP header for GUE (checksum 0 over IPv4, computed over IPv6), then `inner` without its
+/// IP header from `src` to `dst` (TTL 64; IPv4 with DF, identification 0 and the inner
+/// packet's TOS; IPv6 with the flow label `flow_label` and the inner traffic class), the UDP
+/// header for GUE (checksum 0 over IPv4, computed over IPv6), then `inner` without its
 /// Ethernet header. Built with etherparse, checksums from scratch.
 pub fn tunnel_frame(
     src_mac: Mac,
     dst_mac: Mac,
     src: IpAddr,
     dst: IpAddr,
-    ident: u32,
+    flow_label: u32,
     encap: Encap,
     inner: &Frame,
 ) -> Vec<u8> {
@@ -296,10 +296,10 @@ pub fn tunnel_frame(
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let mut ip =
                 Ipv4Header::new(ip_payload as u16, 64, proto, s.octets(), d.octets()).unwrap();
-            ip.identification = ident as u16;
+            ip.identification = 0;
             ip.dscp = etherparse::Ipv4Dscp::try_new(inner_bytes[1] >> 2).unwrap();
             ip.ecn = etherparse::Ipv4Ecn::try_new(inner_bytes[1] & 3).unwrap();
-            ip.dont_fragment = inner_bytes[6] & 0x40 != 0;
+            ip.dont_fragment = true;
             ip.header_checksum = ip.calc_header_checksum();
             ip.write(&mut out).unwrap();
             if let Encap::Gue { sport, dport } = encap {
@@ -316,7 +316,7 @@ pub fn tunnel_frame(
             let tc = (inner_bytes[0] << 4) | (inner_bytes[1] >> 4);
             let ip = Ipv6Header {
                 traffic_class: tc,
-                flow_label: etherparse::Ipv6FlowLabel::try_new(ident & 0xf_ffff).unwrap(),
+                flow_label: etherparse::Ipv6FlowLabel::try_new(flow_label & 0xf_ffff).unwrap(),
                 payload_length: ip_payload as u16,
                 next_header: proto,
                 hop_limit: 64,
