@@ -1,6 +1,7 @@
 //! Builds the XDP programs (lb-ebpf) for bpfel-unknown-none with aya-build: every binary of
 //! lb-ebpf lands in OUT_DIR under its name, `lb` (the datapath, which `cidlb` embeds) and
-//! `bench` (the bench's reference programs, embedded apart by `testrun.rs`).
+//! `bench` (the bench's reference programs, embedded apart by `testrun.rs`) and `decap` (the
+//! node side of tunnel mode, `node.rs`).
 //!
 //! With AYA_BUILD_SKIP=1 (host-only checks such as `cargo clippy` for the host), no eBPF is
 //! built: an empty placeholder is written so the crate compiles, and `cidlb run` says so.
@@ -24,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     if skip {
         fs::write(out.join("lb"), b"")?;
         fs::write(out.join("bench"), b"")?;
+        fs::write(out.join("decap"), b"")?;
     }
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-ebpf");
     aya_build::build_ebpf(

@@ -9,6 +9,7 @@
 pub mod cookie;
 pub mod counters;
 pub mod csum;
+pub mod decap;
 pub mod hash;
 pub mod limits;
 pub mod maps;

@@ -15,6 +15,7 @@ pub mod host;
 pub mod layout;
 pub mod linkinfo;
 pub mod metrics;
+pub mod node;
 pub mod pinlock;
 pub mod plan;
 pub mod provision;
