@@ -251,7 +251,7 @@ pub struct Pending {
 }
 
 /// Puts `prog` into the link pinned at `path`.
-fn swap_into(prog: &mut Xdp, path: &Path, iface: &str) -> Result<(), DatapathError> {
+pub(crate) fn swap_into(prog: &mut Xdp, path: &Path, iface: &str) -> Result<(), DatapathError> {
     let perr = |message: String| DatapathError::Pin {
         dir: path.to_owned(),
         message,
@@ -313,7 +313,11 @@ fn rolled_back(e: DatapathError, swapped: usize, restored: Result<(), String>) -
     }
 }
 
-fn attach_one(prog: &mut Xdp, iface: &str, mode: XdpModeCfg) -> Result<XdpLinkId, DatapathError> {
+pub(crate) fn attach_one(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: XdpModeCfg,
+) -> Result<XdpLinkId, DatapathError> {
     let modes: &[(XdpMode, &'static str)] = match mode {
         XdpModeCfg::Native => &[(XdpMode::Driver, "native")],
         XdpModeCfg::Generic => &[(XdpMode::Skb, "generic")],

@@ -87,6 +87,16 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// On a node of a tunnel VIP: `up` attaches the decapsulation program to the node's
+    /// interface, puts the VIPs on lo and sets the interface's sysctls (again: a running one
+    /// is replaced in place); `down` undoes it; `check` says what is not as `up` sets it
+    /// (exit 1) and prints the decapsulation counters.
+    Node {
+        #[arg(value_parser = ["up", "down", "check"])]
+        action: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Run one packet through the datapath program (BPF_PROG_TEST_RUN) and show the decision.
     Explain {
         #[arg(long, short)]
@@ -169,6 +179,7 @@ fn main() -> ExitCode {
             payload,
             ingress,
         } => explain_cmd(&config, hex, src, dst, &payload, ingress),
+        Cmd::Node { action, config } => node_cmd(&action, &config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -216,6 +227,37 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         cfg.nodes.len()
     );
     Ok(())
+}
+
+fn node_cmd(action: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = cidlb::config::node::NodeConfig::load(path)?;
+    match action {
+        "up" => {
+            cidlb::node::up(&cfg)?;
+            println!(
+                "{}: decapsulating on {} for {} VIP(s)",
+                path.display(),
+                cfg.interface,
+                cfg.vips.len()
+            );
+            Ok(())
+        }
+        "down" => cidlb::node::down(&cfg),
+        _ => {
+            let (problems, counters) = cidlb::node::check(&cfg);
+            if let Some(c) = counters {
+                for (name, v) in lb_common::decap::DECAP_NAMES.iter().zip(c) {
+                    println!("{name} {v}");
+                }
+            }
+            if problems.is_empty() {
+                println!("{}: ok", path.display());
+                Ok(())
+            } else {
+                anyhow::bail!("{}: {}", path.display(), problems.join("; "))
+            }
+        }
+    }
 }
 
 fn maintenance(path: &std::path::Path, on: bool) -> anyhow::Result<()> {

@@ -5,6 +5,7 @@
 
 pub mod duration;
 pub mod limits;
+pub mod node;
 
 use std::{
     fmt,
