@@ -3,7 +3,7 @@
 //! interrupting forwarding.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -280,6 +280,40 @@ impl Agent {
             }
         }
         v.panic = now;
+    }
+
+    /// Keeps the neighbour entries towards the nodes of tunnel VIPs resolved: the datapath
+    /// drops a tunnel packet whose next hop has none (`drop_tunnel_no_neigh`; the kernel cannot
+    /// take it and resolve it, as it does for a NAT packet). An empty datagram to each such
+    /// node's address, port 9 (discard), makes the kernel resolve the next hop and keep it
+    /// (a stale entry still serves the FIB lookup). Called every few seconds.
+    fn keep_tunnel_neighbours(&self) {
+        let tunnelled: Vec<IpAddr> = self
+            .cfg
+            .vips
+            .iter()
+            .filter(|v| v.tunnel().is_some())
+            .map(|v| v.address)
+            .collect();
+        let mut sent = std::collections::HashSet::new();
+        for node in &self.cfg.nodes {
+            for vip in &tunnelled {
+                let Some(addr) = node.address_for(*vip) else {
+                    continue;
+                };
+                if !sent.insert(addr) {
+                    continue;
+                }
+                let any: SocketAddr = if addr.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    ([0u16; 8], 0).into()
+                };
+                if let Ok(s) = std::net::UdpSocket::bind(any) {
+                    let _ = s.send_to(&[], (addr, 9));
+                }
+            }
+        }
     }
 
     /// Rewrites `LOCAL_ADDRS`, `SRC_FILTER` and `VLAN_IFACES` if the host's addresses or VLAN
@@ -598,6 +632,7 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
         let mut metrics_task = spawn_metrics(&agent);
         let mut seen = mtime(path);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u64;
         info!("cidlb running; SIGHUP (or editing the config) reloads, SIGINT/SIGTERM stops");
         // Nodes probed at least once since this agent started: ready to be announced only
         // after a full round (see announce.rs). The first heartbeat is written before the
@@ -616,6 +651,10 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
                 _ = tick.tick() => {
                     agent.heartbeat(&probed_ids, &mut round_done, &mut heartbeat_failing);
                     agent.refresh_host();
+                    if ticks.is_multiple_of(5) {
+                        agent.keep_tunnel_neighbours();
+                    }
+                    ticks += 1;
                     let now = mtime(path);
                     if now != seen {
                         seen = now;

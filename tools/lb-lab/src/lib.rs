@@ -18,6 +18,7 @@ pub mod hello;
 mod netns;
 pub mod packet;
 pub mod peer;
+pub mod routed;
 pub mod sniff;
 pub mod trafgen;
 

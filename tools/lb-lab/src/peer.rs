@@ -41,12 +41,25 @@ pub fn server_on(
     extra: &[&str],
     log: Option<&Path>,
 ) -> Result<ChildGuard, String> {
+    server_at(bin, ns, node_id, &format!("[::]:{port}"), extra, log)
+}
+
+/// As [`server`], listening on `listen` only (a tunnel node's server binds the VIP, so it
+/// answers from it).
+pub fn server_at(
+    bin: &Path,
+    ns: &NetNs,
+    node_id: u32,
+    listen: &str,
+    extra: &[&str],
+    log: Option<&Path>,
+) -> Result<ChildGuard, String> {
     let mut child = ns
         .command(utf8(bin)?)
         .args([
             "server",
             "--listen",
-            &format!("[::]:{port}"),
+            listen,
             "--node-id",
             &node_id.to_string(),
         ])

@@ -1,0 +1,167 @@
+//! The routed lab (tunnel mode, README "Tunnel mode"): nodes that do not route through the
+//! balancer. Client, balancer and nodes each hang off a router; the router sends the VIPs to
+//! the balancer, and the nodes' default route is the router, so their replies go straight to
+//! the client.
+//!
+//! ```text
+//!  client c0 ─── rc ┐
+//!                   router ─── rb ──── lbr balancer (cidlb, tunnel VIPs)
+//!                   │      └── rbn ─── lbn
+//!                   ├─ rn1 ─── n0 node 1 (cidlb node: decapsulation, the VIPs on lo)
+//!                   └─ rn2 ─── n0 node 2
+//! ```
+//! - client ↔ router: the lab's client addresses, as in [`crate::Lab`].
+//! - router `rb` ↔ balancer `lbr`: 10.66.0.1/30 ↔ 10.66.0.2, fd66::1/64 ↔ fd66::2; the
+//!   router routes the VIPs to the balancer, whose default route is the router.
+//! - router `rbn` ↔ balancer `lbn`: 10.67.0.1/30 ↔ 10.67.0.2, fd67::1/64 ↔ fd67::2; the
+//!   balancer reaches the nodes' networks through it (a two-armed balancer: its tunnels leave
+//!   by XDP_REDIRECT; a tunnel sent back out of the veth it came in on by XDP_TX was never
+//!   seen by the router's end in this kernel, see README "Tunnel mode").
+//! - router `rnK` ↔ node K's `n0`: the node's addresses of [`crate::Lab`] (`node4(K)`/28,
+//!   `node6(K)`/64, the router at .1 and ::1), the nodes' default route the router.
+//! - The router forwards with `rp_filter` off: replies come from the VIP, which it routes
+//!   towards the balancer.
+//!
+//! Every namespace is this code's own and is deleted on drop.
+
+use std::net::Ipv4Addr;
+
+use crate::{addr_up, node4, node6, peer_offloads, wire_client, Lab, NetNs, VIP4, VIP6};
+
+/// The balancer's interfaces: towards the clients (VIP traffic arrives here), towards the
+/// nodes.
+pub const BALANCER_IFACE: &str = "lbr";
+pub const BALANCER_NODE_IFACE: &str = "lbn";
+/// The balancer's addresses: the tunnels' outer source.
+pub const BALANCER4: &str = "10.66.0.2";
+pub const BALANCER6: &str = "fd66::2";
+
+pub struct Routed {
+    /// Client, balancer and nodes, as in the direct lab (so its helpers apply).
+    pub lab: Lab,
+    pub router: NetNs,
+}
+
+impl Routed {
+    pub fn up(prefix: &str, nodes: usize) -> Result<Self, String> {
+        let lab = Lab {
+            client: NetNs::named(&format!("{prefix}c"))?,
+            balancer: NetNs::named(&format!("{prefix}b"))?,
+            nodes: (1..=nodes)
+                .map(|k| NetNs::named(&format!("{prefix}n{k}")))
+                .collect::<Result<_, _>>()?,
+        };
+        let r = Routed {
+            lab,
+            router: NetNs::named(&format!("{prefix}r"))?,
+        };
+        r.wire()?;
+        Ok(r)
+    }
+
+    fn wire(&self) -> Result<(), String> {
+        let (r, b) = (&self.router, &self.lab.balancer);
+        wire_client(r, "rc", &self.lab.client)?;
+        r.ip(&format!(
+            "link add rb type veth peer name {BALANCER_IFACE} netns {}",
+            b.name
+        ))?;
+        addr_up(r, "rb", "10.66.0.1/30", "fd66::1/64")?;
+        addr_up(
+            b,
+            BALANCER_IFACE,
+            &format!("{BALANCER4}/30"),
+            &format!("{BALANCER6}/64"),
+        )?;
+        r.ip(&format!(
+            "link add rbn type veth peer name {BALANCER_NODE_IFACE} netns {}",
+            b.name
+        ))?;
+        addr_up(r, "rbn", "10.67.0.1/30", "fd67::1/64")?;
+        addr_up(b, BALANCER_NODE_IFACE, "10.67.0.2/30", "fd67::2/64")?;
+        // The balancer redirects into lbn: GRO (NAPI) on the router's end.
+        peer_offloads(r, "rb")?;
+        peer_offloads(r, "rbn")?;
+        b.ip("route add default via 10.66.0.1")?;
+        b.ip("-6 route add default via fd66::1")?;
+        b.ip("route add 203.0.113.0/24 via 10.67.0.1")?;
+        r.ip(&format!("route add {VIP4}/32 via {BALANCER4}"))?;
+        r.ip(&format!("-6 route add {VIP6}/128 via {BALANCER6}"))?;
+        for (i, n) in self.lab.nodes.iter().enumerate() {
+            let k = i + 1;
+            let dev = format!("rn{k}");
+            let gw4 = Ipv4Addr::new(203, 0, 113, (16 * i + 1) as u8);
+            r.ip(&format!(
+                "link add {dev} type veth peer name n0 netns {}",
+                n.name
+            ))?;
+            addr_up(
+                r,
+                &dev,
+                &format!("{gw4}/28"),
+                &format!("2001:db8:{k:x}::1/64"),
+            )?;
+            addr_up(
+                n,
+                "n0",
+                &format!("{}/28", node4(k)),
+                &format!("{}/64", node6(k)),
+            )?;
+            n.ip(&format!("route add default via {gw4}"))?;
+            n.ip(&format!("-6 route add default via 2001:db8:{k:x}::1"))?;
+            b.ip(&format!("-6 route add 2001:db8:{k:x}::/64 via fd67::1"))?;
+            // The node's decapsulation is an XDP program too; its replies leave by the stack.
+            peer_offloads(r, &dev)?;
+            peer_offloads(n, "n0")?;
+        }
+        r.sysctl("net.ipv4.ip_forward=1")?;
+        r.sysctl("net.ipv6.conf.all.forwarding=1")?;
+        for k in ["all", "default", "rb", "rbn", "rc"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain((1..=self.lab.nodes.len()).map(|k| format!("rn{k}")))
+        {
+            r.sysctl(&format!("net.ipv4.conf.{k}.rp_filter=0"))?;
+        }
+        b.sysctl("net.ipv4.ip_forward=1")?;
+        b.sysctl("net.ipv6.conf.all.forwarding=1")
+    }
+
+    /// A cidlb config for the balancer: both VIPs in tunnel mode with `encap` (`ipip`, or `gue`
+    /// on port 6080) from the balancer's addresses, on [`crate::PORT`] (the nodes' DTLS 1.2
+    /// servers) and the port after it (their DTLS 1.3 servers); node K with id K.
+    pub fn cidlb_config(&self, pin_dir: &str, encap: &str, extra: &str) -> String {
+        let gue = if encap == "gue" {
+            ", gue_port: 6080"
+        } else {
+            ""
+        };
+        let tunnel = format!(
+            "forwarding: tunnel, tunnel: {{encap: {encap}, source4: {BALANCER4}, source6: \"{BALANCER6}\"{gue}}}"
+        );
+        let mut s = format!(
+            "interfaces: [{BALANCER_IFACE}, {BALANCER_NODE_IFACE}]\nxdp_mode: native\nvips:\n  - {{address: {VIP4}, ports: [{p}, {p1}], {tunnel}}}\n  - {{address: \"{VIP6}\", ports: [{p}, {p1}], {tunnel}}}\nnodes:\n",
+            p = crate::PORT,
+            p1 = crate::PORT + 1
+        );
+        for k in 1..=self.lab.nodes.len() {
+            s.push_str(&format!(
+                "  - {{id: {k}, address: [{}, \"{}\"]}}\n",
+                node4(k),
+                node6(k)
+            ));
+        }
+        s.push_str(&format!("pin_dir: {pin_dir}\n{extra}"));
+        s
+    }
+
+    /// Node K's `cidlb node` file (GUE on port 6080 as well as IPIP).
+    pub fn node_config(&self, k: usize, pin_dir: &str) -> String {
+        format!(
+            "interface: n0\ntunnel_addresses: [{}, \"{}\"]\nvips: [{VIP4}, \"{VIP6}\"]\n\
+             gue_port: 6080\npin_dir: {pin_dir}\n",
+            node4(k),
+            node6(k)
+        )
+    }
+}
