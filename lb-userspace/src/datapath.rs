@@ -16,7 +16,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
-        ProgramError, Xdp, XdpMode,
+        Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -114,16 +114,7 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Object)?;
         let prog = program_mut(&mut ebpf)?;
-        prog.load().map_err(|e| match e {
-            ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            } => DatapathError::Verifier {
-                io_error,
-                log: verifier_log.to_string(),
-            },
-            e => DatapathError::Program(e),
-        })?;
+        prog.load().map_err(crate::ebpf::load_error)?;
         Ok(Self { ebpf })
     }
 

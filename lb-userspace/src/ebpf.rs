@@ -157,3 +157,17 @@ pub(crate) fn remove_all<K: Pod, V: Pod>(
     }
     Ok(())
 }
+
+/// A program's load error: the verifier's refusal with its log, or another program error.
+pub(crate) fn load_error(e: aya::programs::ProgramError) -> DatapathError {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => DatapathError::Verifier {
+            io_error,
+            log: verifier_log.to_string(),
+        },
+        e => DatapathError::Program(e),
+    }
+}

@@ -49,16 +49,7 @@ impl Decap {
             .ok_or(DatapathError::Program(ProgramError::NotLoaded))?
             .try_into()
             .map_err(DatapathError::Program)?;
-        prog.load().map_err(|e| match e {
-            ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            } => DatapathError::Verifier {
-                io_error,
-                log: verifier_log.to_string(),
-            },
-            e => DatapathError::Program(e),
-        })?;
+        prog.load().map_err(crate::ebpf::load_error)?;
         {
             let mut m: HashMap<_, AddrKey, u8> =
                 HashMap::try_from(map(&mut ebpf, DECAP_ADDRS)?).map_err(merr(DECAP_ADDRS))?;

@@ -221,6 +221,22 @@ impl Flood {
         (g, out)
     }
 
+    /// The stats once the flood shows at the balancer (1,000 packets more than `before`),
+    /// waiting at most 15 s from `flood_start`.
+    fn wait_for_flood(&self, before: &str, flood_start: Instant) -> String {
+        loop {
+            let s = self.stats();
+            if json_counter(&s, "packets_seen") > json_counter(before, "packets_seen") + 1000 {
+                return s;
+            }
+            assert!(
+                flood_start.elapsed() < Duration::from_secs(15),
+                "no flood at the balancer after 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn stats(&self) -> String {
         cidlb(&[
             "stats",
@@ -373,17 +389,7 @@ fn hello_flood(tag: &str, packets: u64, pace: &[&str], min_pps: f64, flood_cpus:
     // Wait (bounded) until the flood is seen at the balancer, then measure its rate over 1 s.
     // Packets the balancer saw (the flood is almost all of them).
     let flood_seen = |s: &str| json_counter(s, "packets_seen");
-    let seen = loop {
-        let s = f.stats();
-        if flood_seen(&s) > flood_seen(&before) + 1000 {
-            break s;
-        }
-        assert!(
-            flood_start.elapsed() < Duration::from_secs(15),
-            "no flood at the balancer after 15 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let seen = f.wait_for_flood(&before, flood_start);
     let t_seen = Instant::now();
     eprintln!(
         "flood seen after {:.2} s",
@@ -601,17 +607,7 @@ fn pooled_flood(tag: &str, repeat: usize) {
     let (mut tgs, flood_start) = f.flood(packets, &[], &[1], Spoofed::Pool { repeat });
     let mut tg = tgs.pop().expect("one trafgen");
     let flood_seen = |s: &str| json_counter(s, "packets_seen");
-    let seen = loop {
-        let s = f.stats();
-        if flood_seen(&s) > flood_seen(&before) + 1000 {
-            break s;
-        }
-        assert!(
-            flood_start.elapsed() < Duration::from_secs(15),
-            "no flood at the balancer after 15 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let seen = f.wait_for_flood(&before, flood_start);
     let t_seen = Instant::now();
     let est_before_flood = flood_start.duration_since(est_start).as_millis() as u64;
 

@@ -104,28 +104,7 @@ impl Lab {
         let b = &self.balancer;
         wire_client(b, "lbc", &self.client)?;
         for (i, n) in self.nodes.iter().enumerate() {
-            let k = i + 1;
-            let dev = node_iface(k);
-            let gw4 = Ipv4Addr::new(203, 0, 113, (16 * i + 1) as u8);
-            b.ip(&format!(
-                "link add {dev} type veth peer name n0 netns {}",
-                n.name
-            ))?;
-            addr_up(
-                b,
-                &dev,
-                &format!("{gw4}/28"),
-                &format!("2001:db8:{k:x}::1/64"),
-            )?;
-            addr_up(
-                n,
-                "n0",
-                &format!("{}/28", node4(k)),
-                &format!("{}/64", node6(k)),
-            )?;
-            n.ip(&format!("route add default via {gw4}"))?;
-            n.ip(&format!("-6 route add default via 2001:db8:{k:x}::1"))?;
-            peer_offloads(n, "n0")?;
+            wire_node(b, &node_iface(i + 1), n, i + 1)?;
         }
         b.sysctl("net.ipv4.ip_forward=1")?;
         b.sysctl("net.ipv6.conf.all.forwarding=1")?;
@@ -234,6 +213,32 @@ fn addr_up(ns: &NetNs, dev: &str, v4: &str, v6: &str) -> Result<(), String> {
     ns.ip(&format!("addr add {v4} dev {dev}"))?;
     ns.ip(&format!("addr add {v6} dev {dev} nodad"))?;
     ns.ip(&format!("link set {dev} up"))
+}
+
+/// Node `k`'s link, shared by [`Lab`] and [`routed::Routed`]: veth `gw_dev` in `gw` (the
+/// node's gateway, .1 of its /28 and ::1 of its /64) to `n0` in `node` ([`node4`],
+/// [`node6`]), with the node's default routes through `gw`.
+fn wire_node(gw: &NetNs, gw_dev: &str, node: &NetNs, k: usize) -> Result<(), String> {
+    let gw4 = Ipv4Addr::new(203, 0, 113, (16 * (k - 1) + 1) as u8);
+    gw.ip(&format!(
+        "link add {gw_dev} type veth peer name n0 netns {}",
+        node.name
+    ))?;
+    addr_up(
+        gw,
+        gw_dev,
+        &format!("{gw4}/28"),
+        &format!("2001:db8:{k:x}::1/64"),
+    )?;
+    addr_up(
+        node,
+        "n0",
+        &format!("{}/28", node4(k)),
+        &format!("{}/64", node6(k)),
+    )?;
+    node.ip(&format!("route add default via {gw4}"))?;
+    node.ip(&format!("-6 route add default via 2001:db8:{k:x}::1"))?;
+    peer_offloads(node, "n0")
 }
 
 /// The client's link, shared by [`Lab`] and [`fleet::Fleet`]: veth `gw_dev` in `gw` (the

@@ -24,9 +24,7 @@
 //!
 //! Every namespace is this code's own and is deleted on drop.
 
-use std::net::Ipv4Addr;
-
-use crate::{addr_up, node4, node6, peer_offloads, wire_client, Lab, NetNs, VIP4, VIP6};
+use crate::{addr_up, node4, node6, peer_offloads, wire_client, wire_node, Lab, NetNs, VIP4, VIP6};
 
 /// The balancer's interfaces: towards the clients (VIP traffic arrives here), towards the
 /// nodes.
@@ -87,32 +85,12 @@ impl Routed {
         b.ip("route add 203.0.113.0/24 via 10.67.0.1")?;
         r.ip(&format!("route add {VIP4}/32 via {BALANCER4}"))?;
         r.ip(&format!("-6 route add {VIP6}/128 via {BALANCER6}"))?;
-        for (i, n) in self.lab.nodes.iter().enumerate() {
-            let k = i + 1;
+        for k in 1..=self.lab.nodes.len() {
             let dev = format!("rn{k}");
-            let gw4 = Ipv4Addr::new(203, 0, 113, (16 * i + 1) as u8);
-            r.ip(&format!(
-                "link add {dev} type veth peer name n0 netns {}",
-                n.name
-            ))?;
-            addr_up(
-                r,
-                &dev,
-                &format!("{gw4}/28"),
-                &format!("2001:db8:{k:x}::1/64"),
-            )?;
-            addr_up(
-                n,
-                "n0",
-                &format!("{}/28", node4(k)),
-                &format!("{}/64", node6(k)),
-            )?;
-            n.ip(&format!("route add default via {gw4}"))?;
-            n.ip(&format!("-6 route add default via 2001:db8:{k:x}::1"))?;
+            wire_node(r, &dev, &self.lab.nodes[k - 1], k)?;
             b.ip(&format!("-6 route add 2001:db8:{k:x}::/64 via fd67::1"))?;
-            // The node's decapsulation is an XDP program too; its replies leave by the stack.
+            // The node's decapsulation is an XDP program too: GRO on the router's end.
             peer_offloads(r, &dev)?;
-            peer_offloads(n, "n0")?;
         }
         r.sysctl("net.ipv4.ip_forward=1")?;
         r.sysctl("net.ipv6.conf.all.forwarding=1")?;
