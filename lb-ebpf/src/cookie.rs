@@ -9,8 +9,8 @@
 //!   source known (`limit::proven`). A random cookie, or a real one sent from another address
 //!   or port, hashes elsewhere.
 //!
-//! Both run in [`after`], a BPF function of its own that `main.rs` calls once `balance` has
-//! decided, for the packets `try_lb` marked (`Then::Prove`, `Then::Learn`).
+//! Both run in [`after`], which `main.rs` runs once `balance` has decided, for the packets
+//! `try_lb` marked (`Then::Prove`, `Then::Learn`).
 //!
 //! The handshake formats, after the 13-byte DTLSPlaintext record header (type 22, version,
 //! epoch 0, sequence number, length) and the 12-byte handshake header (msg_type, length,
@@ -292,11 +292,11 @@ pub enum Hello {
     Node,
 }
 
-/// The cookie step, after `balance` has decided (and rewritten) the packet: a BPF function of
-/// its own, whose buffers are in `COOKIE_SCRATCH` (see `main.rs`). It parses the headers again:
+/// The cookie step, after `balance` has decided (and rewritten) the packet, its buffers in
+/// `COOKIE_SCRATCH` (see `main.rs`). It parses the headers again:
 /// the rewrite leaves the client's address and port, and the payload, where they were (a
 /// reply's destination, a request's source).
-#[inline(never)]
+#[inline(always)]
 pub fn after(ctx: &XdpContext, hello: Hello) {
     if !limit::known_sources_on() {
         return;

@@ -6,7 +6,8 @@
 //! towards the node's address (outer source: the configured one, before the flow's bits), and
 //! `forward::send` forwards the packet as it is (TTL decremented, MACs of the next hop), with
 //! the tunnel's fallbacks (`forward::TUNNEL`: dropped and counted, never handed to the
-//! kernel). Then, in [`encap`], a BPF function of its own, the outer header goes in front:
+//! kernel). Then, in [`encap`], run after `balance` (see `main.rs`), the outer header goes in
+//! front:
 //! ```text
 //!  ipip, IPv4:  Ethernet | IPv4 (proto 4, DF and TOS of the inner) | client's IPv4 packet
 //!  ipip, IPv6:  Ethernet | IPv6 (next header 41, traffic class of the inner) | client's IPv6 packet
@@ -73,7 +74,7 @@ pub fn addressing(pkt: &Packet, udp: &Udp, node: &Node, t: &Tunnel) -> Result<Ad
 /// the VIP at `vip`, whose UDP header is at `l4` (the frame is untagged: `forward::send` drops
 /// tagged ones in tunnel mode). An error drops the packet (counted); it happens only when the
 /// node or the VIP's tunnel changed in between, or the packet has no room in front.
-#[inline(never)]
+#[inline(always)]
 pub fn encap(ctx: &XdpContext, vip: u32, node_id: u32, l4: u32) -> Result<(), Counter> {
     let t = maps::VIP_TUNNEL.get(vip).ok_or(Counter::DropTunnelFib)?;
     let node = maps::node(node_id).ok_or(Counter::DropTunnelFib)?;
