@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     announce::{self, Heartbeat},
-    config::{Config, NodeState, Probe},
+    config::{Config, Encap, NodeState, Probe},
     datapath::{self, Datapath},
     ebpf::DatapathError,
     health::{self, Tracker},
@@ -519,18 +519,50 @@ impl Agent {
         }
     }
 
-    /// The nodes to probe: address and port.
-    fn probe_targets(&self) -> Vec<(u32, SocketAddr)> {
+    /// The nodes to probe, and how. A node of a tunnel VIP is probed through the tunnel, at
+    /// the first tunnel VIP it has an address for (a DTLS probe: it tests the decapsulation
+    /// too); any other node at its own address.
+    fn probe_targets(&self) -> Vec<(u32, Target)> {
         self.cfg
             .nodes
             .iter()
             .filter(|n| n.state != NodeState::Disabled)
             .filter_map(|n| {
-                let ip = n.v4().or(n.v6())?;
-                Some((n.id, SocketAddr::new(ip, self.cfg.probe_port(n))))
+                let port = self.cfg.probe_port(n);
+                let tunnelled = self.cfg.vips.iter().find_map(|v| {
+                    let t = v.tunnel()?;
+                    let node = n.address_for(v.address)?;
+                    let how = match (t.encap, t.gue_port) {
+                        (Encap::Gue, Some(p)) => health::Tunnelled::Gue(p),
+                        _ => health::Tunnelled::Ipip,
+                    };
+                    Some(Target::Tunnel {
+                        node,
+                        vip: SocketAddr::new(v.address, port),
+                        how,
+                    })
+                });
+                let target = match tunnelled {
+                    Some(t) if self.cfg.health.probe == Probe::Dtls => t,
+                    _ => Target::Direct(SocketAddr::new(n.v4().or(n.v6())?, port)),
+                };
+                Some((n.id, target))
             })
             .collect()
     }
+}
+
+/// Where a node's probe goes.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    /// The node's own address and the probe port.
+    Direct(SocketAddr),
+    /// Through the tunnel to `node`, for the VIP's address and the probe port.
+    Tunnel {
+        node: IpAddr,
+        vip: SocketAddr,
+        how: health::Tunnelled,
+    },
 }
 
 /// A probe result: (generation, node id, alive).
@@ -548,13 +580,18 @@ fn spawn_probes(
     agent
         .probe_targets()
         .into_iter()
-        .map(|(id, addr)| {
+        .map(|(id, target)| {
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(h.interval);
                 loop {
                     tick.tick().await;
-                    let ok = health::probe(h.probe, addr, h.timeout).await;
+                    let ok = match target {
+                        Target::Direct(addr) => health::probe(h.probe, addr, h.timeout).await,
+                        Target::Tunnel { node, vip, how } => {
+                            health::probe_tunnel(node, vip, how, h.timeout).await
+                        }
+                    };
                     if tx.send((generation, id, ok)).await.is_err() {
                         return;
                     }

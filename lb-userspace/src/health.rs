@@ -137,6 +137,178 @@ pub async fn probe(kind: Probe, addr: SocketAddr, timeout: Duration) -> bool {
     }
 }
 
+/// How a probe reaches a node of a tunnel VIP: encapsulated as the datapath sends clients'
+/// packets, so it tests the node's decapsulation as well as its server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tunnelled {
+    Ipip,
+    /// GUE to this UDP port.
+    Gue(u16),
+}
+
+/// A DTLS probe through the tunnel: a ClientHello from this host's address towards `node` to
+/// the VIP's `vip` address and port, encapsulated to `node` (IPIP from a raw socket, whose
+/// outer header the kernel writes; GUE from a UDP socket); alive if the node's server answers
+/// from the VIP, straight back to this host. A node whose server is up but whose
+/// decapsulation is gone gives no answer: down.
+pub async fn probe_tunnel(
+    node: IpAddr,
+    vip: SocketAddr,
+    how: Tunnelled,
+    timeout: Duration,
+) -> bool {
+    let Some(local) = local_towards(node) else {
+        return false;
+    };
+    // The answer's socket, on this host's address; connected, so only the VIP's answers count.
+    let Ok(reply) = UdpSocket::bind(SocketAddr::new(local, 0)).await else {
+        return false;
+    };
+    let (Ok(me), Ok(())) = (reply.local_addr(), reply.connect(vip).await) else {
+        return false;
+    };
+    let mut random = [0u8; 32];
+    random[..8].copy_from_slice(&nanos().to_be_bytes());
+    let Some(inner) = inner_packet(me, vip, &client_hello(random)) else {
+        return false;
+    };
+    let sent = match how {
+        Tunnelled::Gue(port) => std::net::UdpSocket::bind(SocketAddr::new(local, 0))
+            .and_then(|s| s.send_to(&inner, (node, port)))
+            .is_ok(),
+        Tunnelled::Ipip => send_ipip(node, &inner),
+    };
+    if !sent {
+        return false;
+    }
+    let mut buf = [0u8; 2048];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, reply.recv(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(n)) if is_alive_answer(&buf[..n]) => return true,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// This host's address the kernel would send from towards `node`.
+fn local_towards(node: IpAddr) -> Option<IpAddr> {
+    let any: SocketAddr = if node.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let s = std::net::UdpSocket::bind(any).ok()?;
+    s.connect((node, 9)).ok()?;
+    Some(s.local_addr().ok()?.ip())
+}
+
+/// The client packet a probe puts in the tunnel: IP and UDP headers from `from` to `to`
+/// (checksums computed), then `payload`.
+fn inner_packet(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    use etherparse::{IpNumber, Ipv4Header, Ipv6Header, UdpHeader};
+    let mut out = Vec::new();
+    match (from.ip(), to.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let ip = Ipv4Header::new(
+                (8 + payload.len()) as u16,
+                64,
+                IpNumber::UDP,
+                s.octets(),
+                d.octets(),
+            )
+            .ok()?;
+            let udp = UdpHeader::with_ipv4_checksum(from.port(), to.port(), &ip, payload).ok()?;
+            ip.write(&mut out).ok()?;
+            udp.write(&mut out).ok()?;
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let ip = Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: (8 + payload.len()) as u16,
+                next_header: IpNumber::UDP,
+                hop_limit: 64,
+                source: s.octets(),
+                destination: d.octets(),
+            };
+            let udp = UdpHeader::with_ipv6_checksum(from.port(), to.port(), &ip, payload).ok()?;
+            ip.write(&mut out).ok()?;
+            udp.write(&mut out).ok()?;
+        }
+        _ => return None,
+    }
+    out.extend_from_slice(payload);
+    Some(out)
+}
+
+/// Sends `inner` to `node` inside IP in IP from a raw socket of protocol 4 (IPv4) or 41
+/// (IPv6): the kernel writes the outer header.
+fn send_ipip(node: IpAddr, inner: &[u8]) -> bool {
+    let (family, proto) = if node.is_ipv4() {
+        (libc::AF_INET, 4)
+    } else {
+        (libc::AF_INET6, 41)
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+    if fd < 0 {
+        return false;
+    }
+    let sa: SocketAddr = (node, 0).into();
+    let (storage, len) = sockaddr(&sa);
+    // SAFETY: our fd; `storage` holds a valid sockaddr of `len` bytes; `inner` outlives the call.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            inner.as_ptr().cast(),
+            inner.len(),
+            0,
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    // SAFETY: our fd, closed once.
+    unsafe { libc::close(fd) };
+    n == inner.len() as isize
+}
+
+fn sockaddr(sa: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid; the variant written is the one `len` says.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match sa {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
 /// Does an ICMP error about a probe of `node` say the node is down? `offender`: the ICMP
 /// message's source.
 ///

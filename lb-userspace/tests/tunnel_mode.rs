@@ -64,63 +64,99 @@ fn count_vip_packets(router: &NetNs) {
     }
 }
 
-fn sessions(encap: &str) {
-    let r = Routed::up(&lb_lab::unique_prefix("tm"), 2).unwrap_or_else(|e| panic!("{e}"));
-    let lab = &r.lab;
-    let pins = PinGuard::new(&format!("tm{encap}"));
-    let dir = std::env::temp_dir().join(format!("cidlb-tm-{encap}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // Node side: decapsulation, the VIPs on lo, servers bound to the VIPs (a wildcard-bound
-    // server would answer from the node's own address).
-    let mut servers: Vec<ChildGuard> = Vec::new();
-    let mut node_pins = Vec::new();
-    for (i, n) in lab.nodes.iter().enumerate() {
-        let k = i + 1;
-        let np = PinGuard::new(&format!("tm{encap}n{k}"));
-        let file = dir.join(format!("node{k}.yaml"));
-        std::fs::write(&file, r.node_config(k, &np.0.display().to_string())).unwrap();
-        let o = n
-            .nsenter(common::agent::bin().to_str().unwrap())
-            .args(["node", "up", "--config", file.to_str().unwrap()])
-            .output()
+/// The routed lab with 2 nodes set up by `cidlb node up`, DTLS 1.2 and 1.3 servers bound to
+/// the VIPs on every node, and cidlb running with both VIPs in tunnel mode (`encap`) and
+/// `extra` config. Fields drop in order: agent, servers, pins, files, namespaces.
+struct Bed {
+    _agent: AgentProc,
+    _servers: Vec<ChildGuard>,
+    pins: PinGuard,
+    _node_pins: Vec<PinGuard>,
+    dir: std::path::PathBuf,
+    r: Routed,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Bed {
+    fn up(encap: &str, extra: &str) -> Bed {
+        let r = Routed::up(&lb_lab::unique_prefix("tm"), 2).unwrap_or_else(|e| panic!("{e}"));
+        let pins = PinGuard::new(&format!("tm{encap}"));
+        let dir = std::env::temp_dir().join(format!("cidlb-tm-{encap}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Node side: decapsulation, the VIPs on lo, servers bound to the VIPs (a
+        // wildcard-bound server would answer from the node's own address).
+        let mut servers: Vec<ChildGuard> = Vec::new();
+        let mut node_pins = Vec::new();
+        for (i, n) in r.lab.nodes.iter().enumerate() {
+            let k = i + 1;
+            let np = PinGuard::new(&format!("tm{encap}n{k}"));
+            std::fs::write(
+                dir.join(format!("node{k}.yaml")),
+                r.node_config(k, &np.0.display().to_string()),
+            )
             .unwrap();
-        assert!(
-            o.status.success(),
-            "cidlb node up on node {k}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        node_pins.push(np);
-        for (vip, port, extra) in [
-            (format!("{VIP4}:{PORT}"), PORT, &[][..]),
-            (format!("[{VIP6}]:{PORT}"), PORT, &[][..]),
-            (
-                format!("{VIP4}:{}", PORT + 1),
-                PORT + 1,
-                &["--dtls", "1.3"][..],
+            node_pins.push(np);
+            let bed_dir = dir.clone();
+            node_cmd(n, &bed_dir, k, "up");
+            for (vip, extra) in [
+                (format!("{VIP4}:{PORT}"), &[][..]),
+                (format!("[{VIP6}]:{PORT}"), &[][..]),
+                (format!("{VIP4}:{}", PORT + 1), &["--dtls", "1.3"][..]),
+                (format!("[{VIP6}]:{}", PORT + 1), &["--dtls", "1.3"][..]),
+            ] {
+                servers.push(
+                    peer::server_at(&common::testpeer(), n, k as u32, &vip, extra, None)
+                        .unwrap_or_else(|e| panic!("{e}")),
+                );
+            }
+        }
+        count_vip_packets(&r.router);
+        let cfg = dir.join("cidlb.yaml");
+        std::fs::write(
+            &cfg,
+            r.cidlb_config(
+                &pins.0.display().to_string(),
+                encap,
+                &format!("dtls: {{versions: [\"1.2\", \"1.3\"]}}\n{extra}"),
             ),
-            (
-                format!("[{VIP6}]:{}", PORT + 1),
-                PORT + 1,
-                &["--dtls", "1.3"][..],
-            ),
-        ] {
-            let _ = port;
-            servers.push(
-                peer::server_at(&common::testpeer(), n, k as u32, &vip, extra, None)
-                    .unwrap_or_else(|e| panic!("{e}")),
-            );
+        )
+        .unwrap();
+        let agent = AgentProc::start(&r.lab, &cfg, &["--detach-on-exit"]);
+        std::thread::sleep(Duration::from_millis(1200));
+        Bed {
+            _agent: agent,
+            _servers: servers,
+            pins,
+            _node_pins: node_pins,
+            dir,
+            r,
         }
     }
-    count_vip_packets(&r.router);
-    let cfg = dir.join("cidlb.yaml");
-    std::fs::write(
-        &cfg,
-        r.cidlb_config(&pins.0.display().to_string(), encap, ""),
-    )
-    .unwrap();
-    let _agent = AgentProc::start(lab, &cfg, &["--detach-on-exit"]);
-    std::thread::sleep(Duration::from_millis(1200));
+}
 
+/// `cidlb node ACTION` on node `k` of a bed whose files are in `dir`; panics if it fails.
+fn node_cmd(n: &NetNs, dir: &std::path::Path, k: usize, action: &str) {
+    let o = n
+        .nsenter(common::agent::bin().to_str().unwrap())
+        .args(["node", action, "--config"])
+        .arg(dir.join(format!("node{k}.yaml")))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cidlb node {action} on node {k}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn sessions(encap: &str) {
+    let bed = Bed::up(encap, "");
+    let (r, lab, pins, dir) = (&bed.r, &bed.r.lab, &bed.pins, &bed.dir);
     let mut records = 0;
     for (server, proto) in [
         (format!("{VIP4}:{PORT}"), &[][..]),
@@ -200,7 +236,6 @@ fn sessions(encap: &str) {
         "replies reached the client: {to_client}"
     );
     assert_eq!(to_balancer, 0, "replies crossed the balancer");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -211,4 +246,61 @@ fn dtls_sessions_through_ipip_tunnels_bypass_the_balancer_on_the_way_back() {
 #[test]
 fn dtls_sessions_through_gue_tunnels_bypass_the_balancer_on_the_way_back() {
     sessions("gue");
+}
+
+/// Packets the balancer sent each node, by node id.
+fn to_nodes(bed: &Bed) -> std::collections::BTreeMap<String, u64> {
+    let stats = cidlb(&["stats", "--json", "--pin-dir", bed.pins.0.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    v["nodes"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n["to_node_packets"].as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs DTLS 1.2 sessions to the IPv4 VIP (no rebinding), all of which must succeed: the
+/// nodes the balancer sent their packets to (its per-node counters, not the client's view:
+/// a client retries a handshake that a dead node swallowed, and the retry lands elsewhere).
+fn nodes_sent_to(bed: &Bed, sessions: usize) -> Vec<String> {
+    let before = to_nodes(bed);
+    let run = peer::client(
+        &common::testpeer(),
+        &bed.r.lab.client,
+        &format!("{VIP4}:{PORT}"),
+        &["--sessions", &sessions.to_string(), "--messages", "2"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(run.ok, "{:#}", run.summary);
+    to_nodes(bed)
+        .into_iter()
+        .filter(|(k, v)| *v > before.get(k).copied().unwrap_or(0))
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// Health through the tunnel: a node whose DTLS server is up but whose decapsulation is gone
+/// is down (a probe to its own address would still find the server), and takes no new flows
+/// until its decapsulation is back.
+#[test]
+fn a_node_without_decapsulation_is_down_though_its_server_is_up() {
+    let bed = Bed::up(
+        "gue",
+        "flows: {policy: round_robin}\nhealth: {probe: dtls, interval: 200ms, timeout: 150ms, fall: 2, rise: 2}\n",
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(nodes_sent_to(&bed, 6), ["1", "2"], "both nodes up at first");
+    node_cmd(&bed.r.lab.nodes[0], &bed.dir, 1, "down");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        nodes_sent_to(&bed, 6),
+        ["2"],
+        "node 1 lost its decapsulation: no new flows for it"
+    );
+    node_cmd(&bed.r.lab.nodes[0], &bed.dir, 1, "up");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(nodes_sent_to(&bed, 6), ["1", "2"], "node 1 back");
 }
