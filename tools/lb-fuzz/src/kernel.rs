@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use anyhow::{Context as _, Result};
 use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use cidlb::{config::Config, datapath::Datapath, stats::Snapshot};
+use lb_common::cookie::{self, CookieKey};
 use lb_common::limits::{self, LimitConfig, SrcKey};
 use lb_common::{
     names, AddrKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VlanKey,
@@ -246,6 +247,10 @@ fn read_tables(dp: &Datapath, cfg: &Config) -> Result<Tables> {
         let (k, v) = e?;
         t.vlan_ifaces.insert(k, v);
     }
+    // The agent's random key: the reference hashes cookies with it too.
+    let key: Array<&MapData, CookieKey> = Array::try_from(map(cookie::COOKIE_KEY)?)?;
+    t.cookie_key = key.get(&0, 0)?;
+    anyhow::ensure!(t.cookie_key != [0, 0], "COOKIE_KEY was not written");
     Ok(t)
 }
 
