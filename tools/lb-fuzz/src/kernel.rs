@@ -172,6 +172,24 @@ impl Kernel {
             .context("reading SRC_BUCKETS")
     }
 
+    /// Every `COOKIES` entry: keyed hash → learned time or pending walk.
+    pub fn cookies(&self) -> Result<std::collections::HashMap<u64, u64>> {
+        let m: HashMap<&MapData, u64, u64> = HashMap::try_from(self.map(cookie::COOKIES)?)?;
+        m.iter()
+            .collect::<Result<_, _>>()
+            .context("reading COOKIES")
+    }
+
+    /// `COOKIES[key]` (None: no entry).
+    pub fn cookie(&self, key: u64) -> Result<Option<u64>> {
+        let m: HashMap<&MapData, u64, u64> = HashMap::try_from(self.map(cookie::COOKIES)?)?;
+        match m.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("COOKIES lookup"),
+        }
+    }
+
     /// Every source in `KNOWN_SRCS`.
     pub fn known_srcs(&self) -> Result<HashSet<SrcKey>> {
         let m: HashMap<&MapData, SrcKey, u64> = HashMap::try_from(self.map(limits::KNOWN_SRCS)?)?;

@@ -217,6 +217,12 @@ pub fn key(t: &Tables, pkt: &parse::Packet, addr: &[u32; 4], port: u16, cookie: 
     h.finish()
 }
 
+/// The `COOKIES` key of the pending ClientHello walk of the frame's sender (`pkt.src`,
+/// `udp.sport`), whether or not it has one.
+pub fn pending_key(t: &Tables, pkt: &parse::Packet, udp: &parse::Udp) -> u64 {
+    key(t, pkt, &pkt.src, udp.sport, &[])
+}
+
 /// A genuine reply to client (`pkt.dst`, `udp.dport`): a HelloVerifyRequest's or a
 /// HelloRetryRequest's cookie is recorded.
 fn learn(
@@ -289,7 +295,7 @@ fn prove(
     }
     let b = f.bytes;
     let versions = t.config().dtls_versions;
-    let pending_key = key(t, pkt, &pkt.src, udp.sport, &[]);
+    let pending_key = pending_key(t, pkt, udp);
     let found = if f.offset == 0 {
         // client_version(2) random(32) session_id<0..32> cookie<0..2^8-1>
         // cipher_suites<2..2^16-2> compression_methods<1..2^8-1> extensions<0..2^16-1>
