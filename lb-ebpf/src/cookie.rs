@@ -37,9 +37,10 @@
 //! the message of the next extension header is kept in `COOKIES` under the client's (A, P)
 //! with cookie length 0 (no cookie has that length), with the message's sequence number; a
 //! later fragment of that message that starts at or before that offset goes on walking from
-//! there. An extension header or a cookie cut by a fragment's end is not followed (no
-//! source is proven: the client is simply not put first); real stacks fragment inside the
-//! key share, which is large.
+//! there. An extension header or a cookie cut by a fragment's end is not followed, nor a
+//! first fragment that ends before the extensions' length field (every field is read from
+//! the fragment, never from what follows it in the datagram): no source is proven, the
+//! client is simply not put first. Real stacks fragment inside the key share, which is large.
 //!
 //! Bytes are read with `bpf_xdp_load_bytes` into the stack, at offsets the verifier sees as
 //! plain scalars: the walks have no packet-pointer bounds to prove. These are rare packets
@@ -164,8 +165,8 @@ impl Fragment {
 }
 
 /// The handshake fragment in the datagram's first record, if it is one (epoch 0) and its
-/// lengths agree: the fragment inside the record, the record inside the datagram, the
-/// fragment inside the message.
+/// lengths agree: the fragment inside the record, the record inside the datagram (by its UDP
+/// length) and the frame, the fragment inside the message.
 #[inline(always)]
 fn fragment(ctx: &XdpContext, s: &mut Scratch, udp: &Udp) -> Option<Fragment> {
     let p = udp.payload_off();
@@ -180,8 +181,12 @@ fn fragment(ctx: &XdpContext, s: &mut Scratch, udp: &Udp) -> Option<Fragment> {
     let msg_len = be24(&h[14..17]);
     let frag_off = be24(&h[19..22]);
     let frag_len = be24(&h[22..25]);
+    // The record inside the frame too: a node's reply has its UDP length unchecked, and a
+    // cookie's first bytes could lie in the frame while its end (and its length) does not.
+    let frame = ctx.data_end() - ctx.data();
     if HANDSHAKE_HEADER + frag_len > record_len
         || RECORD_HEADER + record_len > udp.payload_len()
+        || p + RECORD_HEADER + record_len > frame
         || frag_off + frag_len > msg_len
     {
         return None;
@@ -397,6 +402,11 @@ fn prove(ctx: &XdpContext, s: &mut Scratch, pkt: &Packet, udp: &Udp, cfg: &DpCon
             let at = at + 1;
             let at = at + 2 + u16_at(ctx, s, at)?;
             let at = at + 1 + u8_at(ctx, s, at)?;
+            // Every field read so far, up to the extensions' length, must be the fragment's
+            // own: past its end lie other records or padding, not the message.
+            if at + 2 > f.end {
+                return None;
+            }
             let ext_len = u16_at(ctx, s, at)?;
             walk(ctx, s, at + 2, at + 2 + ext_len, f.end)
         }

@@ -59,10 +59,11 @@ impl Udp {
         self.off + UdpHdr::LEN
     }
 
-    /// Bytes of UDP payload according to the UDP length field.
+    /// Bytes of UDP payload according to the UDP length field (none if it says less than a
+    /// header: only balanced packets have their length checked, a node's reply does not).
     #[inline(always)]
     pub fn payload_len(&self) -> usize {
-        self.len as usize - UdpHdr::LEN
+        (self.len as usize).saturating_sub(UdpHdr::LEN)
     }
 
     /// Balanced packets must carry a sane UDP length: at least the header, and no more than the

@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_common::splitmix::SplitMix64;
 use lb_lab::{
     fib::*,
+    hello::{self, Handshake, COOKIE_EXT},
     packet::{cid_record, unified_record, Frame, Mac},
 };
 
@@ -546,6 +547,332 @@ fn limited_client(r: &mut Rng, c: &Corpus) -> Packet {
     }
 }
 
+/// A cookie a node's reply carried to a client (`cookie_reply`), for ClientHellos to echo.
+struct Issued {
+    client: IpAddr,
+    port: u16,
+    cookie: Vec<u8>,
+    /// In a HelloRetryRequest (DTLS 1.3), else a HelloVerifyRequest.
+    v13: bool,
+}
+
+/// Cookies issued lately: the ClientHellos pick among these.
+const ISSUED: usize = 48;
+
+/// Clients of the cookie exchanges: mostly ones the balancer routes replies to (on the
+/// client side), now and then any of the limits stream's sources.
+fn cookie_client(r: &mut Rng) -> IpAddr {
+    const ROUTED: &[&str] = &[
+        CLIENT4,
+        "198.51.100.8",
+        "198.51.100.9",
+        CLIENT6,
+        "2001:db8:c::8",
+        "2001:db8:c::9",
+    ];
+    ip(if r.chance(800) {
+        r.pick::<&str>(ROUTED)
+    } else {
+        r.pick::<&str>(LIMIT_SOURCES)
+    })
+}
+
+/// Client ports of the cookie exchanges (few, so right and wrong ports both come up).
+const COOKIE_PORTS: &[u16] = &[40000, 40001, 40002];
+
+/// Some extensions a ClientHello or HelloRetryRequest may carry besides the cookie (types
+/// that mean nothing to the datapath: it walks them by their lengths).
+fn other_extensions(r: &mut Rng, n: usize) -> hello::Extensions {
+    (0..n)
+        .map(|_| {
+            let ty = *r.pick(&[0u16, 10, 13, 16, 21, 41, 42, 45, 51, 0xfe0d, 0x1234, 43]);
+            let len = r.below(12) as usize;
+            (ty, r.bytes(len))
+        })
+        .collect()
+}
+
+fn shuffle<T>(r: &mut Rng, v: &mut [T]) {
+    for i in (1..v.len()).rev() {
+        let j = r.below(i as u64 + 1) as usize;
+        v.swap(i, j);
+    }
+}
+
+/// A node's cookie request on its way to a client of the limits stream (node 1 or 2, its MAC,
+/// on the node side: genuine, as the other generated replies): a HelloVerifyRequest (server
+/// and record version FE FD or FE FF, now and then another) or a HelloRetryRequest (its
+/// extensions in any order, a session id echo of 0..32 bytes, now and then a plain
+/// ServerHello's random or no cookie), whole, or only a fragment of it; at times with bytes
+/// after the record or a UDP length that lies.
+fn cookie_reply(r: &mut Rng, issued: &mut Vec<Issued>) -> Packet {
+    let client = cookie_client(r);
+    let v4 = client.is_ipv4();
+    let port = *r.pick(COOKIE_PORTS);
+    let (node, nmac) = *r.pick(&[
+        (if v4 { NODE1_4 } else { NODE1_6 }, NODE1_MAC),
+        (if v4 { NODE2_4 } else { NODE2_6 }, NODE2_MAC),
+    ]);
+    let cookie = {
+        let n = 1 + r.below(64) as usize;
+        r.bytes(n)
+    };
+    let v13 = r.chance(500);
+    let mut h = if v13 {
+        let mut exts = hello::hrr_extensions(&cookie);
+        let extra = r.below(4) as usize;
+        exts.extend(other_extensions(r, extra));
+        if r.chance(30) {
+            exts.retain(|(ty, _)| *ty != COOKIE_EXT);
+        }
+        shuffle(r, &mut exts);
+        let sid = {
+            let any = r.below(33) as usize;
+            let n = *r.pick(&[0usize, 0, 32, any, 33]);
+            r.bytes(n)
+        };
+        let mut h = hello::hello_retry_request(&sid, &exts);
+        if r.chance(30) {
+            // A ServerHello, not a HelloRetryRequest.
+            let at = 2 + r.below(32) as usize;
+            h.body[at] ^= 1;
+        }
+        h
+    } else {
+        let version = *r.pick(&[
+            [0xfe, 0xfd],
+            [0xfe, 0xfd],
+            [0xfe, 0xfd],
+            [0xfe, 0xff],
+            [0xfe, 0xff],
+            [0xfe, 0xfe],
+            [1, 0],
+        ]);
+        hello::hello_verify_request(version, &cookie)
+    };
+    if r.chance(100) {
+        h.record_version = *r.pick(&[[0xfe, 0xfd], [0xfe, 0xff], [0xfe, 0xfe], [3, 3]]);
+    }
+    let len = h.body.len();
+    let mut payload = match r.below(20) {
+        // A fragment at an offset (never learned), or the first part only.
+        0 => {
+            let at = 1 + r.below(len as u64 - 1) as usize;
+            h.fragment(at, len - at)
+        }
+        1 => {
+            let cut = r.below(len as u64) as usize;
+            h.fragment(0, cut)
+        }
+        _ => h.record(),
+    };
+    if r.chance(50) {
+        // Epoch 1: not a handshake in the clear.
+        payload[4] = 1;
+    }
+    trailer(r, &mut payload);
+    let mut f = Frame::udp(nmac, FXN_MAC, ip(node), 5684, client, port, &payload);
+    f.udp_len_override = udp_len_lie(r, payload.len());
+    let mut frame = f.bytes();
+    if r.chance(30) {
+        // Cut short: the UDP length (not checked on the reply path) runs past the frame.
+        let cut = 1 + r.below(40) as usize;
+        frame.truncate(frame.len().saturating_sub(cut).max(14));
+    }
+    if issued.len() == ISSUED {
+        issued.remove(0);
+    }
+    issued.push(Issued {
+        client,
+        port,
+        cookie,
+        v13,
+    });
+    Packet {
+        frame,
+        ingress: "fxn",
+        kind: "cookie reply",
+    }
+}
+
+/// Now and then, bytes after the first record: another record or a few stray bytes.
+fn trailer(r: &mut Rng, payload: &mut Vec<u8>) {
+    if r.chance(120) {
+        let n = r.below(40) as usize;
+        let mut t = r.bytes(n);
+        if let Some(b) = t.first_mut() {
+            *b = *r.pick(&[22u8, 22, 25, 0]);
+        }
+        payload.extend(t);
+    }
+}
+
+/// Now and then, a UDP length field that lies (below the header, a byte short or long, or
+/// far past the frame).
+fn udp_len_lie(r: &mut Rng, payload: usize) -> Option<u16> {
+    let real = payload as u16 + 8;
+    r.chance(40).then(|| {
+        *r.pick(&[
+            0,
+            7,
+            8,
+            9,
+            real.wrapping_sub(1),
+            real.wrapping_add(1),
+            real.wrapping_add(300),
+            65535,
+        ])
+    })
+}
+
+/// A ClientHello to a VIP from a client of the limits stream, echoing a recent cookie: from
+/// the address and port it was sent to, from another address (at times in the same IPv6 /64)
+/// or port, or with the cookie changed (a byte past the 32 hashed ones changes nothing; its
+/// length does). DTLS 1.2 (the cookie field) or DTLS 1.3 (the cookie extension among others,
+/// in any place, now and then behind more extensions than the datapath walks), whole or cut
+/// into two fragments (anywhere, often around the cookie extension), the second one sent
+/// next (or before the first, or with another message sequence number).
+fn cookie_hello(r: &mut Rng, issued: &[Issued], queued: &mut Vec<Packet>) -> Packet {
+    let (mut client, mut port, mut cookie, v13) = match issued.len() {
+        0 => {
+            let n = 1 + r.below(64) as usize;
+            (
+                cookie_client(r),
+                *r.pick(COOKIE_PORTS),
+                r.bytes(n),
+                r.chance(500),
+            )
+        }
+        n => {
+            // Mostly one of the last few.
+            let back = if r.chance(700) {
+                r.below(4)
+            } else {
+                r.below(n as u64)
+            } as usize;
+            let i = &issued[n - 1 - back.min(n - 1)];
+            (i.client, i.port, i.cookie.clone(), i.v13)
+        }
+    };
+    let how = match r.below(20) {
+        0..=11 => "right",
+        12 | 13 => "another address",
+        14 | 15 => "another port",
+        _ => "changed cookie",
+    };
+    match how {
+        "another address" => {
+            let v4 = client.is_ipv4();
+            client = loop {
+                let a = cookie_client(r);
+                if a.is_ipv4() == v4 && a != client || r.chance(100) {
+                    break a;
+                }
+            };
+        }
+        "another port" => port = port.wrapping_add(1 + r.below(3) as u16),
+        "changed cookie" => match r.below(4) {
+            0 => cookie.push(r.next() as u8),
+            1 if cookie.len() > 1 => {
+                cookie.pop();
+            }
+            _ => {
+                let at = r.below(cookie.len() as u64) as usize;
+                cookie[at] ^= 1 << r.below(8);
+            }
+        },
+        _ => {}
+    }
+    let v13 = if r.chance(900) { v13 } else { !v13 };
+    let h: Handshake = if v13 {
+        let any = r.below(1200) as usize;
+        let key_share = *r.pick(&[32usize, 200, 600, 1100, any]);
+        let mut exts = hello::client_extensions(key_share);
+        if r.chance(100) {
+            // More extensions than the datapath walks.
+            let n = 20 + r.below(10) as usize;
+            exts.extend(other_extensions(r, n));
+        } else {
+            let n = r.below(4) as usize;
+            exts.extend(other_extensions(r, n));
+        }
+        let at = r.below(exts.len() as u64 + 1) as usize;
+        exts.insert(at, hello::cookie_extension(&cookie));
+        hello::client_hello13(&exts)
+    } else {
+        let sid = {
+            let any = r.below(33) as usize;
+            let n = *r.pick(&[0usize, 32, any]);
+            r.bytes(n)
+        };
+        let n = r.below(80) as usize;
+        hello::client_hello(&sid, &cookie, &hello::client_extensions(n))
+    };
+    let len = h.body.len();
+    let v4 = client.is_ipv4();
+    let (dst, dport) = if v4 {
+        (VIP4, *r.pick(&[5684u16, 5684, 20000]))
+    } else {
+        (VIP6, 5684)
+    };
+    let frame = |r: &mut Rng, mut payload: Vec<u8>| {
+        trailer(r, &mut payload);
+        let mut f = Frame::udp(CLIENT_MAC, FXC_MAC, client, port, ip(dst), dport, &payload);
+        if r.chance(20) {
+            // Ethernet padding: a UDP length shorter than the frame.
+            f.udp_len_override = Some((payload.len() + 8 - r.below(4) as usize) as u16);
+        }
+        Packet {
+            frame: f.bytes(),
+            ingress: "fxc",
+            kind: if v4 {
+                "cookie hello"
+            } else {
+                "cookie hello (IPv6)"
+            },
+        }
+    };
+    if r.chance(450) {
+        return frame(r, h.record());
+    }
+    // Two fragments: cut anywhere, around the cookie extension, or in the key share.
+    let cookie_at = h.extension_at(COOKIE_EXT);
+    let ext_start = h.extensions_start().unwrap_or(len);
+    let cut = match (r.below(10), cookie_at) {
+        // DTLS 1.3: among the extensions before the cookie's (the key share, mostly), or
+        // right at the cookie extension's header: followed into the second fragment.
+        (0..=3, Some(at)) if v13 && at >= ext_start => {
+            ext_start + r.below((at - ext_start) as u64 + 1) as usize
+        }
+        (4, Some(at)) if v13 => at,
+        // Around the cookie extension (or the 1.2 cookie field): cut headers and cookies.
+        (5 | 6, Some(at)) => (at + r.below(14) as usize).saturating_sub(4),
+        // Around the extensions' length field, or before it (the session id, the cipher
+        // suites, the compression methods).
+        (7, _) => (ext_start + r.below(7) as usize).saturating_sub(5),
+        (8, _) => 30 + r.below(ext_start.saturating_sub(30) as u64 + 1) as usize,
+        _ => r.below(len as u64) as usize,
+    }
+    .clamp(1, len - 1);
+    let first = h.fragment(0, cut);
+    let mut second = h.clone();
+    if r.chance(50) {
+        second.msg_seq = second.msg_seq.wrapping_add(1);
+    }
+    let second = second.fragment(cut, len - cut);
+    let (now, later) = if r.chance(100) {
+        (second, first)
+    } else {
+        (first, second)
+    };
+    let now = frame(r, now);
+    let later = frame(r, later);
+    if r.chance(950) {
+        queued.push(later);
+    }
+    now
+}
+
 /// The packet stream: `next` yields frames until the caller stops.
 pub struct Stream<'a> {
     rng: Rng,
@@ -558,6 +885,10 @@ pub struct Stream<'a> {
     /// reply on fxn), swept in turn.
     valid: Vec<(Vec<u8>, &'static str)>,
     next_valid: usize,
+    /// The limits stream's cookies issued lately, and the frame it sends next (the second
+    /// fragment of a ClientHello).
+    issued: Vec<Issued>,
+    queued: Vec<Packet>,
 }
 
 impl<'a> Stream<'a> {
@@ -580,6 +911,8 @@ impl<'a> Stream<'a> {
             sweep: None,
             valid,
             next_valid: 0,
+            issued: Vec::new(),
+            queued: Vec::new(),
         }
     }
 
@@ -609,9 +942,21 @@ impl<'a> Stream<'a> {
             }
             return p;
         }
+        if let Some(p) = self.queued.pop() {
+            return p;
+        }
         let r = &mut self.rng;
         if self.limits && r.chance(500) {
             return limited_client(r, self.corpus);
+        }
+        // The cookie exchange (limits stream only): a node's cookie request to a client, or a
+        // ClientHello echoing one.
+        if self.limits && r.chance(400) {
+            return if r.chance(400) {
+                cookie_reply(r, &mut self.issued)
+            } else {
+                cookie_hello(r, &self.issued, &mut self.queued)
+            };
         }
         match r.below(100) {
             0..=4 => {

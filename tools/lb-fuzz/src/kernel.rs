@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use anyhow::{Context as _, Result};
 use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use cidlb::{config::Config, datapath::Datapath, stats::Snapshot};
+use lb_common::cookie::{self, CookieKey};
 use lb_common::limits::{self, LimitConfig, SrcKey};
 use lb_common::{
     names, AddrKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VlanKey,
@@ -171,6 +172,24 @@ impl Kernel {
             .context("reading SRC_BUCKETS")
     }
 
+    /// Every `COOKIES` entry: keyed hash → learned time or pending walk.
+    pub fn cookies(&self) -> Result<std::collections::HashMap<u64, u64>> {
+        let m: HashMap<&MapData, u64, u64> = HashMap::try_from(self.map(cookie::COOKIES)?)?;
+        m.iter()
+            .collect::<Result<_, _>>()
+            .context("reading COOKIES")
+    }
+
+    /// `COOKIES[key]` (None: no entry).
+    pub fn cookie(&self, key: u64) -> Result<Option<u64>> {
+        let m: HashMap<&MapData, u64, u64> = HashMap::try_from(self.map(cookie::COOKIES)?)?;
+        match m.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("COOKIES lookup"),
+        }
+    }
+
     /// Every source in `KNOWN_SRCS`.
     pub fn known_srcs(&self) -> Result<HashSet<SrcKey>> {
         let m: HashMap<&MapData, SrcKey, u64> = HashMap::try_from(self.map(limits::KNOWN_SRCS)?)?;
@@ -246,6 +265,10 @@ fn read_tables(dp: &Datapath, cfg: &Config) -> Result<Tables> {
         let (k, v) = e?;
         t.vlan_ifaces.insert(k, v);
     }
+    // The agent's random key: the reference hashes cookies with it too.
+    let key: Array<&MapData, CookieKey> = Array::try_from(map(cookie::COOKIE_KEY)?)?;
+    t.cookie_key = key.get(&0, 0)?;
+    anyhow::ensure!(t.cookie_key != [0, 0], "COOKIE_KEY was not written");
     Ok(t)
 }
 

@@ -8,11 +8,14 @@
 //!
 //! What the reference cannot know is held still: one CPU (round-robin cursors, the global
 //! limit bucket's share), a fresh datapath every `--epoch` packets with a flow table four times
-//! larger and limit maps (`SRC_BUCKETS`, `KNOWN_SRCS`) at least twice as large (nothing
-//! evicted), a one-hour idle timeout and `known_for` (nothing expires). The precise clock the
+//! larger and limit maps (`SRC_BUCKETS`, `KNOWN_SRCS`, `COOKIES`) at least twice as large
+//! (nothing evicted), a one-hour idle timeout and `known_for` (nothing expires). The precise clock the
 //! limits read is known as a window around each run, and the kernel's limit verdict and
 //! buckets must fit an instant inside it. The reference builds the Maglev tables and derives
 //! `LIMIT_CFG` itself; both are compared with the agent's after every load and reload.
+//! `COOKIES` (learned cookies, pending ClientHello walks) is compared with the reference's
+//! where `KNOWN_SRCS` is, and after every limits-config frame that starts with a handshake
+//! record; the reference hashes with the `COOKIE_KEY` the agent wrote.
 
 mod fibns;
 mod gen;
@@ -536,6 +539,68 @@ fn limit_state(kernel: &kernel::Kernel, state: &State) -> Result<std::result::Re
             want.difference(&known).next()
         )));
     }
+    cookie_state(kernel, state)
+}
+
+/// For a frame whose UDP payload starts with a handshake record (by the reference's parse):
+/// the `COOKIES` entry of its sender's pending ClientHello walk, kernel against reference
+/// (one lookup; the whole map would cost a syscall per entry per frame). Err(message): a
+/// disagreement.
+fn pending_walk(
+    kernel: &kernel::Kernel,
+    frame: &[u8],
+    tables: &lb_reference::Tables,
+    state: &State,
+) -> Result<std::result::Result<(), String>> {
+    use lb_reference::cookie::{pending_key, Entry};
+    let Ok(pkt) = lb_reference::parse::parse(frame, tables) else {
+        return Ok(Ok(()));
+    };
+    let Some(udp) = pkt.udp.filter(|u| frame.get(u.payload_off()) == Some(&22)) else {
+        return Ok(Ok(()));
+    };
+    let key = pending_key(tables, &pkt, &udp);
+    let got = kernel.cookie(key)?;
+    let want = state.limits.cookies.get(&key);
+    let agree = match (got, want) {
+        (None, None) => true,
+        (Some(v), Some(Entry::Pending(p))) => v == p.to_value(),
+        _ => false,
+    };
+    Ok(if agree {
+        Ok(())
+    } else {
+        Err(format!(
+            "COOKIES entry {key:x} of the sender's pending walk: kernel {:?}, reference {want:?}",
+            got.map(lb_common::cookie::Pending::from_value)
+        ))
+    })
+}
+
+/// `COOKIES`, kernel against reference: the same keys, and for pending ClientHello walks the
+/// same value (a learned cookie's value is the coarse time it was learned: not compared).
+/// Err(message): a disagreement.
+fn cookie_state(kernel: &kernel::Kernel, state: &State) -> Result<std::result::Result<(), String>> {
+    use lb_reference::cookie::Entry;
+    let got = kernel.cookies()?;
+    let want = &state.limits.cookies;
+    let only_k = got.keys().find(|k| !want.contains_key(k));
+    let only_r = want.iter().find(|(k, _)| !got.contains_key(k));
+    let pending = want.iter().find_map(|(k, e)| match e {
+        Entry::Pending(p) if got.get(k).is_some_and(|&v| v != p.to_value()) => {
+            Some((k, *p, lb_common::cookie::Pending::from_value(got[k])))
+        }
+        _ => None,
+    });
+    if got.len() != want.len() || only_k.is_some() || only_r.is_some() || pending.is_some() {
+        return Ok(Err(format!(
+            "COOKIES: kernel {} entries, reference {}; first kernel key the reference lacks: \
+             {only_k:x?}; first reference entry the kernel lacks: {only_r:x?}; first pending \
+             entry that differs (key, reference, kernel): {pending:x?}",
+            got.len(),
+            want.len()
+        )));
+    }
     Ok(Ok(()))
 }
 
@@ -561,6 +626,14 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
         "--epoch {} is too large: KNOWN_SRCS ({}) must stay far from full",
         cli.epoch,
         lb_common::limits::MAX_KNOWN_SRCS
+    );
+    // Nor COOKIES (each frame learns a cookie or leaves a pending walk, at most one entry);
+    // no fuzz config sets `limits.cookie_capacity`, so it has the default size.
+    anyhow::ensure!(
+        cli.epoch <= u64::from(lb_common::cookie::DEFAULT_COOKIE_CAPACITY) / 2,
+        "--epoch {} is too large: COOKIES ({}) must stay far from full",
+        cli.epoch,
+        lb_common::cookie::DEFAULT_COOKIE_CAPACITY
     );
     let corpus =
         gen::Corpus::parse(include_str!("../corpus/dtls12.txt")).map_err(anyhow::Error::msg)?;
@@ -726,14 +799,26 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
                 report(&name, done, &p, &k, &want);
                 return Ok(false);
             }
-        }
-        if limits_on {
-            if let Err(e) = limit_state(&kernel, &state)? {
-                println!(
-                    "DISAGREEMENT at the end of the epoch, frame {done} (config {name:?}): {e}"
-                );
-                return Ok(false);
+            // A frame the cookie step may look at: its sender's pending ClientHello walk must
+            // agree right after it (it shows in no counter; the whole of COOKIES is compared
+            // at the checkpoints).
+            if limits_on {
+                if let Err(e) = pending_walk(&kernel, &p.frame, &tables, &state)? {
+                    report(&name, done, &p, &k, &want);
+                    println!("after this frame: {e}");
+                    return Ok(false);
+                }
             }
+        }
+        // Without the global limit nothing is learned: COOKIES must be empty in both.
+        let end_state = if limits_on {
+            limit_state(&kernel, &state)?
+        } else {
+            cookie_state(&kernel, &state)?
+        };
+        if let Err(e) = end_state {
+            println!("DISAGREEMENT at the end of the epoch, frame {done} (config {name:?}): {e}");
+            return Ok(false);
         }
         epoch += 1;
     }
@@ -890,6 +975,28 @@ mod tests {
             );
         }
         assert_eq!(fam.len(), 2);
+    }
+
+    /// Cookies are learned only with the global limit on: some config has it with both DTLS
+    /// versions (cookie field and extension both proven), and none resizes `COOKIES` (the
+    /// epoch guard assumes the default size).
+    #[test]
+    fn a_config_learns_cookies_of_both_versions_and_none_resizes_the_table() {
+        use lb_common::{DTLS_V12, DTLS_V13};
+        let cfgs: Vec<Config> = (0..CONFIGS.len())
+            .map(|k| config(k).unwrap().1)
+            .chain((0..CONFIGS.len()).flat_map(|k| reloads(k).unwrap().into_iter().map(|r| r.1)))
+            .collect();
+        assert!(cfgs.iter().any(|c| {
+            c.limits.as_ref().is_some_and(|l| l.new_flows.is_some())
+                && c.dp_config().dtls_versions == DTLS_V12 | DTLS_V13
+        }));
+        for c in &cfgs {
+            assert_eq!(
+                c.cookie_capacity(),
+                lb_common::cookie::DEFAULT_COOKIE_CAPACITY
+            );
+        }
     }
 
     #[test]

@@ -61,7 +61,9 @@ impl Handshake {
         None
     }
 
-    fn extensions_start(&self) -> Option<usize> {
+    /// Where the first extension starts in the body (after the extensions' length field), for
+    /// a ClientHello or a ServerHello.
+    pub fn extensions_start(&self) -> Option<usize> {
         let b = &self.body;
         match self.msg_type {
             1 => {

@@ -2,7 +2,7 @@
 //! unified header of an enabled version) is pinned per 5-tuple: a known
 //! flow goes to its node, a new one takes its slot's node in its family's Maglev table
 //! (`flows.policy: maglev`) or the next node of its family's round-robin ring.
-//! A new flow must first pass the new-flow limits (`limit.rs`); a hit marks its source known.
+//! A new flow must first pass the new-flow limits (`limit.rs`); a hit changes no limit state.
 //! No flow is evicted or expires here: the caller keeps the table below capacity and the idle
 //! timeout far away.
 
@@ -50,7 +50,6 @@ pub fn route(
         // A flow whose node is gone (or lost the family) is re-pinned.
         if let Some(node) = t.nodes.get(id).filter(|n| has_family(n, pkt.family)) {
             out.count(Counter::FlowHit);
-            limit::established(t, state, pkt);
             return Ok(*node);
         }
         expired = true;

@@ -16,11 +16,19 @@
 //! - new-flow rate limits (`limit.rs`) read the precise clock, which the caller knows only as
 //!   a window around the run ([`State::precise`]); the source buckets and known sources are
 //!   never evicted (the caller keeps their LRU maps far from full) and no source stops being
-//!   known during a run (`known_for` far longer).
+//!   known during a run (`known_for` far longer);
+//! - known sources are made only by the cookie step (`cookie.rs`, after the verdict, with the
+//!   global limit on): a node's HelloVerifyRequest or HelloRetryRequest learned on the reply
+//!   path, a ClientHello echoing it from the same address and port, DTLS 1.3 cookie
+//!   extensions followed into a later fragment. `COOKIES` is never evicted either; it is
+//!   hashed with the kernel's `COOKIE_KEY` ([`Tables::cookie_key`]), and the times it and a
+//!   proof write are the coarse clock the caller gives ([`State::now_ns`]), which the caller
+//!   does not compare.
 //!
 //! The Maglev tables are built here too (`maglev.rs`, from the node ids and weights of the
 //! config), not read from the kernel: the caller compares them with what the agent wrote.
 
+pub mod cookie;
 pub mod dtls;
 pub mod fib;
 pub mod flow;
@@ -76,6 +84,8 @@ pub struct Tables {
     pub local_addrs: HashSet<AddrKey>,
     /// `VLAN_IFACES`: (parent ifindex, VLAN id) → VLAN device ifindex.
     pub vlan_ifaces: HashMap<VlanKey, u32>,
+    /// `COOKIE_KEY`: the key of the cookies' hash (`cookie.rs`).
+    pub cookie_key: lb_common::cookie::CookieKey,
 }
 
 impl Tables {
@@ -93,17 +103,19 @@ pub struct State {
     pub flows: HashMap<FlowKey, u32>,
     /// `NEXTHOP`: node slot * 2 + family index → cached next hop.
     pub nexthop: HashMap<u32, forward::CachedHop>,
-    /// The kernel's coarse clock (CLOCK_MONOTONIC_COARSE) when the frame runs, for `NEXTHOP`'s expiry. The
-    /// caller sets it, and runs no frame while a cached entry is about to expire.
+    /// The kernel's coarse clock (CLOCK_MONOTONIC_COARSE) when the frame runs, for `NEXTHOP`'s
+    /// expiry and the times `COOKIES` and `KNOWN_SRCS` record. The caller sets it, and runs no
+    /// frame while a cached entry is about to expire.
     pub now_ns: u64,
     /// The precise clock (`bpf_ktime_get_ns`) for the frame about to run, and what the kernel's
     /// limit step did with it if the caller knows: see `limit.rs`.
     pub precise: limit::Precise,
-    /// The new-flow limits' buckets and known sources.
+    /// The new-flow limits' buckets, known sources and cookies.
     pub limits: limit::Buckets,
 }
 
-/// Runs one frame received on `ingress` through the reference.
+/// Runs one frame received on `ingress` through the reference: the datapath's `balance`
+/// (the verdict), then the cookie step for a packet it marked (`cookie::after`).
 pub fn classify(
     frame: &[u8],
     ingress: u32,
@@ -112,8 +124,9 @@ pub fn classify(
     fib: &dyn Fib,
 ) -> Outcome {
     let mut out = Outcome::new(frame);
+    let mut hello = cookie::Hello::None;
     out.count(Counter::PacketsSeen);
-    match try_lb(frame, ingress, tables, state, fib, &mut out) {
+    match try_lb(frame, ingress, tables, state, fib, &mut out, &mut hello) {
         Ok(action) => out.action = action,
         Err(reason) => {
             out.count(reason);
@@ -125,10 +138,12 @@ pub fn classify(
             }
         }
     }
+    cookie::after(tables, state, &mut out, hello);
     out
 }
 
 /// The datapath's `try_lb`, step by step. `out.frame` is the frame as rewritten so far.
+/// `hello`: which cookie step the packet needs once its verdict is made (`cookie.rs`).
 fn try_lb(
     frame: &[u8],
     ingress: u32,
@@ -136,6 +151,7 @@ fn try_lb(
     state: &mut State,
     fib: &dyn Fib,
     out: &mut Outcome,
+    hello: &mut cookie::Hello,
 ) -> Result<u32, Counter> {
     let pkt = parse::parse(frame, t)?;
     let Some(udp) = pkt.udp else {
@@ -162,7 +178,12 @@ fn try_lb(
                 }
                 None => return Err(Counter::DropCidUnknownNode),
             },
-            dtls::Route::Flow => flow::route(t, state, &pkt, &udp, out)?,
+            dtls::Route::Flow => {
+                if cookie::starts_handshake(frame, &udp) {
+                    *hello = cookie::Hello::Client;
+                }
+                flow::route(t, state, &pkt, &udp, out)?
+            }
         };
         let rw = nat::Rewrite::to_node(&pkt, &udp, &node)?;
         let hop = forward::lookup_node(
@@ -187,6 +208,9 @@ fn try_lb(
         }
         if hop.rc == FibRc::FwdDisabled {
             return Err(Counter::PassFwdDisabled);
+        }
+        if cookie::starts_handshake(frame, &udp) {
+            *hello = cookie::Hello::Node;
         }
         out.count(Counter::ReplyUnnat);
         out.from_node(rev.node_slot, frame.len() as u64);

@@ -191,19 +191,22 @@ pub fn src_key(pkt: &Packet) -> SrcKey {
     }
 }
 
-/// What the limits remember between packets (`SRC_BUCKETS`, `GLOBAL_BUCKET`,
-/// `KNOWN_SRCS`). Nothing is evicted here: the caller keeps the tables far from full.
+/// What the limits remember between packets (`SRC_BUCKETS`, `GLOBAL_BUCKET`, `KNOWN_SRCS`,
+/// and the `COOKIES` that prove known sources). Nothing is evicted here: the caller keeps the
+/// tables far from full.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Buckets {
     pub src: HashMap<SrcKey, u64>,
     pub global: u64,
-    /// Source → when it was last marked known (the flow table's coarse clock).
+    /// Source → when it last proved itself (the coarse clock).
     pub known: HashMap<SrcKey, u64>,
+    /// `COOKIES`: nodes' cookies learned, and pending fragmented ClientHellos.
+    pub cookies: crate::cookie::Cookies,
 }
 
 impl Buckets {
     /// A reload that changed the limits: every bucket starts full again (README: "the buckets
-    /// then start full"). Known sources stay known.
+    /// then start full"). Known sources stay known, learned cookies stay.
     pub fn refill(&mut self) {
         self.src.clear();
         self.global = 0;
@@ -230,26 +233,18 @@ pub struct Observed {
     pub counters: [u64; 4],
 }
 
-/// The known-sources rule, kept apart so it can be replaced: today a source is known once one
-/// of its flows carries a second packet (a flow-table hit, [`established`]) and stays known
-/// `known_for` after the last such packet.
+/// Is `key` a known source at `now`? It is for `known_for` after its last proof ([`proven`]).
 pub fn known(b: &Buckets, key: &SrcKey, now: u64, known_ns: u64) -> bool {
     b.known
         .get(key)
         .is_some_and(|&seen| now.saturating_sub(seen) <= known_ns)
 }
 
-/// A packet of an established flow (a flow-table hit) with limits on: its source is known from
-/// `coarse_now` on. (The datapath rewrites the time at most once a second; the caller's
-/// known_for is far longer than a run, so when it was written does not change a verdict.)
-pub fn established(t: &Tables, state: &mut State, pkt: &Packet) {
-    if t.limits.is_some() {
-        state
-            .limits
-            .known
-            .entry(src_key(pkt))
-            .or_insert(state.now_ns);
-    }
+/// A ClientHello echoed a node's cookie (`cookie.rs`): its source is known from the coarse
+/// clock's `now` (`State::now_ns`). A flow's second packet proves nothing: flow hits and CID
+/// records neither make nor refresh a known source.
+pub fn proven(state: &mut State, pkt: &Packet) {
+    state.limits.known.insert(src_key(pkt), state.now_ns);
 }
 
 /// GCRA: the bucket's next `tat` if a flow at `now` fits within `tolerance`.
@@ -533,7 +528,7 @@ mod tests {
             admit(&t, &mut st, &a, &mut out),
             Err(Counter::DropLimitGlobal)
         );
-        established(&t, &mut st, &b);
+        proven(&mut st, &b);
         for _ in 0..20 {
             assert_eq!(admit(&t, &mut st, &b, &mut out), Ok(()));
         }
