@@ -32,11 +32,23 @@ pub enum Dest {
     NotVip,
 }
 
+/// `hash(addr, family)` with an IPv4 address's three zero words (`parse_v4` leaves them zero)
+/// written as zeros, so that the compiler drops their part of the fold: the hashes rotate and
+/// xor every word, and a zero word adds nothing, so the result is the same.
+#[inline(always)]
+fn hash_of(addr: &[u32; 4], family: u8, hash: impl Fn(&[u32; 4], u8) -> u32) -> u32 {
+    if family == FAMILY_V4 {
+        hash(&[addr[0], 0, 0, 0], FAMILY_V4)
+    } else {
+        hash(addr, family)
+    }
+}
+
 /// The port bitmap index of `addr` if it is a VIP: probed in `VIP_TABLE` (an empty slot ends
 /// the probe: no VIP), then, after `VIP_PROBES` occupied slots, in `VIPS`.
 #[inline(always)]
 fn vip_index_of(addr: &[u32; 4], family: u8) -> Option<u32> {
-    let start = vip_slot(addr, family);
+    let start = hash_of(addr, family, vip_slot);
     let mut i = 0;
     while i < VIP_PROBES {
         let slot = maps::VIP_TABLE.get((start + i) % VIP_TABLE_SLOTS)?;
@@ -113,7 +125,7 @@ pub fn not_udp_verdict(ctx: &XdpContext, pkt: &Packet) -> Counter {
 /// costs one array read.
 #[inline(always)]
 pub fn check_source(pkt: &Packet) -> Result<(), Counter> {
-    let bit = src_filter_bit(&pkt.src, pkt.family);
+    let bit = hash_of(&pkt.src, pkt.family, src_filter_bit);
     match maps::SRC_FILTER.get(bit / 64) {
         Some(word) if (*word >> (bit % 64)) & 1 == 0 => return Ok(()),
         _ => {}
