@@ -170,6 +170,8 @@ counters! {
     DropTunnelVlan = "drop_tunnel_vlan",
     /// To a node of a tunnel VIP, larger than the path MTU once encapsulated: dropped (the underlay must carry the client's MTU plus the encapsulation).
     DropTunnelTooBig = "drop_tunnel_too_big",
+    /// ICMP error from a node about a client's datagram to a VIP (port unreachable, ...): outer source and quoted destination rewritten to the VIP and its port, checksums fixed (NAT mode).
+    ReplyIcmpUnnat = "reply_icmp_unnat",
 }
 
 impl Counter {

@@ -10,6 +10,7 @@
 //! - `limit.rs`   new-flow rate limits (per source, global, known sources first)
 //! - `cookie.rs`  known sources: a node's cookie learned from its reply, matched in the ClientHello
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
+//! - `icmp.rs`    a node's ICMP error to a client, un-NATed like its replies
 //! - `tunnel.rs`  or, for a tunnel VIP, the packet encapsulated to its node (IPIP or GUE)
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
 //! - `stats.rs`   per-CPU counters; `maps.rs` every map
@@ -22,6 +23,7 @@ mod cookie;
 mod dtls;
 mod flow;
 mod forward;
+mod icmp;
 mod limit;
 mod maglev;
 mod maps;
@@ -138,10 +140,15 @@ fn balance(ctx: &XdpContext) -> (u32, Next) {
 #[inline(always)]
 fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
     let pkt = parse::parse(ctx)?;
+    let cfg = CONFIG.load();
     let L4::Udp(udp) = pkt.l4 else {
+        if let Some(q) = icmp::quote(ctx, &pkt) {
+            if let Some(rev) = vip::reverse(&pkt, q.reply.sport) {
+                return icmp_from_node(ctx, &pkt, &q, &rev, &cfg);
+            }
+        }
         return Err(vip::not_udp_verdict(ctx, &pkt));
     };
-    let cfg = CONFIG.load();
 
     let dest = vip::dest(&pkt, udp.dport);
     if let vip::Dest::OtherPort = dest {
@@ -214,6 +221,35 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
     }
 
     Err(Counter::PassNotVip)
+}
+
+/// An ICMP error from a node about a client's datagram to a VIP (`icmp.rs`): origin-checked
+/// and un-NATed like the node's replies.
+#[inline(always)]
+fn icmp_from_node(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    q: &icmp::Quote,
+    rev: &lb_common::Reverse,
+    cfg: &DpConfig,
+) -> Result<u32, Counter> {
+    reply::check_origin(ctx, pkt, &q.reply, rev)?;
+    let rw = Rewrite::to_client(rev);
+    let hop = forward::lookup(ctx, pkt, &rw.addressing(pkt, &q.reply))?;
+    // About a health probe of this host's: the agent's socket takes it as it is.
+    if hop.is_local() {
+        return Err(Counter::PassLocalReply);
+    }
+    if hop.fwd_disabled() {
+        return Err(Counter::PassFwdDisabled);
+    }
+    count(Counter::ReplyIcmpUnnat);
+    stats::from_node(ctx, rev.node_slot);
+    if cfg.shadow != 0 {
+        return Err(Counter::ShadowPass);
+    }
+    icmp::unnat(ctx, pkt, q, &rw)?;
+    forward::send(ctx, pkt, &hop, &forward::TO_KERNEL, 0)
 }
 
 /// Rewrites and sends, unless in shadow mode, where the decision is only counted.

@@ -147,7 +147,7 @@ impl Rewrite {
 }
 
 #[inline(always)]
-fn bytes16(w: &[u32; 4]) -> [u8; 16] {
+pub fn bytes16(w: &[u32; 4]) -> [u8; 16] {
     let (a, b, c, d) = (
         w[0].to_ne_bytes(),
         w[1].to_ne_bytes(),

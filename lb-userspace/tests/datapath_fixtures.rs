@@ -17,6 +17,8 @@ mod cookies;
 mod dtls13;
 #[path = "fixtures/flows.rs"]
 mod flows;
+#[path = "fixtures/icmp.rs"]
+mod icmp;
 #[path = "fixtures/limits.rs"]
 mod limits;
 #[path = "fixtures/lookup.rs"]
@@ -422,6 +424,11 @@ fn parse_fixtures() {
 #[test]
 fn reply_fixtures() {
     run("replies and the origin check", reply::cases());
+}
+
+#[test]
+fn icmp_fixtures() {
+    run("ICMP errors from nodes", icmp::cases());
 }
 
 #[test]

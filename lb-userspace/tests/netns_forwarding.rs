@@ -192,6 +192,61 @@ fn real_traffic_reaches_the_cid_node_and_replies_come_from_the_vip() {
     );
 }
 
+/// A node whose DTLS server is gone answers with port unreachable. The balancer un-NATs the
+/// error (from the VIP, quoting the client's datagram to the VIP), so the client's connected
+/// socket sees "connection refused"; from the node's own address it would match no socket.
+#[test]
+fn a_nodes_port_unreachable_reaches_the_client_from_the_vip() {
+    let mut bed = Bed::up("ni", 1);
+    bed.write_config("");
+    // Nothing listens on the node's port any more.
+    let _ = bed.echo.iter_mut().map(Echo::stop).sum::<u64>();
+    let agent = AgentProc::start(&bed.lab, &bed.cfg, &[]);
+    thread::sleep(Duration::from_millis(1500));
+
+    let client_ns = bed.lab.client.name.clone();
+    let refused = thread::spawn(move || {
+        lb_lab::enter(&client_ns);
+        let mut out = Vec::new();
+        for (vip, bind) in [
+            (format!("{VIP4}:{PORT}"), "0.0.0.0:0"),
+            (format!("[{VIP6}]:{PORT}"), "[::]:0"),
+        ] {
+            let s = UdpSocket::bind(bind).unwrap();
+            s.connect(&vip).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            // Bounded: five tries, 300 ms each.
+            let got = (0..5).find_map(|_| {
+                let _ = s.send(&handshake_record(b"ClientHello"));
+                match s.recv(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some("refused"),
+                    Ok(_) => Some("an answer"),
+                    Err(_) => None,
+                }
+            });
+            out.push((vip, got));
+        }
+        out
+    })
+    .join()
+    .expect("client thread");
+    for (vip, got) in &refused {
+        assert_eq!(
+            *got,
+            Some("refused"),
+            "a datagram to {vip}: the node's port unreachable did not reach the socket"
+        );
+    }
+    let json = cidlb(&["stats", "--json", "--pin-dir", bed.pins.0.to_str().unwrap()]);
+    assert!(
+        json_counter(&json, "reply_icmp_unnat") >= 2,
+        "reply_icmp_unnat: {json}"
+    );
+    assert!(agent.terminate().expect("cidlb exits").success());
+}
+
 #[test]
 fn no_readiness_when_the_datapath_cannot_come_up() {
     // An interface that does not exist: `cidlb run` must exit with the reason and never write

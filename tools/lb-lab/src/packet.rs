@@ -249,6 +249,70 @@ pub fn assert_checksums(frame: &[u8], what: &str) {
     }
 }
 
+/// A port-unreachable error (ICMPv4 type 3 code 3, ICMPv6 type 1 code 4) from `src` to `dst`
+/// with hop limit `ttl`, quoting `quote` (an IP packet, as much of it as the sender keeps).
+/// Built with etherparse, checksums from scratch.
+pub fn port_unreachable(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    quote: &[u8],
+) -> Vec<u8> {
+    use etherparse::{icmpv4, icmpv6, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type};
+    let mut out = Vec::new();
+    let ether_type = if src.is_ipv4() {
+        EtherType::IPV4
+    } else {
+        EtherType::IPV6
+    };
+    Ethernet2Header {
+        source: src_mac,
+        destination: dst_mac,
+        ether_type,
+    }
+    .write(&mut out)
+    .unwrap();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let icmp = Icmpv4Header::with_checksum(
+                Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
+                quote,
+            );
+            let len = icmp.header_len() + quote.len();
+            let ip =
+                Ipv4Header::new(len as u16, ttl, IpNumber::ICMP, s.octets(), d.octets()).unwrap();
+            ip.write(&mut out).unwrap();
+            icmp.write(&mut out).unwrap();
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let icmp = Icmpv6Header::with_checksum(
+                Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port),
+                s.octets(),
+                d.octets(),
+                quote,
+            )
+            .unwrap();
+            Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: (icmp.header_len() + quote.len()) as u16,
+                next_header: IpNumber::IPV6_ICMP,
+                hop_limit: ttl,
+                source: s.octets(),
+                destination: d.octets(),
+            }
+            .write(&mut out)
+            .unwrap();
+            icmp.write(&mut out).unwrap();
+        }
+        _ => panic!("mixed address families"),
+    }
+    out.extend_from_slice(quote);
+    out
+}
+
 /// How a tunnel VIP's packet is wrapped (see `lb_common::tunnel`).
 #[derive(Clone, Copy, Debug)]
 pub enum Encap {
