@@ -12,6 +12,10 @@
 //!
 //! - `flows.policy: maglev`: every session survives and every record is answered by its node.
 //! - `flows.policy: round_robin` (the control): the same events break non-CID sessions.
+//! - Tunnel mode (issue #20), `flows.policy: maglev`: both balancers tunnel the VIPs (IPIP
+//!   and GUE), the nodes decapsulate (`cidlb node up`) and reply straight through the router
+//!   ([`Replies::Direct`]), DTLS 1.3 CID sessions run too: every session survives, every
+//!   record is answered by its node, and no reply crosses a balancer.
 
 mod common;
 

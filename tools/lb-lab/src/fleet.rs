@@ -1,11 +1,13 @@
 //! The scale-out lab (issue #9): two balancers behind an ECMP router that learns the VIPs over
-//! BGP, three nodes that each balancer reaches directly and that reply through either.
+//! BGP, three nodes that each balancer reaches directly and that reply through either, or, in
+//! tunnel mode, straight through the router.
 //!
 //! ```text
 //!                               ┌─ uplink B1 (cidlb, BIRD) n1 n2 n3 ─┐
 //!  client c0 ─── rc  router ────┤                                     ├── b1/b2 on each node
 //!   198.51.100.7      (BIRD,    └─ uplink B2 (cidlb, BIRD) n1 n2 n3 ─┘   (node k: its service
-//!                      ECMP)                                              addresses on lo)
+//!                      ECMP) ─ rn1 rn2 rn3 ── r0 on each node             addresses on lo)
+//!                              (Replies::Direct only)
 //! ```
 //! - client ↔ router: 198.51.100.0/24, 2001:db8:c::/64 (the lab's client addresses).
 //! - router `rbI` ↔ balancer I `uplink`: 10.0.I.0/30 (.1 router, .2 balancer), fd00:I::/64.
@@ -18,9 +20,13 @@
 //!   [`Replies::SameBalancer`] a node sends each reply back through the balancer that brought
 //!   its request instead (conntrack marks and a routing table per balancer, as
 //!   `deploy/OPERATIONS.md` shows operators), and the ECMP route serves only what no balancer
-//!   brought.
+//!   brought. With [`Replies::Direct`] (tunnel mode) node K also has a link of its own to the
+//!   router, router `rnK` ↔ node `r0`: 10.1.K.0/30 (.1 router, .2 node), fd01:K::/64, and its
+//!   default route goes there instead; the balancers' tunnels still arrive on `bI`, which
+//!   the balancers reach by XDP_REDIRECT (each node its own interface).
 //! - Router: forwarding, `fib_multipath_hash_policy=1` for IPv4 and IPv6; the VIP route is
-//!   whatever BIRD installs (`deploy/bird/router.conf`).
+//!   whatever BIRD installs (`deploy/bird/router.conf`). It counts the VIPs' packets it
+//!   forwards, from the nodes' own links and from the balancers ([`Fleet::vip_replies`]).
 //!
 //! Every namespace is this code's own and is deleted on drop.
 
