@@ -13,56 +13,12 @@ use common::agent::{cidlb, json_counter, AgentProc, PinGuard};
 use lb_lab::{
     peer::{self, ClientRun},
     routed::Routed,
-    ChildGuard, NetNs, PORT, VIP4, VIP6,
+    tunnel, ChildGuard, NetNs, PORT, VIP4,
 };
 
-/// Packets the router forwarded from a VIP out of `dev` (iptables and ip6tables FORWARD).
-fn forwarded_from_vips(router: &NetNs, dev: &str) -> u64 {
-    let mut total = 0;
-    for (tool, vip) in [
-        ("iptables", VIP4.to_string()),
-        ("ip6tables", VIP6.to_string()),
-    ] {
-        let out = router
-            .must(&[tool, "-L", "FORWARD", "-nvx"])
-            .unwrap_or_else(|e| panic!("{e}"));
-        for line in out.lines().skip(2) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // pkts bytes target prot opt in out source destination (ip6tables: no opt)
-            if f.contains(&dev) && f.iter().any(|w| w.starts_with(vip.as_str())) {
-                total += f[0].parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    total
-}
-
-fn count_vip_packets(router: &NetNs) {
-    for dev in ["rb", "rc"] {
-        router
-            .must(&[
-                "iptables",
-                "-A",
-                "FORWARD",
-                "-s",
-                &VIP4.to_string(),
-                "-o",
-                dev,
-            ])
-            .unwrap_or_else(|e| panic!("{e}"));
-        router
-            .must(&[
-                "ip6tables",
-                "-A",
-                "FORWARD",
-                "-s",
-                &VIP6.to_string(),
-                "-o",
-                dev,
-            ])
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-}
+/// The router's counts of the VIPs' packets it forwards: to the client, to the balancer.
+const TO_CLIENT: &[&str] = &["-o", "rc"];
+const TO_BALANCER: &[&str] = &["-o", "rb"];
 
 /// The routed lab with 2 nodes set up by `cidlb node up`, DTLS 1.2 and 1.3 servers bound to
 /// the VIPs on every node, and cidlb running with both VIPs in tunnel mode (`encap`) and
@@ -103,19 +59,12 @@ impl Bed {
             node_pins.push(np);
             let bed_dir = dir.clone();
             node_cmd(n, &bed_dir, k, "up");
-            for (vip, extra) in [
-                (format!("{VIP4}:{PORT}"), &[][..]),
-                (format!("[{VIP6}]:{PORT}"), &[][..]),
-                (format!("{VIP4}:{}", PORT + 1), &["--dtls", "1.3"][..]),
-                (format!("[{VIP6}]:{}", PORT + 1), &["--dtls", "1.3"][..]),
-            ] {
-                servers.push(
-                    peer::server_at(&common::testpeer(), n, k as u32, &vip, extra, None)
-                        .unwrap_or_else(|e| panic!("{e}")),
-                );
-            }
+            servers.extend(
+                tunnel::servers(&common::testpeer(), n, k).unwrap_or_else(|e| panic!("{e}")),
+            );
         }
-        count_vip_packets(&r.router);
+        tunnel::count_forwarded_from_vips(&r.router, &[TO_CLIENT, TO_BALANCER])
+            .unwrap_or_else(|e| panic!("{e}"));
         let cfg = dir.join("cidlb.yaml");
         std::fs::write(
             &cfg,
@@ -141,29 +90,15 @@ impl Bed {
 
 /// `cidlb node ACTION` on node `k` of a bed whose files are in `dir`; panics if it fails.
 fn node_cmd(n: &NetNs, dir: &std::path::Path, k: usize, action: &str) {
-    let o = n
-        .nsenter(common::agent::bin().to_str().unwrap())
-        .args(["node", action, "--config"])
-        .arg(dir.join(format!("node{k}.yaml")))
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "cidlb node {action} on node {k}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    common::agent::node_cmd(n, &dir.join(format!("node{k}.yaml")), action);
 }
 
 fn sessions(encap: &str) {
     let bed = Bed::up(encap, "");
     let (r, lab, pins, dir) = (&bed.r, &bed.r.lab, &bed.pins, &bed.dir);
     let mut records = 0;
-    for (server, proto) in [
-        (format!("{VIP4}:{PORT}"), &[][..]),
-        (format!("[{VIP6}]:{PORT}"), &[][..]),
-        (format!("{VIP4}:{}", PORT + 1), &["--dtls", "1.3"][..]),
-        (format!("[{VIP6}]:{}", PORT + 1), &["--dtls", "1.3"][..]),
-    ] {
+    for (fam, port, proto) in tunnel::SERVERS {
+        let server = lb_lab::vip_socket(fam, port);
         let args = [
             proto,
             &["--sessions", "4", "--messages", "12", "--rebind-every", "3"][..],
@@ -225,8 +160,11 @@ fn sessions(encap: &str) {
     let encapsulated = json_counter(&stats, &format!("tunnel_encap_{encap}"));
     assert!(encapsulated >= records, "{stats}");
     assert_eq!(json_counter(&stats, "reply_unnat"), 0, "{stats}");
-    let to_client = forwarded_from_vips(&r.router, "rc");
-    let to_balancer = forwarded_from_vips(&r.router, "rb");
+    let [to_client, to_balancer] =
+        tunnel::forwarded_from_vips(&r.router).unwrap_or_else(|e| panic!("{e}"))[..]
+    else {
+        panic!("the router counts two rules");
+    };
     eprintln!(
         "{encap}: {encapsulated} packets tunnelled; the router forwarded {to_client} packets from \
          the VIPs to the client and {to_balancer} to the balancer"

@@ -123,3 +123,19 @@ impl Bed {
         write_lab_config(&self.lab, &self.pins, &self.cfg, extra);
     }
 }
+
+/// `cidlb node ACTION --config CONFIG` in a node's namespace (tunnel mode); panics if it fails.
+pub fn node_cmd(node: &lb_lab::NetNs, config: &Path, action: &str) {
+    let o = node
+        .nsenter(bin().to_str().expect("UTF-8 path"))
+        .args(["node", action, "--config"])
+        .arg(config)
+        .output()
+        .unwrap_or_else(|e| panic!("cidlb node {action}: {e}"));
+    assert!(
+        o.status.success(),
+        "cidlb node {action} in {}: {}",
+        node.name,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

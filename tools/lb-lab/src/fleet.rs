@@ -1,11 +1,13 @@
 //! The scale-out lab (issue #9): two balancers behind an ECMP router that learns the VIPs over
-//! BGP, three nodes that each balancer reaches directly and that reply through either.
+//! BGP, three nodes that each balancer reaches directly and that reply through either, or, in
+//! tunnel mode, straight through the router.
 //!
 //! ```text
 //!                               ┌─ uplink B1 (cidlb, BIRD) n1 n2 n3 ─┐
 //!  client c0 ─── rc  router ────┤                                     ├── b1/b2 on each node
 //!   198.51.100.7      (BIRD,    └─ uplink B2 (cidlb, BIRD) n1 n2 n3 ─┘   (node k: its service
-//!                      ECMP)                                              addresses on lo)
+//!                      ECMP) ─ rn1 rn2 rn3 ── r0 on each node             addresses on lo)
+//!                              (Replies::Direct only)
 //! ```
 //! - client ↔ router: 198.51.100.0/24, 2001:db8:c::/64 (the lab's client addresses).
 //! - router `rbI` ↔ balancer I `uplink`: 10.0.I.0/30 (.1 router, .2 balancer), fd00:I::/64.
@@ -18,9 +20,13 @@
 //!   [`Replies::SameBalancer`] a node sends each reply back through the balancer that brought
 //!   its request instead (conntrack marks and a routing table per balancer, as
 //!   `deploy/OPERATIONS.md` shows operators), and the ECMP route serves only what no balancer
-//!   brought.
+//!   brought. With [`Replies::Direct`] (tunnel mode) node K also has a link of its own to the
+//!   router, router `rnK` ↔ node `r0`: 10.1.K.0/30 (.1 router, .2 node), fd01:K::/64, and its
+//!   default route goes there instead; the balancers' tunnels still arrive on `bI`, which
+//!   the balancers reach by XDP_REDIRECT (each node its own interface).
 //! - Router: forwarding, `fib_multipath_hash_policy=1` for IPv4 and IPv6; the VIP route is
-//!   whatever BIRD installs (`deploy/bird/router.conf`).
+//!   whatever BIRD installs (`deploy/bird/router.conf`). It counts the VIPs' packets it
+//!   forwards, from the nodes' own links and from the balancers ([`Fleet::vip_replies`]).
 //!
 //! Every namespace is this code's own and is deleted on drop.
 
@@ -29,7 +35,7 @@ use std::{
     process::Stdio,
 };
 
-use crate::{addr_up, node4, node6, peer_offloads, wire_client, ChildGuard, NetNs};
+use crate::{addr_up, node4, node6, peer_offloads, tunnel, wire_client, ChildGuard, NetNs};
 
 pub const BALANCERS: usize = 2;
 pub const NODES: usize = 3;
@@ -53,6 +59,22 @@ pub enum Replies {
     /// comes back through the balancer that brought the first: only this way can that one
     /// prove the client's address (issue #19).
     SameBalancer,
+    /// Straight to the client through the router, over a link of each node's own (node K's
+    /// `r0` to the router's `rnK`), its default route: tunnel mode (`forwarding: tunnel`),
+    /// where the nodes decapsulate, hold the VIPs and answer from them. No balancer carries a
+    /// reply; the router counts where the VIPs' packets came from ([`Fleet::vip_replies`]).
+    /// The router forwards with `rp_filter` off: it routes the VIPs towards the balancers.
+    Direct,
+}
+
+/// What [`Fleet::vip_replies`] counted: packets from the VIPs (replies to the client) the
+/// router forwarded, by where they came from.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VipReplies {
+    /// From a node's own link to the client ([`Replies::Direct`]).
+    pub from_nodes: u64,
+    /// From a balancer, to anywhere: replies a balancer carried (all of them in NAT mode).
+    pub from_balancers: u64,
 }
 
 /// What [`Fleet::reply_paths`] counted.
@@ -96,6 +118,16 @@ fn pair6(i: usize, k: usize) -> (String, String) {
     (format!("fd1{i}:{k}::1"), format!("fd1{i}:{k}::2"))
 }
 
+/// Node `k`'s own link to the router ([`Replies::Direct`]): (the router's end, the node's),
+/// 10.1.K.0/30 and fd01:K::/64.
+fn direct4(k: usize) -> (String, String) {
+    (format!("10.1.{k}.1"), format!("10.1.{k}.2"))
+}
+
+fn direct6(k: usize) -> (String, String) {
+    (format!("fd01:{k}::1"), format!("fd01:{k}::2"))
+}
+
 impl Fleet {
     /// Builds the fleet; namespace names start with `prefix`; nodes reply as `replies` says.
     pub fn up(prefix: &str, replies: Replies) -> Result<Self, String> {
@@ -120,8 +152,14 @@ impl Fleet {
         }
         f.wire()?;
         f.mark_by_balancer()?;
-        if replies == Replies::SameBalancer {
-            f.reply_through_ingress()?;
+        tunnel::count_forwarded_from_vips(
+            &f.router,
+            &[&["-i", "rn+", "-o", "rc"], &["-i", "rb+"]],
+        )?;
+        match replies {
+            Replies::Ecmp => {}
+            Replies::SameBalancer => f.reply_through_ingress()?,
+            Replies::Direct => f.reply_through_router()?,
         }
         Ok(f)
     }
@@ -173,6 +211,58 @@ impl Fleet {
             }
         }
         Ok(())
+    }
+
+    /// [`Replies::Direct`]: a link from every node to the router, the node's default routes
+    /// through it (replacing the ECMP route through the balancers), and `rp_filter` off on
+    /// the router, which gets the VIPs' replies from the nodes though it routes the VIPs to
+    /// the balancers.
+    fn reply_through_router(&self) -> Result<(), String> {
+        let r = &self.router;
+        for (ki, n) in self.nodes.iter().enumerate() {
+            let k = ki + 1;
+            let ((r4, n4), (r6, n6)) = (direct4(k), direct6(k));
+            r.ip(&format!(
+                "link add rn{k} type veth peer name r0 netns {}",
+                n.name
+            ))?;
+            addr_up(
+                r,
+                &format!("rn{k}"),
+                &format!("{r4}/30"),
+                &format!("{r6}/64"),
+            )?;
+            addr_up(n, "r0", &format!("{n4}/30"), &format!("{n6}/64"))?;
+            // The replies' checksums in full: no XDP program rewrites them on this path, but
+            // one leaving a node with a partial checksum would reach the client so.
+            peer_offloads(n, "r0")?;
+            n.ip(&format!(
+                "route replace default via {r4} dev r0 src {}",
+                node4(k)
+            ))?;
+            n.ip(&format!(
+                "-6 route replace default via {r6} dev r0 src {}",
+                node6(k)
+            ))?;
+        }
+        let links = String::from_utf8_lossy(&r.exec(&["ls", "/proc/sys/net/ipv4/conf"]).stdout)
+            .into_owned();
+        for dev in links.split_whitespace() {
+            r.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter=0"))?;
+        }
+        Ok(())
+    }
+
+    /// The router's count of the VIPs' packets it forwarded, by where they came from (iptables
+    /// and ip6tables FORWARD rules, set up with the fleet).
+    pub fn vip_replies(&self) -> Result<VipReplies, String> {
+        match tunnel::forwarded_from_vips(&self.router)?[..] {
+            [from_nodes, from_balancers] => Ok(VipReplies {
+                from_nodes,
+                from_balancers,
+            }),
+            ref other => Err(format!("the router counts {other:?}, not two rules")),
+        }
     }
 
     /// DTLS replies the nodes sent to connections a balancer brought, and how many of them

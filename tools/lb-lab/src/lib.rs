@@ -21,6 +21,7 @@ pub mod peer;
 pub mod routed;
 pub mod sniff;
 pub mod trafgen;
+pub mod tunnel;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
@@ -35,6 +36,15 @@ pub const PORT: u16 = 5684;
 /// The VIPs with [`PORT`], as clients address them.
 pub const VIP4_SOCKET: SocketAddr = SocketAddr::V4(SocketAddrV4::new(VIP4, PORT));
 pub const VIP6_SOCKET: SocketAddr = SocketAddr::V6(SocketAddrV6::new(VIP6, PORT, 0, 0));
+/// A VIP's address and `port` as the test peer takes it: `192.0.2.10:5684` for `"v4"`,
+/// `[2001:db8:ffff::10]:5684` for `"v6"`.
+pub fn vip_socket(family: &str, port: u16) -> String {
+    match family {
+        "v4" => format!("{VIP4}:{port}"),
+        _ => format!("[{VIP6}]:{port}"),
+    }
+}
+
 /// Most nodes the address plan holds (one /28 each in 203.0.113.0/24).
 pub const MAX_NODES: usize = 15;
 

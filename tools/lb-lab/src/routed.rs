@@ -24,7 +24,9 @@
 //!
 //! Every namespace is this code's own and is deleted on drop.
 
-use crate::{addr_up, node4, node6, peer_offloads, wire_client, wire_node, Lab, NetNs, VIP4, VIP6};
+use crate::{
+    addr_up, node4, node6, peer_offloads, tunnel, wire_client, wire_node, Lab, NetNs, VIP4, VIP6,
+};
 
 /// The balancer's interfaces: towards the clients (VIP traffic arrives here), towards the
 /// nodes.
@@ -106,17 +108,10 @@ impl Routed {
     }
 
     /// A cidlb config for the balancer: both VIPs in tunnel mode with `encap` (`ipip`, or `gue`
-    /// on port 6080) from the balancer's addresses, on [`crate::PORT`] (the nodes' DTLS 1.2
+    /// on [`tunnel::GUE_PORT`]) from the balancer's addresses, on [`crate::PORT`] (the nodes' DTLS 1.2
     /// servers) and the port after it (their DTLS 1.3 servers); node K with id K.
     pub fn cidlb_config(&self, pin_dir: &str, encap: &str, extra: &str) -> String {
-        let gue = if encap == "gue" {
-            ", gue_port: 6080"
-        } else {
-            ""
-        };
-        let tunnel = format!(
-            "forwarding: tunnel, tunnel: {{encap: {encap}, source4: {BALANCER4}, source6: \"{BALANCER6}\"{gue}}}"
-        );
+        let tunnel = tunnel::vip_settings(encap, BALANCER4, BALANCER6);
         let mut s = format!(
             "interfaces: [{BALANCER_IFACE}, {BALANCER_NODE_IFACE}]\nxdp_mode: native\nvips:\n  - {{address: {VIP4}, ports: [{p}, {p1}], {tunnel}}}\n  - {{address: \"{VIP6}\", ports: [{p}, {p1}], {tunnel}}}\nnodes:\n",
             p = crate::PORT,
@@ -133,13 +128,8 @@ impl Routed {
         s
     }
 
-    /// Node K's `cidlb node` file (GUE on port 6080 as well as IPIP).
+    /// Node K's `cidlb node` file (GUE on [`tunnel::GUE_PORT`] as well as IPIP).
     pub fn node_config(&self, k: usize, pin_dir: &str) -> String {
-        format!(
-            "interface: n0\ntunnel_addresses: [{}, \"{}\"]\nvips: [{VIP4}, \"{VIP6}\"]\n\
-             gue_port: 6080\npin_dir: {pin_dir}\n",
-            node4(k),
-            node6(k)
-        )
+        tunnel::node_config("n0", k, pin_dir)
     }
 }
