@@ -163,11 +163,7 @@ pub fn encap(f: &[u8], pkt: &Packet, udp_off: usize, node: &Node, tun: &Tunnel) 
     } else {
         let tc = (ip[0] << 4) | (ip[1] >> 4);
         let label = hash & 0x000f_ffff;
-        let payload = if gue {
-            udp_len
-        } else {
-            inner_len as u16
-        };
+        let payload = if gue { udp_len } else { inner_len as u16 };
         outer.extend_from_slice(&[
             0x60 | (tc >> 4),
             (tc << 4) | (label >> 16) as u8,
@@ -207,7 +203,8 @@ fn gue_sport(hash: u32) -> u16 {
 /// pseudo-header's sum (inner addresses, the inner UDP length field, 17). Zero is sent as
 /// 0xffff.
 fn gue_checksum6(outer: &[u8], udp_hdr: &[u8], inner: &[u8], inner_udp: usize) -> u16 {
-    let outer_pseudo = nat::sum(&outer[8..40]) + nat::sum(&[0, PROTO_UDP]) + nat::sum(&udp_hdr[4..6]);
+    let outer_pseudo =
+        nat::sum(&outer[8..40]) + nat::sum(&[0, PROTO_UDP]) + nat::sum(&udp_hdr[4..6]);
     let inner_pseudo = nat::sum(&inner[8..40])
         + nat::sum(&[0, PROTO_UDP])
         + nat::sum(&inner[inner_udp + 4..inner_udp + 6]);
