@@ -104,10 +104,11 @@ const LIMITS_GLOBAL: &str =
 /// The configs the epochs cycle through. Node 3 has no neighbour entry; node 4 is disabled
 /// (its CID records follow `unknown_node`); node 5 sits on the client side (one-armed, XDP_TX)
 /// and is draining; node 2 listens on another port. Between them they cover both policies
-/// (Maglev by default and by name) and `dtls.versions` [1.2], [1.3], both and absent. The
-/// last two have `limits:` (tight buckets, exempt prefixes some generated sources fall in) and
-/// node and VIP churn; their frames come from a stream of their own (`Stream::with_limits`), so
-/// the other configs see the frames they saw before the limits configs existed.
+/// (Maglev by default and by name) and `dtls.versions` [1.2], [1.3], both and absent. Configs
+/// 5 and 6 have `limits:` (tight buckets, exempt prefixes some generated sources fall in) and
+/// node and VIP churn; 7 and 8 put VIPs in tunnel mode beside NAT VIPs (8 with reloads that
+/// switch their forwarding). Each family's frames come from a stream of its own ([`Frames`]),
+/// so the other configs see the frames they saw before the limits and tunnel configs existed.
 const CONFIGS: &[FuzzConfig] = &[
     FuzzConfig {
         name: "one-byte ids, unknown_node drop, round robin, DTLS 1.2 and 1.3",
@@ -1105,6 +1106,55 @@ mod tests {
                 lb_common::cookie::DEFAULT_COOKIE_CAPACITY
             );
         }
+    }
+
+    /// The tunnel configs: between them IPIP and GUE over both families, each beside a NAT
+    /// VIP of its family, a source prefix of each family, and a reload that changes a VIP's
+    /// forwarding.
+    #[test]
+    fn tunnel_configs_cover_both_encaps_and_families_beside_nat_vips() {
+        use cidlb::config::Encap;
+        let mut seen = HashSet::new();
+        let mut prefixes = HashSet::new();
+        let mut switched = false;
+        for k in (0..CONFIGS.len()).filter(|&k| CONFIGS[k].frames == Frames::Tunnels) {
+            let cfg = config(k).unwrap().1;
+            for v in &cfg.vips {
+                let v4 = v.address.is_ipv4();
+                let Some(t) = v.tunnel() else { continue };
+                seen.insert((format!("{:?}", t.encap), v4));
+                assert!(
+                    cfg.vips
+                        .iter()
+                        .any(|n| n.tunnel().is_none() && n.address.is_ipv4() == v4),
+                    "{}: no NAT VIP beside {}",
+                    CONFIGS[k].name,
+                    v.address
+                );
+                let src = if v4 { t.source4 } else { t.source6 }.unwrap();
+                if src.len < if v4 { 32 } else { 128 } {
+                    prefixes.insert(v4);
+                }
+                assert_eq!(t.gue_port.is_some(), t.encap == Encap::Gue);
+            }
+            let mode = |c: &Config| {
+                c.vips
+                    .iter()
+                    .map(|v| (v.address, v.tunnel().map(|t| format!("{:?}", t.encap))))
+                    .collect::<Vec<_>>()
+            };
+            switched |= reloads(k)
+                .unwrap()
+                .iter()
+                .any(|(_, r)| mode(r) != mode(&cfg));
+        }
+        for encap in ["Ipip", "Gue"] {
+            for v4 in [true, false] {
+                assert!(seen.contains(&(encap.to_owned(), v4)), "{encap} v4={v4}");
+            }
+        }
+        assert_eq!(prefixes.len(), 2, "a source prefix of each family");
+        assert!(switched, "no reload changes a VIP's forwarding");
     }
 
     #[test]
