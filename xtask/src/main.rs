@@ -268,9 +268,10 @@ fn test(no_lint: bool, filter: Option<String>) -> Result<()> {
     t.args(["--", "--test-threads=1"]);
     sh(&mut t)?;
     // A short differential fuzz with a fixed seed (the test profile's build is warm): short
-    // epochs, so every config runs once, the limits configs with their reloads among them.
+    // epochs, so every config runs once (nine: the limits and tunnel configs with their
+    // reloads among them).
     if filter.as_deref().is_none_or(|f| "fuzz".contains(f)) {
-        fuzz("--profile=dev", 14_000, 1, Some(2_000))?;
+        fuzz("--profile=dev", 18_000, 1, Some(2_000))?;
     }
     // The Debian package: built, installed, checked, one netns test against /usr/bin/cidlb,
     // purged (always, even on failure), nothing left behind.

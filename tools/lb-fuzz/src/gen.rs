@@ -873,11 +873,162 @@ fn cookie_hello(r: &mut Rng, issued: &[Issued], queued: &mut Vec<Packet>) -> Pac
     now
 }
 
+/// The tunnel configs' VIPs by family: tunnel mode first, NAT mode second (they switch in a
+/// reload of one of them).
+const TUNNEL_CLIENT_VIPS: [[&str; 2]; 2] = [[VIP4, "192.0.2.11"], [VIP6, "2001:db8:ffff::11"]];
+
+/// A client of the tunnel configs: to a tunnel VIP (mostly) or a NAT VIP beside it, a CID
+/// record or DTLS 1.3 unified header naming a node (configured, disabled, without a
+/// neighbour, one-armed, behind an interface cidlb is not on, unknown), a handshake or any
+/// payload by flow, from a few source ports (flows that repeat) or any (new flows). Now and
+/// then sized around the path MTU once encapsulated (an inner packet of 1440 to 1500 bytes),
+/// with a TOS / traffic class and flow label, IPv4 options, a VLAN tag, TTL 0 to 2, Ethernet
+/// padding after the IP packet, an IP length that lies, a zero or wrong UDP checksum, or
+/// arriving on the node side or the interface with forwarding off.
+fn tunnel_client(r: &mut Rng, c: &Corpus) -> Packet {
+    let v4 = r.chance(500);
+    let src = ip(if v4 {
+        r.pick::<&str>(&[CLIENT4, CLIENT4, "198.51.100.8", "10.9.9.9", "100.64.0.10"])
+    } else {
+        r.pick::<&str>(&[
+            CLIENT6,
+            CLIENT6,
+            "2001:db8:c::8",
+            "2001:db8:dead::1",
+            "2001:db8:c:1::9",
+        ])
+    });
+    let vips = TUNNEL_CLIENT_VIPS[usize::from(!v4)];
+    let dst = ip(if r.chance(750) { vips[0] } else { vips[1] });
+    let dport = *r.pick(&[5684u16, 5684, 5684, 20000, 20100, 5685]);
+    let sport = if r.chance(500) {
+        *r.pick(&[40000u16, 40001, 40002])
+    } else {
+        r.next() as u16
+    };
+    // Node ids of the tunnel configs' one-byte ids: 1, 2 (neighbours on the node side), 3 (no
+    // neighbour), 4 (disabled), 5 (client side), 6 (behind fxo), 7 and 0 (unknown).
+    let node = *r.pick(&[1u8, 1, 2, 2, 3, 4, 5, 6, 7, 0]);
+    let cid = {
+        let mut c = r.bytes(6);
+        c[0] = node;
+        c
+    };
+    let body = |r: &mut Rng| {
+        let n = r.below(48) as usize;
+        r.bytes(n)
+    };
+    let mut p = match r.below(10) {
+        0..=3 => cid_record(&cid, &body(r)),
+        4 => {
+            let b = body(r);
+            unified_record(Some(&cid), r.chance(500), r.chance(500), &b)
+        }
+        5 | 6 => r.pick(&c.to_server).clone(),
+        7 => lb_lab::packet::handshake_record(&body(r)),
+        8 => same_node_records(r),
+        _ => payload(r, c, true),
+    };
+    let hdr = if v4 { 20 } else { 40 };
+    if r.chance(120) {
+        // An inner packet of 1440..=1500 bytes: around where IPv4 IPIP (1480), IPv4 GUE (1472),
+        // IPv6 IPIP (1460) and IPv6 GUE (1452) stop fitting fxn's MTU of 1500. A CID record
+        // keeps its length field right.
+        let l3 = 1440 + r.below(61) as usize;
+        let want = l3 - hdr - 8;
+        p = if r.chance(700) && want > 19 {
+            cid_record(&cid, &r.bytes(want - 19))
+        } else {
+            let mut q = p;
+            q.resize(want, 0);
+            q
+        };
+    }
+    let mut f = Frame::udp(CLIENT_MAC, FXC_MAC, src, sport, dst, dport, &p);
+    let ingress = if r.chance(900) {
+        "fxc"
+    } else {
+        *r.pick(&["fxn", "fxo"])
+    };
+    if r.chance(40) {
+        f.vlans = vec![(*r.pick(&[0x8100u16, 0x88a8]), 1 + r.below(4094) as u16)];
+    }
+    f.ttl = *r.pick(&[64u8, 64, 64, 64, 64, 64, 64, 2, 1, 0, 255]);
+    if v4 {
+        if r.chance(50) {
+            let words = 1 + r.below(10) as usize;
+            f.ipv4_options = vec![1; 4 * words];
+        }
+        f.zero_udp_checksum = r.chance(50);
+    }
+    let mut frame = f.bytes();
+    let l3 = 14 + 4 * f.vlans.len();
+    if r.chance(50) {
+        // A wrong UDP checksum (the IPv6 GUE checksum is as wrong).
+        let at = frame.len() - p.len() - 2;
+        frame[at] ^= 1 + r.below(255) as u8;
+    }
+    if r.chance(300) {
+        // TOS / traffic class and flow label (the outer header copies the class).
+        let tos = r.next() as u8;
+        if v4 {
+            frame[l3 + 1] = tos;
+        } else {
+            let label = r.next() as u32 & 0xf_ffff;
+            frame[l3] = 0x60 | (tos >> 4);
+            frame[l3 + 1] = (tos << 4) | (label >> 16) as u8;
+            frame[l3 + 2] = (label >> 8) as u8;
+            frame[l3 + 3] = label as u8;
+        }
+    }
+    if r.chance(30) {
+        // An IP length that lies (the outer lengths follow the inner header's).
+        let at = if v4 { l3 + 2 } else { l3 + 4 };
+        let len = u16::from_be_bytes([frame[at], frame[at + 1]]);
+        let lie = len.wrapping_add(*r.pick(&[1u16, 0xffff, 8, 0xfff0, 1500]));
+        frame[at..at + 2].copy_from_slice(&lie.to_be_bytes());
+    }
+    if v4 {
+        ipv4_checksum(&mut frame, l3);
+    }
+    if r.chance(50) {
+        // Ethernet padding after the IP packet.
+        let n = 1 + r.below(24) as usize;
+        frame.extend(r.bytes(n));
+    }
+    Packet {
+        frame,
+        ingress,
+        kind: if v4 {
+            "tunnel client"
+        } else {
+            "tunnel client (IPv6)"
+        },
+    }
+}
+
+/// The IPv4 header checksum at `l3` written again, from scratch.
+fn ipv4_checksum(frame: &mut [u8], l3: usize) {
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let mut s: u32 = frame[l3..l3 + ihl]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    frame[l3 + 10..l3 + 12].copy_from_slice(&(!(s as u16)).to_be_bytes());
+}
+
 /// The packet stream: `next` yields frames until the caller stops.
 pub struct Stream<'a> {
     rng: Rng,
     /// Half the frames from [`limited_client`] (the limits configs' stream).
     limits: bool,
+    /// Half the frames from [`tunnel_client`], and some of the cookie exchange (the tunnel
+    /// configs' stream).
+    tunnels: bool,
     corpus: &'a Corpus,
     /// A frame being swept through every truncation: (frame, ingress, next length).
     sweep: Option<(Vec<u8>, &'static str, usize)>,
@@ -907,6 +1058,7 @@ impl<'a> Stream<'a> {
         Self {
             rng: Rng::new(seed),
             limits: false,
+            tunnels: false,
             corpus,
             sweep: None,
             valid,
@@ -921,6 +1073,14 @@ impl<'a> Stream<'a> {
     pub fn with_limits(seed: u64, corpus: &'a Corpus) -> Self {
         let mut s = Self::new(seed ^ 0x4c49_4d49_5453_0000, corpus);
         s.limits = true;
+        s
+    }
+
+    /// The tunnel configs' stream: its own sequence for the seed, half of it clients of the
+    /// tunnel and NAT VIPs, a tenth of the rest the cookie exchange.
+    pub fn with_tunnels(seed: u64, corpus: &'a Corpus) -> Self {
+        let mut s = Self::new(seed ^ 0x5455_4e4e_454c_0000, corpus);
+        s.tunnels = true;
         s
     }
 
@@ -951,7 +1111,11 @@ impl<'a> Stream<'a> {
         }
         // The cookie exchange (limits stream only): a node's cookie request to a client, or a
         // ClientHello echoing one.
-        if self.limits && r.chance(400) {
+        if self.tunnels && r.chance(500) {
+            let p = tunnel_client(r, self.corpus);
+            return if r.chance(100) { mutate(r, p) } else { p };
+        }
+        if (self.limits && r.chance(400)) || (self.tunnels && r.chance(100)) {
             return if r.chance(400) {
                 cookie_reply(r, &mut self.issued)
             } else {

@@ -10,6 +10,7 @@ use aya::maps::{xdp::DevMapHash, Array, HashMap, MapData, PerCpuArray, PerCpuVal
 use cidlb::{config::Config, datapath::Datapath, stats::Snapshot};
 use lb_common::cookie::{self, CookieKey};
 use lb_common::limits::{self, LimitConfig, SrcKey};
+use lb_common::tunnel::{Tunnel, VIP_TUNNEL};
 use lb_common::{
     names, AddrKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VlanKey,
     MAGLEV_ENTRIES, MAX_NODES, PORT_WORDS,
@@ -234,6 +235,10 @@ fn read_tables(dp: &Datapath, cfg: &Config) -> Result<Tables> {
             .map(|w| ports.get(&(v.index * PORT_WORDS + w), 0))
             .collect::<Result<Vec<u64>, _>>()?;
         t.vip_ports.insert(v.index, words);
+    }
+    let tunnels: Array<&MapData, Tunnel> = Array::try_from(map(VIP_TUNNEL)?)?;
+    for v in t.vips.values() {
+        t.vip_tunnel.insert(v.index, tunnels.get(&v.index, 0)?);
     }
     let rev: HashMap<&MapData, ReverseKey, Reverse> = HashMap::try_from(map(names::REVERSE)?)?;
     for e in rev.iter() {

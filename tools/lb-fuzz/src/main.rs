@@ -51,7 +51,7 @@ struct Cli {
     replay: Option<String>,
     #[arg(long, default_value = "fxc")]
     ingress: String,
-    /// Index of the config (0..5) for `--replay`.
+    /// Index of the config (0..8) for `--replay`.
     #[arg(long, default_value_t = 0)]
     config: usize,
 }
@@ -77,6 +77,20 @@ struct FuzzConfig {
     /// `limits:` (a flow mapping), or "" for none.
     limits: &'static str,
     churn: &'static [Churn],
+    /// Which stream of the seed its frames come from.
+    frames: Frames,
+}
+
+/// The frame streams of a seed (`gen::Stream`): each config family draws from its own, so
+/// adding configs of one family leaves the frames of the others as they were.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Frames {
+    /// `Stream::new`: every kind of frame around the balancer.
+    Plain,
+    /// `Stream::with_limits`: half of it clients from few sources, and the cookie exchange.
+    Limits,
+    /// `Stream::with_tunnels`: half of it clients of the tunnel and NAT VIPs side by side.
+    Tunnels,
 }
 
 const DEFAULT_VIPS: &str = "  - {address: 192.0.2.10, ports: [5684, \"20000-20100\"]}\n  - {address: \"2001:db8:ffff::10\", ports: [5684]}\n";
@@ -90,10 +104,11 @@ const LIMITS_GLOBAL: &str =
 /// The configs the epochs cycle through. Node 3 has no neighbour entry; node 4 is disabled
 /// (its CID records follow `unknown_node`); node 5 sits on the client side (one-armed, XDP_TX)
 /// and is draining; node 2 listens on another port. Between them they cover both policies
-/// (Maglev by default and by name) and `dtls.versions` [1.2], [1.3], both and absent. The
-/// last two have `limits:` (tight buckets, exempt prefixes some generated sources fall in) and
-/// node and VIP churn; their frames come from a stream of their own (`Stream::with_limits`), so
-/// the other configs see the frames they saw before the limits configs existed.
+/// (Maglev by default and by name) and `dtls.versions` [1.2], [1.3], both and absent. Configs
+/// 5 and 6 have `limits:` (tight buckets, exempt prefixes some generated sources fall in) and
+/// node and VIP churn; 7 and 8 put VIPs in tunnel mode beside NAT VIPs (8 with reloads that
+/// switch their forwarding). Each family's frames come from a stream of its own ([`Frames`]),
+/// so the other configs see the frames they saw before the limits and tunnel configs existed.
 const CONFIGS: &[FuzzConfig] = &[
     FuzzConfig {
         name: "one-byte ids, unknown_node drop, round robin, DTLS 1.2 and 1.3",
@@ -110,6 +125,7 @@ nodes:
 "#,
         limits: "",
         churn: &[],
+        frames: Frames::Plain,
     },
     FuzzConfig {
         name: "two-byte ids at offset 2, unknown_node flow, maglev, DTLS 1.2 only",
@@ -125,6 +141,7 @@ nodes:
 "#,
         limits: "",
         churn: &[],
+        frames: Frames::Plain,
     },
     FuzzConfig {
         name: "four-byte ids, shadow mode, maglev (default), DTLS 1.3 only",
@@ -139,6 +156,7 @@ nodes:
 "#,
         limits: "",
         churn: &[],
+        frames: Frames::Plain,
     },
     FuzzConfig {
         name: "no IPv6 node takes new flows, maglev (default), dtls.versions absent",
@@ -152,6 +170,7 @@ nodes:
 "#,
         limits: "",
         churn: &[],
+        frames: Frames::Plain,
     },
     FuzzConfig {
         name: "three-byte ids at offset 1, unknown_node flow, maglev, DTLS 1.3 only",
@@ -167,6 +186,7 @@ nodes:
 "#,
         limits: "",
         churn: &[],
+        frames: Frames::Plain,
     },
     FuzzConfig {
         name: "limits per source (exempt prefixes) and global, maglev, node and VIP churn",
@@ -207,6 +227,7 @@ nodes:
                 limits: r#"{new_flows_per_source: "50/1s", burst: 6, new_flows: "4000/1s", global_burst: 40, known_reserve: 50, known_for: 1h, exempt: [100.64.0.0/10, "2001:db8:cafe::/48"]}"#,
             },
         ],
+        frames: Frames::Limits,
     },
     FuzzConfig {
         name: "limits global only (known_reserve 80), round robin, node and VIP churn",
@@ -247,8 +268,92 @@ nodes:
                 limits: r#"{new_flows: "2000/1s", global_burst: 30, known_reserve: 80, known_for: 1h}"#,
             },
         ],
+        frames: Frames::Limits,
+    },
+    FuzzConfig {
+        name: "tunnel VIPs (ipip IPv4, gue IPv6) beside NAT VIPs, round robin, DTLS 1.2 and 1.3",
+        policy: "round_robin",
+        vips: TUNNEL_VIPS,
+        body: r#"
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: drop, versions: ["1.2", "1.3"]}
+nodes:
+  - {id: 1, address: [203.0.113.11, "2001:db8:1::11"]}
+  - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}
+  - {id: 3, address: [203.0.113.13, "2001:db8:1::13"]}
+  - {id: 4, address: 203.0.113.14, state: disabled}
+  - {id: 5, address: 198.51.100.50, state: draining}
+  - {id: 6, address: 100.64.0.9}
+"#,
+        limits: "",
+        churn: &[],
+        frames: Frames::Tunnels,
+    },
+    FuzzConfig {
+        name: "tunnel VIPs (gue IPv4 from a /16, ipip IPv6) beside NAT VIPs, maglev, global limit, forwarding churn",
+        policy: "maglev",
+        vips: TUNNEL_VIPS_SWAPPED,
+        body: TUNNEL_NODES,
+        limits: LIMITS_LOOSE,
+        churn: &[
+            Churn {
+                what: "IPv4 VIP from gue to ipip, IPv6 VIP to nat",
+                vips: TUNNEL_VIPS_CHURNED,
+                body: TUNNEL_NODES,
+                limits: LIMITS_LOOSE,
+            },
+            Churn {
+                what: "back to the start with node 1 disabled",
+                vips: TUNNEL_VIPS_SWAPPED,
+                body: r#"
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: flow, versions: ["1.2", "1.3"]}
+nodes:
+  - {id: 1, address: [203.0.113.11, "2001:db8:1::11"], weight: 2, state: disabled}
+  - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}
+  - {id: 3, address: 203.0.113.13}
+  - {id: 5, address: 198.51.100.50}
+"#,
+                limits: LIMITS_LOOSE,
+            },
+        ],
+        frames: Frames::Tunnels,
     },
 ];
+
+/// The tunnel configs' VIPs: 192.0.2.10 and 2001:db8:ffff::10 (where most generated client
+/// frames go) in tunnel mode, 192.0.2.11 and 2001:db8:ffff::11 in NAT mode. Node 3 has no
+/// neighbour entry, node 5 sits on the client side (XDP_TX), node 6 behind the interface
+/// cidlb is not attached to.
+const TUNNEL_VIPS: &str = r#"  - {address: 192.0.2.10, ports: [5684, "20000-20100"], forwarding: tunnel, tunnel: {encap: ipip, source4: 10.99.0.1}}
+  - {address: "2001:db8:ffff::10", ports: [5684], forwarding: tunnel, tunnel: {encap: gue, source6: "fd99::/116", gue_port: 6080}}
+  - {address: 192.0.2.11, ports: [5684, 5685]}
+  - {address: "2001:db8:ffff::11", ports: [5684]}
+"#;
+const TUNNEL_VIPS_SWAPPED: &str = r#"  - {address: 192.0.2.10, ports: [5684, "20000-20100"], forwarding: tunnel, tunnel: {encap: gue, source4: 10.99.0.0/16, gue_port: 6080}}
+  - {address: "2001:db8:ffff::10", ports: [5684], forwarding: tunnel, tunnel: {encap: ipip, source6: "fd99::1"}}
+  - {address: 192.0.2.11, ports: [5684, 5685]}
+  - {address: "2001:db8:ffff::11", ports: [5684]}
+"#;
+/// Two NAT VIPs of one family cannot share a port (replies are un-NATed by node address and
+/// port): the IPv6 one the reload turns to NAT takes 5684, the other moves to 5685.
+const TUNNEL_VIPS_CHURNED: &str = r#"  - {address: 192.0.2.10, ports: [5684, "20000-20100"], forwarding: tunnel, tunnel: {encap: ipip, source4: 10.99.0.0/24}}
+  - {address: "2001:db8:ffff::10", ports: [5684]}
+  - {address: 192.0.2.11, ports: [5684, 5685]}
+  - {address: "2001:db8:ffff::11", ports: [5685]}
+"#;
+
+const TUNNEL_NODES: &str = r#"
+dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: flow, versions: ["1.2", "1.3"]}
+nodes:
+  - {id: 1, address: [203.0.113.11, "2001:db8:1::11"], weight: 2}
+  - {id: 2, address: [203.0.113.12, "2001:db8:1::12"]}
+  - {id: 3, address: 203.0.113.13}
+  - {id: 5, address: 198.51.100.50}
+"#;
+
+/// A global limit the tunnel stream never runs dry: it only turns the cookie step on, which a
+/// tunnel VIP's packet skips once it is encapsulated.
+const LIMITS_LOOSE: &str =
+    r#"{new_flows: "100000/1s", global_burst: 5000, known_reserve: 10, known_for: 1h}"#;
 
 const LIMITED_NODES: &str = r#"
 dtls: {cid_length: 6, node_id_offset: 0, node_id_length: 1, unknown_node: flow, versions: ["1.2", "1.3"]}
@@ -690,6 +795,7 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
     }
     let mut stream = gen::Stream::new(cli.seed, &corpus);
     let mut limited = gen::Stream::with_limits(cli.seed, &corpus);
+    let mut tunnels = gen::Stream::with_tunnels(cli.seed, &corpus);
     let started = Instant::now();
     let mut hits = vec![0u64; Counter::ALL.len()];
     let mut per: Vec<PerConfig> = (0..CONFIGS.len())
@@ -713,10 +819,10 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
             return Ok(false);
         }
         let limits_on = cfg.limits.is_some();
-        let stream = if CONFIGS[ci].churn.is_empty() {
-            &mut stream
-        } else {
-            &mut limited
+        let stream = match CONFIGS[ci].frames {
+            Frames::Plain => &mut stream,
+            Frames::Limits => &mut limited,
+            Frames::Tunnels => &mut tunnels,
         };
         per[ci].epochs += 1;
         let end = (done + cli.epoch).min(cli.packets);
@@ -901,7 +1007,10 @@ mod tests {
             for (_, c) in &r {
                 assert_eq!(c.shadow, cfg.shadow, "{name}");
             }
-            if fc.churn.is_empty() {
+            if fc.churn.is_empty() || fc.frames != Frames::Limits {
+                if !fc.churn.is_empty() {
+                    continue;
+                }
                 let first = cfg.nodes[0].id;
                 let node = r[0].1.nodes.iter().find(|n| n.id == first).unwrap();
                 assert_eq!(format!("{:?}", node.state), "Disabled", "{name}");
@@ -997,6 +1106,55 @@ mod tests {
                 lb_common::cookie::DEFAULT_COOKIE_CAPACITY
             );
         }
+    }
+
+    /// The tunnel configs: between them IPIP and GUE over both families, each beside a NAT
+    /// VIP of its family, a source prefix of each family, and a reload that changes a VIP's
+    /// forwarding.
+    #[test]
+    fn tunnel_configs_cover_both_encaps_and_families_beside_nat_vips() {
+        use cidlb::config::Encap;
+        let mut seen = HashSet::new();
+        let mut prefixes = HashSet::new();
+        let mut switched = false;
+        for k in (0..CONFIGS.len()).filter(|&k| CONFIGS[k].frames == Frames::Tunnels) {
+            let cfg = config(k).unwrap().1;
+            for v in &cfg.vips {
+                let v4 = v.address.is_ipv4();
+                let Some(t) = v.tunnel() else { continue };
+                seen.insert((format!("{:?}", t.encap), v4));
+                assert!(
+                    cfg.vips
+                        .iter()
+                        .any(|n| n.tunnel().is_none() && n.address.is_ipv4() == v4),
+                    "{}: no NAT VIP beside {}",
+                    CONFIGS[k].name,
+                    v.address
+                );
+                let src = if v4 { t.source4 } else { t.source6 }.unwrap();
+                if src.len < if v4 { 32 } else { 128 } {
+                    prefixes.insert(v4);
+                }
+                assert_eq!(t.gue_port.is_some(), t.encap == Encap::Gue);
+            }
+            let mode = |c: &Config| {
+                c.vips
+                    .iter()
+                    .map(|v| (v.address, v.tunnel().map(|t| format!("{:?}", t.encap))))
+                    .collect::<Vec<_>>()
+            };
+            switched |= reloads(k)
+                .unwrap()
+                .iter()
+                .any(|(_, r)| mode(r) != mode(&cfg));
+        }
+        for encap in ["Ipip", "Gue"] {
+            for v4 in [true, false] {
+                assert!(seen.contains(&(encap.to_owned(), v4)), "{encap} v4={v4}");
+            }
+        }
+        assert_eq!(prefixes.len(), 2, "a source prefix of each family");
+        assert!(switched, "no reload changes a VIP's forwarding");
     }
 
     #[test]

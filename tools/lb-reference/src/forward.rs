@@ -30,8 +30,17 @@ pub struct Hop {
     pub ingress: u32,
     /// TTL / hop limit as received.
     pub ttl: u8,
-    /// Larger than the path MTU (node lookups only).
-    pub too_big: bool,
+    /// The path MTU as cached (node lookups only; 0: unknown, no check) and the packet's
+    /// length as the kernel compares it with the MTU: see [`Hop::fits`].
+    pub mtu: u16,
+    pub len: u16,
+}
+
+impl Hop {
+    /// Does the packet, `extra` bytes larger (an encapsulation), fit the path MTU?
+    pub fn fits(&self, extra: u32) -> bool {
+        self.mtu == 0 || u32::from(self.len) + extra <= u32::from(self.mtu)
+    }
 }
 
 /// The length the kernel compares with the MTU (IPv4 total length; IPv6 payload length plus
@@ -68,7 +77,8 @@ pub fn lookup_node(
         dmac: [0; 6],
         ingress,
         ttl,
-        too_big: false,
+        mtu: 0,
+        len,
     };
     if let Some(c) = state
         .nexthop
@@ -78,7 +88,7 @@ pub fn lookup_node(
         hop.ifindex = c.ifindex;
         hop.smac = c.smac;
         hop.dmac = c.dmac;
-        hop.too_big = c.mtu != 0 && len > c.mtu;
+        hop.mtu = c.mtu;
         return hop;
     }
     let a = fib.lookup(pkt.family, src, dst, ingress, 0);
@@ -90,7 +100,7 @@ pub fn lookup_node(
         } else {
             0
         };
-        hop.too_big = mtu != 0 && len > mtu;
+        hop.mtu = mtu;
         state.nexthop.insert(
             idx,
             CachedHop {
@@ -122,24 +132,62 @@ pub fn lookup(
         dmac: a.dmac,
         ingress,
         ttl,
-        too_big: false,
+        mtu: 0,
+        len,
     }
 }
 
-/// Sends the rewritten `out.frame`, or names why the kernel gets it.
-pub fn send(t: &Tables, pkt: &Packet, hop: &Hop, out: &mut Outcome) -> Result<u32, Counter> {
+/// What [`send`] does with a packet it cannot forward itself: a counter each, whose name
+/// says pass (to the kernel) or drop.
+pub struct Fallbacks {
+    pub vlan: Counter,
+    pub mtu: Counter,
+    pub no_neigh: Counter,
+    pub fib: Counter,
+    pub iface: Counter,
+}
+
+/// NAT mode: the kernel gets the rewritten packet (README step 6).
+pub const TO_KERNEL: Fallbacks = Fallbacks {
+    vlan: Counter::FwdKernelVlan,
+    mtu: Counter::FwdKernelMtu,
+    no_neigh: Counter::FwdKernelNoNeigh,
+    fib: Counter::FwdKernelFib,
+    iface: Counter::FwdKernelIface,
+};
+
+/// Tunnel mode: every case that hands a NAT packet to the kernel drops a tunnel packet
+/// (README "Tunnel mode"); an interface cidlb is not on counts as a FIB failure.
+pub const TUNNEL: Fallbacks = Fallbacks {
+    vlan: Counter::DropTunnelVlan,
+    mtu: Counter::DropTunnelTooBig,
+    no_neigh: Counter::DropTunnelNoNeigh,
+    fib: Counter::DropTunnelFib,
+    iface: Counter::DropTunnelFib,
+};
+
+/// Sends `out.frame` (rewritten, or to be encapsulated: `extra` bytes larger), or names why
+/// it cannot: `or`'s counter. A TTL about to expire goes to the kernel in either mode.
+pub fn send(
+    t: &Tables,
+    pkt: &Packet,
+    hop: &Hop,
+    or: &Fallbacks,
+    extra: u32,
+    out: &mut Outcome,
+) -> Result<u32, Counter> {
     if pkt.vlans != 0 {
-        return Err(Counter::FwdKernelVlan);
+        return Err(or.vlan);
     }
     match hop.rc {
-        FibRc::Success if hop.too_big => return Err(Counter::FwdKernelMtu),
+        FibRc::Success if !hop.fits(extra) => return Err(or.mtu),
         FibRc::Success => {}
-        FibRc::FragNeeded => return Err(Counter::FwdKernelMtu),
-        FibRc::NoNeigh => return Err(Counter::FwdKernelNoNeigh),
-        _ => return Err(Counter::FwdKernelFib),
+        FibRc::FragNeeded => return Err(or.mtu),
+        FibRc::NoNeigh => return Err(or.no_neigh),
+        _ => return Err(or.fib),
     }
     if hop.ifindex != hop.ingress && !t.devmap.contains(&hop.ifindex) {
-        return Err(Counter::FwdKernelIface);
+        return Err(or.iface);
     }
     if hop.ttl <= 1 {
         return Err(Counter::FwdKernelTtl);

@@ -39,6 +39,7 @@ pub mod nat;
 pub mod parse;
 pub mod reply;
 pub mod stats;
+pub mod tunnel;
 pub mod vip;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -63,6 +64,8 @@ pub struct Tables {
     pub vips: HashMap<AddrKey, Vip>,
     /// `VIP_PORTS`: bitmap index → the 1024 words of that VIP's port bitmap.
     pub vip_ports: HashMap<u32, Vec<u64>>,
+    /// `VIP_TUNNEL`: bitmap index → that VIP's encapsulation (absent or `ENCAP_NONE`: NAT).
+    pub vip_tunnel: HashMap<u32, lb_common::tunnel::Tunnel>,
     /// `REVERSE`.
     pub reverse: HashMap<ReverseKey, Reverse>,
     /// `NODE_ADDRS`.
@@ -185,6 +188,23 @@ fn try_lb(
                 flow::route(t, state, &pkt, &udp, out)?
             }
         };
+        if let Some(tun) = tunnel::of_vip(t, &pkt) {
+            let (src, dst) = tunnel::addressing(&pkt, &node, &tun)?;
+            let hop =
+                forward::lookup_node(fib, state, frame, &pkt, (&src, &dst), ingress, node.slot);
+            out.to_node(node.slot, frame.len() as u64);
+            if cfg.shadow != 0 {
+                return Err(Counter::ShadowPass);
+            }
+            // From here on the datapath's next step is the encapsulation, which takes the
+            // place of the cookie step, whether the packet is sent or not.
+            *hello = cookie::Hello::None;
+            let extra = tunnel::overhead(&tun, &pkt);
+            let action = forward::send(t, &pkt, &hop, &forward::TUNNEL, extra, out)?;
+            out.frame = tunnel::encap(&out.frame, &pkt, udp.off, &node, &tun);
+            out.count(tunnel::counter(&tun));
+            return Ok(action);
+        }
         let rw = nat::Rewrite::to_node(&pkt, &udp, &node)?;
         let hop = forward::lookup_node(
             fib,
@@ -238,7 +258,7 @@ fn finish(
         return Err(Counter::ShadowPass);
     }
     out.frame = rw.apply(frame, pkt, udp);
-    forward::send(t, pkt, hop, out)
+    forward::send(t, pkt, hop, &forward::TO_KERNEL, 0, out)
 }
 
 /// Per-node traffic the reference expects, by `NODE_STATS` slot.

@@ -14,6 +14,11 @@ fn key(addr: [u32; 4], family: u8) -> AddrKey {
     }
 }
 
+/// The destination VIP's bitmap index (`VIPS`), if the destination is a VIP.
+pub fn index(t: &Tables, pkt: &Packet) -> Option<u32> {
+    t.vips.get(&key(pkt.dst, pkt.family)).map(|v| v.index)
+}
+
 /// Is the destination a VIP address?
 pub fn to_vip(t: &Tables, pkt: &Packet) -> bool {
     t.vips.contains_key(&key(pkt.dst, pkt.family))

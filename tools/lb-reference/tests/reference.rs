@@ -281,3 +281,183 @@ fn fib_ipv6_scoped_source_or_destination_ends_the_lookup() {
         FibRc::FragNeeded
     );
 }
+
+/// `setup()` with both VIPs in tunnel mode: the IPv4 one (index 0) in IPIP from a source
+/// prefix, an IPv6 one (index 1, 2001:db8:ffff::10) in GUE to port 6080; node 1 on both
+/// families.
+fn tunnel_setup() -> (Tables, StaticFib) {
+    use lb_common::{
+        tunnel::{Tunnel, ENCAP_GUE, ENCAP_IPIP},
+        FAMILY_V6, NODE_F_V6,
+    };
+    let (mut t, mut fib) = setup();
+    let w6 = |s: &str| {
+        let b = b16(s);
+        std::array::from_fn(|i| {
+            u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+        })
+    };
+    t.vips.insert(
+        AddrKey {
+            addr: w6(VIP6),
+            family: FAMILY_V6,
+            _pad: [0; 3],
+        },
+        Vip { index: 1 },
+    );
+    let mut words = vec![0u64; 1024];
+    words[5684 / 64] |= 1 << (5684 % 64);
+    t.vip_ports.insert(1, words);
+    let n = t.nodes.get_mut(&1).unwrap();
+    n.addr6 = w6(NODE1_6);
+    n.flags |= NODE_F_V6;
+    t.ring = [vec![1], vec![1]];
+    t.ring_len = [1, 1];
+    t.vip_tunnel.insert(
+        0,
+        Tunnel {
+            src4: w4("10.99.0.0")[0],
+            src4_bits: 8,
+            encap: ENCAP_IPIP,
+            ..Tunnel::default()
+        },
+    );
+    t.vip_tunnel.insert(
+        1,
+        Tunnel {
+            src6: w6("fd99::1"),
+            gue_port: 6080u16.to_be(),
+            encap: ENCAP_GUE,
+            ..Tunnel::default()
+        },
+    );
+    fib.routes.push(Route {
+        family: FAMILY_V6,
+        prefix: b16("2001:db8:1::"),
+        len: 64,
+        kind: RouteKind::Unicast,
+        dev: FXN,
+        via: None,
+    });
+    fib.neighbours
+        .insert((FXN, FAMILY_V6, b16(NODE1_6)), NODE1_MAC);
+    (t, fib)
+}
+
+fn hash_of(f: &Frame) -> u32 {
+    let b = |a: IpAddr| match a {
+        IpAddr::V4(x) => x.octets().to_vec(),
+        IpAddr::V6(x) => x.octets().to_vec(),
+    };
+    lb_reference::tunnel::flow_hash(
+        &b(f.src),
+        &b(f.dst),
+        f.sport.to_be_bytes(),
+        f.dport.to_be_bytes(),
+    )
+}
+
+#[test]
+fn tunnel_vips_encapsulate_as_etherparse_builds_it_and_drop_what_they_cannot_send() {
+    use lb_lab::packet::{tunnel_frame, Encap};
+    let (t, fib) = tunnel_setup();
+    // IPIP over IPv4, the outer source's last byte from the flow hash.
+    let c = Frame::udp(
+        CLIENT_MAC,
+        FXC_MAC,
+        ip(CLIENT4),
+        40000,
+        ip(VIP4),
+        5684,
+        &cid(1),
+    );
+    let mut inner = c.clone();
+    inner.ttl -= 1;
+    let h = hash_of(&c);
+    let src = std::net::Ipv4Addr::new(10, 99, 0, h as u8);
+    let want = tunnel_frame(
+        FXN_MAC,
+        NODE1_MAC,
+        IpAddr::V4(src),
+        ip(NODE1_4),
+        h,
+        Encap::Ipip,
+        &inner,
+    );
+    let out = classify(&c.bytes(), FXC, &t, &mut State::default(), &fib);
+    assert_eq!((out.action, &out.frame), (XDP_REDIRECT, &want));
+    assert_eq!(out.delta(Counter::TunnelEncapIpip), 1);
+    assert_eq!(out.delta(Counter::FwdRedirect), 1);
+
+    // GUE over IPv6: flow label, source port and the UDP checksum (etherparse sums the
+    // whole inner packet; the reference never reads the payload).
+    let c6 = Frame::udp(
+        CLIENT_MAC,
+        FXC_MAC,
+        ip(CLIENT6),
+        40001,
+        ip(VIP6),
+        5684,
+        &cid(1),
+    );
+    let mut inner6 = c6.clone();
+    inner6.ttl -= 1;
+    let h6 = hash_of(&c6);
+    let gue = Encap::Gue {
+        sport: 0xc000 | (h6 & 0x3fff) as u16,
+        dport: 6080,
+    };
+    let want6 = tunnel_frame(
+        FXN_MAC,
+        NODE1_MAC,
+        ip("fd99::1"),
+        ip(NODE1_6),
+        h6,
+        gue,
+        &inner6,
+    );
+    let out = classify(&c6.bytes(), FXC, &t, &mut State::default(), &fib);
+    assert_eq!((out.action, &out.frame), (XDP_REDIRECT, &want6));
+    assert_eq!(out.delta(Counter::TunnelEncapGue), 1);
+
+    // Too big once encapsulated (1481 + 20 > 1500): dropped, where NAT would pass it.
+    let big = Frame::udp(
+        CLIENT_MAC,
+        FXC_MAC,
+        ip(CLIENT4),
+        40000,
+        ip(VIP4),
+        5684,
+        &cid_record(&[1, 1, 2, 3, 4, 5], &vec![7; 1481 - 28 - 19]),
+    );
+    let out = classify(&big.bytes(), FXC, &t, &mut State::default(), &fib);
+    assert_eq!(
+        (out.action, out.delta(Counter::DropTunnelTooBig)),
+        (XDP_DROP, 1)
+    );
+    let fits = Frame::udp(
+        CLIENT_MAC,
+        FXC_MAC,
+        ip(CLIENT4),
+        40000,
+        ip(VIP4),
+        5684,
+        &cid_record(&[1, 1, 2, 3, 4, 5], &vec![7; 1480 - 28 - 19]),
+    );
+    let out = classify(&fits.bytes(), FXC, &t, &mut State::default(), &fib);
+    assert_eq!(out.delta(Counter::TunnelEncapIpip), 1);
+    // TTL 1: to the kernel, unencapsulated.
+    let mut ttl1 = c.clone();
+    ttl1.ttl = 1;
+    let out = classify(&ttl1.bytes(), FXC, &t, &mut State::default(), &fib);
+    assert_eq!((out.action, &out.frame), (XDP_PASS, &ttl1.bytes()));
+    assert_eq!(out.delta(Counter::FwdKernelTtl), 1);
+    // A VLAN tag: dropped.
+    let mut tagged = c.clone();
+    tagged.vlans = vec![(0x8100, 7)];
+    let out = classify(&tagged.bytes(), FXC, &t, &mut State::default(), &fib);
+    assert_eq!(
+        (out.action, out.delta(Counter::DropTunnelVlan)),
+        (XDP_DROP, 1)
+    );
+}
