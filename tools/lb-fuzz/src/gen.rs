@@ -12,7 +12,7 @@ use lb_common::splitmix::SplitMix64;
 use lb_lab::{
     fib::*,
     hello::{self, Handshake, COOKIE_EXT},
-    packet::{cid_record, unified_record, Frame, Mac},
+    packet::{cid_record, port_unreachable, unified_record, Frame, Mac},
 };
 
 /// `lb_common::splitmix` with the helpers the generator needs: the same sequence for a seed
@@ -464,6 +464,98 @@ fn structured(r: &mut Rng, c: &Corpus) -> Packet {
         frame,
         ingress,
         kind,
+    }
+}
+
+/// A node's ICMP error to a client (issue #21): about the client's datagram to one of its
+/// ports (as the node received it: to the node's address), or about its own datagram, or
+/// quoting another client's; genuine (its MAC, on fxn) or forged; the quote whole or cut
+/// (at the classic IP header + 8 bytes, or anywhere); every error type, and others.
+fn node_icmp_error(r: &mut Rng, c: &Corpus) -> Packet {
+    let v4 = r.chance(550);
+    let (node, nmac) = *r.pick(&[
+        (if v4 { NODE1_4 } else { NODE1_6 }, NODE1_MAC),
+        (if v4 { NODE2_4 } else { NODE2_6 }, NODE2_MAC),
+        (
+            if v4 { "203.0.113.13" } else { "2001:db8:1::13" },
+            [2, 0, 0, 0, 0, 0x13],
+        ),
+        (
+            if v4 {
+                "198.51.100.50"
+            } else {
+                "2001:db8:c::50"
+            },
+            ONEARM_MAC,
+        ),
+    ]);
+    let client = if r.chance(900) {
+        ip(if v4 { CLIENT4 } else { CLIENT6 })
+    } else {
+        addr(r, v4)
+    };
+    let mut q = Frame::udp(
+        mac(r),
+        FXN_MAC,
+        client,
+        port(r),
+        ip(node),
+        // The VIPs' ports (the IPv6 VIP has only 5684), and one no VIP takes.
+        if v4 {
+            *r.pick(&[5684u16, 5684, 20000, 20050, 20101, 5700])
+        } else {
+            *r.pick(&[5684u16, 5684, 5684, 5700])
+        },
+        &payload(r, c, true),
+    );
+    q.ttl = 63;
+    q.zero_udp_checksum = v4 && r.chance(100);
+    if v4 && r.chance(50) {
+        q.ipv4_options = vec![1; 4 * (1 + r.below(3) as usize)];
+    }
+    if r.chance(50) {
+        // About the node's own datagram, or another client's.
+        std::mem::swap(&mut q.src, &mut q.dst);
+    } else if r.chance(50) {
+        q.src = addr(r, v4);
+    }
+    if v4 && r.chance(30) {
+        q.more_fragments = true;
+        q.fragment_offset = r.below(3) as u16;
+    }
+    let whole = q.bytes()[14..].to_vec();
+    let keep = match r.below(10) {
+        0..=5 => whole.len(),
+        6..=7 => (if v4 { 28 + q.ipv4_options.len() } else { 48 }).min(whole.len()),
+        _ => r.below(whole.len() as u64 + 1) as usize,
+    };
+    let to = if r.chance(950) { client } else { addr(r, v4) };
+    let smac = if r.chance(800) { nmac } else { mac(r) };
+    let mut frame = port_unreachable(smac, FXN_MAC, ip(node), to, 64, &whole[..keep]);
+    let l3 = 14;
+    let icmp = if v4 { l3 + 20 } else { l3 + 40 };
+    if r.chance(500) {
+        // Another type: time exceeded, parameter problem, packet too big, or one that is no
+        // error (echo, redirect, source quench, neighbour discovery, another family's error).
+        // The checksum is the node's business, not ours.
+        frame[icmp] = if v4 {
+            *r.pick(&[11u8, 12, 11, 12, 0, 1, 2, 4, 5, 8])
+        } else {
+            *r.pick(&[2u8, 3, 4, 2, 3, 4, 0, 5, 128, 129, 135])
+        };
+    }
+    if r.chance(50) {
+        frame[icmp + 2] ^= r.next() as u8;
+    }
+    if v4 && r.chance(30) {
+        // A later fragment of an ICMP message: no ICMP header.
+        frame[l3 + 6] = 0x20;
+        frame[l3 + 7] = 1 + r.below(8) as u8;
+    }
+    Packet {
+        frame,
+        ingress: r.pick::<&str>(&["fxn", "fxn", "fxn", "fxn", "fxc", "fxo"]),
+        kind: "node icmp",
     }
 }
 
@@ -1121,6 +1213,10 @@ impl<'a> Stream<'a> {
             } else {
                 cookie_hello(r, &self.issued, &mut self.queued)
             };
+        }
+        if r.chance(50) {
+            let p = node_icmp_error(r, self.corpus);
+            return if r.chance(100) { mutate(r, p) } else { p };
         }
         match r.below(100) {
             0..=4 => {

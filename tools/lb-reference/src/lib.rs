@@ -33,6 +33,7 @@ pub mod dtls;
 pub mod fib;
 pub mod flow;
 pub mod forward;
+pub mod icmp;
 pub mod limit;
 pub mod maglev;
 pub mod nat;
@@ -157,10 +158,30 @@ fn try_lb(
     hello: &mut cookie::Hello,
 ) -> Result<u32, Counter> {
     let pkt = parse::parse(frame, t)?;
+    let cfg = t.config();
     let Some(udp) = pkt.udp else {
+        // A node's ICMP error about a client's datagram to its serving port: a reply.
+        if let Some(q) = icmp::quote(frame, &pkt) {
+            if let Some(rev) = vip::reverse(t, &pkt, q.node_port) {
+                reply::check_origin(t, fib, state, frame, &pkt, ingress, rev.node_slot)?;
+                let hop = forward::lookup(fib, frame, &pkt, (&rev.vip, &pkt.dst), ingress);
+                if hop.rc == FibRc::NotFwded {
+                    return Err(Counter::PassLocalReply);
+                }
+                if hop.rc == FibRc::FwdDisabled {
+                    return Err(Counter::PassFwdDisabled);
+                }
+                out.count(Counter::ReplyIcmpUnnat);
+                out.from_node(rev.node_slot, frame.len() as u64);
+                if cfg.shadow != 0 {
+                    return Err(Counter::ShadowPass);
+                }
+                out.frame = icmp::unnat(frame, &pkt, &q, &rev);
+                return forward::send(t, &pkt, &hop, &forward::TO_KERNEL, 0, out);
+            }
+        }
         return Err(vip::not_udp_verdict(t, frame, &pkt));
     };
-    let cfg = t.config();
 
     let to_vip = vip::to_vip(t, &pkt);
     if to_vip && !vip::is_vip_port(t, &pkt, udp.dport) {

@@ -137,7 +137,7 @@ pub fn refit(g: &mut [u8], at: usize, range: std::ops::Range<usize>, old: u32) {
 
 /// The checksum value `check'` with `sum_new - check + check' == sum_old` (mod 0xffff), as
 /// 0..=0xfffe.
-fn fix(check: u32, old: u32, new: u32) -> u16 {
+pub fn fix(check: u32, old: u32, new: u32) -> u16 {
     let rest_new = (new + 0xffff - check % 0xffff) % 0xffff;
     ((old + 0xffff - rest_new) % 0xffff) as u16
 }
