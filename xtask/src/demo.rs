@@ -18,7 +18,7 @@ use lb_lab::{
 };
 use serde_json::Value;
 
-use crate::{root, setup, sh};
+use crate::{setup, sh, target_dir};
 
 const PREFIX: &str = "cidlb-demo-";
 const NODES: usize = 3;
@@ -35,7 +35,7 @@ fn step(msg: &str) {
 }
 
 fn bin(name: &str) -> PathBuf {
-    root().join("target/release").join(name)
+    target_dir().join("release").join(name)
 }
 
 /// One client run in the background: which traffic, where its JSON goes, how it ended.
@@ -62,7 +62,7 @@ pub fn run() -> Result<()> {
             "lb-testpeer",
         ]),
     )?;
-    let out_dir = root().join("target/demo");
+    let out_dir = target_dir().join("demo");
     std::fs::create_dir_all(&out_dir)?;
 
     step(&format!(
