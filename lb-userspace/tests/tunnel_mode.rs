@@ -17,51 +17,11 @@ use lb_lab::{
 };
 
 /// Packets the router forwarded from a VIP out of `dev` (iptables and ip6tables FORWARD).
-fn forwarded_from_vips(router: &NetNs, dev: &str) -> u64 {
-    let mut total = 0;
-    for (tool, vip) in [
-        ("iptables", VIP4.to_string()),
-        ("ip6tables", VIP6.to_string()),
-    ] {
-        let out = router
-            .must(&[tool, "-L", "FORWARD", "-nvx"])
-            .unwrap_or_else(|e| panic!("{e}"));
-        for line in out.lines().skip(2) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // pkts bytes target prot opt in out source destination (ip6tables: no opt)
-            if f.contains(&dev) && f.iter().any(|w| w.starts_with(vip.as_str())) {
-                total += f[0].parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    total
-}
-
-fn count_vip_packets(router: &NetNs) {
-    for dev in ["rb", "rc"] {
-        router
-            .must(&[
-                "iptables",
-                "-A",
-                "FORWARD",
-                "-s",
-                &VIP4.to_string(),
-                "-o",
-                dev,
-            ])
-            .unwrap_or_else(|e| panic!("{e}"));
-        router
-            .must(&[
-                "ip6tables",
-                "-A",
-                "FORWARD",
-                "-s",
-                &VIP6.to_string(),
-                "-o",
-                dev,
-            ])
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+fn forwarded_from_vips(r: &Routed, dev: &str) -> u64 {
+    [VIP4.to_string(), VIP6.to_string()]
+        .iter()
+        .map(|vip| r.forwarded(vip, dev).unwrap_or_else(|e| panic!("{e}")))
+        .sum()
 }
 
 /// The routed lab with 2 nodes set up by `cidlb node up`, DTLS 1.2 and 1.3 servers bound to
@@ -115,7 +75,9 @@ impl Bed {
                 );
             }
         }
-        count_vip_packets(&r.router);
+        for vip in [VIP4.to_string(), VIP6.to_string()] {
+            r.count_forwarded(&vip).unwrap_or_else(|e| panic!("{e}"));
+        }
         let cfg = dir.join("cidlb.yaml");
         std::fs::write(
             &cfg,
@@ -225,8 +187,8 @@ fn sessions(encap: &str) {
     let encapsulated = json_counter(&stats, &format!("tunnel_encap_{encap}"));
     assert!(encapsulated >= records, "{stats}");
     assert_eq!(json_counter(&stats, "reply_unnat"), 0, "{stats}");
-    let to_client = forwarded_from_vips(&r.router, "rc");
-    let to_balancer = forwarded_from_vips(&r.router, "rb");
+    let to_client = forwarded_from_vips(r, "rc");
+    let to_balancer = forwarded_from_vips(r, "rb") + forwarded_from_vips(r, "rbn");
     eprintln!(
         "{encap}: {encapsulated} packets tunnelled; the router forwarded {to_client} packets from \
          the VIPs to the client and {to_balancer} to the balancer"

@@ -478,16 +478,7 @@ pub fn run(effort: Effort) -> Result<Vec<Value>> {
             );
         }
     }
-    // The balancer's next hops, resolved once (a tunnel packet without a neighbour entry is
-    // dropped, not handed to the kernel): a datagram to each makes the kernel ask for its MAC.
-    inside(&bed.r.lab.balancer, || -> Result<()> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        for gw in ["10.66.0.1:9", "10.67.0.1:9"] {
-            s.send_to(b"resolve", gw)?;
-        }
-        Ok(())
-    })?;
-    std::thread::sleep(Duration::from_millis(200));
+    bed.r.resolve_balancer_next_hops().map_err(|e| anyhow!(e))?;
     let (rates, repeats, window): (&[u32], usize, Duration) = if effort.full {
         (&[20_000, 50_000, 80_000], 5, Duration::from_secs(3))
     } else {

@@ -191,6 +191,66 @@ impl Routed {
         s
     }
 
+    /// Makes the balancer's kernel resolve its next hops (the router's `rb` and `rbn`): a
+    /// tunnel packet whose next hop has no neighbour entry is dropped, not handed to the
+    /// kernel, and a lab without health checks sends nothing else that would resolve it.
+    pub fn resolve_balancer_next_hops(&self) -> Result<(), String> {
+        let name = self.lab.balancer.name.clone();
+        std::thread::spawn(move || -> std::io::Result<()> {
+            crate::enter(&name);
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            for hop in ["10.66.0.1:9", "10.67.0.1:9"] {
+                s.send_to(b"resolve", hop)?;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            Ok(())
+        })
+        .join()
+        .map_err(|_| "the resolving thread panicked".to_owned())?
+        .map_err(|e| format!("resolving the balancer's next hops: {e}"))
+    }
+
+    /// Counts, on the router, the packets from `source` (an address or prefix of either
+    /// family) it forwards out of `rb` (to the balancer), `rbn` (to the balancer's node side)
+    /// and `rc` (to the client): iptables / ip6tables FORWARD rules, read by
+    /// [`Routed::forwarded`].
+    pub fn count_forwarded(&self, source: &str) -> Result<(), String> {
+        let tool = if source.contains(':') {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        for dev in ["rb", "rbn", "rc"] {
+            self.router
+                .must(&[tool, "-A", "FORWARD", "-s", source, "-o", dev])?;
+        }
+        Ok(())
+    }
+
+    /// Packets from `source` (as given to [`Routed::count_forwarded`]) the router forwarded
+    /// out of `dev`.
+    pub fn forwarded(&self, source: &str, dev: &str) -> Result<u64, String> {
+        let tool = if source.contains(':') {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        let out = self.router.must(&[tool, "-L", "FORWARD", "-nvx"])?;
+        // The listing shows a /32 or /128 as the bare address.
+        let shown = source
+            .strip_suffix("/32")
+            .or_else(|| source.strip_suffix("/128"))
+            .unwrap_or(source);
+        Ok(out
+            .lines()
+            .skip(2)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            // pkts bytes target prot opt in out source destination (ip6tables: no opt)
+            .filter(|f| f.contains(&dev) && f.contains(&shown))
+            .filter_map(|f| f[0].parse::<u64>().ok())
+            .sum())
+    }
+
     /// Node K's `cidlb node` file for [`VIP4`] and [`VIP6`] (GUE on port 6080 as well as
     /// IPIP).
     pub fn node_config(&self, k: usize, pin_dir: &str) -> String {
