@@ -718,7 +718,11 @@ mod tests {
             echo("NAT", 50_000, 1800.0),
             echo("tunnel ipip", 50_000, 1000.0),
         ];
-        assert!(row_of(&ok).ends_with("| 0.50–0.56× | met |"), "{}", row_of(&ok));
+        assert!(
+            row_of(&ok).ends_with("| 0.50–0.56× | met |"),
+            "{}",
+            row_of(&ok)
+        );
         // One rate over the target fails the whole row.
         let over = [
             echo("NAT", 20_000, 2000.0),
@@ -726,11 +730,18 @@ mod tests {
             echo("NAT", 50_000, 1500.0),
             echo("tunnel ipip", 50_000, 1000.0),
         ];
-        assert!(row_of(&over).ends_with("| 0.50–0.67× | NOT met |"), "{}", row_of(&over));
+        assert!(
+            row_of(&over).ends_with("| 0.50–0.67× | NOT met |"),
+            "{}",
+            row_of(&over)
+        );
         // A mode the lab could not measure (no NAT point, or a 0) meets nothing.
         let missing = [echo("tunnel ipip", 20_000, 1000.0)];
         assert!(row_of(&missing).ends_with("| a figure missing | NOT met |"));
-        let zero = [echo("NAT", 20_000, 0.0), echo("tunnel ipip", 20_000, 1000.0)];
+        let zero = [
+            echo("NAT", 20_000, 0.0),
+            echo("tunnel ipip", 20_000, 1000.0),
+        ];
         assert!(row_of(&zero).ends_with("| NOT met |"));
         // No tunnel point at all: nothing to judge.
         assert!(row_of(&[echo("NAT", 20_000, 2000.0)]).ends_with("| no tunnel point | NOT met |"));
