@@ -156,6 +156,7 @@ fn demo(r: &Routed, out_dir: &Path) -> Result<()> {
                 String::from_utf8_lossy(&o.stderr).trim()
             );
         }
+        println!("    node {id}: `cidlb node up` (IPIP decapsulation on n0, {VIP4_TUNNEL} on lo)");
         for (port, extra, what) in [
             (TUNNEL_PORT, &[][..], "1.2"),
             (TUNNEL_PORT13, &["--dtls", "1.3"][..], "1.3"),
@@ -174,7 +175,6 @@ fn demo(r: &Routed, out_dir: &Path) -> Result<()> {
             );
             println!("    node {id}: DTLS {what} server on the tunnel VIP {VIP4_TUNNEL}:{port}");
         }
-        println!("    node {id}: `cidlb node up` (IPIP decapsulation on n0, {VIP4_TUNNEL} on lo)");
     }
     // The router counts the replies it forwards: from the nodes' own addresses (NAT, to be
     // un-NATed) and from the tunnel VIP (straight to the client).
