@@ -333,7 +333,12 @@ fn lab_up(policy: &str, tag: &str, replies: Replies) -> Lab {
         for i in 1..=BALANCERS {
             let pins = PinGuard::new(&format!("{tag}n{k}b{i}"));
             let cfg = dir.join(format!("node{k}-b{i}.yaml"));
-            let text = tunnel::node_config(&format!("b{i}"), k, &pins.0.display().to_string());
+            let text = tunnel::node_config(
+                &format!("b{i}"),
+                k,
+                &[VIP4.into(), VIP6.into()],
+                &pins.0.display().to_string(),
+            );
             std::fs::write(&cfg, text).unwrap();
             common::agent::node_cmd(n, &cfg, "up");
             _node_pins.push(pins);

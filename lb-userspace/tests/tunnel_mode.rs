@@ -19,6 +19,8 @@ use lb_lab::{
 /// The router's counts of the VIPs' packets it forwards: to the client, to the balancer.
 const TO_CLIENT: &[&str] = &["-o", "rc"];
 const TO_BALANCER: &[&str] = &["-o", "rb"];
+/// Its link to the balancer's node side (where it sends replies from a node's own address).
+const TO_BALANCER_NODE_SIDE: &[&str] = &["-o", "rbn"];
 
 /// The routed lab with 2 nodes set up by `cidlb node up`, DTLS 1.2 and 1.3 servers bound to
 /// the VIPs on every node, and cidlb running with both VIPs in tunnel mode (`encap`) and
@@ -63,8 +65,11 @@ impl Bed {
                 tunnel::servers(&common::testpeer(), n, k).unwrap_or_else(|e| panic!("{e}")),
             );
         }
-        tunnel::count_forwarded_from_vips(&r.router, &[TO_CLIENT, TO_BALANCER])
-            .unwrap_or_else(|e| panic!("{e}"));
+        tunnel::count_forwarded_from_vips(
+            &r.router,
+            &[TO_CLIENT, TO_BALANCER, TO_BALANCER_NODE_SIDE],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let cfg = dir.join("cidlb.yaml");
         std::fs::write(
             &cfg,
@@ -160,11 +165,12 @@ fn sessions(encap: &str) {
     let encapsulated = json_counter(&stats, &format!("tunnel_encap_{encap}"));
     assert!(encapsulated >= records, "{stats}");
     assert_eq!(json_counter(&stats, "reply_unnat"), 0, "{stats}");
-    let [to_client, to_balancer] =
+    let [to_client, to_balancer, to_node_side] =
         tunnel::forwarded_from_vips(&r.router).unwrap_or_else(|e| panic!("{e}"))[..]
     else {
-        panic!("the router counts two rules");
+        panic!("the router counts three rules");
     };
+    let to_balancer = to_balancer + to_node_side;
     eprintln!(
         "{encap}: {encapsulated} packets tunnelled; the router forwarded {to_client} packets from \
          the VIPs to the client and {to_balancer} to the balancer"

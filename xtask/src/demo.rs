@@ -1,9 +1,16 @@
 //! `cargo xtask demo`: cidlb on the built-in netns lab with real DTLS 1.2 and DTLS 1.3 CID clients and
 //! servers, live counters while it runs, a summary at the end, nothing left behind.
+//!
+//! The lab is the routed one (`lb_lab::routed`): client, balancer and nodes behind a router.
+//! Two NAT VIPs (IPv4 and IPv6), whose replies the router sends back through the balancer to
+//! be un-NATed, and beside them one tunnel VIP (IPIP), whose nodes are set up by `cidlb node
+//! up` and answer the client straight through the router. The router counts the replies it
+//! forwards each way, and the summary checks them.
 
 use std::{
     collections::BTreeMap,
     io::{IsTerminal as _, Write as _},
+    net::IpAddr,
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -14,15 +21,18 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use lb_lab::{
     agent::{Agent, LogTo},
     peer::ClientRun,
+    routed::{Routed, BALANCER_IFACE, BALANCER_NODE_IFACE, VIP4_TUNNEL},
     ChildGuard, Lab, NetNs,
 };
 use serde_json::Value;
 
-use crate::{root, setup, sh};
+use crate::{setup, sh, target_dir};
 
 const PREFIX: &str = "cidlb-demo-";
 const NODES: usize = 3;
 const PIN_DIR: &str = "/sys/fs/bpf/cidlb-demo";
+/// Node K's `cidlb node` pins: `{NODE_PIN_DIR}{K}`.
+const NODE_PIN_DIR: &str = "/sys/fs/bpf/cidlb-demo-node";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -35,7 +45,7 @@ fn step(msg: &str) {
 }
 
 fn bin(name: &str) -> PathBuf {
-    root().join("target/release").join(name)
+    target_dir().join("release").join(name)
 }
 
 /// One client run in the background: which traffic, where its JSON goes, how it ended.
@@ -62,33 +72,46 @@ pub fn run() -> Result<()> {
             "lb-testpeer",
         ]),
     )?;
-    let out_dir = root().join("target/demo");
+    let out_dir = target_dir().join("demo");
     std::fs::create_dir_all(&out_dir)?;
 
     step(&format!(
-        "lab: client, balancer and {NODES} node namespaces ({PREFIX}*)"
+        "lab: client, router, balancer and {NODES} node namespaces ({PREFIX}*)"
     ));
     Lab::down(PREFIX);
+    remove_pins();
+    let lab = Routed::up(PREFIX, NODES).map_err(|e| anyhow!("building the lab: {e}"))?;
+    let result = demo(&lab, &out_dir);
+    // Whatever happened: stop everything (ChildGuards), remove the namespaces (Routed drop),
+    // then the pins (the nodes' XDP links went with their interfaces).
+    drop(lab);
+    remove_pins();
+    println!("\nlab removed; nothing left behind.");
+    result
+}
+
+/// Detaches the balancer's datapath and removes the nodes' pins (a run's, or one an
+/// interrupted run left).
+fn remove_pins() {
     if Path::new(PIN_DIR).exists() {
         let _ = Command::new(bin("cidlb"))
             .args(["detach", "--pin-dir", PIN_DIR])
             .output();
     }
-    let lab = Lab::up(PREFIX, NODES).map_err(|e| anyhow!("building the lab: {e}"))?;
-    let result = demo(&lab, &out_dir);
-    // Whatever happened: stop everything (ChildGuards), remove the namespaces (Lab drop).
-    drop(lab);
-    let _ = Command::new(bin("cidlb"))
-        .args(["detach", "--pin-dir", PIN_DIR])
-        .output();
-    println!("\nlab removed; nothing left behind.");
-    result
+    for k in 1..=NODES {
+        let _ = std::fs::remove_dir_all(format!("{NODE_PIN_DIR}{k}"));
+    }
 }
 
 /// The VIP and node port of the demo's DTLS 1.3 servers (the 1.2 ones use `lb_lab::PORT`).
 const PORT13: u16 = lb_lab::PORT + 1;
+/// The tunnel VIP's ports, DTLS 1.2 and 1.3: a node serving two VIPs of one family serves
+/// them on different ports (`cidlb check` refuses shared ones).
+const TUNNEL_PORT: u16 = lb_lab::PORT + 2;
+const TUNNEL_PORT13: u16 = lb_lab::PORT + 3;
 
-fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
+fn demo(r: &Routed, out_dir: &Path) -> Result<()> {
+    let lab = &r.lab;
     let peer = bin("cidlb-testpeer");
     let mut servers = Vec::new();
     for (i, n) in lab.nodes.iter().enumerate() {
@@ -111,21 +134,74 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
         println!(
             "    node {id}: DTLS 1.3 server (wolfSSL) on port {PORT13}, CIDs start with {id:02x}"
         );
+        // The tunnel VIP: decapsulation and the VIP on lo by `cidlb node up`, servers bound
+        // to the VIP (so they answer from it).
+        let node_cfg = out_dir.join(format!("node{id}.yaml"));
+        std::fs::write(
+            &node_cfg,
+            r.node_config_vips(
+                id,
+                &[IpAddr::V4(VIP4_TUNNEL)],
+                &format!("{NODE_PIN_DIR}{id}"),
+            ),
+        )?;
+        let o = n
+            .nsenter(bin("cidlb").to_str().unwrap_or("cidlb"))
+            .args(["node", "up", "--config"])
+            .arg(&node_cfg)
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "cidlb node up on node {id}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        println!("    node {id}: `cidlb node up` (IPIP decapsulation on n0, {VIP4_TUNNEL} on lo)");
+        for (port, extra, what) in [
+            (TUNNEL_PORT, &[][..], "1.2"),
+            (TUNNEL_PORT13, &["--dtls", "1.3"][..], "1.3"),
+        ] {
+            let log = out_dir.join(format!("node{id}-tunnel-{port}.log"));
+            servers.push(
+                lb_lab::peer::server_at(
+                    &peer,
+                    n,
+                    id as u32,
+                    &format!("{VIP4_TUNNEL}:{port}"),
+                    extra,
+                    Some(&log),
+                )
+                .map_err(|e| anyhow!("starting a tunnel VIP's DTLS server: {e}"))?,
+            );
+            println!("    node {id}: DTLS {what} server on the tunnel VIP {VIP4_TUNNEL}:{port}");
+        }
     }
+    // The router counts the replies it forwards: from the nodes' own addresses (NAT, to be
+    // un-NATed) and from the tunnel VIP (straight to the client).
+    for src in node_sources().iter().chain([&format!("{VIP4_TUNNEL}/32")]) {
+        r.count_forwarded(src).map_err(|e| anyhow!(e))?;
+    }
+    r.resolve_balancer_next_hops().map_err(|e| anyhow!(e))?;
 
     let cfg = out_dir.join("cidlb.yaml");
     // Both record formats route by CID; the VIPs balance the 1.3 port too.
-    let config = lab
-        .cidlb_config(PIN_DIR, "dtls: {versions: [\"1.2\", \"1.3\"]}\n")
-        .replace(
-            &format!("ports: [{}]", lb_lab::PORT),
-            &format!("ports: [{}, {PORT13}]", lb_lab::PORT),
-        );
+    let nat_ports = [lb_lab::PORT, PORT13];
+    let tunnel_ports = [TUNNEL_PORT, TUNNEL_PORT13];
+    let config = r.cidlb_config_vips(
+        &[
+            (IpAddr::V4(lb_lab::VIP4), &nat_ports[..], "nat"),
+            (IpAddr::V6(lb_lab::VIP6), &nat_ports[..], "nat"),
+            (IpAddr::V4(VIP4_TUNNEL), &tunnel_ports[..], "ipip"),
+        ],
+        PIN_DIR,
+        "dtls: {versions: [\"1.2\", \"1.3\"]}\n",
+    );
     std::fs::write(&cfg, config)?;
     step(&format!(
-        "cidlb run --config {} (XDP on {})",
+        "cidlb run --config {} (XDP on {BALANCER_IFACE}, {BALANCER_NODE_IFACE}; NAT VIPs {} and {}, tunnel VIP {VIP4_TUNNEL} (ipip))",
         cfg.display(),
-        lab.interfaces().join(", ")
+        lb_lab::VIP4,
+        lb_lab::VIP6
     ));
     let log_path = out_dir.join("cidlb.log");
     let _ = std::fs::remove_file(&log_path);
@@ -163,8 +239,10 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
     let v6 = lb_lab::VIP6_SOCKET.to_string();
     let v4_13 = std::net::SocketAddr::new(lb_lab::VIP4_SOCKET.ip(), PORT13).to_string();
     let v6_13 = std::net::SocketAddr::new(lb_lab::VIP6_SOCKET.ip(), PORT13).to_string();
+    let t4 = format!("{VIP4_TUNNEL}:{TUNNEL_PORT}");
+    let t4_13 = format!("{VIP4_TUNNEL}:{TUNNEL_PORT13}");
     // 40 records 250 ms apart per session: about ten seconds to watch.
-    let runs: [(&'static str, &str, &str); 5] = [
+    let runs: [(&'static str, &str, &str); 7] = [
         (
             "IPv4 CID",
             &v4,
@@ -188,6 +266,16 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
         (
             "IPv6 1.3 CID",
             &v6_13,
+            "--dtls 1.3 --sessions 12 --messages 40 --rebind-every 4 --interval-ms 250 --parallel 12",
+        ),
+        (
+            TUNNEL_RUNS[0],
+            &t4,
+            "--sessions 12 --messages 40 --rebind-every 4 --interval-ms 250 --parallel 12",
+        ),
+        (
+            TUNNEL_RUNS[1],
+            &t4_13,
             "--dtls 1.3 --sessions 12 --messages 40 --rebind-every 4 --interval-ms 250 --parallel 12",
         ),
     ];
@@ -262,13 +350,28 @@ fn demo(lab: &Lab, out_dir: &Path) -> Result<()> {
     }
 
     let stats = stats()?;
-    summary(&clients, &stats)?;
+    summary(r, &clients, &stats)?;
     // SIGTERM: the agent detaches (--detach-on-exit) and removes its ready file.
     if !agent.terminate().is_some_and(|s| s.success()) {
         bail!("cidlb did not exit cleanly on SIGTERM; see target/demo/cidlb.log");
     }
     drop(servers);
     Ok(())
+}
+
+/// The client runs to the tunnel VIP.
+const TUNNEL_RUNS: [&str; 2] = ["tunnel 1.2 CID", "tunnel 1.3 CID"];
+
+/// The nodes' own addresses, as the router's counters name them.
+fn node_sources() -> Vec<String> {
+    (1..=NODES)
+        .flat_map(|k| {
+            [
+                format!("{}/32", lb_lab::node4(k)),
+                format!("{}/128", lb_lab::node6(k)),
+            ]
+        })
+        .collect()
 }
 
 /// Five tls12_cid records for node 9 from the client namespace.
@@ -326,6 +429,7 @@ fn live_block(
         "reply_unnat",
         "fwd_redirect",
         "fwd_kernel_no_neigh",
+        "tunnel_encap_ipip",
     ] {
         b.push_str(&format!(
             "    {name:<22} {:>8}{}\n",
@@ -367,8 +471,10 @@ fn live_block(
     b
 }
 
-fn summary(clients: &[Client], stats: &Value) -> Result<()> {
+fn summary(r: &Routed, clients: &[Client], stats: &Value) -> Result<()> {
     step("summary");
+    // Records echoed through the tunnel VIP, and through the NAT VIPs (all other runs).
+    let (mut tunnel_echoed, mut nat_echoed) = (0u64, 0u64);
     let mut all_ok = true;
     let mut all_follow_cid = true;
     let mut total_sessions = 0;
@@ -392,6 +498,12 @@ fn summary(clients: &[Client], stats: &Value) -> Result<()> {
             summary["rebinds"].as_u64().unwrap_or(0),
         );
         all_ok &= run.ok && sessions == ok && summary["messages_failed"].as_u64() == Some(0);
+        let echoed = summary["messages_ok"].as_u64().unwrap_or(0);
+        if TUNNEL_RUNS.contains(&c.label) {
+            tunnel_echoed += echoed;
+        } else {
+            nat_echoed += echoed;
+        }
         total_sessions += sessions;
         total_rebinds += rebinds;
         if let Some(per) = summary["per_node"].as_object() {
@@ -417,7 +529,7 @@ fn summary(clients: &[Client], stats: &Value) -> Result<()> {
     if let Some(o) = stats["nodes"].as_object() {
         for (id, n) in o {
             println!(
-                "  node {id}: {} packets in, {} replies out (balancer counters)",
+                "  node {id}: {} packets in, {} replies out (balancer counters; a tunnel VIP's replies bypass it)",
                 n["to_node_packets"], n["from_node_packets"]
             );
         }
@@ -449,8 +561,47 @@ fn summary(clients: &[Client], stats: &Value) -> Result<()> {
         if all_ok { "all ok" } else { "SOME FAILED" },
         if all_follow_cid { "yes" } else { "NO" }
     );
-    if !all_ok || !all_follow_cid {
+    let ways = reply_ways(r, tunnel_echoed, nat_echoed, stats)?;
+    if !all_ok || !all_follow_cid || !ways {
         bail!("see target/demo/*.jsonl and target/demo/cidlb.log");
     }
     Ok(())
+}
+
+/// Prints and checks which way the replies went, by the router's counters: the tunnel VIP's
+/// straight to the client (none through the balancer) and every one of its records
+/// encapsulated; the NAT VIPs' from the nodes to the balancer (none straight to the client)
+/// and un-NATed there. Whether they all held.
+fn reply_ways(r: &Routed, tunnel_echoed: u64, nat_echoed: u64, stats: &Value) -> Result<bool> {
+    let sum = |sources: &[String], devs: &[&str]| -> Result<u64> {
+        let mut n = 0;
+        for s in sources {
+            for d in devs {
+                n += r.forwarded(s, d).map_err(|e| anyhow!(e))?;
+            }
+        }
+        Ok(n)
+    };
+    let tunnel = [format!("{VIP4_TUNNEL}/32")];
+    let (t_client, t_balancer) = (sum(&tunnel, &["rc"])?, sum(&tunnel, &["rb", "rbn"])?);
+    let nodes = node_sources();
+    let (n_balancer, n_client) = (sum(&nodes, &["rbn"])?, sum(&nodes, &["rc"])?);
+    let encap = counter(stats, "tunnel_encap_ipip");
+    let unnat = counter(stats, "reply_unnat");
+    let tunnel_ok = t_balancer == 0 && t_client >= tunnel_echoed && encap >= tunnel_echoed;
+    let nat_ok = n_client == 0 && n_balancer >= nat_echoed && unnat >= nat_echoed;
+    let mark = |ok: bool| if ok { "yes" } else { "NO" };
+    println!(
+        "  tunnel VIP {VIP4_TUNNEL} (ipip): {tunnel_echoed} records echoed, {encap} packets encapsulated \
+         (tunnel_encap_ipip); the router forwarded {t_client} replies from the VIP straight to the client \
+         and {t_balancer} to the balancer: replies bypass the balancer: {}",
+        mark(tunnel_ok)
+    );
+    println!(
+        "  NAT VIPs: {nat_echoed} records echoed; the router sent {n_balancer} replies from the nodes' \
+         addresses to the balancer ({unnat} un-NATed) and {n_client} straight to the client: replies \
+         cross the balancer: {}",
+        mark(nat_ok)
+    );
+    Ok(tunnel_ok && nat_ok)
 }

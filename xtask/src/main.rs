@@ -126,7 +126,7 @@ fn run(cli: Cli) -> Result<()> {
             {
                 args.insert(0, "run".into());
             }
-            let bin = root().join("target/release/cidlb");
+            let bin = target_dir().join("release/cidlb");
             let status = Command::new(&bin)
                 .args(&args)
                 .status()
@@ -161,6 +161,14 @@ pub fn root() -> PathBuf {
         .to_owned()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace root) or `target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { root().join(p) })
+        .unwrap_or_else(|| root().join("target"))
+}
+
 /// Runs a command in the workspace root, echoing it; fails with its status.
 pub fn sh(cmd: &mut Command) -> Result<()> {
     cmd.current_dir(root());
@@ -190,8 +198,8 @@ pub fn cargo() -> Command {
 fn bench(full: bool) -> Result<()> {
     setup::run()?;
     // An interrupted earlier run cannot clean up after itself: remove what it left (bench-only
-    // namespace prefixes `cl{bn,bm,tp}<pid>x<n>` and `/sys/fs/bpf/cidlb-bench-*` pins).
-    for tag in ["clbn", "clbm", "cltp"] {
+    // namespace prefixes `cl{bn,bm,tp,te}<pid>x<n>` and `/sys/fs/bpf/cidlb-bench-*` pins).
+    for tag in ["clbn", "clbm", "cltp", "clte"] {
         lb_lab::Lab::down(tag);
     }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
@@ -202,8 +210,8 @@ fn bench(full: bool) -> Result<()> {
         }
     }
     sh(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-bench"]))?;
-    let out = root().join("target/bench");
-    let mut cmd = Command::new(root().join("target/release/cidlb-bench"));
+    let out = target_dir().join("bench");
+    let mut cmd = Command::new(target_dir().join("release/cidlb-bench"));
     cmd.arg("--out").arg(&out);
     if full {
         cmd.arg("--full");

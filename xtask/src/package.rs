@@ -9,15 +9,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 
-use crate::{cargo, root, sh};
-
-/// Where cargo-deb writes the package (under the target dir, as cargo-deb decides).
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { root().join(p) })
-        .unwrap_or_else(|| root().join("target"))
-}
+use crate::{cargo, root, sh, target_dir};
 
 /// The workspace version (`[workspace.package] version`).
 fn version() -> Result<String> {

@@ -5,12 +5,15 @@
 //!   repeat count), beside an empty XDP program (the floor); growth with nodes and flows.
 //! - throughput: forwarding in the netns lab with trafgen, cidlb beside the iptables rules it
 //!   replaces, plain routing and a minimal XDP forwarder.
+//! - echo: the balancer's CPU per echoed record in the routed lab, NAT mode against tunnel
+//!   mode (nodes that echo; in tunnel mode their replies bypass the balancer).
 //! - memory: the agent's RSS and its maps' kernel memory at the default and maximum flow
 //!   capacity.
 //!
 //! Machines here are noisy: every point is the median of several rounds with min and max, and
 //! paths are measured interleaved within a round so drift hits all of them alike.
 
+mod echo;
 mod memory;
 mod prog;
 mod report;
@@ -35,7 +38,11 @@ struct Cli {
     #[arg(long)]
     report_only: bool,
     /// Parts to run.
-    #[arg(long, value_delimiter = ',', default_value = "prog,throughput,memory")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "prog,throughput,echo,memory"
+    )]
     parts: Vec<String>,
 }
 
@@ -103,6 +110,10 @@ fn main() -> Result<()> {
     if cli.parts.iter().any(|p| p == "throughput") {
         eprintln!("throughput: trafgen through the netns lab");
         records.extend(throughput::run(effort)?);
+    }
+    if cli.parts.iter().any(|p| p == "echo") {
+        eprintln!("echo: balancer CPU per echoed record, NAT against tunnel mode (routed lab)");
+        records.extend(echo::run(effort)?);
     }
     if cli.parts.iter().any(|p| p == "upgrade") {
         records.extend(upgrade::run()?);

@@ -204,6 +204,45 @@ fn markdown(effort: Effort, records: &[Value]) -> String {
             );
         }
     }
+    let echo: Vec<&Value> = records.iter().filter(|r| r["part"] == "echo").collect();
+    if !echo.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### Echoed records, NAT against tunnel mode (routed lab)\n\ntrafgen → router → balancer → router → 2 nodes \
+             that echo (`cidlb node up`, a UDP socket) → the client's sink, CID records at a fixed offered rate, median of {} runs \
+             (min–max), modes interleaved. NAT: the reply comes back through the balancer (un-NAT); tunnel: the node answers \
+             the client from the VIP through the router. \"balancer ns per echoed record\" is the run time of the balancer's \
+             threaded-NAPI threads of both interfaces (`lbr`: requests, `lbn`: NAT replies) per record that came back; \
+             \"packets per wakeup\" is the balancer's packets per run of those threads (see tools/lb-bench/src/echo.rs).\n",
+            echo[0]["repeats"]
+        );
+        let _ = writeln!(s, "| offered pps | mode | echoed pps | balancer ns per echoed record | of which requests | of which replies | XDP prog ns/run | packets per wakeup | ÷ NAT |\n|---|---|---|---|---|---|---|---|---|");
+        for r in &echo {
+            let nat = echo
+                .iter()
+                .find(|x| x["mode"] == "NAT" && x["rate"] == r["rate"])
+                .map_or(0.0, |x| f(&x["balancer_ns_per_echo"]));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
+                r["rate"],
+                r["mode"].as_str().unwrap_or(""),
+                f(&r["echoed_pps"]),
+                f(&r["balancer_ns_per_echo"]),
+                f(&r["balancer_ns_min"]),
+                f(&r["balancer_ns_max"]),
+                f(&r["request_side_ns"]),
+                f(&r["reply_side_ns"]),
+                f(&r["prog_ns_per_run"]),
+                f(&r["packets_per_wakeup"]),
+                if nat > 0.0 {
+                    format!("{:.2}×", f(&r["balancer_ns_per_echo"]) / nat)
+                } else {
+                    "–".to_owned()
+                }
+            );
+        }
+    }
     let mem: Vec<&Value> = records.iter().filter(|r| r["part"] == "memory").collect();
     if !mem.is_empty() {
         let _ = writeln!(s, "\n### Memory\n\n| flow capacity | agent RSS | all maps (kernel) | of which FLOWS | agent start |\n|---|---|---|---|---|");
@@ -285,6 +324,45 @@ fn tunnel_target(records: &[Value]) -> String {
         );
     }
     s
+}
+
+/// Issue #20: the balancer's CPU per echoed record in tunnel mode, at most this share of NAT
+/// mode's (the lab's echo part, every rate and encapsulation).
+const ECHO_TARGET: f64 = 0.6;
+
+fn echo_target(records: &[Value]) -> String {
+    let echo: Vec<&Value> = records.iter().filter(|r| r["part"] == "echo").collect();
+    if echo.is_empty() {
+        return String::new();
+    }
+    // A missing figure (0) is no ratio: NaN meets no target.
+    let mut ratios = Vec::new();
+    for t in echo.iter().filter(|r| r["mode"] != "NAT") {
+        let nat = echo
+            .iter()
+            .find(|x| x["mode"] == "NAT" && x["rate"] == t["rate"])
+            .map_or(0.0, |x| f(&x["balancer_ns_per_echo"]));
+        let tun = f(&t["balancer_ns_per_echo"]);
+        ratios.push(if nat > 0.0 && tun > 0.0 {
+            tun / nat
+        } else {
+            f64::NAN
+        });
+    }
+    let ok = !ratios.is_empty() && ratios.iter().all(|&x| x <= ECHO_TARGET);
+    let cell = if ratios.is_empty() {
+        "no tunnel point".to_owned()
+    } else if ratios.iter().any(|x| x.is_nan()) {
+        "a figure missing".to_owned()
+    } else {
+        let (lo, hi) = range(&ratios);
+        format!("{lo:.2}–{hi:.2}×")
+    };
+    format!(
+        "\n| lab target (issue #20, every offered rate, ipip and gue) | target | measured (range over points) | result |\n|---|---|---|---|\n\
+         | balancer CPU per echoed record, tunnel ÷ NAT (threaded NAPI threads of `lbr` and `lbn`) | ≤ {ECHO_TARGET}× | {cell} | {} |\n",
+        met(ok)
+    )
 }
 
 fn targets(records: &[Value]) -> String {
@@ -424,6 +502,7 @@ fn targets(records: &[Value]) -> String {
             "| balancer CPU per packet, iptables ÷ cidlb | reported | {imin:.2}–{imax:.2}× | cannot exceed iptables ÷ bare redirect: {fmin:.2}–{fmax:.2}× |\n"
         );
     }
+    s.push_str(&echo_target(records));
     s
 }
 
@@ -621,5 +700,50 @@ mod tests {
         ]);
         assert!(row(&t, "| program run time").ends_with("| NOT met |"));
         assert!(row(&t, "| balancer CPU per packet, cidlb").ends_with("| NOT met |"));
+    }
+
+    fn echo(mode: &str, rate: u64, ns: f64) -> serde_json::Value {
+        json!({"part": "echo", "mode": mode, "rate": rate, "balancer_ns_per_echo": ns})
+    }
+
+    #[test]
+    fn echo_target_is_tunnel_over_nat_at_every_rate() {
+        let row_of = |records: &[serde_json::Value]| {
+            row(&targets(records), "| balancer CPU per echoed record").to_owned()
+        };
+        let ok = [
+            echo("NAT", 20_000, 2000.0),
+            echo("tunnel ipip", 20_000, 1000.0),
+            echo("tunnel gue", 20_000, 1100.0),
+            echo("NAT", 50_000, 1800.0),
+            echo("tunnel ipip", 50_000, 1000.0),
+        ];
+        assert!(
+            row_of(&ok).ends_with("| 0.50–0.56× | met |"),
+            "{}",
+            row_of(&ok)
+        );
+        // One rate over the target fails the whole row.
+        let over = [
+            echo("NAT", 20_000, 2000.0),
+            echo("tunnel ipip", 20_000, 1000.0),
+            echo("NAT", 50_000, 1500.0),
+            echo("tunnel ipip", 50_000, 1000.0),
+        ];
+        assert!(
+            row_of(&over).ends_with("| 0.50–0.67× | NOT met |"),
+            "{}",
+            row_of(&over)
+        );
+        // A mode the lab could not measure (no NAT point, or a 0) meets nothing.
+        let missing = [echo("tunnel ipip", 20_000, 1000.0)];
+        assert!(row_of(&missing).ends_with("| a figure missing | NOT met |"));
+        let zero = [
+            echo("NAT", 20_000, 0.0),
+            echo("tunnel ipip", 20_000, 1000.0),
+        ];
+        assert!(row_of(&zero).ends_with("| NOT met |"));
+        // No tunnel point at all: nothing to judge.
+        assert!(row_of(&[echo("NAT", 20_000, 2000.0)]).ends_with("| no tunnel point | NOT met |"));
     }
 }

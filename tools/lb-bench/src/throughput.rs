@@ -70,12 +70,12 @@ impl Mode {
     }
 }
 
-fn mac(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
+pub(crate) fn mac(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
     ns.mac(dev).map_err(|e| anyhow!(e))
 }
 
 /// Runs `f` on a thread inside namespace `ns` and returns its result.
-fn inside<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
+pub(crate) fn inside<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
     let name = ns.name.clone();
     std::thread::scope(|s| {
         s.spawn(move || {
@@ -87,7 +87,7 @@ fn inside<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-fn attach(ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
+pub(crate) fn attach(ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
     let p: &mut Xdp = ebpf
         .program_mut(prog)
         .ok_or_else(|| anyhow!("no {prog}"))?
@@ -99,7 +99,7 @@ fn attach(ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
 }
 
 /// (packets, misrouted CID records, CID records per first CID byte 0..=3) seen by a sink.
-fn sink_counts(sink: &Ebpf) -> Result<(u64, u64, [u64; 4])> {
+pub(crate) fn sink_counts(sink: &Ebpf) -> Result<(u64, u64, [u64; 4])> {
     let m: PerCpuArray<_, u64> =
         PerCpuArray::try_from(sink.map(names::SINK).ok_or_else(|| anyhow!("no SINK"))?)?;
     let sum = |i: u32| -> Result<u64> { Ok(m.get(&i, 0)?.iter().sum()) };
@@ -125,14 +125,14 @@ fn softirq_secs() -> f64 {
 }
 
 /// The id of the XDP program attached to `dev` in `ns`, if any (`ip -j link`).
-fn xdp_prog_id(ns: &NetNs, dev: &str) -> Option<u32> {
+pub(crate) fn xdp_prog_id(ns: &NetNs, dev: &str) -> Option<u32> {
     let out = ns.must(&["ip", "-j", "link", "show", "dev", dev]).ok()?;
     let v: Value = serde_json::from_str(&out).ok()?;
     v[0]["xdp"]["prog"]["id"].as_u64().map(|id| id as u32)
 }
 
 /// Run time (ns) and run count the kernel accounted to program `id` so far.
-fn prog_run_stats(id: u32) -> Option<(u64, u64)> {
+pub(crate) fn prog_run_stats(id: u32) -> Option<(u64, u64)> {
     aya::programs::loaded_programs()
         .flatten()
         .find(|p| p.id() == id)
@@ -140,7 +140,7 @@ fn prog_run_stats(id: u32) -> Option<(u64, u64)> {
 }
 
 /// Pids of the kernel threads named `napi/{dev}-*`.
-fn napi_threads(dev: &str) -> Vec<u32> {
+pub(crate) fn napi_threads(dev: &str) -> Vec<u32> {
     let prefix = format!("napi/{dev}-");
     std::fs::read_dir("/proc")
         .map(|d| {
@@ -156,7 +156,7 @@ fn napi_threads(dev: &str) -> Vec<u32> {
 }
 
 /// CPU time (ns) threads `pids` ran so far (/proc/PID/schedstat, first field).
-fn thread_runtime(pids: &[u32]) -> u64 {
+pub(crate) fn thread_runtime(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/schedstat")).ok())
         .filter_map(|s| {
@@ -169,7 +169,7 @@ fn thread_runtime(pids: &[u32]) -> u64 {
 
 /// Switches `dev`'s NAPI in `ns` to a kernel thread; returns the threads it made (those
 /// named `napi/{dev}-*` that were not there before: other namespaces may have a `dev` too).
-fn threaded_napi(ns: &NetNs, dev: &str) -> Result<Vec<u32>> {
+pub(crate) fn threaded_napi(ns: &NetNs, dev: &str) -> Result<Vec<u32>> {
     let before = napi_threads(dev);
     let path = format!("/sys/class/net/{dev}/threaded");
     ns.must(&["sh", "-c", &format!("echo 0 > {path}; echo 1 > {path}")])
@@ -197,15 +197,33 @@ struct Macs {
 }
 
 fn trafgen_conf(bed: &Bed, mode: Mode, payload: usize, flows: u32) -> Result<PathBuf> {
-    let mut s = String::new();
-    for node in [1u8, 2] {
-        let dst = if mode == Mode::Plain {
+    let s = cid_records_conf(bed.macs.lbc, bed.macs.c0, payload, flows, |node| {
+        if mode == Mode::Plain {
             lb_lab::node4(node as usize).to_string()
         } else {
             lb_lab::VIP4.to_string()
-        };
+        }
+    });
+    let p = bed
+        .conf_dir
+        .join(format!("trafgen-{payload}-{flows}-{:?}.cfg", mode));
+    std::fs::write(&p, s)?;
+    Ok(p)
+}
+
+/// A trafgen config of tls12_cid records from the lab's client to `dst(node)`, for nodes 1 and
+/// 2 in turn, `payload` bytes of UDP payload; each node's records come from `flows` source
+/// ports of their own (one 5-tuple, one session), from 1024 on.
+pub(crate) fn cid_records_conf(
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    payload: usize,
+    flows: u32,
+    dst: impl Fn(u8) -> String,
+) -> String {
+    let mut s = String::new();
+    for node in [1u8, 2] {
         let fill = payload.saturating_sub(19);
-        // Each node's records come from their own source ports: one 5-tuple, one session.
         let base = 1024 + (u32::from(node) - 1) * flows;
         let sport = if flows > 1 {
             format!("dinc({base}, {})", base + flows - 1)
@@ -219,20 +237,17 @@ fn trafgen_conf(bed: &Bed, mode: Mode, payload: usize, flows: u32) -> Result<Pat
             .map(|b| format!("{b:#04x}"))
             .collect();
         s.push_str(&format!(
-            "{{\n  eth(da={}, sa={}),\n  ipv4(saddr={}, daddr={dst}, ttl=64),\n  udp(sp={sport}, dp={}),\n  \
+            "{{\n  eth(da={}, sa={}),\n  ipv4(saddr={}, daddr={}, ttl=64),\n  udp(sp={sport}, dp={}),\n  \
              {},\n  fill(0xab, {fill})\n}}\n",
-            lb_lab::fib::mac_str(bed.macs.lbc),
-            lb_lab::fib::mac_str(bed.macs.c0),
+            lb_lab::fib::mac_str(dmac),
+            lb_lab::fib::mac_str(smac),
             lb_lab::CLIENT4,
+            dst(node),
             lb_lab::PORT,
             header.join(", "),
         ));
     }
-    let p = bed
-        .conf_dir
-        .join(format!("trafgen-{payload}-{flows}-{:?}.cfg", mode));
-    std::fs::write(&p, s)?;
-    Ok(p)
+    s
 }
 
 fn start_trafgen(bed: &Bed, conf: &std::path::Path) -> Result<Trafgen> {

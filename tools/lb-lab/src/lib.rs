@@ -288,12 +288,15 @@ pub fn require_root() {
     }
 }
 
-/// A namespace-name prefix unique to this process and call: `cl{tag}{pid}x{seq}`.
+/// A namespace-name prefix unique to this process and call: `cl{tag}{pid}x{seq}`, or with
+/// `CIDLB_LAB_PREFIX` in place of `cl` when set (people sharing a machine tell their
+/// namespaces apart by it).
 pub fn unique_prefix(tag: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static SEQ: AtomicU32 = AtomicU32::new(0);
     format!(
-        "cl{tag}{}x{}",
+        "{}{tag}{}x{}",
+        std::env::var("CIDLB_LAB_PREFIX").unwrap_or_else(|_| "cl".into()),
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )

@@ -102,6 +102,26 @@ impl Trafgen {
         (ok, std::fs::read_to_string(&self.err).unwrap_or_default())
     }
 
+    /// Gives trafgen and the workers it forked SCHED_FIFO priority `prio`: a real-time thread
+    /// has no timer slack, so a rate (`-b`), which trafgen keeps by sleeping between packets,
+    /// comes out near what was asked.
+    pub fn realtime(&self, prio: i32) {
+        let Some(child) = self.child.as_ref() else {
+            return;
+        };
+        let pid = child.id() as i32;
+        let p = libc::sched_param {
+            sched_priority: prio,
+        };
+        for t in std::iter::once(pid)
+            .chain(children_of(pid))
+            .flat_map(|c| std::iter::once(c).chain(children_of(c)))
+        {
+            // SAFETY: a plain syscall on a process this guard started.
+            unsafe { libc::sched_setscheduler(t, libc::SCHED_FIFO, &p) };
+        }
+    }
+
     /// Is it still sending?
     pub fn running(&mut self) -> bool {
         self.child

@@ -4,7 +4,7 @@
 //! forwards (replies come from the VIP; where the router got them from says whether they
 //! crossed a balancer).
 
-use std::path::Path;
+use std::{net::IpAddr, path::Path};
 
 use crate::{node4, node6, peer, vip_socket, ChildGuard, NetNs, PORT, VIP4, VIP6};
 
@@ -25,13 +25,16 @@ pub fn vip_settings(encap: &str, source4: &str, source6: &str) -> String {
 }
 
 /// Node `k`'s `cidlb node` file for `interface` (where the balancers' tunnels arrive): its
-/// addresses [`node4`]`(k)`, [`node6`]`(k)`, both VIPs, IPIP and GUE on [`GUE_PORT`].
-pub fn node_config(interface: &str, k: usize, pin_dir: &str) -> String {
+/// addresses [`node4`]`(k)`, [`node6`]`(k)`, the tunnel VIPs `vips`, IPIP and GUE on
+/// [`GUE_PORT`].
+pub fn node_config(interface: &str, k: usize, vips: &[IpAddr], pin_dir: &str) -> String {
+    let vips: Vec<String> = vips.iter().map(|v| format!("\"{v}\"")).collect();
     format!(
-        "interface: {interface}\ntunnel_addresses: [{}, \"{}\"]\nvips: [{VIP4}, \"{VIP6}\"]\n\
+        "interface: {interface}\ntunnel_addresses: [{}, \"{}\"]\nvips: [{}]\n\
          gue_port: {GUE_PORT}\npin_dir: {pin_dir}\n",
         node4(k),
-        node6(k)
+        node6(k),
+        vips.join(", ")
     )
 }
 
