@@ -176,6 +176,8 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
                 flow::route(&pkt, &udp, &cfg)?
             }
         };
+        // A tunnel VIP's node answers the client directly: no cookie can be learned from its
+        // replies, so its ClientHellos are never checked for one (`Encap` replaces `Prove`).
         if let Some(t) = tunnel::of_vip(vip) {
             let to = tunnel::addressing(&pkt, &udp, &node, t)?;
             let hop = forward::lookup_node(ctx, &pkt, &to, node.slot)?;
