@@ -172,6 +172,12 @@ counters! {
     DropTunnelTooBig = "drop_tunnel_too_big",
     /// ICMP error from a node about a client's datagram to a VIP (port unreachable, ...): outer source and quoted destination rewritten to the VIP and its port, checksums fixed (NAT mode).
     ReplyIcmpUnnat = "reply_icmp_unnat",
+    /// ICMP error to a VIP about a node's reply (fragmentation needed, packet too big, unreachable, ...): sent on to the node that answered the flow last (`REPLY_DESTS`), outer destination and quoted source rewritten to the node's address and port (NAT mode).
+    IcmpToNode = "icmp_to_node",
+    /// ICMP error to a VIP about a reply no recent answer of a node's explains (a tunnel VIP's, or one forgotten): passed to the kernel as before.
+    PassIcmpNoNode = "pass_icmp_no_node",
+    /// ICMP error for a node over `icmp.rate` on this CPU: dropped.
+    DropIcmpRatelimited = "drop_icmp_ratelimited",
 }
 
 impl Counter {

@@ -58,8 +58,9 @@ pub fn addr_key(ip: core::net::IpAddr) -> AddrKey {
 /// `GLOBAL_BUCKET` one bucket shared by every CPU (an array, not a per-CPU array), and adds
 /// `SRC_FILTER`, `LOCAL_ADDRS` (impossible sources) and `VLAN_IFACES` (the origin check of
 /// tagged replies). Version 5 adds `COOKIES` and `COOKIE_KEY` (known sources proven by the
-/// node's cookie, `cookie.rs`).
-pub const LAYOUT_VERSION: u32 = 5;
+/// node's cookie, `cookie.rs`). Version 6 adds `REPLY_DESTS` (where ICMP errors about a
+/// VIP's flows go, `icmp.rs`).
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
 pub const STATS_SLOTS: u32 = 128;
@@ -150,6 +151,8 @@ pub mod names {
     pub const RING_LEN: &str = "RING_LEN";
     pub const RR: &str = "RR";
     pub const FLOWS: &str = "FLOWS";
+    /// Client flow → the node that last answered it ([`super::ReplyDest`]), sized like `FLOWS`.
+    pub const REPLY_DESTS: &str = "REPLY_DESTS";
     pub const VIPS: &str = "VIPS";
     pub const VIP_PORTS: &str = "VIP_PORTS";
     pub const REVERSE: &str = "REVERSE";
@@ -196,8 +199,30 @@ pub struct DpConfig {
     pub policy: u32,
     /// Record formats routed by CID (config `dtls.versions`): [`DTLS_V12`] | [`DTLS_V13`].
     pub dtls_versions: u32,
-    pub _pad: u32,
+    /// ICMP errors about a VIP's flows forwarded to nodes, per second and CPU (config
+    /// `icmp.rate`); a burst of a tenth of that (at least one) may go at once. See `icmp.rs`.
+    pub icmp_rate: u32,
 }
+
+/// `icmp.rate`'s default: ICMP errors forwarded to nodes per second and CPU.
+pub const DEFAULT_ICMP_RATE: u32 = 1000;
+
+/// `REPLY_DESTS` value: the node that last answered a client's flow through this balancer
+/// (NAT mode), where an ICMP error about that answer must go (`icmp.rs`). Keyed by the
+/// client's [`FlowKey`] (client → VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyDest {
+    /// The node's address (IPv4 in word 0), wire bytes.
+    pub addr: [u32; 4],
+    /// The node's serving port, wire bytes.
+    pub port: u16,
+    pub _pad: u16,
+    /// The node's `NODE_STATS` slot.
+    pub node_slot: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ReplyDest>() == 24);
 
 /// `DpConfig::dtls_versions` bit: DTLS 1.2 tls12_cid records (RFC 9146) route by CID.
 pub const DTLS_V12: u32 = 1;
@@ -216,7 +241,7 @@ impl DpConfig {
         shadow: 0,
         policy: POLICY_MAGLEV,
         dtls_versions: DTLS_V12 | DTLS_V13,
-        _pad: 0,
+        icmp_rate: DEFAULT_ICMP_RATE,
     };
 }
 
@@ -421,6 +446,8 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers with explicit padding
     // fields, so every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::DpConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ReplyDest {}
     unsafe impl aya::Pod for super::Node {}
     unsafe impl aya::Pod for super::NodeStats {}
     unsafe impl aya::Pod for super::FlowKey {}

@@ -1,29 +1,38 @@
-//! An ICMP error a node sends a client about the client's datagram to a VIP (port unreachable
-//! while the node's DTLS server restarts, time exceeded, a parameter problem), un-NATed like
-//! the node's replies (NAT mode).
+//! ICMP errors about a VIP's flows, in NAT mode (README "ICMP errors and path MTU"). An
+//! error quotes the datagram it is about (its IP header and at least 8 bytes after it); the
+//! datagram's addressing is rewritten where cidlb rewrote it, so the error reaches the socket
+//! that sent the datagram.
 //!
-//! The error quotes the datagram as the node received it: client:port → node:port. The client
-//! sent it to VIP:port, and its kernel matches an error to a socket by the quoted addressing, so
-//! the error is rewritten as if the VIP had sent it: outer source node → VIP, quoted destination
-//! node:port → VIP:port, and every checksum that covers them (outer IPv4 header, quoted IPv4
-//! header, quoted UDP checksum if not zero, ICMP checksum; ICMPv6's covers the outer source
-//! through its pseudo-header). Updated incrementally: a quote is often cut short, so nothing is
-//! summed from scratch.
+//! - A node's error to a client about the client's datagram to a VIP (port unreachable while
+//!   the node's DTLS server restarts, ...): the node received it as client:port → node:port,
+//!   the client sent it to VIP:port, and its kernel matches an error to a socket by the quoted
+//!   addressing. So the outer source node → VIP and the quoted destination node:port →
+//!   VIP:port. Only an error from the node the quote names, through `REVERSE` and the reply
+//!   origin check (`reply.rs`).
+//! - An error to a VIP about a node's reply, from a router on the way to the client
+//!   (fragmentation needed, packet too big, unreachable): the client's side saw the reply as
+//!   VIP:port → client:port. The node that last answered that client flow is in `REPLY_DESTS`
+//!   (written on the reply path, `remember`): outer destination VIP → node and quoted source
+//!   VIP:port → node:port, so the node's kernel learns the path MTU for its socket. At most
+//!   `icmp.rate` a second and CPU; an error about an ICMP message is never forwarded (the quote
+//!   must be UDP). A tunnel VIP's replies do not cross the balancer: its errors, and those
+//!   about a flow no recent reply explains, go to the kernel as before.
 //!
-//! Only an error whose quote names a node's serving address and port (`REVERSE`) and whose
-//! outer source is that node, addressed to the quote's source, passes the same origin check as
-//! a reply. Anything else (a node's error about its own outbound traffic, a quote cut before
-//! the UDP ports) goes on as before.
+//! Every checksum that covers a rewritten field is updated incrementally (a quote is often cut
+//! short, so nothing is summed from scratch): the outer IPv4 header, the quoted IPv4 header,
+//! the quoted UDP checksum if not zero, and the ICMP checksum (ICMPv6's covers the outer
+//! addresses through its pseudo-header).
 
-use aya_ebpf::programs::XdpContext;
-use lb_common::{csum::CsumDelta, Counter, FAMILY_V4};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use lb_common::{csum::CsumDelta, Counter, DpConfig, FlowKey, ReplyDest, Reverse, FAMILY_V4};
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     udp::UdpHdr,
 };
 
 use crate::{
-    nat::{bytes16, Rewrite},
+    maps,
+    nat::{bytes16, Side},
     parse::{ptr_at, words, Packet, Udp, L4},
 };
 
@@ -31,20 +40,36 @@ const IPPROTO_UDP: u8 = 17;
 /// The ICMP header before the quote: type, code, checksum, 4 bytes that depend on the type.
 const ICMP_HDR: usize = 8;
 
-/// An ICMP error's quoted UDP datagram, client → node.
+/// An ICMP error's quoted UDP datagram, which `pkt`'s destination sent.
 #[derive(Clone, Copy)]
 pub struct Quote {
     /// Offset of the ICMP header.
     icmp: usize,
     /// Offset of the quoted IP header.
     ip: usize,
-    /// The quoted UDP header, as a node's reply would carry it: source the node's port,
-    /// destination the client's (for the `REVERSE` lookup, the origin check and the FIB).
-    pub reply: Udp,
+    /// The quoted UDP header's offset and ports (`len` unused).
+    pub udp: Udp,
+    /// The quoted datagram's destination.
+    pub dst: [u32; 4],
 }
 
-/// The quote of an ICMP error from `pkt`'s source about a UDP datagram it received from
-/// `pkt`'s destination, if the packet is one.
+impl Quote {
+    /// The quoted datagram as a reply to it would be addressed (the `REVERSE` lookup, the
+    /// reply origin check and the FIB take a reply's ports).
+    #[inline(always)]
+    pub fn reply(&self) -> Udp {
+        Udp {
+            off: self.udp.off,
+            sport: self.udp.dport,
+            dport: self.udp.sport,
+            len: 0,
+        }
+    }
+}
+
+/// The quote of an ICMP error (IPv4: destination unreachable, time exceeded, parameter
+/// problem; ICMPv6: types 1 to 4) about a UDP datagram `pkt`'s destination sent, if the packet
+/// is one and the quote holds the UDP ports.
 #[inline(always)]
 pub fn quote(ctx: &XdpContext, pkt: &Packet) -> Option<Quote> {
     let L4::Icmp(icmp) = pkt.l4 else {
@@ -55,7 +80,6 @@ pub fn quote(ctx: &XdpContext, pkt: &Packet) -> Option<Quote> {
     let ty = unsafe { (*hdr)[0] };
     let ip = icmp + ICMP_HDR;
     let (udp, src, dst) = if pkt.family == FAMILY_V4 {
-        // Destination unreachable, time exceeded, parameter problem (RFC 792).
         if !matches!(ty, 3 | 11 | 12) {
             return None;
         }
@@ -77,8 +101,6 @@ pub fn quote(ctx: &XdpContext, pkt: &Packet) -> Option<Quote> {
         }
         (ip + ihl * 4, [src, 0, 0, 0], [dst, 0, 0, 0])
     } else {
-        // Destination unreachable, packet too big, time exceeded, parameter problem
-        // (RFC 4443 §2.1).
         if !matches!(ty, 1..=4) {
             return None;
         }
@@ -91,81 +113,177 @@ pub fn quote(ctx: &XdpContext, pkt: &Packet) -> Option<Quote> {
         }
         (ip + Ipv6Hdr::LEN, src, dst)
     };
-    // The quoted datagram came from the client the error goes to, to the node sending it.
-    if src != pkt.dst || dst != pkt.src {
+    // The error goes to the quoted datagram's sender.
+    if src != pkt.dst {
         return None;
     }
     let uh: *const UdpHdr = ptr_at(ctx, udp)?;
     // SAFETY: as above.
-    let (client_port, node_port) =
-        unsafe { (u16::from_ne_bytes((*uh).src), u16::from_ne_bytes((*uh).dst)) };
+    let (sport, dport) = unsafe { (u16::from_ne_bytes((*uh).src), u16::from_ne_bytes((*uh).dst)) };
     Some(Quote {
         icmp,
         ip,
-        reply: Udp {
+        udp: Udp {
             off: udp,
-            sport: node_port,
-            dport: client_port,
+            sport,
+            dport,
             len: 0,
         },
+        dst,
     })
 }
 
-/// Writes `rw` (the node's address and port → the VIP's) into the outer source and the quoted
-/// destination, and fixes the checksums.
+/// The client flow (client → VIP) a reply to `addr`:`port` from `vip`:`vip_port` belongs to.
 #[inline(always)]
-pub fn unnat(ctx: &XdpContext, pkt: &Packet, q: &Quote, rw: &Rewrite) -> Result<(), Counter> {
-    let (node, vip) = (pkt.src, rw.addr);
-    let (node_port, vip_port) = (q.reply.sport, rw.port);
-    let uh: *mut UdpHdr = ptr_at(ctx, q.reply.off).ok_or(Counter::PassTruncated)?;
+fn client_flow(pkt: &Packet, client: [u32; 4], port: u16, vip: [u32; 4], vip_port: u16) -> FlowKey {
+    FlowKey {
+        src: client,
+        dst: vip,
+        sport: port,
+        dport: vip_port,
+        family: pkt.family,
+        _pad: [0; 3],
+    }
+}
+
+/// On the reply path (NAT mode): records that the node `pkt` comes from answered the client
+/// flow, unless `REPLY_DESTS` already says so (one lookup; a write only when it changes).
+#[inline(always)]
+pub fn remember(pkt: &Packet, udp: &Udp, rev: &Reverse) {
+    let key = client_flow(pkt, pkt.dst, udp.dport, rev.vip, rev.vip_port);
+    if let Some(d) = maps::REPLY_DESTS.get_ptr(key) {
+        // SAFETY: LRU map value under the program's RCU read lock; a racing writer leaves
+        // another node's whole entry or this one.
+        let same = unsafe { (*d).addr == pkt.src && (*d).port == udp.sport };
+        if same {
+            return;
+        }
+    }
+    let dest = ReplyDest {
+        addr: pkt.src,
+        port: udp.sport,
+        _pad: 0,
+        node_slot: rev.node_slot,
+    };
+    let _ = maps::REPLY_DESTS.insert(key, dest, 0);
+}
+
+/// The node that last answered the flow an error to a VIP is about (`pkt`'s destination is
+/// the quote's source), if `REPLY_DESTS` knows it.
+#[inline(always)]
+pub fn reply_dest(pkt: &Packet, q: &Quote) -> Option<ReplyDest> {
+    let key = client_flow(pkt, q.dst, q.udp.dport, pkt.dst, q.udp.sport);
+    // SAFETY: copied out under the program's RCU read lock.
+    unsafe { maps::REPLY_DESTS.get(key).copied() }
+}
+
+/// GCRA over this CPU's `ICMP_TAT`: `icmp.rate` errors a second, a tenth of that (at least
+/// one) at once.
+#[inline(always)]
+pub fn admit(cfg: &DpConfig) -> Result<(), Counter> {
+    let rate = u64::from(cfg.icmp_rate.max(1));
+    let interval = 1_000_000_000 / rate;
+    let tolerance = interval * ((rate / 10).max(1) - 1);
+    let tat = maps::ICMP_TAT
+        .get_ptr_mut(0)
+        .ok_or(Counter::DropIcmpRatelimited)?;
+    // SAFETY: the helper takes no arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
+    unsafe {
+        let t = (*tat).max(now);
+        if t - now > tolerance {
+            return Err(Counter::DropIcmpRatelimited);
+        }
+        *tat = t + interval;
+    }
+    Ok(())
+}
+
+/// Rewrites one address and port of the error's outer header and the quote: `outer` is the
+/// outer side that changes (the quote's other side changes with it), from `from`:`from_port`
+/// (in the quote) to `to`:`to_port`, and fixes the checksums.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one rewrite, both directions")]
+pub fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    q: &Quote,
+    outer: Side,
+    from: [u32; 4],
+    to: [u32; 4],
+    from_port: u16,
+    to_port: u16,
+) -> Result<(), Counter> {
+    let uh: *mut UdpHdr = ptr_at(ctx, q.udp.off).ok_or(Counter::PassTruncated)?;
     let hdr: *mut [u8; ICMP_HDR] = ptr_at(ctx, q.icmp).ok_or(Counter::PassTruncated)?;
     // SAFETY: every pointer comes from ptr_at, which checked its bytes lie inside the frame.
     unsafe {
         let udp_check = u16::from_ne_bytes((*uh).check);
         let icmp_check = u16::from_ne_bytes([(*hdr)[2], (*hdr)[3]]);
-        let mut icmp_delta = CsumDelta::from_check(icmp_check).replace16(node_port, vip_port);
+        let mut icmp_delta = CsumDelta::from_check(icmp_check).replace16(from_port, to_port);
         if pkt.family == FAMILY_V4 {
-            let outer: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
-            let check = CsumDelta::from_check(u16::from_ne_bytes((*outer).check))
-                .replace32(node[0], vip[0])
+            let o: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+            let check = CsumDelta::from_check(u16::from_ne_bytes((*o).check))
+                .replace32(from[0], to[0])
                 .finish();
-            (*outer).check = check.to_ne_bytes();
-            (*outer).src_addr = vip[0].to_ne_bytes();
-
-            let inner: *mut Ipv4Hdr = ptr_at(ctx, q.ip).ok_or(Counter::PassTruncated)?;
-            let old = u16::from_ne_bytes((*inner).check);
+            (*o).check = check.to_ne_bytes();
+            let i: *mut Ipv4Hdr = ptr_at(ctx, q.ip).ok_or(Counter::PassTruncated)?;
+            let old = u16::from_ne_bytes((*i).check);
             let new = CsumDelta::from_check(old)
-                .replace32(node[0], vip[0])
+                .replace32(from[0], to[0])
                 .finish();
-            (*inner).check = new.to_ne_bytes();
-            (*inner).dst_addr = vip[0].to_ne_bytes();
-            icmp_delta = icmp_delta.replace32(node[0], vip[0]).replace16(old, new);
+            (*i).check = new.to_ne_bytes();
+            let bytes = to[0].to_ne_bytes();
+            match outer {
+                Side::Src => {
+                    (*o).src_addr = bytes;
+                    (*i).dst_addr = bytes;
+                }
+                Side::Dst => {
+                    (*o).dst_addr = bytes;
+                    (*i).src_addr = bytes;
+                }
+            }
+            icmp_delta = icmp_delta.replace32(from[0], to[0]).replace16(old, new);
             // IPv4 UDP checksum 0: none, and it stays none.
             if udp_check != 0 {
                 let new = CsumDelta::from_check(udp_check)
-                    .replace32(node[0], vip[0])
-                    .replace16(node_port, vip_port)
+                    .replace32(from[0], to[0])
+                    .replace16(from_port, to_port)
                     .finish_udp();
                 (*uh).check = new.to_ne_bytes();
                 icmp_delta = icmp_delta.replace16(udp_check, new);
             }
         } else {
-            let outer: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
-            (*outer).src_addr = bytes16(&vip);
-            let inner: *mut Ipv6Hdr = ptr_at(ctx, q.ip).ok_or(Counter::PassTruncated)?;
-            (*inner).dst_addr = bytes16(&vip);
+            let o: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
+            let i: *mut Ipv6Hdr = ptr_at(ctx, q.ip).ok_or(Counter::PassTruncated)?;
+            let bytes = bytes16(&to);
+            match outer {
+                Side::Src => {
+                    (*o).src_addr = bytes;
+                    (*i).dst_addr = bytes;
+                }
+                Side::Dst => {
+                    (*o).dst_addr = bytes;
+                    (*i).src_addr = bytes;
+                }
+            }
             let new = CsumDelta::from_check(udp_check)
-                .replace128(&node, &vip)
-                .replace16(node_port, vip_port)
+                .replace128(&from, &to)
+                .replace16(from_port, to_port)
                 .finish_udp();
             (*uh).check = new.to_ne_bytes();
-            // The pseudo-header's source and the quoted destination.
+            // The pseudo-header's outer address and the quoted one.
             icmp_delta = icmp_delta
-                .replace128(&node, &vip)
-                .replace128(&node, &vip)
+                .replace128(&from, &to)
+                .replace128(&from, &to)
                 .replace16(udp_check, new);
         }
-        (*uh).dst = vip_port.to_ne_bytes();
+        match outer {
+            Side::Src => (*uh).dst = to_port.to_ne_bytes(),
+            Side::Dst => (*uh).src = to_port.to_ne_bytes(),
+        }
         let c = icmp_delta.finish().to_ne_bytes();
         (*hdr)[2] = c[0];
         (*hdr)[3] = c[1];

@@ -39,7 +39,7 @@ use lb_common::{Counter, DpConfig};
 
 use crate::{
     forward::NextHop,
-    nat::Rewrite,
+    nat::{Rewrite, Side},
     parse::{Packet, Udp, L4},
     stats::count,
 };
@@ -143,8 +143,18 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
     let cfg = CONFIG.load();
     let L4::Udp(udp) = pkt.l4 else {
         if let Some(q) = icmp::quote(ctx, &pkt) {
-            if let Some(rev) = vip::reverse(&pkt, q.reply.sport) {
-                return icmp_from_node(ctx, &pkt, &q, &rev, &cfg);
+            // From the node the quote is addressed to, about a client's datagram.
+            if q.dst == pkt.src {
+                if let Some(rev) = vip::reverse(&pkt, q.udp.dport) {
+                    return icmp_from_node(ctx, &pkt, &q, &rev, &cfg);
+                }
+            }
+            // To a VIP, about a node's reply.
+            if let Some(dest) = icmp::reply_dest(&pkt, &q) {
+                return icmp_to_node(ctx, &pkt, &q, &dest, &cfg);
+            }
+            if vip::is_vip(&pkt) {
+                return Err(Counter::PassIcmpNoNode);
             }
         }
         return Err(vip::not_udp_verdict(ctx, &pkt));
@@ -219,6 +229,7 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
         }
         count(Counter::ReplyUnnat);
         stats::from_node(ctx, rev.node_slot);
+        icmp::remember(&pkt, &udp, &rev);
         return finish(ctx, &pkt, &udp, &rw, &hop, &cfg);
     }
 
@@ -235,9 +246,10 @@ fn icmp_from_node(
     rev: &lb_common::Reverse,
     cfg: &DpConfig,
 ) -> Result<u32, Counter> {
-    reply::check_origin(ctx, pkt, &q.reply, rev)?;
+    let reply = q.reply();
+    reply::check_origin(ctx, pkt, &reply, rev)?;
     let rw = Rewrite::to_client(rev);
-    let hop = forward::lookup(ctx, pkt, &rw.addressing(pkt, &q.reply))?;
+    let hop = forward::lookup(ctx, pkt, &rw.addressing(pkt, &reply))?;
     // About a health probe of this host's: the agent's socket takes it as it is.
     if hop.is_local() {
         return Err(Counter::PassLocalReply);
@@ -250,7 +262,52 @@ fn icmp_from_node(
     if cfg.shadow != 0 {
         return Err(Counter::ShadowPass);
     }
-    icmp::unnat(ctx, pkt, q, &rw)?;
+    icmp::rewrite(
+        ctx,
+        pkt,
+        q,
+        Side::Src,
+        pkt.src,
+        rw.addr,
+        reply.sport,
+        rw.port,
+    )?;
+    forward::send(ctx, pkt, &hop, &forward::TO_KERNEL, 0)
+}
+
+/// An ICMP error to a VIP about a node's reply (`icmp.rs`): on to the node that answered the
+/// flow last, rate-limited.
+#[inline(always)]
+fn icmp_to_node(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    q: &icmp::Quote,
+    dest: &lb_common::ReplyDest,
+    cfg: &DpConfig,
+) -> Result<u32, Counter> {
+    icmp::admit(cfg)?;
+    let to = nat::Addressing {
+        src: pkt.src,
+        dst: dest.addr,
+        sport: q.udp.dport,
+        dport: dest.port,
+    };
+    let hop = forward::lookup_node(ctx, pkt, &to, dest.node_slot)?;
+    count(Counter::IcmpToNode);
+    stats::to_node(ctx, dest.node_slot);
+    if cfg.shadow != 0 {
+        return Err(Counter::ShadowPass);
+    }
+    icmp::rewrite(
+        ctx,
+        pkt,
+        q,
+        Side::Dst,
+        pkt.dst,
+        dest.addr,
+        q.udp.sport,
+        dest.port,
+    )?;
     forward::send(ctx, pkt, &hop, &forward::TO_KERNEL, 0)
 }
 

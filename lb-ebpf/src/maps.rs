@@ -1,5 +1,6 @@
 //! Every map of the datapath. Names match `lb_common::names` (pin files, bpftool, agent).
-//! Sizes the agent may change at load time: `FLOWS` (flows.capacity).
+//! Sizes the agent may change at load time: `FLOWS` and `REPLY_DESTS` (flows.capacity),
+//! `COOKIES` (limits.cookie_capacity).
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
@@ -11,10 +12,10 @@ use lb_common::{
     hash::node_check,
     limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
     tunnel::Tunnel,
-    AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, Reverse, ReverseKey, Vip, VipSlot,
-    VlanKey, DEFAULT_FLOW_CAPACITY, MAGLEV_ENTRIES, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_NODES,
-    MAX_REVERSE, MAX_VIPS, MAX_VLAN_IFACES, NODE_FILTER_WORDS, NODE_ID_SLOTS, PORT_WORDS,
-    SRC_FILTER_WORDS, STATS_SLOTS, VIP_TABLE_SLOTS,
+    AddrKey, Flow, FlowKey, NextHop, Node, NodeAddr, NodeStats, ReplyDest, Reverse, ReverseKey,
+    Vip, VipSlot, VlanKey, DEFAULT_FLOW_CAPACITY, MAGLEV_ENTRIES, MAX_IFACES, MAX_LOCAL_ADDRS,
+    MAX_NODES, MAX_REVERSE, MAX_VIPS, MAX_VLAN_IFACES, NODE_FILTER_WORDS, NODE_ID_SLOTS,
+    PORT_WORDS, SRC_FILTER_WORDS, STATS_SLOTS, VIP_TABLE_SLOTS,
 };
 
 /// Per-CPU counters indexed by [`lb_common::Counter`] (`STATS_SLOTS` ≥ the number of counters, so
@@ -69,6 +70,18 @@ pub static MAGLEV_CTL: Array<u32> = Array::with_max_entries(2, 0);
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Client flow (client → VIP) → the node that last answered it through this balancer: where
+/// an ICMP error about that answer goes (`icmp.rs`). Written on the reply path when it
+/// changes; sized like `FLOWS` by the agent.
+#[map]
+pub static REPLY_DESTS: LruHashMap<FlowKey, ReplyDest> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Per CPU: the GCRA theoretical arrival time of the next ICMP error forwarded to a node
+/// (`icmp.rate`). Not pinned: a new program starts with a full burst.
+#[map]
+pub static ICMP_TAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// VIP address → index of its port bitmap. The datapath reads it only for a VIP that found no
 /// slot in `VIP_TABLE` (see `vip.rs`).

@@ -89,6 +89,12 @@ pub fn dest(pkt: &Packet, dport: u16) -> Dest {
     }
 }
 
+/// Is the packet addressed to a VIP (any port)?
+#[inline(always)]
+pub fn is_vip(pkt: &Packet) -> bool {
+    vip_index(pkt).is_some()
+}
+
 /// A packet that is not UDP: to a VIP it is dropped, unless it is an ICMP error (about a VIP's
 /// flows: passed as before) or IPv6 neighbour discovery; anything else is not ours.
 #[inline(always)]

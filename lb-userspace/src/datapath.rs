@@ -106,6 +106,7 @@ impl Datapath {
         loader
             .override_global(names::CONFIG, &dp, true)
             .map_max_entries(names::FLOWS, cfg.flows.capacity)
+            .map_max_entries(names::REPLY_DESTS, cfg.flows.capacity)
             .map_max_entries(lb_common::cookie::COOKIES, cfg.cookie_capacity());
         if let Some(dir) = pin_dir {
             for name in MAP_NAMES {

@@ -46,6 +46,7 @@ pub const MAP_NAMES: &[&str] = &[
     lb_common::cookie::COOKIES,
     lb_common::cookie::COOKIE_KEY,
     lb_common::tunnel::VIP_TUNNEL,
+    names::REPLY_DESTS,
 ];
 
 #[derive(Debug, thiserror::Error)]

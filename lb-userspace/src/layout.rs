@@ -93,9 +93,11 @@ impl fmt::Display for Shape {
 }
 
 impl Shape {
-    /// Equal as far as adopting goes: `FLOWS` and `COOKIES` may have any size.
+    /// Equal as far as adopting goes: `FLOWS`, `REPLY_DESTS` and `COOKIES` may have any size.
     fn adoptable(&self, expected: &Shape, name: &str) -> bool {
-        let sized_by_config = name == names::FLOWS || name == lb_common::cookie::COOKIES;
+        let sized_by_config = name == names::FLOWS
+            || name == names::REPLY_DESTS
+            || name == lb_common::cookie::COOKIES;
         let same_size = sized_by_config || self.max_entries == expected.max_entries;
         self.map_type == expected.map_type
             && self.key_size == expected.key_size

@@ -45,6 +45,17 @@ fn validate(cfg: &Config) -> Result<(), (String, String)> {
         limits(l)?;
     }
     let err = |k: &str, p: String| Err((k.to_owned(), p));
+    // At most one a microsecond per CPU: the GCRA's interval must stay a whole number of ns.
+    if cfg.icmp.rate == 0 || cfg.icmp.rate > 1_000_000 {
+        return err(
+            "icmp.rate",
+            format!(
+                "{} ICMP errors per second and CPU: give 1 to 1000000 (default {})",
+                cfg.icmp.rate,
+                lb_common::DEFAULT_ICMP_RATE
+            ),
+        );
+    }
     if cfg.interfaces.is_empty() {
         return err(
             "interfaces",

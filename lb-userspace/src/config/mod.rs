@@ -329,6 +329,23 @@ impl Default for Flows {
     }
 }
 
+/// ICMP errors about a VIP's flows (README "ICMP errors and path MTU").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Icmp {
+    /// Errors forwarded to nodes per second and CPU (`icmp_to_node`); the rest are dropped
+    /// (`drop_icmp_ratelimited`).
+    pub rate: u32,
+}
+
+impl Default for Icmp {
+    fn default() -> Self {
+        Self {
+            rate: lb_common::DEFAULT_ICMP_RATE,
+        }
+    }
+}
+
 /// What a node takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -506,6 +523,8 @@ pub struct Config {
     pub dtls: Dtls,
     #[serde(default)]
     pub flows: Flows,
+    #[serde(default)]
+    pub icmp: Icmp,
     pub nodes: Vec<Node>,
     #[serde(default)]
     pub health: Health,
@@ -580,7 +599,7 @@ impl Config {
                 FlowPolicy::RoundRobin => lb_common::POLICY_ROUND_ROBIN,
             },
             dtls_versions: self.dtls.versions_mask(),
-            _pad: 0,
+            icmp_rate: self.icmp.rate,
         }
     }
 }

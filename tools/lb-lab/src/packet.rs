@@ -249,10 +249,41 @@ pub fn assert_checksums(frame: &[u8], what: &str) {
     }
 }
 
-/// A port-unreachable error (ICMPv4 type 3 code 3, ICMPv6 type 1 code 4) from `src` to `dst`
-/// with hop limit `ttl`, quoting `quote` (an IP packet, as much of it as the sender keeps).
-/// Built with etherparse, checksums from scratch.
+/// An ICMP error's kind.
+#[derive(Clone, Copy, Debug)]
+pub enum IcmpError {
+    /// Port unreachable: ICMPv4 type 3 code 3, ICMPv6 type 1 code 4.
+    PortUnreachable,
+    /// The path's MTU is smaller: ICMPv4 fragmentation needed (type 3 code 4) with the
+    /// next-hop MTU, ICMPv6 packet too big (type 2) with the MTU.
+    TooBig(u16),
+}
+
+/// A port-unreachable error from `src` to `dst` with hop limit `ttl`, quoting `quote`: see
+/// [`icmp_error`].
 pub fn port_unreachable(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    quote: &[u8],
+) -> Vec<u8> {
+    icmp_error(
+        IcmpError::PortUnreachable,
+        src_mac,
+        dst_mac,
+        src,
+        dst,
+        ttl,
+        quote,
+    )
+}
+
+/// An ICMP error of `kind` from `src` to `dst` with hop limit `ttl`, quoting `quote` (an IP
+/// packet, as much of it as the sender keeps). Built with etherparse, checksums from scratch.
+pub fn icmp_error(
+    kind: IcmpError,
     src_mac: Mac,
     dst_mac: Mac,
     src: IpAddr,
@@ -276,10 +307,13 @@ pub fn port_unreachable(
     .unwrap();
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let icmp = Icmpv4Header::with_checksum(
-                Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
-                quote,
-            );
+            let why = match kind {
+                IcmpError::PortUnreachable => icmpv4::DestUnreachableHeader::Port,
+                IcmpError::TooBig(mtu) => {
+                    icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu }
+                }
+            };
+            let icmp = Icmpv4Header::with_checksum(Icmpv4Type::DestinationUnreachable(why), quote);
             let len = icmp.header_len() + quote.len();
             let ip =
                 Ipv4Header::new(len as u16, ttl, IpNumber::ICMP, s.octets(), d.octets()).unwrap();
@@ -287,13 +321,13 @@ pub fn port_unreachable(
             icmp.write(&mut out).unwrap();
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let icmp = Icmpv6Header::with_checksum(
-                Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port),
-                s.octets(),
-                d.octets(),
-                quote,
-            )
-            .unwrap();
+            let ty = match kind {
+                IcmpError::PortUnreachable => {
+                    Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
+                }
+                IcmpError::TooBig(mtu) => Icmpv6Type::PacketTooBig { mtu: mtu.into() },
+            };
+            let icmp = Icmpv6Header::with_checksum(ty, s.octets(), d.octets(), quote).unwrap();
             Ipv6Header {
                 traffic_class: 0,
                 flow_label: Default::default(),
