@@ -24,7 +24,9 @@
 //! addresses through its pseudo-header).
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use lb_common::{csum::CsumDelta, Counter, DpConfig, FlowKey, ReplyDest, Reverse, FAMILY_V4};
+use lb_common::{
+    csum::CsumDelta, Counter, DpConfig, FlowKey, ReplyDest, Reverse, ReverseKey, FAMILY_V4,
+};
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     udp::UdpHdr,
@@ -169,12 +171,26 @@ pub fn remember(pkt: &Packet, udp: &Udp, rev: &Reverse) {
 }
 
 /// The node that last answered the flow an error to a VIP is about (`pkt`'s destination is
-/// the quote's source), if `REPLY_DESTS` knows it.
+/// the quote's source), if `REPLY_DESTS` knows it and the node still serves that VIP port
+/// (`REVERSE`: a node removed since, or moved to another slot, is not written to).
 #[inline(always)]
 pub fn reply_dest(pkt: &Packet, q: &Quote) -> Option<ReplyDest> {
     let key = client_flow(pkt, q.dst, q.udp.dport, pkt.dst, q.udp.sport);
     // SAFETY: copied out under the program's RCU read lock.
-    unsafe { maps::REPLY_DESTS.get(key).copied() }
+    let mut dest = unsafe { *maps::REPLY_DESTS.get(key)? };
+    let serves = ReverseKey {
+        addr: dest.addr,
+        port: dest.port,
+        family: pkt.family,
+        _pad: 0,
+    };
+    // SAFETY: as above.
+    let rev = unsafe { *maps::REVERSE.get(serves)? };
+    if rev.vip != pkt.dst || rev.vip_port != q.udp.sport {
+        return None;
+    }
+    dest.node_slot = rev.node_slot;
+    Some(dest)
 }
 
 /// GCRA over this CPU's `ICMP_TAT`: `icmp.rate` errors a second, a tenth of that (at least

@@ -12,7 +12,7 @@ use lb_common::splitmix::SplitMix64;
 use lb_lab::{
     fib::*,
     hello::{self, Handshake, COOKIE_EXT},
-    packet::{cid_record, port_unreachable, unified_record, Frame, Mac},
+    packet::{cid_record, icmp_error, port_unreachable, unified_record, Frame, IcmpError, Mac},
 };
 
 /// `lb_common::splitmix` with the helpers the generator needs: the same sequence for a seed
@@ -557,6 +557,75 @@ fn node_icmp_error(r: &mut Rng, c: &Corpus) -> Packet {
         ingress: r.pick::<&str>(&["fxn", "fxn", "fxn", "fxn", "fxc", "fxo"]),
         kind: "node icmp",
     }
+}
+
+/// A node's reply to a client (as [`structured`]'s genuine replies), and a router's ICMP error
+/// to the VIP about it as the client's side saw it (VIP:port → client:port), to follow it
+/// (issue #21): too big or unreachable, from the client side's router or anyone, whole or cut,
+/// now and then about another flow, or about an ICMP message.
+fn reply_and_error(r: &mut Rng, c: &Corpus) -> (Packet, Packet) {
+    let v4 = r.chance(550);
+    let (node, nmac) = *r.pick(&[
+        (if v4 { NODE1_4 } else { NODE1_6 }, NODE1_MAC),
+        (if v4 { NODE2_4 } else { NODE2_6 }, NODE2_MAC),
+    ]);
+    let client = if r.chance(900) {
+        ip(if v4 { CLIENT4 } else { CLIENT6 })
+    } else {
+        addr(r, v4)
+    };
+    let cport = port(r);
+    let sport = if v4 {
+        *r.pick(&[5684u16, 5684, 20000, 20050])
+    } else {
+        5684
+    };
+    let reply = Frame::udp(
+        nmac,
+        FXN_MAC,
+        ip(node),
+        sport,
+        client,
+        cport,
+        &payload(r, c, false),
+    );
+    let vip = ip(if v4 { VIP4 } else { VIP6 });
+    let mut seen = reply.clone();
+    seen.src = if r.chance(950) { vip } else { addr(r, v4) };
+    seen.ttl = 63;
+    if r.chance(50) {
+        seen.dport = port(r);
+    }
+    let mut quoted = seen.bytes()[14..].to_vec();
+    if r.chance(30) {
+        quoted[if v4 { 9 } else { 6 }] = if v4 { 1 } else { 58 };
+    }
+    let keep = match r.below(10) {
+        0..=6 => quoted.len(),
+        7..=8 => (if v4 { 28 } else { 48 }).min(quoted.len()),
+        _ => r.below(quoted.len() as u64 + 1) as usize,
+    };
+    let router = ip(if v4 { "198.51.100.1" } else { "2001:db8:c::1" });
+    let from = if r.chance(800) { router } else { addr(r, v4) };
+    let kind = if r.chance(700) {
+        IcmpError::TooBig(*r.pick(&[1280u16, 1400, 576, 0]))
+    } else {
+        IcmpError::PortUnreachable
+    };
+    let to = if r.chance(950) { vip } else { addr(r, v4) };
+    let error = icmp_error(kind, mac(r), FXC_MAC, from, to, 64, &quoted[..keep]);
+    (
+        Packet {
+            frame: reply.bytes(),
+            ingress: "fxn",
+            kind: "reply",
+        },
+        Packet {
+            frame: error,
+            ingress: r.pick::<&str>(&["fxc", "fxc", "fxc", "fxn", "fxo"]),
+            kind: "icmp to vip",
+        },
+    )
 }
 
 fn mutate(r: &mut Rng, mut p: Packet) -> Packet {
@@ -1213,6 +1282,15 @@ impl<'a> Stream<'a> {
             } else {
                 cookie_hello(r, &self.issued, &mut self.queued)
             };
+        }
+        if r.chance(40) {
+            let (reply, error) = reply_and_error(r, self.corpus);
+            self.queued.push(if r.chance(100) {
+                mutate(r, error)
+            } else {
+                error
+            });
+            return reply;
         }
         if r.chance(50) {
             let p = node_icmp_error(r, self.corpus);

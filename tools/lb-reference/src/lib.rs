@@ -116,6 +116,11 @@ pub struct State {
     pub precise: limit::Precise,
     /// The new-flow limits' buckets, known sources and cookies.
     pub limits: limit::Buckets,
+    /// `REPLY_DESTS`: client flow → the node that last answered it (never evicted: the
+    /// caller keeps it far from full, as `FLOWS`).
+    pub reply_dests: HashMap<FlowKey, lb_common::ReplyDest>,
+    /// `ICMP_TAT` of the one CPU: the next ICMP error's theoretical arrival time.
+    pub icmp_tat: u64,
 }
 
 /// Runs one frame received on `ingress` through the reference: the datapath's `balance`
@@ -160,9 +165,10 @@ fn try_lb(
     let pkt = parse::parse(frame, t)?;
     let cfg = t.config();
     let Some(udp) = pkt.udp else {
-        // A node's ICMP error about a client's datagram to its serving port: a reply.
         if let Some(q) = icmp::quote(frame, &pkt) {
-            if let Some(rev) = vip::reverse(t, &pkt, q.node_port) {
+            // From the node the quote went to, about a client's datagram to its serving port.
+            let from_node = q.dst == pkt.src;
+            if let Some(rev) = vip::reverse(t, &pkt, q.dport).filter(|_| from_node) {
                 reply::check_origin(t, fib, state, frame, &pkt, ingress, rev.node_slot)?;
                 let hop = forward::lookup(fib, frame, &pkt, (&rev.vip, &pkt.dst), ingress);
                 if hop.rc == FibRc::NotFwded {
@@ -178,6 +184,29 @@ fn try_lb(
                 }
                 out.frame = icmp::unnat(frame, &pkt, &q, &rev);
                 return forward::send(t, &pkt, &hop, &forward::TO_KERNEL, 0, out);
+            }
+            // To a VIP, about the reply of the node that last answered that client flow.
+            if let Some(dest) = icmp::reply_dest(t, state, &pkt, &q) {
+                icmp::admit(&cfg, state)?;
+                let hop = forward::lookup_node(
+                    fib,
+                    state,
+                    frame,
+                    &pkt,
+                    (&pkt.src, &dest.addr),
+                    ingress,
+                    dest.node_slot,
+                );
+                out.count(Counter::IcmpToNode);
+                out.to_node(dest.node_slot, frame.len() as u64);
+                if cfg.shadow != 0 {
+                    return Err(Counter::ShadowPass);
+                }
+                out.frame = icmp::to_node(frame, &pkt, &q, &dest);
+                return forward::send(t, &pkt, &hop, &forward::TO_KERNEL, 0, out);
+            }
+            if vip::to_vip(t, &pkt) {
+                return Err(Counter::PassIcmpNoNode);
             }
         }
         return Err(vip::not_udp_verdict(t, frame, &pkt));
@@ -255,6 +284,24 @@ fn try_lb(
         }
         out.count(Counter::ReplyUnnat);
         out.from_node(rev.node_slot, frame.len() as u64);
+        // Who answered the client flow (written only when it changes; the reference keeps
+        // the latest either way).
+        state.reply_dests.insert(
+            FlowKey {
+                src: pkt.dst,
+                dst: rev.vip,
+                sport: udp.dport,
+                dport: rev.vip_port,
+                family: pkt.family,
+                _pad: [0; 3],
+            },
+            lb_common::ReplyDest {
+                addr: pkt.src,
+                port: udp.sport,
+                _pad: 0,
+                node_slot: rev.node_slot,
+            },
+        );
         return finish(frame, &pkt, &udp, &rw, &hop, &cfg, t, out);
     }
 
