@@ -12,10 +12,21 @@ use std::{
     time::Duration,
 };
 
-/// A UDP echo server in node `k`'s namespace answering `node=<k> ` + payload.
+/// A UDP echo server in node `k`'s namespace answering `node=<k> ` + payload, padded with zeros
+/// to N bytes when the payload ends in `pad=N` (N up to [`MAX_PAD`]: a large reply).
 pub struct Echo {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<u64>>,
+}
+
+/// The largest reply [`Echo`] pads to.
+pub const MAX_PAD: usize = 4000;
+
+/// The reply size a payload asks [`Echo`] for with its `pad=N` suffix.
+fn padded_to(payload: &[u8]) -> Option<usize> {
+    let at = payload.windows(4).rposition(|w| w == b"pad=")?;
+    let n: usize = std::str::from_utf8(&payload[at + 4..]).ok()?.parse().ok()?;
+    Some(n.min(MAX_PAD))
 }
 
 impl Echo {
@@ -34,6 +45,9 @@ impl Echo {
                 if let Ok((len, from)) = s.recv_from(&mut buf) {
                     let mut out = format!("node={k} ").into_bytes();
                     out.extend_from_slice(&buf[..len]);
+                    if let Some(n) = padded_to(&buf[..len]) {
+                        out.resize(n.max(out.len()), 0);
+                    }
                     let _ = s.send_to(&out, from);
                     served += 1;
                 }
