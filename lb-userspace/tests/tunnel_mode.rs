@@ -27,6 +27,8 @@ const TO_BALANCER_NODE_SIDE: &[&str] = &["-o", "rbn"];
 /// `extra` config. Fields drop in order: agent, servers, pins, files, namespaces.
 struct Bed {
     _agent: AgentProc,
+    /// One-armed: the pass program on the router's end of the balancer's link.
+    _router_xdp: Option<aya::Ebpf>,
     _servers: Vec<ChildGuard>,
     pins: PinGuard,
     _node_pins: Vec<PinGuard>,
@@ -40,9 +42,25 @@ impl Drop for Bed {
     }
 }
 
+/// How the balancer reaches the nodes: through its second link (`lbn`, tunnels leave by
+/// XDP_REDIRECT) or through the link the clients' packets come in on (XDP_TX).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arms {
+    Two,
+    One,
+}
+
 impl Bed {
     fn up(encap: &str, extra: &str) -> Bed {
+        Self::up_with(encap, extra, Arms::Two)
+    }
+
+    fn up_with(encap: &str, extra: &str, arms: Arms) -> Bed {
         let r = Routed::up(&lb_lab::unique_prefix("tm"), 2).unwrap_or_else(|e| panic!("{e}"));
+        let router_xdp = (arms == Arms::One).then(|| {
+            r.one_armed().unwrap_or_else(|e| panic!("{e}"));
+            common::xdp_pass(&r.router, "rb")
+        });
         let pins = PinGuard::new(&format!("tm{encap}"));
         let dir = std::env::temp_dir().join(format!("cidlb-tm-{encap}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -84,6 +102,7 @@ impl Bed {
         std::thread::sleep(Duration::from_millis(1200));
         Bed {
             _agent: agent,
+            _router_xdp: router_xdp,
             _servers: servers,
             pins,
             _node_pins: node_pins,
@@ -99,7 +118,11 @@ fn node_cmd(n: &NetNs, dir: &std::path::Path, k: usize, action: &str) {
 }
 
 fn sessions(encap: &str) {
-    let bed = Bed::up(encap, "");
+    sessions_with(encap, Arms::Two);
+}
+
+fn sessions_with(encap: &str, arms: Arms) {
+    let bed = Bed::up_with(encap, "", arms);
     let (r, lab, pins, dir) = (&bed.r, &bed.r.lab, &bed.pins, &bed.dir);
     let mut records = 0;
     for (fam, port, proto) in tunnel::SERVERS {
@@ -164,6 +187,15 @@ fn sessions(encap: &str) {
     let stats = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
     let encapsulated = json_counter(&stats, &format!("tunnel_encap_{encap}"));
     assert!(encapsulated >= records, "{stats}");
+    // Every tunnel left the way the arms say.
+    let (tx, redirect) = (
+        json_counter(&stats, "fwd_tx"),
+        json_counter(&stats, "fwd_redirect"),
+    );
+    match arms {
+        Arms::Two => assert!(redirect >= encapsulated && tx == 0, "{stats}"),
+        Arms::One => assert!(tx >= encapsulated && redirect == 0, "{stats}"),
+    }
     assert_eq!(json_counter(&stats, "reply_unnat"), 0, "{stats}");
     let [to_client, to_balancer, to_node_side] =
         tunnel::forwarded_from_vips(&r.router).unwrap_or_else(|e| panic!("{e}"))[..]
@@ -190,6 +222,13 @@ fn dtls_sessions_through_ipip_tunnels_bypass_the_balancer_on_the_way_back() {
 #[test]
 fn dtls_sessions_through_gue_tunnels_bypass_the_balancer_on_the_way_back() {
     sessions("gue");
+}
+
+/// A one-armed balancer: the tunnels go back out of the veth the clients' packets came in on,
+/// grown by the encapsulation (XDP_TX).
+#[test]
+fn dtls_sessions_through_a_one_armed_balancer_leave_by_xdp_tx() {
+    sessions_with("ipip", Arms::One);
 }
 
 /// Packets the balancer sent each node, by node id.

@@ -28,3 +28,26 @@ pub fn testpeer() -> std::path::PathBuf {
     );
     p
 }
+
+/// Attaches an XDP program that passes every packet (the bench object's floor) to `dev` in
+/// `ns`, in native mode; it stays attached until the returned object drops. A veth needs one
+/// to take frames another veth sends it by XDP_TX: the kernel's veth wakes the receiving
+/// end's NAPI after an XDP_TX only if that end runs an XDP program, so without one the frames
+/// wait in its ring until other traffic wakes it (README, "Tunnel mode").
+pub fn xdp_pass(ns: &lb_lab::NetNs, dev: &str) -> aya::Ebpf {
+    let (name, dev) = (ns.name.clone(), dev.to_owned());
+    std::thread::spawn(move || {
+        lb_lab::enter(&name);
+        let mut ebpf = cidlb::testrun::load_floor().unwrap_or_else(|e| panic!("{e}"));
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut(lb_common::names::FLOOR)
+            .expect("the floor program")
+            .try_into()
+            .expect("an XDP program");
+        prog.attach(&dev, aya::programs::XdpMode::Driver)
+            .unwrap_or_else(|e| panic!("attaching XDP to {dev} in {name}: {e}"));
+        ebpf
+    })
+    .join()
+    .expect("attaching thread")
+}

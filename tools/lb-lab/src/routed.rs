@@ -17,8 +17,8 @@
 //!   router routes the VIPs to the balancer, whose default route is the router.
 //! - router `rbn` ↔ balancer `lbn`: 10.67.0.1/30 ↔ 10.67.0.2, fd67::1/64 ↔ fd67::2; the
 //!   balancer reaches the nodes' networks through it (a two-armed balancer: its tunnels leave
-//!   by XDP_REDIRECT; a tunnel sent back out of the veth it came in on by XDP_TX was never
-//!   seen by the router's end in this kernel, see README "Tunnel mode").
+//!   by XDP_REDIRECT). [`Routed::one_armed`] routes them back out of `lbr` instead (XDP_TX),
+//!   which on veth needs an XDP program on the router's `rb` (README "Tunnel mode").
 //! - router `rnK` ↔ node K's `n0`: the node's addresses of [`crate::Lab`] (`node4(K)`/28,
 //!   `node6(K)`/64, the router at .1 and ::1), the nodes' default route the router.
 //! - The router forwards with `rp_filter` off: replies come from the VIP, which it routes
@@ -188,6 +188,18 @@ impl Routed {
         }
         s.push_str(&format!("pin_dir: {pin_dir}\n{extra}"));
         s
+    }
+
+    /// Makes the balancer one-armed: it reaches the nodes' networks through `lbr` (the router's
+    /// `rb`) as well, so what it sends them leaves by XDP_TX, back out of the interface it came
+    /// in on, as on a balancer with one link.
+    pub fn one_armed(&self) -> Result<(), String> {
+        let b = &self.lab.balancer;
+        b.ip("route replace 203.0.113.0/24 via 10.66.0.1")?;
+        for k in 1..=self.lab.nodes.len() {
+            b.ip(&format!("-6 route replace 2001:db8:{k:x}::/64 via fd66::1"))?;
+        }
+        Ok(())
     }
 
     /// Makes the balancer's kernel resolve its next hops (the router's `rb` and `rbn`): a
