@@ -204,6 +204,13 @@ pub struct DpConfig {
     pub icmp_rate: u32,
 }
 
+/// The reply path records who answered a client flow (`REPLY_DESTS`) only for a reply whose
+/// IP packet is longer than this (IPv4: 576 bytes, the datagram every host must take; IPv6:
+/// 1280, its minimum MTU): only such a reply can meet a smaller path MTU, and most replies
+/// then pay nothing. Errors about shorter replies pass as before.
+pub const REPLY_DEST_MIN_V4: usize = 576;
+pub const REPLY_DEST_MIN_V6: usize = 1280;
+
 /// `icmp.rate`'s default: ICMP errors forwarded to nodes per second and CPU.
 pub const DEFAULT_ICMP_RATE: u32 = 1000;
 

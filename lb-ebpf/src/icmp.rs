@@ -11,8 +11,9 @@
 //!   origin check (`reply.rs`).
 //! - An error to a VIP about a node's reply, from a router on the way to the client
 //!   (fragmentation needed, packet too big, unreachable): the client's side saw the reply as
-//!   VIP:port → client:port. The node that last answered that client flow is in `REPLY_DESTS`
-//!   (written on the reply path, `remember`): outer destination VIP → node and quoted source
+//!   VIP:port → client:port. The node that last answered that client flow with a reply long
+//!   enough to meet a smaller path MTU is in `REPLY_DESTS` (written on the reply path,
+//!   `remember`): outer destination VIP → node and quoted source
 //!   VIP:port → node:port, so the node's kernel learns the path MTU for its socket. At most
 //!   `icmp.rate` a second and CPU; an error about an ICMP message is never forwarded (the quote
 //!   must be UDP). A tunnel VIP's replies do not cross the balancer: its errors, and those
@@ -26,6 +27,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
     csum::CsumDelta, Counter, DpConfig, FlowKey, ReplyDest, Reverse, ReverseKey, FAMILY_V4,
+    REPLY_DEST_MIN_V4, REPLY_DEST_MIN_V6,
 };
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -150,8 +152,19 @@ fn client_flow(pkt: &Packet, client: [u32; 4], port: u16, vip: [u32; 4], vip_por
 
 /// On the reply path (NAT mode): records that the node `pkt` comes from answered the client
 /// flow, unless `REPLY_DESTS` already says so (one lookup; a write only when it changes).
+/// Only a reply too long for the smallest path of its family can draw a too-big error
+/// (`REPLY_DEST_MIN_*`): a shorter one costs a compare.
 #[inline(always)]
-pub fn remember(pkt: &Packet, udp: &Udp, rev: &Reverse) {
+pub fn remember(ctx: &XdpContext, pkt: &Packet, udp: &Udp, rev: &Reverse) {
+    let ip_len = ctx.data_end() - ctx.data() - pkt.l3;
+    let min = if pkt.family == FAMILY_V4 {
+        REPLY_DEST_MIN_V4
+    } else {
+        REPLY_DEST_MIN_V6
+    };
+    if ip_len <= min {
+        return;
+    }
     let key = client_flow(pkt, pkt.dst, udp.dport, rev.vip, rev.vip_port);
     if let Some(d) = maps::REPLY_DESTS.get_ptr(key) {
         // SAFETY: LRU map value under the program's RCU read lock; a racing writer leaves

@@ -229,7 +229,7 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
         }
         count(Counter::ReplyUnnat);
         stats::from_node(ctx, rev.node_slot);
-        icmp::remember(&pkt, &udp, &rev);
+        icmp::remember(ctx, &pkt, &udp, &rev);
         return finish(ctx, &pkt, &udp, &rw, &hop, &cfg);
     }
 

@@ -580,15 +580,14 @@ fn reply_and_error(r: &mut Rng, c: &Corpus) -> (Packet, Packet) {
     } else {
         5684
     };
-    let reply = Frame::udp(
-        nmac,
-        FXN_MAC,
-        ip(node),
-        sport,
-        client,
-        cport,
-        &payload(r, c, false),
-    );
+    // Mostly long enough to be recorded (IPv4 over 576 bytes, IPv6 over 1280), now and then
+    // at or around the threshold, or short.
+    let mut body = payload(r, c, false);
+    let long = *r.pick(&[1300usize, 1400, 1300, 549, 548, 1233, 1232, 0]);
+    if body.len() < long {
+        body.resize(long, 0x17);
+    }
+    let reply = Frame::udp(nmac, FXN_MAC, ip(node), sport, client, cport, &body);
     let vip = ip(if v4 { VIP4 } else { VIP6 });
     let mut seen = reply.clone();
     seen.src = if r.chance(950) { vip } else { addr(r, v4) };

@@ -284,24 +284,31 @@ fn try_lb(
         }
         out.count(Counter::ReplyUnnat);
         out.from_node(rev.node_slot, frame.len() as u64);
-        // Who answered the client flow (written only when it changes; the reference keeps
-        // the latest either way).
-        state.reply_dests.insert(
-            FlowKey {
-                src: pkt.dst,
-                dst: rev.vip,
-                sport: udp.dport,
-                dport: rev.vip_port,
-                family: pkt.family,
-                _pad: [0; 3],
-            },
-            lb_common::ReplyDest {
-                addr: pkt.src,
-                port: udp.sport,
-                _pad: 0,
-                node_slot: rev.node_slot,
-            },
-        );
+        // Who answered the client flow, if the reply is too long for the family's smallest
+        // path (written only when it changes; the reference keeps the latest either way).
+        let min = if pkt.family == lb_common::FAMILY_V4 {
+            lb_common::REPLY_DEST_MIN_V4
+        } else {
+            lb_common::REPLY_DEST_MIN_V6
+        };
+        if frame.len() - pkt.l3 > min {
+            state.reply_dests.insert(
+                FlowKey {
+                    src: pkt.dst,
+                    dst: rev.vip,
+                    sport: udp.dport,
+                    dport: rev.vip_port,
+                    family: pkt.family,
+                    _pad: [0; 3],
+                },
+                lb_common::ReplyDest {
+                    addr: pkt.src,
+                    port: udp.sport,
+                    _pad: 0,
+                    node_slot: rev.node_slot,
+                },
+            );
+        }
         return finish(frame, &pkt, &udp, &rw, &hop, &cfg, t, out);
     }
 
