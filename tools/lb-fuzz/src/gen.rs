@@ -881,8 +881,8 @@ const TUNNEL_CLIENT_VIPS: [[&str; 2]; 2] = [[VIP4, "192.0.2.11"], [VIP6, "2001:d
 /// record or DTLS 1.3 unified header naming a node (configured, disabled, without a
 /// neighbour, one-armed, behind an interface cidlb is not on, unknown), a handshake or any
 /// payload by flow, from a few source ports (flows that repeat) or any (new flows). Now and
-/// then sized around the path MTU once encapsulated (an inner packet of 1440 to 1500 bytes),
-/// with a TOS / traffic class and flow label, IPv4 options, a VLAN tag, TTL 0 to 2, Ethernet
+/// then sized around the path MTU once encapsulated (an inner packet of 1440 to 1500 bytes;
+/// the configs' `tunnel.mtu` of 1460 / 1480 and fxn's 1500), without DF (IPv4), with a TOS / traffic class and flow label, IPv4 options, a VLAN tag, TTL 0 to 2, Ethernet
 /// padding after the IP packet, an IP length that lies, a zero or wrong UDP checksum, or
 /// arriving on the node side or the interface with forwarding off.
 fn tunnel_client(r: &mut Rng, c: &Corpus) -> Packet {
@@ -945,6 +945,8 @@ fn tunnel_client(r: &mut Rng, c: &Corpus) -> Packet {
         };
     }
     let mut f = Frame::udp(CLIENT_MAC, FXC_MAC, src, sport, dst, dport, &p);
+    // IPv4 without DF now and then (too big for the tunnel, it is dropped unanswered).
+    f.dont_fragment = !(v4 && r.chance(200));
     let ingress = if r.chance(900) {
         "fxc"
     } else {
