@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(path_mtu(0, 1500), 1500);
         assert_eq!(path_mtu(1400, 1500), 1400);
         assert_eq!(path_mtu(1500, 1400), 1400);
-        assert_eq!(inner_mtu(1400, 48, true), None);
+        assert_eq!(inner_mtu(1327, 48, true), None);
         assert_eq!(inner_mtu(1328, 48, true), Some(1280));
         assert_eq!(inner_mtu(1400, 20, false), Some(1380));
         assert_eq!(inner_mtu(87, 20, false), None);
