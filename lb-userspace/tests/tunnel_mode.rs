@@ -309,6 +309,29 @@ fn learned_mtu(client: &NetNs, vip: std::net::IpAddr, payload: Vec<u8>) -> Optio
     .unwrap()
 }
 
+/// An XDP program on the router's end of the balancer's `lbr` (the node side's decapsulation
+/// with no tunnel address: it passes every frame): native XDP_TX on a veth reaches the peer
+/// only through the peer's XDP receive path (TOOLCHAIN: "XDP_TX in driver mode needs an XDP
+/// program on the peer"). Detached when the returned object drops.
+fn xdp_on_router_end(router: &NetNs) -> cidlb::node::Decap {
+    let name = router.name.clone();
+    std::thread::spawn(move || {
+        lb_lab::enter(&name);
+        let mut d = cidlb::node::Decap::load(&[], None).unwrap_or_else(|e| panic!("{e}"));
+        let prog: &mut aya::programs::Xdp = d
+            .ebpf
+            .program_mut(lb_common::decap::PROGRAM)
+            .expect("the decapsulation program")
+            .try_into()
+            .expect("an XDP program");
+        prog.attach("rb", aya::programs::XdpMode::Driver)
+            .unwrap_or_else(|e| panic!("attach to rb: {e}"));
+        d
+    })
+    .join()
+    .unwrap()
+}
+
 /// Path MTU in tunnel mode (README "Path MTU in tunnel mode"): the underlay between router and
 /// nodes carries 1400 bytes, which the balancer's FIB cannot see (its own link to the router
 /// is 1500), so `tunnel.mtu: 1400` says it. A record too big once encapsulated is answered
@@ -317,17 +340,16 @@ fn learned_mtu(client: &NetNs, vip: std::net::IpAddr, payload: Vec<u8>) -> Optio
 /// IP_MTU, `ip route get`), and real DTLS sessions whose records fit it are answered.
 /// (A full-size datagram sent next would be fragmented by the client's kernel, and fragments
 /// to a VIP are dropped today: not tried here.) Without `tunnel.mtu` the balancer forwards the
-/// record and the router drops it: the client learns nothing. The balancer runs in generic
-/// XDP mode here: in native mode on veth the answer, sent back out of `lbr` by XDP_TX, never
-/// reached the router's end (the open XDP_TX-on-veth finding of README "Tunnel mode"); the
-/// fixtures check the native program's answers byte for byte.
+/// record and the router drops it: the client learns nothing. The answer leaves `lbr` by
+/// native XDP_TX, which reaches the router's end only with an XDP program there
+/// ([`xdp_on_router_end`]; without it `lbr` counts the XDP_TX and `rb` receives nothing).
 #[test]
 fn a_record_too_big_for_the_tunnel_teaches_the_client_its_path_mtu() {
     let bed = Bed::up_edited("ipip", "", |c| {
         c.replace("tunnel: {encap: ipip", "tunnel: {mtu: 1400, encap: ipip")
-            .replace("xdp_mode: native", "xdp_mode: generic")
     });
     let (r, lab, pins) = (&bed.r, &bed.r.lab, &bed.pins);
+    let _pass = xdp_on_router_end(&r.router);
     for k in 1..=lab.nodes.len() {
         r.router.ip(&format!("link set rn{k} mtu 1400")).unwrap();
         lab.nodes[k - 1].ip("link set n0 mtu 1400").unwrap();
