@@ -168,7 +168,7 @@ counters! {
     DropTunnelFib = "drop_tunnel_fib",
     /// To a tunnel VIP, VLAN-tagged: dropped (the datapath encapsulates untagged frames only).
     DropTunnelVlan = "drop_tunnel_vlan",
-    /// To a node of a tunnel VIP, larger than the path MTU once encapsulated: dropped (the underlay must carry the client's MTU plus the encapsulation).
+    /// To a node of a tunnel VIP, larger than the tunnel's path MTU once encapsulated, and no answer can help: IPv4 without DF (the balancer does not fragment, and the sender does no path MTU discovery), or a path MTU below the encapsulation plus 68 (IPv4) / 1280 (IPv6) bytes: dropped unanswered.
     DropTunnelTooBig = "drop_tunnel_too_big",
     /// ICMP error from a node about a client's datagram to a VIP (port unreachable, ...): outer source and quoted destination rewritten to the VIP and its port, checksums fixed (NAT mode).
     ReplyIcmpUnnat = "reply_icmp_unnat",
@@ -178,6 +178,10 @@ counters! {
     PassIcmpNoNode = "pass_icmp_no_node",
     /// ICMP error for a node over `icmp.rate` on this CPU: dropped.
     DropIcmpRatelimited = "drop_icmp_ratelimited",
+    /// To a node of a tunnel VIP, larger than the tunnel's path MTU once encapsulated (IPv4 with DF, or IPv6): answered with ICMP fragmentation needed / packet too big from the VIP, carrying the MTU that fits (XDP_TX); the packet is not forwarded.
+    IcmpTooBigSent = "icmp_too_big_sent",
+    /// As icmp_too_big_sent, but over the answers' rate limit (200 a second per CPU, bursts of 20): dropped unanswered.
+    DropIcmpTooBigLimited = "drop_icmp_too_big_limited",
 }
 
 impl Counter {

@@ -10,6 +10,21 @@
 
 use core::mem::size_of;
 
+/// One GCRA step: the bucket's next `tat` if an event at `now` fits within `tolerance`
+/// (`burst * interval`), else `None`. Every bucket of the datapath takes this step: the
+/// new-flow limits, the ICMP errors sent on to nodes (`icmp.rate`), the packet-too-big
+/// answers.
+#[inline(always)]
+pub const fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
+    let next = if tat > now { tat } else { now }.saturating_add(interval);
+    // next > now: the subtraction cannot wrap.
+    if next - now <= tolerance {
+        Some(next)
+    } else {
+        None
+    }
+}
+
 /// `LIMIT_CFG` (one-entry array): what is limited and how. All zero: no limits.
 pub const LIMIT_CFG: &str = "LIMIT_CFG";
 /// `SRC_BUCKETS` (LRU hash): per-source bucket, [`SrcKey`] → `tat` (u64).

@@ -64,6 +64,60 @@ pub const fn overhead(encap: u8, ipv6: bool) -> usize {
     }
 }
 
+/// The path MTU of a tunnel packet: the smaller of the configured `tunnel.mtu` and the FIB's
+/// MTU towards the node's next hop (route or device MTU), each 0 when unknown (0: no limit).
+#[inline(always)]
+pub const fn path_mtu(configured: u16, fib: u16) -> u16 {
+    if configured != 0 && (fib == 0 || configured < fib) {
+        configured
+    } else {
+        fib
+    }
+}
+
+/// The MTU a packet-too-big answer reports: the path MTU less the encapsulation, `None` when
+/// no answer can be right: below IPv4's 68 (RFC 791) or IPv6's 1280 (RFC 8200 §5; the config
+/// check refuses a `tunnel.mtu` that low, the FIB's MTU is the underlay's business).
+#[inline(always)]
+pub const fn inner_mtu(path_mtu: u16, overhead: usize, ipv6: bool) -> Option<u16> {
+    let m = path_mtu as usize;
+    let min = if ipv6 { MIN_MTU6 } else { MIN_MTU4 };
+    if m < overhead + min {
+        None
+    } else {
+        Some((m - overhead) as u16)
+    }
+}
+
+/// IPv4's smallest MTU (RFC 791) and IPv6's (RFC 8200 §5).
+pub const MIN_MTU4: usize = 68;
+pub const MIN_MTU6: usize = 1280;
+
+/// The largest ICMP error, quote included: 576 bytes over IPv4 (RFC 1812 §4.3.2.3), 1280 over
+/// IPv6 (RFC 4443 §2.4 (c)).
+pub const ICMP4_MAX: usize = 576;
+pub const ICMP6_MAX: usize = 1280;
+
+/// Packet-too-big answers, per CPU: a GCRA bucket (`TOO_BIG_BUCKET`, the theoretical arrival
+/// time on the coarse clock) admitting one answer every `TOO_BIG_INTERVAL_NS` (200 a second
+/// per CPU) with bursts of `TOO_BIG_BURST`. Constants, not configuration: like the kernel's own
+/// `icmp_msgs_per_sec`, this only keeps a flood of large packets from turning the balancer
+/// into an ICMP source.
+pub const TOO_BIG_BUCKET: &str = "TOO_BIG_BUCKET";
+pub const TOO_BIG_INTERVAL_NS: u64 = 5_000_000;
+pub const TOO_BIG_BURST: u64 = 20;
+
+/// The GCRA step of [`TOO_BIG_BUCKET`]: the bucket's new value if an answer may go now.
+#[inline(always)]
+pub const fn too_big_admit(tat: u64, now: u64) -> Option<u64> {
+    crate::limits::gcra(
+        tat,
+        now,
+        TOO_BIG_INTERVAL_NS,
+        TOO_BIG_BURST * TOO_BIG_INTERVAL_NS,
+    )
+}
+
 /// `VIP_TUNNEL` value. All zero: NAT mode.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -79,7 +133,10 @@ pub struct Tunnel {
     /// Low bits of `src4` / `src6` replaced by the flow hash (0: the address as it is).
     pub src4_bits: u8,
     pub src6_bits: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// `tunnel.mtu`: the underlay's path MTU to the nodes (outer packet bytes, host order;
+    /// 0: not configured, the FIB's MTU alone). See [`path_mtu`].
+    pub mtu: u16,
 }
 
 impl Tunnel {
@@ -146,5 +203,29 @@ mod tests {
         assert_eq!(gue_source_port(0x1234_5678), 0xc000 | 0x1678);
         assert_eq!(overhead(ENCAP_GUE, true), 48);
         assert_eq!(overhead(ENCAP_IPIP, false), 20);
+    }
+
+    #[test]
+    fn path_mtu_is_the_smaller_known_one() {
+        assert_eq!(path_mtu(0, 0), 0);
+        assert_eq!(path_mtu(1400, 0), 1400);
+        assert_eq!(path_mtu(0, 1500), 1500);
+        assert_eq!(path_mtu(1400, 1500), 1400);
+        assert_eq!(path_mtu(1500, 1400), 1400);
+        assert_eq!(inner_mtu(1327, 48, true), None);
+        assert_eq!(inner_mtu(1328, 48, true), Some(1280));
+        assert_eq!(inner_mtu(1400, 20, false), Some(1380));
+        assert_eq!(inner_mtu(87, 20, false), None);
+    }
+
+    #[test]
+    fn too_big_bucket_admits_a_burst_then_the_rate() {
+        let now = 1_000_000_000;
+        let mut tat = 0;
+        for _ in 0..TOO_BIG_BURST {
+            tat = too_big_admit(tat, now).expect("within the burst");
+        }
+        assert_eq!(too_big_admit(tat, now), None);
+        assert!(too_big_admit(tat, now + TOO_BIG_INTERVAL_NS).is_some());
     }
 }

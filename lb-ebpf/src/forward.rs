@@ -93,6 +93,19 @@ impl NextHop {
         self.dmac
     }
 
+    /// Lowers the path MTU to `mtu` (a tunnel's configured one; 0: none) if it is smaller or
+    /// the FIB's is unknown (`lb_common::tunnel::path_mtu`).
+    #[inline(always)]
+    pub fn limit_mtu(&mut self, mtu: u16) {
+        self.mtu = lb_common::tunnel::path_mtu(mtu, self.mtu);
+    }
+
+    /// The path MTU (0: unknown).
+    #[inline(always)]
+    pub fn mtu(&self) -> u32 {
+        self.mtu as u32
+    }
+
     /// Does the packet, `extra` bytes larger (an encapsulation), fit the path MTU?
     #[inline(always)]
     pub fn fits(&self, extra: u32) -> bool {

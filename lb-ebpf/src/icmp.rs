@@ -26,8 +26,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
-    csum::CsumDelta, Counter, DpConfig, FlowKey, ReplyDest, Reverse, ReverseKey, FAMILY_V4,
-    REPLY_DEST_MIN_V4, REPLY_DEST_MIN_V6,
+    csum::CsumDelta, limits::gcra, Counter, DpConfig, FlowKey, ReplyDest, Reverse, ReverseKey,
+    FAMILY_V4, REPLY_DEST_MIN_V4, REPLY_DEST_MIN_V6,
 };
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -212,7 +212,7 @@ pub fn reply_dest(pkt: &Packet, q: &Quote) -> Option<ReplyDest> {
 pub fn admit(cfg: &DpConfig) -> Result<(), Counter> {
     let rate = u64::from(cfg.icmp_rate.max(1));
     let interval = 1_000_000_000 / rate;
-    let tolerance = interval * ((rate / 10).max(1) - 1);
+    let tolerance = interval * (rate / 10).max(1);
     let tat = maps::ICMP_TAT
         .get_ptr_mut(0)
         .ok_or(Counter::DropIcmpRatelimited)?;
@@ -220,11 +220,7 @@ pub fn admit(cfg: &DpConfig) -> Result<(), Counter> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
     unsafe {
-        let t = (*tat).max(now);
-        if t - now > tolerance {
-            return Err(Counter::DropIcmpRatelimited);
-        }
-        *tat = t + interval;
+        *tat = gcra(*tat, now, interval, tolerance).ok_or(Counter::DropIcmpRatelimited)?;
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use lb_common::{
-    limits::{LimitConfig, SrcKey, LIMIT_F_GLOBAL, LIMIT_F_SOURCE},
+    limits::{gcra, LimitConfig, SrcKey, LIMIT_F_GLOBAL, LIMIT_F_SOURCE},
     Counter, FAMILY_V6,
 };
 
@@ -55,14 +55,6 @@ fn src_key(pkt: &Packet) -> SrcKey {
         family: pkt.family,
         _pad: [0; 3],
     }
-}
-
-/// GCRA: the bucket's next `tat` if a flow at `now` fits within `tolerance`.
-#[inline(always)]
-fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
-    let next = if tat > now { tat } else { now }.saturating_add(interval);
-    // next > now: the subtraction cannot wrap.
-    (next - now <= tolerance).then_some(next)
 }
 
 #[inline(always)]

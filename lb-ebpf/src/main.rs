@@ -12,6 +12,7 @@
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
 //! - `icmp.rs`    a node's ICMP error to a client, un-NATed like its replies
 //! - `tunnel.rs`  or, for a tunnel VIP, the packet encapsulated to its node (IPIP or GUE)
+//! - `too_big.rs` or, too big for the tunnel's path MTU, answered with ICMP frag needed / too big
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
 //! - `stats.rs`   per-CPU counters; `maps.rs` every map
 #![no_std]
@@ -31,6 +32,7 @@ mod nat;
 mod parse;
 mod reply;
 mod stats;
+mod too_big;
 mod tunnel;
 mod vip;
 
@@ -78,6 +80,13 @@ pub fn cidlb(ctx: XdpContext) -> u32 {
                 stats::action_for(reason)
             }
         },
+        Then::TooBig => match too_big::answer(&ctx, next.vip, next.node) {
+            Ok(()) => aya_ebpf::bindings::xdp_action::XDP_TX,
+            Err(reason) => {
+                count(reason);
+                stats::action_for(reason)
+            }
+        },
     }
 }
 
@@ -91,12 +100,15 @@ pub enum Then {
     Learn,
     /// Encapsulate to the node (a tunnel VIP; the packet is otherwise forwarded already).
     Encap,
+    /// Too big for the tunnel: answer the client (`too_big.rs`), nothing written yet.
+    TooBig,
 }
 
 /// What follows `balance` for this packet, as `try_lb` finds it.
 struct Next {
     then: Then,
-    /// For `Encap`: the VIP's index, its UDP header's offset and the node's id.
+    /// For `Encap`: the VIP's index, its UDP header's offset and the node's id. For `TooBig`:
+    /// the encapsulation's bytes in `vip`, the tunnel's path MTU in `node`.
     vip: u32,
     l4: u32,
     node: u32,
@@ -190,7 +202,8 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
         // replies, so its ClientHellos are never checked for one (`Encap` replaces `Prove`).
         if let Some(t) = tunnel::of_vip(vip) {
             let to = tunnel::addressing(&pkt, &udp, &node, t)?;
-            let hop = forward::lookup_node(ctx, &pkt, &to, node.slot)?;
+            let mut hop = forward::lookup_node(ctx, &pkt, &to, node.slot)?;
+            hop.limit_mtu(t.mtu);
             stats::to_node(ctx, node.slot);
             if cfg.shadow != 0 {
                 return Err(Counter::ShadowPass);
@@ -201,7 +214,20 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
                 l4: udp.off as u32,
                 node: id,
             };
-            return forward::send(ctx, &pkt, &hop, &forward::TUNNEL, tunnel::overhead(t, &pkt));
+            let over = tunnel::overhead(t, &pkt);
+            return match forward::send(ctx, &pkt, &hop, &forward::TUNNEL, over) {
+                // Answered after `balance` (`too_big.rs`), which counts what it does.
+                Err(Counter::DropTunnelTooBig) => {
+                    *next = Next {
+                        then: Then::TooBig,
+                        vip: over,
+                        l4: 0,
+                        node: hop.mtu(),
+                    };
+                    Ok(aya_ebpf::bindings::xdp_action::XDP_DROP)
+                }
+                sent => sent,
+            };
         }
         let rw = Rewrite::to_node(&pkt, &udp, &node)?;
         let hop = forward::lookup_node(ctx, &pkt, &rw.addressing(&pkt, &udp), node.slot)?;

@@ -217,3 +217,9 @@ pub fn node(id: u32) -> Option<Node> {
     // SAFETY: the value is copied out while the RCU read lock of the program run holds.
     unsafe { NODES.get(id).copied() }
 }
+
+/// The packet-too-big answers' rate limit (`too_big.rs`): per CPU, the GCRA bucket's
+/// theoretical arrival time on the coarse clock (`lb_common::tunnel::too_big_admit`). Not
+/// pinned: an upgrade starts with full buckets.
+#[map]
+pub static TOO_BIG_BUCKET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -388,6 +388,35 @@ fn tunnel(cfg: &Config, i: usize, vip: &Vip) -> Result<(), (String, String)> {
         }
         _ => {}
     }
+    if let Some(mtu) = t.mtu {
+        // The tunnel must carry the smallest packet a client may send without fragmenting:
+        // 1280 bytes over IPv6 (RFC 8200 §5; no packet-too-big below that helps), 576 over
+        // IPv4 (RFC 791's datagram every host accepts; Linux takes no path MTU below 552).
+        let v6 = vip.address.is_ipv6();
+        let over = lb_common::tunnel::overhead(
+            match t.encap {
+                Encap::Ipip => lb_common::tunnel::ENCAP_IPIP,
+                Encap::Gue => lb_common::tunnel::ENCAP_GUE,
+            },
+            v6,
+        );
+        let least = over + if v6 { 1280 } else { 576 };
+        if usize::from(mtu) < least {
+            return err(
+                "tunnel.mtu",
+                format!(
+                    "{mtu} cannot carry a {}-byte {} packet plus the {over}-byte {} encapsulation: \
+                     at least {least} (the underlay's path MTU to the nodes)",
+                    least - over,
+                    if v6 { "IPv6" } else { "IPv4" },
+                    match t.encap {
+                        Encap::Ipip => "ipip",
+                        Encap::Gue => "gue",
+                    }
+                ),
+            );
+        }
+    }
     if let Some((k, n)) = cfg.nodes.iter().enumerate().find(|(_, n)| n.port.is_some()) {
         return Err((
             format!("nodes[{k}].port"),
@@ -863,6 +892,10 @@ mod tests {
                 &["vips[0].tunnel.gue_port", "only for encap: gue"],
             ),
             (
+                "    forwarding: tunnel\n    tunnel: {encap: gue, source4: 10.9.0.1, gue_port: 6080, mtu: 603}\n",
+                &["vips[0].tunnel.mtu", "603", "at least 604"],
+            ),
+            (
                 "    forwarding: tunnel\n    tunnel: {encap: vxlan, source4: 10.9.0.1}\n",
                 &["vxlan", "ipip", "gue"],
             ),
@@ -888,9 +921,9 @@ mod tests {
         );
         let ok = parse(&base.replace(
             vip,
-            &format!("{vip}    forwarding: tunnel\n    tunnel: {{encap: gue, source4: 10.9.0.0/24, gue_port: 6080}}\n"),
+            &format!("{vip}    forwarding: tunnel\n    tunnel: {{encap: gue, source4: 10.9.0.0/24, gue_port: 6080, mtu: 604}}\n"),
         ))
         .unwrap();
-        assert!(ok.vips[0].tunnel().is_some());
+        assert_eq!(ok.vips[0].tunnel().and_then(|t| t.mtu), Some(604));
     }
 }

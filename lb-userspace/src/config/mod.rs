@@ -215,6 +215,11 @@ pub struct Tunnel {
     /// The UDP port the nodes decapsulate GUE on (`encap: gue`).
     #[serde(default)]
     pub gue_port: Option<u16>,
+    /// The underlay's path MTU to the nodes (outer packets), when it is below what the FIB
+    /// says of the next hop (a smaller link several hops away): the smaller of the two is the
+    /// tunnel's path MTU. `None`: the FIB's (route or device) MTU alone.
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

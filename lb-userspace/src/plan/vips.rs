@@ -40,6 +40,7 @@ pub fn tunnel(vip: &Vip) -> Tunnel {
             Encap::Gue => ENCAP_GUE,
         },
         gue_port: port_wire(t.gue_port.unwrap_or(0)),
+        mtu: t.mtu.unwrap_or(0),
         ..Tunnel::default()
     };
     if let Some(p) = t.source4 {

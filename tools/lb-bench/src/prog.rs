@@ -76,6 +76,7 @@ fn tunnel_config(nodes: u32, encap: Encap) -> Result<Config> {
         source4: Some(Prefix::parse("198.19.0.1").map_err(|e| anyhow!(e))?),
         source6: None,
         gue_port: matches!(encap, Encap::Gue).then_some(6080),
+        mtu: None,
     });
     Ok(cfg)
 }

@@ -12,7 +12,7 @@ use lb_common::splitmix::SplitMix64;
 use lb_lab::{
     fib::*,
     hello::{self, Handshake, COOKIE_EXT},
-    packet::{cid_record, icmp_error, port_unreachable, unified_record, Frame, IcmpError, Mac},
+    packet::{cid_record, icmp_error, unified_record, Frame, IcmpError, Mac},
 };
 
 /// `lb_common::splitmix` with the helpers the generator needs: the same sequence for a seed
@@ -531,7 +531,15 @@ fn node_icmp_error(r: &mut Rng, c: &Corpus) -> Packet {
     };
     let to = if r.chance(950) { client } else { addr(r, v4) };
     let smac = if r.chance(800) { nmac } else { mac(r) };
-    let mut frame = port_unreachable(smac, FXN_MAC, ip(node), to, 64, &whole[..keep]);
+    let mut frame = icmp_error(
+        smac,
+        FXN_MAC,
+        ip(node),
+        to,
+        64,
+        IcmpError::PortUnreachable,
+        &whole[..keep],
+    );
     let l3 = 14;
     let icmp = if v4 { l3 + 20 } else { l3 + 40 };
     if r.chance(500) {
@@ -607,12 +615,14 @@ fn reply_and_error(r: &mut Rng, c: &Corpus) -> (Packet, Packet) {
     let router = ip(if v4 { "198.51.100.1" } else { "2001:db8:c::1" });
     let from = if r.chance(800) { router } else { addr(r, v4) };
     let kind = if r.chance(700) {
-        IcmpError::TooBig(*r.pick(&[1280u16, 1400, 576, 0]))
+        IcmpError::TooBig {
+            mtu: *r.pick(&[1280u16, 1400, 576, 0]),
+        }
     } else {
         IcmpError::PortUnreachable
     };
     let to = if r.chance(950) { vip } else { addr(r, v4) };
-    let error = icmp_error(kind, mac(r), FXC_MAC, from, to, 64, &quoted[..keep]);
+    let error = icmp_error(mac(r), FXC_MAC, from, to, 64, kind, &quoted[..keep]);
     (
         Packet {
             frame: reply.bytes(),
@@ -1041,8 +1051,8 @@ const TUNNEL_CLIENT_VIPS: [[&str; 2]; 2] = [[VIP4, "192.0.2.11"], [VIP6, "2001:d
 /// record or DTLS 1.3 unified header naming a node (configured, disabled, without a
 /// neighbour, one-armed, behind an interface cidlb is not on, unknown), a handshake or any
 /// payload by flow, from a few source ports (flows that repeat) or any (new flows). Now and
-/// then sized around the path MTU once encapsulated (an inner packet of 1440 to 1500 bytes),
-/// with a TOS / traffic class and flow label, IPv4 options, a VLAN tag, TTL 0 to 2, Ethernet
+/// then sized around the path MTU once encapsulated (an inner packet of 1440 to 1500 bytes;
+/// the configs' `tunnel.mtu` of 1460 / 1480 and fxn's 1500), without DF (IPv4), with a TOS / traffic class and flow label, IPv4 options, a VLAN tag, TTL 0 to 2, Ethernet
 /// padding after the IP packet, an IP length that lies, a zero or wrong UDP checksum, or
 /// arriving on the node side or the interface with forwarding off.
 fn tunnel_client(r: &mut Rng, c: &Corpus) -> Packet {
@@ -1105,6 +1115,8 @@ fn tunnel_client(r: &mut Rng, c: &Corpus) -> Packet {
         };
     }
     let mut f = Frame::udp(CLIENT_MAC, FXC_MAC, src, sport, dst, dport, &p);
+    // IPv4 without DF now and then (too big for the tunnel, it is dropped unanswered).
+    f.dont_fragment = !(v4 && r.chance(200));
     let ingress = if r.chance(900) {
         "fxc"
     } else {

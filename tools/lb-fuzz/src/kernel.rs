@@ -83,6 +83,21 @@ impl Kernel {
         Ok(())
     }
 
+    /// Sets the packet-too-big answers' bucket (`TOO_BIG_BUCKET`) on every CPU to `tat`, the
+    /// reference's one bucket: whichever CPU the next frame runs on starts where the reference
+    /// does.
+    pub fn set_too_big(&mut self, tat: u64) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut m: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(
+            self.dp
+                .ebpf
+                .map_mut(lb_common::tunnel::TOO_BIG_BUCKET)
+                .context("TOO_BIG_BUCKET")?,
+        )?;
+        m.set(0, PerCpuValues::try_from(vec![tat; cpus])?, 0)?;
+        Ok(())
+    }
+
     /// Every counter (in `Counter::ALL` order) and each node slot's traffic, summed over CPUs
     /// by the agent's own reader (`cidlb stats`).
     fn counters(&self) -> Result<(Vec<u64>, BTreeMap<u32, NodeStats>)> {

@@ -323,13 +323,13 @@ nodes:
 /// frames go) in tunnel mode, 192.0.2.11 and 2001:db8:ffff::11 in NAT mode. Node 3 has no
 /// neighbour entry, node 5 sits on the client side (XDP_TX), node 6 behind the interface
 /// cidlb is not attached to.
-const TUNNEL_VIPS: &str = r#"  - {address: 192.0.2.10, ports: [5684, "20000-20100"], forwarding: tunnel, tunnel: {encap: ipip, source4: 10.99.0.1}}
+const TUNNEL_VIPS: &str = r#"  - {address: 192.0.2.10, ports: [5684, "20000-20100"], forwarding: tunnel, tunnel: {encap: ipip, source4: 10.99.0.1, mtu: 1460}}
   - {address: "2001:db8:ffff::10", ports: [5684], forwarding: tunnel, tunnel: {encap: gue, source6: "fd99::/116", gue_port: 6080}}
   - {address: 192.0.2.11, ports: [5684, 5685]}
   - {address: "2001:db8:ffff::11", ports: [5684]}
 "#;
 const TUNNEL_VIPS_SWAPPED: &str = r#"  - {address: 192.0.2.10, ports: [5684, "20000-20100"], forwarding: tunnel, tunnel: {encap: gue, source4: 10.99.0.0/16, gue_port: 6080}}
-  - {address: "2001:db8:ffff::10", ports: [5684], forwarding: tunnel, tunnel: {encap: ipip, source6: "fd99::1"}}
+  - {address: "2001:db8:ffff::10", ports: [5684], forwarding: tunnel, tunnel: {encap: ipip, source6: "fd99::1", mtu: 1480}}
   - {address: 192.0.2.11, ports: [5684, 5685]}
   - {address: "2001:db8:ffff::11", ports: [5684]}
 "#;
@@ -887,9 +887,25 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
                 }
             }
             state.now_ns = steady_now(&state);
+            // The packet-too-big answers' bucket: the kernel's (on every CPU) set to the
+            // reference's before each frame; for every tenth frame emptied in both, by more
+            // than a tick of the coarse clock, and refilled after it as it was (so the
+            // reference's clock never meets the kernel's at the bucket's edge).
+            let tat = state.too_big_tat;
+            if CONFIGS[ci].frames == Frames::Tunnels {
+                if done % 10 == 3 {
+                    state.too_big_tat = state.now_ns
+                        + lb_common::tunnel::TOO_BIG_BURST * lb_common::tunnel::TOO_BIG_INTERVAL_NS
+                        + 50_000_000;
+                }
+                kernel.set_too_big(state.too_big_tat)?;
+            }
             let k = kernel.run(&p.frame, ifindex)?;
             state.precise = precise(&kernel, &k, &p.frame, &tables)?;
             let want = lb_reference::classify(&p.frame, ifindex, &tables, &mut state, &fib);
+            if CONFIGS[ci].frames == Frames::Tunnels && done % 10 == 3 {
+                state.too_big_tat = tat;
+            }
             let mut counters_agree = true;
             for (i, &c) in Counter::ALL.iter().enumerate() {
                 hits[i] += k.counters[i];

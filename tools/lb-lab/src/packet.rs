@@ -33,6 +33,8 @@ pub struct Frame {
     pub payload: Vec<u8>,
     /// IPv4: send with UDP checksum 0 ("none").
     pub zero_udp_checksum: bool,
+    /// IPv4: DF set (the default, as Linux sends UDP under path MTU discovery).
+    pub dont_fragment: bool,
     /// Override the UDP length field.
     pub udp_len_override: Option<u16>,
 }
@@ -63,6 +65,7 @@ impl Frame {
             dport,
             payload: payload.to_vec(),
             zero_udp_checksum: false,
+            dont_fragment: true,
             udp_len_override: None,
         }
     }
@@ -107,6 +110,7 @@ impl Frame {
                 ip.identification = 0x1234;
                 ip.options = Ipv4Options::try_from(&self.ipv4_options[..]).unwrap();
                 ip.total_len += self.ipv4_options.len() as u16;
+                ip.dont_fragment = self.dont_fragment;
                 if self.more_fragments || self.fragment_offset != 0 {
                     ip.dont_fragment = false;
                     ip.more_fragments = self.more_fragments;
@@ -249,46 +253,26 @@ pub fn assert_checksums(frame: &[u8], what: &str) {
     }
 }
 
-/// An ICMP error's kind.
+/// Which ICMP error [`icmp_error`] builds.
 #[derive(Clone, Copy, Debug)]
 pub enum IcmpError {
     /// Port unreachable: ICMPv4 type 3 code 3, ICMPv6 type 1 code 4.
     PortUnreachable,
-    /// The path's MTU is smaller: ICMPv4 fragmentation needed (type 3 code 4) with the
-    /// next-hop MTU, ICMPv6 packet too big (type 2) with the MTU.
-    TooBig(u16),
+    /// ICMPv4 fragmentation needed (type 3 code 4, RFC 1191) or ICMPv6 packet too big
+    /// (type 2, RFC 4443 §3.2), with the MTU that fits.
+    TooBig { mtu: u16 },
 }
 
-/// A port-unreachable error from `src` to `dst` with hop limit `ttl`, quoting `quote`: see
-/// [`icmp_error`].
-pub fn port_unreachable(
-    src_mac: Mac,
-    dst_mac: Mac,
-    src: IpAddr,
-    dst: IpAddr,
-    ttl: u8,
-    quote: &[u8],
-) -> Vec<u8> {
-    icmp_error(
-        IcmpError::PortUnreachable,
-        src_mac,
-        dst_mac,
-        src,
-        dst,
-        ttl,
-        quote,
-    )
-}
-
-/// An ICMP error of `kind` from `src` to `dst` with hop limit `ttl`, quoting `quote` (an IP
-/// packet, as much of it as the sender keeps). Built with etherparse, checksums from scratch.
+/// An ICMP error `kind` from `src` to `dst` with hop limit `ttl`, quoting `quote` (an IP
+/// packet, as much of it as the sender keeps). IPv4 header: TOS 0, identification 0, DF.
+/// Built with etherparse, checksums from scratch.
 pub fn icmp_error(
-    kind: IcmpError,
     src_mac: Mac,
     dst_mac: Mac,
     src: IpAddr,
     dst: IpAddr,
     ttl: u8,
+    kind: IcmpError,
     quote: &[u8],
 ) -> Vec<u8> {
     use etherparse::{icmpv4, icmpv6, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type};
@@ -307,13 +291,13 @@ pub fn icmp_error(
     .unwrap();
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let why = match kind {
+            let code = match kind {
                 IcmpError::PortUnreachable => icmpv4::DestUnreachableHeader::Port,
-                IcmpError::TooBig(mtu) => {
+                IcmpError::TooBig { mtu } => {
                     icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu }
                 }
             };
-            let icmp = Icmpv4Header::with_checksum(Icmpv4Type::DestinationUnreachable(why), quote);
+            let icmp = Icmpv4Header::with_checksum(Icmpv4Type::DestinationUnreachable(code), quote);
             let len = icmp.header_len() + quote.len();
             let ip =
                 Ipv4Header::new(len as u16, ttl, IpNumber::ICMP, s.octets(), d.octets()).unwrap();
@@ -325,7 +309,7 @@ pub fn icmp_error(
                 IcmpError::PortUnreachable => {
                     Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
                 }
-                IcmpError::TooBig(mtu) => Icmpv6Type::PacketTooBig { mtu: mtu.into() },
+                IcmpError::TooBig { mtu } => Icmpv6Type::PacketTooBig { mtu: mtu.into() },
             };
             let icmp = Icmpv6Header::with_checksum(ty, s.octets(), d.octets(), quote).unwrap();
             Ipv6Header {

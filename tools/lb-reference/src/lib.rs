@@ -40,6 +40,7 @@ pub mod nat;
 pub mod parse;
 pub mod reply;
 pub mod stats;
+pub mod too_big;
 pub mod tunnel;
 pub mod vip;
 
@@ -121,6 +122,9 @@ pub struct State {
     pub reply_dests: HashMap<FlowKey, lb_common::ReplyDest>,
     /// `ICMP_TAT` of the one CPU: the next ICMP error's theoretical arrival time.
     pub icmp_tat: u64,
+    /// `TOO_BIG_BUCKET` (of the one CPU): when the packet-too-big answers' bucket is full
+    /// again (`too_big.rs`).
+    pub too_big_tat: u64,
 }
 
 /// Runs one frame received on `ingress` through the reference: the datapath's `balance`
@@ -240,8 +244,12 @@ fn try_lb(
         };
         if let Some(tun) = tunnel::of_vip(t, &pkt) {
             let (src, dst) = tunnel::addressing(&pkt, &node, &tun)?;
-            let hop =
+            let mut hop =
                 forward::lookup_node(fib, state, frame, &pkt, (&src, &dst), ingress, node.slot);
+            // The tunnel's path MTU: tunnel.mtu where it is smaller, or the FIB's is unknown.
+            if tun.mtu != 0 && (hop.mtu == 0 || tun.mtu < hop.mtu) {
+                hop.mtu = tun.mtu;
+            }
             out.to_node(node.slot, frame.len() as u64);
             if cfg.shadow != 0 {
                 return Err(Counter::ShadowPass);
@@ -250,7 +258,12 @@ fn try_lb(
             // place of the cookie step, whether the packet is sent or not.
             *hello = cookie::Hello::None;
             let extra = tunnel::overhead(&tun, &pkt);
-            let action = forward::send(t, &pkt, &hop, &forward::TUNNEL, extra, out)?;
+            let action = match forward::send(t, &pkt, &hop, &forward::TUNNEL, extra, out) {
+                Err(Counter::DropTunnelTooBig) => {
+                    return too_big::answer(frame, &pkt, state, extra, hop.mtu, out)
+                }
+                sent => sent?,
+            };
             out.frame = tunnel::encap(&out.frame, &pkt, udp.off, &node, &tun);
             out.count(tunnel::counter(&tun));
             return Ok(action);

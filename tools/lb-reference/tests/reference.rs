@@ -420,8 +420,9 @@ fn tunnel_vips_encapsulate_as_etherparse_builds_it_and_drop_what_they_cannot_sen
     assert_eq!((out.action, &out.frame), (XDP_REDIRECT, &want6));
     assert_eq!(out.delta(Counter::TunnelEncapGue), 1);
 
-    // Too big once encapsulated (1481 + 20 > 1500): dropped, where NAT would pass it.
-    let big = Frame::udp(
+    // Too big once encapsulated (1481 + 20 > 1500): answered from the VIP with fragmentation
+    // needed, MTU 1480, quoting 548 bytes (576 in all), where NAT would pass it.
+    let mut big = Frame::udp(
         CLIENT_MAC,
         FXC_MAC,
         ip(CLIENT4),
@@ -430,6 +431,20 @@ fn tunnel_vips_encapsulate_as_etherparse_builds_it_and_drop_what_they_cannot_sen
         5684,
         &cid_record(&[1, 1, 2, 3, 4, 5], &vec![7; 1481 - 28 - 19]),
     );
+    let out = classify(&big.bytes(), FXC, &t, &mut State::default(), &fib);
+    let answer = lb_lab::packet::icmp_error(
+        FXC_MAC,
+        CLIENT_MAC,
+        ip(VIP4),
+        ip(CLIENT4),
+        64,
+        lb_lab::packet::IcmpError::TooBig { mtu: 1480 },
+        &big.bytes()[14..14 + 548],
+    );
+    assert_eq!((out.action, &out.frame), (lb_reference::XDP_TX, &answer));
+    assert_eq!(out.delta(Counter::IcmpTooBigSent), 1);
+    // Without DF: dropped unanswered.
+    big.dont_fragment = false;
     let out = classify(&big.bytes(), FXC, &t, &mut State::default(), &fib);
     assert_eq!(
         (out.action, out.delta(Counter::DropTunnelTooBig)),
