@@ -58,8 +58,9 @@ pub fn addr_key(ip: core::net::IpAddr) -> AddrKey {
 /// `GLOBAL_BUCKET` one bucket shared by every CPU (an array, not a per-CPU array), and adds
 /// `SRC_FILTER`, `LOCAL_ADDRS` (impossible sources) and `VLAN_IFACES` (the origin check of
 /// tagged replies). Version 5 adds `COOKIES` and `COOKIE_KEY` (known sources proven by the
-/// node's cookie, `cookie.rs`).
-pub const LAYOUT_VERSION: u32 = 5;
+/// node's cookie, `cookie.rs`). Version 6 adds `FRAGS` (later IP fragments follow their first,
+/// `lb_common::frag`).
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Slots of the `STATS` array: room to append counters without changing the pinned layout.
 pub const STATS_SLOTS: u32 = 128;
