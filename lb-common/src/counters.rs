@@ -172,7 +172,7 @@ counters! {
     DropTunnelTooBig = "drop_tunnel_too_big",
     /// ICMP error from a node about a client's datagram to a VIP (port unreachable, ...): outer source and quoted destination rewritten to the VIP and its port, checksums fixed (NAT mode).
     ReplyIcmpUnnat = "reply_icmp_unnat",
-    /// First fragment of a datagram to a VIP port (IPv4 MF with offset 0, or an IPv6 Fragment header with offset 0): routed by its content like any datagram, its node recorded in `FRAGS` for the later fragments.
+    /// First fragment of a datagram to a VIP port (IPv4 MF with offset 0, or an IPv6 Fragment header with offset 0): balanced by its content like any datagram; unless it is dropped, its node is recorded in `FRAGS` for the later fragments.
     FragFirst = "frag_first",
     /// Later fragment (offset not zero) to a VIP: sent to its first fragment's node (`FRAGS`), rewritten or encapsulated alike.
     FragFollowed = "frag_followed",

@@ -154,7 +154,11 @@ pub fn first_ports() -> [u16; 2] {
 pub fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4]) -> Result<(), Counter> {
     if pkt.family == FAMILY_V4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Counter::PassTruncated)?;
-        let old = if side == Side::Dst { pkt.dst[0] } else { pkt.src[0] };
+        let old = if side == Side::Dst {
+            pkt.dst[0]
+        } else {
+            pkt.src[0]
+        };
         // SAFETY: bounds checked by ptr_at.
         unsafe {
             let check = CsumDelta::from_check(u16::from_ne_bytes((*ip).check))

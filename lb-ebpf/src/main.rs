@@ -42,10 +42,7 @@ use lb_common::{Counter, DpConfig};
 use crate::{
     forward::NextHop,
     nat::Rewrite,
-    parse::{
-        Packet, Udp, FRAG_FIRST, FRAG_LATER, FRAG_LATER_TO_VIP, FRAG_NONE,
-        L4,
-    },
+    parse::{Packet, Udp, FRAG_FIRST, FRAG_LATER, FRAG_LATER_TO_VIP, FRAG_NONE, L4},
     stats::count,
 };
 use lb_common::frag::{FRAG_FROM_NODE, FRAG_TO_VIP};

@@ -34,7 +34,6 @@ pub const FRAG_LATER: u8 = 2;
 /// A later fragment whose first went to a VIP's node.
 pub const FRAG_LATER_TO_VIP: u8 = FRAG_LATER + lb_common::frag::FRAG_TO_VIP;
 
-
 /// A pointer to `T` at `off` bytes into the frame, if all of `T` lies inside the frame.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {

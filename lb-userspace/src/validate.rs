@@ -6,8 +6,8 @@
 use std::{collections::HashSet, path::Path, time::Duration};
 
 use lb_common::{
-    cookie::MAX_COOKIE_CAPACITY, frag::MAX_FRAG_CAPACITY, limits::MAX_EXEMPT, tunnel::MAX_SOURCE_BITS, MAX_FLOW_CAPACITY,
-    MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
+    cookie::MAX_COOKIE_CAPACITY, frag::MAX_FRAG_CAPACITY, limits::MAX_EXEMPT,
+    tunnel::MAX_SOURCE_BITS, MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
 };
 
 use crate::{

@@ -17,6 +17,8 @@ mod cookies;
 mod dtls13;
 #[path = "fixtures/flows.rs"]
 mod flows;
+#[path = "fixtures/fragments.rs"]
+mod fragments;
 #[path = "fixtures/icmp.rs"]
 mod icmp;
 #[path = "fixtures/limits.rs"]
@@ -322,8 +324,20 @@ fn run_steps(c: &Case) -> Result<(), Failure> {
             .map_err(|e| fail(format!("step {i}: test_run: {e}")))?;
         let out = r.output;
         if r.action != s.action {
+            // The counters so far say why.
+            let counted = Snapshot::from_ebpf(&dp.ebpf).map_or_else(
+                |e| e.to_string(),
+                |snap| {
+                    snap.counters
+                        .iter()
+                        .filter(|(c, n)| *n != 0 && *c != PacketsSeen)
+                        .map(|(c, n)| format!("{}={n}", c.name()))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                },
+            );
             return Err(fail(format!(
-                "step {i}: action {} want {}",
+                "step {i}: action {} want {} (counters: {counted})",
                 r.action, s.action
             )));
         }
@@ -513,6 +527,11 @@ fn source_fixtures() {
 #[test]
 fn vlan_fixtures() {
     run("the origin check of VLAN-tagged replies", vlan::cases());
+}
+
+#[test]
+fn fragment_fixtures() {
+    run("IP fragments follow their first", fragments::cases());
 }
 
 #[test]

@@ -33,6 +33,7 @@ pub mod dtls;
 pub mod fib;
 pub mod flow;
 pub mod forward;
+pub mod frag;
 pub mod limit;
 pub mod maglev;
 pub mod nat;
@@ -115,6 +116,8 @@ pub struct State {
     pub precise: limit::Precise,
     /// The new-flow limits' buckets, known sources and cookies.
     pub limits: limit::Buckets,
+    /// `FRAGS`: first fragments recorded for their later ones (`frag.rs`).
+    pub frags: HashMap<lb_common::frag::FragKey, lb_common::frag::FragRoute>,
 }
 
 /// Runs one frame received on `ingress` through the reference: the datapath's `balance`
@@ -128,10 +131,34 @@ pub fn classify(
 ) -> Outcome {
     let mut out = Outcome::new(frame);
     let mut hello = cookie::Hello::None;
+    let mut first: Option<First> = None;
     out.count(Counter::PacketsSeen);
-    match try_lb(frame, ingress, tables, state, fib, &mut out, &mut hello) {
-        Ok(action) => out.action = action,
+    match try_lb(
+        frame, ingress, tables, state, fib, &mut out, &mut hello, &mut first,
+    ) {
+        Ok(action) => {
+            out.action = action;
+            if let Some(f) = first.filter(|f| f.routed) {
+                frag::record(
+                    state,
+                    &f.pkt,
+                    &f.udp,
+                    lb_common::frag::FRAG_TO_VIP,
+                    f.node_id,
+                );
+            }
+        }
         Err(reason) => {
+            // A first fragment to a VIP, once routed, is recorded unless it is dropped.
+            if let Some(f) = first.filter(|f| f.routed && !reason.drops()) {
+                frag::record(
+                    state,
+                    &f.pkt,
+                    &f.udp,
+                    lb_common::frag::FRAG_TO_VIP,
+                    f.node_id,
+                );
+            }
             out.count(reason);
             out.action = stats::action_for(reason);
             // Shadow mode passes what the edge would refuse (README, "Hostile input").
@@ -145,8 +172,22 @@ pub fn classify(
     out
 }
 
+/// A first fragment to a VIP port, as `try_lb` saw it: recorded once it is routed (to
+/// `node_id`) unless dropped (the datapath's `Then::Record`).
+struct First {
+    pkt: parse::Packet,
+    udp: parse::Udp,
+    routed: bool,
+    node_id: u32,
+}
+
 /// The datapath's `try_lb`, step by step. `out.frame` is the frame as rewritten so far.
 /// `hello`: which cookie step the packet needs once its verdict is made (`cookie.rs`).
+/// `first`: a first fragment to a VIP port, to record once the verdict is made.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the datapath's try_lb plus the reference's inputs and after-steps"
+)]
 fn try_lb(
     frame: &[u8],
     ingress: u32,
@@ -155,26 +196,59 @@ fn try_lb(
     fib: &dyn Fib,
     out: &mut Outcome,
     hello: &mut cookie::Hello,
+    first: &mut Option<First>,
 ) -> Result<u32, Counter> {
-    let pkt = parse::parse(frame, t)?;
-    let Some(udp) = pkt.udp else {
-        return Err(vip::not_udp_verdict(t, frame, &pkt));
+    use parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE};
+    const LATER_TO_VIP: u8 = FRAG_LATER + lb_common::frag::FRAG_TO_VIP;
+    let mut pkt = parse::parse(frame, t)?;
+    // A later fragment takes its first's ports for the UDP header it lacks (`frag.rs`).
+    let mut followed = None;
+    let udp = match pkt.udp {
+        Some(udp) => udp,
+        None if pkt.frag == FRAG_LATER => {
+            let (udp, frag, r) = frag::first(state, &pkt);
+            pkt.frag = frag;
+            followed = r;
+            udp
+        }
+        None => return Err(vip::not_udp_verdict(t, frame, &pkt)),
     };
     let cfg = t.config();
 
     let to_vip = vip::to_vip(t, &pkt);
+    // To a VIP, a later fragment follows a first that went to one, or nowhere.
+    if to_vip && pkt.frag >= FRAG_LATER && pkt.frag != LATER_TO_VIP {
+        return Err(Counter::DropFragUnknown);
+    }
     if to_vip && !vip::is_vip_port(t, &pkt, udp.dport) {
         return Err(Counter::DropVipOtherPort);
     }
     if to_vip {
         vip::check_source(t, &pkt)?;
-        parse::check_udp_length(frame, &udp)?;
-        let node = match dtls::classify(frame, &udp, &cfg, out)? {
+        parse::check_udp_length(frame, &udp, pkt.frag)?;
+        if pkt.frag == FRAG_FIRST {
+            out.count(Counter::FragFirst);
+            *first = Some(First {
+                pkt,
+                udp,
+                routed: false,
+                node_id: 0,
+            });
+        }
+        let route = match followed {
+            Some(r) if pkt.frag == LATER_TO_VIP => {
+                dtls::Route::Node(r.node_id, Counter::FragFollowed)
+            }
+            _ => dtls::classify(frame, &udp, &cfg, out)?,
+        };
+        let (node_id, node) = match route {
             dtls::Route::Node(id, routed) => match t.nodes.get(&id) {
                 Some(node) => {
                     out.count(routed);
-                    *node
+                    (id, *node)
                 }
+                // The first's node is gone.
+                None if pkt.frag == LATER_TO_VIP => return Err(Counter::DropFragUnknown),
                 None if cfg.unknown_node_flow != 0 => {
                     out.count(Counter::CidUnknownNodeFlow);
                     flow::route(t, state, &pkt, &udp, out)?
@@ -182,13 +256,25 @@ fn try_lb(
                 None => return Err(Counter::DropCidUnknownNode),
             },
             dtls::Route::Flow => {
-                if cookie::starts_handshake(frame, &udp) {
+                // An IP-fragmented ClientHello is not walked for a cookie.
+                if pkt.frag == FRAG_NONE && cookie::starts_handshake(frame, &udp) {
                     *hello = cookie::Hello::Client;
                 }
                 flow::route(t, state, &pkt, &udp, out)?
             }
         };
+        if let Some(f) = first.as_mut() {
+            f.routed = true;
+            f.node_id = node_id;
+        }
         if let Some(tun) = tunnel::of_vip(t, &pkt) {
+            // GUE over IPv6 derives its checksum from the inner datagram's.
+            if tun.encap == lb_common::tunnel::ENCAP_GUE
+                && pkt.family == lb_common::FAMILY_V6
+                && pkt.frag != FRAG_NONE
+            {
+                return Err(Counter::DropFragGue6);
+            }
             let (src, dst) = tunnel::addressing(&pkt, &node, &tun)?;
             let hop =
                 forward::lookup_node(fib, state, frame, &pkt, (&src, &dst), ingress, node.slot);
@@ -201,7 +287,8 @@ fn try_lb(
             *hello = cookie::Hello::None;
             let extra = tunnel::overhead(&tun, &pkt);
             let action = forward::send(t, &pkt, &hop, &forward::TUNNEL, extra, out)?;
-            out.frame = tunnel::encap(&out.frame, &pkt, udp.off, &node, &tun);
+            let ports = [udp.sport.to_ne_bytes(), udp.dport.to_ne_bytes()];
+            out.frame = tunnel::encap(&out.frame, &pkt, udp.off, ports, &node, &tun);
             out.count(tunnel::counter(&tun));
             return Ok(action);
         }
@@ -229,14 +316,32 @@ fn try_lb(
         if hop.rc == FibRc::FwdDisabled {
             return Err(Counter::PassFwdDisabled);
         }
-        if cookie::starts_handshake(frame, &udp) {
+        if pkt.frag == FRAG_NONE && cookie::starts_handshake(frame, &udp) {
             *hello = cookie::Hello::Node;
         }
-        out.count(Counter::ReplyUnnat);
+        out.count(if pkt.frag >= FRAG_LATER {
+            Counter::ReplyFragUnnat
+        } else {
+            Counter::ReplyUnnat
+        });
+        // A node's first fragment is recorded as soon as it is un-NATed.
+        if pkt.frag == FRAG_FIRST {
+            out.count(Counter::ReplyFragFirst);
+            frag::record(state, &pkt, &udp, lb_common::frag::FRAG_FROM_NODE, 0);
+        }
         out.from_node(rev.node_slot, frame.len() as u64);
         return finish(frame, &pkt, &udp, &rw, &hop, &cfg, t, out);
     }
 
+    // A node's fragment that is not a reply's: a first from another port, or a later one
+    // whose first was not recorded.
+    if pkt.frag != FRAG_NONE && vip::from_node_addr(t, &pkt) {
+        return Err(if pkt.frag == FRAG_FIRST {
+            Counter::DropNodeFragment
+        } else {
+            Counter::DropReplyFragUnknown
+        });
+    }
     Err(Counter::PassNotVip)
 }
 
