@@ -192,14 +192,12 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
     };
 
     let dest = vip::dest(&pkt, udp.dport);
-    // To a VIP, a later fragment follows a first that went to one, or nowhere.
-    if pkt.frag >= FRAG_LATER && pkt.frag != FRAG_LATER_TO_VIP {
-        if let vip::Dest::NotVip = dest {
-        } else {
+    // To a VIP, a later fragment follows a first that went to one, or nowhere (its stand-in
+    // port 0 is no VIP port).
+    if let vip::Dest::OtherPort = dest {
+        if pkt.frag >= FRAG_LATER && pkt.frag != FRAG_LATER_TO_VIP {
             return Err(Counter::DropFragUnknown);
         }
-    }
-    if let vip::Dest::OtherPort = dest {
         return Err(Counter::DropVipOtherPort);
     }
     if let vip::Dest::Balanced(vip) = dest {
@@ -210,10 +208,12 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
             frag::prepare(ctx, &pkt, FRAG_TO_VIP, &udp);
             next.then = Then::Pending;
         }
-        let route = if pkt.frag == FRAG_LATER_TO_VIP {
+        let route = if pkt.frag < FRAG_LATER {
+            dtls::classify(ctx, &udp, &cfg)?
+        } else if pkt.frag == FRAG_LATER_TO_VIP {
             dtls::Route::Node(frag::first_node(), dtls::Format::Followed)
         } else {
-            dtls::classify(ctx, &udp, &cfg)?
+            return Err(Counter::DropFragUnknown);
         };
         let (id, node) = match route {
             dtls::Route::Node(id, format) => match maps::node(id) {

@@ -91,7 +91,7 @@ impl Udp {
         }
         let frame = ctx.data_end() - ctx.data();
         if (self.len as usize) < UdpHdr::LEN
-            || (frag == FRAG_NONE && self.off + self.len as usize > frame)
+            || (self.off + self.len as usize > frame && frag == FRAG_NONE)
         {
             return Err(Counter::DropBadUdpLength);
         }

@@ -216,11 +216,12 @@ fn try_lb(
     let cfg = t.config();
 
     let to_vip = vip::to_vip(t, &pkt);
-    // To a VIP, a later fragment follows a first that went to one, or nowhere.
-    if to_vip && pkt.frag >= FRAG_LATER && pkt.frag != LATER_TO_VIP {
-        return Err(Counter::DropFragUnknown);
-    }
+    // To a VIP, a later fragment follows a first that went to one, or nowhere: not to another
+    // port, and not into the source checks (below).
     if to_vip && !vip::is_vip_port(t, &pkt, udp.dport) {
+        if pkt.frag >= FRAG_LATER && pkt.frag != LATER_TO_VIP {
+            return Err(Counter::DropFragUnknown);
+        }
         return Err(Counter::DropVipOtherPort);
     }
     if to_vip {
@@ -236,10 +237,12 @@ fn try_lb(
             });
         }
         let route = match followed {
+            _ if pkt.frag < FRAG_LATER => dtls::classify(frame, &udp, &cfg, out)?,
             Some(r) if pkt.frag == LATER_TO_VIP => {
                 dtls::Route::Node(r.node_id, Counter::FragFollowed)
             }
-            _ => dtls::classify(frame, &udp, &cfg, out)?,
+            // A first that went elsewhere, or none.
+            _ => return Err(Counter::DropFragUnknown),
         };
         let (node_id, node) = match route {
             dtls::Route::Node(id, routed) => match t.nodes.get(&id) {
