@@ -493,6 +493,27 @@ fn cookie_table_follows_the_config() {
     assert_eq!(size(""), lb_common::cookie::DEFAULT_COOKIE_CAPACITY);
 }
 
+/// `FRAGS` has the size `limits.fragment_capacity` asks for, and the default without it.
+#[test]
+fn fragment_table_follows_the_config() {
+    use aya::maps::Map;
+    let size = |limits: &str| {
+        let base = BASE.replace("interfaces: [fxc, fxn]", "interfaces: [lo]");
+        let cfg = Config::parse(&format!("{base}{limits}"), "frag-size.yaml".as_ref())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let dp = Datapath::private(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        match dp.ebpf.map(lb_common::frag::FRAGS) {
+            Some(Map::LruHashMap(m)) => m.info().expect("map info").max_entries(),
+            _ => panic!("no FRAGS LRU map"),
+        }
+    };
+    assert_eq!(
+        size("limits: {new_flows: \"100/1s\", fragment_capacity: 1024}\n"),
+        1024
+    );
+    assert_eq!(size(""), lb_common::frag::DEFAULT_FRAG_CAPACITY);
+}
+
 #[test]
 fn dtls13_fixtures() {
     run("DTLS 1.3 unified headers", dtls13::cases());

@@ -531,7 +531,7 @@ fn fragment_train(r: &mut Rng, c: &Corpus, queued: &mut Vec<Packet>) -> Packet {
         .map(|frame| Packet {
             frame,
             ingress: if r.chance(30) {
-                *r.pick(&INGRESS)
+                r.pick::<&str>(&INGRESS)
             } else {
                 ingress
             },

@@ -166,7 +166,7 @@ impl Frame {
     /// UDP, the offset, M, identification `id`). Built with etherparse, checksums from scratch.
     pub fn fragments(&self, id: u32, chunk: usize) -> Vec<Vec<u8>> {
         assert!(
-            chunk > 0 && chunk % 8 == 0,
+            chunk > 0 && chunk.is_multiple_of(8),
             "fragment size {chunk}: a multiple of 8"
         );
         let mut whole = self.clone();
