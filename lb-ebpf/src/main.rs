@@ -140,16 +140,19 @@ fn balance(ctx: &XdpContext) -> (u32, Next) {
     let action = match try_lb(ctx, &mut next) {
         Ok(action) => action,
         Err(reason) => {
-            next.then = match next.then {
-                // Only a forwarded packet is encapsulated; a first fragment not routed is not
-                // recorded.
-                Then::Encap | Then::Pending => Then::Nothing,
-                // A first fragment is recorded unless dropped: passed on (rewritten to the
-                // kernel, or unchanged in shadow mode), its later fragments follow it.
-                Then::Record | Then::RecordEncap if !reason.drops() => Then::Record,
-                Then::Record | Then::RecordEncap => Then::Nothing,
-                then => then,
-            };
+            // (Tested first: most packets ask for nothing after.)
+            if next.then != Then::Nothing {
+                next.then = match next.then {
+                    // Only a forwarded packet is encapsulated; a first fragment not routed is
+                    // not recorded.
+                    Then::Encap | Then::Pending => Then::Nothing,
+                    // A first fragment is recorded unless dropped: passed on (rewritten to the
+                    // kernel, or unchanged in shadow mode), its later fragments follow it.
+                    Then::Record | Then::RecordEncap if !reason.drops() => Then::Record,
+                    Then::Record | Then::RecordEncap => Then::Nothing,
+                    then => then,
+                };
+            }
             count(reason);
             // Shadow mode passes what it would refuse at the edge, counted as both.
             if reason.shadow_passes() && CONFIG.load().shadow != 0 {
