@@ -72,7 +72,7 @@ counters! {
     PassIpv6ExtHdr = "pass_ipv6_ext_hdr",
     /// IPv4 header length below 5 words: dropped.
     DropBadIpHeader = "drop_bad_ip_header",
-    /// IPv4 fragment or IPv6 fragment header addressed to a VIP: dropped.
+    /// An IPv6 first fragment to a VIP whose Fragment header is followed by anything but UDP (an extension header, ICMPv6, ...): dropped.
     DropFragment = "drop_fragment",
     /// UDP length field below 8 or past the end of the packet (to a VIP): dropped.
     DropBadUdpLength = "drop_bad_udp_length",
@@ -126,7 +126,7 @@ counters! {
     PassFwdDisabled = "pass_fwd_disabled",
     /// Larger than the path MTU towards its next hop: passed rewritten to the kernel, which fragments it or answers ICMP.
     FwdKernelMtu = "fwd_kernel_mtu",
-    /// IPv4 fragment or IPv6 packet with a fragment or extension header from a node's address: dropped (it cannot be un-NATed, and would leak the node's address).
+    /// From a node's address: a first fragment not from a serving port (`REVERSE`), an IPv6 first fragment whose Fragment header is not followed by UDP, or IPv6 with other extension headers: dropped (it cannot be un-NATed, and would leak the node's address).
     DropNodeFragment = "drop_node_fragment",
     /// New flow over its source's limit (`limits.new_flows_per_source`, per IPv4 address or IPv6 /64): dropped, not in the flow table.
     DropLimitSource = "drop_limit_source",
@@ -182,6 +182,20 @@ counters! {
     IcmpTooBigSent = "icmp_too_big_sent",
     /// As icmp_too_big_sent, but over the answers' rate limit (200 a second per CPU, bursts of 20): dropped unanswered.
     DropIcmpTooBigLimited = "drop_icmp_too_big_limited",
+    /// First fragment of a datagram to a VIP port (IPv4 MF with offset 0, or an IPv6 Fragment header with offset 0): balanced by its content like any datagram; unless it is dropped, its node is recorded in `FRAGS` for the later fragments.
+    FragFirst = "frag_first",
+    /// Later fragment (offset not zero) to a VIP: sent to its first fragment's node (`FRAGS`), rewritten or encapsulated alike.
+    FragFollowed = "frag_followed",
+    /// Later fragment to a VIP with no first fragment recorded (it came first, its first was dropped, or its entry was evicted): dropped.
+    DropFragUnknown = "drop_frag_unknown",
+    /// First fragment of a node's reply: un-NATed (also counted in reply_unnat) and recorded in `FRAGS` for the later fragments.
+    ReplyFragFirst = "reply_frag_first",
+    /// Later fragment of a node's reply: origin-checked, source rewritten to the VIP its first fragment's entry names.
+    ReplyFragUnnat = "reply_frag_unnat",
+    /// Later fragment from a node's address with no first fragment recorded (it came first, its first was dropped or not from a serving port, or its entry was evicted): dropped.
+    DropReplyFragUnknown = "drop_reply_frag_unknown",
+    /// Fragment to a tunnel VIP encapsulated in GUE over IPv6: dropped (the outer UDP checksum, which IPv6 requires, is derived from the inner datagram's, which a fragment does not carry whole).
+    DropFragGue6 = "drop_frag_gue6",
 }
 
 impl Counter {

@@ -10,6 +10,7 @@ pub mod cookie;
 pub mod counters;
 pub mod csum;
 pub mod decap;
+pub mod frag;
 pub mod hash;
 pub mod limits;
 pub mod maps;

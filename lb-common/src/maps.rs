@@ -59,7 +59,8 @@ pub fn addr_key(ip: core::net::IpAddr) -> AddrKey {
 /// `SRC_FILTER`, `LOCAL_ADDRS` (impossible sources) and `VLAN_IFACES` (the origin check of
 /// tagged replies). Version 5 adds `COOKIES` and `COOKIE_KEY` (known sources proven by the
 /// node's cookie, `cookie.rs`). Version 6 adds `REPLY_DESTS` (where ICMP errors about a
-/// VIP's flows go, `icmp.rs`), and gives `VIP_TUNNEL`'s value a meaning in what was padding:
+/// VIP's flows go, `icmp.rs`) and `FRAGS` (later IP fragments follow their first,
+/// `lb_common::frag`), and gives `VIP_TUNNEL`'s value a meaning in what was padding:
 /// `Tunnel::mtu` (`tunnel.mtu`; a value pinned by version 5 reads as 0, none).
 pub const LAYOUT_VERSION: u32 = 6;
 

@@ -85,6 +85,8 @@ pub enum Format {
     Tls12Cid,
     /// DTLS 1.3 unified header with C set (RFC 9147).
     Unified,
+    /// None: a later IP fragment, whose first fragment's node it follows (`frag.rs`).
+    Followed,
 }
 
 impl Format {
@@ -94,6 +96,7 @@ impl Format {
         match self {
             Format::Tls12Cid => Counter::CidRouted,
             Format::Unified => Counter::Cid13Routed,
+            Format::Followed => Counter::FragFollowed,
         }
     }
 }

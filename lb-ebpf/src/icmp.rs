@@ -137,24 +137,41 @@ pub fn quote(ctx: &XdpContext, pkt: &Packet) -> Option<Quote> {
     })
 }
 
-/// The client flow (client → VIP) a reply to `addr`:`port` from `vip`:`vip_port` belongs to.
+/// Writes the client flow (client → VIP) a reply to `client`:`port` from `vip`:`vip_port`
+/// belongs to into this CPU's `REPLY_SCRATCH` key, and returns the scratch.
 #[inline(always)]
-fn client_flow(pkt: &Packet, client: [u32; 4], port: u16, vip: [u32; 4], vip_port: u16) -> FlowKey {
-    FlowKey {
-        src: client,
-        dst: vip,
-        sport: port,
-        dport: vip_port,
-        family: pkt.family,
-        _pad: [0; 3],
+fn client_flow(
+    pkt: &Packet,
+    client: &[u32; 4],
+    port: u16,
+    vip: &[u32; 4],
+    vip_port: u16,
+) -> Option<*mut maps::ReplyScratch> {
+    let s = maps::REPLY_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
+    unsafe {
+        (*s).key = FlowKey {
+            src: *client,
+            dst: *vip,
+            sport: port,
+            dport: vip_port,
+            family: pkt.family,
+            _pad: [0; 3],
+        };
     }
+    Some(s)
 }
 
 /// On the reply path (NAT mode): records that the node `pkt` comes from answered the client
 /// flow, unless `REPLY_DESTS` already says so (one lookup; a write only when it changes).
 /// Only a reply too long for the smallest path of its family can draw a too-big error
-/// (`REPLY_DEST_MIN_*`): a shorter one costs a compare.
+/// (`REPLY_DEST_MIN_*`): a shorter one costs a compare. Key and value live in
+/// `REPLY_SCRATCH`, not on the stack.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference the helpers read the key and value where they are, in the map"
+)]
 pub fn remember(ctx: &XdpContext, pkt: &Packet, udp: &Udp, rev: &Reverse) {
     let ip_len = ctx.data_end() - ctx.data() - pkt.l3;
     let min = if pkt.family == FAMILY_V4 {
@@ -165,32 +182,39 @@ pub fn remember(ctx: &XdpContext, pkt: &Packet, udp: &Udp, rev: &Reverse) {
     if ip_len <= min {
         return;
     }
-    let key = client_flow(pkt, pkt.dst, udp.dport, rev.vip, rev.vip_port);
-    if let Some(d) = maps::REPLY_DESTS.get_ptr(key) {
-        // SAFETY: LRU map value under the program's RCU read lock; a racing writer leaves
-        // another node's whole entry or this one.
-        let same = unsafe { (*d).addr == pkt.src && (*d).port == udp.sport };
-        if same {
-            return;
-        }
-    }
-    let dest = ReplyDest {
-        addr: pkt.src,
-        port: udp.sport,
-        _pad: 0,
-        node_slot: rev.node_slot,
+    let Some(s) = client_flow(pkt, &pkt.dst, udp.dport, &rev.vip, rev.vip_port) else {
+        return;
     };
-    let _ = maps::REPLY_DESTS.insert(key, dest, 0);
+    // SAFETY: `s` is this CPU's scratch slot; `d` an LRU map value under the program's RCU
+    // read lock, which a racing writer leaves another node's whole entry or this one.
+    unsafe {
+        if let Some(d) = maps::REPLY_DESTS.get_ptr(&(*s).key) {
+            if (*d).addr == pkt.src && (*d).port == udp.sport {
+                return;
+            }
+        }
+        (*s).dest = ReplyDest {
+            addr: pkt.src,
+            port: udp.sport,
+            _pad: 0,
+            node_slot: rev.node_slot,
+        };
+        let _ = maps::REPLY_DESTS.insert(&(*s).key, &(*s).dest, 0);
+    }
 }
 
 /// The node that last answered the flow an error to a VIP is about (`pkt`'s destination is
 /// the quote's source), if `REPLY_DESTS` knows it and the node still serves that VIP port
 /// (`REVERSE`: a node removed since, or moved to another slot, is not written to).
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference the helper reads the key where it is, in the map"
+)]
 pub fn reply_dest(pkt: &Packet, q: &Quote) -> Option<ReplyDest> {
-    let key = client_flow(pkt, q.dst, q.udp.dport, pkt.dst, q.udp.sport);
-    // SAFETY: copied out under the program's RCU read lock.
-    let mut dest = unsafe { *maps::REPLY_DESTS.get(key)? };
+    let s = client_flow(pkt, &q.dst, q.udp.dport, &pkt.dst, q.udp.sport)?;
+    // SAFETY: this CPU's scratch slot; the entry copied out under the program's RCU read lock.
+    let mut dest = unsafe { *maps::REPLY_DESTS.get(&(*s).key)? };
     let serves = ReverseKey {
         addr: dest.addr,
         port: dest.port,

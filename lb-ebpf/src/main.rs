@@ -11,6 +11,7 @@
 //! - `cookie.rs`  known sources: a node's cookie learned from its reply, matched in the ClientHello
 //! - `nat.rs`     destination (to a node) or source (reply) rewrite, checksums fixed
 //! - `icmp.rs`    a node's ICMP error to a client, un-NATed like its replies
+//! - `frag.rs`    IP fragments: the first decides, later ones follow it (`FRAGS`)
 //! - `tunnel.rs`  or, for a tunnel VIP, the packet encapsulated to its node (IPIP or GUE)
 //! - `too_big.rs` or, too big for the tunnel's path MTU, answered with ICMP frag needed / too big
 //! - `forward.rs` bpf_fib_lookup, TTL, MACs, XDP_TX / DEVMAP redirect / pass to the kernel
@@ -24,6 +25,7 @@ mod cookie;
 mod dtls;
 mod flow;
 mod forward;
+mod frag;
 mod icmp;
 mod limit;
 mod maglev;
@@ -42,9 +44,10 @@ use lb_common::{Counter, DpConfig};
 use crate::{
     forward::NextHop,
     nat::{Rewrite, Side},
-    parse::{Packet, Udp, L4},
+    parse::{Packet, Udp, FRAG_FIRST, FRAG_LATER, FRAG_LATER_TO_VIP, FRAG_NONE, L4},
     stats::count,
 };
+use lb_common::frag::{FRAG_FROM_NODE, FRAG_TO_VIP};
 
 /// Load-time constants, set by the agent with `EbpfLoader::override_global("CONFIG", ..)`.
 /// It lives in .rodata, which the kernel freezes, so the verifier reads these as constants
@@ -53,8 +56,9 @@ use crate::{
 pub static CONFIG: Global<DpConfig> = Global::new(DpConfig::DEFAULT);
 
 /// The program: [`balance`] decides and sends (or drops, or passes); then the step it asked
-/// for, if any: the cookie step for a handshake packet (`cookie::after`), the encapsulation
-/// for a tunnel VIP's packet (`tunnel::encap`). All of it inlined into one function: a
+/// for, if any: the cookie step for a handshake packet (`cookie::after`), the record of a
+/// first fragment's node (`frag::commit`), the encapsulation for a tunnel VIP's packet
+/// (`tunnel::encap`). All of it inlined into one function: a
 /// BPF-to-BPF call costs about 7 ns a packet (`cargo xtask bench`), and since nothing of
 /// `balance` is live once it has returned, LLVM gives the steps after it the same stack slots
 /// (the whole program takes 456 of its 512 bytes; called as functions, the steps' frames would
@@ -73,13 +77,22 @@ pub fn cidlb(ctx: XdpContext) -> u32 {
             cookie::after(&ctx, cookie::Hello::Node);
             action
         }
-        Then::Encap => match tunnel::encap(&ctx, next.vip, next.node, next.l4) {
-            Ok(()) => action,
-            Err(reason) => {
-                count(reason);
-                stats::action_for(reason)
+        Then::Record => {
+            frag::commit(next.node);
+            action
+        }
+        Then::Encap | Then::RecordEncap => {
+            if next.then == Then::RecordEncap {
+                frag::commit(next.node);
             }
-        },
+            match tunnel::encap(&ctx, next.vip, next.node, next.l4) {
+                Ok(()) => action,
+                Err(reason) => {
+                    count(reason);
+                    stats::action_for(reason)
+                }
+            }
+        }
         Then::TooBig => match too_big::answer(&ctx, next.vip, next.node) {
             Ok(()) => aya_ebpf::bindings::xdp_action::XDP_TX,
             Err(reason) => {
@@ -87,6 +100,8 @@ pub fn cidlb(ctx: XdpContext) -> u32 {
                 stats::action_for(reason)
             }
         },
+        // Ended in `balance`.
+        Then::Pending => action,
     }
 }
 
@@ -102,13 +117,23 @@ pub enum Then {
     Encap,
     /// Too big for the tunnel: answer the client (`too_big.rs`), nothing written yet.
     TooBig,
+    /// A first fragment to a VIP, before its node is chosen (its key is in `FRAG_SCRATCH`).
+    /// Decided in `balance` rather than kept in a register: live across the DTLS walk, a flag
+    /// took stack the program does not have.
+    Pending,
+    /// A first fragment to a VIP, forwarded (or passed on) to `node`: record it for the later
+    /// fragments (`frag::commit`).
+    Record,
+    /// Both: a tunnel VIP's first fragment.
+    RecordEncap,
 }
 
 /// What follows `balance` for this packet, as `try_lb` finds it.
 struct Next {
     then: Then,
-    /// For `Encap`: the VIP's index, its UDP header's offset and the node's id. For `TooBig`:
-    /// the encapsulation's bytes in `vip`, the tunnel's path MTU in `node`.
+    /// For `Encap`: the VIP's index, its UDP header's offset (0: a later fragment, which has
+    /// none; `frag.rs` kept its first's ports) and the node's id. For `TooBig`: the
+    /// encapsulation's bytes in `vip`, the tunnel's path MTU in `node`.
     vip: u32,
     l4: u32,
     node: u32,
@@ -127,9 +152,18 @@ fn balance(ctx: &XdpContext) -> (u32, Next) {
     let action = match try_lb(ctx, &mut next) {
         Ok(action) => action,
         Err(reason) => {
-            // Only a forwarded packet is encapsulated.
-            if next.then == Then::Encap {
-                next.then = Then::Nothing;
+            // (Tested first: most packets ask for nothing after.)
+            if next.then != Then::Nothing {
+                next.then = match next.then {
+                    // Only a forwarded packet is encapsulated; a first fragment not routed is
+                    // not recorded.
+                    Then::Encap | Then::Pending => Then::Nothing,
+                    // A first fragment is recorded unless dropped: passed on (rewritten to the
+                    // kernel, or unchanged in shadow mode), its later fragments follow it.
+                    Then::Record | Then::RecordEncap if !reason.drops() => Then::Record,
+                    Then::Record | Then::RecordEncap => Then::Nothing,
+                    then => then,
+                };
             }
             count(reason);
             // Shadow mode passes what it would refuse at the edge, counted as both.
@@ -151,39 +185,70 @@ fn balance(ctx: &XdpContext) -> (u32, Next) {
 /// handshake record (a cookie request), see `cookie.rs`; `Encap` for a tunnel VIP's packet.
 #[inline(always)]
 fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
-    let pkt = parse::parse(ctx)?;
+    let mut pkt = parse::parse(ctx)?;
     let cfg = CONFIG.load();
-    let L4::Udp(udp) = pkt.l4 else {
-        if let Some(q) = icmp::quote(ctx, &pkt) {
-            // From the node the quote is addressed to, about a client's datagram.
-            if q.dst == pkt.src {
-                if let Some(rev) = vip::reverse(&pkt, q.udp.dport) {
-                    return icmp_from_node(ctx, &pkt, &q, &rev, &cfg);
+    let udp = match pkt.l4 {
+        L4::Udp(udp) => udp,
+        // A later fragment: its first's ports stand in for the UDP header it lacks, and
+        // `pkt.frag` says which way the first went, if it was recorded (`frag.rs`).
+        _ if pkt.frag == FRAG_LATER => {
+            let (udp, frag) = frag::first(ctx, &pkt);
+            pkt.frag = frag;
+            udp
+        }
+        _ => {
+            if let Some(q) = icmp::quote(ctx, &pkt) {
+                // From the node the quote is addressed to, about a client's datagram.
+                if q.dst == pkt.src {
+                    if let Some(rev) = vip::reverse(&pkt, q.udp.dport) {
+                        return icmp_from_node(ctx, &pkt, &q, &rev, &cfg);
+                    }
+                }
+                // To a VIP, about a node's reply.
+                if let Some(dest) = icmp::reply_dest(&pkt, &q) {
+                    return icmp_to_node(ctx, &pkt, &q, &dest, &cfg);
+                }
+                if vip::is_vip(&pkt) {
+                    return Err(Counter::PassIcmpNoNode);
                 }
             }
-            // To a VIP, about a node's reply.
-            if let Some(dest) = icmp::reply_dest(&pkt, &q) {
-                return icmp_to_node(ctx, &pkt, &q, &dest, &cfg);
-            }
-            if vip::is_vip(&pkt) {
-                return Err(Counter::PassIcmpNoNode);
-            }
+            return Err(vip::not_udp_verdict(ctx, &pkt));
         }
-        return Err(vip::not_udp_verdict(ctx, &pkt));
     };
 
     let dest = vip::dest(&pkt, udp.dport);
+    // To a VIP, a later fragment follows a first that went to one, or nowhere (its stand-in
+    // port 0 is no VIP port).
     if let vip::Dest::OtherPort = dest {
+        if pkt.frag >= FRAG_LATER && pkt.frag != FRAG_LATER_TO_VIP {
+            return Err(Counter::DropFragUnknown);
+        }
         return Err(Counter::DropVipOtherPort);
     }
     if let vip::Dest::Balanced(vip) = dest {
         vip::check_source(&pkt)?;
-        udp.check_length(ctx)?;
-        let (id, node) = match dtls::classify(ctx, &udp, &cfg)? {
+        udp.check_length(ctx, pkt.frag)?;
+        if pkt.frag == FRAG_FIRST {
+            count(Counter::FragFirst);
+            frag::prepare(ctx, &pkt, FRAG_TO_VIP, &udp);
+            next.then = Then::Pending;
+        }
+        let route = if pkt.frag < FRAG_LATER {
+            dtls::classify(ctx, &udp, &cfg)?
+        } else if pkt.frag == FRAG_LATER_TO_VIP {
+            dtls::Route::Node(frag::first_node(), dtls::Format::Followed)
+        } else {
+            return Err(Counter::DropFragUnknown);
+        };
+        let (id, node) = match route {
             dtls::Route::Node(id, format) => match maps::node(id) {
                 Some(node) => {
                     count(format.routed());
                     (id, node)
+                }
+                // The first's node is gone.
+                None if matches!(format, dtls::Format::Followed) => {
+                    return Err(Counter::DropFragUnknown)
                 }
                 None if cfg.unknown_node_flow != 0 => {
                     count(Counter::CidUnknownNodeFlow);
@@ -192,15 +257,22 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
                 None => return Err(Counter::DropCidUnknownNode),
             },
             dtls::Route::Flow => {
-                if cookie::starts_handshake(ctx, &udp) {
+                // An IP-fragmented ClientHello is not walked for a cookie (DTLS fragments its
+                // handshake messages itself: IP fragments are not what a client sends).
+                if cookie::starts_handshake(ctx, &udp) && next.then == Then::Nothing {
                     next.then = Then::Prove;
                 }
                 flow::route(&pkt, &udp, &cfg)?
             }
         };
+        if next.then == Then::Pending {
+            next.then = Then::Record;
+            next.node = id;
+        }
         // A tunnel VIP's node answers the client directly: no cookie can be learned from its
         // replies, so its ClientHellos are never checked for one (`Encap` replaces `Prove`).
         if let Some(t) = tunnel::of_vip(vip) {
+            tunnel::check_fragment(&pkt, &udp, next.then == Then::Record, t)?;
             let to = tunnel::addressing(&pkt, &udp, &node, t)?;
             let mut hop = forward::lookup_node(ctx, &pkt, &to, node.slot)?;
             hop.limit_mtu(t.mtu);
@@ -209,7 +281,11 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
                 return Err(Counter::ShadowPass);
             }
             *next = Next {
-                then: Then::Encap,
+                then: if next.then == Then::Record {
+                    Then::RecordEncap
+                } else {
+                    Then::Encap
+                },
                 vip,
                 l4: udp.off as u32,
                 node: id,
@@ -250,15 +326,34 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
         if hop.fwd_disabled() {
             return Err(Counter::PassFwdDisabled);
         }
-        if cookie::starts_handshake(ctx, &udp) {
+        if pkt.frag == FRAG_NONE && cookie::starts_handshake(ctx, &udp) {
             next.then = Then::Learn;
         }
-        count(Counter::ReplyUnnat);
+        count(if pkt.frag >= FRAG_LATER {
+            Counter::ReplyFragUnnat
+        } else {
+            Counter::ReplyUnnat
+        });
+        if pkt.frag == FRAG_FIRST {
+            count(Counter::ReplyFragFirst);
+            frag::prepare(ctx, &pkt, FRAG_FROM_NODE, &udp);
+            frag::commit(0);
+        }
         stats::from_node(ctx, rev.node_slot);
         icmp::remember(ctx, &pkt, &udp, &rev);
         return finish(ctx, &pkt, &udp, &rw, &hop, &cfg);
     }
 
+    // A node's fragment that is not a reply's: its first from another port (the node's own
+    // traffic, whose later fragments cannot be told from a reply's), or a later one whose
+    // first was not recorded.
+    if pkt.frag != FRAG_NONE && vip::from_node_addr(&pkt) {
+        return Err(if pkt.frag == FRAG_FIRST {
+            Counter::DropNodeFragment
+        } else {
+            Counter::DropReplyFragUnknown
+        });
+    }
     Err(Counter::PassNotVip)
 }
 

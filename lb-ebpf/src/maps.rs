@@ -1,6 +1,6 @@
 //! Every map of the datapath. Names match `lb_common::names` (pin files, bpftool, agent).
 //! Sizes the agent may change at load time: `FLOWS` and `REPLY_DESTS` (flows.capacity),
-//! `COOKIES` (limits.cookie_capacity).
+//! `COOKIES` (limits.cookie_capacity), `FRAGS` (limits.fragment_capacity).
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
@@ -9,6 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     cookie::{CookieInput, CookieKey, DEFAULT_COOKIE_CAPACITY},
+    frag::{FragKey, FragRoute, DEFAULT_FRAG_CAPACITY},
     hash::node_check,
     limits::{ExemptKey, LimitConfig, SrcKey, MAX_EXEMPT, MAX_KNOWN_SRCS, MAX_SRC_BUCKETS},
     tunnel::Tunnel,
@@ -77,6 +78,18 @@ pub static FLOWS: LruHashMap<FlowKey, Flow> =
 #[map]
 pub static REPLY_DESTS: LruHashMap<FlowKey, ReplyDest> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// `icmp.rs`' `REPLY_DESTS` key and value, per CPU (not pinned: scratch space only; on the
+/// stack they took what the program does not have).
+#[map]
+pub static REPLY_SCRATCH: PerCpuArray<ReplyScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `REPLY_SCRATCH` holds.
+#[repr(C)]
+pub struct ReplyScratch {
+    pub key: FlowKey,
+    pub dest: ReplyDest,
+}
 
 /// Per CPU: the GCRA theoretical arrival time of the next ICMP error forwarded to a node
 /// (`icmp.rate`). Not pinned: a new program starts with a full burst.
@@ -174,6 +187,23 @@ pub static KNOWN_SRCS: LruHashMap<SrcKey, u64> = LruHashMap::with_max_entries(MA
 /// fragmented ClientHellos (`lb_common::cookie`, `cookie.rs`).
 #[map]
 pub static COOKIES: LruHashMap<u64, u64> = LruHashMap::with_max_entries(DEFAULT_COOKIE_CAPACITY, 0);
+
+/// IP fragments: a datagram's first fragment's decision, for its later fragments
+/// (`lb_common::frag`, `frag.rs`).
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragRoute> =
+    LruHashMap::with_max_entries(DEFAULT_FRAG_CAPACITY, 0);
+
+/// `frag.rs`' key and value, per CPU (not pinned: scratch space only).
+#[map]
+pub static FRAG_SCRATCH: PerCpuArray<FragScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `FRAG_SCRATCH` holds.
+#[repr(C)]
+pub struct FragScratch {
+    pub key: FragKey,
+    pub route: FragRoute,
+}
 
 /// The key of `COOKIES`' hash, random, written once by the agent.
 #[map]

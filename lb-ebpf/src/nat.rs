@@ -90,9 +90,13 @@ impl Rewrite {
         }
     }
 
-    /// Writes the rewrite into the packet and fixes the checksums.
+    /// Writes the rewrite into the packet and fixes the checksums. A later IP fragment (`udp`
+    /// its first's ports, at offset 0: it has no UDP header) gets the address only.
     #[inline(always)]
     pub fn apply(&self, ctx: &XdpContext, pkt: &Packet, udp: &Udp) -> Result<(), Counter> {
+        if udp.off == 0 {
+            return crate::frag::rewrite(ctx, pkt, self.side, &self.addr);
+        }
         let (side, addr, port) = (self.side, self.addr, self.port);
         let old_addr = if side == Side::Dst { pkt.dst } else { pkt.src };
         let old_port = if side == Side::Dst {

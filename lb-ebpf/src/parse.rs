@@ -19,6 +19,20 @@ const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 /// IPv6 Fragment header (RFC 8200 §4.5).
 const IPV6_FRAGMENT: u8 = 44;
+/// Bytes of the IPv6 Fragment header: next header, reserved, offset and flags, identification.
+pub const IPV6_FRAGMENT_LEN: usize = 8;
+
+/// [`Packet::frag`]: not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// [`Packet::frag`]: the first fragment of a UDP datagram (offset 0, more to come): its UDP
+/// header is there, its UDP length and checksum are the whole datagram's.
+pub const FRAG_FIRST: u8 = 1;
+/// [`Packet::frag`]: a later fragment (offset not zero) of a UDP datagram: no UDP header. Its
+/// first's direction (`lb_common::frag::FRAG_TO_VIP`, `FRAG_FROM_NODE`) is added once
+/// `frag::first` has found it: [`FRAG_LATER_TO_VIP`], or `FRAG_LATER + FRAG_FROM_NODE`.
+pub const FRAG_LATER: u8 = 2;
+/// A later fragment whose first went to a VIP's node.
+pub const FRAG_LATER_TO_VIP: u8 = FRAG_LATER + lb_common::frag::FRAG_TO_VIP;
 
 /// A pointer to `T` at `off` bytes into the frame, if all of `T` lies inside the frame.
 #[inline(always)]
@@ -67,11 +81,18 @@ impl Udp {
     }
 
     /// Balanced packets must carry a sane UDP length: at least the header, and no more than the
-    /// frame holds (Ethernet padding may make the frame longer, never shorter).
+    /// frame holds (Ethernet padding may make the frame longer, never shorter); a first
+    /// fragment's covers the whole datagram, so there only the lower bound is checked.
     #[inline(always)]
-    pub fn check_length(&self, ctx: &XdpContext) -> Result<(), Counter> {
+    pub fn check_length(&self, ctx: &XdpContext, frag: u8) -> Result<(), Counter> {
+        // A later fragment has no UDP header (its first's was checked).
+        if frag >= FRAG_LATER {
+            return Ok(());
+        }
         let frame = ctx.data_end() - ctx.data();
-        if (self.len as usize) < UdpHdr::LEN || self.off + self.len as usize > frame {
+        if (self.len as usize) < UdpHdr::LEN
+            || (self.off + self.len as usize > frame && frag == FRAG_NONE)
+        {
             return Err(Counter::DropBadUdpLength);
         }
         Ok(())
@@ -87,6 +108,9 @@ pub struct Packet {
     pub vlans: u8,
     /// Offset of the IP header.
     pub l3: usize,
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`] (UDP only; `frag.rs`, which reads the
+    /// identification from the packet again: kept here it would cost stack on every path).
+    pub frag: u8,
     /// Source and destination address (IPv4 in word 0), wire bytes.
     pub src: [u32; 4],
     pub dst: [u32; 4],
@@ -158,6 +182,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
         family: FAMILY_V4,
         vlans,
         l3,
+        frag: FRAG_NONE,
         src: [src, 0, 0, 0],
         dst: [dst, 0, 0, 0],
         l4: L4::Other,
@@ -168,11 +193,14 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
     if proto != IPPROTO_UDP {
         return Ok(pkt);
     }
-    // MF set or a non-zero offset: a fragment. Only the first carries the UDP header, so a VIP
-    // cannot be balanced per fragment, nor a node's reply un-NATed: drop those addressed to a
-    // VIP or coming from a node, pass the rest.
+    // MF set or a non-zero offset: a fragment (RFC 791). Only the first (offset 0) carries the
+    // UDP header; the later ones follow it (`frag.rs`).
     if frags & 0x3fff != 0 {
-        return Err(crate::vip::fragment_verdict(&pkt));
+        if frags & 0x1fff != 0 {
+            pkt.frag = FRAG_LATER;
+            return Ok(pkt);
+        }
+        pkt.frag = FRAG_FIRST;
     }
     pkt.l4 = parse_udp(ctx, l3 + ihl * 4)?;
     Ok(pkt)
@@ -192,6 +220,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
         family: FAMILY_V6,
         vlans,
         l3,
+        frag: FRAG_NONE,
         src,
         dst,
         l4: L4::Other,
@@ -205,9 +234,29 @@ fn parse_v6(ctx: &XdpContext, l3: usize, vlans: u8) -> Result<Packet, Counter> {
             pkt.l4 = L4::Icmp(l3 + Ipv6Hdr::LEN);
             Ok(pkt)
         }
-        IPV6_FRAGMENT => Err(crate::vip::fragment_verdict(&pkt)),
+        // A Fragment header right after the fixed header, UDP after it: the first fragment is
+        // parsed on (offset 0; an atomic fragment, RFC 6946, too), a later one follows its
+        // first (`frag.rs`). Anything but UDP after it cannot be balanced or un-NATed.
+        IPV6_FRAGMENT => {
+            let fh: *const [u8; IPV6_FRAGMENT_LEN] =
+                ptr_at(ctx, l3 + Ipv6Hdr::LEN).ok_or(Counter::PassTruncated)?;
+            // SAFETY: ptr_at checked the bytes lie inside the frame.
+            let fh = unsafe { *fh };
+            if fh[0] != IPPROTO_UDP {
+                return Err(crate::vip::fragment_verdict(&pkt));
+            }
+            // The offset's 13 bits above the reserved bits and M.
+            if u16::from_be_bytes([fh[2], fh[3]]) & 0xfff8 != 0 {
+                pkt.frag = FRAG_LATER;
+                return Ok(pkt);
+            }
+            pkt.frag = FRAG_FIRST;
+            pkt.l4 = parse_udp(ctx, l3 + Ipv6Hdr::LEN + IPV6_FRAGMENT_LEN)?;
+            Ok(pkt)
+        }
         // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6, experimental:
-        // the UDP header sits behind them; not walked here (RFC 8200 §4).
+        // the UDP header sits behind them; not walked here (RFC 8200 §4), and neither is a
+        // Fragment header behind them.
         // From a node's address such a packet is dropped (it cannot be un-NATed), and so is one
         // to a VIP (the kernel would route it back upstream: a loop).
         0 | 43 | 51 | 60 | 135 | 139 | 140 | 253 | 254 => Err(crate::vip::ext_header_verdict(&pkt)),

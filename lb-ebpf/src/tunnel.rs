@@ -70,10 +70,22 @@ pub fn addressing(pkt: &Packet, udp: &Udp, node: &Node, t: &Tunnel) -> Result<Ad
     })
 }
 
+/// A fragment can be encapsulated unless in GUE over IPv6: its outer UDP checksum is derived
+/// from the inner datagram's (see [`inner_sum6`]), which covers bytes a fragment lacks.
+#[inline(always)]
+pub fn check_fragment(pkt: &Packet, udp: &Udp, first: bool, t: &Tunnel) -> Result<(), Counter> {
+    if t.encap == ENCAP_GUE && pkt.family == FAMILY_V6 && (udp.off == 0 || first) {
+        return Err(Counter::DropFragGue6);
+    }
+    Ok(())
+}
+
 /// Puts the outer header in front of a packet `balance` has forwarded to node `node_id` of
-/// the VIP at `vip`, whose UDP header is at `l4` (the frame is untagged: `forward::send` drops
-/// tagged ones in tunnel mode). An error drops the packet (counted); it happens only when the
-/// node or the VIP's tunnel changed in between, or the packet has no room in front.
+/// the VIP at `vip`, whose UDP header is at `l4`, or, for a later fragment (`l4` 0, no UDP
+/// header), whose first fragment's UDP ports `frag::route` kept (the frame is untagged:
+/// `forward::send` drops tagged ones in tunnel mode). An error drops the packet (counted); it
+/// happens only when the node or the VIP's tunnel changed in between, or the packet has no
+/// room in front.
 #[inline(always)]
 pub fn encap(ctx: &XdpContext, vip: u32, node_id: u32, l4: u32) -> Result<(), Counter> {
     let t = maps::VIP_TUNNEL.get(vip).ok_or(Counter::DropTunnelFib)?;
@@ -84,9 +96,15 @@ pub fn encap(ctx: &XdpContext, vip: u32, node_id: u32, l4: u32) -> Result<(), Co
         let ether_type = unsafe { (*eth).ether_type };
         ether_type == EtherType::Ipv6 as u16
     };
-    let ports: *const [u16; 3] = ptr_at(ctx, l4 as usize & 0xff).ok_or(Counter::PassTruncated)?;
-    // SAFETY: bounds checked by ptr_at.
-    let [sport, dport, udp_len] = unsafe { *ports };
+    let [sport, dport, udp_len] = if l4 == 0 {
+        // A later fragment: its length is only needed for GUE over IPv6, which takes none.
+        let [sport, dport] = crate::frag::first_ports();
+        [sport, dport, 0]
+    } else {
+        let p: *const [u16; 3] = ptr_at(ctx, l4 as usize & 0xff).ok_or(Counter::PassTruncated)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *p }
+    };
     // The inner packet's addresses and own length (a frame may carry Ethernet padding after
     // it), and what the outer header copies from it.
     let (src, dst, inner_len, tos, sum6) = if v6 {

@@ -71,7 +71,7 @@ fn vip_index_of(addr: &[u32; 4], family: u8) -> Option<u32> {
 
 /// The port bitmap index of the packet's destination, if it is a VIP.
 #[inline(always)]
-fn vip_index(pkt: &Packet) -> Option<u32> {
+pub fn vip_index(pkt: &Packet) -> Option<u32> {
     vip_index_of(&pkt.dst, pkt.family)
 }
 
@@ -155,9 +155,9 @@ pub fn check_source(pkt: &Packet) -> Result<(), Counter> {
     Ok(())
 }
 
-/// A fragment cannot be balanced per packet (only the first holds ports): drop those addressed
-/// to a VIP. One from a node's address cannot be un-NATed (later fragments carry no ports) and
-/// would leak the node's address towards the client: drop it too. Pass the rest to the kernel.
+/// An IPv6 fragment whose Fragment header is followed by anything but UDP: to a VIP it cannot
+/// be balanced, and from a node's address it cannot be un-NATed (and would leak the node's
+/// address towards the client): dropped. The rest goes to the kernel.
 #[inline(always)]
 pub fn fragment_verdict(pkt: &Packet) -> Counter {
     if vip_index(pkt).is_some() {
@@ -196,7 +196,7 @@ fn maybe_node_addr(pkt: &Packet) -> bool {
 
 /// Is the source address one of a node's (any port)?
 #[inline(always)]
-fn from_node_addr(pkt: &Packet) -> bool {
+pub fn from_node_addr(pkt: &Packet) -> bool {
     if !maybe_node_addr(pkt) {
         return false;
     }

@@ -369,6 +369,16 @@ impl Agent {
                 );
             }
         }
+        if let Some(actual) = size(lb_common::frag::FRAGS) {
+            if actual != self.cfg.fragment_capacity() {
+                warn!(
+                    configured = self.cfg.fragment_capacity(),
+                    actual,
+                    "limits.fragment_capacity differs from the pinned fragment table's size; \
+                     it keeps its size until `cidlb detach` and a fresh start"
+                );
+            }
+        }
         if let Some(actual) = size(names::FLOWS) {
             if actual != self.cfg.flows.capacity {
                 warn!(

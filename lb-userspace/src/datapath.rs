@@ -107,7 +107,8 @@ impl Datapath {
             .override_global(names::CONFIG, &dp, true)
             .map_max_entries(names::FLOWS, cfg.flows.capacity)
             .map_max_entries(names::REPLY_DESTS, cfg.flows.capacity)
-            .map_max_entries(lb_common::cookie::COOKIES, cfg.cookie_capacity());
+            .map_max_entries(lb_common::cookie::COOKIES, cfg.cookie_capacity())
+            .map_max_entries(lb_common::frag::FRAGS, cfg.fragment_capacity());
         if let Some(dir) = pin_dir {
             for name in MAP_NAMES {
                 loader.map_pin_path(name, dir.join(name));

@@ -45,6 +45,7 @@ pub const MAP_NAMES: &[&str] = &[
     names::VLAN_IFACES,
     lb_common::cookie::COOKIES,
     lb_common::cookie::COOKIE_KEY,
+    lb_common::frag::FRAGS,
     lb_common::tunnel::VIP_TUNNEL,
     names::REPLY_DESTS,
 ];

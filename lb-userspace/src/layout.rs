@@ -7,8 +7,8 @@
 //! loading with pins, [`check`] reads the pinned `LAYOUT` map (no `LAYOUT` beside a pinned
 //! `STATS`: layout 0, what cidlb pinned before it had one) and compares every pinned map's
 //! type, key size, value size and max_entries with what the embedded object defines. Only
-//! `FLOWS`' and `COOKIES`' sizes may differ: a table pinned with another `flows.capacity` or
-//! `limits.cookie_capacity` keeps its size (the documented capacity case). The agent writes [`LAYOUT_VERSION`] into `LAYOUT` on every
+//! `FLOWS`', `COOKIES`' and `FRAGS`' sizes may differ: a table pinned with another
+//! `flows.capacity`, `limits.cookie_capacity` or `limits.fragment_capacity` keeps its size (the documented capacity case). The agent writes [`LAYOUT_VERSION`] into `LAYOUT` on every
 //! provision.
 
 use std::{
@@ -93,11 +93,13 @@ impl fmt::Display for Shape {
 }
 
 impl Shape {
-    /// Equal as far as adopting goes: `FLOWS`, `REPLY_DESTS` and `COOKIES` may have any size.
+    /// Equal as far as adopting goes: `FLOWS`, `REPLY_DESTS`, `COOKIES` and `FRAGS` may have
+    /// any size.
     fn adoptable(&self, expected: &Shape, name: &str) -> bool {
         let sized_by_config = name == names::FLOWS
             || name == names::REPLY_DESTS
-            || name == lb_common::cookie::COOKIES;
+            || name == lb_common::cookie::COOKIES
+            || name == lb_common::frag::FRAGS;
         let same_size = sized_by_config || self.max_entries == expected.max_entries;
         self.map_type == expected.map_type
             && self.key_size == expected.key_size

@@ -6,8 +6,8 @@
 use std::{collections::HashSet, path::Path, time::Duration};
 
 use lb_common::{
-    cookie::MAX_COOKIE_CAPACITY, limits::MAX_EXEMPT, tunnel::MAX_SOURCE_BITS, MAX_FLOW_CAPACITY,
-    MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
+    cookie::MAX_COOKIE_CAPACITY, frag::MAX_FRAG_CAPACITY, limits::MAX_EXEMPT,
+    tunnel::MAX_SOURCE_BITS, MAX_FLOW_CAPACITY, MAX_IFACES, MAX_NODES, MAX_REVERSE, MAX_VIPS,
 };
 
 use crate::{
@@ -498,6 +498,12 @@ fn limits(l: &Limits) -> Result<(), (String, String)> {
             format!("{} is outside 1..{MAX_COOKIE_CAPACITY}", l.cookie_capacity),
         );
     }
+    if !(1..=MAX_FRAG_CAPACITY).contains(&l.fragment_capacity) {
+        return err(
+            "fragment_capacity",
+            format!("{} is outside 1..{MAX_FRAG_CAPACITY}", l.fragment_capacity),
+        );
+    }
     if l.exempt.len() > MAX_EXEMPT as usize {
         return err("exempt", format!("at most {MAX_EXEMPT} prefixes"));
     }
@@ -845,6 +851,10 @@ mod tests {
             (
                 "  new_flows: \"20/1s\"\n  cookie_capacity: 0\n",
                 &["limits.cookie_capacity", "0 is outside"],
+            ),
+            (
+                "  new_flows: \"20/1s\"\n  fragment_capacity: 0\n",
+                &["limits.fragment_capacity", "0 is outside"],
             ),
             (
                 "  new_flows: \"20/1s\"\n  rate: 5\n",

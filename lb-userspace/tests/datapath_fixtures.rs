@@ -17,6 +17,8 @@ mod cookies;
 mod dtls13;
 #[path = "fixtures/flows.rs"]
 mod flows;
+#[path = "fixtures/fragments.rs"]
+mod fragments;
 #[path = "fixtures/icmp.rs"]
 mod icmp;
 #[path = "fixtures/limits.rs"]
@@ -322,8 +324,20 @@ fn run_steps(c: &Case) -> Result<(), Failure> {
             .map_err(|e| fail(format!("step {i}: test_run: {e}")))?;
         let out = r.output;
         if r.action != s.action {
+            // The counters so far say why.
+            let counted = Snapshot::from_ebpf(&dp.ebpf).map_or_else(
+                |e| e.to_string(),
+                |snap| {
+                    snap.counters
+                        .iter()
+                        .filter(|(c, n)| *n != 0 && *c != PacketsSeen)
+                        .map(|(c, n)| format!("{}={n}", c.name()))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                },
+            );
             return Err(fail(format!(
-                "step {i}: action {} want {}",
+                "step {i}: action {} want {} (counters: {counted})",
                 r.action, s.action
             )));
         }
@@ -479,6 +493,27 @@ fn cookie_table_follows_the_config() {
     assert_eq!(size(""), lb_common::cookie::DEFAULT_COOKIE_CAPACITY);
 }
 
+/// `FRAGS` has the size `limits.fragment_capacity` asks for, and the default without it.
+#[test]
+fn fragment_table_follows_the_config() {
+    use aya::maps::Map;
+    let size = |limits: &str| {
+        let base = BASE.replace("interfaces: [fxc, fxn]", "interfaces: [lo]");
+        let cfg = Config::parse(&format!("{base}{limits}"), "frag-size.yaml".as_ref())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let dp = Datapath::private(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        match dp.ebpf.map(lb_common::frag::FRAGS) {
+            Some(Map::LruHashMap(m)) => m.info().expect("map info").max_entries(),
+            _ => panic!("no FRAGS LRU map"),
+        }
+    };
+    assert_eq!(
+        size("limits: {new_flows: \"100/1s\", fragment_capacity: 1024}\n"),
+        1024
+    );
+    assert_eq!(size(""), lb_common::frag::DEFAULT_FRAG_CAPACITY);
+}
+
 #[test]
 fn dtls13_fixtures() {
     run("DTLS 1.3 unified headers", dtls13::cases());
@@ -513,6 +548,11 @@ fn source_fixtures() {
 #[test]
 fn vlan_fixtures() {
     run("the origin check of VLAN-tagged replies", vlan::cases());
+}
+
+#[test]
+fn fragment_fixtures() {
+    run("IP fragments follow their first", fragments::cases());
 }
 
 #[test]

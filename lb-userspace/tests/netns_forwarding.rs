@@ -16,7 +16,7 @@ use common::{
 };
 use lb_lab::{
     packet::{cid_record, handshake_record},
-    VIP4, VIP6,
+    CLIENT4, CLIENT6, VIP4, VIP6,
 };
 
 const PORT: u16 = lb_lab::PORT;
@@ -244,6 +244,114 @@ fn a_nodes_port_unreachable_reaches_the_client_from_the_vip() {
         json_counter(&json, "reply_icmp_unnat") >= 2,
         "reply_icmp_unnat: {json}"
     );
+    assert!(agent.terminate().expect("cidlb exits").success());
+}
+
+/// Real kernel fragmentation both ways (issue 21, items 3 and 4): the client's routes to the
+/// VIPs have an MTU of 1280 (`mtu lock` for IPv4: no DF, the kernel fragments), so its
+/// 1400-byte datagrams leave as fragments, every one of which must reach the node the CID (or
+/// the flow) names, which reassembles and echoes; the nodes' routes to the client have an MTU
+/// of 1280 too, so the echo leaves the node as fragments, every one of which must be
+/// un-NATed: the client's kernel reassembles the whole echo, from the VIP.
+#[test]
+fn fragmented_datagrams_reach_their_node_and_fragmented_replies_come_from_the_vip() {
+    let bed = Bed::up("fg", 2);
+    bed.write_config("");
+    let lab = &bed.lab;
+    lab.client
+        .ip(&format!(
+            "route add {VIP4}/32 via 198.51.100.1 mtu lock 1280"
+        ))
+        .unwrap();
+    lab.client
+        .ip(&format!(
+            "-6 route add {VIP6}/128 via 2001:db8:c::1 mtu 1280"
+        ))
+        .unwrap();
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let gw4 = format!("203.0.113.{}", 16 * i + 1);
+        n.ip(&format!("route add {CLIENT4}/32 via {gw4} mtu lock 1280"))
+            .unwrap();
+        n.ip(&format!(
+            "-6 route add {CLIENT6}/128 via 2001:db8:{:x}::1 mtu 1280",
+            i + 1
+        ))
+        .unwrap();
+    }
+    let agent = AgentProc::start(lab, &bed.cfg, &[]);
+    thread::sleep(Duration::from_millis(1500));
+
+    let client_ns = lab.client.name.clone();
+    let results = thread::spawn(move || {
+        lb_lab::enter(&client_ns);
+        let mut report = Vec::new();
+        for (vip, bind) in [
+            (format!("{VIP4}:{PORT}"), "0.0.0.0:0"),
+            (format!("[{VIP6}]:{PORT}"), "[::]:0"),
+        ] {
+            let vip: SocketAddr = vip.parse().unwrap();
+            for node in [1u8, 2] {
+                for m in 0..3u8 {
+                    let s = UdpSocket::bind(bind).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(300)))
+                        .unwrap();
+                    let rec = cid_record(&[node, 0xf1, 0xa9, m, 0, 0], &[m; 1380]);
+                    report.push((vip, Some(node as u32), rec.len(), ask(&s, vip, &rec)));
+                }
+            }
+            // By flow: the handshake datagrams of one source port stay on one node.
+            let s = UdpSocket::bind(bind).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let hello = handshake_record(&[0x01; 1390]);
+            let first = ask(&s, vip, &hello).map(|r| r.0);
+            for _ in 0..3 {
+                report.push((vip, first, hello.len(), ask(&s, vip, &hello)));
+            }
+        }
+        report
+    })
+    .join()
+    .expect("client thread");
+
+    let mut failures = Vec::new();
+    for (vip, want, len, got) in &results {
+        assert!(*len > 1280, "a {len}-byte datagram is not fragmented");
+        match got {
+            None => failures.push(format!("{len} bytes to {vip}: no whole echo")),
+            Some((id, from)) => {
+                if want.is_some_and(|w| w != *id) {
+                    failures.push(format!("to {vip}: answered by node {id}, want {want:?}"));
+                }
+                if from != vip {
+                    failures.push(format!("to {vip}: the echo came from {from}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let json = cidlb(&["stats", "--json", "--pin-dir", bed.pins.0.to_str().unwrap()]);
+    // 2 families x (6 CID datagrams + 4 by flow), each in 2 fragments, each answered.
+    for (name, at_least) in [
+        ("frag_first", 20),
+        ("frag_followed", 20),
+        ("reply_frag_first", 20),
+        ("reply_frag_unnat", 20),
+    ] {
+        assert!(json_counter(&json, name) >= at_least, "{name}: {json}");
+    }
+    for name in [
+        "drop_frag_unknown",
+        "drop_reply_frag_unknown",
+        "drop_node_fragment",
+    ] {
+        assert_eq!(json_counter(&json, name), 0, "{name}: {json}");
+    }
     assert!(agent.terminate().expect("cidlb exits").success());
 }
 

@@ -128,10 +128,18 @@ pub struct Limits {
     /// echoes them (at least the new flows admitted per handshake round trip).
     #[serde(default = "default_cookie_capacity")]
     pub cookie_capacity: u32,
+    /// Entries of `FRAGS`: the first fragment's decision for the later fragments of each
+    /// fragmented datagram (to a VIP, or a node's reply), kept until evicted.
+    #[serde(default = "default_fragment_capacity")]
+    pub fragment_capacity: u32,
 }
 
 fn default_cookie_capacity() -> u32 {
     lb_common::cookie::DEFAULT_COOKIE_CAPACITY
+}
+
+fn default_fragment_capacity() -> u32 {
+    lb_common::frag::DEFAULT_FRAG_CAPACITY
 }
 
 fn default_reserve() -> u64 {

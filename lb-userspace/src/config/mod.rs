@@ -588,6 +588,15 @@ impl Config {
             })
     }
 
+    /// `FRAGS`' size: `limits.fragment_capacity`, or the default without `limits:`.
+    pub fn fragment_capacity(&self) -> u32 {
+        self.limits
+            .as_ref()
+            .map_or(lb_common::frag::DEFAULT_FRAG_CAPACITY, |l| {
+                l.fragment_capacity
+            })
+    }
+
     pub fn dp_config(&self) -> DpConfig {
         DpConfig {
             cid_len: self.dtls.cid_length,

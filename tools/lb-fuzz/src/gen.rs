@@ -3,7 +3,9 @@
 //! datagram) with IPv4 options, VLAN tags, IPv6 extension headers, bad UDP and IP lengths,
 //! odd TTLs and checksums; DTLS 1.3 unified headers of every flag combination, cut around
 //! their minimum length; the recorded DTLS 1.2 datagrams (corpus) in those frames; byte
-//! mutations of any of them; and sweeps of one valid frame truncated at every byte.
+//! mutations of any of them; sweeps of one valid frame truncated at every byte; and IP
+//! fragment trains (a datagram cut by a sender's kernel: to a VIP, from a node genuine or
+//! forged, in order, shuffled, with fragments lost, identifications reused).
 //! Deterministic for a seed.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -635,6 +637,96 @@ fn reply_and_error(r: &mut Rng, c: &Corpus) -> (Packet, Packet) {
             kind: "icmp to vip",
         },
     )
+}
+
+/// Identifications of fragment trains: a few reused (trains of one sender collide), or any.
+fn frag_id(r: &mut Rng) -> u32 {
+    if r.chance(300) {
+        *r.pick(&[1u32, 2, 0x1234, 7])
+    } else {
+        r.next() as u32
+    }
+}
+
+/// A datagram cut into IP fragments as its sender's kernel cuts it ([`Frame::fragments`]): a
+/// client's to a VIP port (CID or not, of the corpus), or a node's reply, genuine or forged;
+/// sent in order, shuffled, or with fragments lost, now and then one mutated or arriving on
+/// another interface. Returns the first frame to send; the rest go to `queued` (popped from
+/// the end).
+fn fragment_train(r: &mut Rng, c: &Corpus, queued: &mut Vec<Packet>) -> Packet {
+    let v4 = r.chance(550);
+    let to_vip = r.chance(650);
+    let mut body = payload(r, c, to_vip);
+    if r.chance(500) {
+        // Large enough for several fragments whatever the corpus gave.
+        let more = r.below(300) as usize;
+        body.extend(r.bytes(more));
+    }
+    let (f, ingress) = if to_vip {
+        let dst = if r.chance(900) {
+            ip(if v4 { VIP4 } else { VIP6 })
+        } else {
+            addr(r, v4)
+        };
+        let dport = *r.pick(&[5684u16, 5684, 5684, 20000, 5700]);
+        let f = Frame::udp(mac(r), FXC_MAC, addr(r, v4), port(r), dst, dport, &body);
+        (f, *r.pick(&["fxc", "fxc", "fxc", "fxc", "fxn"]))
+    } else {
+        let (n, nmac) = *r.pick(&[
+            (if v4 { NODE1_4 } else { NODE1_6 }, NODE1_MAC),
+            (if v4 { NODE2_4 } else { NODE2_6 }, NODE2_MAC),
+            (if v4 { NODE1_4 } else { NODE1_6 }, NODE1_MAC),
+        ]);
+        let smac = if r.chance(850) { nmac } else { mac(r) };
+        let sport = *r.pick(&[5684u16, 5684, 5684, 5700]);
+        let f = Frame::udp(smac, FXN_MAC, ip(n), sport, addr(r, v4), port(r), &body);
+        (f, *r.pick(&["fxn", "fxn", "fxn", "fxn", "fxc"]))
+    };
+    let mut f = f;
+    f.ttl = *r.pick(&[64u8, 64, 64, 64, 1]);
+    f.zero_udp_checksum = v4 && r.chance(100);
+    let datagram = 8 + f.payload.len();
+    let chunk = 8 * (1 + r.below((datagram as u64 / 8).max(1))) as usize;
+    let mut frames = f.fragments(frag_id(r), chunk);
+    match r.below(10) {
+        0 | 1 => shuffle(r, &mut frames),
+        2 => {
+            let at = r.below(frames.len() as u64) as usize;
+            frames.remove(at);
+        }
+        _ => {}
+    }
+    let mut train: Vec<Packet> = frames
+        .into_iter()
+        .map(|frame| Packet {
+            frame,
+            ingress: if r.chance(30) {
+                r.pick::<&str>(&INGRESS)
+            } else {
+                ingress
+            },
+            kind: "fragment",
+        })
+        .collect();
+    if r.chance(50) && !train.is_empty() {
+        let at = r.below(train.len() as u64) as usize;
+        let p = std::mem::replace(
+            &mut train[at],
+            Packet {
+                frame: Vec::new(),
+                ingress: "fxc",
+                kind: "fragment",
+            },
+        );
+        train[at] = mutate(r, p);
+    }
+    if train.is_empty() {
+        return structured(r, c);
+    }
+    let first = train.remove(0);
+    train.reverse();
+    queued.extend(train);
+    first
 }
 
 fn mutate(r: &mut Rng, mut p: Packet) -> Packet {
@@ -1333,6 +1425,7 @@ impl<'a> Stream<'a> {
                 let p = structured(r, self.corpus);
                 mutate(r, p)
             }
+            36..=43 => fragment_train(r, self.corpus, &mut self.queued),
             _ => structured(r, self.corpus),
         }
     }

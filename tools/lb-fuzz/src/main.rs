@@ -732,6 +732,14 @@ fn fuzz(cli: &Cli, ns: &lb_lab::NetNs) -> Result<bool> {
         cli.epoch,
         lb_common::limits::MAX_KNOWN_SRCS
     );
+    // Nor FRAGS (each frame records at most one first fragment), which the reference never
+    // evicts.
+    anyhow::ensure!(
+        cli.epoch <= u64::from(lb_common::frag::DEFAULT_FRAG_CAPACITY) / 2,
+        "--epoch {} is too large: FRAGS ({}) must stay far from full",
+        cli.epoch,
+        lb_common::frag::DEFAULT_FRAG_CAPACITY
+    );
     // Nor COOKIES (each frame learns a cookie or leaves a pending walk, at most one entry);
     // no fuzz config sets `limits.cookie_capacity`, so it has the default size.
     anyhow::ensure!(

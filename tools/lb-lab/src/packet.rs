@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options,
-    Ipv6FragmentHeader, Ipv6Header, SingleVlanHeader, UdpHeader, VlanId,
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, Ipv6Header,
+    SingleVlanHeader, UdpHeader, VlanId,
 };
 
 pub type Mac = [u8; 6];
@@ -151,9 +151,7 @@ impl Frame {
                     .unwrap();
                 ip.write(&mut out).unwrap();
                 if self.v6_fragment {
-                    Ipv6FragmentHeader::new(IpNumber::UDP, IpFragOffset::ZERO, true, 7)
-                        .write(&mut out)
-                        .unwrap();
+                    out.extend_from_slice(&v6_fragment_header(0, true, 7));
                 } else if self.v6_hop_by_hop {
                     // next header UDP, length 0, PadN of 4 bytes.
                     out.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
@@ -165,6 +163,75 @@ impl Frame {
         out
     }
 
+    /// The frame's UDP datagram (header, checksum over the whole payload, and payload) cut
+    /// into IP fragments of `chunk` bytes of it each (a multiple of 8; the last takes the
+    /// rest), as a sender's kernel fragments it: IPv4 with identification `id` (16 bits), MF
+    /// and the offset; IPv6 with a Fragment header right after the fixed header (next header
+    /// UDP, the offset, M, identification `id`). Built with etherparse, checksums from scratch.
+    pub fn fragments(&self, id: u32, chunk: usize) -> Vec<Vec<u8>> {
+        assert!(
+            chunk > 0 && chunk.is_multiple_of(8),
+            "fragment size {chunk}: a multiple of 8"
+        );
+        let mut whole = self.clone();
+        whole.more_fragments = false;
+        whole.fragment_offset = 0;
+        whole.v6_fragment = false;
+        whole.v6_hop_by_hop = false;
+        let b = whole.bytes();
+        let l2 = 14 + 4 * self.vlans.len();
+        let ip_len = if self.src.is_ipv4() {
+            20 + self.ipv4_options.len()
+        } else {
+            40
+        };
+        let datagram = &b[l2 + ip_len..];
+        let mut out = Vec::new();
+        for (i, piece) in datagram.chunks(chunk).enumerate() {
+            let off = i * chunk;
+            let more = off + piece.len() < datagram.len();
+            let offset = IpFragOffset::try_new((off / 8) as u16).unwrap();
+            let mut f = b[..l2].to_vec();
+            match (self.src, self.dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    let mut ip = Ipv4Header::new(
+                        piece.len() as u16,
+                        self.ttl,
+                        IpNumber::UDP,
+                        s.octets(),
+                        d.octets(),
+                    )
+                    .unwrap();
+                    ip.identification = id as u16;
+                    ip.options = Ipv4Options::try_from(&self.ipv4_options[..]).unwrap();
+                    ip.total_len += self.ipv4_options.len() as u16;
+                    ip.dont_fragment = false;
+                    ip.more_fragments = more;
+                    ip.fragment_offset = offset;
+                    ip.write(&mut f).unwrap();
+                }
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    Ipv6Header {
+                        traffic_class: 0,
+                        flow_label: Default::default(),
+                        payload_length: (8 + piece.len()) as u16,
+                        next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
+                        hop_limit: self.ttl,
+                        source: s.octets(),
+                        destination: d.octets(),
+                    }
+                    .write(&mut f)
+                    .unwrap();
+                    f.extend_from_slice(&v6_fragment_header(off / 8, more, id));
+                }
+                _ => panic!("mixed address families"),
+            }
+            f.extend_from_slice(piece);
+            out.push(f);
+        }
+        out
+    }
+
     fn write_udp(&self, out: &mut Vec<u8>, mut udp: UdpHeader) {
         if let Some(l) = self.udp_len_override {
             udp.length = l;
@@ -172,6 +239,18 @@ impl Frame {
         udp.write(out).unwrap();
         out.extend_from_slice(&self.payload);
     }
+}
+
+/// An IPv6 Fragment header (RFC 8200 §4.5) before UDP: next header 17, reserved, the offset in
+/// 8-byte units (13 bits), two reserved bits and M, the identification. Written by hand:
+/// etherparse 0.16's `Ipv6FragmentHeader::to_bytes` puts M in the top bit of the fourth byte
+/// and the offset's low five bits unshifted below it (the RFC has the offset's low bits on
+/// top and M at the bottom), so its first fragments read as later ones.
+fn v6_fragment_header(offset8: usize, more: bool, id: u32) -> [u8; 8] {
+    let w = ((offset8 as u16) << 3) | u16::from(more);
+    let [a, b] = w.to_be_bytes();
+    let [c, d, e, f] = id.to_be_bytes();
+    [17, 0, a, b, c, d, e, f]
 }
 
 /// A DTLS 1.2 tls12_cid record (RFC 9146 §4): type 25, FE FD, epoch 1, sequence, `cid`, length,
@@ -354,7 +433,29 @@ pub fn tunnel_frame(
     encap: Encap,
     inner: &Frame,
 ) -> Vec<u8> {
-    let inner_bytes = inner.bytes()[14..].to_vec();
+    tunnel_bytes(
+        src_mac,
+        dst_mac,
+        src,
+        dst,
+        flow_label,
+        encap,
+        &inner.bytes(),
+    )
+}
+
+/// [`tunnel_frame`] around an inner frame given as bytes (Ethernet header included, and
+/// dropped), such as one of [`Frame::fragments`].
+pub fn tunnel_bytes(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: IpAddr,
+    dst: IpAddr,
+    flow_label: u32,
+    encap: Encap,
+    inner: &[u8],
+) -> Vec<u8> {
+    let inner_bytes = inner[14..].to_vec();
     let mut out = Vec::new();
     let (v6, proto) = match (src, encap) {
         (IpAddr::V4(_), Encap::Ipip) => (false, IpNumber::IPV4),
@@ -417,4 +518,59 @@ pub fn tunnel_frame(
     }
     out.extend_from_slice(&inner_bytes);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fragments put back together are the datagram; offsets, flags and ids as asked.
+    #[test]
+    fn fragments_reassemble_to_the_datagram() {
+        for (src, dst) in [
+            ("198.51.100.7", "192.0.2.10"),
+            ("2001:db8::7", "2001:db8::10"),
+        ] {
+            let f = Frame::udp(
+                [2; 6],
+                [4; 6],
+                src.parse().unwrap(),
+                40000,
+                dst.parse().unwrap(),
+                5684,
+                &[0x5c; 150],
+            );
+            let whole = f.bytes();
+            let v4 = f.src.is_ipv4();
+            let hdr = if v4 { 14 + 20 } else { 14 + 48 };
+            let frags = f.fragments(0x4d2, 64);
+            assert_eq!(frags.len(), 3);
+            let mut datagram = Vec::new();
+            for (i, g) in frags.iter().enumerate() {
+                let (off, more, id) = if v4 {
+                    let w = u16::from_be_bytes([g[20], g[21]]);
+                    (
+                        w & 0x1fff,
+                        w & 0x2000 != 0,
+                        u16::from_be_bytes([g[18], g[19]]) as u32,
+                    )
+                } else {
+                    assert_eq!((g[20], g[54]), (44, 17), "next headers");
+                    let w = u16::from_be_bytes([g[56], g[57]]);
+                    (
+                        w >> 3,
+                        w & 1 != 0,
+                        u32::from_be_bytes([g[58], g[59], g[60], g[61]]),
+                    )
+                };
+                assert_eq!(
+                    (off as usize, more, id),
+                    (i * 8, i < 2, 0x4d2),
+                    "fragment {i}"
+                );
+                datagram.extend_from_slice(&g[hdr..]);
+            }
+            assert_eq!(datagram, whole[hdr - if v4 { 0 } else { 8 }..]);
+        }
+    }
 }

@@ -375,6 +375,8 @@ mod tests {
             dst: [0; 4],
             udp: None,
             icmp: None,
+            frag: 0,
+            frag_id: 0,
         }
     }
 

@@ -37,21 +37,34 @@ enum Record {
     Other,
 }
 
-fn record(p: &[u8], cfg: &DpConfig) -> Record {
+/// The record at the start of `p`, the bytes of the frame from there (of a first fragment:
+/// fewer than the datagram has), with `rem` bytes of the UDP payload left from there. A field
+/// the frame does not hold ends the record as too short, with the counter the datapath's
+/// failed read gives.
+fn record(p: &[u8], rem: usize, cfg: &DpConfig) -> Record {
     let Some(&first) = p.first() else {
         return Record::Other;
     };
     let cid_len = cfg.cid_len as usize;
+    // The node id is read as at least two bytes (the datapath's bounds check).
+    let id_read = (cfg.node_id_len as usize).max(2);
     let (cid_at, routed, size) = if first == 25 && cfg.dtls_versions & DTLS_V12 != 0 {
-        if p.len() < 3 {
+        if rem < 3 {
             return Record::Other;
+        }
+        if p.len() < 3 {
+            return Record::Short(Counter::DropBadUdpLength);
         }
         if p[1..3] != [0xfe, 0xfd] {
             return Record::BadVersion;
         }
         // type, version, epoch, sequence, CID, length.
         let header = 1 + 2 + 2 + 6 + cid_len + 2;
-        if p.len() < header {
+        if rem < header {
+            return Record::Short(Counter::DropCidTruncated);
+        }
+        let id_end = 11 + cfg.node_id_offset as usize + id_read;
+        if p.len() < id_end.max(header) {
             return Record::Short(Counter::DropCidTruncated);
         }
         let len = u16::from_be_bytes([p[header - 2], p[header - 1]]) as usize;
@@ -64,14 +77,20 @@ fn record(p: &[u8], cfg: &DpConfig) -> Record {
         let with_len = first & 0x04 != 0;
         // first byte, CID, sequence number, length.
         let header = 1 + cid_len + seq;
-        if p.len() < header + if with_len { 2 } else { 0 } {
+        if rem < header + if with_len { 2 } else { 0 } {
+            return Record::Short(Counter::DropCid13Truncated);
+        }
+        if p.len() < 1 + cfg.node_id_offset as usize + id_read {
             return Record::Short(Counter::DropCid13Truncated);
         }
         // Without a length field the record runs to the datagram's end.
         let size = if with_len {
+            if p.len() < header + 2 {
+                return Record::Short(Counter::DropCid13Truncated);
+            }
             header + 2 + u16::from_be_bytes([p[header], p[header + 1]]) as usize
         } else {
-            p.len()
+            rem
         };
         (1, Counter::Cid13Routed, size)
     } else {
@@ -84,10 +103,19 @@ fn record(p: &[u8], cfg: &DpConfig) -> Record {
     Record::Cid(id, routed, size)
 }
 
-/// How a balanced datagram (length already checked against the frame) picks its node.
+/// How a balanced datagram (length already checked against the frame) picks its node. Of a
+/// first fragment, only the bytes the frame holds are read: the UDP length is the datagram's.
 pub fn classify(f: &[u8], udp: &Udp, cfg: &DpConfig, out: &mut Outcome) -> Result<Route, Counter> {
-    let p = &f[udp.payload_off()..udp.off + udp.len as usize];
-    let (id, routed, mut off) = match record(p, cfg) {
+    let len = (udp.len as usize).saturating_sub(8);
+    if len == 0 {
+        return Ok(Route::Flow);
+    }
+    let start = udp.payload_off().min(f.len());
+    let p = &f[start..f.len().min(udp.payload_off() + len)];
+    if p.is_empty() {
+        return Err(Counter::DropBadUdpLength);
+    }
+    let (id, routed, mut off) = match record(p, len, cfg) {
         Record::Cid(id, routed, size) => (id, routed, size),
         Record::Short(c) => return Err(c),
         Record::BadVersion => {
@@ -97,14 +125,15 @@ pub fn classify(f: &[u8], udp: &Udp, cfg: &DpConfig, out: &mut Outcome) -> Resul
         Record::Other => return Ok(Route::Flow),
     };
     let mut records = 1;
-    while off < p.len() && records < MAX_RECORDS {
-        match record(&p[off..], cfg) {
+    // Each further record's first three bytes must be in the frame.
+    while off < len && records < MAX_RECORDS && off + 3 <= p.len() {
+        match record(&p[off..], len - off, cfg) {
             Record::Cid(next, _, size) if next == id => off += size,
             _ => break,
         }
         records += 1;
     }
-    if off == p.len() {
+    if off == len {
         Ok(Route::Node(id, routed))
     } else {
         out.count(Counter::CidMixedDatagram);

@@ -36,7 +36,7 @@ pub fn route(
     pkt: &Packet,
     udp: &Udp,
     out: &mut Outcome,
-) -> Result<Node, Counter> {
+) -> Result<(u32, Node), Counter> {
     let key = FlowKey {
         src: pkt.src,
         dst: pkt.dst,
@@ -50,7 +50,7 @@ pub fn route(
         // A flow whose node is gone (or lost the family) is re-pinned.
         if let Some(node) = t.nodes.get(id).filter(|n| has_family(n, pkt.family)) {
             out.count(Counter::FlowHit);
-            return Ok(*node);
+            return Ok((*id, *node));
         }
         expired = true;
     }
@@ -66,7 +66,7 @@ pub fn route(
     if expired {
         out.count(Counter::FlowExpired);
     }
-    Ok(node)
+    Ok((id, node))
 }
 
 /// Round robin over the family's ring (the cursor advances even if the node it lands on has

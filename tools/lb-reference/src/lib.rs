@@ -33,6 +33,7 @@ pub mod dtls;
 pub mod fib;
 pub mod flow;
 pub mod forward;
+pub mod frag;
 pub mod icmp;
 pub mod limit;
 pub mod maglev;
@@ -125,6 +126,8 @@ pub struct State {
     /// `TOO_BIG_BUCKET` (of the one CPU): when the packet-too-big answers' bucket is full
     /// again (`too_big.rs`).
     pub too_big_tat: u64,
+    /// `FRAGS`: first fragments recorded for their later ones (`frag.rs`).
+    pub frags: HashMap<lb_common::frag::FragKey, lb_common::frag::FragRoute>,
 }
 
 /// Runs one frame received on `ingress` through the reference: the datapath's `balance`
@@ -138,10 +141,34 @@ pub fn classify(
 ) -> Outcome {
     let mut out = Outcome::new(frame);
     let mut hello = cookie::Hello::None;
+    let mut first: Option<First> = None;
     out.count(Counter::PacketsSeen);
-    match try_lb(frame, ingress, tables, state, fib, &mut out, &mut hello) {
-        Ok(action) => out.action = action,
+    match try_lb(
+        frame, ingress, tables, state, fib, &mut out, &mut hello, &mut first,
+    ) {
+        Ok(action) => {
+            out.action = action;
+            if let Some(f) = first.filter(|f| f.routed) {
+                frag::record(
+                    state,
+                    &f.pkt,
+                    &f.udp,
+                    lb_common::frag::FRAG_TO_VIP,
+                    f.node_id,
+                );
+            }
+        }
         Err(reason) => {
+            // A first fragment to a VIP, once routed, is recorded unless it is dropped.
+            if let Some(f) = first.filter(|f| f.routed && !reason.drops()) {
+                frag::record(
+                    state,
+                    &f.pkt,
+                    &f.udp,
+                    lb_common::frag::FRAG_TO_VIP,
+                    f.node_id,
+                );
+            }
             out.count(reason);
             out.action = stats::action_for(reason);
             // Shadow mode passes what the edge would refuse (README, "Hostile input").
@@ -155,8 +182,22 @@ pub fn classify(
     out
 }
 
+/// A first fragment to a VIP port, as `try_lb` saw it: recorded once it is routed (to
+/// `node_id`) unless dropped (the datapath's `Then::Record`).
+struct First {
+    pkt: parse::Packet,
+    udp: parse::Udp,
+    routed: bool,
+    node_id: u32,
+}
+
 /// The datapath's `try_lb`, step by step. `out.frame` is the frame as rewritten so far.
 /// `hello`: which cookie step the packet needs once its verdict is made (`cookie.rs`).
+/// `first`: a first fragment to a VIP port, to record once the verdict is made.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the datapath's try_lb plus the reference's inputs and after-steps"
+)]
 fn try_lb(
     frame: &[u8],
     ingress: u32,
@@ -165,70 +206,108 @@ fn try_lb(
     fib: &dyn Fib,
     out: &mut Outcome,
     hello: &mut cookie::Hello,
+    first: &mut Option<First>,
 ) -> Result<u32, Counter> {
-    let pkt = parse::parse(frame, t)?;
+    use parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE};
+    const LATER_TO_VIP: u8 = FRAG_LATER + lb_common::frag::FRAG_TO_VIP;
+    let mut pkt = parse::parse(frame, t)?;
     let cfg = t.config();
-    let Some(udp) = pkt.udp else {
-        if let Some(q) = icmp::quote(frame, &pkt) {
-            // From the node the quote went to, about a client's datagram to its serving port.
-            let from_node = q.dst == pkt.src;
-            if let Some(rev) = vip::reverse(t, &pkt, q.dport).filter(|_| from_node) {
-                reply::check_origin(t, fib, state, frame, &pkt, ingress, rev.node_slot)?;
-                let hop = forward::lookup(fib, frame, &pkt, (&rev.vip, &pkt.dst), ingress);
-                if hop.rc == FibRc::NotFwded {
-                    return Err(Counter::PassLocalReply);
-                }
-                if hop.rc == FibRc::FwdDisabled {
-                    return Err(Counter::PassFwdDisabled);
-                }
-                out.count(Counter::ReplyIcmpUnnat);
-                out.from_node(rev.node_slot, frame.len() as u64);
-                if cfg.shadow != 0 {
-                    return Err(Counter::ShadowPass);
-                }
-                out.frame = icmp::unnat(frame, &pkt, &q, &rev);
-                return forward::send(t, &pkt, &hop, &forward::TO_KERNEL, 0, out);
-            }
-            // To a VIP, about the reply of the node that last answered that client flow.
-            if let Some(dest) = icmp::reply_dest(t, state, &pkt, &q) {
-                icmp::admit(&cfg, state)?;
-                let hop = forward::lookup_node(
-                    fib,
-                    state,
-                    frame,
-                    &pkt,
-                    (&pkt.src, &dest.addr),
-                    ingress,
-                    dest.node_slot,
-                );
-                out.count(Counter::IcmpToNode);
-                out.to_node(dest.node_slot, frame.len() as u64);
-                if cfg.shadow != 0 {
-                    return Err(Counter::ShadowPass);
-                }
-                out.frame = icmp::to_node(frame, &pkt, &q, &dest);
-                return forward::send(t, &pkt, &hop, &forward::TO_KERNEL, 0, out);
-            }
-            if vip::to_vip(t, &pkt) {
-                return Err(Counter::PassIcmpNoNode);
-            }
+    // A later fragment takes its first's ports for the UDP header it lacks (`frag.rs`).
+    let mut followed = None;
+    let udp = match pkt.udp {
+        Some(udp) => udp,
+        None if pkt.frag == FRAG_LATER => {
+            let (udp, frag, r) = frag::first(state, &pkt);
+            pkt.frag = frag;
+            followed = r;
+            udp
         }
-        return Err(vip::not_udp_verdict(t, frame, &pkt));
+        None => {
+            if let Some(q) = icmp::quote(frame, &pkt) {
+                // From the node the quote went to, about a client's datagram to its serving port.
+                let from_node = q.dst == pkt.src;
+                if let Some(rev) = vip::reverse(t, &pkt, q.dport).filter(|_| from_node) {
+                    reply::check_origin(t, fib, state, frame, &pkt, ingress, rev.node_slot)?;
+                    let hop = forward::lookup(fib, frame, &pkt, (&rev.vip, &pkt.dst), ingress);
+                    if hop.rc == FibRc::NotFwded {
+                        return Err(Counter::PassLocalReply);
+                    }
+                    if hop.rc == FibRc::FwdDisabled {
+                        return Err(Counter::PassFwdDisabled);
+                    }
+                    out.count(Counter::ReplyIcmpUnnat);
+                    out.from_node(rev.node_slot, frame.len() as u64);
+                    if cfg.shadow != 0 {
+                        return Err(Counter::ShadowPass);
+                    }
+                    out.frame = icmp::unnat(frame, &pkt, &q, &rev);
+                    return forward::send(t, &pkt, &hop, &forward::TO_KERNEL, 0, out);
+                }
+                // To a VIP, about the reply of the node that last answered that client flow.
+                if let Some(dest) = icmp::reply_dest(t, state, &pkt, &q) {
+                    icmp::admit(&cfg, state)?;
+                    let hop = forward::lookup_node(
+                        fib,
+                        state,
+                        frame,
+                        &pkt,
+                        (&pkt.src, &dest.addr),
+                        ingress,
+                        dest.node_slot,
+                    );
+                    out.count(Counter::IcmpToNode);
+                    out.to_node(dest.node_slot, frame.len() as u64);
+                    if cfg.shadow != 0 {
+                        return Err(Counter::ShadowPass);
+                    }
+                    out.frame = icmp::to_node(frame, &pkt, &q, &dest);
+                    return forward::send(t, &pkt, &hop, &forward::TO_KERNEL, 0, out);
+                }
+                if vip::to_vip(t, &pkt) {
+                    return Err(Counter::PassIcmpNoNode);
+                }
+            }
+            return Err(vip::not_udp_verdict(t, frame, &pkt));
+        }
     };
 
     let to_vip = vip::to_vip(t, &pkt);
+    // To a VIP, a later fragment follows a first that went to one, or nowhere: not to another
+    // port, and not into the source checks (below).
     if to_vip && !vip::is_vip_port(t, &pkt, udp.dport) {
+        if pkt.frag >= FRAG_LATER && pkt.frag != LATER_TO_VIP {
+            return Err(Counter::DropFragUnknown);
+        }
         return Err(Counter::DropVipOtherPort);
     }
     if to_vip {
         vip::check_source(t, &pkt)?;
-        parse::check_udp_length(frame, &udp)?;
-        let node = match dtls::classify(frame, &udp, &cfg, out)? {
+        parse::check_udp_length(frame, &udp, pkt.frag)?;
+        if pkt.frag == FRAG_FIRST {
+            out.count(Counter::FragFirst);
+            *first = Some(First {
+                pkt,
+                udp,
+                routed: false,
+                node_id: 0,
+            });
+        }
+        let route = match followed {
+            _ if pkt.frag < FRAG_LATER => dtls::classify(frame, &udp, &cfg, out)?,
+            Some(r) if pkt.frag == LATER_TO_VIP => {
+                dtls::Route::Node(r.node_id, Counter::FragFollowed)
+            }
+            // A first that went elsewhere, or none.
+            _ => return Err(Counter::DropFragUnknown),
+        };
+        let (node_id, node) = match route {
             dtls::Route::Node(id, routed) => match t.nodes.get(&id) {
                 Some(node) => {
                     out.count(routed);
-                    *node
+                    (id, *node)
                 }
+                // The first's node is gone.
+                None if pkt.frag == LATER_TO_VIP => return Err(Counter::DropFragUnknown),
                 None if cfg.unknown_node_flow != 0 => {
                     out.count(Counter::CidUnknownNodeFlow);
                     flow::route(t, state, &pkt, &udp, out)?
@@ -236,13 +315,25 @@ fn try_lb(
                 None => return Err(Counter::DropCidUnknownNode),
             },
             dtls::Route::Flow => {
-                if cookie::starts_handshake(frame, &udp) {
+                // An IP-fragmented ClientHello is not walked for a cookie.
+                if pkt.frag == FRAG_NONE && cookie::starts_handshake(frame, &udp) {
                     *hello = cookie::Hello::Client;
                 }
                 flow::route(t, state, &pkt, &udp, out)?
             }
         };
+        if let Some(f) = first.as_mut() {
+            f.routed = true;
+            f.node_id = node_id;
+        }
         if let Some(tun) = tunnel::of_vip(t, &pkt) {
+            // GUE over IPv6 derives its checksum from the inner datagram's.
+            if tun.encap == lb_common::tunnel::ENCAP_GUE
+                && pkt.family == lb_common::FAMILY_V6
+                && pkt.frag != FRAG_NONE
+            {
+                return Err(Counter::DropFragGue6);
+            }
             let (src, dst) = tunnel::addressing(&pkt, &node, &tun)?;
             let mut hop =
                 forward::lookup_node(fib, state, frame, &pkt, (&src, &dst), ingress, node.slot);
@@ -258,13 +349,14 @@ fn try_lb(
             // place of the cookie step, whether the packet is sent or not.
             *hello = cookie::Hello::None;
             let extra = tunnel::overhead(&tun, &pkt);
+            let ports = [udp.sport.to_ne_bytes(), udp.dport.to_ne_bytes()];
             let action = match forward::send(t, &pkt, &hop, &forward::TUNNEL, extra, out) {
                 Err(Counter::DropTunnelTooBig) => {
                     return too_big::answer(frame, &pkt, state, extra, hop.mtu, out)
                 }
                 sent => sent?,
             };
-            out.frame = tunnel::encap(&out.frame, &pkt, udp.off, &node, &tun);
+            out.frame = tunnel::encap(&out.frame, &pkt, udp.off, ports, &node, &tun);
             out.count(tunnel::counter(&tun));
             return Ok(action);
         }
@@ -292,10 +384,19 @@ fn try_lb(
         if hop.rc == FibRc::FwdDisabled {
             return Err(Counter::PassFwdDisabled);
         }
-        if cookie::starts_handshake(frame, &udp) {
+        if pkt.frag == FRAG_NONE && cookie::starts_handshake(frame, &udp) {
             *hello = cookie::Hello::Node;
         }
-        out.count(Counter::ReplyUnnat);
+        out.count(if pkt.frag >= FRAG_LATER {
+            Counter::ReplyFragUnnat
+        } else {
+            Counter::ReplyUnnat
+        });
+        // A node's first fragment is recorded as soon as it is un-NATed.
+        if pkt.frag == FRAG_FIRST {
+            out.count(Counter::ReplyFragFirst);
+            frag::record(state, &pkt, &udp, lb_common::frag::FRAG_FROM_NODE, 0);
+        }
         out.from_node(rev.node_slot, frame.len() as u64);
         // Who answered the client flow, if the reply is too long for the family's smallest
         // path (written only when it changes; the reference keeps the latest either way).
@@ -325,6 +426,15 @@ fn try_lb(
         return finish(frame, &pkt, &udp, &rw, &hop, &cfg, t, out);
     }
 
+    // A node's fragment that is not a reply's: a first from another port, or a later one
+    // whose first was not recorded.
+    if pkt.frag != FRAG_NONE && vip::from_node_addr(t, &pkt) {
+        return Err(if pkt.frag == FRAG_FIRST {
+            Counter::DropNodeFragment
+        } else {
+            Counter::DropReplyFragUnknown
+        });
+    }
     Err(Counter::PassNotVip)
 }
 

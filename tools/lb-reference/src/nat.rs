@@ -78,6 +78,16 @@ impl Rewrite {
         for w in self.addr {
             bytes.extend_from_slice(&w.to_ne_bytes());
         }
+        // A later fragment (no UDP header, `udp.off` 0): the address, and the IPv4 header.
+        if udp.off == 0 {
+            g[addr_at..addr_at + alen].copy_from_slice(&bytes[..alen]);
+            if v4 {
+                let hl = pkt.l3..pkt.l3 + 20;
+                let old = sum(&f[hl.clone()]);
+                refit(&mut g, pkt.l3 + 10, hl, old);
+            }
+            return g;
+        }
         let check_at = udp.off + 6;
         let old_udp = pseudo_sum(f, pkt, udp);
         g[addr_at..addr_at + alen].copy_from_slice(&bytes[..alen]);

@@ -27,8 +27,21 @@ impl Udp {
     }
 }
 
+/// [`Packet::frag`]: not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// A first fragment (offset 0) of a UDP datagram: its UDP header is there, its length and
+/// checksum the whole datagram's.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment (offset not zero) of a UDP datagram: no UDP header; once its first is
+/// found (`frag.rs`), plus the first's direction.
+pub const FRAG_LATER: u8 = 2;
+
 #[derive(Clone, Copy, Debug)]
 pub struct Packet {
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`] (+ direction).
+    pub frag: u8,
+    /// A fragment's identification (IPv4 16 bits, IPv6 Fragment header 32), host order.
+    pub frag_id: u32,
     pub family: u8,
     pub vlans: u8,
     pub l3: usize,
@@ -70,7 +83,7 @@ pub fn parse(f: &[u8], t: &Tables) -> Result<Packet, Counter> {
     }
 }
 
-fn parse_v4(f: &[u8], t: &Tables, l3: usize, vlans: u8) -> Result<Packet, Counter> {
+fn parse_v4(f: &[u8], _t: &Tables, l3: usize, vlans: u8) -> Result<Packet, Counter> {
     if f.len() < l3 + IPV4_MIN {
         return Err(Counter::PassTruncated);
     }
@@ -86,6 +99,8 @@ fn parse_v4(f: &[u8], t: &Tables, l3: usize, vlans: u8) -> Result<Packet, Counte
         dst: [word(f, l3 + 16), 0, 0, 0],
         udp: None,
         icmp: None,
+        frag: FRAG_NONE,
+        frag_id: 0,
     };
     // ICMP, unless a later fragment (offset not zero): those carry no ICMP header.
     if f[l3 + 9] == 1 && be16(f, l3 + 6) & 0x1fff == 0 {
@@ -94,9 +109,15 @@ fn parse_v4(f: &[u8], t: &Tables, l3: usize, vlans: u8) -> Result<Packet, Counte
     if f[l3 + 9] != 17 {
         return Ok(pkt);
     }
-    // MF or a fragment offset (RFC 791): a fragment.
-    if be16(f, l3 + 6) & 0x3fff != 0 {
-        return Err(vip::fragment_verdict(t, &pkt));
+    // MF or a fragment offset (RFC 791): a fragment. The first carries the UDP header.
+    let frags = be16(f, l3 + 6);
+    if frags & 0x3fff != 0 {
+        pkt.frag_id = u32::from(be16(f, l3 + 4));
+        if frags & 0x1fff != 0 {
+            pkt.frag = FRAG_LATER;
+            return Ok(pkt);
+        }
+        pkt.frag = FRAG_FIRST;
     }
     pkt.udp = Some(parse_udp(f, l3 + ihl * 4)?);
     Ok(pkt)
@@ -120,6 +141,8 @@ fn parse_v6(f: &[u8], t: &Tables, l3: usize, vlans: u8) -> Result<Packet, Counte
         dst,
         udp: None,
         icmp: None,
+        frag: FRAG_NONE,
+        frag_id: 0,
     };
     match f[l3 + 6] {
         58 => {
@@ -130,8 +153,25 @@ fn parse_v6(f: &[u8], t: &Tables, l3: usize, vlans: u8) -> Result<Packet, Counte
             pkt.udp = Some(parse_udp(f, l3 + IPV6_LEN)?);
             Ok(pkt)
         }
-        // Fragment header (RFC 8200 §4.5).
-        44 => Err(vip::fragment_verdict(t, &pkt)),
+        // A Fragment header (RFC 8200 §4.5) right after the fixed header: followed to UDP.
+        44 => {
+            let fh = l3 + IPV6_LEN;
+            if f.len() < fh + 8 {
+                return Err(Counter::PassTruncated);
+            }
+            if f[fh] != 17 {
+                return Err(vip::fragment_verdict(t, &pkt));
+            }
+            pkt.frag_id = u32::from_be_bytes([f[fh + 4], f[fh + 5], f[fh + 6], f[fh + 7]]);
+            // Offset: the top 13 bits of the third and fourth bytes.
+            if be16(f, fh + 2) >> 3 != 0 {
+                pkt.frag = FRAG_LATER;
+                return Ok(pkt);
+            }
+            pkt.frag = FRAG_FIRST;
+            pkt.udp = Some(parse_udp(f, fh + 8)?);
+            Ok(pkt)
+        }
         // The other extension headers of RFC 8200 §4 and the IANA list: not walked.
         0 | 43 | 51 | 60 | 135 | 139 | 140 | 253 | 254 => Err(vip::ext_header_verdict(t, &pkt)),
         _ => Ok(pkt),
@@ -150,10 +190,15 @@ fn parse_udp(f: &[u8], off: usize) -> Result<Udp, Counter> {
     })
 }
 
-/// A balanced datagram's UDP length: at least the header, at most what the frame holds.
-pub fn check_udp_length(f: &[u8], udp: &Udp) -> Result<(), Counter> {
+/// A balanced datagram's UDP length: at least the header, at most what the frame holds; a
+/// first fragment's is the whole datagram's (only at least the header), a later fragment has
+/// none.
+pub fn check_udp_length(f: &[u8], udp: &Udp, frag: u8) -> Result<(), Counter> {
+    if frag >= FRAG_LATER {
+        return Ok(());
+    }
     let len = udp.len as usize;
-    if len < UDP_LEN || udp.off + len > f.len() {
+    if len < UDP_LEN || (frag == FRAG_NONE && udp.off + len > f.len()) {
         return Err(Counter::DropBadUdpLength);
     }
     Ok(())

@@ -119,8 +119,17 @@ fn words(w: &[u32]) -> Vec<u8> {
 
 /// The frame `f` (forwarded by `forward::send`: untagged, TTL decremented, the next hop's
 /// MACs) with the outer header of `tun` to `node` between its Ethernet header and the inner
-/// packet. `udp_off`: where the inner UDP header starts.
-pub fn encap(f: &[u8], pkt: &Packet, udp_off: usize, node: &Node, tun: &Tunnel) -> Vec<u8> {
+/// packet. `udp_off`: where the inner UDP header starts; `ports`: its ports as on the wire
+/// (a later fragment has no UDP header: its first's, and GUE over IPv6, which would read it,
+/// drops fragments).
+pub fn encap(
+    f: &[u8],
+    pkt: &Packet,
+    udp_off: usize,
+    ports: [[u8; 2]; 2],
+    node: &Node,
+    tun: &Tunnel,
+) -> Vec<u8> {
     let v4 = pkt.family == FAMILY_V4;
     let ip = &f[pkt.l3..];
     let be16 = |at: usize| u32::from(u16::from_be_bytes([ip[at], ip[at + 1]]));
@@ -129,12 +138,7 @@ pub fn encap(f: &[u8], pkt: &Packet, udp_off: usize, node: &Node, tun: &Tunnel) 
     } else {
         (&ip[8..24], &ip[24..40])
     };
-    let hash = flow_hash(
-        src,
-        dst,
-        [f[udp_off], f[udp_off + 1]],
-        [f[udp_off + 2], f[udp_off + 3]],
-    );
+    let hash = flow_hash(src, dst, ports[0], ports[1]);
     // The inner packet's length by its own header: IPv4 total length, IPv6 payload + 40.
     let inner_len = if v4 { be16(2) } else { 40 + be16(4) };
     let gue = tun.encap == ENCAP_GUE;

@@ -72,6 +72,11 @@ pub fn check_source(t: &Tables, pkt: &Packet) -> Result<(), Counter> {
     }
 }
 
+/// Is the source one of a node's addresses?
+pub fn from_node_addr(t: &Tables, pkt: &Packet) -> bool {
+    t.node_addrs.contains_key(&key(pkt.src, pkt.family))
+}
+
 /// Is (destination, `dport` in wire order) a balanced VIP port?
 pub fn is_vip_port(t: &Tables, pkt: &Packet, dport: u16) -> bool {
     let Some(vip) = t.vips.get(&key(pkt.dst, pkt.family)) else {
@@ -84,7 +89,8 @@ pub fn is_vip_port(t: &Tables, pkt: &Packet, dport: u16) -> bool {
         .is_some_and(|w| (w >> (port % 64)) & 1 == 1)
 }
 
-/// A fragment: dropped when addressed to a VIP or coming from a node's address, else passed.
+/// An IPv6 Fragment header followed by anything but UDP: dropped when addressed to a VIP or
+/// coming from a node's address, else passed.
 pub fn fragment_verdict(t: &Tables, pkt: &Packet) -> Counter {
     if t.vips.contains_key(&key(pkt.dst, pkt.family)) {
         Counter::DropFragment
