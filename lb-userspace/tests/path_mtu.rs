@@ -3,8 +3,9 @@
 //! fragmentation-needed (IPv4) or packet-too-big (IPv6) error goes to the VIP, the reply's
 //! source. The balancer sends it on to the node that answered that client flow (README "ICMP
 //! errors and path MTU"), whose kernel then knows the path MTU towards the client: `ip route
-//! get` in the node's namespace shows it. For a CID session and a non-CID flow, over IPv4 and
-//! IPv6.
+//! get` in the node's namespace shows it. The node's next replies leave it fragmented; the
+//! balancer un-NATs the fragments, and the client gets the whole reply. For a CID session and
+//! a non-CID flow, over IPv4 and IPv6.
 
 mod common;
 
@@ -90,16 +91,19 @@ fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
                 .unwrap_or_else(|e| panic!("{e}"));
             let before = json_counter(&stats(), "icmp_to_node");
             let (client_ns, to) = (r.lab.client.name.clone(), format!("{vip}:{PORT}"));
-            // The request is small; its reply is REPLY bytes. Three tries, 300 ms each.
+            // The request is small; its reply is REPLY bytes. The first reply is lost at the
+            // router; once the node knows the path MTU it fragments the next ones, which the
+            // balancer un-NATs and the client reassembles. Five tries, 300 ms each, from one
+            // source port (one flow).
             let answered = thread::spawn(move || {
                 lb_lab::enter(&client_ns);
                 let s = UdpSocket::bind(bind).unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(300)))
                     .unwrap();
                 let mut buf = [0u8; 4096];
-                (0..3).any(|_| {
+                (0..5).any(|_| {
                     let _ = s.send_to(&payload, &to);
-                    s.recv(&mut buf).is_ok()
+                    s.recv(&mut buf).is_ok_and(|n| n == REPLY)
                 })
             })
             .join()
@@ -112,6 +116,11 @@ fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
             );
             if sent_on == 0 {
                 failures.push(format!("{vip} {what}: no ICMP error went to the node"));
+            }
+            if !answered {
+                failures.push(format!(
+                    "{vip} {what}: no {REPLY}-byte reply reached the client once the node knew"
+                ));
             }
             if learned != Some(MTU) {
                 failures.push(format!(
