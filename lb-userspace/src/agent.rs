@@ -625,6 +625,50 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
+/// Re-writes a previous agent's heartbeat (fresh, same VIPs and nodes held down) once a second
+/// until dropped: the restart's bridge, while the new agent loads and adopts the pinned
+/// datapath that keeps forwarding meanwhile.
+struct HeartbeatBridge {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HeartbeatBridge {
+    fn start(state_dir: PathBuf, previous: &Heartbeat) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (flag, vips, down) = (stop.clone(), previous.vips.clone(), previous.down.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let hb = Heartbeat::now(true, vips.clone(), down.clone());
+                if let Err(e) = announce::write_heartbeat(&state_dir, &hb) {
+                    warn!("{e}");
+                }
+                // Checked every 100 ms, written every second.
+                for _ in 0..10 {
+                    if flag.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HeartbeatBridge {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// `cidlb run`: start, then serve signals, file changes and health probes until SIGINT/SIGTERM.
 /// `ready_file` (`--ready-file`) is written once the datapath is up and removed on a clean exit
 /// (see `ready.rs`).
@@ -645,7 +689,7 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
     // previous agent was dead longer than the grace, writes a heartbeat that says "first
     // probe round not done" before anything is attached, so a previous agent's heartbeat
     // cannot get the VIPs announced before this agent has probed its nodes.
-    let carried: Option<Vec<u32>> = first.announce.as_ref().and_then(|a| {
+    let previous: Option<Heartbeat> = first.announce.as_ref().and_then(|a| {
         let hb = announce::read_heartbeat(&a.state_dir)?;
         let age = hb.age()?;
         (datapath::is_pinned(&first.pin_dir) && hb.probed && age <= a.grace).then(|| {
@@ -655,9 +699,18 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
                 down = ?hb.down,
                 "restart: probe round and node health carried over from the previous agent"
             );
-            hb.down
+            hb
         })
     });
+    // Meanwhile the pinned datapath keeps forwarding for the previous agent's VIPs, and
+    // loading the program takes seconds (the verifier): its heartbeat is kept fresh until
+    // this agent writes its own, so a restart never withdraws a route.
+    let bridge = first
+        .announce
+        .as_ref()
+        .zip(previous.as_ref())
+        .map(|(a, hb)| HeartbeatBridge::start(a.state_dir.clone(), hb));
+    let carried: Option<Vec<u32>> = previous.map(|hb| hb.down);
     if let (Some(a), None) = (&first.announce, &carried) {
         let hb = Heartbeat::now(false, Vec::new(), Vec::new());
         if let Err(e) = announce::write_heartbeat(&a.state_dir, &hb) {
@@ -669,7 +722,9 @@ pub fn run(path: &Path, opts: RunOptions, ready_file: Option<PathBuf>) -> anyhow
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
-        let mut agent = Agent::start(path, opts, carried.as_deref().unwrap_or_default())?;
+        let started = Agent::start(path, opts, carried.as_deref().unwrap_or_default());
+        drop(bridge);
+        let mut agent = started?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
