@@ -407,3 +407,116 @@ fn a_record_too_big_for_the_tunnel_teaches_the_client_its_path_mtu() {
         assert!(run.ok, "{server}: {:#}", run.summary);
     }
 }
+
+/// A NAT VIP and a tunnel VIP at once, on one balancer and the same nodes: real DTLS 1.2
+/// sessions to both, rebinding; the NAT VIP's replies come back through the balancer (the
+/// router sends replies from a node's own address to it) and are un-NATed, the tunnel VIP's go
+/// straight to the client.
+#[test]
+fn a_nat_vip_and_a_tunnel_vip_on_one_balancer() {
+    use lb_lab::routed::VIP4_TUNNEL;
+    const TUNNEL_PORT: u16 = PORT + 2;
+    common::require_root();
+    let r = Routed::up(&lb_lab::unique_prefix("tn"), 2).unwrap_or_else(|e| panic!("{e}"));
+    let pins = PinGuard::new("tnboth");
+    let dir = std::env::temp_dir().join(format!("cidlb-tn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut servers: Vec<ChildGuard> = Vec::new();
+    let mut node_pins = Vec::new();
+    for (i, n) in r.lab.nodes.iter().enumerate() {
+        let k = i + 1;
+        // The NAT VIP's server on the node's own addresses, the tunnel VIP's bound to it.
+        servers.push(
+            peer::server(&common::testpeer(), n, k as u32, &[], None)
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let np = PinGuard::new(&format!("tnboth{k}"));
+        let file = dir.join(format!("node{k}.yaml"));
+        std::fs::write(
+            &file,
+            r.node_config_vips(k, &[VIP4_TUNNEL.into()], &np.0.display().to_string()),
+        )
+        .unwrap();
+        common::agent::node_cmd(n, &file, "up");
+        node_pins.push(np);
+        servers.push(
+            peer::server_at(
+                &common::testpeer(),
+                n,
+                k as u32,
+                &format!("{VIP4_TUNNEL}:{TUNNEL_PORT}"),
+                &[],
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    let tunnel_src = format!("{VIP4_TUNNEL}/32");
+    let node_src = "203.0.113.0/24";
+    for src in [tunnel_src.as_str(), node_src] {
+        r.count_forwarded(src).unwrap_or_else(|e| panic!("{e}"));
+    }
+    r.resolve_balancer_next_hops()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cfg = dir.join("cidlb.yaml");
+    std::fs::write(
+        &cfg,
+        r.cidlb_config_vips(
+            &[
+                (VIP4.into(), &[PORT][..], "nat"),
+                (VIP4_TUNNEL.into(), &[TUNNEL_PORT][..], "ipip"),
+            ],
+            &pins.0.display().to_string(),
+            "",
+        ),
+    )
+    .unwrap();
+    let agent = AgentProc::start(&r.lab, &cfg, &["--detach-on-exit"]);
+    std::thread::sleep(Duration::from_millis(1200));
+
+    let args = ["--sessions", "4", "--messages", "10", "--rebind-every", "3"];
+    for server in [
+        format!("{VIP4}:{PORT}"),
+        format!("{VIP4_TUNNEL}:{TUNNEL_PORT}"),
+    ] {
+        let run = peer::client(&common::testpeer(), &r.lab.client, &server, &args)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(run.ok, "{server}: {:#}", run.summary);
+        let bad = run.misrouted();
+        assert!(bad.is_empty(), "{server}: {}", bad.join("\n"));
+    }
+    let stats = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
+    let records = 4 * 10;
+    assert!(json_counter(&stats, "reply_unnat") >= records, "{stats}");
+    assert!(
+        json_counter(&stats, "tunnel_encap_ipip") >= records,
+        "{stats}"
+    );
+    let fwd = |src: &str, dev: &str| r.forwarded(src, dev).unwrap_or_else(|e| panic!("{e}"));
+    // The tunnel VIP's replies: to the client only. The NAT VIP's: from the nodes' addresses
+    // to the balancer's node side only (it un-NATs them).
+    assert!(
+        fwd(&tunnel_src, "rc") >= records,
+        "tunnel replies to the client"
+    );
+    assert_eq!(
+        fwd(&tunnel_src, "rb") + fwd(&tunnel_src, "rbn"),
+        0,
+        "tunnel replies crossed the balancer"
+    );
+    assert!(
+        fwd(node_src, "rbn") >= records,
+        "NAT replies to the balancer"
+    );
+    assert_eq!(
+        fwd(node_src, "rc"),
+        0,
+        "NAT replies went around the balancer"
+    );
+    assert!(agent.terminate().expect("cidlb exits").success());
+    drop(servers);
+    for (i, n) in r.lab.nodes.iter().enumerate() {
+        common::agent::node_cmd(n, &dir.join(format!("node{}.yaml", i + 1)), "down");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
