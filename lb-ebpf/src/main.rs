@@ -197,7 +197,9 @@ fn try_lb(ctx: &XdpContext, next: &mut Next) -> Result<u32, Counter> {
             udp
         }
         _ => {
-            if let Some(q) = icmp::quote(ctx, &pkt) {
+            // Untagged frames only: a VLAN-tagged one leaves through the kernel anyway, and
+            // walking this branch for every tag layout took the verifier past its budget.
+            if let Some(q) = icmp::quote(ctx, &pkt).filter(|_| pkt.vlans == 0) {
                 // From the node the quote is addressed to, about a client's datagram.
                 if q.dst == pkt.src {
                     if let Some(rev) = vip::reverse(&pkt, q.udp.dport) {

@@ -223,7 +223,7 @@ fn try_lb(
             udp
         }
         None => {
-            if let Some(q) = icmp::quote(frame, &pkt) {
+            if let Some(q) = icmp::quote(frame, &pkt).filter(|_| pkt.vlans == 0) {
                 // From the node the quote went to, about a client's datagram to its serving port.
                 let from_node = q.dst == pkt.src;
                 if let Some(rev) = vip::reverse(t, &pkt, q.dport).filter(|_| from_node) {
