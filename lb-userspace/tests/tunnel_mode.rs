@@ -356,9 +356,11 @@ fn learned_mtu(client: &NetNs, vip: std::net::IpAddr, payload: Vec<u8>) -> Optio
 /// is 1500), so `tunnel.mtu: 1400` says it. A record too big once encapsulated is answered
 /// from the VIP with ICMP fragmentation needed (1380 = 1400 - 20 for IPIP over IPv4) or packet
 /// too big (1360 over IPv6); the client's kernel learns that MTU for the VIP (the socket's
-/// IP_MTU, `ip route get`), and real DTLS sessions whose records fit it are answered.
-/// (A full-size datagram sent next would be fragmented by the client's kernel, and fragments
-/// to a VIP are dropped today: not tried here.) Without `tunnel.mtu` the balancer forwards the
+/// IP_MTU, `ip route get`), and real DTLS sessions whose records fit it are answered. So are
+/// sessions whose records do not (1,400-byte messages): the client's kernel now fragments each
+/// record to fit, and the balancer sends every fragment through the tunnel to the node its
+/// first fragment's CID names (`frag_first`, `frag_followed`), whose kernel reassembles it;
+/// the node's own 1,400-byte link fragments its echo. Without `tunnel.mtu` the balancer forwards the
 /// record and the router drops it: the client learns nothing. The answer leaves `lbr` by
 /// native XDP_TX, which reaches the router's end only with an XDP program there
 /// ([`common::xdp_pass`]; without it `lbr` counts the XDP_TX and `rb` receives nothing).
@@ -406,6 +408,35 @@ fn a_record_too_big_for_the_tunnel_teaches_the_client_its_path_mtu() {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(run.ok, "{server}: {:#}", run.summary);
     }
+    let before = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
+    for server in [
+        lb_lab::vip_socket("v4", PORT),
+        lb_lab::vip_socket("v6", PORT),
+    ] {
+        let run = peer::client(
+            &common::testpeer(),
+            &lab.client,
+            &server,
+            &[
+                "--sessions",
+                "2",
+                "--messages",
+                "4",
+                "--payload-len",
+                "1400",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(run.ok, "{server}, full-size records: {:#}", run.summary);
+        let bad = run.misrouted();
+        assert!(bad.is_empty(), "{server}: {}", bad.join("\n"));
+    }
+    let after = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
+    let grew = |c: &str| json_counter(&after, c) - json_counter(&before, c);
+    // Two families, two sessions, four full-size records each: every record in two fragments.
+    assert!(grew("frag_first") >= 16, "{after}");
+    assert!(grew("frag_followed") >= 16, "{after}");
+    assert_eq!(grew("drop_frag_unknown"), 0, "{after}");
 }
 
 /// A NAT VIP and a tunnel VIP at once, on one balancer and the same nodes: real DTLS 1.2
