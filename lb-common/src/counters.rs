@@ -196,6 +196,10 @@ counters! {
     DropReplyFragUnknown = "drop_reply_frag_unknown",
     /// Fragment to a tunnel VIP encapsulated in GUE over IPv6: dropped (the outer UDP checksum, which IPv6 requires, is derived from the inner datagram's, which a fragment does not carry whole).
     DropFragGue6 = "drop_frag_gue6",
+    /// Counted by the agent, not the datapath: an ICMP error to a VIP about one of its ports' replies that no node could be matched to (`pass_icmp_no_node`, a tunnel VIP's, a VLAN-tagged one), seen on an attached interface on its way to the kernel: the agent sent a copy to every node of the VIP (rewritten for a NAT VIP, encapsulated for a tunnel VIP). Counted once per error.
+    IcmpFanout = "icmp_fanout",
+    /// Counted by the agent: an error as icmp_fanout, over `icmp.rate` a second, or about the same flow (VIP port, client address and port) with the same type and code as one sent on in the last second: not sent on.
+    IcmpFanoutLimited = "icmp_fanout_limited",
 }
 
 impl Counter {

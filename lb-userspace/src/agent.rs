@@ -26,6 +26,7 @@ use crate::{
     ebpf::DatapathError,
     health::{self, Tracker},
     host::Host,
+    icmp_fanout::Fanout,
     layout,
     metrics::{self, View},
     pinlock::PinLock,
@@ -52,6 +53,9 @@ pub struct Agent {
     pub view: Arc<Mutex<View>>,
     /// The host's addresses and VLAN devices as last written (see `host.rs`).
     host: Host,
+    /// ICMP errors no node was matched to, sent on to every node of their VIP
+    /// (`icmp_fanout`); restarted with each config.
+    fanout: Option<Fanout>,
 }
 
 fn load_config(path: &Path, shadow: bool) -> anyhow::Result<Config> {
@@ -179,6 +183,7 @@ impl Agent {
             dp,
             view,
             host: Host::default(),
+            fanout: None,
         };
         agent.check_capacity();
         let old_flows = pin_dir.join(names::FLOWS);
@@ -225,6 +230,7 @@ impl Agent {
             );
         }
         agent.publish();
+        agent.restart_fanout(ifindexes);
         info!(
             pin_dir = %agent.cfg.pin_dir.display(),
             adopted = adopting,
@@ -333,6 +339,19 @@ impl Agent {
                 self.host = now;
             }
             Err(e) => error!("updating the host's addresses and VLAN devices: {e}"),
+        }
+    }
+
+    /// Stops the ICMP fan-out of the previous config and starts this one's. A socket that
+    /// cannot be opened leaves it off, logged: the datapath forwards as before.
+    fn restart_fanout(&mut self, ifindexes: &[u32]) {
+        self.fanout = None;
+        match Fanout::start(&self.cfg, ifindexes) {
+            Ok(f) => self.fanout = f,
+            Err(e) => error!(
+                "ICMP errors no node was matched to stay with the kernel (not sent on to the \
+                 VIP's nodes): {e:#}"
+            ),
         }
     }
 
@@ -453,6 +472,7 @@ impl Agent {
         }
         self.check_capacity();
         self.publish();
+        self.restart_fanout(&ifindexes);
         info!(
             relinked = relink,
             nodes = self.cfg.nodes.len(),

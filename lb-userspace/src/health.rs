@@ -245,7 +245,7 @@ fn inner_packet(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Option<Vec<
 
 /// Sends `inner` to `node` inside IP in IP from a raw socket of protocol 4 (IPv4) or 41
 /// (IPv6): the kernel writes the outer header.
-fn send_ipip(node: IpAddr, inner: &[u8]) -> bool {
+pub(crate) fn send_ipip(node: IpAddr, inner: &[u8]) -> bool {
     let (family, proto) = if node.is_ipv4() {
         (libc::AF_INET, 4)
     } else {
@@ -274,7 +274,7 @@ fn send_ipip(node: IpAddr, inner: &[u8]) -> bool {
     n == inner.len() as isize
 }
 
-fn sockaddr(sa: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn sockaddr(sa: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: an all-zero sockaddr_storage is valid; the variant written is the one `len` says.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match sa {

@@ -12,6 +12,7 @@ pub mod ebpf;
 pub mod explain;
 pub mod health;
 pub mod host;
+pub mod icmp_fanout;
 pub mod layout;
 pub mod linkinfo;
 pub mod metrics;

@@ -5,14 +5,20 @@
 //! errors and path MTU"), whose kernel then knows the path MTU towards the client: `ip route
 //! get` in the node's namespace shows it. The node's next replies leave it fragmented; the
 //! balancer un-NATs the fragments, and the client gets the whole reply. For a CID session and
-//! a non-CID flow, over IPv4 and IPv6.
+//! a non-CID flow, over IPv4 and IPv6. An error no node can be matched to goes to every node
+//! of the VIP, from the agent.
 
 mod common;
 
-use std::{net::UdpSocket, thread, time::Duration};
+use std::{
+    net::{IpAddr, UdpSocket},
+    thread,
+    time::Duration,
+};
 
 use common::{
     agent::{cidlb, json_counter, AgentProc, PinGuard},
+    pmtu::{await_pmtu, forget_pmtu, node_pmtu, send_too_big},
     traffic::Echo,
 };
 use lb_lab::{
@@ -24,19 +30,6 @@ use lb_lab::{
 /// The client link's MTU (IPv6's minimum), and the reply size that does not fit it.
 const MTU: u32 = 1280;
 const REPLY: usize = 1400;
-
-/// The path MTU node 1's kernel has for `client` (`ip route get`'s `mtu`), if it has one.
-fn node_pmtu(r: &Routed, client: &str) -> Option<u32> {
-    let fam = if client.contains(':') { "-6" } else { "-4" };
-    let out = r.lab.nodes[0]
-        .must(&["ip", fam, "route", "get", client])
-        .unwrap_or_else(|e| panic!("{e}"));
-    let words: Vec<&str> = out.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[0] == "mtu")
-        .and_then(|w| w[1].parse().ok())
-}
 
 #[test]
 fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
@@ -85,10 +78,7 @@ fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
             ("non-CID flow", handshake_record(pad.as_bytes())),
         ] {
             // A fresh start: the node forgets what it learned about the client.
-            r.lab.nodes[0]
-                .must(&["ip", "route", "flush", "cache"])
-                .and_then(|_| r.lab.nodes[0].must(&["ip", "-6", "route", "flush", "cache"]))
-                .unwrap_or_else(|e| panic!("{e}"));
+            forget_pmtu(&r);
             let before = json_counter(&stats(), "icmp_to_node");
             let (client_ns, to) = (r.lab.client.name.clone(), format!("{vip}:{PORT}"));
             // The request is small; its reply is REPLY bytes. The first reply is lost at the
@@ -109,7 +99,7 @@ fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
             .join()
             .expect("client thread");
             let sent_on = json_counter(&stats(), "icmp_to_node") - before;
-            let learned = node_pmtu(&r, &client);
+            let learned = node_pmtu(&r.lab.nodes[0], lb_lab::ip(&client));
             eprintln!(
                 "{vip} {what}: reply answered {answered}, {sent_on} errors sent to the node, \
                  its path MTU to {client}: {learned:?}"
@@ -130,6 +120,61 @@ fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(agent.terminate().expect("cidlb exits").success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An error the datapath cannot match to a node: about a reply to a client port no reply went
+/// to (as for a reply too short to be recorded, or a flow whose entry is gone). The datapath
+/// passes it to the kernel (`pass_icmp_no_node`); the agent sees it on the way and sends a copy
+/// to every node of the VIP, rewritten to each node's address (README "ICMP errors and path
+/// MTU"), so both nodes' kernels learn the path MTU. The kernel routes the passed error back
+/// to the router (the VIP is not the balancer's address), which returns it until its TTL runs
+/// out: the agent sends it on once.
+#[test]
+fn an_error_no_node_can_be_matched_to_reaches_every_node_of_the_vip() {
+    common::require_root();
+    let r = Routed::up(&lb_lab::unique_prefix("pf"), 2).unwrap_or_else(|e| panic!("{e}"));
+    let _echo: Vec<Echo> = (1..=2)
+        .map(|k| Echo::start(&r.lab.nodes[k - 1].name, k, PORT))
+        .collect();
+    let pins = PinGuard::new("pf");
+    let dir = std::env::temp_dir().join(format!("cidlb-pf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("cidlb.yaml");
+    std::fs::write(
+        &cfg,
+        r.cidlb_config(&pins.0.display().to_string(), "nat", ""),
+    )
+    .unwrap();
+    let agent = AgentProc::start(&r.lab, &cfg, &["--detach-on-exit"]);
+    thread::sleep(Duration::from_millis(1200));
+    let stats = || cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
+    let before = stats();
+    let mut failures = Vec::new();
+    for (vip, client) in [
+        (IpAddr::V4(VIP4), IpAddr::V4(CLIENT4)),
+        (IpAddr::V6(VIP6), IpAddr::V6(CLIENT6)),
+    ] {
+        forget_pmtu(&r);
+        send_too_big(&r, vip, PORT, client, 40_000, MTU as u16);
+        let learned = await_pmtu(&r, client, MTU);
+        if learned.iter().any(|m| *m != Some(MTU)) {
+            failures.push(format!(
+                "{vip}: the nodes' path MTUs towards {client} are {learned:?}, want {MTU} on each"
+            ));
+        }
+    }
+    let after = stats();
+    let grew = |c: &str| json_counter(&after, c) - json_counter(&before, c);
+    assert!(failures.is_empty(), "{}\n{after}", failures.join("\n"));
+    assert!(grew("pass_icmp_no_node") >= 2, "{after}");
+    assert_eq!(grew("icmp_to_node"), 0, "{after}");
+    assert_eq!(
+        grew("icmp_fanout"),
+        2,
+        "one error a family, sent on once\n{after}"
+    );
     assert!(agent.terminate().expect("cidlb exits").success());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -439,6 +439,39 @@ fn a_record_too_big_for_the_tunnel_teaches_the_client_its_path_mtu() {
     assert_eq!(grew("drop_frag_unknown"), 0, "{after}");
 }
 
+/// An ICMP error about a tunnel VIP's reply: the reply went from the node straight to the
+/// client, so the balancer cannot know which node sent it. The datapath passes the error to
+/// the kernel, and the agent sends it unchanged through the tunnel to every node of the VIP
+/// (README "ICMP errors and path MTU"): each node's kernel, which owns the VIP, learns the
+/// client's path MTU. IPIP and GUE, IPv4 and IPv6.
+#[test]
+fn an_error_about_a_tunnel_vips_reply_reaches_every_node_through_its_tunnel() {
+    use common::pmtu::{await_pmtu, forget_pmtu, send_too_big};
+    use std::net::IpAddr;
+    const MTU: u32 = 1280;
+    for encap in ["ipip", "gue"] {
+        let bed = Bed::up(encap, "");
+        let stats = || cidlb(&["stats", "--json", "--pin-dir", bed.pins.0.to_str().unwrap()]);
+        let before = stats();
+        for (vip, client) in [
+            (IpAddr::V4(VIP4), IpAddr::V4(lb_lab::CLIENT4)),
+            (IpAddr::V6(lb_lab::VIP6), IpAddr::V6(lb_lab::CLIENT6)),
+        ] {
+            forget_pmtu(&bed.r);
+            send_too_big(&bed.r, vip, PORT, client, 40_000, MTU as u16);
+            let learned = await_pmtu(&bed.r, client, MTU);
+            assert!(
+                learned.iter().all(|m| *m == Some(MTU)),
+                "{encap}, {vip}: the nodes' path MTUs towards {client} are {learned:?}\n{}",
+                stats()
+            );
+        }
+        let after = stats();
+        let grew = |c: &str| json_counter(&after, c) - json_counter(&before, c);
+        assert_eq!(grew("icmp_fanout"), 2, "{encap}: {after}");
+    }
+}
+
 /// A NAT VIP and a tunnel VIP at once, on one balancer and the same nodes: real DTLS 1.2
 /// sessions to both, rebinding; the NAT VIP's replies come back through the balancer (the
 /// router sends replies from a node's own address to it) and are un-NATed, the tunnel VIP's go

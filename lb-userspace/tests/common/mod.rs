@@ -2,6 +2,7 @@
 #![allow(dead_code, reason = "each test binary uses part of this module")]
 
 pub mod agent;
+pub mod pmtu;
 pub mod traffic;
 
 pub use lb_lab::require_root;
