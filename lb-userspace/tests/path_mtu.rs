@@ -1,8 +1,8 @@
 //! Path MTU in NAT mode (issue #21), in the routed lab with a 1,280-byte link between the
 //! router and the client: a node's reply larger than that is dropped by the router, whose
 //! fragmentation-needed (IPv4) or packet-too-big (IPv6) error goes to the VIP, the reply's
-//! source. The balancer sends it on to the node that answered that client flow (README "ICMP
-//! errors and path MTU"), whose kernel then knows the path MTU towards the client: `ip route
+//! source. The balancer sends it on to the node that answered that client flow (docs/datapath.md
+//! "ICMP errors and path MTU"), whose kernel then knows the path MTU towards the client: `ip route
 //! get` in the node's namespace shows it. The node's next replies leave it fragmented; the
 //! balancer un-NATs the fragments, and the client gets the whole reply. For a CID session and
 //! a non-CID flow, over IPv4 and IPv6.
@@ -51,7 +51,7 @@ fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
         .unwrap_or_else(|e| panic!("{e}"));
     // The error comes from the router, and the balancer sends it to the node through the
     // same router, which would drop a packet from its own address as a martian (IPv4 only;
-    // README "ICMP errors and path MTU").
+    // docs/datapath.md "ICMP errors and path MTU").
     r.router
         .sysctl("net.ipv4.conf.rbn.accept_local=1")
         .unwrap_or_else(|e| panic!("{e}"));

@@ -351,7 +351,7 @@ fn learned_mtu(client: &NetNs, vip: std::net::IpAddr, payload: Vec<u8>) -> Optio
     .unwrap()
 }
 
-/// Path MTU in tunnel mode (README "Path MTU in tunnel mode"): the underlay between router and
+/// Path MTU in tunnel mode (docs/forwarding.md "Path MTU in tunnel mode"): the underlay between router and
 /// nodes carries 1400 bytes, which the balancer's FIB cannot see (its own link to the router
 /// is 1500), so `tunnel.mtu: 1400` says it. A record too big once encapsulated is answered
 /// from the VIP with ICMP fragmentation needed (1380 = 1400 - 20 for IPIP over IPv4) or packet

@@ -39,13 +39,19 @@ pub fn check(root: &Path) -> Result<()> {
     }
     let problems = problems(&pages, &|p: &Path| root.join(p).exists());
     if problems.is_empty() {
-        println!("docs: {} pages, every link and the table of contents good", pages.len());
+        println!(
+            "docs: {} pages, every link and the table of contents good",
+            pages.len()
+        );
         return Ok(());
     }
     for p in &problems {
         eprintln!("{p}");
     }
-    bail!("docs: {} problem(s) in the Markdown (above)", problems.len())
+    bail!(
+        "docs: {} problem(s) in the Markdown (above)",
+        problems.len()
+    )
 }
 
 /// The .md files in `dir` (relative to `root`), and below it if `deep`, sorted.
@@ -121,7 +127,9 @@ fn problems(pages: &BTreeMap<PathBuf, String>, exists: &dyn Fn(&Path) -> bool) -
 fn toc_problems(pages: &BTreeMap<PathBuf, String>) -> Vec<String> {
     let toc = Path::new(TOC);
     let Some(text) = pages.get(toc) else {
-        return vec![format!("{TOC}: missing: it is the book's table of contents")];
+        return vec![format!(
+            "{TOC}: missing: it is the book's table of contents"
+        )];
     };
     let listed: BTreeSet<PathBuf> = links(text)
         .iter()
@@ -257,7 +265,9 @@ fn slug(heading: &str) -> String {
     let mut rest = heading;
     // `[text](target)` renders as `text`.
     while let Some(i) = rest.find("](") {
-        let Some(end) = rest[i..].find(')') else { break };
+        let Some(end) = rest[i..].find(')') else {
+            break;
+        };
         text.push_str(&rest[..i]);
         rest = &rest[i + end + 1..];
     }
@@ -305,7 +315,10 @@ mod tests {
     #[test]
     fn a_missing_file_is_named_with_its_line() {
         let readme = "# cidlb\n\nline two\n[ops](docs/opps.md)\n";
-        let found = check(&[("README.md", readme), ("docs/ops.md", "# Ops\n"), TOC_OK], &[]);
+        let found = check(
+            &[("README.md", readme), ("docs/ops.md", "# Ops\n"), TOC_OK],
+            &[],
+        );
         assert_eq!(
             found,
             ["README.md:4: link `docs/opps.md`: no such file docs/opps.md"]
@@ -315,7 +328,14 @@ mod tests {
     #[test]
     fn a_broken_anchor_is_named() {
         let readme = "# cidlb\n[ops](docs/ops.md#day-today)\n[here](#cidlb-)\n";
-        let found = check(&[("README.md", readme), ("docs/ops.md", "# Ops\n## Day to day\n"), TOC_OK], &[]);
+        let found = check(
+            &[
+                ("README.md", readme),
+                ("docs/ops.md", "# Ops\n## Day to day\n"),
+                TOC_OK,
+            ],
+            &[],
+        );
         assert_eq!(
             found,
             [
@@ -328,7 +348,13 @@ mod tests {
     #[test]
     fn code_is_not_checked() {
         let readme = "# cidlb\n\n```sh\n[x](nowhere.md)\n```\n\nInline `[x](nowhere.md)` too.\n";
-        assert_eq!(check(&[("README.md", readme), ("docs/ops.md", "# Ops\n"), TOC_OK], &[]), Vec::<String>::new());
+        assert_eq!(
+            check(
+                &[("README.md", readme), ("docs/ops.md", "# Ops\n"), TOC_OK],
+                &[]
+            ),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -356,11 +382,20 @@ mod tests {
 
     #[test]
     fn slugs_follow_github() {
-        assert_eq!(slug("Tunnel mode (direct server return)"), "tunnel-mode-direct-server-return");
-        assert_eq!(slug("New-flow limits (handshake floods)"), "new-flow-limits-handshake-floods");
+        assert_eq!(
+            slug("Tunnel mode (direct server return)"),
+            "tunnel-mode-direct-server-return"
+        );
+        assert_eq!(
+            slug("New-flow limits (handshake floods)"),
+            "new-flow-limits-handshake-floods"
+        );
         assert_eq!(slug("What `cidlb run` does"), "what-cidlb-run-does");
         assert_eq!(slug("Targets (issue #11)"), "targets-issue-11");
-        assert_eq!(slug("Echoed records, NAT against tunnel mode"), "echoed-records-nat-against-tunnel-mode");
+        assert_eq!(
+            slug("Echoed records, NAT against tunnel mode"),
+            "echoed-records-nat-against-tunnel-mode"
+        );
         assert_eq!(slug("See [ops](ops.md) now"), "see-ops-now");
         assert_eq!(slug("pin_dir × 2"), "pin_dir--2");
     }
