@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's two entry points and their helpers.
 //!
-//! - `cargo xtask test`   installs what is missing, then fmt, clippy (host + bpf), every test.
+//! - `cargo xtask test`   the docs' links, installs what is missing, then fmt, clippy (host +
+//!   bpf), every test.
 //! - `cargo xtask run -- --config FILE`  builds and runs `cidlb run --config FILE`.
 //! - `cargo xtask fuzz [--packets N] [--seed S]`  the datapath against lb-reference.
 //! - `cargo xtask setup`  only the installation step; `cargo xtask build` a release build.
@@ -72,7 +73,8 @@ enum Cmd {
     /// Check the Markdown offline: every relative link and anchor resolves, and docs/README.md
     /// lists every page of the book.
     Docs,
-    /// Everything CI checks: setup, rustfmt, clippy (host and bpf), unit, fixture and netns tests.
+    /// Everything CI checks: the docs' links, setup, rustfmt, clippy (host and bpf), unit,
+    /// fixture and netns tests.
     Test {
         /// Skip rustfmt and clippy.
         #[arg(long)]
