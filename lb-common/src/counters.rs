@@ -1,7 +1,7 @@
 //! What happened to a packet: one per-CPU counter per outcome, indexed by [`Counter`].
 //!
 //! The datapath increments these; the agent sums them over CPUs and prints them under the names
-//! below (Prometheus labels, `cidlb stats`, README). Several counters can describe one packet:
+//! below (Prometheus labels, `cidlb stats`, docs/security.md). Several counters can describe one packet:
 //! `packets_seen` counts everything, a routing counter says how the node was chosen, and a
 //! forwarding counter says how it left.
 

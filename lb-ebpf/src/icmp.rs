@@ -1,4 +1,4 @@
-//! ICMP errors about a VIP's flows, in NAT mode (README "ICMP errors and path MTU"). An
+//! ICMP errors about a VIP's flows, in NAT mode (docs/datapath.md "ICMP errors and path MTU"). An
 //! error quotes the datagram it is about (its IP header and at least 8 bytes after it); the
 //! datagram's addressing is rewritten where cidlb rewrote it, so the error reaches the socket
 //! that sent the datagram.

@@ -436,7 +436,7 @@ pub fn run(path: &Path, every: Duration) -> anyhow::Result<()> {
     let no_section = |path: &Path| {
         anyhow::anyhow!(
             "{}: no `announce:` section, so `cidlb run` writes no heartbeat to follow; add one \
-             (README: Running several balancers)",
+             (docs/several-balancers.md)",
             path.display()
         )
     };

@@ -70,8 +70,8 @@ enum Cmd {
     },
     /// Announce the VIPs while this balancer can serve them: once a second, keep a host route
     /// per VIP in the kernel table `announce.table` (for BIRD's `protocol kernel { learn; }`)
-    /// and a file `announce.state_dir/ready/<vip>`, or withdraw them (README: Running several
-    /// balancers). Withdraws everything on SIGINT/SIGTERM.
+    /// and a file `announce.state_dir/ready/<vip>`, or withdraw them
+    /// (docs/several-balancers.md). Withdraws everything on SIGINT/SIGTERM.
     Announce {
         #[arg(long, short)]
         config: PathBuf,
@@ -268,7 +268,7 @@ fn maintenance(path: &std::path::Path, on: bool) -> anyhow::Result<()> {
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: no `announce:` section: maintenance is a switch for `cidlb announce`, \
-                 which needs one (README: Running several balancers)",
+                 which needs one (docs/several-balancers.md)",
                 path.display()
             )
         })?
@@ -347,4 +347,79 @@ fn explain_cmd(
     let ingress = ingress.unwrap_or_else(|| cfg.interfaces[0].clone());
     print!("{}", explain::explain(&cfg, &frame, &ingress)?);
     Ok(())
+}
+
+/// The README's quick start is what these tests run: its config is docs/quickstart.yaml, which
+/// `cidlb check`'s validation accepts, and each `cidlb` command in it parses with this command
+/// line. (Parsed only: running them needs root, a NIC and nodes.)
+#[cfg(test)]
+mod quickstart {
+    use super::*;
+
+    const README: &str = include_str!("../../README.md");
+    const CONFIG: &str = include_str!("../../docs/quickstart.yaml");
+
+    /// The fenced block's body between `<!-- {marker}` and `<!-- end {marker} -->`.
+    fn block(marker: &str) -> &'static str {
+        let (_, after) = README
+            .split_once(&format!("<!-- {marker}"))
+            .unwrap_or_else(|| panic!("README has no `<!-- {marker}` marker"));
+        let (inside, _) = after
+            .split_once(&format!("<!-- end {marker} -->"))
+            .unwrap_or_else(|| panic!("README has no `<!-- end {marker} -->`"));
+        let body = inside.split_once("```").map_or("", |(_, b)| b);
+        let body = body.split_once('\n').map_or("", |(_, b)| b);
+        body.rsplit_once("```")
+            .map(|(b, _)| b)
+            .unwrap_or_else(|| panic!("no fenced block between the {marker} markers"))
+    }
+
+    #[test]
+    fn readme_config_is_the_checked_file() {
+        assert_eq!(
+            block("quickstart.yaml"),
+            CONFIG,
+            "README's quick start config differs from docs/quickstart.yaml"
+        );
+        let cfg = Config::parse(CONFIG, std::path::Path::new("docs/quickstart.yaml"))
+            .unwrap_or_else(|e| panic!("cidlb check refuses the quick start: {e}"));
+        assert_eq!(cfg.warnings(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn readme_commands_parse() {
+        let mut seen = Vec::new();
+        for line in block("quickstart commands").lines() {
+            let command = line.split(" #").next().unwrap_or("").trim();
+            let Some(args) = command.strip_prefix("cidlb ") else {
+                continue;
+            };
+            let argv: Vec<&str> = std::iter::once("cidlb")
+                .chain(args.split_whitespace())
+                .collect();
+            let cli = Cli::try_parse_from(&argv)
+                .unwrap_or_else(|e| panic!("README quick start: `{command}`: {e}"));
+            if let Cmd::Check { config } | Cmd::Run { config, .. } | Cmd::Explain { config, .. } =
+                &cli.cmd
+            {
+                assert_eq!(
+                    config,
+                    std::path::Path::new("/etc/cidlb/cidlb.yaml"),
+                    "{command}"
+                );
+            }
+            if let Cmd::Explain {
+                src: Some(src),
+                dst: Some(dst),
+                payload,
+                ..
+            } = &cli.cmd
+            {
+                let payload = explain::parse_hex(payload).unwrap_or_else(|e| panic!("{e}"));
+                explain::frame(*src, *dst, &payload).unwrap_or_else(|e| panic!("{e}"));
+            }
+            seen.push(argv[1]);
+        }
+        assert_eq!(seen, ["check", "run", "stats", "explain"]);
+    }
 }

@@ -56,7 +56,7 @@ pub fn render(view: &View, snap: &Snapshot, flows: Option<(u64, Duration)>) -> S
         &mut out,
         "cidlb_packets_total",
         "counter",
-        "Packets by what the datapath did with them (README: Reading the counters).",
+        "Packets by what the datapath did with them (docs/security.md: What each counter means).",
     );
     for (c, v) in &snap.counters {
         let _ = writeln!(out, "cidlb_packets_total{{reason=\"{}\"}} {v}", c.name());

@@ -168,19 +168,22 @@ impl Snapshot {
 mod tests {
     use super::*;
 
-    /// The README's counter table is the operator's reference: it must name every counter, in
-    /// index order (bpftool shows indices).
+    /// The counter table of docs/security.md is the operator's reference: it must name every
+    /// counter, in index order (bpftool shows indices).
     #[test]
-    fn readme_documents_every_counter_in_order() {
-        let readme = include_str!("../../README.md");
+    fn docs_document_every_counter_in_order() {
+        let readme = include_str!("../../docs/security.md");
         let mut at = 0;
         for c in Counter::ALL {
             // A row's first cell, at the start of a line: a counter named in the last cell of
             // another table's row is no row of this one.
             let row = format!("\n| `{}` |", c.name());
-            let found = readme[at..]
-                .find(&row)
-                .unwrap_or_else(|| panic!("README lacks a row for {} (in index order)", c.name()));
+            let found = readme[at..].find(&row).unwrap_or_else(|| {
+                panic!(
+                    "docs/security.md lacks a row for {} (in index order)",
+                    c.name()
+                )
+            });
             at += found + row.len();
         }
     }

@@ -1,8 +1,8 @@
 //! Path MTU in NAT mode (issue #21), in the routed lab with a 1,280-byte link between the
 //! router and the client: a node's reply larger than that is dropped by the router, whose
 //! fragmentation-needed (IPv4) or packet-too-big (IPv6) error goes to the VIP, the reply's
-//! source. The balancer sends it on to the node that answered that client flow (README "ICMP
-//! errors and path MTU"), whose kernel then knows the path MTU towards the client: `ip route
+//! source. The balancer sends it on to the node that answered that client flow (docs/datapath.md
+//! "ICMP errors and path MTU"), whose kernel then knows the path MTU towards the client: `ip route
 //! get` in the node's namespace shows it. The node's next replies leave it fragmented; the
 //! balancer un-NATs the fragments, and the client gets the whole reply. For a CID session and
 //! a non-CID flow, over IPv4 and IPv6. An error no node can be matched to goes to every node
@@ -44,7 +44,7 @@ fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
         .unwrap_or_else(|e| panic!("{e}"));
     // The error comes from the router, and the balancer sends it to the node through the
     // same router, which would drop a packet from its own address as a martian (IPv4 only;
-    // README "ICMP errors and path MTU").
+    // docs/datapath.md "ICMP errors and path MTU").
     r.router
         .sysctl("net.ipv4.conf.rbn.accept_local=1")
         .unwrap_or_else(|e| panic!("{e}"));
@@ -127,7 +127,7 @@ fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
 /// An error the datapath cannot match to a node: about a reply to a client port no reply went
 /// to (as for a reply too short to be recorded, or a flow whose entry is gone). The datapath
 /// passes it to the kernel (`pass_icmp_no_node`); the agent sees it on the way and sends a copy
-/// to every node of the VIP, rewritten to each node's address (README "ICMP errors and path
+/// to every node of the VIP, rewritten to each node's address (docs/datapath.md "ICMP errors and path
 /// MTU"), so both nodes' kernels learn the path MTU. The kernel routes the passed error back
 /// to the router (the VIP is not the balancer's address), which returns it until its TTL runs
 /// out: the agent sends it on once.

@@ -1,7 +1,7 @@
 //! The scale-out test (issue #9): two cidlb balancers behind a router that learns the VIPs over
 //! BGP (BIRD, `deploy/bird/*.conf`) and spreads flows over them with an L4-hashed ECMP route;
 //! three nodes run the real DTLS test peer and reply through the balancer that brought the
-//! request (`lb_lab::fleet`, [`Replies::SameBalancer`], as `deploy/OPERATIONS.md` sets up).
+//! request (`lb_lab::fleet`, [`Replies::SameBalancer`], as docs/several-balancers.md sets up).
 //!
 //! While long non-CID sessions, rebinding CID sessions and a stream of short handshakes run
 //! over IPv4 and IPv6, one node's health flaps on one balancer only, one balancer goes into

@@ -351,7 +351,7 @@ fn learned_mtu(client: &NetNs, vip: std::net::IpAddr, payload: Vec<u8>) -> Optio
     .unwrap()
 }
 
-/// Path MTU in tunnel mode (README "Path MTU in tunnel mode"): the underlay between router and
+/// Path MTU in tunnel mode (docs/forwarding.md "Path MTU in tunnel mode"): the underlay between router and
 /// nodes carries 1400 bytes, which the balancer's FIB cannot see (its own link to the router
 /// is 1500), so `tunnel.mtu: 1400` says it. A record too big once encapsulated is answered
 /// from the VIP with ICMP fragmentation needed (1380 = 1400 - 20 for IPIP over IPv4) or packet
@@ -442,7 +442,7 @@ fn a_record_too_big_for_the_tunnel_teaches_the_client_its_path_mtu() {
 /// An ICMP error about a tunnel VIP's reply: the reply went from the node straight to the
 /// client, so the balancer cannot know which node sent it. The datapath passes the error to
 /// the kernel, and the agent sends it unchanged through the tunnel to every node of the VIP
-/// (README "ICMP errors and path MTU"): each node's kernel, which owns the VIP, learns the
+/// (docs/datapath.md "ICMP errors and path MTU"): each node's kernel, which owns the VIP, learns the
 /// client's path MTU. IPIP and GUE, IPv4 and IPv6.
 #[test]
 fn an_error_about_a_tunnel_vips_reply_reaches_every_node_through_its_tunnel() {

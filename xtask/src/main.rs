@@ -1,12 +1,15 @@
 //! `cargo xtask`: the project's two entry points and their helpers.
 //!
-//! - `cargo xtask test`   installs what is missing, then fmt, clippy (host + bpf), every test.
+//! - `cargo xtask test`   the docs' links, installs what is missing, then fmt, clippy (host +
+//!   bpf), every test.
 //! - `cargo xtask run -- --config FILE`  builds and runs `cidlb run --config FILE`.
 //! - `cargo xtask fuzz [--packets N] [--seed S]`  the datapath against lb-reference.
 //! - `cargo xtask setup`  only the installation step; `cargo xtask build` a release build.
 //! - `cargo xtask package`  the Debian package, `target/debian/cidlb_<version>_amd64.deb`.
+//! - `cargo xtask docs`  the Markdown's relative links and the book's table of contents.
 
 mod demo;
+mod docs;
 mod lab;
 mod old;
 mod package;
@@ -67,7 +70,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Everything CI checks: setup, rustfmt, clippy (host and bpf), unit, fixture and netns tests.
+    /// Check the Markdown offline: every relative link and anchor resolves, and docs/README.md
+    /// lists every page of the book.
+    Docs,
+    /// Everything CI checks: the docs' links, setup, rustfmt, clippy (host and bpf), unit,
+    /// fixture and netns tests.
     Test {
         /// Skip rustfmt and clippy.
         #[arg(long)]
@@ -136,6 +143,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Docs => docs::check(&root()),
         Cmd::Test { no_lint, filter } => test(no_lint, filter),
         Cmd::Demo => demo::run(),
         Cmd::Bench { full } => bench(full),
@@ -229,6 +237,8 @@ fn build_release() -> Result<()> {
 }
 
 fn test(no_lint: bool, filter: Option<String>) -> Result<()> {
+    // Offline and quick: a broken link fails before anything is installed or built.
+    docs::check(&root())?;
     setup::run()?;
     if !no_lint {
         sh(cargo().args(["fmt", "--all", "--", "--check"]))?;

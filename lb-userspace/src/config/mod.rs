@@ -1,4 +1,5 @@
-//! The YAML schema (a contract: every key is documented in README.md), as serde types.
+//! The YAML schema (a contract: every key is documented in docs/configuration.md, and a
+//! test below fails on a key without a row there), as serde types.
 //!
 //! Parsing goes through serde (which names the key and line of a type error); `validate.rs`
 //! checks what types cannot, and holds `Config::load` and `Config::parse`, which do both.
@@ -334,7 +335,7 @@ impl Default for Flows {
     }
 }
 
-/// ICMP errors about a VIP's flows (README "ICMP errors and path MTU").
+/// ICMP errors about a VIP's flows (docs/datapath.md "ICMP errors and path MTU").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Icmp {
@@ -736,5 +737,134 @@ pin_dir: /sys/fs/bpf/cidlb
         ))
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(c.nodes[1].v4().is_some() && c.nodes[1].v6().is_some());
+    }
+
+    /// Every key of the schema has a row in docs/configuration.md, and every row names a key.
+    /// The keys come from serde itself, not from a list kept here: a mapping given an unknown
+    /// key is refused with the names of the fields it expects (every struct of the schema
+    /// denies unknown fields), and a field that answers a mapping of one unknown key the same
+    /// way is a section whose keys are walked in turn (a list of sections: its first element).
+    #[test]
+    fn docs_have_a_row_for_every_key() {
+        let base: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../../docs/quickstart.yaml")).expect("yaml");
+        let mut keys = Vec::new();
+        let mut sections = Vec::new();
+        walk(&base, &mut Vec::new(), &mut keys, &mut sections);
+        assert!(
+            keys.len() > 40 && sections.iter().any(|s| s == "vips[].tunnel"),
+            "the walk found too little: keys {keys:?}, sections {sections:?}"
+        );
+        let docs = include_str!("../../../docs/configuration.md");
+        let rows: Vec<&str> = docs
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+            .collect();
+        for k in &keys {
+            assert!(
+                rows.contains(&k.as_str()),
+                "docs/configuration.md has no row for `{k}`, a key of the schema"
+            );
+        }
+        for r in &rows {
+            assert!(
+                keys.iter().chain(&sections).any(|k| k == r),
+                "docs/configuration.md has a row for `{r}`, which is no key of the schema"
+            );
+        }
+    }
+
+    const PROBE: &str = "zz_not_a_key";
+
+    #[derive(Clone)]
+    enum Step {
+        Key(String),
+        First,
+    }
+
+    fn name(path: &[Step]) -> String {
+        let mut out = String::new();
+        for s in path {
+            match s {
+                Step::Key(k) if out.is_empty() => out.push_str(k),
+                Step::Key(k) => out.push_str(&format!(".{k}")),
+                Step::First => out.push_str("[]"),
+            }
+        }
+        out
+    }
+
+    /// `base` with the value at `path` replaced by `value` (missing levels made).
+    fn put(base: &serde_yaml::Value, path: &[Step], value: serde_yaml::Value) -> serde_yaml::Value {
+        use serde_yaml::Value;
+        let Some((step, rest)) = path.split_first() else {
+            return value;
+        };
+        match step {
+            Step::Key(k) => {
+                let mut map = match base {
+                    Value::Mapping(m) => m.clone(),
+                    _ => Default::default(),
+                };
+                let key = Value::String(k.clone());
+                let inner = put(map.get(&key).unwrap_or(&Value::Null), rest, value);
+                map.insert(key, inner);
+                Value::Mapping(map)
+            }
+            Step::First => {
+                let mut seq = match base {
+                    Value::Sequence(s) if !s.is_empty() => s.clone(),
+                    _ => vec![Value::Null],
+                };
+                seq[0] = put(&seq[0], rest, value);
+                Value::Sequence(seq)
+            }
+        }
+    }
+
+    /// The fields serde expects at `path`, if a mapping belongs there.
+    fn fields_at(base: &serde_yaml::Value, path: &[Step]) -> Option<Vec<String>> {
+        let mut probe = serde_yaml::Mapping::new();
+        probe.insert(PROBE.into(), 1.into());
+        let doc = put(base, path, serde_yaml::Value::Mapping(probe));
+        let err = serde_yaml::from_value::<Config>(doc).err()?.to_string();
+        let (_, expected) = err.split_once(&format!("unknown field `{PROBE}`, expected"))?;
+        Some(
+            expected
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+
+    fn walk(
+        base: &serde_yaml::Value,
+        path: &mut Vec<Step>,
+        keys: &mut Vec<String>,
+        sections: &mut Vec<String>,
+    ) {
+        let fields =
+            fields_at(base, path).unwrap_or_else(|| panic!("{} is no section", name(path)));
+        for f in fields {
+            path.push(Step::Key(f));
+            if fields_at(base, path).is_some() {
+                sections.push(name(path));
+                walk(base, path, keys, sections);
+            } else {
+                path.push(Step::First);
+                if fields_at(base, path).is_some() {
+                    sections.push(name(path));
+                    walk(base, path, keys, sections);
+                    path.pop();
+                    sections.push(name(path));
+                } else {
+                    path.pop();
+                    keys.push(name(path));
+                }
+            }
+            path.pop();
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! `cidlb node`'s file: how a node of a tunnel VIP is set up (README, "Tunnel mode"). Apart
+//! `cidlb node`'s file: how a node of a tunnel VIP is set up (docs/forwarding.md, "Tunnel mode nodes"). Apart
 //! from the balancer's config: a node runs no balancer.
 //!
 //! ```yaml

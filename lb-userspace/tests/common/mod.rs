@@ -34,7 +34,7 @@ pub fn testpeer() -> std::path::PathBuf {
 /// `ns`, in native mode; it stays attached until the returned object drops. A veth needs one
 /// to take frames another veth sends it by XDP_TX: the kernel's veth wakes the receiving
 /// end's NAPI after an XDP_TX only if that end runs an XDP program, so without one the frames
-/// wait in its ring until other traffic wakes it (README, "Tunnel mode").
+/// wait in its ring until other traffic wakes it (docs/forwarding.md, "Tunnel mode").
 pub fn xdp_pass(ns: &lb_lab::NetNs, dev: &str) -> aya::Ebpf {
     let (name, dev) = (ns.name.clone(), dev.to_owned());
     std::thread::spawn(move || {

@@ -503,7 +503,7 @@ fn main() -> ExitCode {
 /// can differ by a little. Far below every bucket interval here (≥ 500 µs).
 const CLOCK_SLACK_NS: u64 = 2_000;
 
-/// `limits:` as the reference takes them (README keys).
+/// `limits:` as the reference takes them (docs/configuration.md keys).
 fn settings(cfg: &Config) -> Option<limit::Settings> {
     let l = cfg.limits.as_ref()?;
     let rate = |r: cidlb::config::limits::Rate| limit::Rate {

@@ -19,7 +19,7 @@
 //!   (`ignore_routes_with_linkdown`), so replies only take live balancers. With
 //!   [`Replies::SameBalancer`] a node sends each reply back through the balancer that brought
 //!   its request instead (conntrack marks and a routing table per balancer, as
-//!   `deploy/OPERATIONS.md` shows operators), and the ECMP route serves only what no balancer
+//!   docs/several-balancers.md shows operators), and the ECMP route serves only what no balancer
 //!   brought. With [`Replies::Direct`] (tunnel mode) node K also has a link of its own to the
 //!   router, router `rnK` ↔ node `r0`: 10.1.K.0/30 (.1 router, .2 node), fd01:K::/64, and its
 //!   default route goes there instead; the balancers' tunnels still arrive on `bI`, which

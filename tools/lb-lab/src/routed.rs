@@ -1,4 +1,4 @@
-//! The routed lab (tunnel mode, README "Tunnel mode"): nodes that do not route through the
+//! The routed lab (tunnel mode, docs/forwarding.md "Tunnel mode"): nodes that do not route through the
 //! balancer. Client, balancer and nodes each hang off a router; the router sends the VIPs to
 //! the balancer, and the nodes' default route is the router, so their replies go straight to
 //! the client. NAT and tunnel mode share it: the router sends what a node sends from its own
@@ -18,7 +18,7 @@
 //! - router `rbn` ↔ balancer `lbn`: 10.67.0.1/30 ↔ 10.67.0.2, fd67::1/64 ↔ fd67::2; the
 //!   balancer reaches the nodes' networks through it (a two-armed balancer: its tunnels leave
 //!   by XDP_REDIRECT). [`Routed::one_armed`] routes them back out of `lbr` instead (XDP_TX),
-//!   which on veth needs an XDP program on the router's `rb` (README "Tunnel mode").
+//!   which on veth needs an XDP program on the router's `rb` (docs/forwarding.md "Tunnel mode").
 //! - router `rnK` ↔ node K's `n0`: the node's addresses of [`crate::Lab`] (`node4(K)`/28,
 //!   `node6(K)`/64, the router at .1 and ::1), the nodes' default route the router.
 //! - The router forwards with `rp_filter` off: replies come from the VIP, which it routes

@@ -100,7 +100,7 @@ fn maglev(t: &Tables, key: &FlowKey) -> Result<(u32, Node), Counter> {
     Ok((id, node))
 }
 
-/// The flow hash's seed, "cidl" (README: the Maglev slot of a new flow).
+/// The flow hash's seed, "cidl" (docs/datapath.md: the Maglev slot of a new flow).
 const FLOW_SEED: u32 = 0x6369_646c;
 
 /// The 40 bytes the flow hash covers: source and destination address and port as on the wire,

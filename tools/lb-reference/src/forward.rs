@@ -1,5 +1,5 @@
 //! The next hop (FIB), TTL, MACs, and how the frame leaves: XDP_TX, a redirect to another
-//! attached interface, or the kernel (README step 6).
+//! attached interface, or the kernel (docs/datapath.md step 6).
 
 use lb_common::{Counter, FAMILY_V4, NEXTHOP_TTL_NS};
 
@@ -147,7 +147,7 @@ pub struct Fallbacks {
     pub iface: Counter,
 }
 
-/// NAT mode: the kernel gets the rewritten packet (README step 6).
+/// NAT mode: the kernel gets the rewritten packet (docs/datapath.md step 6).
 pub const TO_KERNEL: Fallbacks = Fallbacks {
     vlan: Counter::FwdKernelVlan,
     mtu: Counter::FwdKernelMtu,
@@ -157,7 +157,7 @@ pub const TO_KERNEL: Fallbacks = Fallbacks {
 };
 
 /// Tunnel mode: every case that hands a NAT packet to the kernel drops a tunnel packet
-/// (README "Tunnel mode"); an interface cidlb is not on counts as a FIB failure.
+/// (docs/forwarding.md "Tunnel mode"); an interface cidlb is not on counts as a FIB failure.
 pub const TUNNEL: Fallbacks = Fallbacks {
     vlan: Counter::DropTunnelVlan,
     mtu: Counter::DropTunnelTooBig,

@@ -1,4 +1,4 @@
-//! IP fragments (README "What the datapath does", step 1): the first fragment is balanced or
+//! IP fragments (docs/datapath.md "What the datapath does", step 1): the first fragment is balanced or
 //! un-NATed like any datagram and recorded under (source, destination, identification,
 //! family) with its ports, direction and (to a VIP) node; a later fragment takes its first's
 //! ports for the UDP header it lacks. No eviction is modelled (the caller keeps `FRAGS` far

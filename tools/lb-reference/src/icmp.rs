@@ -1,4 +1,4 @@
-//! ICMP errors about a VIP's flows, NAT mode (README "ICMP errors and path MTU"):
+//! ICMP errors about a VIP's flows, NAT mode (docs/datapath.md "ICMP errors and path MTU"):
 //! - a node's error to a client about the client's datagram to a VIP: outer source and quoted
 //!   destination go back to the VIP and its port ([`unnat`], `reply_icmp_unnat`);
 //! - a router's error to a VIP about a node's un-NATed reply: on to the node that last

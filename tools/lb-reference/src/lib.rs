@@ -7,7 +7,7 @@
 //! the loaded program (BPF_PROG_TEST_RUN) and compares all three.
 //!
 //! It shares only `lb_common`'s types with the datapath: every byte offset, check, checksum and
-//! decision is written again here, from the README's description and the RFCs, one module per
+//! decision is written again here, from docs/datapath.md's description and the RFCs, one module per
 //! datapath step (named like `lb-ebpf/src`). What it cannot know is held still by its caller:
 //! - one pinned CPU, so the per-CPU round-robin cursors are [`State::rr`];
 //! - flow table below capacity and `idle_timeout` far away: no flow is evicted or expires;
@@ -171,7 +171,7 @@ pub fn classify(
             }
             out.count(reason);
             out.action = stats::action_for(reason);
-            // Shadow mode passes what the edge would refuse (README, "Hostile input").
+            // Shadow mode passes what the edge would refuse (docs/security.md, "Hostile input").
             if vip::refused_at_edge(reason) && tables.config().shadow != 0 {
                 out.count(Counter::ShadowPass);
                 out.action = XDP_PASS;

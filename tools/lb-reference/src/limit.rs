@@ -1,7 +1,7 @@
-//! New-flow rate limits (`limits:`, README "New-flow limits"): the step the datapath takes
+//! New-flow rate limits (`limits:`, docs/security.md "New-flow limits"): the step the datapath takes
 //! (`lb-ebpf/src/limit.rs`) where a packet would create a flow, before the node is picked.
 //!
-//! Written from the README and `lb_common::limits`, not from the datapath:
+//! Written from docs/security.md and `lb_common::limits`, not from the datapath:
 //! - per source (an IPv4 address, an IPv6 /64), a token bucket of `new_flows_per_source`
 //!   and `burst`, skipped for sources in an `exempt` prefix (counted `limit_exempt`);
 //! - global, one bucket of `new_flows` and `global_burst` for the balancer, whichever CPUs
@@ -36,7 +36,7 @@ pub struct Rate {
     pub per_ns: u64,
 }
 
-/// The `limits:` keys as configured (README table), defaults already applied by nobody:
+/// The `limits:` keys as configured (docs/configuration.md), defaults already applied by nobody:
 /// `None` bursts mean "the rate's count".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -205,7 +205,7 @@ pub struct Buckets {
 }
 
 impl Buckets {
-    /// A reload that changed the limits: every bucket starts full again (README: "the buckets
+    /// A reload that changed the limits: every bucket starts full again (docs/configuration.md: "the buckets
     /// then start full"). Known sources stay known, learned cookies stay.
     pub fn refill(&mut self) {
         self.src.clear();

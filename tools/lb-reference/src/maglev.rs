@@ -1,5 +1,5 @@
-//! The Maglev tables (`flows.policy: maglev`, README): built here from the config's nodes, the
-//! way the README and the Maglev paper say, so that the table the agent writes into `MAGLEV`
+//! The Maglev tables (`flows.policy: maglev`, docs/configuration.md): built here from the config's nodes, the
+//! way docs/configuration.md and the Maglev paper say, so that the table the agent writes into `MAGLEV`
 //! can be checked slot by slot rather than trusted.
 //!
 //! Eisenbud et al., "Maglev: A Fast and Reliable Software Network Load Balancer", NSDI'16, §3.4

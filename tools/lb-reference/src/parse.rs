@@ -1,4 +1,4 @@
-//! Ethernet, up to two VLAN tags, IPv4 (IHL 5..15) or IPv6, UDP (README "What the datapath
+//! Ethernet, up to two VLAN tags, IPv4 (IHL 5..15) or IPv6, UDP (docs/datapath.md "What the datapath
 //! does", step 1).
 
 use lb_common::{Counter, FAMILY_V4, FAMILY_V6};

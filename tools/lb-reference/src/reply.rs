@@ -1,7 +1,7 @@
 //! A datagram from a node's serving address and port is a genuine reply only if it arrives the
 //! way the balancer reaches the node: on the interface of the FIB's next hop towards the node
 //! (for a tagged frame, the VLAN device its tags lead to from the XDP interface), from that
-//! next hop's MAC (README step 5).
+//! next hop's MAC (docs/datapath.md step 5).
 
 use lb_common::{Counter, VlanKey};
 

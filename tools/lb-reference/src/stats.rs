@@ -53,7 +53,7 @@ impl Outcome {
 }
 
 /// A packet ended by counter `c` is dropped if the counter's name says so, else passed
-/// (README: `drop_*` frames are dropped; `pass_*`, `fwd_kernel_*` and `shadow_pass` go to the
+/// (docs/security.md: `drop_*` frames are dropped; `pass_*`, `fwd_kernel_*` and `shadow_pass` go to the
 /// kernel).
 pub fn action_for(c: Counter) -> u32 {
     if c.name().starts_with("drop_") {

@@ -1,4 +1,4 @@
-//! A tunnel VIP's packet too big for the tunnel (README "Path MTU in tunnel mode").
+//! A tunnel VIP's packet too big for the tunnel (docs/forwarding.md "Path MTU in tunnel mode").
 //!
 //! The tunnel's path MTU is the smaller of `tunnel.mtu` and the next hop's MTU (each 0 when
 //! unknown). A packet whose IP length plus the encapsulation exceeds it is not forwarded:

@@ -1,4 +1,4 @@
-//! Tunnel mode (README "Tunnel mode (direct server return)"): a tunnel VIP's packet keeps its
+//! Tunnel mode (docs/forwarding.md "Tunnel mode (direct server return)"): a tunnel VIP's packet keeps its
 //! addresses and ports. Its node is chosen as for a NAT VIP; the next hop is looked up towards
 //! the node's address, and `forward::send` forwards the packet as it is (TTL decremented, the
 //! next hop's MACs) with [`forward::TUNNEL`]'s fallbacks, `extra` being [`overhead`]. Then

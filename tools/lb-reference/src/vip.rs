@@ -1,6 +1,6 @@
 //! Which UDP packets are the balancer's: to a VIP port, or from a node's serving port; what
-//! becomes of the rest of a VIP's traffic, and of sources no client can have (README, "What
-//! the datapath does", step 1, and "Hostile input").
+//! becomes of the rest of a VIP's traffic, and of sources no client can have (docs/datapath.md,
+//! "What the datapath does", step 1, and docs/security.md, "Hostile input").
 
 use lb_common::{AddrKey, Counter, Reverse, ReverseKey};
 
