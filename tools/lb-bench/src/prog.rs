@@ -95,6 +95,10 @@ struct Frames {
     /// The same client's hello from another source port.
     hello_other: Vec<u8>,
     reply: Vec<u8>,
+    /// A reply too long for the smallest IPv4 path (over 576 bytes): its node is recorded in
+    /// `REPLY_DESTS`, for the ICMP errors about it (a lookup, and a write when the node
+    /// changes: never, repeated).
+    reply_long: Vec<u8>,
     /// Node 1's HelloVerifyRequest to the client, and the client's ClientHello echoing it.
     reply_hvr: Vec<u8>,
     hello_cookie: Vec<u8>,
@@ -151,6 +155,7 @@ fn frames() -> Frames {
         )
         .bytes(),
         reply: node1_reply(&body),
+        reply_long: node1_reply(&[0xab; 1000]),
         reply_hvr: node1_reply(&hello_verify_request([0xfe, 0xfd], &COOKIE).record()),
         hello_cookie: client(
             PORT,
@@ -915,6 +920,13 @@ fn run_inside(effort: Effort) -> Result<Vec<Value>> {
             &shadow.ebpf,
             prog,
             &f.reply,
+            fxn,
+        ),
+        Case::new(
+            ("reply un-NAT, 1,000 bytes (REPLY_DESTS)", "shadow", REPLY),
+            &shadow.ebpf,
+            prog,
+            &f.reply_long,
             fxn,
         ),
         Case::new(
