@@ -351,7 +351,7 @@ fn explain_cmd(
 
 /// The README's quick start is what these tests run: its config is docs/quickstart.yaml, which
 /// `cidlb check`'s validation accepts, and each `cidlb` command in it parses with this command
-/// line. (Parsed only: running them needs root, a NIC and nodes.)
+/// line. `tests/quickstart.rs` runs them, as root, in the netns lab.
 #[cfg(test)]
 mod quickstart {
     use super::*;
