@@ -31,6 +31,23 @@ use lb_lab::{
 const MTU: u32 = 1280;
 const REPLY: usize = 1400;
 
+/// `cidlb run` in `r`'s balancer with both VIPs in NAT mode, pins and files tagged `tag`:
+/// the agent, its pins, and the directory of its config.
+fn nat_agent(r: &Routed, tag: &str) -> (AgentProc, PinGuard, std::path::PathBuf) {
+    let pins = PinGuard::new(tag);
+    let dir = std::env::temp_dir().join(format!("cidlb-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("cidlb.yaml");
+    std::fs::write(
+        &cfg,
+        r.cidlb_config(&pins.0.display().to_string(), "nat", ""),
+    )
+    .unwrap();
+    let agent = AgentProc::start(&r.lab, &cfg, &["--detach-on-exit"]);
+    thread::sleep(Duration::from_millis(1200));
+    (agent, pins, dir)
+}
+
 #[test]
 fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
     common::require_root();
@@ -49,17 +66,7 @@ fn a_routers_too_big_error_reaches_the_node_that_sent_the_reply() {
         .sysctl("net.ipv4.conf.rbn.accept_local=1")
         .unwrap_or_else(|e| panic!("{e}"));
     let _echo = Echo::start(&r.lab.nodes[0].name, 1, PORT);
-    let pins = PinGuard::new("pm");
-    let dir = std::env::temp_dir().join(format!("cidlb-pm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("cidlb.yaml");
-    std::fs::write(
-        &cfg,
-        r.cidlb_config(&pins.0.display().to_string(), "nat", ""),
-    )
-    .unwrap();
-    let agent = AgentProc::start(&r.lab, &cfg, &["--detach-on-exit"]);
-    thread::sleep(Duration::from_millis(1200));
+    let (agent, pins, dir) = nat_agent(&r, "pm");
     r.resolve_balancer_next_hops()
         .unwrap_or_else(|e| panic!("{e}"));
     let stats = || cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
@@ -138,17 +145,7 @@ fn an_error_no_node_can_be_matched_to_reaches_every_node_of_the_vip() {
     let _echo: Vec<Echo> = (1..=2)
         .map(|k| Echo::start(&r.lab.nodes[k - 1].name, k, PORT))
         .collect();
-    let pins = PinGuard::new("pf");
-    let dir = std::env::temp_dir().join(format!("cidlb-pf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("cidlb.yaml");
-    std::fs::write(
-        &cfg,
-        r.cidlb_config(&pins.0.display().to_string(), "nat", ""),
-    )
-    .unwrap();
-    let agent = AgentProc::start(&r.lab, &cfg, &["--detach-on-exit"]);
-    thread::sleep(Duration::from_millis(1200));
+    let (agent, pins, dir) = nat_agent(&r, "pf");
     let stats = || cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
     let before = stats();
     let mut failures = Vec::new();

@@ -80,6 +80,20 @@ fn output_for(mut child: Child, span: Duration) -> String {
     reader.join().expect("reader")
 }
 
+/// README shows docs/quickstart.yaml as it is, and `cidlb check`'s validation takes it without
+/// a warning. (No root needed.)
+#[test]
+fn the_readme_quick_start_config_is_the_checked_file() {
+    assert_eq!(
+        block("quickstart.yaml"),
+        CONFIG,
+        "README's quick start config differs from docs/quickstart.yaml"
+    );
+    let cfg = cidlb::config::Config::parse(CONFIG, Path::new("docs/quickstart.yaml"))
+        .unwrap_or_else(|e| panic!("cidlb check refuses the quick start: {e}"));
+    assert_eq!(cfg.warnings(), Vec::<String>::new());
+}
+
 #[test]
 fn the_readme_quick_start_runs_as_written() {
     let lab = lab_up("qs", 2);

@@ -388,49 +388,23 @@ fn a_record_too_big_for_the_tunnel_teaches_the_client_its_path_mtu() {
     }
     let stats = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
     assert!(json_counter(&stats, "icmp_too_big_sent") >= 2, "{stats}");
-    for server in [
-        lb_lab::vip_socket("v4", PORT),
-        lb_lab::vip_socket("v6", PORT),
-    ] {
-        let run = peer::client(
-            &common::testpeer(),
-            &lab.client,
-            &server,
-            &[
-                "--sessions",
-                "2",
-                "--messages",
-                "4",
-                "--payload-len",
-                "1200",
-            ],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert!(run.ok, "{server}: {:#}", run.summary);
-    }
+    // Two sessions of four records a family, each record `len` bytes of payload.
+    let sessions_answered = |len: &str| {
+        for server in [
+            lb_lab::vip_socket("v4", PORT),
+            lb_lab::vip_socket("v6", PORT),
+        ] {
+            let args = ["--sessions", "2", "--messages", "4", "--payload-len", len];
+            let run = peer::client(&common::testpeer(), &lab.client, &server, &args)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(run.ok, "{server}, {len}-byte records: {:#}", run.summary);
+            let bad = run.misrouted();
+            assert!(bad.is_empty(), "{server}: {}", bad.join("\n"));
+        }
+    };
+    sessions_answered("1200");
     let before = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
-    for server in [
-        lb_lab::vip_socket("v4", PORT),
-        lb_lab::vip_socket("v6", PORT),
-    ] {
-        let run = peer::client(
-            &common::testpeer(),
-            &lab.client,
-            &server,
-            &[
-                "--sessions",
-                "2",
-                "--messages",
-                "4",
-                "--payload-len",
-                "1400",
-            ],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert!(run.ok, "{server}, full-size records: {:#}", run.summary);
-        let bad = run.misrouted();
-        assert!(bad.is_empty(), "{server}: {}", bad.join("\n"));
-    }
+    sessions_answered("1400");
     let after = cidlb(&["stats", "--json", "--pin-dir", pins.0.to_str().unwrap()]);
     let grew = |c: &str| json_counter(&after, c) - json_counter(&before, c);
     // Two families, two sessions, four full-size records each: every record in two fragments.

@@ -104,54 +104,75 @@ fn every_node_of_the_vip_gets_a_copy_but_disabled_ones() {
     );
 }
 
-#[test]
-fn a_nat_copy_is_the_error_the_node_would_have_got_ipv4() {
-    let too_big = IcmpError::TooBig { mtu: 1280 };
-    for zero_check in [false, true] {
-        let got = error(
-            "198.51.100.1",
-            "192.0.2.10",
-            64,
-            too_big,
-            &datagram("192.0.2.10", 5684, "203.0.113.7", 40000, zero_check),
-        );
-        let e = Error::parse(&got).expect("an error about a VIP's reply");
-        assert_eq!((e.vip, e.port), (ip("192.0.2.10"), 5684));
-        assert_eq!((e.client, e.kind), ((ip("203.0.113.7"), 40000), [3, 4]));
-        let node = ip("10.0.0.1");
-        let want = error(
-            "198.51.100.1",
-            "10.0.0.1",
-            63,
-            too_big,
-            &datagram("10.0.0.1", 6000, "203.0.113.7", 40000, zero_check),
-        );
-        assert_eq!(e.copy_for(Copy::Nat { node, port: 6000 }), Some(want));
-    }
-}
+/// (VIP, node, router, client, ICMP error, quoted UDP checksum 0) cases, both families.
+const NAT_CASES: &[(&str, &str, &str, &str, IcmpError, bool)] = &[
+    (
+        "192.0.2.10",
+        "10.0.0.1",
+        "198.51.100.1",
+        "203.0.113.7",
+        IcmpError::TooBig { mtu: 1280 },
+        false,
+    ),
+    (
+        "192.0.2.10",
+        "10.0.0.1",
+        "198.51.100.1",
+        "203.0.113.7",
+        IcmpError::TooBig { mtu: 1280 },
+        true,
+    ),
+    (
+        "192.0.2.10",
+        "10.0.0.1",
+        "198.51.100.1",
+        "203.0.113.7",
+        IcmpError::PortUnreachable,
+        false,
+    ),
+    (
+        "2001:db8::10",
+        "2001:db8:1::1",
+        "2001:db8:ff::1",
+        "2001:db8:c::7",
+        IcmpError::TooBig { mtu: 1280 },
+        false,
+    ),
+    (
+        "2001:db8::10",
+        "2001:db8:1::1",
+        "2001:db8:ff::1",
+        "2001:db8:c::7",
+        IcmpError::PortUnreachable,
+        false,
+    ),
+];
 
 #[test]
-fn a_nat_copy_is_the_error_the_node_would_have_got_ipv6() {
-    for kind in [IcmpError::TooBig { mtu: 1280 }, IcmpError::PortUnreachable] {
+fn a_nat_copy_is_the_error_the_node_would_have_got() {
+    for &(vip, node, router, client, kind, zero_check) in NAT_CASES {
         let got = error(
-            "2001:db8:ff::1",
-            "2001:db8::10",
+            router,
+            vip,
             64,
             kind,
-            &datagram("2001:db8::10", 5685, "2001:db8:c::7", 40000, false),
+            &datagram(vip, 5684, client, 40000, zero_check),
         );
         let e = Error::parse(&got).expect("an error about a VIP's reply");
-        assert_eq!((e.vip, e.port), (ip("2001:db8::10"), 5685));
-        assert_eq!(e.client, (ip("2001:db8:c::7"), 40000));
-        let node = ip("2001:db8:1::1");
+        assert_eq!((e.vip, e.port), (ip(vip), 5684));
+        assert_eq!(e.client, (ip(client), 40000));
         let want = error(
-            "2001:db8:ff::1",
-            "2001:db8:1::1",
+            router,
+            node,
             63,
             kind,
-            &datagram("2001:db8:1::1", 6000, "2001:db8:c::7", 40000, false),
+            &datagram(node, 6000, client, 40000, zero_check),
         );
-        assert_eq!(e.copy_for(Copy::Nat { node, port: 6000 }), Some(want));
+        let copy = Copy::Nat {
+            node: ip(node),
+            port: 6000,
+        };
+        assert_eq!(e.copy_for(copy), Some(want), "{vip} {kind:?}");
     }
 }
 
