@@ -204,7 +204,8 @@ impl Senders {
         })
     }
 
-    fn send(&self, copy: Copy, packet: &[u8]) -> bool {
+    /// Sends `packet` as `copy` says; the error is the send's own.
+    fn send(&self, copy: Copy, packet: &[u8]) -> std::io::Result<()> {
         match copy {
             Copy::Nat { node, .. } => {
                 let fd = if node.is_ipv4() {
@@ -225,16 +226,26 @@ impl Senders {
                         len,
                     )
                 };
-                n == packet.len() as isize
+                match n {
+                    n if n < 0 => last_error(),
+                    n if n as usize == packet.len() => Ok(()),
+                    n => Err(std::io::Error::other(format!(
+                        "sent {n} of {} bytes",
+                        packet.len()
+                    ))),
+                }
             }
-            Copy::Ipip { node } => health::send_ipip(node, packet),
+            Copy::Ipip { node } => match health::send_ipip(node, packet) {
+                true => Ok(()),
+                false => Err(std::io::Error::other("the IPIP raw socket refused it")),
+            },
             Copy::Gue { node, port } => {
                 let s = if node.is_ipv4() {
                     &self.gue4
                 } else {
                     &self.gue6
                 };
-                s.send_to(packet, (node, port)).is_ok()
+                s.send_to(packet, (node, port)).map(|_| ())
             }
         }
     }
@@ -376,8 +387,8 @@ fn serve(
                 }
                 for &c in copies {
                     if let Some(packet) = error.copy_for(c) {
-                        if !send.send(c, &packet) {
-                            warn!(copy = ?c, "sending an ICMP error on: {}", std::io::Error::last_os_error());
+                        if let Err(e) = send.send(c, &packet) {
+                            warn!(copy = ?c, "sending an ICMP error on: {e}");
                         }
                     }
                 }
